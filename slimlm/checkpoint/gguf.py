@@ -1,0 +1,139 @@
+"""GGUF checkpoints (llama.cpp's format): read metadata, dequantize every tensor with the `gguf` package.
+
+llama.cpp's converter permutes the rows of Llama q/k weights from HF's half-split RoPE layout to an interleaved
+one; `unpermute_qk` undoes it so the weights fit model.py. Qwen2 GGUF files are not permuted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from slimlm.checkpoint.materialize import CheckpointError, build_model
+from slimlm.config import ConfigError, ModelConfig
+from slimlm.model import Transformer
+
+GGUF_TO_SLIMLM = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "layers.{}.self_attn.o_proj.weight",
+    "blk.{}.attn_q.bias": "layers.{}.self_attn.q_proj.bias",
+    "blk.{}.attn_k.bias": "layers.{}.self_attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "layers.{}.self_attn.v_proj.bias",
+    "blk.{}.ffn_gate.weight": "layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.mlp.down_proj.weight",
+}
+IGNORED_GGUF_KEYS = {"rope_freqs.weight"}  # llama3 rope factors; recomputed from the config
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def _open(path: Path):
+    import gguf  # optional heavy import, only when a GGUF file is read
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({e}); it may be truncated, download it again") from None
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    """GGUF key/values as plain Python values; tokenizer vocab arrays are skipped except their length."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            meta[key] = range(len(field.data))  # only the length is needed here
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:
+            continue
+    return meta
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Invert llama.cpp's `permute`: rows [H, hd/2, 2] (interleaved pairs) -> [H, 2, hd/2] (half-split)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def slimlm_name(gguf_name: str) -> str:
+    m = _LAYER.match(gguf_name)
+    pattern = "blk.{}." + gguf_name[m.end():] if m else gguf_name
+    target = GGUF_TO_SLIMLM.get(pattern)
+    if target is None:
+        raise CheckpointError(f"unknown tensor {gguf_name!r} in GGUF file; slimlm reads Llama/Qwen2 decoder tensors only")
+    return target.format(m.group(1)) if m else target
+
+
+def iter_gguf_tensors(reader, config: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(slimlm name, fp32 tensor) for each tensor, dequantized one at a time."""
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        if t.name in IGNORED_GGUF_KEYS:
+            continue
+        name = slimlm_name(t.name)
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {t.name!r} of type {t.tensor_type.name} cannot be dequantized ({e})") from None
+        # copy=True: F32 tensors come straight from a read-only memmap that torch must not alias.
+        w = np.array(w, dtype=np.float32, copy=True).reshape([int(d) for d in reversed(t.shape)])
+        if config.model_type == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = unpermute_qk(w, config.n_heads if "attn_q" in t.name else config.n_kv_heads)
+        yield name, torch.from_numpy(np.ascontiguousarray(w))
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> tuple[ModelConfig, Transformer]:
+    """Load a GGUF file as a Transformer with dequantized weights in `dtype`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    reader = _open(path)
+    try:
+        config = ModelConfig.from_gguf(read_metadata(reader))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
+    return config, build_model(config, iter_gguf_tensors(reader, config, path), dtype, device, str(path))
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SLIMLM_CACHE, else ~/.cache/slimlm."""
+    return Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
+
+
+def gguf_cache_folder(path: str | Path) -> Path:
+    """The HF folder a GGUF file converts to, keyed by its absolute path, size and modification time."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def convert_gguf(path: str | Path, out: str | Path) -> Path:
+    """Write the GGUF file as an HF folder (fp32 safetensors of the dequantized weights + HF tokenizer).
+
+    Parsing GGUF (its 49k-token vocabulary above all) takes seconds on every read; the folder loads in under one.
+    """
+    from transformers import AutoTokenizer
+
+    from slimlm.checkpoint.hf import save_hf_folder
+
+    path = Path(path)
+    _, model = load_gguf(path, torch.float32, "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return save_hf_folder(model, out, tokenizer=tokenizer)

@@ -1,0 +1,171 @@
+"""HF-format checkpoints: read and write folders of `config.json` + `*.safetensors` (+ tokenizer files).
+
+Our module names are HF's without the leading `model.`, so the name map is a literal table of patterns.
+Only safetensors are read: pickled `.bin` weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slimlm.checkpoint.materialize import CheckpointError, build_model
+from slimlm.config import ConfigError, ModelConfig
+from slimlm.model import Transformer
+
+# HF name pattern -> slimlm name pattern; {} is a layer index.
+HF_TO_SLIMLM = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    **{f"model.layers.{{}}.{m}.{p}": f"layers.{{}}.{m}.{p}"
+       for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+       for p in ("weight", "bias")},
+    "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
+}
+SLIMLM_TO_HF = {v: k for k, v in HF_TO_SLIMLM.items()}
+IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some old exports saved; recomputed here
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _convert(name: str, table: dict[str, str]) -> str | None:
+    m = _LAYER.search(name)
+    pattern = name[:m.start()] + ".{}." + name[m.end():] if m else name
+    target = table.get(pattern)
+    return target.format(m.group(1)) if (target and m) else target
+
+
+def hf_to_slimlm_name(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.self_attn.q_proj.weight`; unknown names raise."""
+    out = _convert(name, HF_TO_SLIMLM)
+    if out is None:
+        raise CheckpointError(f"unknown tensor {name!r} in HF checkpoint; slimlm maps only Llama-family "
+                              "decoder weights (embed, q/k/v/o, gate/up/down, norms, lm_head)")
+    return out
+
+
+def slimlm_to_hf_name(name: str) -> str:
+    out = _convert(name, SLIMLM_TO_HF)
+    if out is None:
+        raise CheckpointError(f"tensor {name!r} has no HF name; merge or remove adapters before saving an HF folder")
+    return out
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; point --model at an HF model folder")
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: those named by model.safetensors.index.json, else every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{folder}: shards {', '.join(absent)} named in {index.name} are missing; "
+                                  "download the whole model folder")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+        hint = " (it has pickled .bin/.pt weights, which slimlm does not unpickle: convert them to safetensors)" if bins else ""
+        raise CheckpointError(f"{folder} has no *.safetensors weights{hint}")
+    return files
+
+
+def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(slimlm name, tensor) for every weight in the files, one tensor in memory at a time."""
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for truncated headers and bad JSON
+            raise CheckpointError(f"{f} cannot be read ({e}); the file is truncated or corrupt, download it again") from None
+        with handle:
+            for key in handle.keys():
+                if IGNORED_HF_KEYS.match(key):
+                    continue
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{f}: tensor {key!r} cannot be read ({e}); the file is truncated, "
+                                          "download it again") from None
+                yield hf_to_slimlm_name(key), tensor
+
+
+def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> tuple[ModelConfig, Transformer]:
+    """Load config and weights from an HF model folder."""
+    folder = Path(folder)
+    config = read_hf_config(folder)
+    files = safetensors_files(folder)
+    return config, build_model(config, iter_hf_tensors(files), dtype, device, str(folder))
+
+
+def _stop_ids(eos: Any) -> list[int]:
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def save_hf_folder(model: Transformer, folder: str | Path, tokenizer: Any = None,
+                   eos_token_ids: list[int] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors, generation_config.json (and the tokenizer) to `folder`, atomically.
+
+    Everything is written to a temporary sibling folder first and renamed into place, so a crash leaves either the
+    old folder or the new one, never half of one.
+    """
+    folder = Path(folder)
+    config = model.config
+    hf_config = config.to_hf()
+    eos = eos_token_ids or _stop_ids(config.eos_token_id)
+    if eos:
+        hf_config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: HF re-ties it from the embedding
+        state[slimlm_to_hf_name(name)] = t.detach().to(dtype or t.dtype).contiguous().cpu()
+    hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
+        (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move src to dst; an existing dst is swapped out first and removed only after the move succeeded."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

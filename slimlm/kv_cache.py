@@ -1,0 +1,57 @@
+"""KVCache: a static key/value cache with one row per sequence, for prefill + decode.
+
+Rows of different prompt lengths are left-padded so that all rows write the same cache slot at each step; `start`
+[B] records where each row's real tokens begin, which masks the padding and shifts RoPE positions. Shapes never
+change during a generation, so a compiled decode step is reused without recompiling.
+This is not the paged cache the serving engine manages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.start = torch.zeros(batch_size, dtype=torch.long, device=device)  # first real slot per row
+        self.slots = torch.arange(max_len, device=device)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "KVCache":
+        c = model.config
+        return cls(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len, model.dtype, model.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def reset(self, start: torch.Tensor | None = None) -> None:
+        """Begin new sequences; start[b] = number of left-pad slots in row b. Old entries are masked, not zeroed."""
+        self.start.copy_(start if start is not None else torch.zeros_like(self.start))
+
+    def update(self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, hd] into slots cache_pos [T]; return the whole layer cache [B, Hkv, S, hd]."""
+        self.k[layer][:, :, cache_pos] = k
+        self.v[layer][:, :, cache_pos] = v
+        return self.k[layer], self.v[layer]
+
+    def positions_and_mask(self, cache_pos: torch.Tensor, sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE positions [B, T] and the boolean attention mask [B, 1, T, S] for queries in slots cache_pos [T]."""
+        q = cache_pos[None, :, None]  # [1, T, 1]
+        k = self.slots[None, None, :]  # [1, 1, S]
+        start = self.start[:, None, None]  # [B, 1, 1]
+        mask = (k <= q) & (k >= start)
+        if sliding_window is not None:
+            mask = mask & (k > q - sliding_window)
+        # A pad query sees no real key; let it see itself so its row stays finite (NaN would leak through 0*NaN).
+        mask = mask | (k == q)
+        positions = (cache_pos[None, :] - self.start[:, None]).clamp(min=0)
+        return positions, mask[:, None]

@@ -1,0 +1,193 @@
+"""The Llama-family decoder in plain PyTorch: RMSNorm pre-norm blocks, RoPE, grouped-query attention, SwiGLU.
+
+Module names follow HF transformers one level down (`layers.N.self_attn.q_proj`, `layers.N.mlp.gate_proj`), so
+checkpoint and adapter keys map by a literal table (checkpoint/hf.py). This module knows nothing of files,
+tokenizers or sampling; it turns token ids into logits, optionally reading and writing a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimlm.config import ModelConfig
+from slimlm.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale after casting back, exactly as HF does, so bf16 runs agree too.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] for the config's RoPE variant (default, linear, llama3)."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif config.rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, head_dim] for positions [B, T]; computed in fp32 and cast like HF."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # HF's half-split layout: [B, T, hd]
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, hd] by the angles in cos/sin [B, 1, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention. The four projections are injected, so PEFT can put other layers in their slots."""
+
+    def __init__(self, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, o_proj: nn.Module,
+                 n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer_idx: int = 0, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, cache_pos, k, v)  # [B, Hkv, S, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, self_attn: Attention, mlp: MLP, input_layernorm: RMSNorm, post_attention_layernorm: RMSNorm):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer_idx: int, cache_pos: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_block(config: ModelConfig) -> Block:
+    """One decoder block with plain nn.Linear projections in every slot."""
+    d, hd, ab, mb = config.dim, config.head_dim, config.attention_bias, config.mlp_bias
+    attn = Attention(
+        q_proj=nn.Linear(d, config.n_heads * hd, bias=ab),
+        k_proj=nn.Linear(d, config.n_kv_heads * hd, bias=ab),
+        v_proj=nn.Linear(d, config.n_kv_heads * hd, bias=ab),
+        o_proj=nn.Linear(config.n_heads * hd, d, bias=False),
+        n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=hd,
+    )
+    mlp = MLP(
+        gate_proj=nn.Linear(d, config.intermediate_size, bias=mb),
+        up_proj=nn.Linear(d, config.intermediate_size, bias=mb),
+        down_proj=nn.Linear(config.intermediate_size, d, bias=mb),
+    )
+    return Block(attn, mlp, RMSNorm(d, config.norm_eps), RMSNorm(d, config.norm_eps))
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(build_block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.tie_weights()
+        if self.embed_tokens.weight.device.type != "meta":
+            self.apply(init_weights)
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config says so (call again after loading)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids [B, T]; with a cache, cache_pos [T] gives the cache slots these tokens occupy.
+
+        Without a cache the T tokens attend causally to each other from position 0. `logits_to_keep=n` returns
+        logits for the last n positions only (prefill needs just the last).
+        """
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        if cache is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = self._window_mask(positions) if self._needs_window(T) else None
+        else:
+            positions, mask = cache.positions_and_mask(cache_pos, self.config.sliding_window)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, cache_pos)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(self.norm(x))
+
+    def _needs_window(self, T: int) -> bool:
+        return self.config.sliding_window is not None and T > self.config.sliding_window
+
+    def _window_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        q, k = positions[0][:, None], positions[0][None, :]  # [T, 1], [1, T]
+        return ((k <= q) & (k > q - self.config.sliding_window))[None, None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Small normal init (as HF Llama) so a fresh model trains; loading overwrites it."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
