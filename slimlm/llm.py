@@ -1,0 +1,188 @@
+"""LLM: a loaded model with its tokenizer, and text-in/text-out generation (blocking, streaming, batched).
+
+This is the public face of slimlm.load(); the token-level loop lives in generate.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from slimlm.checkpoint import load_model
+from slimlm.config import ModelConfig
+from slimlm.generate import SamplingParams, decode_one_token, generate_tokens, prefill
+from slimlm.kv_cache import KVCache
+from slimlm.model import Transformer
+from slimlm.tokenizer import Messages, StreamDecoder, Tokenizer
+
+Prompt = str | Messages
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """'auto' picks bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX-512 BF16/AMX), else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+@dataclass
+class Completion:
+    """One finished generation with its token counts and timings (seconds)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    prefill_s: float = 0.0  # time to first token
+    decode_s: float = 0.0  # the remaining tokens
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.completion_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+class LLM:
+    """A model ready to generate: `.model` (nn.Module, ids [B,T] -> logits [B,T,V]), `.tokenizer`, `.config`."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self._decode, self._prefill = decode_one_token, prefill
+        self._cache: KVCache | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def compile(self) -> "LLM":
+        """torch.compile the decode step (CPU: inductor with frozen, pre-packed weights). First call compiles."""
+        from slimlm.compile import compile_decode
+
+        self._decode = compile_decode()
+        return self
+
+    def _prompt_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
+        if chat is None:
+            chat = self.tokenizer.has_chat_template
+        ids = self.tokenizer.prompt_ids(prompt, chat=chat)
+        if not ids:
+            raise ValueError("the prompt is empty after tokenization")
+        return ids
+
+    def _params(self, params: SamplingParams | None, kwargs: dict) -> SamplingParams:
+        if params is not None and kwargs:
+            raise ValueError("pass either params=SamplingParams(...) or keyword arguments, not both")
+        return params or SamplingParams(**kwargs)
+
+    def stream_batch(self, prompts: Sequence[Prompt], params: SamplingParams, chat: bool | None = None
+                     ) -> Iterator[tuple[int, str, Completion | None]]:
+        """Yield (row, new text, None) as text is produced and (row, '', Completion) when a row finishes."""
+        ids = [self._prompt_ids(p, chat) for p in prompts]
+        stop_ids = set() if params.ignore_eos else self.tokenizer.stop_token_ids
+        decoders = [StreamDecoder(self.tokenizer) for _ in ids]
+        texts, out_ids = ["" for _ in ids], [[] for _ in ids]
+        n_generated = [0 for _ in ids]  # counts a final stop token too, as OpenAI's usage does
+        finished: list[Completion | None] = [None for _ in ids]
+        t0 = time.perf_counter()
+        t_first = None
+        steps = generate_tokens(self.model, ids, params, self.tokenizer.stop_token_ids, self.tokenizer.pad_id,
+                                self._cache, self._decode, self._prefill)
+        for step_tokens in steps:
+            t_first = t_first or time.perf_counter()
+            for row, tok in enumerate(step_tokens):
+                if finished[row] is not None or tok is None:
+                    continue
+                n_generated[row] += 1
+                reason = "stop" if tok in stop_ids else None
+                if reason is None:
+                    out_ids[row].append(tok)
+                    piece, hit = _cut_at_stop(texts[row], decoders[row].push(tok), params.stop)
+                    texts[row] += piece
+                    if piece:
+                        yield row, piece, None
+                    reason = "stop" if hit else "length" if n_generated[row] >= params.max_new_tokens else None
+                if reason:
+                    finished[row] = Completion(texts[row], len(ids[row]), n_generated[row], reason, t_first - t0,
+                                               time.perf_counter() - t_first, out_ids[row])
+                    yield row, "", finished[row]
+            if all(f is not None for f in finished):
+                break
+        steps.close()
+
+    def generate(self, prompt: Prompt | list[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
+                 **kwargs) -> str | list[str]:
+        """Text for one prompt (a string, or chat messages), or a list of texts for a list of prompts.
+
+        Keyword arguments are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop, min_new_tokens, ignore_eos. chat=None applies the chat template when the
+        tokenizer has one.
+        """
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        prompts = [prompt] if single else list(prompt)
+        out = self.complete(prompts, params, chat, **kwargs)
+        return out[0].text if single else [c.text for c in out]
+
+    def complete(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
+                 **kwargs) -> list[Completion]:
+        """Like generate for a list of prompts, returning Completions with token counts and timings."""
+        params = self._params(params, kwargs)
+        results: list[Completion | None] = [None] * len(prompts)
+        for row, _, done in self.stream_batch(prompts, params, chat):
+            if done is not None:
+                results[row] = done
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None,
+               **kwargs) -> Iterator[str]:
+        """Yield pieces of text as they are generated for one prompt."""
+        params = self._params(params, kwargs)
+        for _, piece, _ in self.stream_batch([prompt], params, chat):
+            if piece:
+                yield piece
+
+
+def _cut_at_stop(text: str, piece: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Trim `piece` so that text + piece ends before the first stop string; report whether one was hit."""
+    if not stops or not piece:
+        return piece, False
+    joined = text + piece
+    hits = [i for i in (joined.find(s, max(0, len(text) - len(s) + 1)) for s in stops) if i >= 0]
+    if not hits:
+        return piece, False
+    return joined[:min(hits)][len(text):], True
+
+
+def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+         compile: bool = False) -> LLM:
+    """Load a model by alias (`smollm2-135m`), HF folder, .gguf file or HF hub id, with its tokenizer.
+
+    dtype: auto | fp32 | bf16 | fp16. compile=True compiles the decode step (slower first call, faster decoding).
+    """
+    device = resolve_device(device)
+    path, _, net = load_model(model, resolve_dtype(dtype, device), device)
+    llm = LLM(net, Tokenizer.from_pretrained(path), path)
+    return llm.compile() if compile else llm

@@ -1,0 +1,103 @@
+"""Tokenizer: the HF tokenizer of a model folder (or GGUF file), its chat template and its stop tokens.
+
+Tokenization is transformers' job; this wrapper adds what generation needs: the set of token ids that end a turn,
+and incremental detokenization for streaming. It is not a tokenizer implementation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+Messages = list[dict[str, str]]
+
+# Tokens that chat templates use to end an assistant turn; whichever exist in the vocabulary stop generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer: Any, extra_stop_ids: Sequence[int] = ()):
+        self.hf = hf_tokenizer
+        vocab = hf_tokenizer.get_vocab()
+        stops = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+        if hf_tokenizer.eos_token_id is not None:
+            stops.add(hf_tokenizer.eos_token_id)
+        self.stop_token_ids: set[int] = stops | set(extra_stop_ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+        """Load from an HF folder (tokenizer files + generation_config.json) or a .gguf file."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if path.suffix == ".gguf":
+            return cls(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+        extra = []
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            extra = [eos] if isinstance(eos, int) else list(eos or [])
+        return cls(AutoTokenizer.from_pretrained(str(path)), extra)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.hf.pad_token_id
+        return pad if pad is not None else min(self.stop_token_ids, default=0)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        """Render messages with the model's own chat template and tokenize (the template adds special tokens)."""
+        if not self.has_chat_template:
+            raise ValueError("this tokenizer has no chat template; pass a plain prompt string instead of messages")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, prompt: str | Messages, chat: bool | None = None) -> list[int]:
+        """Token ids for a plain string or a list of chat messages; a string is wrapped as one user turn when
+        chat=True (the default for tokenizers with a chat template is False for strings)."""
+        if isinstance(prompt, str):
+            if chat:
+                return self.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.encode(prompt)
+        return self.apply_chat_template(list(prompt))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.hf.save_pretrained(str(folder))
+
+
+class StreamDecoder:
+    """Turns token ids arriving one by one into text pieces, holding back incomplete UTF-8 characters.
+
+    Decodes a short window of recent tokens each time, so the cost per token stays constant (as in vLLM's
+    detokenizer): `prefix` is text already emitted, `read` where the window starts.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start
+        self.read_offset = 0  # tokens before this are emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the new text it completes ('' while a character is still incomplete)."""
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
