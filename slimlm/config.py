@@ -148,7 +148,9 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict that transformers loads as the same architecture."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        # rope_type from the property: a legacy {"type": ...} spelling must not leave "rope_type": "default" behind.
+        rope = {**{k: v for k, v in (self.rope_scaling or {}).items() if k != "type"},
+                "rope_type": self.rope_type, "rope_theta": self.rope_theta}
         hf = {
             "architectures": [arch[self.model_type]],
             "model_type": self.model_type,

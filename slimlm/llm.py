@@ -20,6 +20,7 @@ from slimlm.model import Transformer
 from slimlm.tokenizer import Messages, StreamDecoder, Tokenizer
 
 Prompt = str | Messages
+CACHE_BUCKET = 256  # KV cache lengths are multiples of this
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -85,6 +86,18 @@ class LLM:
         self._decode = compile_decode()
         return self
 
+    def _cache_for(self, batch_size: int, need: int) -> KVCache:
+        """Reuse the last KV cache when it fits; else allocate one rounded up to CACHE_BUCKET slots.
+
+        Fixed bucket sizes keep a compiled decode step from recompiling for every prompt length, and a cache at
+        most twice the need keeps decode from attending over many empty slots.
+        """
+        c = self._cache
+        if c is None or c.batch_size != batch_size or not need <= c.max_len <= 2 * need + CACHE_BUCKET:
+            size = min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, max(need, self.config.max_seq_len))
+            c = self._cache = KVCache.for_model(self.model, batch_size, size)
+        return c
+
     def _prompt_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
         if chat is None:
             chat = self.tokenizer.has_chat_template
@@ -104,13 +117,14 @@ class LLM:
         ids = [self._prompt_ids(p, chat) for p in prompts]
         stop_ids = set() if params.ignore_eos else self.tokenizer.stop_token_ids
         decoders = [StreamDecoder(self.tokenizer) for _ in ids]
-        texts, out_ids = ["" for _ in ids], [[] for _ in ids]
+        texts, out_ids = [StopStringText(params.stop) for _ in ids], [[] for _ in ids]
         n_generated = [0 for _ in ids]  # counts a final stop token too, as OpenAI's usage does
         finished: list[Completion | None] = [None for _ in ids]
         t0 = time.perf_counter()
         t_first = None
+        cache = self._cache_for(len(ids), max(len(i) for i in ids) + params.max_new_tokens)
         steps = generate_tokens(self.model, ids, params, self.tokenizer.stop_token_ids, self.tokenizer.pad_id,
-                                self._cache, self._decode, self._prefill)
+                                cache, self._decode, self._prefill)
         for step_tokens in steps:
             t_first = t_first or time.perf_counter()
             for row, tok in enumerate(step_tokens):
@@ -118,15 +132,17 @@ class LLM:
                     continue
                 n_generated[row] += 1
                 reason = "stop" if tok in stop_ids else None
+                piece = ""
                 if reason is None:
                     out_ids[row].append(tok)
-                    piece, hit = _cut_at_stop(texts[row], decoders[row].push(tok), params.stop)
-                    texts[row] += piece
-                    if piece:
-                        yield row, piece, None
+                    piece, hit = texts[row].add(decoders[row].push(tok))
                     reason = "stop" if hit else "length" if n_generated[row] >= params.max_new_tokens else None
                 if reason:
-                    finished[row] = Completion(texts[row], len(ids[row]), n_generated[row], reason, t_first - t0,
+                    piece += texts[row].flush()
+                if piece:
+                    yield row, piece, None
+                if reason:
+                    finished[row] = Completion(texts[row].text, len(ids[row]), n_generated[row], reason, t_first - t0,
                                                time.perf_counter() - t_first, out_ids[row])
                     yield row, "", finished[row]
             if all(f is not None for f in finished):
@@ -165,15 +181,41 @@ class LLM:
                 yield piece
 
 
-def _cut_at_stop(text: str, piece: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Trim `piece` so that text + piece ends before the first stop string; report whether one was hit."""
-    if not stops or not piece:
-        return piece, False
-    joined = text + piece
-    hits = [i for i in (joined.find(s, max(0, len(text) - len(s) + 1)) for s in stops) if i >= 0]
-    if not hits:
-        return piece, False
-    return joined[:min(hits)][len(text):], True
+class StopStringText:
+    """One row's text as it grows, cut before the first stop string even when one spans two pieces.
+
+    Streaming holds back the end of the text only while it could still be the beginning of a stop string.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.text, self.sent = list(stops), "", 0
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def add(self, piece: str) -> tuple[str, bool]:
+        """Append a piece; return (text now safe to emit, whether a stop string was hit)."""
+        search_from = max(0, len(self.text) - self.hold)  # a stop ending in `piece` starts no earlier
+        self.text += piece
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self.flush(), True
+        return self._emit(len(self.text) - self._open_prefix()), False
+
+    def flush(self) -> str:
+        """Everything not yet emitted (the row has finished)."""
+        return self._emit(len(self.text))
+
+    def _open_prefix(self) -> int:
+        """Length of the longest end of the text that begins some stop string."""
+        for k in range(min(self.hold, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+    def _emit(self, upto: int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out
 
 
 def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",

