@@ -124,27 +124,14 @@ class SlimLM(Engine):
         self.settings = f"{dtype}, " + ("decode step torch.compile'd (inductor, freezing), prefill eager"
                                         if compiled else "eager")
         self.weights = f"{dtype} (dequantized from the GGUF)"
-        self.text_of: dict[tuple[int, ...], str] = {}
 
     def setup(self, ctx: Context) -> None:
         import slimlm
 
         self.llm = slimlm.load(MODEL, dtype=self.dtype, compile=self.compiled)
 
-    def prompt_text(self, ids: list[int]) -> str:
-        """LLM.complete takes text: use the text whose tokenization is exactly `ids` (checked)."""
-        key = tuple(ids)
-        if key not in self.text_of:
-            text = self.llm.tokenizer.decode(ids, skip_special_tokens=False)
-            again = self.llm.tokenizer.prompt_ids(text, chat=False)
-            if again != list(ids):
-                raise SystemExit(f"{self.name}: the prompt text does not tokenize back to the same {len(ids)} ids "
-                                 f"(got {len(again)}); pick another --prompt-tokens / --decode-prompt-tokens")
-            self.text_of[key] = text
-        return self.text_of[key]
-
     def run(self, ids: list[int], new_tokens: int) -> Run:
-        c = self.llm.complete([self.prompt_text(ids)], chat=False, max_new_tokens=new_tokens, ignore_eos=True)[0]
+        c = self.llm.complete([list(ids)], max_new_tokens=new_tokens, ignore_eos=True)[0]
         assert c.prompt_tokens == len(ids) and c.completion_tokens == new_tokens, (c.prompt_tokens, c.completion_tokens)
         return Run(c.prompt_tokens, c.completion_tokens, c.prefill_s, c.decode_s, c.token_ids)
 
@@ -474,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {e.name} | {e.settings} | {e.weights} | {fmt(r['decode_tps_median'])} [{fmt(min(d))}–{fmt(max(d))}] | "
               f"{fmt(r['prefill_tps_median'], 0)} [{fmt(min(p), 0)}–{fmt(max(p), 0)}] | {first} |")
     print()
-    print("Time to first token, per engine: slimlm = Completion.prefill_s (from LLM.complete() after tokenizing to the "
+    print("Time to first token, per engine: slimlm = Completion.prefill_s (from LLM.complete() on the token ids to the "
           "first token); HF = from calling generate(max_new_tokens=1) to the first token its streamer receives (the "
           "prompt's forward pass with use_cache=True, generate()'s set-up and the greedy pick); llama.cpp = from "
           "Llama.generate() to its first token (prompt eval + greedy sample). Compile time ≈ first decode call minus "

@@ -19,7 +19,7 @@ from slimlm.kv_cache import KVCache
 from slimlm.model import Transformer
 from slimlm.tokenizer import Messages, StreamDecoder, Tokenizer
 
-Prompt = str | Messages
+Prompt = str | Messages | list[int]  # text, chat messages, or token ids as they are
 CACHE_BUCKET = 256  # KV cache lengths are multiples of this
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -99,6 +99,10 @@ class LLM:
         return c
 
     def _prompt_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {min(prompt)}..{max(prompt)}")
+            return list(prompt)
         if chat is None:
             chat = self.tokenizer.has_chat_template
         ids = self.tokenizer.prompt_ids(prompt, chat=chat)
@@ -151,13 +155,13 @@ class LLM:
 
     def generate(self, prompt: Prompt | list[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
                  **kwargs) -> str | list[str]:
-        """Text for one prompt (a string, or chat messages), or a list of texts for a list of prompts.
+        """Text for one prompt (a string, chat messages or token ids), or a list of texts for a list of prompts.
 
         Keyword arguments are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, seed, stop, min_new_tokens, ignore_eos. chat=None applies the chat template when the
         tokenizer has one.
         """
-        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], (dict, int)))
         prompts = [prompt] if single else list(prompt)
         out = self.complete(prompts, params, chat, **kwargs)
         return out[0].text if single else [c.text for c in out]

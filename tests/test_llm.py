@@ -221,3 +221,13 @@ def test_seeded_sampling_through_llm(llm):
     a = llm.generate(PROMPT, max_new_tokens=15, temperature=1.2, top_p=0.95, seed=5)
     b = llm.generate(PROMPT, max_new_tokens=15, temperature=1.2, top_p=0.95, seed=5)
     assert a == b
+
+
+def test_token_id_prompts(llm):
+    ids = llm.tokenizer.encode("the cat sat on the mat")
+    by_ids = llm.complete([ids], max_new_tokens=6, ignore_eos=True)[0]
+    by_text = llm.complete(["the cat sat on the mat"], chat=False, max_new_tokens=6, ignore_eos=True)[0]
+    assert by_ids.prompt_tokens == len(ids) and by_ids.token_ids == by_text.token_ids
+    assert llm.generate(ids, max_new_tokens=6, ignore_eos=True) == by_ids.text
+    with pytest.raises(ValueError, match="token ids must be in"):
+        llm.complete([[llm.config.vocab_size]], max_new_tokens=1)

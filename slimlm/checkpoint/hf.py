@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimlm.checkpoint.materialize import CheckpointError, build_model
@@ -93,23 +92,51 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(f: Path, handle) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where tensor data begins; checks the file size."""
+    size = f.stat().st_size
+    raw = handle.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if n < 2 or 8 + n > size:
+        raise CheckpointError(f"{f} has no valid safetensors header; the file is truncated or corrupt, download it again")
+    try:
+        header = json.loads(handle.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{f} has a corrupt safetensors header; download it again") from None
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{f} is truncated ({size:,} bytes, its header describes {8 + n + end:,}); "
+                              "download it again")
+    return header, 8 + n
+
+
 def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(slimlm name, tensor) for every weight in the files, one tensor in memory at a time."""
+    """(slimlm name, tensor) for every weight in the files, one tensor in memory at a time.
+
+    Reads with plain file I/O instead of safetensors' memory map: mapped pages of a large fp32 file stay resident
+    while it is open, which would double peak memory when loading in bf16.
+    """
     for f in files:
-        try:
-            handle = safe_open(str(f), framework="pt")
-        except Exception as e:  # safetensors raises its own error types for truncated headers and bad JSON
-            raise CheckpointError(f"{f} cannot be read ({e}); the file is truncated or corrupt, download it again") from None
-        with handle:
-            for key in handle.keys():
+        with open(f, "rb") as handle:
+            header, data_start = read_safetensors_header(f, handle)
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 if IGNORED_HF_KEYS.match(key):
                     continue
-                try:
-                    tensor = handle.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"{f}: tensor {key!r} cannot be read ({e}); the file is truncated, "
-                                          "download it again") from None
-                yield hf_to_slimlm_name(key), tensor
+                if info.get("dtype") not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+                begin, end = info["data_offsets"]
+                handle.seek(data_start + begin)
+                buf = bytearray(end - begin)
+                handle.readinto(buf)
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                tensor = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+                yield hf_to_slimlm_name(key), tensor.view(info["shape"])
 
 
 def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
