@@ -19,6 +19,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)  # first real slot per row
         self.slots = torch.arange(max_len, device=device)
+        self.padded = False  # any row left-padded? (a Python bool, read only in eager mode)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "KVCache":
@@ -36,6 +37,7 @@ class KVCache:
     def reset(self, start: torch.Tensor | None = None) -> None:
         """Begin new sequences; start[b] = number of left-pad slots in row b. Old entries are masked, not zeroed."""
         self.start.copy_(start if start is not None else torch.zeros_like(self.start))
+        self.padded = bool(self.start.any())
 
     def update(self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, hd] into slots cache_pos [T]; return the whole layer cache [B, Hkv, S, hd]."""
@@ -43,15 +45,23 @@ class KVCache:
         self.v[layer][:, :, cache_pos] = v
         return self.k[layer], self.v[layer]
 
-    def positions_and_mask(self, cache_pos: torch.Tensor, sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE positions [B, T] and the boolean attention mask [B, 1, T, S] for queries in slots cache_pos [T]."""
+    def positions_and_mask(self, cache_pos: torch.Tensor, sliding_window: int | None = None,
+                           kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoPE positions [B, T] and the boolean attention mask [B, 1, T, S] for queries in slots cache_pos [T].
+
+        With kv_len (eager mode) the mask covers slots [0, kv_len) only, and is None where SDPA needs none: one new
+        token, or a whole fresh prompt (causal), with no padding and no sliding window.
+        """
+        positions = (cache_pos[None, :] - self.start[:, None]).clamp(min=0)
+        T = cache_pos.shape[0]
+        if kv_len is not None and not self.padded and sliding_window is None and (T == 1 or T == kv_len):
+            return positions, None
         q = cache_pos[None, :, None]  # [1, T, 1]
-        k = self.slots[None, None, :]  # [1, 1, S]
+        k = self.slots[None, None, :kv_len]  # [1, 1, S]
         start = self.start[:, None, None]  # [B, 1, 1]
         mask = (k <= q) & (k >= start)
         if sliding_window is not None:
             mask = mask & (k > q - sliding_window)
         # A pad query sees no real key; let it see itself so its row stays finite (NaN would leak through 0*NaN).
         mask = mask | (k == q)
-        positions = (cache_pos[None, :] - self.start[:, None]).clamp(min=0)
         return positions, mask[:, None]

@@ -74,7 +74,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer_idx: int = 0, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, layer_idx: int = 0, cache_pos: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
@@ -82,6 +83,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, cache_pos, k, v)  # [B, Hkv, S, hd]
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # only the filled slots (eager mode)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -105,8 +108,9 @@ class Block(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer_idx: int, cache_pos: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, cache_pos)
+                cache: KVCache | None, layer_idx: int, cache_pos: torch.Tensor | None,
+                kv_len: int | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, cache_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -157,14 +161,17 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, T, D]
+        kv_len = None
         if cache is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
             mask = self._window_mask(positions) if self._needs_window(T) else None
         else:
-            positions, mask = cache.positions_and_mask(cache_pos, self.config.sliding_window)
+            # Eager mode attends over the filled slots only; compiled code keeps the static cache shape.
+            kv_len = None if torch.compiler.is_compiling() else int(cache_pos[-1]) + 1
+            positions, mask = cache.positions_and_mask(cache_pos, self.config.sliding_window, kv_len)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, cache_pos)
+            x = layer(x, cos, sin, mask, cache, i, cache_pos, kv_len)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
