@@ -85,6 +85,20 @@ def test_logits_match_transformers(llm, hf_model):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+def test_save_then_transformers_from_pretrained(llm, tmp_path):
+    """save_hf_folder -> AutoModelForCausalLM.from_pretrained: same logits, and the tokenizer comes along."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.checkpoint import save_hf_folder
+
+    out = save_hf_folder(llm.model, tmp_path / "smollm2", tokenizer=llm.tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.tensor([llm.tokenizer.prompt_ids(CHAT_PROMPTS[1], chat=True)])
+    with torch.no_grad():
+        assert (hf(ids).logits - llm.model(ids)).abs().max().item() <= 1e-3
+    assert AutoTokenizer.from_pretrained(str(out)).encode("Paris is nice") == llm.tokenizer.encode("Paris is nice")
+
+
 def test_direct_gguf_load_equals_converted_folder(llm, gguf_path):
     from slimlm.checkpoint import load_model
 
