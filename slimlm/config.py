@@ -6,7 +6,7 @@ This module only describes models; it imports no torch and builds nothing (see m
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # HF `model_type` values whose architecture is exactly what model.py implements.
