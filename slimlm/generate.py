@@ -70,8 +70,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= params.top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     if params.min_p > 0:

@@ -94,7 +94,7 @@ class LLM:
         """
         c = self._cache
         if c is None or c.batch_size != batch_size or not need <= c.max_len <= 2 * need + CACHE_BUCKET:
-            size = min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, max(need, self.config.max_seq_len))
+            size = max(need, min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, self.config.max_seq_len))
             c = self._cache = KVCache.for_model(self.model, batch_size, size)
         return c
 

@@ -67,8 +67,7 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
     def prompt_ids(self, prompt: str | Messages, chat: bool | None = None) -> list[int]:
-        """Token ids for a plain string or a list of chat messages; a string is wrapped as one user turn when
-        chat=True (the default for tokenizers with a chat template is False for strings)."""
+        """Token ids for a plain string or a list of chat messages; chat=True wraps a string as one user turn."""
         if isinstance(prompt, str):
             if chat:
                 return self.apply_chat_template([{"role": "user", "content": prompt}])

@@ -139,6 +139,11 @@ def test_failed_save_keeps_old_folder_and_leaves_no_temp(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_mod, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_hf_folder(new, target)
+    assert_only_old_folder(tmp_path, target, old)
+
+
+def assert_only_old_folder(tmp_path, target, old):
+    """After a failed save: `target` is the only entry in tmp_path and still holds the old model's weights."""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     _, _, loaded = load_model(target)
     ids = ids_for(320)
@@ -165,11 +170,7 @@ def test_failed_final_rename_restores_old_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="rename failed"):
         save_hf_folder(random_transformer(seed=2), target)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    _, _, loaded = load_model(target)
-    ids = ids_for(320)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids), old(ids))
+    assert_only_old_folder(tmp_path, target, old)
 
 
 # --- HF folder errors ------------------------------------------------------------------------------------------
