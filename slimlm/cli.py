@@ -1,4 +1,4 @@
-"""The `slimlm` command line: generate, chat, info. Thin: parses flags, calls the Python API, prints.
+"""The `slimlm` command line: generate, chat, info, finetune, merge, data. Thin: parses flags, calls the API, prints.
 
 Errors a user can fix (bad paths, bad flags, bad configs) print one line on stderr and exit with status 2.
 """
@@ -23,6 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (first call compiles for a minute or more; then faster)")
+    p.add_argument("--adapter", default=None, help="fine-tuned adapter folder to attach (slimlm or HF PEFT layout)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def _sampling(args: argparse.Namespace, **extra):
 def _load(args: argparse.Namespace):
     from slimlm.llm import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile)
+    return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, adapter=args.adapter)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -109,9 +110,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from slimlm.checkpoint import model_folder
     from slimlm.checkpoint.hf import read_hf_config
 
+    if (Path(args.model) / "adapter_config.json").is_file():
+        return _adapter_info(Path(args.model), args.json)
     folder = model_folder(args.model)
     config = read_hf_config(folder)
     n = config.num_params()
@@ -133,6 +138,116 @@ def cmd_info(args: argparse.Namespace) -> int:
     kv = info["kv_cache_bytes_per_token"]
     print(f"kv cache    {kv['bf16']:,} bytes/token in bf16, {kv['fp32']:,} in fp32")
     return 0
+
+
+def _adapter_info(folder, as_json: bool) -> int:
+    from slimlm.peft import read_adapter_config
+    from slimlm.peft.common import read_adapter_files
+    from slimlm.recipe import to_dict
+
+    method, cfg, raw = read_adapter_config(folder)
+    _, tensors = read_adapter_files(folder)
+    n = sum(t.numel() for t in tensors.values())
+    notes = {"bitfit": "BitFit adds zero-initialised biases to the listed Llama projections (which have none) and "
+                       "trains only those (and RMSNorm gains if train_norms); merging gives a model with biases.",
+             "adapter": "bottleneck adapters are not linear in the base weights: they cannot be merged.",
+             "prefix": "prefixes are extra keys/values, not weights: they cannot be merged.",
+             "prompt": "soft prompts are extra input embeddings, not weights: they cannot be merged."}
+    info = {"adapter": str(folder), "method": method, "peft_type": raw.get("peft_type"),
+            "base_model": raw.get("base_model_name_or_path"), "config": to_dict(cfg), "parameters": n,
+            "tensors": len(tensors), "note": notes.get(method, "")}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        if v not in ("", None):
+            print(f"{k:<11} {v:,}" if isinstance(v, int) else f"{k:<11} {v}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from slimlm.recipe import apply_flags, load_recipe
+    from slimlm.train.finetune import FinetuneConfig, finetune
+
+    cfg = load_recipe(FinetuneConfig, args.recipe) if args.recipe else FinetuneConfig()
+    cfg = apply_flags(cfg, args)
+    res = finetune(cfg, progress=not args.quiet)
+    t = res.train
+    print(f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, "
+          f"{t.elapsed_s:.0f} s; eval {t.eval_metrics or '-'}")
+    print(f"saved {res.output}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from slimlm.peft.merge import merge_to_folder
+
+    report = merge_to_folder(args.model, args.adapter, args.out, dtype=args.dtype)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from slimlm.checkpoint import model_folder
+    from slimlm.tokenizer import Tokenizer
+    from slimlm.train.data import DataConfig, check_file
+
+    cfg = DataConfig(max_seq_len=args.max_seq_len, train_on_prompt=args.train_on_prompt, format=args.format)
+    cfg.validate()
+    tokenizer = Tokenizer.from_pretrained(model_folder(args.model))
+    print(check_file(args.file, tokenizer, cfg))
+    return 0
+
+
+def cmd_data_task(args: argparse.Namespace) -> int:
+    from slimlm.tasks import TASKS
+
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; bundled tasks: {', '.join(TASKS)}")
+    paths = TASKS[args.task].write_splits(args.out, n_train=args.train, n_val=args.val, n_test=args.test,
+                                          seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split:<6} {path}")
+    return 0
+
+
+def _add_finetune_parser(sub) -> None:
+    from slimlm.recipe import add_flags
+    from slimlm.train.finetune import FinetuneConfig
+
+    f = sub.add_parser("finetune", help="fine-tune with full, lora, qlora, adapter, bitfit, prefix or prompt",
+                       description="Fine-tune a model. Flags mirror the YAML recipe keys (nested keys with dots: "
+                                   "--train.lr 1e-4, --lora.r 8) and override the recipe.")
+    f.add_argument("recipe", nargs="?", default=None, help="YAML recipe (optional)")
+    add_flags(f, FinetuneConfig, short=("model", "method", "data", "eval_data", "out", "nf4_base", "dtype",
+                                        "device", "task", "eval_generate", "eval_max_new_tokens", "resume"))
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
+
+    m = sub.add_parser("merge", help="fold a LoRA/DoRA/QLoRA or BitFit adapter into the base; save an HF folder")
+    m.add_argument("--model", default="smollm2-135m", help="the base model the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="adapter folder")
+    m.add_argument("--out", required=True, help="folder for the merged model")
+    m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the saved weights")
+    m.set_defaults(func=cmd_merge)
+
+    d = sub.add_parser("data", help="check training data; write a bundled task's splits")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="validate a JSONL file and show a rendered sample with the trained tokens marked")
+    c.add_argument("file")
+    c.add_argument("--model", default="smollm2-135m", help="whose tokenizer and chat template to use")
+    c.add_argument("--max-seq-len", type=int, default=1024)
+    c.add_argument("--train-on-prompt", action="store_true")
+    c.add_argument("--format", default="auto", help="auto, chat, alpaca, prompt_completion or text")
+    c.set_defaults(func=cmd_data_check)
+    t = dsub.add_parser("task", help="write train/val/test JSONL of a bundled task (e.g. extract_json)")
+    t.add_argument("task")
+    t.add_argument("--out", required=True)
+    t.add_argument("--train", type=int, default=2000)
+    t.add_argument("--val", type=int, default=100)
+    t.add_argument("--test", type=int, default=200)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_data_task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,10 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_chat)
 
-    i = sub.add_parser("info", help="config, parameter count and memory per dtype (weights are not loaded)")
-    i.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
+    i = sub.add_parser("info", help="config, parameter count and memory per dtype (weights are not loaded); "
+                                    "or what an adapter folder holds")
+    i.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file, HF hub id or adapter folder")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+    _add_finetune_parser(sub)
     return parser
 
 

@@ -80,7 +80,7 @@ class ModelConfig:
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attn = self.dim * q + 2 * self.dim * kv + q * self.dim
         if self.attention_bias:
-            attn += q + 2 * kv
+            attn += q + 2 * kv + (self.dim if self.model_type == "llama" else 0)  # Llama biases o_proj too
         mlp = 3 * self.dim * self.intermediate_size + (2 * self.intermediate_size + self.dim if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * self.dim
         embed = self.vocab_size * self.dim

@@ -130,9 +130,11 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params
     stops = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=device)
     seen = None  # [B, V] bool: tokens in the prompt (not its padding) or generated so far
     if params.repetition_penalty != 1.0:
+        V = model.config.vocab_size
         real = torch.arange(T, device=device)[None, :] >= start[:, None]  # [B, T]
-        counts = torch.zeros(B, model.config.vocab_size, dtype=torch.int32, device=device)
-        seen = counts.scatter_add_(1, input_ids, real.int()) > 0
+        real &= input_ids < V  # prompt tuning's virtual token ids (>= V) are not vocabulary tokens
+        counts = torch.zeros(B, V, dtype=torch.int32, device=device)
+        seen = counts.scatter_add_(1, input_ids.clamp(max=V - 1), real.int()) > 0
 
     logits = prefill_fn(model, input_ids, cache, torch.arange(T, device=device))
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -74,6 +74,15 @@ class LLM:
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self._decode, self._prefill = decode_one_token, prefill
         self._cache: KVCache | None = None
+        self.adapter: Path | None = None
+
+    def load_adapter(self, folder: str | Path) -> str:
+        """Attach a fine-tuned adapter (slimlm's or HF PEFT's) to this model; returns its method name."""
+        from slimlm.peft import load_adapter
+
+        method = load_adapter(self.model, folder, self.tokenizer)
+        self.adapter = Path(folder)
+        return method
 
     @property
     def config(self) -> ModelConfig:
@@ -99,6 +108,11 @@ class LLM:
         return c
 
     def _prompt_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
+        from slimlm.peft.prompt import input_prefix_ids
+
+        return input_prefix_ids(self.model) + self._user_ids(prompt, chat)  # prompt tuning's virtual tokens first
+
+    def _user_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {min(prompt)}..{max(prompt)}")
@@ -223,12 +237,15 @@ class StopStringText:
 
 
 def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-         compile: bool = False) -> LLM:
+         compile: bool = False, adapter: str | Path | None = None) -> LLM:
     """Load a model by alias (`smollm2-135m`), HF folder, .gguf file or HF hub id, with its tokenizer.
 
     dtype: auto | fp32 | bf16 | fp16. compile=True compiles the decode step (slower first call, faster decoding).
+    adapter: a fine-tuned adapter folder to attach (LoRA/DoRA/QLoRA, prefix, prompt, bottleneck adapter, BitFit).
     """
     device = resolve_device(device)
     path, _, net = load_model(model, resolve_dtype(dtype, device), device)
     llm = LLM(net, Tokenizer.from_pretrained(path), path)
+    if adapter is not None:
+        llm.load_adapter(adapter)
     return llm.compile() if compile else llm

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from slimlm.config import ModelConfig
 from slimlm.kv_cache import KVCache
@@ -72,6 +73,8 @@ class Attention(nn.Module):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        # Prefix-tuning slot (peft/prefix.py): a module (k, v, mask, T) -> (k, v, mask) prepending learned keys/values.
+        self.prefix: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer_idx: int = 0, cache_pos: torch.Tensor | None = None,
@@ -85,6 +88,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer_idx, cache_pos, k, v)  # [B, Hkv, S, hd]
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # only the filled slots (eager mode)
+        if self.prefix is not None:
+            k, v, mask = self.prefix(k, v, mask, T)  # T: a None mask means causal only when T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -121,7 +126,7 @@ def build_block(config: ModelConfig) -> Block:
         q_proj=nn.Linear(d, config.n_heads * hd, bias=ab),
         k_proj=nn.Linear(d, config.n_kv_heads * hd, bias=ab),
         v_proj=nn.Linear(d, config.n_kv_heads * hd, bias=ab),
-        o_proj=nn.Linear(config.n_heads * hd, d, bias=False),
+        o_proj=nn.Linear(config.n_heads * hd, d, bias=ab and config.model_type == "llama"),  # Qwen2: q/k/v only
         n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=hd,
     )
     mlp = MLP(
@@ -143,6 +148,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Prefix tuning shifts real tokens' RoPE positions past its virtual tokens, as HF PEFT does.
+        self.position_offset = 0
+        self.gradient_checkpointing = False  # recompute each block in backward instead of keeping its activations
         self.tie_weights()
         if self.embed_tokens.weight.device.type != "meta":
             self.apply(init_weights)
@@ -153,35 +161,52 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        """input_ids [B, T]; with a cache, cache_pos [T] gives the cache slots these tokens occupy.
+                logits_to_keep: int = 0, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]; see `hidden` for the arguments.
 
-        Without a cache the T tokens attend causally to each other from position 0. `logits_to_keep=n` returns
-        logits for the last n positions only (prefill needs just the last).
+        `logits_to_keep=n` returns logits for the last n positions only (prefill needs just the last).
+        """
+        x = self.hidden(input_ids, cache, cache_pos, segment_ids)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)
+
+    def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
+               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, D] (training computes the loss from these in chunks).
+
+        Without a cache the T tokens attend causally from position 0; `segment_ids` [B, T] marks packed samples,
+        which then restart their positions and see only their own segment. With a cache, cache_pos [T] gives the
+        cache slots these tokens occupy.
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, T, D]
         kv_len = None
         if cache is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-            mask = self._window_mask(positions) if self._needs_window(T) else None
+            mask = None
+            if segment_ids is not None:
+                positions, mask = segment_positions_and_mask(segment_ids)
+            if self._needs_window(T):
+                mask = self._window_mask(positions) if mask is None else mask & self._window_mask(positions)
         else:
             # Eager mode attends over the filled slots only; compiled code keeps the static cache shape.
             kv_len = None if torch.compiler.is_compiling() else int(cache_pos[-1]) + 1
             positions, mask = cache.positions_and_mask(cache_pos, self.config.sliding_window, kv_len)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions + self.position_offset, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, cache_pos, kv_len)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return self.lm_head(self.norm(x))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, i, cache_pos, kv_len, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, cache_pos, kv_len)
+        return self.norm(x)
 
     def _needs_window(self, T: int) -> bool:
         return self.config.sliding_window is not None and T > self.config.sliding_window
 
     def _window_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        q, k = positions[0][:, None], positions[0][None, :]  # [T, 1], [1, T]
-        return ((k <= q) & (k > q - self.config.sliding_window))[None, None]
+        q, k = positions[:, :, None], positions[:, None, :]  # [B, T, 1], [B, 1, T]
+        return ((k <= q) & (k > q - self.config.sliding_window))[:, None]
 
     @property
     def device(self) -> torch.device:
@@ -190,6 +215,18 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+
+def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, T] restarting at each packed segment, and the causal same-segment mask [B, 1, T, T]."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    seg_start = torch.where(is_start, idx, 0).cummax(dim=1).values  # index where each token's segment began
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = idx[0][None, :] <= idx[0][:, None]  # [T, T]
+    return idx - seg_start, (same & causal)[:, None]
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

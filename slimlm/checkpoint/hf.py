@@ -7,16 +7,15 @@ Only safetensors are read: pickled `.bin` weights are never unpickled.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from slimlm.checkpoint.atomic import atomic_folder
 from slimlm.checkpoint.materialize import CheckpointError, build_model
 from slimlm.config import ConfigError, ModelConfig
 from slimlm.model import Transformer
@@ -171,33 +170,11 @@ def save_hf_folder(model: Transformer, folder: str | Path, tokenizer: Any = None
             continue  # tied: HF re-ties it from the embedding
         state[slimlm_to_hf_name(name)] = t.detach().to(dtype or t.dtype).contiguous().cpu()
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
         (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move src to dst; an existing dst is swapped out first and removed only after the move succeeded."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dst)  # put the old folder back rather than leave it under a hidden name
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -6,7 +6,7 @@ and then *assigned* as the parameter. Peak memory is one copy of the weights plu
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -1,0 +1,158 @@
+"""`slimlm finetune`: load a base model, apply a method, build the SFT data, train, save the result.
+
+FinetuneConfig is the whole run in one dataclass; a YAML recipe maps onto it 1:1 and flags override it
+(slimlm/recipe.py). The training loop itself is train/trainer.py; this file wires the pieces together and writes
+the outputs: `OUT/adapter/` (HF PEFT layout where the method exists in PEFT) or `OUT/model/` (full fine-tuning, an
+HF folder), `OUT/metrics.jsonl`, `OUT/summary.json` and the resolved `OUT/recipe.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimlm.peft import PEFT_METHODS, apply_peft, save_adapter
+from slimlm.peft.adapter import AdapterConfig
+from slimlm.peft.bitfit import BitFitConfig
+from slimlm.peft.common import PeftError
+from slimlm.peft.lora import LoraConfig
+from slimlm.peft.prefix import PrefixConfig
+from slimlm.peft.prompt import PromptConfig, input_prefix_ids
+from slimlm.train.data import DataConfig, DataError, load_dataset
+from slimlm.train.evaluate import chat_eval_set, generation_accuracy
+from slimlm.train.trainer import TrainConfig, TrainResult, train
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = "smollm2-135m"  # alias, HF folder, .gguf file or hub id
+    method: str = "lora"  # full | lora | qlora | adapter | bitfit | prefix | prompt
+    data: str = ""  # training JSONL (chat, alpaca, prompt/completion or text records)
+    eval_data: str | None = None  # validation JSONL: eval loss, and the generation metric for chat records
+    out: str = "runs/finetune"
+    nf4_base: bool = False  # freeze the base as NF4 4-bit weights (implied by qlora; not for full)
+    dtype: str = "fp32"  # the base model's weights in memory: fp32 | bf16 (compute precision is train.precision)
+    device: str = "cpu"
+    task: str | None = None  # a bundled task (e.g. extract_json) whose scorer rates eval generations
+    eval_generate: int = 0  # generate answers for this many eval records at each eval (0: loss only)
+    eval_max_new_tokens: int = 64
+    resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints
+    dataset: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # also qlora's
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    bitfit: BitFitConfig = field(default_factory=BitFitConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def validate(self) -> None:
+        """Check the whole run before anything is loaded; one error lists every problem."""
+        errors = []
+        if self.method not in PEFT_METHODS:
+            errors.append(f"method {self.method!r} is unknown; choose from {', '.join(PEFT_METHODS)}")
+        if not self.data:
+            errors.append("no training data: pass --data FILE.jsonl")
+        elif not Path(self.data).is_file():
+            errors.append(f"training data {self.data} does not exist")
+        if self.eval_data and not Path(self.eval_data).is_file():
+            errors.append(f"eval data {self.eval_data} does not exist")
+        if self.method == "full" and self.nf4_base:
+            errors.append("full fine-tuning cannot use an NF4 base (it trains the base weights)")
+        if self.dtype not in ("fp32", "bf16"):
+            errors.append(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.task is not None:
+            from slimlm.tasks import TASKS
+            if self.task not in TASKS:
+                errors.append(f"task {self.task!r} is unknown; bundled tasks: {', '.join(TASKS)}")
+        if self.eval_generate and not self.eval_data:
+            errors.append("eval_generate needs --eval-data")
+        for section in (self.dataset, self.train, self.method_config()):
+            try:
+                section.validate()
+            except ValueError as e:
+                errors.append(str(e))
+        if errors:
+            raise ValueError("invalid fine-tuning config:\n  - " + "\n  - ".join(errors))
+
+    def method_config(self) -> Any:
+        """The config section of the chosen method (qlora reads `lora`; full has none)."""
+        section = {"qlora": "lora"}.get(self.method, self.method)
+        return getattr(self, section, PEFT_METHODS["full"].config_cls())
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    output: Path  # the adapter folder or the full model folder
+    trainable: int
+    total: int
+    train: TrainResult
+    data: dict[str, Any]
+
+
+def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
+    """Run a whole fine-tuning job as configured; returns where the result is and what was measured."""
+    from slimlm.checkpoint import load_model
+    from slimlm.checkpoint.hf import save_hf_folder
+    from slimlm.llm import resolve_device
+    from slimlm.recipe import to_dict
+    from slimlm.tokenizer import Tokenizer
+
+    cfg.validate()
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+    path, _, model = load_model(cfg.model, dtype, device)
+    tokenizer = Tokenizer.from_pretrained(path)
+    train_samples, train_stats = load_dataset(cfg.data, tokenizer, cfg.dataset)
+    eval_samples, eval_records = None, []
+    if cfg.eval_data:
+        eval_samples, _ = load_dataset(cfg.eval_data, tokenizer, _eval_data_config(cfg.dataset))
+        eval_records = chat_eval_set(cfg.eval_data)[: cfg.eval_generate]
+    summary = apply_peft(model, cfg.method, cfg.method_config(), tokenizer, nf4_base=cfg.nf4_base)
+    print(f"{cfg.method}: {summary}", flush=True)
+    eval_fn = None
+    if eval_records:
+        def eval_fn(m):
+            return generation_accuracy(m, tokenizer, eval_records, cfg.task, cfg.eval_max_new_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(_yaml(to_dict(cfg)))
+    result = train(model, train_samples, cfg.train, out, eval_samples=eval_samples, pad_id=tokenizer.pad_id,
+                   input_prefix_ids=input_prefix_ids(model), eval_fn=eval_fn, resume=cfg.resume, progress=progress)
+    if cfg.method == "full":
+        output = save_hf_folder(model, out / "model", tokenizer.hf, sorted(tokenizer.stop_token_ids))
+    else:
+        output = save_adapter(model, out / "adapter", base_model=str(cfg.model), tokenizer=tokenizer)
+    data = {"records": train_stats.records, "samples": train_stats.samples, "truncated": train_stats.truncated,
+            "dropped": train_stats.dropped, "tokens": train_stats.tokens, "trained_tokens": train_stats.trained_tokens}
+    res = FinetuneResult(out, output, summary.trainable, summary.total, result, data)
+    (out / "summary.json").write_text(json.dumps(_summary_json(cfg, res), indent=2))
+    return res
+
+
+def _eval_data_config(cfg: DataConfig) -> DataConfig:
+    """Eval data is never packed (each record's loss stays its own)."""
+    from dataclasses import replace
+
+    return replace(cfg, packing=False)
+
+
+def _summary_json(cfg: FinetuneConfig, res: FinetuneResult) -> dict[str, Any]:
+    t = res.train
+    return {"method": cfg.method, "model": cfg.model, "output": str(res.output), "trainable_params": res.trainable,
+            "total_params": res.total, "trainable_percent": 100.0 * res.trainable / max(res.total, 1),
+            "steps": t.steps, "final_loss": t.final_loss, "eval": t.eval_metrics, "tokens_per_s": t.tokens_per_s,
+            "elapsed_s": t.elapsed_s, "data": res.data}
+
+
+def _yaml(values: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+__all__ = ["DataError", "FinetuneConfig", "FinetuneResult", "PeftError", "finetune"]
