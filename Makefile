@@ -37,6 +37,8 @@ bench: install
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_load_memory.py
+	$(PY) bench/bench_finetune.py
+	$(PY) bench/bench_methods.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

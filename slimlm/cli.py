@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, ValueError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:  # user-fixable: one line, status 2
         print(f"slimlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -117,7 +117,7 @@ def _coerce(value: Any, ftype: Any, where: str) -> Any:
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
         if base in (int, float):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or base is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return base(value)
         if base is str:

@@ -154,7 +154,7 @@ def assert_only_old_folder(tmp_path, target, old):
 def test_failed_final_rename_restores_old_folder(tmp_path, monkeypatch):
     import os
 
-    import slimlm.checkpoint.hf as hf_mod
+    import slimlm.checkpoint.atomic as atomic_mod
 
     old = random_transformer(seed=1)
     target = tmp_path / "model"
@@ -166,7 +166,7 @@ def test_failed_final_rename_restores_old_folder(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(hf_mod.os, "rename", rename)
+    monkeypatch.setattr(atomic_mod.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         save_hf_folder(random_transformer(seed=2), target)
     monkeypatch.undo()

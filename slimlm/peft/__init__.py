@@ -143,11 +143,19 @@ def read_adapter_config(folder: str | Path) -> tuple[str, Any, dict]:
     return method, get_method(method).config_from_adapter(raw), raw
 
 
-def load_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None, nf4_base: bool = False) -> str:
-    """Attach the adapter in `folder` (ours or HF PEFT's) to a base model; returns the method name."""
+def load_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None, nf4_base: bool | None = None) -> str:
+    """Attach the adapter in `folder` (ours or HF PEFT's) to a base model; returns the method name.
+
+    nf4_base: None = as it was trained (NF4 for qlora and for adapters saved with an NF4 base), False = on the
+    full-precision base, True = quantize the base to NF4 first.
+    """
     method, cfg, _ = read_adapter_config(folder)
     _, tensors = read_adapter_files(folder)
-    apply_peft(model, method, cfg, tokenizer, nf4_base=nf4_base or method == "qlora")
+    if nf4_base is None:
+        nf4_base = method == "qlora" or read_adapter_metadata(folder).get("slimlm_nf4_base") == "true"
+    if method == "qlora" and not nf4_base:
+        method = "lora"  # qlora is lora on an NF4 base
+    apply_peft(model, method, cfg, tokenizer, nf4_base=nf4_base)
     get_method(method).load_state_dict(model, tensors)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -3,7 +3,7 @@
 FinetuneConfig is the whole run in one dataclass; a YAML recipe maps onto it 1:1 and flags override it
 (slimlm/recipe.py). The training loop itself is train/trainer.py; this file wires the pieces together and writes
 the outputs: `OUT/adapter/` (HF PEFT layout where the method exists in PEFT) or `OUT/model/` (full fine-tuning, an
-HF folder), `OUT/metrics.jsonl`, `OUT/summary.json` and the resolved `OUT/recipe.yaml`.
+HF folder), `OUT/metrics.jsonl`, `OUT/training.png`, `OUT/summary.json` and the resolved `OUT/recipe.yaml`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from slimlm.peft.prefix import PrefixConfig
 from slimlm.peft.prompt import PromptConfig, input_prefix_ids
 from slimlm.train.data import DataConfig, DataError, load_dataset
 from slimlm.train.evaluate import chat_eval_set, generation_accuracy
+from slimlm.train.plot import plot_metrics
 from slimlm.train.trainer import TrainConfig, TrainResult, train
 
 
@@ -113,6 +114,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     if cfg.eval_data:
         eval_samples, _ = load_dataset(cfg.eval_data, tokenizer, _eval_data_config(cfg.dataset))
         eval_records = chat_eval_set(cfg.eval_data)[: cfg.eval_generate]
+    torch.manual_seed(cfg.train.seed)  # the adapter's random init (LoRA A, soft prompt, ...) is part of the run
     summary = apply_peft(model, cfg.method, cfg.method_config(), tokenizer, nf4_base=cfg.nf4_base)
     print(f"{cfg.method}: {summary}", flush=True)
     eval_fn = None
@@ -130,6 +132,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     data = {"records": train_stats.records, "samples": train_stats.samples, "truncated": train_stats.truncated,
             "dropped": train_stats.dropped, "tokens": train_stats.tokens, "trained_tokens": train_stats.trained_tokens}
     res = FinetuneResult(out, output, summary.trainable, summary.total, result, data)
+    plot_metrics(result.metrics_path, out / "training.png", f"{cfg.method} on {Path(cfg.data).name}")
     (out / "summary.json").write_text(json.dumps(_summary_json(cfg, res), indent=2))
     return res
 

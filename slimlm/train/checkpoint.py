@@ -1,0 +1,144 @@
+"""Training checkpoints: everything needed to resume a run so that it ends bit-identical to an uninterrupted one.
+
+A checkpoint is a folder `out_dir/checkpoints/step-{N:06d}` written atomically (checkpoint/atomic.py), holding
+
+    trainable.safetensors  every parameter with requires_grad, by its `named_parameters()` name (tied ones once)
+    optimizer.pt           optimizer, LR scheduler and GradScaler state, and the torch / CUDA / python RNG states
+    state.json             step, data position (epoch, position), token counts, elapsed time, the config
+
+Only trainable parameters are saved: the frozen base model is the caller's to reload. `optimizer.pt` is read with
+`torch.load(weights_only=True)` only, so everything in it is tensors, dicts, lists, tuples and numbers.
+This module knows nothing of the training loop; it saves and restores state handed to it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from slimlm.checkpoint.atomic import atomic_folder
+
+CHECKPOINTS = "checkpoints"  # sub-folder of out_dir
+_STEP_FOLDER = re.compile(r"^step-(\d{6,})$")  # complete checkpoints only: temporary folders start with "."
+_TMP_FOLDER = re.compile(r"^\.step-\d{6,}\.(tmp|old)-")  # left behind by a write that was killed
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed into this model or run; the message says what differs."""
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> parameter for every parameter with requires_grad (named_parameters lists tied ones once)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpoint_folder(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first; half-written temporary folders are skipped."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        m = _STEP_FOLDER.match(folder.name)
+        if m and folder.is_dir() and (folder / "state.json").is_file():
+            found.append((int(m.group(1)), folder))
+    return sorted(found)
+
+
+def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Delete temporary folders a killed checkpoint write left behind; returns what was removed."""
+    root = Path(out_dir) / CHECKPOINTS
+    removed = [f for f in root.iterdir() if _TMP_FOLDER.match(f.name)] if root.is_dir() else []
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def rotate_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; called only after a new one is complete, so one always survives."""
+    for _, folder in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(folder)
+
+
+def rng_states() -> dict[str, Any]:
+    """Global RNG states: torch CPU, CUDA (all devices) and python `random` (a tuple of ints: weights_only-safe)."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                    state: dict[str, Any]) -> Path:
+    """Write one checkpoint folder atomically: a kill at any moment leaves no folder or a complete one."""
+    tensors = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
+    extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save(extra, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    return folder
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """Restore trainable weights, optimizer, scheduler, scaler and RNG states from `folder`; returns state.json."""
+    # weights_only: never run arbitrary pickled code from a checkpoint folder.
+    extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    if (scaler is None) != (extra["scaler"] is None):
+        raise ResumeError(f"{folder} was written {'without' if extra['scaler'] is None else 'with'} an fp16 "
+                          "GradScaler; resume with the precision the run started with")
+    load_trainable(folder / "trainable.safetensors", model)  # checks every name and shape before copying
+    optimizer.load_state_dict(extra["optimizer"])  # moves the state to each parameter's device
+    scheduler.load_state_dict(extra["scheduler"])
+    if scaler is not None:
+        scaler.load_state_dict(extra["scaler"])
+    set_rng_states(extra["rng"])
+    return json.loads((folder / "state.json").read_text())
+
+
+def load_trainable(path: Path, model: nn.Module) -> None:
+    """Copy saved tensors into the model's trainable parameters; any name, shape or dtype mismatch is an error."""
+    saved = load_file(str(path))
+    params = trainable_parameters(model)
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    wrong = [f"{n}: saved {tuple(saved[n].shape)} {saved[n].dtype}, model {tuple(p.shape)} {p.dtype}"
+             for n, p in params.items() if n in saved and (saved[n].shape != p.shape or saved[n].dtype != p.dtype)]
+    if missing or unexpected or wrong:
+        problems = [f"missing from checkpoint: {_names(missing)}" if missing else "",
+                    f"not trainable in the model: {_names(unexpected)}" if unexpected else "",
+                    f"mismatched: {_names(wrong)}" if wrong else ""]
+        raise ResumeError(f"{path} does not match the model's trainable parameters ("
+                          + "; ".join(p for p in problems if p) + "). Resume with the same model, PEFT method and "
+                          "settings as the run that wrote it, or train into a new out_dir")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+
+
+def _names(items: list[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -1,0 +1,482 @@
+"""The training loop: micro-batches -> token-weighted loss -> AdamW step, with eval, metrics and resumable checkpoints.
+
+One loop serves full fine-tuning and every PEFT method: it trains exactly the parameters with requires_grad=True and
+touches nothing else. The loop is written out (see `train`); its pieces are small functions:
+
+    SampleStream          data order, a pure function of (seed, epoch, position), so resuming needs two numbers
+    accumulate_gradients  forward + backward of one optimizer step's micro-batches, normalised over all of them
+    optimizer_step        unscale (fp16), clip, step, schedule
+    evaluate              mean token loss over held-out samples
+
+This module is not a data pipeline (train/data.py makes Samples) and saves no final model: checkpoints here exist to
+resume (train/checkpoint.py); the caller saves the trained adapter or model when `train` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from slimlm.train.batch import IGNORE, Sample, collate
+from slimlm.train.checkpoint import (ResumeError, checkpoint_folder, list_checkpoints, load_checkpoint,
+                                     remove_partial_checkpoints, rotate_checkpoints, save_checkpoint,
+                                     trainable_parameters)
+from slimlm.train.loss import chunked_cross_entropy
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Config fields that only say when to log, evaluate or save: changing them on resume leaves the training unchanged.
+_BOOKKEEPING = ("eval_every", "save_every", "keep_checkpoints", "log_every")
+
+
+class TrainConfigError(ValueError):
+    """Training settings that cannot work; the message lists every problem and what to change."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 8  # samples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4
+    weight_decay: float = 0.0  # AdamW decoupled decay; never applied to 1-D params (biases, norm gains)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # linear warmup, then cosine decay to min_lr_ratio * lr at max_steps
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast, CPU and CUDA) | "fp16" (CUDA only: autocast + GradScaler)
+    gradient_checkpointing: bool = False
+    loss_chunk_size: int = 1024  # rows of the [tokens, vocab] logits computed at once (train/loss.py)
+    eval_every: int = 0  # steps; 0 = only at the end (if eval samples or eval_fn are given)
+    save_every: int = 0  # steps; 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0  # data order, and the global RNGs (dropout) at the start of a fresh run
+
+    def validate(self, device_type: str | None = None) -> None:
+        """Raise one TrainConfigError naming every problem; `device_type` ("cpu", "cuda") adds device checks."""
+        errors = []
+        for name in ("max_steps", "batch_size", "grad_accum", "loss_chunk_size", "keep_checkpoints", "log_every"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                errors.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            errors.append(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            errors.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0):
+            errors.append(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+            errors.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            errors.append(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if _is_int(self.warmup_steps) and _is_int(self.max_steps) and self.warmup_steps > self.max_steps:
+            errors.append(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        if self.precision not in PRECISIONS:
+            errors.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        elif device_type is not None:
+            errors += _device_errors(self.precision, device_type)
+        if errors:
+            raise TrainConfigError("invalid training config: " + "; ".join(errors))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _device_errors(precision: str, device_type: str) -> list[str]:
+    if precision == "fp16" and device_type != "cuda":
+        return [f"precision 'fp16' needs a CUDA device (the model is on {device_type}): it relies on a GradScaler "
+                "that only CUDA supports; use precision 'bf16' or 'fp32'"]
+    if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        return ["precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'"]
+    return []
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done in total (including those before a resume)
+    final_loss: float | None  # loss of the last step this call ran; None if it ran none
+    eval_metrics: dict[str, float]  # the last evaluation ({} without eval data)
+    tokens_per_s: float  # all input tokens (prompt included) per second of training, over the whole run
+    trained_tokens: int  # tokens that took a loss, over the whole run
+    elapsed_s: float  # wall time, over the whole run
+    metrics_path: Path
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in every checkpoint's state.json."""
+
+    step: int = 0
+    epoch: int = 0  # data position: the next micro-batch starts at sample `position` of epoch `epoch`'s order
+    position: int = 0
+    trained_tokens: int = 0
+    input_tokens: int = 0
+    train_time_s: float = 0.0  # time in training steps only (throughput excludes eval and saving)
+    elapsed_s: float = 0.0
+
+    def advance(self, trained_tokens: int, input_tokens: int, step_time_s: float, stream: "SampleStream") -> None:
+        """Count one finished optimizer step, which read the stream up to its current position."""
+        self.step += 1
+        self.epoch, self.position = stream.epoch, stream.position
+        self.trained_tokens += trained_tokens
+        self.input_tokens += input_tokens
+        self.train_time_s += step_time_s
+
+
+# ---- schedule and optimizer --------------------------------------------------------------------------------------
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """LR multiplier for optimizer step `step` (0-based): warmup (step+1)/warmup, then cosine to min_lr_ratio.
+
+    Warmup reaches the full LR at its last step (no step is wasted at LR 0); the cosine reaches min_lr_ratio at
+    step == max_steps, i.e. just after the last step.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+
+def make_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig
+                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable params (no decay on 1-D ones: biases, norm gains, DoRA magnitudes) + schedule."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+    # A plain function (not a callable object), so the scheduler's state_dict holds numbers only.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    return optimizer, scheduler
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+class SampleStream:
+    """Micro-batches of `batch_size` consecutive samples of a seeded permutation, epoch after epoch.
+
+    Epoch e's order is randperm(n, seed + e); the last micro-batch of an epoch may be short. The stream is a pure
+    function of (seed, epoch, position), so a resumed run picks up exactly where the checkpoint left off.
+    """
+
+    def __init__(self, samples: list[Sample], batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+        self.epoch, self.position = epoch, position
+        self._order = self._epoch_order(epoch)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.samples), generator=g).tolist()
+
+    def next(self) -> list[Sample]:
+        if self.position >= len(self.samples):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        idx = self._order[self.position:self.position + self.batch_size]
+        self.position += len(idx)
+        return [self.samples[i] for i in idx]
+
+
+def add_prefix(samples: list[Sample], prefix_ids: Sequence[int]) -> list[Sample]:
+    """Prepend `prefix_ids` (e.g. prompt-tuning virtual tokens) to every sample, with IGNORE labels.
+
+    Packed samples cannot take a prefix: every packed segment would need its own, which changes the packing.
+    """
+    if not prefix_ids:
+        return samples
+    if any(s.segment_ids is not None for s in samples):
+        raise ValueError("packing with prompt tuning is unsupported: input_prefix_ids cannot be added to packed "
+                         "samples (segment_ids); build the data without packing")
+    prefix = list(prefix_ids)
+    return [Sample(prefix + s.input_ids, [IGNORE] * len(prefix) + s.labels) for s in samples]
+
+
+def _check_inputs(params: dict[str, nn.Parameter], train_samples: list[Sample], eval_samples: list[Sample] | None,
+                  prefix_ids: Sequence[int]) -> None:
+    errors = []
+    if not params:
+        errors.append("the model has no parameter with requires_grad=True; apply a PEFT method or unfreeze "
+                      "the parameters to train")
+    if not train_samples:
+        errors.append("train_samples is empty")
+    elif not any(s.num_trained for s in train_samples):
+        errors.append("no train sample has a labelled token (every label is IGNORE); check the prompt masking "
+                      "and the max length")
+    if eval_samples is not None and not any(s.num_trained for s in eval_samples):
+        errors.append("eval_samples has no labelled token; pass eval_samples=None to skip the eval loss")
+    if prefix_ids and any(s.segment_ids is not None for s in train_samples + list(eval_samples or [])):
+        errors.append("packed samples (segment_ids) cannot take input_prefix_ids: packing with prompt tuning is "
+                      "unsupported; build the data without packing")
+    if errors:
+        raise ValueError("cannot train: " + "; ".join(errors))
+
+
+# ---- one step ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepStats:
+    loss: float  # token-weighted mean loss over the step's micro-batches
+    trained_tokens: int
+
+
+def autocast(precision: str, device_type: str) -> AbstractContextManager:
+    """The forward's autocast context: bf16 / fp16 compute with fp32 master weights, or a no-op for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return torch.autocast(device_type, dtype=dtype, enabled=precision != "fp32")
+
+
+def accumulate_gradients(model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig,
+                         scaler: torch.amp.GradScaler | None = None) -> StepStats:
+    """Forward and backward every micro-batch of one optimizer step, adding into .grad.
+
+    Each micro-batch backprops loss_sum / (labelled tokens of the WHOLE step), so the accumulated gradient equals
+    the gradient of one big batch's token-mean loss exactly, however tokens spread over micro-batches.
+    """
+    device = next(model.parameters()).device
+    total = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+    denom = max(total, 1)
+    loss_sum = torch.zeros((), device=device)
+    for b in batches:
+        ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # [B, T]
+        seg = b["segment_ids"].to(device) if "segment_ids" in b else None
+        with autocast(cfg.precision, device.type):
+            h = model.hidden(ids, segment_ids=seg)  # [B, T, D]
+            loss, _ = chunked_cross_entropy(h, labels, model.lm_head, cfg.loss_chunk_size)
+        scaled = loss / denom
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+    return StepStats(loss=loss_sum.item() / denom, trained_tokens=total)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   scaler: torch.amp.GradScaler | None, params: list[nn.Parameter], max_grad_norm: float) -> float:
+    """Unscale (fp16), clip to max_grad_norm (0: measure only), step, advance the schedule; returns the grad norm."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:  # measure only: clip_grad_norm_ with an infinite bound would still multiply every gradient by 1
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the update if the gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients before eval or the next step
+    return float(norm)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, samples: list[Sample], cfg: TrainConfig, pad_id: int = 0) -> float:
+    """Token-weighted mean loss over `samples`, in micro-batches of cfg.batch_size, without gradients."""
+    device = next(model.parameters()).device
+    loss_sum, n = 0.0, 0
+    for i in range(0, len(samples), cfg.batch_size):
+        b = collate(samples[i:i + cfg.batch_size], pad_id)
+        seg = b["segment_ids"].to(device) if "segment_ids" in b else None
+        with autocast(cfg.precision, device.type):
+            h = model.hidden(b["input_ids"].to(device), segment_ids=seg)
+            loss, k = chunked_cross_entropy(h, b["labels"], model.lm_head, cfg.loss_chunk_size)
+        loss_sum, n = loss_sum + loss.item(), n + k
+    return loss_sum / n if n else float("nan")
+
+
+def _run_eval(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, pad_id: int,
+              eval_fn: Callable[[nn.Module], dict] | None) -> dict[str, float]:
+    """Eval mode, and a forked RNG: evaluating (even sampling in eval_fn) never changes the training run."""
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            py_state = random.getstate()
+            metrics = {"eval_loss": evaluate(model, samples, cfg, pad_id)} if samples else {}
+            metrics.update(eval_fn(model) if eval_fn is not None else {})
+            random.setstate(py_state)
+    finally:
+        model.train()
+    return metrics
+
+
+# ---- logging -----------------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, each with a "step"."""
+
+    def __init__(self, path: Path, keep_up_to_step: int):
+        """Start the file, keeping the lines of steps <= keep_up_to_step (a resumed run rewrites what follows)."""
+        self.path = path
+        kept = [line for line in _read_lines(path) if _line_step(line) <= keep_up_to_step] if keep_up_to_step else []
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _line_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: drop it
+
+
+def _note(message: str) -> None:
+    print(f"slimlm train: {message}", file=sys.stderr)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_dir: str | Path, *,
+          eval_samples: list[Sample] | None = None, pad_id: int = 0, input_prefix_ids: Sequence[int] = (),
+          eval_fn: Callable[[nn.Module], dict] | None = None, resume: bool = False, progress: bool = True,
+          on_step_end: Callable[[int], None] | None = None) -> TrainResult:
+    """Train the model's requires_grad parameters for cfg.max_steps optimizer steps; see the module docstring.
+
+    Writes `out_dir/metrics.jsonl` and, every cfg.save_every steps, `out_dir/checkpoints/step-N` (not at the end:
+    save the trained weights from the returned model). `resume=True` continues from the newest checkpoint.
+    `eval_fn(model)` returns extra metrics, evaluated with the eval loss (in eval mode, without gradients).
+    `on_step_end(step)` runs after each step's logging, eval and checkpoint.
+    """
+    device = next(model.parameters()).device
+    cfg.validate(device.type)
+    params = trainable_parameters(model)
+    _check_inputs(params, train_samples, eval_samples, input_prefix_ids)
+    train_samples = add_prefix(train_samples, input_prefix_ids)
+    eval_samples = add_prefix(eval_samples, input_prefix_ids) if eval_samples else None
+    has_eval = bool(eval_samples) or eval_fn is not None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    optimizer, scheduler = make_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    run = _start(out_dir, cfg, resume, len(train_samples), model, optimizer, scheduler, scaler)
+    log = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=run.step)
+    stream = SampleStream(train_samples, cfg.batch_size, cfg.seed, run.epoch, run.position)
+    t_start, elapsed_before = time.perf_counter(), run.elapsed_s
+    logged = (run.input_tokens, run.train_time_s)  # at the last log line: throughput is measured since then
+    final_loss, eval_metrics, evaluated_at = None, {}, -1
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not progress, desc="train", dynamic_ncols=True)
+    with _training_mode(model, cfg.gradient_checkpointing):
+        while run.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro = [stream.next() for _ in range(cfg.grad_accum)]
+            stats = accumulate_gradients(model, [collate(m, pad_id) for m in micro], cfg, scaler)
+            lr = scheduler.get_last_lr()[0]  # the LR this step used
+            grad_norm = optimizer_step(optimizer, scheduler, scaler, list(params.values()), cfg.max_grad_norm)
+            run.advance(stats.trained_tokens, sum(len(s.input_ids) for m in micro for s in m),
+                        time.perf_counter() - t0, stream)
+            run.elapsed_s = elapsed_before + time.perf_counter() - t_start
+            final_loss = stats.loss
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                tok_s = (run.input_tokens - logged[0]) / max(run.train_time_s - logged[1], 1e-9)
+                log.write({"step": run.step, "loss": stats.loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens": stats.trained_tokens, "tokens_per_s": tok_s, "elapsed_s": run.elapsed_s})
+                bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}")
+                logged = (run.input_tokens, run.train_time_s)
+            if has_eval and cfg.eval_every and run.step % cfg.eval_every == 0:
+                eval_metrics, evaluated_at = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step)
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.max_steps:
+                _save(out_dir, cfg, run, len(train_samples), model, optimizer, scheduler, scaler)
+            bar.update(1)
+            if on_step_end is not None:
+                on_step_end(run.step)
+        if has_eval and evaluated_at != run.step:
+            eval_metrics = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step)[0]
+    bar.close()
+    return TrainResult(steps=run.step, final_loss=final_loss, eval_metrics=eval_metrics,
+                       tokens_per_s=run.input_tokens / max(run.train_time_s, 1e-9), trained_tokens=run.trained_tokens,
+                       elapsed_s=elapsed_before + time.perf_counter() - t_start, metrics_path=log.path)
+
+
+@contextmanager
+def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """model.train() (dropout on) and the checkpointing switch for the run; the previous settings after it."""
+    was_training, was_checkpointing = model.training, getattr(model, "gradient_checkpointing", False)
+    model.train()
+    model.gradient_checkpointing = gradient_checkpointing
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        model.gradient_checkpointing = was_checkpointing
+
+
+def _eval_and_log(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, pad_id: int,
+                  eval_fn: Callable[[nn.Module], dict] | None, log: MetricsLog, step: int) -> tuple[dict, int]:
+    metrics = _run_eval(model, samples, cfg, pad_id, eval_fn)
+    log.write({"step": step, **metrics})
+    return metrics, step
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # as state.json holds it (tuples become lists)
+
+
+def _save(out_dir: Path, cfg: TrainConfig, run: RunState, n_samples: int, model: nn.Module,
+          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+          scaler: torch.amp.GradScaler | None) -> None:
+    state = {"run": dataclasses.asdict(run), "n_samples": n_samples, "config": _config_dict(cfg)}
+    save_checkpoint(checkpoint_folder(out_dir, run.step), model, optimizer, scheduler, scaler, state)
+    rotate_checkpoints(out_dir, cfg.keep_checkpoints)  # only now: the new checkpoint is complete
+
+
+def _start(out_dir: Path, cfg: TrainConfig, resume: bool, n_samples: int, model: nn.Module,
+           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+           scaler: torch.amp.GradScaler | None) -> RunState:
+    """A fresh RunState (global RNGs seeded), or the one of the newest checkpoint with all state restored."""
+    found = list_checkpoints(out_dir)
+    if found and not resume:
+        raise ResumeError(f"{out_dir} holds checkpoints of an earlier run (newest: {found[-1][1].name}); pass "
+                          f"resume=True to continue it, or train into a new out_dir (or delete {out_dir}/checkpoints)")
+    if resume:
+        for folder in remove_partial_checkpoints(out_dir):
+            _note(f"removed {folder.name}, a checkpoint whose writing was interrupted")
+    if not found:
+        if resume:
+            _note(f"no checkpoint in {out_dir / 'checkpoints'}; starting a fresh run")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        return RunState()
+    step, folder = found[-1]
+    state = load_checkpoint(folder, model, optimizer, scheduler, scaler)
+    _warn_if_changed(state, cfg, n_samples, folder)
+    _note(f"resumed from {folder} (step {step})")
+    return RunState(**state["run"])
+
+
+def _warn_if_changed(state: dict[str, Any], cfg: TrainConfig, n_samples: int, folder: Path) -> None:
+    old, new = state["config"], _config_dict(cfg)
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in _BOOKKEEPING and old.get(k) != v]
+    if state["n_samples"] != n_samples:
+        changed.append(f"number of train samples: {state['n_samples']} -> {n_samples}")
+    if changed:
+        warnings.warn(f"resuming {folder} with changed settings ({'; '.join(changed)}); the run will not match an "
+                      "uninterrupted one", stacklevel=3)
