@@ -84,8 +84,18 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
         """What this adapter adds to base_out = base(x), for x [..., in]."""
         if self.magnitude is None:
-            return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+            # Scale the [..., r] intermediate, not the [..., out] result: same math, r/out of the work.
+            return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
         return self._dora(x, base, base_out)
+
+    def add_to(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+        """base_out + this adapter's contribution; plain LoRA folds the add into the B matmul (one addmm)."""
+        if self.magnitude is not None:
+            return base_out + self._dora(x, base, base_out)
+        a = self.lora_A(self.dropout(x))  # [..., r]
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), a.reshape(-1, a.shape[-1]),
+                          self.lora_B.weight.T.to(a.dtype), alpha=self.scaling)
+        return out.view(base_out.shape)
 
     def _dora(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
         # As HF PEFT: with dropout active, the base term is recomputed from the dropped-out input.
@@ -126,7 +136,7 @@ class LoRALinear(nn.Module):
         if sel.rows is None:
             for name in sel.active:
                 if name in self.adapters and not self._is_merged(name):
-                    y = y + self.adapters[name](x, self.base, y)
+                    y = self.adapters[name].add_to(x, self.base, y)
             return y
         for name, idx in sel.rows:  # x [B, ..., in]: each adapter's rows go through that adapter only
             if name in self.adapters and not self._is_merged(name):

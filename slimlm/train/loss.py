@@ -70,10 +70,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [n, D], [n]
-            logits = (hc @ weight.T).float()  # [n, V]; under autocast the matmul runs in bf16 as elsewhere
-            lse = logits.logsumexp(dim=-1)  # [n]
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            logp = torch.log_softmax((hc @ weight.T).float(), dim=-1)  # [n, V]; one fused pass over the logits
+            total -= logp.gather(1, yc[:, None]).sum()
+            g = logp.exp_()  # softmax, in place
             g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0  # d(sum CE)/d(logits) = softmax - onehot
             g = g.to(weight.dtype)  # (under autocast the two matmuls below run in its dtype, as the forward did)
             if grad_h is not None:
