@@ -114,6 +114,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     if cfg.eval_data:
         eval_samples, _ = load_dataset(cfg.eval_data, tokenizer, _eval_data_config(cfg.dataset))
         eval_records = chat_eval_set(cfg.eval_data)[: cfg.eval_generate]
+        _check_eval_lengths(eval_records, tokenizer, cfg.eval_max_new_tokens, model.config.max_seq_len)
     torch.manual_seed(cfg.train.seed)  # the adapter's random init (LoRA A, soft prompt, ...) is part of the run
     summary = apply_peft(model, cfg.method, cfg.method_config(), tokenizer, nf4_base=cfg.nf4_base)
     print(f"{cfg.method}: {summary}", flush=True)
@@ -135,6 +136,14 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     plot_metrics(result.metrics_path, out / "training.png", f"{cfg.method} on {Path(cfg.data).name}")
     (out / "summary.json").write_text(json.dumps(_summary_json(cfg, res), indent=2))
     return res
+
+
+def _check_eval_lengths(records: list, tokenizer: Any, max_new_tokens: int, max_seq_len: int) -> None:
+    """Fail before training, not after it, if an eval prompt plus its answer cannot fit the model's context."""
+    longest = max((len(tokenizer.prompt_ids(p, chat=True)) for p, _ in records), default=0)
+    if longest + max_new_tokens > max_seq_len:
+        raise ValueError(f"an eval prompt has {longest} tokens; with eval_max_new_tokens={max_new_tokens} it exceeds "
+                         f"the model's context of {max_seq_len}: lower --eval-max-new-tokens or --eval-generate")
 
 
 def _eval_data_config(cfg: DataConfig) -> DataConfig:
