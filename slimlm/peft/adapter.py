@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from slimlm.peft.common import PeftError, freeze
+from slimlm.peft.common import PeftError, copy_checked, freeze
 
 PEFT_TYPE = "SLIMLM_BOTTLENECK_ADAPTER"
 STYLES = {"houlsby": ("self_attn.o_proj", "mlp.down_proj"), "pfeiffer": ("mlp.down_proj",)}
@@ -140,32 +140,3 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) 
     if not _adapters(model):
         raise PeftError("the model has no bottleneck adapters; call apply_adapter with the folder's config first")
     copy_checked(dict(adapter_state_dict(model)), tensors, "bottleneck adapter")
-
-
-def copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], method: str) -> None:
-    """Copy tensors[k] into params[k] for every key, after checking that the key sets and shapes agree.
-
-    Raises one PeftError naming every missing key, unexpected key and shape mismatch.
-    """
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    mismatched = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(params[k].shape)}"
-                  for k in sorted(set(params) & set(tensors)) if tensors[k].shape != params[k].shape]
-    errors = []
-    if missing:
-        errors.append(f"missing {_some(missing)}")
-    if unexpected:
-        errors.append(f"unexpected {_some(unexpected)}")
-    if mismatched:
-        errors.append(f"shape mismatch {_some(mismatched)}")
-    if errors:
-        raise PeftError(f"{method} weights do not fit this model: " + "; ".join(errors) +
-                        "; check that the adapter was trained on this base model with the same config")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[k])
-
-
-def _some(items: list[str], n: int = 4) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more

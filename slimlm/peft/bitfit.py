@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 
 from slimlm.model import RMSNorm
-from slimlm.peft.adapter import copy_checked
-from slimlm.peft.common import ALL_LINEARS, PeftError, freeze, resolve_targets, target_linears
+from slimlm.peft.common import ALL_LINEARS, PeftError, copy_checked, freeze, resolve_targets, target_linears
 
 PEFT_TYPE = "SLIMLM_BITFIT"
 DEFAULT_TARGETS = ",".join(ALL_LINEARS)

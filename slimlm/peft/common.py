@@ -128,3 +128,45 @@ def read_adapter_metadata(folder: str | Path) -> dict[str, str]:
 def weight_of(linear: nn.Module) -> torch.Tensor:
     """The dense weight [out, in] of a base linear (NF4 bases dequantize)."""
     return linear.dequantize() if hasattr(linear, "dequantize") else linear.weight
+
+
+def copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], method: str) -> None:
+    """Copy tensors[k] into params[k] for every key, after checking that the key sets and shapes agree.
+
+    Raises one PeftError naming every missing key, unexpected key and shape mismatch.
+    """
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    mismatched = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(params[k].shape)}"
+                  for k in sorted(set(params) & set(tensors)) if tensors[k].shape != params[k].shape]
+    errors = []
+    if missing:
+        errors.append(f"missing {_some(missing)}")
+    if unexpected:
+        errors.append(f"unexpected {_some(unexpected)}")
+    if mismatched:
+        errors.append(f"shape mismatch {_some(mismatched)}")
+    if errors:
+        raise PeftError(f"{method} weights do not fit this model: " + "; ".join(errors) +
+                        "; check that the adapter was trained on this base model with the same config")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+
+def _some(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def prompt_learning_config_errors(d: dict, peft_type: str, what: str) -> list[str]:
+    """What in a PEFT prompt-learning adapter_config.json (prefix/prompt tuning) slimlm cannot run."""
+    errors = []
+    if d.get("peft_type") != peft_type:
+        errors.append(f"peft_type is {d.get('peft_type')!r}, expected {peft_type!r}")
+    if d.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
+        errors.append(f"task_type is {d.get('task_type')!r}; slimlm runs CAUSAL_LM adapters only")
+    if d.get("num_transformer_submodules") not in (None, 1):
+        errors.append(f"num_transformer_submodules is {d.get('num_transformer_submodules')}; "
+                      f"encoder-decoder {what} (2) do not fit a decoder-only model")
+    return errors

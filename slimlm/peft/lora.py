@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimlm.peft.common import (
-    ALL_LINEARS, PEFT_PREFIX, PeftError, freeze, resolve_targets, target_linears, weight_of,
+    ALL_LINEARS, PEFT_PREFIX, PeftError, copy_checked, freeze, resolve_targets, target_linears, weight_of,
 )
 
 
@@ -262,20 +262,7 @@ def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.
 
 def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = "default") -> None:
     """Copy PEFT-keyed tensors into adapter `name` (after apply_lora); every key must match in name and shape."""
-    own = lora_state_dict(model, name)
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in tensors and tensors[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise PeftError("LoRA weights do not fit this model: " + "; ".join(
-            part for part in (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "",
-                              f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else "",
-                              f"shape mismatch {wrong[:3]}" if wrong else "") if part)
-                        + " (is it an adapter for another base model or another rank/target set?)")
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(tensors[k].to(t.dtype))
+    copy_checked(lora_state_dict(model, name), tensors, "LoRA")
 
 
 def lora_adapter_config(model: nn.Module, cfg: LoraConfig) -> dict:

@@ -31,8 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimlm.peft.adapter import copy_checked
-from slimlm.peft.common import PeftError, freeze
+from slimlm.peft.common import PeftError, copy_checked, freeze, prompt_learning_config_errors
 
 PEFT_TYPE = "PREFIX_TUNING"
 WEIGHTS_KEY = "prompt_embeddings"
@@ -182,14 +181,7 @@ def prefix_config_from_adapter(d: dict) -> PrefixConfig:
     The file holds the key/value table even for a projection adapter (PEFT saves the encoder's output), so the
     result is always a plain table config: `projection=False`.
     """
-    errors = []
-    if d.get("peft_type") != PEFT_TYPE:
-        errors.append(f"peft_type is {d.get('peft_type')!r}, expected {PEFT_TYPE!r}")
-    if d.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
-        errors.append(f"task_type is {d.get('task_type')!r}; slimlm runs CAUSAL_LM adapters only")
-    if d.get("num_transformer_submodules") not in (None, 1):
-        errors.append(f"num_transformer_submodules is {d.get('num_transformer_submodules')}; "
-                      "encoder-decoder prefixes (2) do not fit a decoder-only model")
+    errors = prompt_learning_config_errors(d, PEFT_TYPE, "prefixes")
     if errors:
         raise PeftError("unsupported prefix-tuning adapter_config.json: " + "; ".join(errors))
     cfg = PrefixConfig(num_virtual_tokens=d.get("num_virtual_tokens"))

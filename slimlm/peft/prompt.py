@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from slimlm.peft.adapter import copy_checked
-from slimlm.peft.common import PeftError, freeze
+from slimlm.peft.common import PeftError, copy_checked, freeze, prompt_learning_config_errors
 
 PEFT_TYPE = "PROMPT_TUNING"
 WEIGHTS_KEY = "prompt_embeddings"
@@ -162,14 +161,7 @@ def prompt_config_from_adapter(d: dict) -> PromptConfig:
 
     init_text is dropped: the saved soft prompt overwrites any init, and loading then needs no tokenizer.
     """
-    errors = []
-    if d.get("peft_type") != PEFT_TYPE:
-        errors.append(f"peft_type is {d.get('peft_type')!r}, expected {PEFT_TYPE!r}")
-    if d.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
-        errors.append(f"task_type is {d.get('task_type')!r}; slimlm runs CAUSAL_LM adapters only")
-    if d.get("num_transformer_submodules") not in (None, 1):
-        errors.append(f"num_transformer_submodules is {d.get('num_transformer_submodules')}; "
-                      "encoder-decoder prompts (2) do not fit a decoder-only model")
+    errors = prompt_learning_config_errors(d, PEFT_TYPE, "prompts")
     if errors:
         raise PeftError("unsupported prompt-tuning adapter_config.json: " + "; ".join(errors))
     cfg = PromptConfig(num_virtual_tokens=d.get("num_virtual_tokens"))
