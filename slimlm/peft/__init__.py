@@ -12,7 +12,7 @@ are not linear in the base weights) and stay attached.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +53,7 @@ class PeftMethod:
 
 _LORA = dict(config_cls=lora.LoraConfig, apply=lora.apply_lora, state_dict=lora.lora_state_dict,
              adapter_config=lora.lora_adapter_config, config_from_adapter=lora.lora_config_from_adapter,
-             load_state_dict=lora.load_lora_state_dict, merge=lambda m: _merge_lora(m), peft_type="LORA")
+             load_state_dict=lora.load_lora_state_dict, merge=lambda m: _merge_lora(m), peft_type="LORA")  # lambda: defined below
 
 PEFT_METHODS: dict[str, PeftMethod] = {
     "full": PeftMethod(FullConfig, apply_full),
@@ -191,10 +191,6 @@ def logit_drift(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
     b, a = before.float().log_softmax(-1), after.float().log_softmax(-1)
     kl = (b.exp() * (b - a)).sum(-1).mean().item()
     return {"max_logit_diff": (before.float() - after.float()).abs().max().item(), "kl": kl}
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    return asdict(cfg)
 
 
 __all__ = ["PEFT_METHODS", "PeftError", "PeftMethod", "PeftState", "TrainableSummary", "apply_peft", "get_method",

@@ -18,11 +18,10 @@ import torch
 from slimlm.peft import PEFT_METHODS, apply_peft, save_adapter
 from slimlm.peft.adapter import AdapterConfig
 from slimlm.peft.bitfit import BitFitConfig
-from slimlm.peft.common import PeftError
 from slimlm.peft.lora import LoraConfig
 from slimlm.peft.prefix import PrefixConfig
 from slimlm.peft.prompt import PromptConfig, input_prefix_ids
-from slimlm.train.data import DataConfig, DataError, load_dataset
+from slimlm.train.data import DataConfig, load_dataset
 from slimlm.train.evaluate import chat_eval_set, generation_accuracy
 from slimlm.train.plot import plot_metrics
 from slimlm.train.trainer import TrainConfig, TrainResult, train
@@ -167,4 +166,4 @@ def _yaml(values: dict[str, Any]) -> str:
     return yaml.safe_dump(values, sort_keys=False)
 
 
-__all__ = ["DataError", "FinetuneConfig", "FinetuneResult", "PeftError", "finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
