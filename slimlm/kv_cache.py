@@ -45,6 +45,10 @@ class KVCache:
         self.v[layer][:, :, cache_pos] = v
         return self.k[layer], self.v[layer]
 
+    def filled_len(self, cache_pos: torch.Tensor) -> int:
+        """Slots [0, n) hold every key that queries in cache_pos [T] may see (eager attention slices to these)."""
+        return int(cache_pos[-1]) + 1
+
     def positions_and_mask(self, cache_pos: torch.Tensor, sliding_window: int | None = None,
                            kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """RoPE positions [B, T] and the boolean attention mask [B, 1, T, S] for queries in slots cache_pos [T].

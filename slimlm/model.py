@@ -176,8 +176,8 @@ class Transformer(nn.Module):
         """Final-normed hidden states [B, T, D] (training computes the loss from these in chunks).
 
         Without a cache the T tokens attend causally from position 0; `segment_ids` [B, T] marks packed samples,
-        which then restart their positions and see only their own segment. With a cache, cache_pos [T] gives the
-        cache slots these tokens occupy.
+        which then restart their positions and see only their own segment. With a cache, cache_pos says which cache
+        slots these tokens occupy, in the cache's terms: [T] for KVCache, [B, T] for serve.cache.SlotBatch.
         """
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, T, D]
@@ -191,7 +191,7 @@ class Transformer(nn.Module):
                 mask = self._window_mask(positions) if mask is None else mask & self._window_mask(positions)
         else:
             # Eager mode attends over the filled slots only; compiled code keeps the static cache shape.
-            kv_len = None if torch.compiler.is_compiling() else int(cache_pos[-1]) + 1
+            kv_len = None if torch.compiler.is_compiling() else cache.filled_len(cache_pos)
             positions, mask = cache.positions_and_mask(cache_pos, self.config.sliding_window, kv_len)
         cos, sin = rope_cos_sin(self.inv_freq, positions + self.position_offset, x.dtype)
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,296 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over the engine.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models, GET /health,
+GET /ready, GET /metrics. Every response carries X-Request-Id (the client's, or a new one) and every request writes
+one JSON log line. The engine runs on its own thread; handlers hand requests over and await their outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from slimlm.serve import protocol as P
+from slimlm.serve.engine import NotAccepting, Output, QueueFull, Request
+from slimlm.serve.protocol import APIError
+from slimlm.serve.sampling import RequestSampling
+from slimlm.serve.state import ServerState
+
+log = logging.getLogger("slimlm.serve.requests")
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="slimlm", docs_url=None, redoc_url=None)
+    app.state.slimlm = state
+    app.add_middleware(RequestContext, state=state)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, e: APIError):
+        request.state.log["error"] = e.message
+        if e.status in (429, 503) and state.metrics is not None:
+            state.metrics.on_rejected(e.status)
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: HTTPRequest, e: RequestValidationError):
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+        msg = "the body is not valid JSON" if err.get("type") == "json_invalid" else f"{param or 'body'}: {err['msg']}"
+        request.state.log["error"] = msg
+        return _error_response(APIError(400, msg, param=param))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not state.ready or state.draining:
+            raise APIError(503, state.not_ready_reason(), type="service_unavailable", code="not_ready")
+        return {"status": "ready", "model": state.served_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        body = state.metrics.render() if state.metrics is not None else b""
+        return Response(body, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        _require_ready(state)
+        return {"object": "list", "data": await run_in_threadpool(state.list_models)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.ChatRequest, request: HTTPRequest):
+        body.check_unsupported(("tools", "functions", "tool_choice", "response_format", "audio"))
+        _require_ready(state)
+        prompt = state.tokenizer.prompt_ids([{"role": m.role, "content": m.text()} for m in body.messages], chat=True)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        sampling = _sampling(body, logprobs=body.logprobs, top=body.top_logprobs)
+        return await _serve(state, request, "chat", body, prompt, max_tokens, sampling)
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: HTTPRequest):
+        body.check_unsupported(("suffix", "best_of"))
+        if body.echo:
+            raise APIError(400, "echo is not supported by slimlm", param="echo")
+        _require_ready(state)
+        if isinstance(body.prompt, list):
+            V = state.vocab_size
+            if not body.prompt or min(body.prompt) < 0 or max(body.prompt) >= V:
+                raise APIError(400, f"prompt token ids must be a non-empty list in [0, {V})", param="prompt")
+            prompt = list(body.prompt)
+        else:
+            prompt = state.tokenizer.encode(body.prompt)
+        sampling = _sampling(body, logprobs=body.logprobs is not None, top=body.logprobs or 0)
+        return await _serve(state, request, "completion", body, prompt, body.max_tokens, sampling)
+
+    return app
+
+
+def _sampling(body: P.SamplingFields, logprobs: bool, top: int) -> RequestSampling:
+    try:
+        return RequestSampling(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                               seed=body.seed, logprobs=logprobs, top_logprobs=top)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.SamplingFields, prompt: list[int],
+                 max_tokens: int | None, sampling: RequestSampling):
+    adapter = await run_in_threadpool(state.resolve_adapter, body.model)
+    limit = state.config.max_tokens_limit
+    room = state.engine.max_seq_len - len(prompt)
+    if room < 1:
+        raise APIError(400, f"the prompt has {len(prompt)} tokens; the server's context is {state.engine.max_seq_len}",
+                       param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", param="max_tokens")
+    max_tokens = max_tokens if max_tokens is not None else min(limit, room)
+    http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
+    queue: asyncio.Queue[Output] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    req = Request(prompt, max_tokens, sampling, body.stop_list(), body.ignore_eos, adapter,
+                  emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), request_id=http.state.rid)
+    try:
+        state.engine.submit(req)
+    except ValueError as e:
+        raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+    except QueueFull as e:
+        raise APIError(429, f"server busy: {e}; retry later", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    except NotAccepting as e:
+        raise APIError(503, str(e), type="service_unavailable", code="draining") from None
+    rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
+    first = await _next_output(state, http, req, queue)
+    if first.error:
+        _log_done(http, req, first)
+        raise APIError(400, first.error, param="model", code="adapter_error")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(state, http, kind, rid, body.model, req, queue, first, include_usage),
+                                 media_type="text/event-stream")
+    return await _complete(state, http, kind, rid, body.model, req, queue, first)
+
+
+async def _next_output(state: ServerState, http: HTTPRequest, req: Request, queue: asyncio.Queue) -> Output:
+    """The next Output; cancels the request (and raises) if the client disconnects while we wait."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=0.25)
+        except TimeoutError:
+            if await http.is_disconnected():
+                state.engine.cancel(req)
+                raise asyncio.CancelledError("client disconnected")
+
+
+async def _complete(state, http, kind, rid, model, req, queue, out: Output) -> dict:
+    text, lps = out.text, list(out.logprobs)
+    while out.finish_reason is None:
+        out = await _next_output(state, http, req, queue)
+        text += out.text
+        lps += out.logprobs
+    _log_done(http, req, out)
+    choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": _logprobs(state, kind, req, lps)}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": P.now(), "model": model, "choices": [choice],
+            "usage": P.usage(out.prompt_tokens, out.completion_tokens)}
+
+
+async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_usage: bool) -> AsyncIterator[str]:
+    created, sent, lps = P.now(), 0, []
+    try:
+        if kind == "chat":
+            yield _event(P.chunk(kind, rid, model, created, {"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                              "logprobs": None, "finish_reason": None}))
+        while True:
+            lps += out.logprobs  # tokens whose text is still held back (a partial character) wait for it
+            if out.text or out.finish_reason is not None:
+                lp = _logprobs(state, kind, req, lps, sent)
+                lps = []
+                piece = {"content": out.text} if kind == "chat" else None
+                choice = {"index": 0, "logprobs": lp, "finish_reason": out.finish_reason}
+                choice.update({"delta": piece if out.text else {}} if kind == "chat" else {"text": out.text})
+                yield _event(P.chunk(kind, rid, model, created, choice))
+                sent += len(out.text)
+            if out.finish_reason is not None:
+                break
+            out = await _next_output(state, http, req, queue)
+        if include_usage:
+            yield _event(P.chunk(kind, rid, model, created, None, P.usage(out.prompt_tokens, out.completion_tokens)))
+        yield "data: [DONE]\n\n"
+        _log_done(http, req, out)
+    finally:
+        if req.finish_reason is None:  # the client went away mid-stream: free the slot
+            state.engine.cancel(req)
+            http.state.log["finish_reason"] = "client_disconnected"
+
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _logprobs(state, kind, req, entries, offset: int = 0):
+    if not req.sampling.logprobs:
+        return None
+    text = state.token_text
+    return P.chat_logprobs(entries, text) if kind == "chat" else P.completion_logprobs(entries, text, offset)
+
+
+def _log_done(http: HTTPRequest, req: Request, out: Output) -> None:
+    ttft = None if req.t_first is None else round(req.t_first - req.t_arrival, 4)
+    http.state.log.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                          finish_reason=out.finish_reason, ttft_s=ttft, engine_request_id=req.request_id)
+
+
+def _require_ready(state: ServerState) -> None:
+    if state.draining:
+        raise APIError(503, "the server is shutting down", type="service_unavailable", code="draining")
+    if not state.ready:
+        raise APIError(503, state.not_ready_reason(), type="service_unavailable", code="not_ready")
+
+
+def _check_auth(state: ServerState, path: str, headers: dict) -> None:
+    if not state.api_keys or not path.startswith("/v1/"):
+        return
+    auth = headers.get("authorization", "")
+    key = auth[7:] if auth.lower().startswith("bearer ") else ""
+    if not any(hmac.compare_digest(key.encode(), k.encode()) for k in state.api_keys):
+        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                       type="authentication_error", code="invalid_api_key")
+
+
+class RequestContext:
+    """ASGI middleware: request id, API key and body-size checks, and one JSON log line when the response ends.
+
+    Plain ASGI rather than @app.middleware, so streaming responses pass through untouched and the log line is
+    written after the last chunk (with the token counts the handler recorded).
+    """
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        rid = headers.get("x-request-id") or P.new_id("req")[:24]
+        entry = {"request_id": rid, "path": scope["path"]}
+        scope.setdefault("state", {}).update(rid=rid, log=entry)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            _check_auth(self.state, scope["path"], headers)
+            receive = _limit_body(self.state, headers, receive)
+        except APIError as e:
+            entry["error"] = e.message
+            await _error_response(e)(scope, receive, send_with_id)
+        else:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"].startswith("/v1/"):
+                log.info(json.dumps({**entry, "status": status[0], "e2e_s": round(time.perf_counter() - t0, 4)}))
+
+
+def _limit_body(state: ServerState, headers: dict, receive):
+    """Refuse a body over max_body_bytes: at once from Content-Length, else while a chunked body arrives."""
+    limit = state.config.max_body_bytes
+    too_big = APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    if "content-length" in headers:
+        if int(headers["content-length"]) > limit:
+            raise too_big
+        return receive
+    seen = [0]
+
+    async def counting_receive():
+        message = await receive()
+        seen[0] += len(message.get("body", b""))
+        if seen[0] > limit:
+            raise too_big
+        return message
+    return counting_receive
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)

@@ -1,0 +1,70 @@
+"""`slimlm serve` and `slimlm batch`: flags onto ServeConfig / EngineConfig, then the server or a batch job."""
+
+from __future__ import annotations
+
+import argparse
+
+from slimlm.serve.engine import EngineConfig
+from slimlm.serve.state import ServeConfig
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `serve` and `batch`: the model, adapters, and the engine's limits."""
+    p.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
+    p.add_argument("--served-name", default=None, help="the base model's name in the API (default: from --model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]DIR", help="LoRA adapter folders to serve")
+    p.add_argument("--registry", default=None, help="registry root whose adapters are served by name[@version]")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per engine step")
+    p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident at once (LRU); 0 = none")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+
+
+def serve_config(args: argparse.Namespace, **extra) -> ServeConfig:
+    engine = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+                          prefill_chunk=args.prefill_chunk, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+    cfg = ServeConfig(model=args.model, served_name=args.served_name, dtype=args.dtype, device=args.device,
+                      adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
+                      engine=engine, **extra)
+    cfg.validate()
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from slimlm.serve.server import run_server
+
+    cfg = serve_config(args, api_key_file=args.api_key_file, max_body_bytes=args.max_body_bytes,
+                       drain_timeout_s=args.drain_timeout)
+    run_server(cfg, args.host, args.port)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from slimlm.serve.batch import run_batch
+
+    summary = run_batch(serve_config(args), args.input, args.output, progress=not args.quiet)
+    print(summary)
+    return 0 if summary.failed == 0 else 1
+
+
+def add_serve_commands(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and many LoRA adapters")
+    add_server_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key-file", default=None, help="file with one API key per line; /v1/* then needs one")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("batch", help="run an OpenAI batch-format JSONL file through the serving engine, offline")
+    add_server_args(b)
+    b.add_argument("input", help="JSONL: {custom_id, method: POST, url: /v1/chat/completions, body: {...}} per line")
+    b.add_argument("output", help="JSONL of results, one per input line, in OpenAI's batch output format")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_batch)

@@ -1,0 +1,72 @@
+"""Prometheus metrics under vLLM's names, so existing vLLM dashboards and alerts work unchanged.
+
+Latency histograms and token counters carry `model_name` and `adapter` ("" for the base model) labels; the
+engine-wide gauges carry `model_name`. Each server has its own CollectorRegistry (several can live in one process).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# vLLM's buckets for TTFT / inter-token latency / end-to-end latency (seconds).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)
+
+
+class ServeMetrics:
+    """The engine calls on_token / on_finish / set_state; the server exposes `render()` at GET /metrics."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.registry = r = CollectorRegistry()
+        req = ["model_name", "adapter"]
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", ["model_name"], registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a slot", ["model_name"], registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache slots in use (1 = full)",
+                              ["model_name"], registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token", req,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive output tokens", req,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token", req,
+                             buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", req, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", req, registry=r)
+        self.success = Counter("vllm:request_success", "Finished requests by finish reason",
+                               req + ["finished_reason"], registry=r)
+        self.rejected = Counter("slimlm:requests_rejected", "Requests refused before running, by HTTP status",
+                                ["model_name", "status"], registry=r)
+
+    def _labels(self, req) -> dict:
+        return {"model_name": self.model_name, "adapter": req.adapter.name if req.adapter is not None else ""}
+
+    def on_token(self, req, now: float) -> None:
+        """Called before req.t_first/t_last are updated for this token."""
+        labels = self._labels(req)
+        if req.t_first is None:
+            self.ttft.labels(**labels).observe(now - req.t_arrival)
+        else:
+            self.itl.labels(**labels).observe(now - req.t_last)
+        self.generation_tokens.labels(**labels).inc()
+
+    def on_finish(self, req, now: float) -> None:
+        labels = self._labels(req)
+        self.e2e.labels(**labels).observe(now - req.t_arrival)
+        if req.n_prefilled:
+            self.prompt_tokens.labels(**labels).inc(req.n_prefilled)
+        self.success.labels(**labels, finished_reason=req.finish_reason).inc()
+
+    def set_state(self, running: int, waiting: int, kv_usage: float) -> None:
+        self.running.labels(self.model_name).set(running)
+        self.waiting.labels(self.model_name).set(waiting)
+        self.kv_usage.labels(self.model_name).set(kv_usage)
+
+    def on_rejected(self, status: int) -> None:
+        self.rejected.labels(self.model_name, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,156 @@
+"""ServeConfig and ServerState: what one server process knows — its model, engine, adapters and registry.
+
+The model loads on a background thread so that /health answers at once and /ready turns 200 only when the engine
+runs. The `model` field of a request names what to run: `BASE`, `BASE:ADAPTER`, `BASE:ADAPTER@3` (a version) or
+`BASE:ADAPTER@prod` (an alias); the `BASE:` prefix may be left out. Registry names are looked up on every request,
+so a push, alias move or rollback takes effect for the next request without a restart.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slimlm.serve.engine import AdapterRef, Engine, EngineConfig
+from slimlm.serve.metrics import ServeMetrics
+from slimlm.serve.protocol import APIError
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smollm2-135m"
+    served_name: str | None = None  # the base's name in the API (default: the --model value's last path part)
+    dtype: str = "auto"
+    device: str = "cpu"
+    adapters: list[str] = field(default_factory=list)  # adapter folders, as DIR or NAME=DIR
+    registry: str | None = None  # registry root: adapters pushed there are served by name
+    api_key_file: str | None = None  # one key per line; when set, /v1/* needs `Authorization: Bearer KEY`
+    max_body_bytes: int = 1 << 20
+    max_tokens_limit: int = 2048
+    drain_timeout_s: float = 30.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        self.engine.validate()
+        if self.max_body_bytes < 1024 or self.max_tokens_limit < 1 or self.drain_timeout_s < 0:
+            raise ValueError("max_body_bytes must be >= 1024, max_tokens_limit >= 1, drain_timeout_s >= 0")
+
+    def name(self) -> str:
+        return self.served_name or Path(self.model.rstrip("/")).name.removesuffix(".gguf")
+
+
+def parse_adapter_args(items: list[str]) -> dict[str, Path]:
+    """`DIR` or `NAME=DIR` -> {name: folder}; every folder must hold an adapter_config.json."""
+    out = {}
+    for item in items:
+        name, _, folder = item.rpartition("=") if "=" in item else (Path(item.rstrip("/")).name, "", item)
+        path = Path(folder)
+        if not (path / "adapter_config.json").is_file():
+            raise ValueError(f"--adapters {item}: {path} has no adapter_config.json")
+        if name in out:
+            raise ValueError(f"--adapters: two adapters are named {name!r}; use NAME=DIR to tell them apart")
+        out[name] = path
+    return out
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig):
+        config.validate()
+        self.config, self.served_name = config, config.name()
+        self.static_adapters = parse_adapter_args(config.adapters)
+        self.api_keys = _read_keys(config.api_key_file) if config.api_key_file else []
+        self.registry = None
+        if config.registry:
+            from slimlm.serve.registry import Registry
+            self.registry = Registry(Path(config.registry))
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.metrics: ServeMetrics | None = ServeMetrics(self.served_name)
+        self.ready = self.draining = False
+        self.load_error: str | None = None
+        self._verified: set[tuple] = set()
+
+    def load(self) -> None:
+        """Load the model and start the engine (call on a background thread); errors land in load_error."""
+        try:
+            from slimlm.llm import load
+
+            llm = load(self.config.model, dtype=self.config.dtype, device=self.config.device)
+            self.tokenizer = llm.tokenizer
+            self.engine = Engine(llm.model, llm.tokenizer, self.config.engine, self.metrics).start()
+            self.ready = True
+        except Exception as e:  # surfaced by /ready and the server log
+            self.load_error = f"{type(e).__name__}: {e}"
+            raise
+
+    def load_in_background(self) -> threading.Thread:
+        t = threading.Thread(target=self.load, name="slimlm-load", daemon=True)
+        t.start()
+        return t
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "the server is shutting down"
+        return f"model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.config.vocab_size
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def resolve_adapter(self, model: str) -> AdapterRef | None:
+        """The adapter a request's `model` field names (None for the base); APIError 400 if it names nothing."""
+        name = model
+        if ":" in model:
+            base, name = model.split(":", 1)
+            if base != self.served_name:
+                raise self._unknown(model, f"this server's base model is {self.served_name!r}")
+        if name == self.served_name:
+            return None
+        if name in self.static_adapters:
+            return AdapterRef(("static", name), self.static_adapters[name], name)
+        if self.registry is None:
+            raise self._unknown(model, "no such adapter")
+        from slimlm.serve.registry import RegistryError
+        try:
+            entry = self.registry.resolve(name)
+            if entry.kind != "adapter":
+                raise RegistryError(f"{entry.ref} is a {entry.kind}, not an adapter; this server serves one base")
+            key = (entry.name, entry.version)
+            if key not in self._verified:  # hash the files once per version: a corrupt adapter is refused
+                self.registry.verify(entry)
+                self._verified.add(key)
+        except RegistryError as e:
+            raise self._unknown(model, str(e)) from None
+        return AdapterRef(key, entry.path, entry.ref)
+
+    def _unknown(self, model: str, why: str) -> APIError:
+        return APIError(400, f"model {model!r} not found: {why}. GET /v1/models lists what this server serves",
+                        param="model", code="model_not_found")
+
+    def list_models(self) -> list[dict]:
+        base = self.served_name
+        card = lambda id_, parent=None: {"id": id_, "object": "model", "created": 0, "owned_by": "slimlm",
+                                         "root": id_ if parent is None else parent, "parent": parent}
+        out = [card(base)] + [card(f"{base}:{n}", base) for n in sorted(self.static_adapters)]
+        if self.registry is None:
+            return out
+        for name in self.registry.names():
+            entries = [e for e in self.registry.entries(name) if e.kind == "adapter"]
+            if not entries:
+                continue
+            head = self.registry.head(name)
+            out.append({**card(f"{base}:{name}", base), "version": head})  # the head version
+            out += [{**card(f"{base}:{e.ref}", base), "version": e.version, "method": e.method} for e in entries]
+            out += [{**card(f"{base}:{name}@{a}", base), "version": v} for a, v in self.registry.aliases(name).items()]
+        return out
+
+
+def _read_keys(path: str) -> list[str]:
+    keys = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not keys:
+        raise ValueError(f"--api-key-file {path} holds no keys (one per line)")
+    return keys

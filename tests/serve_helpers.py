@@ -1,0 +1,59 @@
+"""A real slimlm server on loopback, run in a thread, for the serving tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import uvicorn
+
+from slimlm.serve.api import create_app
+from slimlm.serve.state import ServeConfig, ServerState
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(config: ServeConfig, load: bool = True):
+    """Yield (base_url, state) for a uvicorn server on 127.0.0.1 serving `config`; stops it afterwards."""
+    state = ServerState(config)
+    if load:
+        state.load()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/health", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    try:
+        yield url, state
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        if state.engine is not None:
+            state.engine.stop()
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The JSON bodies of an SSE stream, with the final "[DONE]" kept as the string."""
+    import json
+
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
