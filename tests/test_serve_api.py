@@ -270,3 +270,23 @@ def test_batch_job(tiny_llama, tmp_path, reference):
                    '{"custom_id": "a", "url": "/v1/embeddings", "body": {}}\n')
     with pytest.raises(ValueError, match=r"line 2: not JSON.*\n.*line 3: custom_id 'a' is used twice"):
         read_batch_file(bad)
+
+
+def test_load_and_unload_adapter_at_run_time(tiny_llama, tmp_path):
+    a = _lora(tiny_llama, tmp_path / "a", seed=5)
+    with running_server(config(tiny_llama[0])) as (url, state):
+        assert post(url, "/v1/completions", {"model": "tiny:late", "prompt": "hi"}).status_code == 400
+        r = post(url, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(a)})
+        assert r.status_code == 200, r.text
+        ref = slimlm.load(str(tiny_llama[0]), dtype="fp32", adapter=a)
+        want = ref.complete([CHAT], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].text
+        assert _greedy(url, "tiny:late") == want
+        assert state.engine.lru.loaded() == [("static", "late")]
+        assert post(url, "/v1/unload_lora_adapter", {"lora_name": "late"}).status_code == 200
+        assert post(url, "/v1/completions", {"model": "tiny:late", "prompt": "hi"}).status_code == 400
+        deadline = time.monotonic() + 5
+        while state.engine.lru.loaded() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.engine.lru.loaded() == []  # its slot is free again
+        r = post(url, "/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": str(a)})
+        assert r.status_code == 400

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the engine.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models, GET /health,
-GET /ready, GET /metrics. Every response carries X-Request-Id (the client's, or a new one) and every request writes
+GET /ready, GET /metrics, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter. Every response carries X-Request-Id (the client's, or a new one) and every request writes
 one JSON log line. The engine runs on its own thread; handlers hand requests over and await their outputs.
 """
 
@@ -67,6 +67,18 @@ def create_app(state: ServerState) -> FastAPI:
     async def models():
         _require_ready(state)
         return {"object": "list", "data": await run_in_threadpool(state.list_models)}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: P.LoadAdapter):
+        _require_ready(state)
+        await run_in_threadpool(state.add_adapter, body.lora_name, body.lora_path)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: P.UnloadAdapter):
+        _require_ready(state)
+        state.remove_adapter(body.lora_name)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: HTTPRequest):

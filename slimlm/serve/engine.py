@@ -14,6 +14,7 @@ callback, on the engine thread; they must only hand them over (e.g. loop.call_so
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -29,6 +30,8 @@ from slimlm.serve.cache import SlotKVCache
 from slimlm.serve.multi_lora import AdapterLRU, LoraSlots, SlotsBusy
 from slimlm.serve.sampling import RequestSampling, TokenCounts, sample_batch
 from slimlm.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger("slimlm.serve")
 
 
 @dataclass
@@ -130,6 +133,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._ops: deque[Callable[[], None]] = deque()  # work other threads hand to the engine thread
 
     # ---- called from other threads ----
     def submit(self, req: Request) -> None:
@@ -168,8 +172,16 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
+    def unload_adapter(self, key: tuple) -> None:
+        """Free the LoRA slot of adapter `key` before the next step (if no running request uses it)."""
+        def unload() -> None:
+            if self.lru is not None and self.lru.slot_of(key) is not None and self.lru.pins(key) == 0:
+                self.lora.clear(self.lru.unload(key))
+        self._ops.append(unload)
+        self._wake.set()
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._ops)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -177,12 +189,19 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a bug must not hang every client: fail what is running, keep serving
+                log.exception("engine step failed; aborting the running requests")
+                for req in list(self.running.values()):
+                    self._finish(req, "error", error="internal error in the engine (see the server log)")
 
     # ---- the engine thread ----
     @torch.no_grad()
     def step(self) -> None:
         """One scheduling round: reap cancelled, admit, one prefill chunk, one decode token for every stream."""
+        while self._ops:
+            self._ops.popleft()()
         for req in [r for r in list(self.waiting) + list(self.running.values()) if r.cancelled]:
             self._finish(req, "abort")
         self._admit()

@@ -92,6 +92,15 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
 
+class LoadAdapter(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapter(BaseModel):
+    lora_name: str
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

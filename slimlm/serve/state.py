@@ -127,6 +127,31 @@ class ServerState:
             raise self._unknown(model, str(e)) from None
         return AdapterRef(key, entry.path, entry.ref)
 
+    def add_adapter(self, name: str, folder: str) -> None:
+        """Serve the LoRA adapter in `folder` as `name` from now on (checked now, loaded on first use)."""
+        from slimlm.peft import read_adapter_config
+        from slimlm.peft.common import PeftError
+        from slimlm.serve.registry import RegistryError, check_name
+
+        try:
+            check_name(name, "adapter name")
+            method, cfg, _ = read_adapter_config(folder)
+        except (RegistryError, PeftError, OSError) as e:
+            raise APIError(400, str(e), param="lora_path") from None
+        if method != "lora" or cfg.use_dora or cfg.r > self.config.engine.max_lora_rank:
+            why = f"a {method} adapter" if method != "lora" else "DoRA" if cfg.use_dora else f"rank {cfg.r}"
+            raise APIError(400, f"cannot serve {why}: this server serves LoRA adapters up to rank "
+                                f"{self.config.engine.max_lora_rank}", param="lora_path")
+        if name in self.static_adapters or name == self.served_name:
+            raise APIError(400, f"an adapter named {name!r} is already served; unload it first", param="lora_name")
+        self.static_adapters[name] = Path(folder)
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.static_adapters:
+            raise APIError(404, f"no adapter named {name!r} was loaded", param="lora_name", code="not_found")
+        del self.static_adapters[name]
+        self.engine.unload_adapter(("static", name))
+
     def _unknown(self, model: str, why: str) -> APIError:
         return APIError(400, f"model {model!r} not found: {why}. GET /v1/models lists what this server serves",
                         param="model", code="model_not_found")
