@@ -1,7 +1,9 @@
 """The main job, end to end on the default model: load SmolLM2-135M-Instruct, chat, report throughput, then
-fine-tune it with LoRA on the bundled extract_json task and compare base vs tuned exact match on held-out data.
+fine-tune it with LoRA on the bundled extract_json task and compare base vs tuned exact match on held-out data,
+then serve base and adapter side by side from one OpenAI-compatible server (registry, concurrent requests,
+metrics, graceful drain).
 
-Run by `make demo`. Later stages (compress -> serve) join here as they are built.
+Run by `make demo`. Later stages (compress) join here as they are built.
 """
 
 from __future__ import annotations
@@ -31,13 +33,17 @@ def main() -> None:
     parser.add_argument("--out", default="runs/demo", help="where the fine-tuning stage writes its data and results")
     parser.add_argument("--steps", type=int, default=60, help="LoRA optimizer steps (batch 8)")
     parser.add_argument("--test", type=int, default=100, help="held-out test records to score")
-    parser.add_argument("--skip-chat", action="store_true", help="only the fine-tuning stage")
+    parser.add_argument("--skip-chat", action="store_true", help="skip the chat stage")
+    parser.add_argument("--skip-finetune", action="store_true",
+                        help="reuse the adapter of an earlier run in --out (for the serving stage)")
+    parser.add_argument("--serve-requests", type=int, default=32, help="requests the serving stage sends")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     if not args.skip_chat:
         chat_stage(args)
-    finetune_stage(args)
+    adapter = Path(args.out) / "lora" / "adapter" if args.skip_finetune else finetune_stage(args)
+    serve_stage(args, adapter)
 
 
 def chat_stage(args: argparse.Namespace) -> None:
@@ -119,6 +125,94 @@ def finetune_stage(args: argparse.Namespace) -> None:
                "test_records": len(test), "train_s": t.elapsed_s, "steps": t.steps, "tokens_per_s": t.tokens_per_s}
     (out / "demo_finetune.json").write_text(json.dumps(summary, indent=2))
     print(f"training curve: {res.out / 'training.png'}")
+    return res.output
+
+
+def serve_stage(args: argparse.Namespace, adapter: Path) -> None:
+    """Push the adapter to a registry, start `slimlm serve`, send base and adapter requests concurrently."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from slimlm.serve.registry import Registry
+    from slimlm.tasks import extract_json
+    from slimlm.train.evaluate import chat_eval_set
+
+    out = Path(args.out)
+    print("\n== serving: base model and the LoRA adapter from one server ==", flush=True)
+    registry = Registry(out / "registry")
+    entry = registry.push("extract-json", adapter)
+    registry.alias(entry.ref, "prod")
+    print(f"registry: pushed {entry.ref} ({entry.method}, sha256 {entry.sha256[:12]}), alias prod -> {entry.ref}")
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--model", args.model, "--dtype", "fp32", "--port", str(port),
+           "--registry", str(out / "registry"), "--max-batch", "8", "--max-seq-len", "512"]
+    print("$ slimlm " + " ".join(cmd[3:]), flush=True)
+    log = open(out / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        print(f"ready; GET /v1/models: {models}")
+        records = chat_eval_set(out / "task" / "test.jsonl")[: args.serve_requests // 2]
+        jobs = [(name, msgs, ref) for msgs, ref in records for name in ("smollm2-135m", "smollm2-135m:extract-json@prod")]
+
+        def ask(job):
+            name, msgs, ref = job
+            r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
+                "model": name, "messages": msgs, "max_tokens": 48, "temperature": 0})
+            r.raise_for_status()
+            body = r.json()
+            return name, extract_json.exact_match(body["choices"][0]["message"]["content"], ref), \
+                body["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(ask, jobs))
+        wall = time.perf_counter() - t0
+        tokens = sum(n for _, _, n in results)
+        print(f"{len(jobs)} concurrent requests (16 in flight, base and adapter rows mixed in each batch) in "
+              f"{wall:.1f} s: {len(jobs) / wall:.2f} req/s, {tokens / wall:.0f} output tok/s")
+        print("| model field | exact match |\n|---|---:|")
+        for name in ("smollm2-135m", "smollm2-135m:extract-json@prod"):
+            hits = [ok for n, ok, _ in results if n == name]
+            print(f"| {name} | {100 * sum(hits) / len(hits):.1f}% of {len(hits)} |")
+        metrics = httpx.get(url + "/metrics").text.splitlines()
+        print("GET /metrics (excerpt):")
+        for line in metrics:
+            if line.startswith(("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
+                                "vllm:generation_tokens_total", "vllm:request_success_total")):
+                print("  " + line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        log.close()
+    print(f"SIGTERM: drained and exited with status {code}; request log (JSON lines): {out / 'server.log'}")
+
+
+def _wait_ready(url: str, proc, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"slimlm serve exited with status {proc.returncode}; see its log")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"slimlm serve was not ready after {timeout:.0f} s")
 
 
 if __name__ == "__main__":

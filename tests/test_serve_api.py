@@ -290,3 +290,25 @@ def test_load_and_unload_adapter_at_run_time(tiny_llama, tmp_path):
         assert state.engine.lru.loaded() == []  # its slot is free again
         r = post(url, "/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": str(a)})
         assert r.status_code == 400
+
+
+def test_official_openai_client(server, reference):
+    """The `openai` package, unchanged, against our server: blocking, streaming with usage, and its error types."""
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    want = reference.complete([CHAT], SamplingParams(max_new_tokens=9, ignore_eos=True))[0].text
+    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=9, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == want and r.usage.completion_tokens == 9
+    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=9, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+    c = client.completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0)
+    assert c.choices[0].finish_reason in ("stop", "length") and c.object == "text_completion"
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="missing", prompt="x")
+    assert e.value.code == "model_not_found"

@@ -42,7 +42,8 @@ WORDS = ("the of and to in is was for that with as on by at from his her they th
          "before must through back years where much your way well down should because each just those people how too "
          "little state good very make world still own see men work long get here between both life being under never "
          "day same another know while last might us great old year off come since against go came right used take "
-         "three house water light river city road small large early home school story night place hand eyes family").split()
+         "three house water light river city road small large early home school story night place hand eyes "
+         "family").split()
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
@@ -363,21 +364,23 @@ def format_table(s: dict) -> str:
         return f"{label:<40}{v:>12}"
 
     c = s["config"]
-    out = ["{:=^52}".format(" Serving Benchmark Result "),
+    out = [f"{' Serving Benchmark Result ':=^52}",
            line("Model:", s["model"]), line("Endpoint / concurrency:", f"{c['endpoint']} / {c['concurrency']}"),
            line("Successful requests:", s["completed"]), line("Failed requests:", s["failed"]),
            line("  of which 429 (server busy):", s["failed_429"]), line("Benchmark duration (s):", s["duration_s"]),
-           line("Total input tokens:", s["total_input_tokens"]), line("Total generated tokens:", s["total_output_tokens"]),
+           line("Total input tokens:", s["total_input_tokens"]),
+           line("Total generated tokens:", s["total_output_tokens"]),
            line("Request throughput (req/s):", s["request_throughput"]),
            line("Output token throughput (tok/s):", s["output_throughput"]),
            line("Total token throughput (tok/s):", s["total_token_throughput"])]
-    for key, title, name in (("ttft_ms", "Time to First Token", "TTFT"), ("tpot_ms", "Time per Output Token (excl. 1st token)", "TPOT"),
-                             ("itl_ms", "Inter-token Latency", "ITL"), ("e2e_ms", "End-to-end Latency", "E2E")):
+    sections = (("ttft_ms", "Time to First Token", "TTFT"), ("tpot_ms", "Time per Output Token (excl. 1st token)",
+                "TPOT"), ("itl_ms", "Inter-token Latency", "ITL"), ("e2e_ms", "End-to-end Latency", "E2E"))
+    for key, title, name in sections:
         st = s[key] or {}
-        out += ["{:-^52}".format(title)] + [line(f"{lbl} {name} (ms):", st.get(k)) for k, lbl in
+        out += [f"{title:-^52}"] + [line(f"{lbl} {name} (ms):", st.get(k)) for k, lbl in
                                              (("mean", "Mean"), ("median", "Median"), ("p99", "P99"))]
     if s["failed"]:
-        out.append("{:-^52}".format("Failures"))
+        out.append(f"{'Failures':-^52}")
         out += [line(f"HTTP {code}:", n) for code, n in sorted(s["failed_by_status"].items())]
         out += [f"  {e}" for e in s["errors"][:3]]
     out.append("=" * 52)
@@ -409,7 +412,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup, help="unmeasured requests sent first")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request")
     p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
-    p.add_argument("--wait", type=float, default=0.0, help="first wait up to this many seconds for the server to be ready")
+    p.add_argument("--wait", type=float, default=0.0, 
+                   help="first wait up to this many seconds for the server to be ready")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summary (and every request's record) here")
 
 
