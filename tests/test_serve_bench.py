@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 import torch
-from serve_helpers import running_server
+from serve_helpers import free_port, running_server
 
 import slimlm
 from slimlm.peft import apply_peft, make_config, save_adapter
@@ -166,4 +166,7 @@ def test_invalid_config_names_every_flag():
     add_bench_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "serve", "--extra-body", "{oops"])
     with pytest.raises(ValueError, match="--extra-body is not JSON"):
+        args.func(args)
+    args = parser.parse_args(["bench", "serve", "--url", f"http://127.0.0.1:{free_port()}"])
+    with pytest.raises(ValueError, match="is the server running"):
         args.func(args)

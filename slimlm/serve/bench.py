@@ -433,9 +433,13 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     cfg = bench_config(args)
-    if args.wait > 0:
-        wait_until_ready(cfg.url, args.wait, cfg.api_key)
-    summary = run_bench(cfg)
+    try:
+        if args.wait > 0:
+            wait_until_ready(cfg.url, args.wait, cfg.api_key)
+        summary = run_bench(cfg)
+    except (TimeoutError, httpx.TransportError) as e:  # only reaching /v1/models can raise; requests never do
+        raise ValueError(f"{cfg.url}: {str(e) or type(e).__name__}; is the server running? (--wait S waits for "
+                         "it to load)") from None
     print(format_table(summary))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """Batched multi-LoRA for serving: each batch row may use a different LoRA adapter, or none, in one forward pass.
 
 As in punica/vLLM, every target projection holds a fixed number of adapter *slots* of one `max_rank`: stacked A
-[n_slots + 1, max_rank, in] and B [n_slots + 1, out, max_rank] (scaling folded into B, smaller ranks zero-padded,
-the extra last slot always zero for rows without an adapter). A step gathers each row's A and B and adds
-(x A_row^T) B_row^T with two bmm's — no merging, no adapter-after-adapter loop. Loading writes into the slot
+[n_slots + 1, max_rank, in] and B [out, n_slots + 1, max_rank] (scaling folded into B, smaller ranks zero-padded,
+the extra last slot always zero for rows without an adapter). A step runs every row through all slots' A at once
+(one GEMM), zeroes all but each row's own slot with a one-hot row mask, and adds the result times all slots' B
+(a second GEMM) — no merging, no adapter-after-adapter loop. This reads each slot's weights once per step, where
+gathering A and B per row would copy them once per row: with 16 rows over 4 adapters, 4x less memory traffic. Loading writes into the slot
 buffers in place, so adapters come and go between engine steps. `AdapterLRU` decides which adapter sits in
 which slot. This module does not schedule requests or read files other than HF PEFT LoRA adapter folders;
 DoRA and other PEFT methods are refused (merge them and serve the merged model).
@@ -30,7 +32,8 @@ from slimlm.peft.lora import lora_config_from_adapter
 class SlotSelection:
     """Per-row slots shared by every SlotLoRALinear of a model; index None = no adapter in this step."""
     rows: torch.Tensor | None = None  # [B] slot per row, -1 = none
-    index: torch.Tensor | None = None  # [B] the same with -1 mapped to the zero slot (what forward gathers)
+    index: torch.Tensor | None = None  # [B] the same with -1 mapped to the zero slot
+    onehot: torch.Tensor | None = None  # [B, n_slots + 1] 1.0 at each row's slot (what forward multiplies by)
 
 
 class SlotLoRALinear(nn.Module):
@@ -43,7 +46,8 @@ class SlotLoRALinear(nn.Module):
         # Not persistent: the model's state dict stays the base model's; slots are filled by LoraSlots.load.
         self.register_buffer("A", torch.zeros(n_slots + 1, max_rank, base.in_features, dtype=dtype, device=device),
                              persistent=False)
-        self.register_buffer("B", torch.zeros(n_slots + 1, base.out_features, max_rank, dtype=dtype, device=device),
+        # B is stored [out, slots, r] so that all slots' B is one [out, slots * r] matrix without a copy.
+        self.register_buffer("B", torch.zeros(base.out_features, n_slots + 1, max_rank, dtype=dtype, device=device),
                              persistent=False)
 
     @property
@@ -56,12 +60,15 @@ class SlotLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # x [B, T, in] -> y [B, T, out]
-        idx = self.selection.index
-        if idx is None:
+        onehot = self.selection.onehot
+        if onehot is None:
             return y
-        a, b = self.A[idx], self.B[idx]  # [B, r, in], [B, out, r]
-        h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # [B, T, r]
-        return torch.baddbmm(y, h.to(y.dtype), b.transpose(1, 2).to(y.dtype))  # y + h @ B^T: [B, T, out]
+        B, T, _ = x.shape
+        S, r = self.A.shape[0], self.A.shape[1]
+        h = x.reshape(B * T, -1).to(self.A.dtype) @ self.A.view(S * r, -1).T  # every slot's x A^T: [B*T, S*r]
+        h = (h.view(B, T, S, r) * onehot[:, None, :, None]).view(B * T, S * r)  # keep each row's own slot
+        out = torch.addmm(y.reshape(B * T, -1), h.to(y.dtype), self.B.view(-1, S * r).T.to(y.dtype))  # y + h B^T
+        return out.view(y.shape)
 
 
 class LoraSlots:
@@ -111,11 +118,11 @@ class LoraSlots:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 layer.A[slot].zero_()
-                layer.B[slot].zero_()
+                layer.B[:, slot].zero_()
                 if name in pairs:
                     a, b = pairs[name]
                     layer.A[slot, :cfg.r].copy_(a)
-                    layer.B[slot, :, :cfg.r].copy_(b.float() * cfg.scaling)  # copy_ casts to the slot dtype
+                    layer.B[:, slot, :cfg.r].copy_(b.float() * cfg.scaling)  # copy_ casts to the slot dtype
         self.occupied.add(slot)
 
     def _pairs(self, what: str, tensors: dict[str, torch.Tensor], r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -154,13 +161,13 @@ class LoraSlots:
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.A[slot].zero_()
-                layer.B[slot].zero_()
+                layer.B[:, slot].zero_()
         self.occupied.discard(slot)
 
     def set_rows(self, rows: list[int | None] | None) -> None:
         """Row b of the next forwards uses slot rows[b] (None: no adapter); None or all-None skips the slots."""
         if rows is None or all(r is None for r in rows):
-            self.selection.rows = self.selection.index = None
+            self.selection.rows = self.selection.index = self.selection.onehot = None
             return
         empty = sorted({r for r in rows if r is not None and r not in self.occupied})
         if empty:
@@ -170,16 +177,18 @@ class LoraSlots:
         t = torch.tensor([-1 if r is None else r for r in rows], dtype=torch.long)
         self.selection.rows = t.to(device)
         self.selection.index = torch.where(t < 0, self.n_slots, t).to(device)  # -1 -> the always-zero slot
+        dtype = next(iter(self.layers.values())).A.dtype
+        self.selection.onehot = torch.nn.functional.one_hot(self.selection.index, self.n_slots + 1).to(dtype)
 
     @contextmanager
     def select(self, rows: list[int | None] | None):
         """set_rows for the duration of the block, then the previous selection again."""
-        previous = (self.selection.rows, self.selection.index)
+        previous = (self.selection.rows, self.selection.index, self.selection.onehot)
         self.set_rows(rows)
         try:
             yield
         finally:
-            self.selection.rows, self.selection.index = previous
+            self.selection.rows, self.selection.index, self.selection.onehot = previous
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.n_slots:
