@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimlm.generate import apply_repetition_penalty
+from slimlm.generate import apply_repetition_penalty, draw
 
 
 def _number(x: object) -> bool:
@@ -156,7 +156,7 @@ def filter_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     Per row the same steps as slimlm.generate.sample: top-k keeps the k largest logits (and ties with the k-th);
     top-p then keeps the smallest set of most likely tokens whose mass reaches top_p (and, unlike generate.sample,
     which splits them by sort order, every token tied with the last one kept); min-p, last, zeroes tokens less
-    likely than min_p x the most likely one. Not renormalised (torch.multinomial does not need it).
+    likely than min_p x the most likely one. Not renormalised (generate.draw does not need it).
     """
     if t.use_top_k:
         k = t.top_k.clamp(1, logits.shape[-1])  # off rows: k=1, masked out below
@@ -225,10 +225,10 @@ def sample_batch(logits: torch.Tensor, params: Sequence[RequestSampling], counts
         shared = [j for j, i in enumerate(rand) if gens[i] is None]
         drawn = torch.empty(len(rand), dtype=torch.long, device=logits.device)
         if shared:
-            drawn[shared] = torch.multinomial(probs[shared], 1, generator=default_generator).squeeze(-1)
+            drawn[shared] = draw(probs[shared], default_generator)
         for j, i in enumerate(rand):  # seeded rows one at a time: their draws must not depend on the batch
             if gens[i] is not None:
-                drawn[j] = torch.multinomial(probs[j:j + 1], 1, generator=gens[i])[0, 0]
+                drawn[j] = draw(probs[j:j + 1], gens[i])[0]
         tokens[rand] = drawn
     return SampleOutput(tokens, *_logprobs(raw, tokens, params))
 
