@@ -278,11 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     _add_finetune_parser(sub)
+    from slimlm.serve.bench import add_bench_commands
     from slimlm.serve.commands import add_serve_commands
     from slimlm.serve.registry_cli import add_registry_commands
 
     add_serve_commands(sub)
     add_registry_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 

@@ -47,6 +47,23 @@ def running_server(config: ServeConfig, load: bool = True):
             state.engine.stop()
 
 
+def random_lora(model: str, folder, seed: int, r: int = 4, std: float = 0.3):
+    """A LoRA adapter (all linear layers) with seeded random A and B saved to folder: a distinct model per seed."""
+    import torch
+
+    import slimlm
+    from slimlm.peft import apply_peft, make_config, save_adapter
+
+    m = slimlm.load(str(model), dtype="fp32")
+    apply_peft(m.model, "lora", make_config("lora", {"r": r, "alpha": 2 * r}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.model.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=g))
+    return save_adapter(m.model, folder)
+
+
 def sse_events(response: httpx.Response) -> list:
     """The JSON bodies of an SSE stream, with the final "[DONE]" kept as the string."""
     import json

@@ -9,11 +9,10 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import running_server, sse_events
+from serve_helpers import random_lora, running_server, sse_events
 
 import slimlm
 from slimlm.generate import SamplingParams
-from slimlm.peft import apply_peft, make_config, save_adapter
 from slimlm.serve.engine import EngineConfig
 from slimlm.serve.state import ServeConfig
 
@@ -182,14 +181,7 @@ def test_client_disconnect_frees_the_slot(server):
 
 
 def _lora(tiny_llama, folder, seed: int, r: int = 4):
-    m = slimlm.load(str(tiny_llama[0]), dtype="fp32")
-    apply_peft(m.model, "lora", make_config("lora", {"r": r, "alpha": 2 * r}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return save_adapter(m.model, folder)
+    return random_lora(tiny_llama[0], folder, seed, r)
 
 
 def _greedy(url, model, n=8):

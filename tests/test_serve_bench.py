@@ -8,11 +8,8 @@ import json
 
 import httpx
 import pytest
-import torch
-from serve_helpers import free_port, running_server
+from serve_helpers import free_port, random_lora, running_server
 
-import slimlm
-from slimlm.peft import apply_peft, make_config, save_adapter
 from slimlm.serve.bench import BenchConfig, add_bench_commands, percentile, run_bench, run_bench_async
 from slimlm.serve.engine import EngineConfig
 from slimlm.serve.state import ServeConfig
@@ -74,19 +71,8 @@ def test_overloaded_server_429s_are_counted_not_fatal(tiny_llama):
     assert all(r["status"] == 429 and "busy" in r["error"] for r in s["requests"] if not r["ok"])
 
 
-def _lora(folder, out, seed: int):
-    m = slimlm.load(str(folder), dtype="fp32")
-    apply_peft(m.model, "lora", make_config("lora", {"r": 4, "alpha": 8}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return save_adapter(m.model, out)
-
-
 def test_cli_cycles_adapters_and_writes_json(tiny_llama, tmp_path, capsys):
-    fox = _lora(tiny_llama[0], tmp_path / "fox", seed=1)
+    fox = random_lora(tiny_llama[0], tmp_path / "fox", seed=1)
     parser = argparse.ArgumentParser()
     add_bench_commands(parser.add_subparsers(dest="command"))
     with running_server(serve_config(tiny_llama[0], adapters=[f"fox={fox}"])) as (url, _):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from serve_helpers import random_lora
 
 import slimlm
 from slimlm.generate import SamplingParams
-from slimlm.peft import apply_peft, make_config, save_adapter
 from slimlm.serve.cache import SlotKVCache
 from slimlm.serve.engine import AdapterRef, Engine, EngineConfig, QueueFull, Request
 from slimlm.serve.sampling import RequestSampling
@@ -133,16 +133,7 @@ def test_seeded_sampling_independent_of_batch(llm):
 
 def test_rows_with_different_adapters_match_each_alone(tiny_llama, tmp_path):
     """One batch: adapter a, base, adapter b (another rank); each row equals that adapter loaded on its own."""
-    folders = {}
-    for name, r, seed in (("a", 4, 1), ("b", 8, 2)):
-        m = slimlm.load(str(tiny_llama[0]), dtype="fp32")
-        apply_peft(m.model, "lora", make_config("lora", {"r": r, "alpha": 2 * r}))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in m.model.parameters():
-                if p.requires_grad:
-                    p.add_(0.3 * torch.randn(p.shape, generator=g))
-        folders[name] = save_adapter(m.model, tmp_path / name)
+    folders = {name: random_lora(tiny_llama[0], tmp_path / name, seed, r) for name, r, seed in (("a", 4, 1), ("b", 8, 2))}
     served = slimlm.load(str(tiny_llama[0]), dtype="fp32")
     engine = Engine(served.model, served.tokenizer, EngineConfig(max_batch=4, max_seq_len=96, max_loras=2,
                                                                  max_lora_rank=8))
