@@ -39,6 +39,9 @@ bench: install
 	$(PY) bench/bench_load_memory.py
 	$(PY) bench/bench_finetune.py
 	$(PY) bench/bench_methods.py
+	$(PY) bench/bench_serve.py --concurrency 1,16 --requests 16 --max-tokens 128 --reps 2 \
+	    --json bench/results/serve_c16.json
+	$(PY) bench/serve_scenarios.py --json bench/results/serve_scenarios.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
