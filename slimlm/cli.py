@@ -1,4 +1,4 @@
-"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry. Thin: parses flags, calls the API, prints.
+"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval. Thin: parses flags, calls the API, prints.
 
 Errors a user can fix (bad paths, bad flags, bad configs) print one line on stderr and exit with status 2.
 """
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     _add_finetune_parser(sub)
+    from slimlm.eval.cli import add_eval_commands
     from slimlm.serve.bench import add_bench_commands
     from slimlm.serve.commands import add_serve_commands
     from slimlm.serve.registry_cli import add_registry_commands
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_commands(sub)
     add_registry_commands(sub)
     add_bench_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 

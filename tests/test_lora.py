@@ -208,7 +208,8 @@ def test_qlora_trains_on_nf4_base_and_merge_reports_drift(base, tiny_llama, tmp_
         merge_adapter(base)
         assert not any(isinstance(m, NF4Linear) for m in base.modules())
         drift = logit_drift(before, base(x))
-    assert drift["max_logit_diff"] < 1e-4 and drift["kl"] < 1e-8
+    # fp32 round-off only: KL's noise floor is ~1e-8 and depends on the CPU's kernels; a wrong merge gives >> 1e-4
+    assert drift["max_logit_diff"] < 1e-4 and drift["kl"] < 1e-6
     config, _ = read_adapter_files(tmp_path / "q")
     assert config["peft_type"] == "LORA" and read_adapter_metadata(tmp_path / "q")["slimlm_nf4_base"] == "true"
 
