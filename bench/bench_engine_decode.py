@@ -3,7 +3,7 @@
 Separates the engine's own cost from the server's (event loop, SSE, the client process on the same cores):
 submit N requests, prefill them all, then time `Engine.step()` while every row decodes.
 
-    .venv/bin/python bench/bench_engine_decode.py --rows 1,8,16 --dtype fp32
+    .venv/bin/python bench/bench_engine_decode.py --rows 1,8,16 --dtype fp32 [--quantize int8-dynamic]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def step_ms(llm, rows: int, steps: int, max_batch: int) -> list[float]:
     engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=max_batch, max_seq_len=512, max_loras=0))
     for i in range(rows):
         ids = llm.tokenizer.prompt_ids(f"story {i} " + "the cat sat on the mat " * 20, chat=True)
-        engine.submit(Request(ids, max_tokens=steps + 8, sampling=RequestSampling(), ignore_eos=True))
+        engine.submit(Request(ids, max_tokens=steps + 8, sampling=RequestSampling(temperature=0.0), ignore_eos=True))
     while engine.waiting or any(r.pending is None for r in engine.running.values()):  # admit + prefill everyone
         engine.step()
     engine.step()  # warm-up decode
@@ -40,14 +40,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"])
+    p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--rows", default="1,8,16", help="comma list of running streams")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    llm = slimlm.load(args.model, dtype=args.dtype)
+    llm = slimlm.load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
     rows = [int(r) for r in args.rows.split(",")]
-    print(f"{args.model} {args.dtype}, {args.threads} threads, {args.steps} decode steps per row count\n")
+    print(f"{args.model} {args.dtype} {args.quantize or ''}, {args.threads} threads, {args.steps} decode steps per row count\n")
     print("| running streams | step ms (median [min–max]) | tokens/s |\n|---:|---:|---:|")
     for n in rows:
         t = step_ms(llm, n, args.steps, max(rows))

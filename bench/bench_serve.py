@@ -92,11 +92,14 @@ def make_server(name: str, gguf: Path, args: argparse.Namespace) -> Server:
     py, threads = sys.executable, str(args.threads)
     if name == "slimlm":
         batch = max(args.concurrency)
-        return Server(name, f"slimlm serve, fp32, eager, continuous batching (--max-batch {batch}), "
-                            f"--max-seq-len {args.n_ctx}, {threads} threads",
-                      "fp32 (dequantized from the Q4_1 GGUF)",
+        quant = ["--quantize", args.slimlm_quantize] if args.slimlm_quantize else []
+        weights = f"{args.slimlm_quantize} (quantized by slimlm from the weights dequantized from the Q4_1 GGUF)" \
+            if args.slimlm_quantize else "fp32 (dequantized from the Q4_1 GGUF)"
+        return Server(name, f"slimlm serve, fp32{' + ' + args.slimlm_quantize if quant else ''}, eager, continuous "
+                            f"batching (--max-batch {batch}), --max-seq-len {args.n_ctx}, {threads} threads",
+                      weights,
                       [py, "-m", "slimlm.cli", "serve", "--model", str(gguf), "--served-name", SERVED_NAME,
-                       "--dtype", "fp32", "--max-batch", str(batch), "--max-seq-len", str(args.n_ctx),
+                       "--dtype", "fp32", *quant, "--max-batch", str(batch), "--max-seq-len", str(args.n_ctx),
                        "--max-queue", str(4 * args.requests), "--drain-timeout", "5", "--port", "{port}"],
                       {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     return Server(name, f"llama-cpp-python server, one request at a time, n_ctx {args.n_ctx}, n_batch 512, "
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request, forced (default 64)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions (each a fresh server; default 5)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--slimlm-quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                    help="serve slimlm's base quantized (slimlm serve --quantize)")
     ap.add_argument("--n-ctx", type=int, default=512, help="context per sequence for both servers (default 512)")
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to load")
     ap.add_argument("--json", default=str(ROOT / "bench/results/serve.json"), metavar="OUT")

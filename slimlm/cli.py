@@ -1,4 +1,4 @@
-"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval. Thin: parses flags, calls the API, prints.
+"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval, quantize. Thin: parses flags, calls the API, prints.
 
 Errors a user can fix (bad paths, bad flags, bad configs) print one line on stderr and exit with status 2.
 """
@@ -24,6 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (first call compiles for a minute or more; then faster)")
     p.add_argument("--adapter", default=None, help="fine-tuned adapter folder to attach (slimlm or HF PEFT layout)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                   help="quantize the weights after loading (int4: --group-size, default 64)")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +51,8 @@ def _sampling(args: argparse.Namespace, **extra):
 def _load(args: argparse.Namespace):
     from slimlm.llm import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, adapter=args.adapter)
+    return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, adapter=args.adapter,
+                quantize=args.quantize, group_size=args.group_size)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -279,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     _add_finetune_parser(sub)
     from slimlm.eval.cli import add_eval_commands
+    from slimlm.quantize.cli import add_quantize_commands
     from slimlm.serve.bench import add_bench_commands
     from slimlm.serve.commands import add_serve_commands
     from slimlm.serve.registry_cli import add_registry_commands
@@ -287,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_commands(sub)
     add_bench_commands(sub)
     add_eval_commands(sub)
+    add_quantize_commands(sub)
     return parser
 
 

@@ -237,14 +237,21 @@ class StopStringText:
 
 
 def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-         compile: bool = False, adapter: str | Path | None = None) -> LLM:
+         compile: bool = False, adapter: str | Path | None = None, quantize: str | None = None,
+         group_size: int = 64) -> LLM:
     """Load a model by alias (`smollm2-135m`), HF folder, .gguf file or HF hub id, with its tokenizer.
 
     dtype: auto | fp32 | bf16 | fp16. compile=True compiles the decode step (slower first call, faster decoding).
     adapter: a fine-tuned adapter folder to attach (LoRA/DoRA/QLoRA, prefix, prompt, bottleneck adapter, BitFit).
+    quantize: int8 | int8-dynamic | int4 (group_size 32/64/128) quantizes the weights after loading (see
+    slimlm.quantize.model); a folder written by save_quantized loads quantized without it.
     """
     device = resolve_device(device)
     path, _, net = load_model(model, resolve_dtype(dtype, device), device)
+    if quantize is not None:
+        from slimlm.quantize.model import quantize_model_
+
+        quantize_model_(net, quantize, group_size)
     llm = LLM(net, Tokenizer.from_pretrained(path), path)
     if adapter is not None:
         llm.load_adapter(adapter)

@@ -143,6 +143,14 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
     """Load config and weights from an HF model folder."""
     folder = Path(folder)
     config = read_hf_config(folder)
+    quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") == "slimlm":  # packed int8/int4 weights written by quantize.save_quantized
+        from slimlm.quantize.model import load_quantized
+
+        return config, load_quantized(folder, quant, dtype, device)
+    if quant:
+        raise CheckpointError(f"{folder}: {quant.get('quant_method')!r}-quantized checkpoints are not supported; "
+                              "load the unquantized model and quantize it with slimlm (slimlm quantize)")
     files = safetensors_files(folder)
     return config, build_model(config, iter_hf_tensors(files), dtype, device, str(folder))
 

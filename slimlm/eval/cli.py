@@ -24,6 +24,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     """The flags of `slimlm eval`."""
     p.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
     p.add_argument("--adapter", default=None, help="fine-tuned adapter folder to attach")
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                   help="quantize the weights after loading (int4: --group-size)")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="time the torch.compile'd decode step in --speed")
@@ -113,11 +116,14 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     from slimlm.eval.speed import SpeedConfig, disk_size, measure_speed, memory_report
     from slimlm.llm import load
+    from slimlm.quantize.model import describe_quantization
 
     _check_args(args)
     t0 = time.perf_counter()
-    llm = load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, adapter=args.adapter)
+    llm = load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, adapter=args.adapter,
+               quantize=args.quantize, group_size=args.group_size)
     out: dict[str, Any] = {"model": args.model, "adapter": args.adapter,
+                           "quantization": describe_quantization(getattr(llm.model, "quantization", None)),
                            "dtype": str(llm.model.dtype).removeprefix("torch."), "device": str(llm.model.device),
                            "parameters": sum(p.numel() for p in llm.model.parameters()),
                            "load_s": time.perf_counter() - t0, "python": platform.python_version(),
@@ -159,7 +165,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def format_table(res: dict[str, Any]) -> str:
     """One Markdown table with one row: the columns of what was measured."""
-    cols = [("model", res["model"] + (f" + {res['adapter']}" if res.get("adapter") else "")), ("dtype", res["dtype"])]
+    cols = [("model", res["model"] + (f" + {res['adapter']}" if res.get("adapter") else "")), ("dtype", res["dtype"]),
+            ("weights", res.get("quantization") or res["dtype"])]
     if "perplexity" in res:
         p = res["perplexity"]
         cols += [("ppl", _fmt(p["ppl"], 3)), ("nll", _fmt(p["nll"], 4)), ("tokens", _fmt(p["tokens_scored"])),

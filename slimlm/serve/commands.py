@@ -13,6 +13,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
     p.add_argument("--served-name", default=None, help="the base model's name in the API (default: from --model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                   help="quantize the base model's weights after loading (slimlm.quantize)")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]DIR", help="LoRA adapter folders to serve")
     p.add_argument("--registry", default=None, help="registry root whose adapters are served by name[@version]")
@@ -29,7 +32,7 @@ def serve_config(args: argparse.Namespace, **extra) -> ServeConfig:
     engine = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     cfg = ServeConfig(model=args.model, served_name=args.served_name, dtype=args.dtype, device=args.device,
-                      adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
+                      quantize=args.quantize, group_size=args.group_size, adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
                       engine=engine, **extra)
     cfg.validate()
     return cfg

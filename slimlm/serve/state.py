@@ -23,6 +23,8 @@ class ServeConfig:
     served_name: str | None = None  # the base's name in the API (default: the --model value's last path part)
     dtype: str = "auto"
     device: str = "cpu"
+    quantize: str | None = None  # int8 | int8-dynamic | int4: quantize the base's weights after loading
+    group_size: int = 64  # int4 group size
     adapters: list[str] = field(default_factory=list)  # adapter folders, as DIR or NAME=DIR
     registry: str | None = None  # registry root: adapters pushed there are served by name
     api_key_file: str | None = None  # one key per line; when set, /v1/* needs `Authorization: Bearer KEY`
@@ -33,6 +35,10 @@ class ServeConfig:
 
     def validate(self) -> None:
         self.engine.validate()
+        if self.quantize is not None:
+            from slimlm.quantize.model import check_scheme
+
+            check_scheme(self.quantize, self.group_size)
         if self.max_body_bytes < 1024 or self.max_tokens_limit < 1 or self.drain_timeout_s < 0:
             raise ValueError("max_body_bytes must be >= 1024, max_tokens_limit >= 1, drain_timeout_s >= 0")
 
@@ -76,7 +82,8 @@ class ServerState:
         try:
             from slimlm.llm import load
 
-            llm = load(self.config.model, dtype=self.config.dtype, device=self.config.device)
+            llm = load(self.config.model, dtype=self.config.dtype, device=self.config.device,
+                       quantize=self.config.quantize, group_size=self.config.group_size)
             self.tokenizer = llm.tokenizer
             self.engine = Engine(llm.model, llm.tokenizer, self.config.engine, self.metrics).start()
             self.ready = True

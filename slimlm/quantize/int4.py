@@ -1,0 +1,119 @@
+"""INT4 weight-only linear layers: grouped, asymmetric, two codes per byte.
+
+A weight [out, in] is cut along `in` into groups of g (32, 64 or 128) values. Each group stores a scale and a zero
+point so that w ≈ (q - 8) * scale + zero with q in 0..15 (the layout of PyTorch's int4 "tinygemm" kernels; zero is
+the value of code 8, i.e. the group's midpoint). That is 4 + 2*16/g bits per weight with bf16 scale/zero.
+
+Storage (`Int4WeightOnlyLinear` buffers, what is saved): qweight [out, in/2] uint8 (code of column 2j in the high
+nibble, 2j+1 in the low one), scale and zero [out, in/g] bf16. For the matmul the codes are repacked once into the
+CPU kernel's own layout (`torch._convert_weight_to_int4pack_for_cpu`) and multiplied by
+`torch._weight_int4pack_mm_for_cpu`, which takes bf16 activations; the dense weight is never rebuilt.
+
+`quantize_int4_weight` is round-to-nearest (RTN); quantize/gptq.py fills the same codes with a data-aware method.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) [out, in/g] fp32 spanning each group's [min, max] with 16 levels."""
+    out, n_in = w.shape
+    wg = w.detach().float().reshape(out, n_in // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    return scale, lo + 8 * scale  # zero = value of code 8
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Round w [out, in] to codes 0..15 (uint8, one per byte) under per-group scale/zero [out, in/g]."""
+    group = w.shape[1] // scale.shape[1]
+    s = scale.repeat_interleave(group, dim=1)
+    z = zero.repeat_interleave(group, dim=1)
+    return torch.round((w.float() - z) / s + 8).clamp(0, 15).to(torch.uint8)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes [out, in] uint8 in 0..15 -> [out, in/2] uint8, two per byte (even column high nibble)."""
+    return (codes[:, 0::2] << 4) | codes[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in/2] uint8 -> codes [out, in] uint8."""
+    return torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(packed.shape[0], -1)
+
+
+def check_int4_shape(out_features: int, in_features: int, group: int) -> None:
+    if group not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group}")
+    if in_features % group:
+        raise ValueError(f"int4 with group {group} needs in_features divisible by {group}, got {in_features}")
+
+
+def quantize_int4_weight(w: torch.Tensor, group: int = 64) -> dict[str, torch.Tensor]:
+    """Round-to-nearest INT4 of w [out, in]: {'qweight' [out, in/2] uint8, 'scale', 'zero' [out, in/g] bf16}."""
+    check_int4_shape(*w.shape, group)
+    scale, zero = int4_params(w, group)
+    scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)  # round first: codes see the stored values
+    codes = int4_codes(w, scale.float(), zero.float())
+    return {"qweight": pack_int4(codes), "scale": scale, "zero": zero}
+
+
+def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight [out, in] of stored int4 codes."""
+    codes = unpack_int4(qweight).to(dtype)
+    group = codes.shape[1] // scale.shape[1]
+    s = scale.to(dtype).repeat_interleave(group, dim=1)
+    z = zero.to(dtype).repeat_interleave(group, dim=1)
+    return (codes - 8) * s + z
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """y = x @ W^T + b with W stored as grouped int4 (see the module docstring)."""
+
+    scheme = "int4"
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.group_size = self.in_features // scale.shape[1]
+        check_int4_shape(self.out_features, self.in_features, self.group_size)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # the CPU kernel's layout, made on first use
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int = 64) -> "Int4WeightOnlyLinear":
+        return cls(**quantize_int4_weight(linear.weight, group), bias=linear.bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.scale, self.zero, dtype)
+
+    def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._kernel is None or self._kernel[0].device != self.qweight.device:
+            if self.qweight.device.type != "cpu":
+                raise NotImplementedError("int4 layers run on CPU only for now (torch._weight_int4pack_mm_for_cpu)")
+            codes = unpack_int4(self.qweight).to(torch.int32)  # [out, in]
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            scale_zero = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()  # [in/g, out, 2]
+            self._kernel = (packed, scale_zero.to(torch.bfloat16))
+        return self._kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed, scale_zero = self._kernel_weights()
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [M, in]: the kernel takes bf16 activations
+        y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scale_zero)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int4 group {self.group_size}")

@@ -1,0 +1,182 @@
+"""Quantize a whole Llama model in place, and save / reload it packed (no re-quantization on load).
+
+Schemes (`SCHEMES`): `int8` (weight-only, per channel), `int8-dynamic` (weights per channel, activations per token
+at run time), `int4` (weight-only, grouped RTN, group 32/64/128). Every linear layer of the decoder blocks is
+quantized. The embedding table becomes per-row int8 (`Int8Embedding`) and the LM head int8 — sharing the same codes
+when the embeddings are tied, as in SmolLM2 — under every scheme: the table is 20 % of SmolLM2-135M and an int4
+head costs more quality than it saves (llama.cpp keeps it at 6+ bits too). The head runs as the scheme's int8 layer
+(dynamic under `int8-dynamic`, weight-only otherwise). Norms stay in the model dtype.
+
+A quantized model saves as an HF-style folder whose config.json carries
+`"quantization_config": {"quant_method": "slimlm", "scheme": ..., "group_size": ...}` and whose safetensors hold
+the packed buffers (`...q_proj.qweight`, `...q_proj.scale`, ...). slimlm.load() reads it back as is. Other tools
+cannot load this layout (export/ writes formats they can).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slimlm.model import Transformer
+from slimlm.quantize.int4 import GROUP_SIZES, Int4WeightOnlyLinear
+from slimlm.quantize.int8 import DynamicInt8Linear, Int8Embedding, Int8WeightOnlyLinear
+
+SCHEMES = ("int8", "int8-dynamic", "int4")
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZED_LAYERS = (Int8WeightOnlyLinear, DynamicInt8Linear, Int4WeightOnlyLinear)
+
+
+def check_scheme(scheme: str, group_size: int) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
+
+
+def describe_quantization(quantization: dict | None) -> str | None:
+    """'int8', 'int8-dynamic' or 'int4 g64' for a model's `quantization` attribute (None when not quantized)."""
+    if not quantization:
+        return None
+    scheme = quantization["scheme"]
+    return f"{scheme} g{quantization['group_size']}" if scheme == "int4" else scheme
+
+
+def block_linears(model: Transformer):
+    """(parent module, attribute name, layer) for every linear layer of the decoder blocks."""
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for attr in BLOCK_LINEARS:
+                layer = getattr(parent, attr, None)
+                if layer is not None:
+                    yield parent, attr, layer
+
+
+def quantize_linear(linear: nn.Linear, scheme: str, group_size: int = 64) -> nn.Module:
+    """The quantized replacement of one nn.Linear under `scheme`."""
+    if scheme == "int8":
+        return Int8WeightOnlyLinear.from_linear(linear)
+    if scheme == "int8-dynamic":
+        return DynamicInt8Linear.from_linear(linear)
+    return Int4WeightOnlyLinear.from_linear(linear, group_size)
+
+
+@torch.no_grad()
+def quantize_model_(model: Transformer, scheme: str, group_size: int = 64) -> Transformer:
+    """Quantize `model` in place under `scheme` (see the module docstring); returns it."""
+    check_scheme(scheme, group_size)
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model is already quantized ({model.quantization['scheme']})")
+    for parent, attr, layer in list(block_linears(model)):
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"cannot quantize {type(layer).__name__} layers: merge or remove adapters first")
+        setattr(parent, attr, quantize_linear(layer, scheme, group_size))
+    _quantize_embeddings(model, scheme)
+    model.quantization = {"quant_method": "slimlm", "scheme": scheme, "group_size": group_size}
+    return model
+
+
+def _quantize_embeddings(model: Transformer, scheme: str) -> None:
+    """Int8 embedding table and LM head; tied models share one set of codes."""
+    head_cls = DynamicInt8Linear if scheme == "int8-dynamic" else Int8WeightOnlyLinear
+    emb = Int8Embedding.from_embedding(model.embed_tokens)
+    if model.config.tie_word_embeddings:
+        head = head_cls(emb.qweight, emb.scale)
+    else:
+        head = head_cls.from_linear(model.lm_head)
+    model.embed_tokens, model.lm_head = emb, head
+
+
+def tie_quantized_head(model: Transformer) -> None:
+    """Point the LM head at the embedding's codes again (loading assigns them separately)."""
+    if model.config.tie_word_embeddings:
+        model.lm_head.qweight, model.lm_head.scale = model.embed_tokens.qweight, model.embed_tokens.scale
+
+
+def stored_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """What a quantized checkpoint holds: every buffer and parameter, the tied LM head once (live tensors)."""
+    tied = model.config.tie_word_embeddings
+    return {k: v for k, v in model.state_dict().items() if not (tied and k.startswith("lm_head."))}
+
+
+def quantized_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """stored_tensors as contiguous CPU copies, ready for safetensors."""
+    return {k: v.detach().contiguous().cpu() for k, v in stored_tensors(model).items()}
+
+
+def save_quantized(model: Transformer, folder: str | Path, tokenizer=None) -> Path:
+    """Write a quantized model as a folder (config.json with quantization_config, model.safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    from slimlm.checkpoint.atomic import atomic_folder
+
+    if not getattr(model, "quantization", None):
+        raise ValueError("the model is not quantized: call quantize_model_ first")
+    hf_config = model.config.to_hf()
+    hf_config["quantization_config"] = dict(model.quantization)
+    eos = model.config.eos_token_id
+    with atomic_folder(folder) as tmp:
+        save_file(quantized_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": eos}
+        (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(folder)
+
+
+def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> Transformer:
+    """Rebuild a model saved by save_quantized: the layers are created empty and filled with the stored codes."""
+    from safetensors.torch import load_file
+
+    from slimlm.checkpoint.hf import read_hf_config, safetensors_files
+    from slimlm.checkpoint.materialize import CheckpointError
+    from slimlm.model import rope_inv_freq
+
+    folder = Path(folder)
+    scheme, group = quantization.get("scheme"), int(quantization.get("group_size", 64))
+    try:
+        check_scheme(scheme, group)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from None
+    config = read_hf_config(folder)
+    with torch.device("meta"):
+        model = quantize_model_(Transformer(config), scheme, group)
+    expected = stored_tensors(model)
+    state = {}
+    for f in safetensors_files(folder):
+        state.update(load_file(str(f), device=str(device)))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: a {scheme} checkpoint of this config needs other tensors "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape) or t.dtype != expected[name].dtype and \
+                not t.is_floating_point():
+            raise CheckpointError(f"{folder}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, expected "
+                                  f"{tuple(expected[name].shape)} {expected[name].dtype}")
+        if t.is_floating_point() and name.split(".")[-1] not in ("scale", "zero"):
+            state[name] = t.to(dtype)  # norms and biases follow the requested dtype; scales keep theirs
+        else:
+            # A fresh, aligned copy: tensors read from a file can start at any byte offset, and the low-bit CPU
+            # kernels use aligned vector loads (a misaligned int8 weight crashed torch._weight_int8pack_mm).
+            state[name] = t.clone()
+    model.load_state_dict(state, strict=False, assign=True)
+    model.embed_tokens.dtype = dtype
+    tie_quantized_head(model)
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model.eval()
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, tied tensors once (what the model holds in memory)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,162 @@
+"""quantize/int8.py, int4.py, model.py: layer accuracy by SQNR, packing, model save/reload, serving a quantized base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from serve_helpers import random_lora
+
+import slimlm
+from slimlm.checkpoint.materialize import CheckpointError
+from slimlm.generate import SamplingParams, generate_tokens
+from slimlm.quantize.int4 import Int4WeightOnlyLinear, pack_int4, quantize_int4_weight, unpack_int4
+from slimlm.quantize.int8 import DynamicInt8Linear, Int8Embedding, Int8WeightOnlyLinear
+from slimlm.quantize.model import SCHEMES, quantize_model_, quantized_bytes, save_quantized
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    return 10 * torch.log10(ref.pow(2).mean() / (ref - approx).pow(2).mean()).item()
+
+
+def gaussian_linear(n_out: int = 256, n_in: int = 512, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=True)
+    nn.init.normal_(lin.weight, std=0.02)
+    nn.init.normal_(lin.bias, std=0.02)
+    return lin
+
+
+@pytest.mark.parametrize("cls", [Int8WeightOnlyLinear, DynamicInt8Linear])
+def test_int8_layers_sqnr_above_30db(cls):
+    lin, x = gaussian_linear(), torch.randn(9, 512)
+    q = cls.from_linear(lin)
+    assert q.qweight.dtype == torch.int8 and q.qweight.shape == (256, 512) and q.scale.shape == (256,)
+    assert sqnr_db(lin.weight, q.dequantize()) > 30
+    with torch.no_grad():
+        assert sqnr_db(lin(x), q(x)) > 30
+        # The kernel multiplies by exactly the stored weight (up to bf16/int8 activation rounding).
+        ref = x @ q.dequantize().T + lin.bias
+        assert sqnr_db(ref, q(x)) > 35
+
+
+def test_int4_sqnr_by_group_and_kernel_matches_stored_weight():
+    lin, x = gaussian_linear(), torch.randn(3, 4, 512)
+    sqnrs = {}
+    for g in (32, 64, 128):
+        q = Int4WeightOnlyLinear.from_linear(lin, g)
+        assert q.qweight.shape == (256, 256) and q.qweight.dtype == torch.uint8 and q.scale.shape == (256, 512 // g)
+        sqnrs[g] = sqnr_db(lin.weight, q.dequantize())
+        with torch.no_grad():
+            y = q(x)
+            assert y.shape == (3, 4, 256)
+            assert sqnr_db(x @ q.dequantize().T + lin.bias, y) > 35  # bf16 activations only
+    assert sqnrs[64] > 15 and sqnrs[32] > sqnrs[64] > sqnrs[128]
+
+
+def test_int4_packing_round_trip_and_errors():
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    with pytest.raises(ValueError, match="group size must be one of"):
+        quantize_int4_weight(torch.randn(8, 64), group=48)
+    with pytest.raises(ValueError, match="divisible by 64"):
+        quantize_int4_weight(torch.randn(8, 96), group=64)
+
+
+def test_int8_embedding_rows():
+    emb = nn.Embedding(50, 32)
+    q = Int8Embedding.from_embedding(emb)
+    ids = torch.tensor([[3, 7, 49]])
+    assert q(ids).shape == (1, 3, 32) and sqnr_db(emb(ids), q(ids)) > 30
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_model_close_to_fp32_and_reloads_identically(tiny_llama, tmp_path, scheme):
+    ref = slimlm.load(str(tiny_llama[0]), dtype="fp32")
+    llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize=scheme)
+    assert llm.model.quantization["scheme"] == scheme
+    ids = torch.randint(3, 300, (2, 20))
+    with torch.no_grad():
+        expected, out = ref.model(ids), llm.model(ids)
+    assert sqnr_db(expected, out) > (8 if scheme == "int4" else 20)  # random tiny weights: int4 ~11 dB
+    folder = save_quantized(llm.model, tmp_path / scheme, llm.tokenizer)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["scheme"] == scheme
+    again = slimlm.load(str(folder), dtype="fp32")
+    with torch.no_grad():
+        assert torch.equal(again.model(ids), out)
+    fp32_bytes = (tiny_llama[0] / "model.safetensors").stat().st_size
+    file_bytes = (folder / "model.safetensors").stat().st_size
+    assert file_bytes < (0.32 if scheme != "int4" else 0.22) * fp32_bytes
+    assert quantized_bytes(again.model) < 0.32 * quantized_bytes(ref.model)
+
+
+def test_quantize_errors(tiny_llama, tmp_path):
+    llm = slimlm.load(str(tiny_llama[0]), dtype="fp32")
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
+        quantize_model_(llm.model, "int3")
+    quantize_model_(llm.model, "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model_(llm.model, "int4")
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized(slimlm.load(str(tiny_llama[0])).model, tmp_path / "x")
+    folder = save_quantized(llm.model, tmp_path / "q")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'gptq'-quantized checkpoints are not supported"):
+        slimlm.load(str(folder))
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int4"])
+def test_serving_engine_on_quantized_base_with_lora_rows(tiny_llama, tmp_path, scheme):
+    """Base and adapter rows in one batch over a quantized base equal each generated alone."""
+    from slimlm.serve.engine import AdapterRef, Engine, EngineConfig, Request
+    from slimlm.serve.sampling import RequestSampling
+
+    adapter = random_lora(tiny_llama[0], tmp_path / "a", seed=1)
+    llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize=scheme)
+    engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=2, max_seq_len=64, max_loras=1, max_lora_rank=4))
+
+    def run(reqs):
+        outs = [[] for _ in reqs]
+        for r, out in zip(reqs, outs):
+            r.emit = lambda o, out=out: out.extend(o.token_ids)
+            engine.submit(r)
+        while engine.has_work():
+            engine.step()
+        return outs
+
+    prompt = llm.tokenizer.prompt_ids("tell me a story", chat=True)
+    make = lambda a: Request(prompt, max_tokens=8, sampling=RequestSampling(temperature=0.0), ignore_eos=True,  # noqa: E731
+                             adapter=AdapterRef(("a", 1), adapter, "a") if a else None)
+    together = run([make(False), make(True)])
+    alone = run([make(False)]) + run([make(True)])
+    assert together == alone and together[0] != together[1]
+    ref = [step[0] for step in generate_tokens(llm.model, [prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))]
+    assert together[0] == ref  # the engine's slot cache gives the plain generator's tokens
+
+
+def test_lora_adapter_on_quantized_base(tiny_llama, tmp_path):
+    adapter = random_lora(tiny_llama[0], tmp_path / "a", seed=2)
+    ref = slimlm.load(str(tiny_llama[0]), dtype="fp32", adapter=adapter)
+    base = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize="int8")
+    q = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize="int8", adapter=adapter)
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        expected, out, without = ref.model(ids), q.model(ids), base.model(ids)
+    assert sqnr_db(expected, out) > 20 and sqnr_db(expected, without) < 10  # the adapter is applied
+
+
+def test_cli_quantize_then_generate(tiny_llama, tmp_path, capsys):
+    from slimlm.cli import main
+
+    assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int4", "--group-size", "32",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert "(int4 g32)" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "hi", "--max-new-tokens", "3",
+                 "--ignore-eos"]) == 0
+    assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int4", "--group-size", "48",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "group_size must be one of" in capsys.readouterr().err and not (tmp_path / "bad").exists()
