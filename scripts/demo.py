@@ -1,9 +1,9 @@
 """The main job, end to end on the default model: load SmolLM2-135M-Instruct, chat, report throughput, then
 fine-tune it with LoRA on the bundled extract_json task and compare base vs tuned exact match on held-out data,
 then serve base and adapter side by side from one OpenAI-compatible server (registry, concurrent requests,
-metrics, graceful drain).
+metrics, graceful drain), then quantize the tuned model (int8, int4) and compare quality, speed and size.
 
-Run by `make demo`. Later stages (compress) join here as they are built.
+Run by `make demo`. Later compression stages (pruning, distillation) join here as they are built.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--skip-finetune", action="store_true",
                         help="reuse the adapter of an earlier run in --out (for the serving stage)")
     parser.add_argument("--serve-requests", type=int, default=32, help="requests the serving stage sends")
+    parser.add_argument("--quant-test", type=int, default=40, help="test records scored per quantized model")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -44,6 +45,7 @@ def main() -> None:
         chat_stage(args)
     adapter = Path(args.out) / "lora" / "adapter" if args.skip_finetune else finetune_stage(args)
     serve_stage(args, adapter)
+    quantize_stage(args, adapter)
 
 
 def chat_stage(args: argparse.Namespace) -> None:
@@ -213,6 +215,29 @@ def _wait_ready(url: str, proc, timeout: float = 300) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"slimlm serve was not ready after {timeout:.0f} s")
+
+
+def quantize_stage(args: argparse.Namespace, adapter: Path) -> None:
+    """The tuned model (base + LoRA) on fp32, int8 and int4 base weights: task exact match, perplexity, speed, size."""
+    from slimlm.eval.corpus import builtin_corpus
+    from slimlm.eval.perplexity import perplexity
+    from slimlm.eval.speed import SpeedConfig, measure_speed
+    from slimlm.quantize.model import quantized_bytes
+    from slimlm.train.evaluate import chat_eval_set, generation_accuracy
+
+    print("\n== quantization: the tuned model on int8 and int4 base weights ==", flush=True)
+    test = chat_eval_set(Path(args.out) / "task" / "test.jsonl")[: args.quant_test]
+    text = builtin_corpus("heldout")
+    print(f"| base weights | extract_json exact match ({len(test)} test) | perplexity (held-out, 4,096 tokens) "
+          "| decode tok/s | weights MiB |\n|---|---:|---:|---:|---:|")
+    for scheme in (None, "int8", "int4"):
+        llm = slimlm.load(args.model, dtype="fp32", quantize=scheme, adapter=adapter)
+        score = generation_accuracy(llm.model, llm.tokenizer, test, "extract_json", max_new_tokens=48)
+        ppl = perplexity(llm.model, llm.tokenizer, text, max_tokens=4096, progress=False)["ppl"]
+        speed = measure_speed(llm.model, SpeedConfig(new_tokens=32, repeats=3))
+        print(f"| {scheme or 'fp32'}{' g64' if scheme == 'int4' else ''} | {100 * score['exact_match']:.1f}% | "
+              f"{ppl:.2f} | {speed['decode_tokens_per_s']:.1f} | {quantized_bytes(llm.model) / 2**20:,.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
