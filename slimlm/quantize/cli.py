@@ -15,6 +15,12 @@ def add_quantize_commands(sub) -> None:
     q.add_argument("--scheme", required=True, choices=SCHEMES,
                    help="int8: weight-only per channel; int8-dynamic: + activations per token; int4: grouped RTN")
     q.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="int4 only: rtn = round to nearest; gptq = data-aware, uses calibration text")
+    q.add_argument("--calib-file", default=None,
+                   help="calibration text for gptq (default: the built-in corpus's calibration split)")
+    q.add_argument("--calib-samples", type=int, default=32, help="gptq: calibration sequences")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="gptq: tokens per calibration sequence")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of what stays unquantized (norms)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.set_defaults(func=cmd_quantize)
@@ -27,13 +33,41 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                        save_quantized)
 
     check_scheme(args.scheme, args.group_size)  # before the slow load
+    if args.method == "gptq" and args.scheme != "int4":
+        raise ValueError("--method gptq is for --scheme int4")
     t0 = time.perf_counter()
     llm = load(args.model, dtype=args.dtype)
     dense = quantized_bytes(llm.model)
-    quantize_model_(llm.model, args.scheme, args.group_size)
+    if args.method == "gptq":
+        from slimlm.quantize.gptq import gptq_quantize_model_
+
+        calib = calibration_ids(llm.tokenizer, args.calib_file, args.calib_samples, args.calib_seq_len)
+        gptq_quantize_model_(llm.model, calib, args.group_size)
+    else:
+        quantize_model_(llm.model, args.scheme, args.group_size)
     folder = save_quantized(llm.model, args.out, llm.tokenizer)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    print(f"{model_folder(args.model).name} -> {folder} ({describe_quantization(llm.model.quantization)}): "
+    method = f", {args.method}" if args.scheme == "int4" else ""
+    print(f"{model_folder(args.model).name} -> {folder} ({describe_quantization(llm.model.quantization)}{method}): "
           f"weights {dense / 2**20:,.1f} MiB in {args.dtype} -> {quantized_bytes(llm.model) / 2**20:,.1f} MiB, "
           f"model.safetensors {size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def calibration_ids(tokenizer, path: str | None, samples: int, seq_len: int):
+    """[samples, seq_len] token ids: evenly spaced windows of the calibration text (built-in split by default)."""
+    from pathlib import Path
+
+    import torch
+
+    from slimlm.eval.corpus import builtin_corpus
+
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"--calib-samples must be >= 1 and --calib-seq-len >= 2, got {samples}, {seq_len}")
+    text = builtin_corpus("calibration") if path is None else Path(path).read_text(encoding="utf-8")
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if len(ids) < samples * seq_len:
+        raise ValueError(f"the calibration text has {len(ids)} tokens; {samples} x {seq_len} are needed: use fewer "
+                         "--calib-samples, a shorter --calib-seq-len, or a longer --calib-file")
+    starts = torch.linspace(0, len(ids) - seq_len, samples).long()
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
