@@ -212,3 +212,20 @@ def test_cli_gptq(tiny_llama, tmp_path, capsys):
     assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int8", "--method", "gptq",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--method gptq is for --scheme int4" in capsys.readouterr().err
+
+
+def test_searched_int4_ranges_never_worse_than_full_range():
+    from slimlm.quantize.int4 import int4_codes, int4_params, int4_params_searched
+
+    w = torch.randn(32, 128) * 0.02
+    w[0, 5] = 0.5  # an outlier: clipping its group pays off
+    imp = torch.rand(128) + 0.5
+
+    def err(scale, zero):
+        s, z = scale.bfloat16().float(), zero.bfloat16().float()
+        q = int4_codes(w, s, z).float()
+        g = w.shape[1] // s.shape[1]
+        deq = (q - 8) * s.repeat_interleave(g, 1) + z.repeat_interleave(g, 1)
+        return (((deq - w) ** 2) * imp).sum().item()
+    full, searched = err(*int4_params(w, 64)), err(*int4_params_searched(w, 64, importance=imp))
+    assert searched < full

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from slimlm.model import Transformer, rope_cos_sin
-from slimlm.quantize.int4 import Int4WeightOnlyLinear, check_int4_shape, int4_params, pack_int4
+from slimlm.quantize.int4 import (Int4WeightOnlyLinear, check_int4_shape, int4_params, int4_params_searched,
+                                  pack_int4)
 
 
 def gptq_int4_weight(w: torch.Tensor, H: torch.Tensor, group: int = 64, damp: float = 0.01,
@@ -26,8 +27,8 @@ def gptq_int4_weight(w: torch.Tensor, H: torch.Tensor, group: int = 64, damp: fl
     """Quantize w [out, in] given H [in, in]; returns int4 storage (see quantize_int4_weight) of the same layout.
 
     act_order=True visits the columns by decreasing H diagonal (the most active inputs first, whose error the
-    others can still absorb); the groups' scale/zero are then fixed up front from w (static groups), so the
-    stored layout is unchanged.
+    others can still absorb); the groups' scale/zero are then fixed up front from w (static groups, each range
+    clipped to minimise its diag(H)-weighted error), so the stored layout is unchanged.
     """
     if act_order:
         return _gptq_act_order(w, H, group, damp, block_size)
@@ -74,7 +75,8 @@ def _gptq_act_order(w: torch.Tensor, H: torch.Tensor, group: int, damp: float,
     out_f, in_f = w.shape
     check_int4_shape(out_f, in_f, group)
     W, H = _prepare(w, H, damp)
-    scale, zero = int4_params(W, group)  # static groups [out, in/g]
+    # Static groups [out, in/g]: each group's range clipped to minimise its error weighted by diag(H).
+    scale, zero = int4_params_searched(W, group, importance=torch.diag(H))
     scale, zero = scale.bfloat16(), zero.bfloat16()
     perm = torch.argsort(torch.diag(H), descending=True)
     W, H = W[:, perm], H[perm][:, perm]

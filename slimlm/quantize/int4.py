@@ -29,6 +29,31 @@ def int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return scale, lo + 8 * scale  # zero = value of code 8
 
 
+def int4_params_searched(w: torch.Tensor, group: int, importance: torch.Tensor | None = None,
+                         shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) whose range [lo, hi] * p, p in `shrink`, minimises the group's rounding error.
+
+    Clipping a group's extremes trades their error for finer steps everywhere else. importance [in] weighs each
+    input column's squared error (GPTQ passes diag(H), the mean squared input); None weighs all equally.
+    """
+    out, n_in = w.shape
+    wg = w.detach().float().reshape(out, n_in // group, group)  # [out, ng, g]
+    imp = torch.ones(n_in) if importance is None else importance.float()
+    imp = imp.reshape(1, n_in // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    best_err = torch.full(lo.shape, float("inf"))
+    best_s, best_z = torch.zeros_like(lo), torch.zeros_like(lo)
+    for p in shrink:
+        scale = ((hi - lo) * p / 15).clamp(min=1e-8).bfloat16().float()
+        zero = ((lo + hi) / 2 + scale / 2).bfloat16().float()  # lo*p + 8*scale, centred like the full range
+        q = torch.round((wg - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+        err = (((q - 8) * scale[..., None] + zero[..., None] - wg) ** 2 * imp).sum(dim=-1)  # [out, ng]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, scale, best_s), torch.where(better, zero, best_z)
+    return best_s, best_z
+
+
 def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """Round w [out, in] to codes 0..15 (uint8, one per byte) under per-group scale/zero [out, in/g]."""
     group = w.shape[1] // scale.shape[1]
