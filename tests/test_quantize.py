@@ -229,3 +229,28 @@ def test_searched_int4_ranges_never_worse_than_full_range():
         return (((deq - w) ** 2) * imp).sum().item()
     full, searched = err(*int4_params(w, 64)), err(*int4_params_searched(w, 64, importance=imp))
     assert searched < full
+
+
+def test_smoothing_is_exact_in_full_precision_and_helps_dynamic_int8(tiny_llama):
+    from slimlm.quantize.smooth import smooth_model_
+
+    ref = slimlm.load(str(tiny_llama[0]), dtype="fp32")
+    with torch.no_grad():  # give the first norm's output a few outlier channels, as real Llamas have
+        for block in ref.model.layers:
+            block.input_layernorm.weight[:3] *= 30
+            block.post_attention_layernorm.weight[5:7] *= 30
+    state = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    calib = torch.randint(3, 380, (4, 32), generator=torch.Generator().manual_seed(0))
+    test = torch.randint(3, 380, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref.model(test)
+        plain = quantize_model_(slimlm.load(str(tiny_llama[0]), dtype="fp32").model, "int8-dynamic")
+        plain.load_state_dict({k: v for k, v in state.items() if "layernorm" in k or k == "norm.weight"},
+                              strict=False)
+        info = smooth_model_(ref.model, calib, alpha=0.5)
+        assert info["groups"] == 3 * len(ref.model.layers)
+        torch.testing.assert_close(ref.model(test), expected, atol=1e-4, rtol=1e-4)  # same function
+        smoothed = quantize_model_(ref.model, "int8-dynamic")
+        assert sqnr_db(expected, smoothed(test)) > sqnr_db(expected, plain(test)) + 3
+    with pytest.raises(ValueError, match="alpha must be in"):
+        smooth_model_(slimlm.load(str(tiny_llama[0])).model, calib, alpha=1.5)

@@ -17,8 +17,10 @@ def add_quantize_commands(sub) -> None:
     q.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
     q.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
                    help="int4 only: rtn = round to nearest; gptq = data-aware, uses calibration text")
+    q.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant before quantizing (int8-dynamic; 0.5 is the paper's alpha); uses calibration text")
     q.add_argument("--calib-file", default=None,
-                   help="calibration text for gptq (default: the built-in corpus's calibration split)")
+                   help="calibration text for gptq/--smooth (default: the built-in corpus's calibration split)")
     q.add_argument("--calib-samples", type=int, default=32, help="gptq: calibration sequences")
     q.add_argument("--calib-seq-len", type=int, default=512, help="gptq: tokens per calibration sequence")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of what stays unquantized (norms)")
@@ -38,6 +40,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     llm = load(args.model, dtype=args.dtype)
     dense = quantized_bytes(llm.model)
+    if args.smooth is not None:
+        from slimlm.quantize.smooth import smooth_model_
+
+        calib = calibration_ids(llm.tokenizer, args.calib_file, args.calib_samples, args.calib_seq_len)
+        info = smooth_model_(llm.model, calib, args.smooth)
+        print(f"smoothed {info['groups']} input groups (largest channel max / median before: "
+              f"{info['max_outlier_ratio_before']:.0f}x)")
     if args.method == "gptq":
         from slimlm.quantize.gptq import gptq_quantize_model_
 
