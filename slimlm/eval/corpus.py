@@ -36,6 +36,7 @@ import inspect
 import re
 import sys
 import warnings
+from pathlib import Path
 
 STDLIB_MODULES = tuple(sorted("""
     abc argparse ast asyncio.events asyncio.futures asyncio.locks asyncio.queues asyncio.streams asyncio.tasks
@@ -152,3 +153,18 @@ def corpus_info() -> dict:
         info[split] = {"documents": len(splits[split]), "characters": len(text),
                        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
     return info
+
+
+def calibration_ids(tokenizer, path: str | None, samples: int, seq_len: int):
+    """[samples, seq_len] token ids: evenly spaced windows of the calibration text (built-in split by default)."""
+    import torch  # here, so reading the corpus needs no torch
+
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"--calib-samples must be >= 1 and --calib-seq-len >= 2, got {samples}, {seq_len}")
+    text = builtin_corpus("calibration") if path is None else Path(path).read_text(encoding="utf-8")
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if len(ids) < samples * seq_len:
+        raise ValueError(f"the calibration text has {len(ids)} tokens; {samples} x {seq_len} are needed: use fewer "
+                         "--calib-samples, a shorter --calib-seq-len, or a longer --calib-file")
+    starts = torch.linspace(0, len(ids) - seq_len, samples).long()
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

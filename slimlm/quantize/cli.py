@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from slimlm.eval.corpus import calibration_ids
 from slimlm.quantize.model import SCHEMES
 
 
@@ -21,8 +22,8 @@ def add_quantize_commands(sub) -> None:
                    help="SmoothQuant before quantizing (int8-dynamic; 0.5 is the paper's alpha); uses calibration text")
     q.add_argument("--calib-file", default=None,
                    help="calibration text for gptq/--smooth (default: the built-in corpus's calibration split)")
-    q.add_argument("--calib-samples", type=int, default=32, help="gptq: calibration sequences")
-    q.add_argument("--calib-seq-len", type=int, default=512, help="gptq: tokens per calibration sequence")
+    q.add_argument("--calib-samples", type=int, default=32, help="gptq/--smooth: calibration sequences")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="gptq/--smooth: tokens per calibration sequence")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of what stays unquantized (norms)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.set_defaults(func=cmd_quantize)
@@ -40,17 +41,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     llm = load(args.model, dtype=args.dtype)
     dense = quantized_bytes(llm.model)
+    calib = None
+    if args.smooth is not None or args.method == "gptq":
+        calib = calibration_ids(llm.tokenizer, args.calib_file, args.calib_samples, args.calib_seq_len)
     if args.smooth is not None:
         from slimlm.quantize.smooth import smooth_model_
 
-        calib = calibration_ids(llm.tokenizer, args.calib_file, args.calib_samples, args.calib_seq_len)
         info = smooth_model_(llm.model, calib, args.smooth)
         print(f"smoothed {info['groups']} input groups (largest channel max / median before: "
               f"{info['max_outlier_ratio_before']:.0f}x)")
     if args.method == "gptq":
         from slimlm.quantize.gptq import gptq_quantize_model_
 
-        calib = calibration_ids(llm.tokenizer, args.calib_file, args.calib_samples, args.calib_seq_len)
         gptq_quantize_model_(llm.model, calib, args.group_size)
     else:
         quantize_model_(llm.model, args.scheme, args.group_size)
@@ -61,22 +63,3 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"weights {dense / 2**20:,.1f} MiB in {args.dtype} -> {quantized_bytes(llm.model) / 2**20:,.1f} MiB, "
           f"model.safetensors {size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def calibration_ids(tokenizer, path: str | None, samples: int, seq_len: int):
-    """[samples, seq_len] token ids: evenly spaced windows of the calibration text (built-in split by default)."""
-    from pathlib import Path
-
-    import torch
-
-    from slimlm.eval.corpus import builtin_corpus
-
-    if samples < 1 or seq_len < 2:
-        raise ValueError(f"--calib-samples must be >= 1 and --calib-seq-len >= 2, got {samples}, {seq_len}")
-    text = builtin_corpus("calibration") if path is None else Path(path).read_text(encoding="utf-8")
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    if len(ids) < samples * seq_len:
-        raise ValueError(f"the calibration text has {len(ids)} tokens; {samples} x {seq_len} are needed: use fewer "
-                         "--calib-samples, a shorter --calib-seq-len, or a longer --calib-file")
-    starts = torch.linspace(0, len(ids) - seq_len, samples).long()
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

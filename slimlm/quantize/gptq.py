@@ -19,41 +19,48 @@ import torch.nn as nn
 
 from slimlm.model import Transformer, rope_cos_sin
 from slimlm.quantize.int4 import (Int4WeightOnlyLinear, check_int4_shape, int4_params, int4_params_searched,
-                                  pack_int4)
+                                  int4_round, int4_value, pack_int4)
 
 
 def gptq_int4_weight(w: torch.Tensor, H: torch.Tensor, group: int = 64, damp: float = 0.01,
                      block_size: int = 128, act_order: bool = False) -> dict[str, torch.Tensor]:
     """Quantize w [out, in] given H [in, in]; returns int4 storage (see quantize_int4_weight) of the same layout.
 
-    act_order=True visits the columns by decreasing H diagonal (the most active inputs first, whose error the
-    others can still absorb); the groups' scale/zero are then fixed up front from w (static groups, each range
-    clipped to minimise its diag(H)-weighted error), so the stored layout is unchanged.
+    Without act_order the columns are visited in order and each group's scale/zero is taken from the
+    error-corrected weights when the group starts. act_order=True visits the columns by decreasing H diagonal (the
+    most active inputs first, whose error the others can still absorb); the groups' scale/zero are then fixed up
+    front from w (static groups, each range clipped to minimise its diag(H)-weighted error), so the stored layout
+    is unchanged.
     """
-    if act_order:
-        return _gptq_act_order(w, H, group, damp, block_size)
     out_f, in_f = w.shape
     check_int4_shape(out_f, in_f, group)
     block_size = max(group, block_size - block_size % group)  # groups never straddle a block
     W, H = _prepare(w, H, damp)  # inputs never active in calibration are zeroed: any value would do there
+    scales = torch.zeros(out_f, in_f // group, dtype=torch.bfloat16)
+    zeros = torch.zeros_like(scales)
+    perm = torch.arange(in_f)
+    if act_order:
+        s, z = int4_params_searched(W, group, importance=torch.diag(H))  # static groups [out, in/g]
+        scales, zeros = s.bfloat16(), z.bfloat16()
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    group_of = perm // group  # [in]: the group of the column visited at each step
     # Upper Cholesky factor of H^-1: row i holds what quantizing column i does to the columns after it.
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    scales = torch.zeros(out_f, in_f // group, dtype=torch.bfloat16)
-    zeros = torch.zeros_like(scales)
     for b0 in range(0, in_f, block_size):
         b1 = min(b0 + block_size, in_f)
         W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
         err1 = torch.zeros_like(W1)
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % group == 0:  # this group's range from the error-corrected weights
+            col, g = b0 + i, int(group_of[b0 + i])
+            if not act_order and col % group == 0:  # this group's range from the error-corrected weights
                 s, z = int4_params(W1[:, i:i + group], group)
-                scales[:, col // group], zeros[:, col // group] = s[:, 0].bfloat16(), z[:, 0].bfloat16()
-                s, z = scales[:, col // group].float(), zeros[:, col // group].float()
-            q = torch.round((W1[:, i] - z) / s + 8).clamp(0, 15)
-            codes[:, col] = q.to(torch.uint8)
-            e = (W1[:, i] - ((q - 8) * s + z)) / Hinv1[i, i]  # [out]
+                scales[:, g], zeros[:, g] = s[:, 0].bfloat16(), z[:, 0].bfloat16()
+            s, z = scales[:, g].float(), zeros[:, g].float()
+            q = int4_round(W1[:, i], s, z)
+            codes[:, perm[col]] = q.to(torch.uint8)
+            e = (W1[:, i] - int4_value(q, s, z)) / Hinv1[i, i]  # [out]
             W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]
             err1[:, i] = e
         W[:, b1:] -= err1 @ Hinv[b0:b1, b1:]
@@ -68,35 +75,6 @@ def _prepare(w: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tenso
     W[:, dead] = 0
     H += damp * torch.diag(H).mean() * torch.eye(H.shape[0])
     return W, H
-
-
-def _gptq_act_order(w: torch.Tensor, H: torch.Tensor, group: int, damp: float,
-                    block_size: int) -> dict[str, torch.Tensor]:
-    out_f, in_f = w.shape
-    check_int4_shape(out_f, in_f, group)
-    W, H = _prepare(w, H, damp)
-    # Static groups [out, in/g]: each group's range clipped to minimise its error weighted by diag(H).
-    scale, zero = int4_params_searched(W, group, importance=torch.diag(H))
-    scale, zero = scale.bfloat16(), zero.bfloat16()
-    perm = torch.argsort(torch.diag(H), descending=True)
-    W, H = W[:, perm], H[perm][:, perm]
-    s_col = scale.float().repeat_interleave(group, dim=1)[:, perm]  # [out, in] each visited column's grid
-    z_col = zero.float().repeat_interleave(group, dim=1)[:, perm]
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    for b0 in range(0, in_f, block_size):
-        b1 = min(b0 + block_size, in_f)
-        W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
-        err1 = torch.zeros_like(W1)
-        for i in range(b1 - b0):
-            s, z = s_col[:, b0 + i], z_col[:, b0 + i]
-            q = torch.round((W1[:, i] - z) / s + 8).clamp(0, 15)
-            codes[:, perm[b0 + i]] = q.to(torch.uint8)
-            e = (W1[:, i] - ((q - 8) * s + z)) / Hinv1[i, i]
-            W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]
-            err1[:, i] = e
-        W[:, b1:] -= err1 @ Hinv[b0:b1, b1:]
-    return {"qweight": pack_int4(codes), "scale": scale, "zero": zero}
 
 
 class _InputHessian:
@@ -114,20 +92,13 @@ class _InputHessian:
         self.n = total
 
 
-def _block_linears(block: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    from slimlm.quantize.model import BLOCK_LINEARS
-
-    return [(parent, attr, getattr(parent, attr)) for parent in (block.self_attn, block.mlp)
-            for attr in BLOCK_LINEARS if isinstance(getattr(parent, attr, None), nn.Linear)]
-
-
 @torch.no_grad()
 def gptq_quantize_model_(model: Transformer, calib_ids: torch.Tensor, group_size: int = 64, damp: float = 0.01,
                          act_order: bool = True, batch_size: int = 4, progress: bool = True) -> Transformer:
     """INT4 (grouped) by GPTQ on calibration token ids [n, T], in place; embeddings/head as in quantize_model_."""
     from tqdm.auto import tqdm
 
-    from slimlm.quantize.model import _quantize_embeddings
+    from slimlm.quantize.model import linears_of_block, quantize_embeddings_
 
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['scheme']})")
@@ -143,7 +114,9 @@ def gptq_quantize_model_(model: Transformer, calib_ids: torch.Tensor, group_size
         return [block(x, cos, sin, None, None, i, None) for x in xs]
 
     for i, block in enumerate(tqdm(model.layers, desc="gptq", disable=not progress)):
-        targets = _block_linears(block)
+        targets = linears_of_block(block)
+        if not all(isinstance(layer, nn.Linear) for _, _, layer in targets):
+            raise ValueError("GPTQ needs plain nn.Linear layers: merge or remove adapters first")
         stats = [_InputHessian(layer.in_features) for _, _, layer in targets]
         hooks = [layer.register_forward_hook(s) for (_, _, layer), s in zip(targets, stats)]
         run_block(block, i)  # full-precision pass: the inputs every linear of this block sees
@@ -153,7 +126,7 @@ def gptq_quantize_model_(model: Transformer, calib_ids: torch.Tensor, group_size
             q = gptq_int4_weight(layer.weight, s.H, group_size, damp, act_order=act_order)
             setattr(parent, attr, Int4WeightOnlyLinear(**q, bias=layer.bias))
         xs = run_block(block, i)  # the quantized block's output feeds the next block
-    _quantize_embeddings(model, "int4")
+    quantize_embeddings_(model, "int4")
     model.quantization = {"quant_method": "slimlm", "scheme": "int4", "group_size": group_size, "method": "gptq",
                           "calibration": {"samples": n, "tokens": T, "damp": damp, "act_order": act_order}}
     return model

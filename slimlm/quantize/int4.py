@@ -20,6 +20,16 @@ import torch.nn as nn
 GROUP_SIZES = (32, 64, 128)
 
 
+def int4_round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The grid's code (0..15, as float) nearest to w; scale/zero broadcast against w."""
+    return torch.round((w - zero) / scale + 8).clamp(0, 15)
+
+
+def int4_value(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The value a code stands for: (q - 8) * scale + zero."""
+    return (q - 8) * scale + zero
+
+
 def int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, zero) [out, in/g] fp32 spanning each group's [min, max] with 16 levels."""
     out, n_in = w.shape
@@ -46,8 +56,8 @@ def int4_params_searched(w: torch.Tensor, group: int, importance: torch.Tensor |
     for p in shrink:
         scale = ((hi - lo) * p / 15).clamp(min=1e-8).bfloat16().float()
         zero = ((lo + hi) / 2 + scale / 2).bfloat16().float()  # lo*p + 8*scale, centred like the full range
-        q = torch.round((wg - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
-        err = (((q - 8) * scale[..., None] + zero[..., None] - wg) ** 2 * imp).sum(dim=-1)  # [out, ng]
+        s, z = scale[..., None], zero[..., None]
+        err = ((int4_value(int4_round(wg, s, z), s, z) - wg) ** 2 * imp).sum(dim=-1)  # [out, ng]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s, best_z = torch.where(better, scale, best_s), torch.where(better, zero, best_z)
@@ -59,7 +69,7 @@ def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     group = w.shape[1] // scale.shape[1]
     s = scale.repeat_interleave(group, dim=1)
     z = zero.repeat_interleave(group, dim=1)
-    return torch.round((w.float() - z) / s + 8).clamp(0, 15).to(torch.uint8)
+    return int4_round(w.float(), s, z).to(torch.uint8)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -95,7 +105,7 @@ def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     group = codes.shape[1] // scale.shape[1]
     s = scale.to(dtype).repeat_interleave(group, dim=1)
     z = zero.to(dtype).repeat_interleave(group, dim=1)
-    return (codes - 8) * s + z
+    return int4_value(codes, s, z)
 
 
 class Int4WeightOnlyLinear(nn.Module):
@@ -113,7 +123,9 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # the CPU kernel's layout, made on first use
+        # The CPU kernel's layout of (qweight, scale/zero), made on first use: (the qweight it was made from, packed,
+        # scale_zero), so loading new codes into the buffer (load_state_dict(assign=True)) rebuilds it.
+        self._kernel: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = 64) -> "Int4WeightOnlyLinear":
@@ -123,14 +135,14 @@ class Int4WeightOnlyLinear(nn.Module):
         return dequantize_int4(self.qweight, self.scale, self.zero, dtype)
 
     def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._kernel is None or self._kernel[0].device != self.qweight.device:
+        if self._kernel is None or self._kernel[0] is not self.qweight:
             if self.qweight.device.type != "cpu":
                 raise NotImplementedError("int4 layers run on CPU only for now (torch._weight_int4pack_mm_for_cpu)")
             codes = unpack_int4(self.qweight).to(torch.int32)  # [out, in]
             packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
             scale_zero = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()  # [in/g, out, 2]
-            self._kernel = (packed, scale_zero.to(torch.bfloat16))
-        return self._kernel
+            self._kernel = (self.qweight, packed, scale_zero.to(torch.bfloat16))
+        return self._kernel[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed, scale_zero = self._kernel_weights()

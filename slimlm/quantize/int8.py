@@ -66,13 +66,18 @@ class Int8WeightOnlyLinear(_Int8Base):
 
     scheme = "int8"
 
+    def _scale_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The scale in the kernel's activation dtype, converted once per (scale tensor, dtype), not per call."""
+        cached = getattr(self, "_scale_cache", None)
+        if cached is None or cached[0] is not self.scale or cached[1].dtype != dtype:
+            self._scale_cache = cached = (self.scale, self.scale.to(dtype))
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         if x2.device.type == "cpu":  # the vectorised CPU kernel is the bf16 one
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale.to(torch.bfloat16))
-        else:
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
-        return self._out(y, x)
+            x2 = x2.to(torch.bfloat16)
+        return self._out(torch._weight_int8pack_mm(x2, self.qweight, self._scale_as(x2.dtype)), x)
 
 
 class DynamicInt8Linear(_Int8Base):

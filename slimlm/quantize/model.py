@@ -27,7 +27,6 @@ from slimlm.quantize.int8 import DynamicInt8Linear, Int8Embedding, Int8WeightOnl
 
 SCHEMES = ("int8", "int8-dynamic", "int4")
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-QUANTIZED_LAYERS = (Int8WeightOnlyLinear, DynamicInt8Linear, Int4WeightOnlyLinear)
 
 
 def check_scheme(scheme: str, group_size: int) -> None:
@@ -45,14 +44,10 @@ def describe_quantization(quantization: dict | None) -> str | None:
     return f"{scheme} g{quantization['group_size']}" if scheme == "int4" else scheme
 
 
-def block_linears(model: Transformer):
-    """(parent module, attribute name, layer) for every linear layer of the decoder blocks."""
-    for block in model.layers:
-        for parent in (block.self_attn, block.mlp):
-            for attr in BLOCK_LINEARS:
-                layer = getattr(parent, attr, None)
-                if layer is not None:
-                    yield parent, attr, layer
+def linears_of_block(block: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent module, attribute name, layer) for every projection of one decoder block."""
+    return [(parent, attr, getattr(parent, attr)) for parent in (block.self_attn, block.mlp)
+            for attr in BLOCK_LINEARS if getattr(parent, attr, None) is not None]
 
 
 def quantize_linear(linear: nn.Linear, scheme: str, group_size: int = 64) -> nn.Module:
@@ -70,16 +65,16 @@ def quantize_model_(model: Transformer, scheme: str, group_size: int = 64) -> Tr
     check_scheme(scheme, group_size)
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['scheme']})")
-    for parent, attr, layer in list(block_linears(model)):
+    for parent, attr, layer in [t for block in model.layers for t in linears_of_block(block)]:
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"cannot quantize {type(layer).__name__} layers: merge or remove adapters first")
         setattr(parent, attr, quantize_linear(layer, scheme, group_size))
-    _quantize_embeddings(model, scheme)
+    quantize_embeddings_(model, scheme)
     model.quantization = {"quant_method": "slimlm", "scheme": scheme, "group_size": group_size}
     return model
 
 
-def _quantize_embeddings(model: Transformer, scheme: str) -> None:
+def quantize_embeddings_(model: Transformer, scheme: str) -> None:
     """Int8 embedding table and LM head; tied models share one set of codes."""
     head_cls = DynamicInt8Linear if scheme == "int8-dynamic" else Int8WeightOnlyLinear
     emb = Int8Embedding.from_embedding(model.embed_tokens)
