@@ -246,6 +246,9 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
     quantize: int8 | int8-dynamic | int4 (group_size 32/64/128) quantizes the weights after loading (see
     slimlm.quantize.model); a folder written by save_quantized loads quantized without it.
     """
+    if quantize == "int8-static":
+        raise ValueError("int8-static needs calibration: write a quantized folder with `slimlm quantize --scheme "
+                         "int8-static --out DIR` and load that folder")
     device = resolve_device(device)
     path, _, net = load_model(model, resolve_dtype(dtype, device), device)
     if quantize is not None:

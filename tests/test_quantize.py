@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def test_int8_embedding_rows():
     assert q(ids).shape == (1, 3, 32) and sqnr_db(emb(ids), q(ids)) > 30
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "int8-static"])  # static: calibrated, below
 def test_quantized_model_close_to_fp32_and_reloads_identically(tiny_llama, tmp_path, scheme):
     ref = slimlm.load(str(tiny_llama[0]), dtype="fp32")
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize=scheme)
@@ -211,7 +212,7 @@ def test_cli_gptq(tiny_llama, tmp_path, capsys):
                                                            "act_order": True}
     assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int8", "--method", "gptq",
                  "--out", str(tmp_path / "bad")]) == 2
-    assert "--method gptq is for --scheme int4" in capsys.readouterr().err
+    assert "method gptq is for scheme int4" in capsys.readouterr().err
 
 
 def test_searched_int4_ranges_never_worse_than_full_range():
@@ -254,3 +255,100 @@ def test_smoothing_is_exact_in_full_precision_and_helps_dynamic_int8(tiny_llama)
         assert sqnr_db(expected, smoothed(test)) > sqnr_db(expected, plain(test)) + 3
     with pytest.raises(ValueError, match="alpha must be in"):
         smooth_model_(slimlm.load(str(tiny_llama[0])).model, calib, alpha=1.5)
+
+
+def test_percentile_observer_is_exact_and_minmax_is_the_max():
+    from slimlm.quantize.static import AbsObserver
+
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 50, 16) * (1 + i) for i in range(4)]
+    values = torch.cat([b.abs().flatten() for b in batches]).sort(descending=True).values
+    pct, mm = AbsObserver(99.0, values.numel()), AbsObserver(None)
+    for b in batches:
+        pct(None, (b,), None)
+        mm(None, (b,), None)
+    k = math.ceil(values.numel() * 0.01)  # values above the 99th percentile: exactly k of them
+    assert pct.value() == values[k].item() and mm.value() == values[0].item()
+    assert pct.tail.numel() == k + 1  # only the tail is kept
+    pct(None, (batches[0],), None)
+    with pytest.raises(RuntimeError, match="saw 12000 values, more than the 9600 expected"):
+        pct.value()
+
+
+def test_static_int8_layer_sqnr_and_clipping():
+    from slimlm.quantize.int8 import StaticInt8Linear
+
+    lin, x = gaussian_linear(), torch.randn(9, 512)
+    q = StaticInt8Linear.from_linear(lin, input_scale=x.abs().max().item() / 127)
+    with torch.no_grad():
+        assert sqnr_db(lin(x), q(x)) > 30
+        # Beyond the calibrated range the input clips to it: 10x the input gives the output of the clipped input.
+        clipped = (10 * x).clamp(-127 * q.input_scale, 127 * q.input_scale)
+        torch.testing.assert_close(q(10 * x), q(clipped))
+
+
+def test_int8_static_model_calibrates_saves_and_reloads(tiny_llama, tmp_path):
+    from slimlm.quantize.static import calibrate_input_scales, named_quantizable_linears
+
+    ref = slimlm.load(str(tiny_llama[0]), dtype="fp32")
+    llm = slimlm.load(str(tiny_llama[0]), dtype="fp32")
+    calib = torch.randint(3, 380, (8, 32), generator=torch.Generator().manual_seed(0))
+    test = torch.randint(3, 380, (2, 20), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="needs a calibrated input scale for every linear layer"):
+        quantize_model_(llm.model, "int8-static")
+    with pytest.raises(ValueError, match="unknown observer 'mse'"):
+        calibrate_input_scales(llm.model, calib, "mse")
+    with pytest.raises(ValueError, match="int8-static needs calibration"):
+        slimlm.load(str(tiny_llama[0]), quantize="int8-static")
+    scales = calibrate_input_scales(llm.model, calib, "percentile", 99.9, dynamic_above=None)
+    assert set(scales) == set(named_quantizable_linears(llm.model))
+    minmax = calibrate_input_scales(llm.model, calib, "minmax", dynamic_above=None)
+    assert all(scales[n] <= minmax[n] for n in scales) and any(scales[n] < minmax[n] for n in scales)
+    quantize_model_(llm.model, "int8-static", input_scales=scales)
+    with torch.no_grad():
+        expected, out = ref.model(test), llm.model(test)
+    assert sqnr_db(expected, out) > 15
+    folder = save_quantized(llm.model, tmp_path / "static", llm.tokenizer)
+    again = slimlm.load(str(folder), dtype="fp32")
+    assert again.model.layers[0].mlp.down_proj.input_scale.item() == pytest.approx(scales["layers.0.mlp.down_proj"])
+    with torch.no_grad():
+        assert torch.equal(again.model(test), out)
+
+
+def test_int8_static_hands_outlier_layers_to_dynamic_scales(tiny_llama, tmp_path):
+    from slimlm.quantize.int8 import StaticInt8Linear
+    from slimlm.quantize.static import calibrate_input_scales
+
+    llm = slimlm.load(str(tiny_llama[0]), dtype="fp32")
+    calib = torch.randint(3, 380, (8, 32), generator=torch.Generator().manual_seed(0))
+    test = torch.randint(3, 380, (2, 20), generator=torch.Generator().manual_seed(1))
+    minmax = calibrate_input_scales(llm.model, calib, "minmax", 99.0, dynamic_above=None)
+    pct = calibrate_input_scales(llm.model, calib, "percentile", 99.0, dynamic_above=None)
+    ratio = {n: minmax[n] / pct[n] for n in minmax}  # max |x| / p99 |x| of each layer's input
+    threshold = sorted(ratio.values())[len(ratio) // 2]
+    scales = calibrate_input_scales(llm.model, calib, "minmax", 99.0, dynamic_above=threshold)
+    dynamic = sorted(n for n, s in scales.items() if s is None)
+    assert dynamic == sorted(n for n in ratio if ratio[n] > threshold) and 0 < len(dynamic) < len(scales)
+    assert all(scales[n] == minmax[n] for n in scales if n not in dynamic)
+    quantize_model_(llm.model, "int8-static", input_scales=scales)
+    layers = dict(llm.model.named_modules())
+    assert all(type(layers[n]) is DynamicInt8Linear for n in dynamic)
+    assert sum(isinstance(m, StaticInt8Linear) for m in layers.values()) == len(scales) - len(dynamic)
+    folder = save_quantized(llm.model, tmp_path / "mixed", llm.tokenizer)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["dynamic_layers"] == dynamic
+    again = slimlm.load(str(folder), dtype="fp32")
+    with torch.no_grad():
+        assert torch.equal(again.model(test), llm.model(test))
+    with pytest.raises(ValueError, match="dynamic_above must be >= 1"):
+        calibrate_input_scales(again.model, calib, dynamic_above=0.5)
+
+
+def test_cli_quantize_int8_static(tiny_llama, tmp_path, capsys):
+    from slimlm.cli import main
+
+    args = ["quantize", "--model", str(tiny_llama[0]), "--scheme", "int8-static", "--calib-samples", "4",
+            "--calib-seq-len", "64", "--out", str(tmp_path / "q")]
+    assert main(args + ["--observer", "minmax", "--smooth", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "activation scales (minmax)" in out and "smoothed 6 input groups" in out
+    assert slimlm.load(str(tmp_path / "q")).model.quantization["scheme"] == "int8-static"

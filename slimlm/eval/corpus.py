@@ -168,3 +168,11 @@ def calibration_ids(tokenizer, path: str | None, samples: int, seq_len: int):
                          "--calib-samples, a shorter --calib-seq-len, or a longer --calib-file")
     starts = torch.linspace(0, len(ids) - seq_len, samples).long()
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def add_calibration_args(parser, used_by: str) -> None:
+    """--calib-file/--calib-samples/--calib-seq-len (for `calibration_ids`) on a command's parser."""
+    parser.add_argument("--calib-file", default=None, help=f"calibration text for {used_by} (default: the built-in "
+                                                           "corpus's calibration split, never the held-out one)")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
+    parser.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")

@@ -8,6 +8,9 @@ Both store the weight the same way: int8 codes q [out, in] and one fp32 scale pe
   reference loop, ~15x slower here), so activations are cast to bf16 for the matmul and the result cast back.
 - `DynamicInt8Linear` also quantizes each activation row at run time (absmax / 127 per token) and multiplies int8 x
   int8 -> int32 with `torch._int_mm` (oneDNN/VNNI on CPU), then rescales: y = (xq @ q^T) * sx[:, None] * scale.
+- `StaticInt8Linear` is the same GEMM with one activation scale fixed ahead of time by calibration (buffer
+  `input_scale`, from quantize/static.py's observers): no per-token max at run time; values beyond the calibrated
+  range clip.
 
 `Int8Embedding` is a per-row int8 embedding table; with tied embeddings the LM head shares its codes and scales.
 """
@@ -89,6 +92,29 @@ class DynamicInt8Linear(_Int8Base):
         xq, sx = quantize_int8_rows(x.reshape(-1, self.in_features))  # [M, in] int8, [M, 1]
         acc = torch._int_mm(xq, self.qweight.t())  # [M, out] int32
         return self._out(acc.float() * sx * self.scale, x)
+
+
+class StaticInt8Linear(_Int8Base):
+    """y = dequant(clamp(round(x / s_x)) @ q^T) + b with a calibrated per-tensor activation scale s_x."""
+
+    scheme = "int8-static"
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | float = 1.0):
+        super().__init__(qweight, scale, bias)
+        self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32,
+                                                            device=qweight.device).reshape(()))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, input_scale: float = 1.0) -> "StaticInt8Linear":
+        q, s = quantize_int8_weight(linear.weight)
+        return cls(q, s, linear.bias, input_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()  # [M, in]
+        xq = torch.round(x2 / self.input_scale).clamp(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.qweight.t())  # [M, out] int32
+        return self._out(acc.float() * (self.input_scale * self.scale), x)
 
 
 class Int8Embedding(nn.Module):

@@ -1,11 +1,13 @@
 """Quantize a whole Llama model in place, and save / reload it packed (no re-quantization on load).
 
 Schemes (`SCHEMES`): `int8` (weight-only, per channel), `int8-dynamic` (weights per channel, activations per token
-at run time), `int4` (weight-only, grouped RTN, group 32/64/128). Every linear layer of the decoder blocks is
+at run time), `int8-static` (weights per channel, one calibrated activation scale per layer: quantize/static.py;
+layers calibrated as unfit for one scale run dynamic and are listed in `dynamic_layers`),
+`int4` (weight-only, grouped RTN, group 32/64/128). Every linear layer of the decoder blocks is
 quantized. The embedding table becomes per-row int8 (`Int8Embedding`) and the LM head int8 — sharing the same codes
 when the embeddings are tied, as in SmolLM2 — under every scheme: the table is 20 % of SmolLM2-135M and an int4
 head costs more quality than it saves (llama.cpp keeps it at 6+ bits too). The head runs as the scheme's int8 layer
-(dynamic under `int8-dynamic`, weight-only otherwise). Norms stay in the model dtype.
+(dynamic under `int8-dynamic`, static under `int8-static`, weight-only otherwise). Norms stay in the model dtype.
 
 A quantized model saves as an HF-style folder whose config.json carries
 `"quantization_config": {"quant_method": "slimlm", "scheme": ..., "group_size": ...}` and whose safetensors hold
@@ -23,9 +25,10 @@ import torch.nn as nn
 
 from slimlm.model import Transformer
 from slimlm.quantize.int4 import GROUP_SIZES, Int4WeightOnlyLinear
-from slimlm.quantize.int8 import DynamicInt8Linear, Int8Embedding, Int8WeightOnlyLinear
+from slimlm.quantize.int8 import (DynamicInt8Linear, Int8Embedding, Int8WeightOnlyLinear, StaticInt8Linear,
+                                  quantize_int8_weight)
 
-SCHEMES = ("int8", "int8-dynamic", "int4")
+SCHEMES = ("int8", "int8-dynamic", "int8-static", "int4")
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -50,38 +53,65 @@ def linears_of_block(block: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]
             for attr in BLOCK_LINEARS if getattr(parent, attr, None) is not None]
 
 
-def quantize_linear(linear: nn.Linear, scheme: str, group_size: int = 64) -> nn.Module:
-    """The quantized replacement of one nn.Linear under `scheme`."""
+def quantize_linear(linear: nn.Linear, scheme: str, group_size: int = 64, input_scale: float = 1.0) -> nn.Module:
+    """The quantized replacement of one nn.Linear under `scheme` (input_scale: int8-static only)."""
     if scheme == "int8":
         return Int8WeightOnlyLinear.from_linear(linear)
     if scheme == "int8-dynamic":
         return DynamicInt8Linear.from_linear(linear)
+    if scheme == "int8-static":
+        return StaticInt8Linear.from_linear(linear, input_scale)
     return Int4WeightOnlyLinear.from_linear(linear, group_size)
 
 
 @torch.no_grad()
-def quantize_model_(model: Transformer, scheme: str, group_size: int = 64) -> Transformer:
-    """Quantize `model` in place under `scheme` (see the module docstring); returns it."""
+def quantize_model_(model: Transformer, scheme: str, group_size: int = 64,
+                    input_scales: dict[str, float] | None = None) -> Transformer:
+    """Quantize `model` in place under `scheme` (see the module docstring); returns it.
+
+    int8-static needs `input_scales` {linear name: scale} from quantize.static.calibrate_input_scales.
+    """
+    from slimlm.quantize.static import named_quantizable_linears
+
     check_scheme(scheme, group_size)
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['scheme']})")
+    names = {id(layer): name for name, layer in named_quantizable_linears(model).items()}
+    if scheme == "int8-static":
+        missing = [n for n in names.values() if n not in (input_scales or {})]
+        if missing:
+            raise ValueError(f"int8-static needs a calibrated input scale for every linear layer ({missing[0]} has "
+                             "none): run quantize.static.calibrate_input_scales on calibration text first")
+    scales = input_scales or {}
+    dynamic = sorted(n for n, s in scales.items() if s is None) if scheme == "int8-static" else []
+
+    def layer_scheme(layer: nn.Module) -> tuple[str, float]:  # int8-static layers without a scale run dynamic
+        s = scales.get(names.get(id(layer)), 1.0)
+        return ("int8-dynamic", 1.0) if s is None else (scheme, s)
+
     for parent, attr, layer in [t for block in model.layers for t in linears_of_block(block)]:
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"cannot quantize {type(layer).__name__} layers: merge or remove adapters first")
-        setattr(parent, attr, quantize_linear(layer, scheme, group_size))
-    quantize_embeddings_(model, scheme)
+        setattr(parent, attr, quantize_linear(layer, layer_scheme(layer)[0], group_size, layer_scheme(layer)[1]))
+    quantize_embeddings_(model, *layer_scheme(model.lm_head))
     model.quantization = {"quant_method": "slimlm", "scheme": scheme, "group_size": group_size}
+    if dynamic:
+        model.quantization["dynamic_layers"] = dynamic
     return model
 
 
-def quantize_embeddings_(model: Transformer, scheme: str) -> None:
+def quantize_embeddings_(model: Transformer, scheme: str, head_input_scale: float = 1.0) -> None:
     """Int8 embedding table and LM head; tied models share one set of codes."""
-    head_cls = DynamicInt8Linear if scheme == "int8-dynamic" else Int8WeightOnlyLinear
     emb = Int8Embedding.from_embedding(model.embed_tokens)
     if model.config.tie_word_embeddings:
-        head = head_cls(emb.qweight, emb.scale)
+        qweight, scale, bias = emb.qweight, emb.scale, None
     else:
-        head = head_cls.from_linear(model.lm_head)
+        qweight, scale = quantize_int8_weight(model.lm_head.weight)
+        bias = model.lm_head.bias
+    if scheme == "int8-static":
+        head = StaticInt8Linear(qweight, scale, bias, head_input_scale)
+    else:
+        head = (DynamicInt8Linear if scheme == "int8-dynamic" else Int8WeightOnlyLinear)(qweight, scale, bias)
     model.embed_tokens, model.lm_head = emb, head
 
 
@@ -131,6 +161,7 @@ def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = 
     from slimlm.checkpoint.hf import read_hf_config, safetensors_files
     from slimlm.checkpoint.materialize import CheckpointError
     from slimlm.model import rope_inv_freq
+    from slimlm.quantize.static import named_quantizable_linears
 
     folder = Path(folder)
     scheme, group = quantization.get("scheme"), int(quantization.get("group_size", 64))
@@ -140,7 +171,10 @@ def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = 
         raise CheckpointError(f"{folder}/config.json: {e}") from None
     config = read_hf_config(folder)
     with torch.device("meta"):
-        model = quantize_model_(Transformer(config), scheme, group)
+        model = Transformer(config)
+        dynamic = set(quantization.get("dynamic_layers", []))  # int8-static: the scales are in the file
+        placeholders = {name: None if name in dynamic else 1.0 for name in named_quantizable_linears(model)}
+        model = quantize_model_(model, scheme, group, placeholders)
     expected = stored_tensors(model)
     state = {}
     for f in safetensors_files(folder):
@@ -154,7 +188,7 @@ def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = 
                 not t.is_floating_point():
             raise CheckpointError(f"{folder}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, expected "
                                   f"{tuple(expected[name].shape)} {expected[name].dtype}")
-        if t.is_floating_point() and name.split(".")[-1] not in ("scale", "zero"):
+        if t.is_floating_point() and name.split(".")[-1] not in ("scale", "zero", "input_scale"):
             state[name] = t.to(dtype)  # norms and biases follow the requested dtype; scales keep theirs
         else:
             # A fresh, aligned copy: tensors read from a file can start at any byte offset, and the low-bit CPU
