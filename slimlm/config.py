@@ -12,6 +12,10 @@ from typing import Any
 # HF `model_type` values whose architecture is exactly what model.py implements.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_SIZE_KEYS = ("n_heads", "n_kv_heads", "intermediate_size")
+LAYER_SIZES_KEY = "slimlm_layer_sizes"  # config.json key of per-layer sizes (our own; transformers ignores it)
+NON_UNIFORM_NOTE = ("layers have different sizes (slimlm_layer_sizes, written by structured pruning): load this "
+                    "folder with slimlm.load; transformers cannot load it (its Llama layers are all one size)")
 
 
 class ConfigError(ValueError):
@@ -42,6 +46,9 @@ class ModelConfig:
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Per-layer sizes of a structurally pruned model, [{"n_heads", "n_kv_heads", "intermediate_size"}] * n_layers;
+    # None: every layer has the sizes above. Saved as "slimlm_layer_sizes" in config.json (see to_hf).
+    layer_sizes: list[dict[str, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -66,8 +73,43 @@ class ModelConfig:
                 errors.append(f"rope_scaling type {rope_type!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
             elif rope_type != "default" and "factor" not in self.rope_scaling:
                 errors.append(f"rope_scaling of type {rope_type!r} needs a 'factor'")
+        if not errors and self.layer_sizes is not None:
+            errors += self._layer_size_errors()
         if errors:
             raise ConfigError("invalid model config: " + "; ".join(errors))
+
+    def _layer_size_errors(self) -> list[str]:
+        """Problems of layer_sizes: one entry per layer, positive sizes, the model's GQA ratio in every layer."""
+        sizes = self.layer_sizes
+        if not isinstance(sizes, list) or len(sizes) != self.n_layers:
+            n = len(sizes) if isinstance(sizes, list) else type(sizes).__name__
+            return [f"layer_sizes must list one entry per layer ({self.n_layers}), got {n}"]
+        errors, ratio = [], self.n_heads // self.n_kv_heads
+        for i, s in enumerate(sizes):
+            if not isinstance(s, dict) or set(s) != set(LAYER_SIZE_KEYS):
+                errors.append(f"layer_sizes[{i}] must have exactly the keys {', '.join(LAYER_SIZE_KEYS)}, got {s!r}")
+            elif any(not isinstance(s[k], int) or s[k] < 1 for k in LAYER_SIZE_KEYS):
+                errors.append(f"layer_sizes[{i}] sizes must be integers >= 1, got {s}")
+            elif s["n_heads"] != ratio * s["n_kv_heads"]:
+                errors.append(f"layer_sizes[{i}]: n_heads ({s['n_heads']}) must be {ratio} x n_kv_heads "
+                              f"({s['n_kv_heads']}), the model's GQA ratio")
+        return errors
+
+    def layer_size(self, i: int) -> dict[str, int]:
+        """{"n_heads", "n_kv_heads", "intermediate_size"} of layer i (the uniform sizes when layer_sizes is None)."""
+        if self.layer_sizes is not None:
+            return dict(self.layer_sizes[i])
+        return {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "intermediate_size": self.intermediate_size}
+
+    def with_layer_sizes(self, sizes: list[dict[str, int]]) -> "ModelConfig":
+        """A copy with these per-layer sizes: a plain uniform config when all layers agree (transformers loads it),
+        else layer_sizes set and the top-level sizes those of the largest layer."""
+        sizes = [dict(s) for s in sizes]
+        top = {k: max(s[k] for s in sizes) for k in LAYER_SIZE_KEYS}
+        if all(s == sizes[0] for s in sizes):
+            return dataclasses.replace(self, n_layers=len(sizes), layer_sizes=None, **sizes[0])
+        top["n_heads"] = top["n_kv_heads"] * (self.n_heads // self.n_kv_heads)
+        return dataclasses.replace(self, n_layers=len(sizes), layer_sizes=sizes, **top)
 
     @property
     def rope_type(self) -> str:
@@ -75,21 +117,25 @@ class ModelConfig:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
-    def num_params(self) -> int:
-        """Parameter count computed from the shapes alone (tied embeddings counted once)."""
-        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+    def _layer_params(self, i: int) -> int:
+        s = self.layer_size(i)
+        q, kv, ff = s["n_heads"] * self.head_dim, s["n_kv_heads"] * self.head_dim, s["intermediate_size"]
         attn = self.dim * q + 2 * self.dim * kv + q * self.dim
         if self.attention_bias:
             attn += q + 2 * kv + (self.dim if self.model_type == "llama" else 0)  # Llama biases o_proj too
-        mlp = 3 * self.dim * self.intermediate_size + (2 * self.intermediate_size + self.dim if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * self.dim
+        mlp = 3 * self.dim * ff + (2 * ff + self.dim if self.mlp_bias else 0)
+        return attn + mlp + 2 * self.dim
+
+    def num_params(self) -> int:
+        """Parameter count computed from the shapes alone (tied embeddings counted once; per-layer sizes honoured)."""
         embed = self.vocab_size * self.dim
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
-        return embed + self.n_layers * per_layer + self.dim + head
+        return embed + sum(self._layer_params(i) for i in range(self.n_layers)) + self.dim + head
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """K and V for every layer: 2 * n_layers * n_kv_heads * head_dim elements per token."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_element
+        """K and V for every layer: 2 * sum over layers of n_kv_heads * head_dim elements per token."""
+        kv_heads = sum(self.layer_size(i)["n_kv_heads"] for i in range(self.n_layers))
+        return 2 * kv_heads * self.head_dim * bytes_per_element
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +189,7 @@ class ModelConfig:
             model_type=model_type,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
+            layer_sizes=hf.get(LAYER_SIZES_KEY),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -178,6 +225,9 @@ class ModelConfig:
             hf["sliding_window"] = self.sliding_window
         if self.model_type == "qwen2":
             hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window)
+        if self.layer_sizes is not None:
+            hf[LAYER_SIZES_KEY] = [dict(s) for s in self.layer_sizes]
+            hf["slimlm_note"] = NON_UNIFORM_NOTE
         return hf
 
     @classmethod

@@ -11,12 +11,21 @@ from __future__ import annotations
 import torch
 
 
+def kv_heads_per_layer(config) -> list[int]:
+    """KV head count of each layer of a ModelConfig (they differ after structured head pruning)."""
+    return [config.layer_size(i)["n_kv_heads"] for i in range(config.n_layers)]
+
+
 class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int | list[int], head_dim: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # n_kv_heads: one count for every layer, or a list with each layer's (structurally pruned models).
+        heads = list(n_kv_heads) if isinstance(n_kv_heads, (list, tuple)) else [n_kv_heads] * n_layers
+        if len(heads) != n_layers:
+            raise ValueError(f"n_kv_heads lists {len(heads)} layers, the cache has {n_layers}")
+        shapes = [(batch_size, h, max_len, head_dim) for h in heads]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)  # first real slot per row
         self.slots = torch.arange(max_len, device=device)
         self.padded = False  # any row left-padded? (a Python bool, read only in eager mode)
@@ -24,7 +33,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "KVCache":
         c = model.config
-        return cls(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len, model.dtype, model.device)
+        return cls(c.n_layers, batch_size, kv_heads_per_layer(c), c.head_dim, max_len, model.dtype, model.device)
 
     @property
     def batch_size(self) -> int:

@@ -119,20 +119,22 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def build_block(config: ModelConfig) -> Block:
-    """One decoder block with plain nn.Linear projections in every slot."""
+def build_block(config: ModelConfig, i: int = 0) -> Block:
+    """Decoder block i (its sizes from config.layer_size(i)) with plain nn.Linear projections in every slot."""
     d, hd, ab, mb = config.dim, config.head_dim, config.attention_bias, config.mlp_bias
+    s = config.layer_size(i)
+    h, hkv, ff = s["n_heads"], s["n_kv_heads"], s["intermediate_size"]
     attn = Attention(
-        q_proj=nn.Linear(d, config.n_heads * hd, bias=ab),
-        k_proj=nn.Linear(d, config.n_kv_heads * hd, bias=ab),
-        v_proj=nn.Linear(d, config.n_kv_heads * hd, bias=ab),
-        o_proj=nn.Linear(config.n_heads * hd, d, bias=ab and config.model_type == "llama"),  # Qwen2: q/k/v only
-        n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=hd,
+        q_proj=nn.Linear(d, h * hd, bias=ab),
+        k_proj=nn.Linear(d, hkv * hd, bias=ab),
+        v_proj=nn.Linear(d, hkv * hd, bias=ab),
+        o_proj=nn.Linear(h * hd, d, bias=ab and config.model_type == "llama"),  # Qwen2: q/k/v only
+        n_heads=h, n_kv_heads=hkv, head_dim=hd,
     )
     mlp = MLP(
-        gate_proj=nn.Linear(d, config.intermediate_size, bias=mb),
-        up_proj=nn.Linear(d, config.intermediate_size, bias=mb),
-        down_proj=nn.Linear(config.intermediate_size, d, bias=mb),
+        gate_proj=nn.Linear(d, ff, bias=mb),
+        up_proj=nn.Linear(d, ff, bias=mb),
+        down_proj=nn.Linear(ff, d, bias=mb),
     )
     return Block(attn, mlp, RMSNorm(d, config.norm_eps), RMSNorm(d, config.norm_eps))
 
@@ -144,7 +146,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(build_block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)

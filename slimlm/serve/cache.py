@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import torch
 
+from slimlm.kv_cache import kv_heads_per_layer
+
 
 class SlotKVCache:
-    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, head_dim: int, max_len: int,
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int | list[int], head_dim: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_slots, n_kv_heads, max_len + 1, head_dim)  # +1: the scratch position
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # n_kv_heads: one count for every layer, or a list with each layer's (structurally pruned models).
+        heads = list(n_kv_heads) if isinstance(n_kv_heads, (list, tuple)) else [n_kv_heads] * n_layers
+        if len(heads) != n_layers:
+            raise ValueError(f"n_kv_heads lists {len(heads)} layers, the cache has {n_layers}")
+        shapes = [(n_slots, h, max_len + 1, head_dim) for h in heads]  # +1: the scratch position
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.n_slots, self.max_len = n_slots, max_len
         self.free = list(range(n_slots))
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int) -> "SlotKVCache":
         c = model.config
-        return cls(c.n_layers, n_slots, c.n_kv_heads, c.head_dim, max_len, model.dtype, model.device)
+        return cls(c.n_layers, n_slots, kv_heads_per_layer(c), c.head_dim, max_len, model.dtype, model.device)
 
     @property
     def scratch(self) -> int:
