@@ -85,7 +85,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return (*saved_gradients(ctx, grad_out), None, None)
+
+
+def saved_gradients(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Backward of a loss whose forward saved d loss / d hidden and d loss / d weight: scale them by grad_out."""
+    grad_h, grad_w = ctx.saved_tensors
+    gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+    gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+    return gh, gw

@@ -187,12 +187,16 @@ class SampleStream:
         return torch.randperm(len(self.samples), generator=g).tolist()
 
     def next(self) -> list[Sample]:
+        return self.next_indexed()[1]
+
+    def next_indexed(self) -> tuple[list[int], list[Sample]]:
+        """The next micro-batch and the indices of its samples in the list the stream was made from."""
         if self.position >= len(self.samples):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
         idx = self._order[self.position:self.position + self.batch_size]
         self.position += len(idx)
-        return [self.samples[i] for i in idx]
+        return idx, [self.samples[i] for i in idx]
 
 
 def add_prefix(samples: list[Sample], prefix_ids: Sequence[int]) -> list[Sample]:
@@ -243,12 +247,19 @@ def autocast(precision: str, device_type: str) -> AbstractContextManager:
     return torch.autocast(device_type, dtype=dtype, enabled=precision != "fp32")
 
 
+# loss_fn(model, batch) -> (summed loss, labelled tokens): batch holds input_ids and labels [B, T] (+ segment_ids,
+# + sample_index [B] when train() is given a loss_fn), already on the model's device; it runs under autocast.
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
 def accumulate_gradients(model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig,
-                         scaler: torch.amp.GradScaler | None = None) -> StepStats:
+                         scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None) -> StepStats:
     """Forward and backward every micro-batch of one optimizer step, adding into .grad.
 
     Each micro-batch backprops loss_sum / (labelled tokens of the WHOLE step), so the accumulated gradient equals
     the gradient of one big batch's token-mean loss exactly, however tokens spread over micro-batches.
+    `loss_fn` replaces the default token cross-entropy (e.g. distillation, train/distill.py); it must return a sum
+    over the batch's labelled tokens so the normalisation above stays right.
     """
     device = next(model.parameters()).device
     total = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
@@ -258,8 +269,11 @@ def accumulate_gradients(model: nn.Module, batches: list[dict[str, torch.Tensor]
         ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # [B, T]
         seg = b["segment_ids"].to(device) if "segment_ids" in b else None
         with autocast(cfg.precision, device.type):
-            h = model.hidden(ids, segment_ids=seg)  # [B, T, D]
-            loss, _ = chunked_cross_entropy(h, labels, model.lm_head, cfg.loss_chunk_size)
+            if loss_fn is None:
+                h = model.hidden(ids, segment_ids=seg)  # [B, T, D]
+                loss, _ = chunked_cross_entropy(h, labels, model.lm_head, cfg.loss_chunk_size)
+            else:
+                loss, _ = loss_fn(model, {k: v.to(device) for k, v in b.items()})
         scaled = loss / denom
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
@@ -357,13 +371,15 @@ def _note(message: str) -> None:
 def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_dir: str | Path, *,
           eval_samples: list[Sample] | None = None, pad_id: int = 0, input_prefix_ids: Sequence[int] = (),
           eval_fn: Callable[[nn.Module], dict] | None = None, resume: bool = False, progress: bool = True,
-          on_step_end: Callable[[int], None] | None = None) -> TrainResult:
+          on_step_end: Callable[[int], None] | None = None, loss_fn: LossFn | None = None) -> TrainResult:
     """Train the model's requires_grad parameters for cfg.max_steps optimizer steps; see the module docstring.
 
     Writes `out_dir/metrics.jsonl` and, every cfg.save_every steps, `out_dir/checkpoints/step-N` (not at the end:
     save the trained weights from the returned model). `resume=True` continues from the newest checkpoint.
     `eval_fn(model)` returns extra metrics, evaluated with the eval loss (in eval mode, without gradients).
-    `on_step_end(step)` runs after each step's logging, eval and checkpoint.
+    `on_step_end(step)` runs after each step's logging, eval and checkpoint. `loss_fn` replaces the training loss
+    (not the eval loss, which stays the cross-entropy); its batches also carry `sample_index` [B], each row's index
+    in train_samples (e.g. to look up cached teacher outputs).
     """
     device = next(model.parameters()).device
     cfg.validate(device.type)
@@ -387,8 +403,10 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
     with _training_mode(model, cfg.gradient_checkpointing):
         while run.step < cfg.max_steps:
             t0 = time.perf_counter()
-            micro = [stream.next() for _ in range(cfg.grad_accum)]
-            stats = accumulate_gradients(model, [collate(m, pad_id) for m in micro], cfg, scaler)
+            picked = [stream.next_indexed() for _ in range(cfg.grad_accum)]
+            micro = [m for _, m in picked]
+            stats = accumulate_gradients(model, _batches(picked, pad_id, with_index=loss_fn is not None), cfg, scaler,
+                                         loss_fn)
             lr = scheduler.get_last_lr()[0]  # the LR this step used
             grad_norm = optimizer_step(optimizer, scheduler, scaler, list(params.values()), cfg.max_grad_norm)
             run.advance(stats.trained_tokens, sum(len(s.input_ids) for m in micro for s in m),
@@ -414,6 +432,16 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
     return TrainResult(steps=run.step, final_loss=final_loss, eval_metrics=eval_metrics,
                        tokens_per_s=run.input_tokens / max(run.train_time_s, 1e-9), trained_tokens=run.trained_tokens,
                        elapsed_s=elapsed_before + time.perf_counter() - t_start, metrics_path=log.path)
+
+
+def _batches(picked: list[tuple[list[int], list[Sample]]], pad_id: int, with_index: bool
+             ) -> list[dict[str, torch.Tensor]]:
+    """Collate each micro-batch; with_index adds sample_index [B] (the default loss needs none, so it gets none)."""
+    batches = [collate(m, pad_id) for _, m in picked]
+    if with_index:
+        for b, (idx, _) in zip(batches, picked):
+            b["sample_index"] = torch.tensor(idx, dtype=torch.long)
+    return batches
 
 
 @contextmanager
