@@ -1,9 +1,10 @@
 """The main job, end to end on the default model: load SmolLM2-135M-Instruct, chat, report throughput, then
 fine-tune it with LoRA on the bundled extract_json task and compare base vs tuned exact match on held-out data,
 then serve base and adapter side by side from one OpenAI-compatible server (registry, concurrent requests,
-metrics, graceful drain), then quantize the tuned model (int8, int4) and compare quality, speed and size.
+metrics, graceful drain), then quantize the tuned model (int8, int4) and compare quality, speed and size, then run
+a compression chain on it (prune MLP channels -> distill from the tuned model -> int8) with its measured ledger.
 
-Run by `make demo`. Later compression stages (pruning, distillation) join here as they are built.
+Run by `make demo`.
 """
 
 from __future__ import annotations
@@ -38,14 +39,20 @@ def main() -> None:
                         help="reuse the adapter of an earlier run in --out (for the serving stage)")
     parser.add_argument("--serve-requests", type=int, default=32, help="requests the serving stage sends")
     parser.add_argument("--quant-test", type=int, default=40, help="test records scored per quantized model")
+    parser.add_argument("--skip-serve", action="store_true", help="skip the serving stage")
+    parser.add_argument("--skip-quantize", action="store_true", help="skip the quantization stage")
+    parser.add_argument("--compress-steps", type=int, default=40, help="distillation steps of the compression chain")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     if not args.skip_chat:
         chat_stage(args)
     adapter = Path(args.out) / "lora" / "adapter" if args.skip_finetune else finetune_stage(args)
-    serve_stage(args, adapter)
-    quantize_stage(args, adapter)
+    if not args.skip_serve:
+        serve_stage(args, adapter)
+    if not args.skip_quantize:
+        quantize_stage(args, adapter)
+    compress_stage(args, adapter)
 
 
 def chat_stage(args: argparse.Namespace) -> None:
@@ -238,6 +245,39 @@ def quantize_stage(args: argparse.Namespace, adapter: Path) -> None:
         print(f"| {scheme or 'fp32'}{' g64' if scheme == 'int4' else ''} | {100 * score['exact_match']:.1f}% | "
               f"{ppl:.2f} | {speed['decode_tokens_per_s']:.1f} | {quantized_bytes(llm.model) / 2**20:,.0f} |",
               flush=True)
+
+
+def compress_stage(args: argparse.Namespace, adapter: Path) -> None:
+    """`slimlm compress` on the tuned model: remove 25 % of MLP channels, distil the tuned model back into the
+    pruned one on the task's training data, quantize to int8; every stage measured in a ledger."""
+    import yaml
+
+    from slimlm.compress.ledger import ledger_markdown
+    from slimlm.compress.recipe import load_compress_recipe
+    from slimlm.compress.run import compress
+
+    out, task = Path(args.out), Path(args.out) / "task"
+    print("\n== compression chain: prune 25 % of MLP channels -> distill from the tuned model -> int8 ==",
+          flush=True)
+    recipe = {
+        "model": args.model, "adapter": str(adapter), "out": str(out / "compress"),
+        "measure": {"ppl_tokens": 4096, "task": str(task / "test.jsonl"), "task_metric": "extract_json",
+                    "task_limit": args.quant_test, "max_new_tokens": 48},
+        "stages": [
+            {"prune": {"structured": "mlp", "ratio": 0.25}},
+            {"distill": {"data": str(task / "train.jsonl"), "alpha": 0.5, "temperature": 2.0,
+                         "dataset": {"max_seq_len": 256},
+                         "train": {"max_steps": args.compress_steps, "batch_size": 8, "lr": 2e-4,
+                                   "warmup_steps": 4}}},
+            {"quantize": {"scheme": "int8"}},
+        ],
+    }
+    path = out / "compress_recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    print(f"recipe: {path} (the same run: slimlm compress {path})", flush=True)
+    rows = compress(load_compress_recipe(path))
+    print("\n" + ledger_markdown(rows))
+    print(f"ledger: {out / 'compress' / 'ledger.json'}, ledger.md, ledger.png")
 
 
 if __name__ == "__main__":

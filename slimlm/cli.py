@@ -1,4 +1,4 @@
-"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval, quantize. Thin: parses flags, calls the API, prints.
+"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval, quantize, distill. Thin: parses flags, calls the API, prints.
 
 Errors a user can fix (bad paths, bad flags, bad configs) print one line on stderr and exit with status 2.
 """
@@ -282,17 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     _add_finetune_parser(sub)
+    from slimlm.compress.cli import add_compress_commands
     from slimlm.eval.cli import add_eval_commands
+    from slimlm.prune.cli import add_prune_commands
     from slimlm.quantize.cli import add_quantize_commands
     from slimlm.serve.bench import add_bench_commands
     from slimlm.serve.commands import add_serve_commands
     from slimlm.serve.registry_cli import add_registry_commands
+    from slimlm.train.distill_cli import add_distill_commands
 
     add_serve_commands(sub)
     add_registry_commands(sub)
     add_bench_commands(sub)
     add_eval_commands(sub)
     add_quantize_commands(sub)
+    add_prune_commands(sub)
+    add_distill_commands(sub)
+    add_compress_commands(sub)
     return parser
 
 
