@@ -126,6 +126,8 @@ def plot_ledger(rows: list[dict[str, Any]], path: Path) -> None:
         ax.bar(range(len(rows)), vals, color="tab:blue")
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
+        if key == "ppl" and max(vals) > 10 * min(vals):
+            ax.set_yscale("log")  # a broken intermediate stage (e.g. right after pruning) would flatten the rest
     quality = "accuracy" if all("accuracy" in r for r in rows) else "ppl" if all("ppl" in r for r in rows) else None
     ax = axes[-1]
     if quality:
