@@ -83,7 +83,7 @@ def test_prune_distill_quantize_chain(tiny_llama, tmp_path):
     assert pruned["parameters"] < base["parameters"] and distilled["parameters"] == pruned["parameters"]
     assert distilled["info"]["student"].endswith("1-prune-mlp-0.25") and distilled["info"]["steps"] == 3
     assert all("accuracy" in r and "ppl" in r for r in rows)
-    assert quantized["size_bytes"] < 0.4 * pruned["size_bytes"]
+    assert quantized["size_bytes"] < 0.4 * pruned["size_bytes"] and quantized["parameters"] == pruned["parameters"]
     again = slimlm.load(str(tmp_path / "out" / "2-distill-alpha0.5"))
     assert again.model.config.intermediate_size < 128 or again.model.config.layer_sizes
 

@@ -32,8 +32,9 @@ def measure_model(model: torch.nn.Module, tokenizer: Any, folder: Path, m: Measu
     """Every ledger metric of one stage's model (saved in `folder`)."""
     from slimlm.eval.speed import SpeedConfig, disk_size, measure_speed
 
+    # Parameters from the shapes: quantized layers hold buffers, not parameters.
     row: dict[str, Any] = {"folder": str(folder), "size_bytes": disk_size(folder),
-                           "parameters": sum(p.numel() for p in model.parameters()), "sparsity": sparsity_of(model),
+                           "parameters": model.config.num_params(), "sparsity": sparsity_of(model),
                            "layers": model.config.n_layers}
     if m.ppl_tokens:
         from slimlm.eval.corpus import builtin_corpus
