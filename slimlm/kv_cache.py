@@ -16,14 +16,19 @@ def kv_heads_per_layer(config) -> list[int]:
     return [config.layer_size(i)["n_kv_heads"] for i in range(config.n_layers)]
 
 
+def heads_list(n_kv_heads: int | list[int], n_layers: int) -> list[int]:
+    """One KV head count per layer: a single count repeated, or a per-layer list checked against n_layers."""
+    heads = list(n_kv_heads) if isinstance(n_kv_heads, (list, tuple)) else [n_kv_heads] * n_layers
+    if len(heads) != n_layers:
+        raise ValueError(f"n_kv_heads lists {len(heads)} layers, the cache has {n_layers}")
+    return heads
+
+
 class KVCache:
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int | list[int], head_dim: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         # n_kv_heads: one count for every layer, or a list with each layer's (structurally pruned models).
-        heads = list(n_kv_heads) if isinstance(n_kv_heads, (list, tuple)) else [n_kv_heads] * n_layers
-        if len(heads) != n_layers:
-            raise ValueError(f"n_kv_heads lists {len(heads)} layers, the cache has {n_layers}")
-        shapes = [(batch_size, h, max_len, head_dim) for h in heads]
+        shapes = [(batch_size, h, max_len, head_dim) for h in heads_list(n_kv_heads, n_layers)]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)  # first real slot per row

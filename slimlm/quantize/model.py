@@ -92,7 +92,8 @@ def quantize_model_(model: Transformer, scheme: str, group_size: int = 64,
     for parent, attr, layer in [t for block in model.layers for t in linears_of_block(block)]:
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"cannot quantize {type(layer).__name__} layers: merge or remove adapters first")
-        setattr(parent, attr, quantize_linear(layer, layer_scheme(layer)[0], group_size, layer_scheme(layer)[1]))
+        layer_as, input_scale = layer_scheme(layer)
+        setattr(parent, attr, quantize_linear(layer, layer_as, group_size, input_scale))
     quantize_embeddings_(model, *layer_scheme(model.lm_head))
     model.quantization = {"quant_method": "slimlm", "scheme": scheme, "group_size": group_size}
     if dynamic:
@@ -172,9 +173,11 @@ def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = 
     config = read_hf_config(folder)
     with torch.device("meta"):
         model = Transformer(config)
-        dynamic = set(quantization.get("dynamic_layers", []))  # int8-static: the scales are in the file
-        placeholders = {name: None if name in dynamic else 1.0 for name in named_quantizable_linears(model)}
-        model = quantize_model_(model, scheme, group, placeholders)
+        # int8-static: which layers run dynamic comes from the config; the static scales themselves are loaded
+        # from the file below, so any value builds the right layer here.
+        dynamic = set(quantization.get("dynamic_layers", []))
+        layer_kinds = {name: None if name in dynamic else 1.0 for name in named_quantizable_linears(model)}
+        model = quantize_model_(model, scheme, group, layer_kinds)
     expected = stored_tensors(model)
     state = {}
     for f in safetensors_files(folder):

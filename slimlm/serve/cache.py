@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.kv_cache import kv_heads_per_layer
+from slimlm.kv_cache import heads_list, kv_heads_per_layer
 
 
 class SlotKVCache:
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int | list[int], head_dim: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         # n_kv_heads: one count for every layer, or a list with each layer's (structurally pruned models).
-        heads = list(n_kv_heads) if isinstance(n_kv_heads, (list, tuple)) else [n_kv_heads] * n_layers
-        if len(heads) != n_layers:
-            raise ValueError(f"n_kv_heads lists {len(heads)} layers, the cache has {n_layers}")
-        shapes = [(n_slots, h, max_len + 1, head_dim) for h in heads]  # +1: the scratch position
+        # +1: the scratch position
+        shapes = [(n_slots, h, max_len + 1, head_dim) for h in heads_list(n_kv_heads, n_layers)]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.n_slots, self.max_len = n_slots, max_len
