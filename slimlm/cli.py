@@ -1,4 +1,5 @@
-"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval, quantize, distill. Thin: parses flags, calls the API, prints.
+"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval, quantize,
+prune, distill, compress, fuse, export, estimate. Thin: parses flags, calls the API, prints.
 
 Errors a user can fix (bad paths, bad flags, bad configs) print one line on stderr and exit with status 2.
 """
@@ -27,6 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
                    help="quantize the weights after loading (int4: --group-size, default 64)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="onnxruntime: --model is a folder from `slimlm export onnx`, run by ONNX Runtime")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +55,7 @@ def _load(args: argparse.Namespace):
     from slimlm.llm import load
 
     return load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, adapter=args.adapter,
-                quantize=args.quantize, group_size=args.group_size)
+                quantize=args.quantize, group_size=args.group_size, backend=args.backend)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_parser(sub)
     from slimlm.compress.cli import add_compress_commands
     from slimlm.eval.cli import add_eval_commands
+    from slimlm.export.cli import add_export_commands
+    from slimlm.fuse.cli import add_fuse_commands
+    from slimlm.memory.cli import add_estimate_commands
     from slimlm.prune.cli import add_prune_commands
     from slimlm.quantize.cli import add_quantize_commands
     from slimlm.serve.bench import add_bench_commands
@@ -299,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_commands(sub)
     add_distill_commands(sub)
     add_compress_commands(sub)
+    add_fuse_commands(sub)
+    add_export_commands(sub)
+    add_estimate_commands(sub)
     return parser
 
 

@@ -59,6 +59,10 @@ class KVCache:
         self.v[layer][:, :, cache_pos] = v
         return self.k[layer], self.v[layer]
 
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's whole cache (k, v) [B, Hkv, S, hd] (the ONNX Runtime backend reads the past from it)."""
+        return self.k[i], self.v[i]
+
     def filled_len(self, cache_pos: torch.Tensor) -> int:
         """Slots [0, n) hold every key that queries in cache_pos [T] may see (eager attention slices to these)."""
         return int(cache_pos[-1]) + 1

@@ -236,16 +236,25 @@ class StopStringText:
         return out
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
          compile: bool = False, adapter: str | Path | None = None, quantize: str | None = None,
-         group_size: int = 64) -> LLM:
+         group_size: int = 64, backend: str = "torch") -> LLM:
     """Load a model by alias (`smollm2-135m`), HF folder, .gguf file or HF hub id, with its tokenizer.
 
     dtype: auto | fp32 | bf16 | fp16. compile=True compiles the decode step (slower first call, faster decoding).
     adapter: a fine-tuned adapter folder to attach (LoRA/DoRA/QLoRA, prefix, prompt, bottleneck adapter, BitFit).
     quantize: int8 | int8-dynamic | int4 (group_size 32/64/128) quantizes the weights after loading (see
     slimlm.quantize.model); a folder written by save_quantized loads quantized without it.
+    backend: torch, or onnxruntime to run a folder written by `slimlm export onnx` (export/ort.py) through the same
+    generation code; adapters, quantization and compile are then settled at export time.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        return _load_onnxruntime(model, dtype, device, compile, adapter, quantize)
     if quantize == "int8-static":
         raise ValueError("int8-static needs calibration: write a quantized folder with `slimlm quantize --scheme "
                          "int8-static --out DIR` and load that folder")
@@ -259,3 +268,16 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
     if adapter is not None:
         llm.load_adapter(adapter)
     return llm.compile() if compile else llm
+
+
+def _load_onnxruntime(model, dtype, device, compile: bool, adapter, quantize) -> LLM:
+    from slimlm.export.ort import load_onnx_llm
+
+    settled = [flag for flag, used in (("--compile", compile), ("--adapter", adapter is not None),
+                                       ("--quantize", quantize is not None),
+                                       ("--dtype", str(dtype) not in ("auto", "fp32", "torch.float32")),
+                                       ("--device", str(device) != "cpu")) if used]
+    if settled:
+        raise ValueError(f"{', '.join(settled)} cannot be used with the onnxruntime backend: the exported graph "
+                         "fixes them (merge adapters and quantize at export: slimlm export onnx --adapter/--quantize)")
+    return load_onnx_llm(model)

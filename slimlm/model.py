@@ -68,10 +68,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Grouped-query attention. The four projections are injected, so PEFT can put other layers in their slots."""
 
-    def __init__(self, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, o_proj: nn.Module,
-                 n_heads: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, q_proj: nn.Module | None, k_proj: nn.Module | None, v_proj: nn.Module | None,
+                 o_proj: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, qkv_proj: nn.Module | None = None):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        # Fused alternative (fuse/llama.py): one projection whose output rows are [q | k | v], so x is read once by
+        # one GEMM; when it is set, q_proj/k_proj/v_proj are None.
+        self.qkv_proj = qkv_proj
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         # Prefix-tuning slot (peft/prefix.py): a module (k, v, mask, T) -> (k, v, mask) prepending learned keys/values.
         self.prefix: nn.Module | None = None
@@ -80,9 +83,14 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, layer_idx: int = 0, cache_pos: torch.Tensor | None = None,
                 kv_len: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)  # views of [B, T, q_dim + 2 kv_dim]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, cache_pos, k, v)  # [B, Hkv, S, hd]
@@ -98,12 +106,19 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+    def __init__(self, gate_proj: nn.Module | None, up_proj: nn.Module | None, down_proj: nn.Module,
+                 gate_up_proj: nn.Module | None = None):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        # Fused alternative (fuse/llama.py): output rows [gate | up]; when set, gate_proj/up_proj are None.
+        self.gate_up_proj = gate_up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [..., 2 * ff] -> two [..., ff] views
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

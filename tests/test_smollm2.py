@@ -133,3 +133,16 @@ def test_batched_generate_equals_single(llm):
 def test_capital_of_france(llm):
     answer = llm.generate("What is the capital of France?", max_new_tokens=30)
     assert "Paris" in answer
+
+
+def test_onnx_export_matches_and_generates_the_same(llm, tmp_path):
+    """SmolLM2 in ONNX Runtime: graph parity <= 1e-3 and the same greedy chat answer as PyTorch."""
+    pytest.importorskip("onnxruntime")
+    from slimlm.export.onnx import export_onnx
+    from slimlm.export.ort import load_onnx_llm
+
+    meta = export_onnx(llm.model, llm.tokenizer, tmp_path / "onnx")
+    assert meta["parity"]["max_logit_diff"] <= 1e-3
+    ort_llm = load_onnx_llm(tmp_path / "onnx")
+    want = llm.complete(CHAT_PROMPTS[:1], max_new_tokens=MAX_NEW)[0].token_ids
+    assert ort_llm.complete(CHAT_PROMPTS[:1], max_new_tokens=MAX_NEW)[0].token_ids == want

@@ -71,6 +71,10 @@ class SlotBatch:
         # Eager attention reads keys [0, kv_len); idle rows need the scratch position too.
         self._kv_len = cache.scratch + 1 if bool(self.idle.any()) else int(positions.max()) + 1
 
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's cache rows of this batch (k, v) [B, Hkv, S, hd], views."""
+        return self.cache.k[i][self.rows], self.cache.v[i][self.rows]
+
     def filled_len(self, cache_pos: torch.Tensor) -> int:
         return self._kv_len
 

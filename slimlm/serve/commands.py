@@ -17,6 +17,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the base model's weights after loading (slimlm.quantize)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="onnxruntime: --model is a folder from `slimlm export onnx`, run by ONNX Runtime")
     p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]DIR", help="LoRA adapter folders to serve")
     p.add_argument("--registry", default=None, help="registry root whose adapters are served by name[@version]")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
@@ -32,7 +34,7 @@ def serve_config(args: argparse.Namespace, **extra) -> ServeConfig:
     engine = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     cfg = ServeConfig(model=args.model, served_name=args.served_name, dtype=args.dtype, device=args.device,
-                      quantize=args.quantize, group_size=args.group_size, adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
+                      quantize=args.quantize, group_size=args.group_size, backend=args.backend, adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
                       engine=engine, **extra)
     cfg.validate()
     return cfg

@@ -8,6 +8,7 @@ so a push, alias move or rollback takes effect for the next request without a re
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ class ServeConfig:
     device: str = "cpu"
     quantize: str | None = None  # int8 | int8-dynamic | int4: quantize the base's weights after loading
     group_size: int = 64  # int4 group size
+    backend: str = "torch"  # or onnxruntime: `model` is a folder from `slimlm export onnx`
     adapters: list[str] = field(default_factory=list)  # adapter folders, as DIR or NAME=DIR
     registry: str | None = None  # registry root: adapters pushed there are served by name
     api_key_file: str | None = None  # one key per line; when set, /v1/* needs `Authorization: Bearer KEY`
@@ -39,6 +41,9 @@ class ServeConfig:
             from slimlm.quantize.model import check_scheme
 
             check_scheme(self.quantize, self.group_size)
+        if self.backend == "onnxruntime" and (self.adapters or self.registry or self.quantize):
+            raise ValueError("the onnxruntime backend serves the exported graph alone: no --adapters, --registry or "
+                             "--quantize (merge and quantize at export: slimlm export onnx --adapter/--quantize)")
         if self.max_body_bytes < 1024 or self.max_tokens_limit < 1 or self.drain_timeout_s < 0:
             raise ValueError("max_body_bytes must be >= 1024, max_tokens_limit >= 1, drain_timeout_s >= 0")
 
@@ -83,9 +88,12 @@ class ServerState:
             from slimlm.llm import load
 
             llm = load(self.config.model, dtype=self.config.dtype, device=self.config.device,
-                       quantize=self.config.quantize, group_size=self.config.group_size)
+                       quantize=self.config.quantize, group_size=self.config.group_size, backend=self.config.backend)
             self.tokenizer = llm.tokenizer
-            self.engine = Engine(llm.model, llm.tokenizer, self.config.engine, self.metrics).start()
+            engine_config = self.config.engine
+            if self.config.backend == "onnxruntime":  # no LoRA slots in an exported graph
+                engine_config = dataclasses.replace(engine_config, max_loras=0)
+            self.engine = Engine(llm.model, llm.tokenizer, engine_config, self.metrics).start()
             self.ready = True
         except Exception as e:  # surfaced by /ready and the server log
             self.load_error = f"{type(e).__name__}: {e}"

@@ -1,0 +1,86 @@
+"""`slimlm export onnx|torchscript|tflite|tensorrt`: write a model in a format other runtimes load."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_export_commands(sub) -> None:
+    """Register `export` and its formats on the CLI's subparsers `sub`."""
+    e = sub.add_parser("export", help="export a model: onnx (+ onnxruntime), torchscript, tflite, tensorrt")
+    fmt = e.add_subparsers(dest="format", required=True)
+    for name, help_ in (("onnx", "ONNX decoder graph with KV-cache inputs/outputs (int8/int4 stay low-bit)"),
+                        ("torchscript", "traced TorchScript decoder (.pt) that runs without slimlm"),
+                        ("tflite", "LiteRT/TFLite model with prefill and decode signatures (needs litert-torch)")):
+        p = fmt.add_parser(name, help=help_)
+        p.add_argument("--model", default="smollm2-135m", help="alias, HF folder (plain or slimlm-quantized), .gguf or hub id")
+        p.add_argument("--adapter", default=None, help="LoRA/DoRA/QLoRA/BitFit adapter to merge before export")
+        p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
+                       help="quantize after loading (onnx, torchscript); or pass a folder from slimlm quantize")
+        p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+        p.add_argument("--out", required=True, help="output folder (written atomically)")
+        p.add_argument("--no-check", action="store_true", help="skip the parity check after export")
+        if name == "onnx":
+            p.add_argument("--exact", action="store_true",
+                           help="quantized models: fp32 arithmetic on the stored codes in ONNX Runtime (exact, slow "
+                                "on CPU) instead of its int8-compute kernels (fast, activations quantized per block)")
+        p.add_argument("--json", action="store_true", help="print the export metadata as JSON")
+        if name == "tflite":
+            p.add_argument("--prefill-len", type=int, default=64, help="fixed prompt length of the prefill signature")
+            p.add_argument("--max-len", type=int, default=512, help="static KV cache length")
+        p.set_defaults(func=cmd_export)
+    t = fmt.add_parser("tensorrt", help="build a TensorRT engine from an ONNX export (needs CUDA + tensorrt)")
+    t.add_argument("--onnx", required=True, help="folder written by `slimlm export onnx` (unquantized)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--max-batch", type=int, default=8)
+    t.add_argument("--max-len", type=int, default=2048)
+    t.add_argument("--fp32", action="store_true", help="no fp16 kernels")
+    t.set_defaults(func=cmd_tensorrt)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimlm.llm import load
+
+    if args.format == "onnx":
+        from slimlm.export.onnx import export_onnx as export, require_onnx
+
+        require_onnx()  # before the slow load
+    elif args.format == "torchscript":
+        from slimlm.export.torchscript import export_torchscript as export
+    else:
+        from slimlm.export.tflite import export_tflite, require_litert
+
+        require_litert()
+        if args.quantize:
+            raise ValueError("--quantize does not apply to tflite (LiteRT quantizes with its own tools)")
+
+        def export(model, tokenizer, out, check):
+            return export_tflite(model, tokenizer, out, args.prefill_len, args.max_len, check)
+    llm = load(args.model, dtype="fp32", quantize=args.quantize, group_size=args.group_size)
+    if args.adapter:
+        from slimlm.peft import merge_adapter
+
+        llm.load_adapter(args.adapter)
+        merge_adapter(llm.model)
+    extra = {"int8_compute": not args.exact} if args.format == "onnx" else {}
+    meta = export(llm.model, llm.tokenizer, args.out, check=not args.no_check, **extra)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    size = meta.get("onnx_bytes") or meta.get("tflite_bytes")
+    print(f"wrote {args.out} ({args.format}{', ' + format(size / 2**20, '.1f') + ' MiB' if size else ''}, "
+          f"{meta.get('export_s', 0):.0f} s)")
+    if meta.get("swapped_layers"):
+        print("quantized layers kept low-bit: " + ", ".join(f"{n} {k}" for k, n in meta["swapped_layers"].items()))
+    for k, v in (meta.get("parity") or {}).items():
+        print(f"parity {k}: {v:.2e}")
+    return 0
+
+
+def cmd_tensorrt(args: argparse.Namespace) -> int:
+    from slimlm.export.tensorrt import build_tensorrt_engine
+
+    info = build_tensorrt_engine(args.onnx, args.out, args.max_batch, args.max_len, fp16=not args.fp32)
+    print(json.dumps(info, indent=2))
+    return 0
