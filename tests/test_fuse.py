@@ -313,3 +313,14 @@ def test_cli_fuses_and_saves_a_model_that_reloads(tiny_llama, tmp_path, capsys):
     ref, new = slimlm.load(str(tiny_llama[0]), dtype="fp32").model, slimlm.load(str(out), dtype="fp32").model
     assert bool((new.layers[0].input_layernorm.weight == 1).all())  # the folded gains persist as weights
     assert_same_model(ref, new)
+
+
+def test_quantizing_a_fused_model_is_refused(tiny_llama):
+    """Fused projections are not among the layers quantize_model_ swaps: refuse instead of leaving them fp32."""
+    from slimlm.llm import load
+    from slimlm.quantize.model import quantize_model_
+
+    llm = load(tiny_llama[0], dtype="fp32")
+    fuse_model_(llm.model, "qkv")
+    with pytest.raises(ValueError, match="quantize first, then fuse"):
+        quantize_model_(llm.model, "int8")

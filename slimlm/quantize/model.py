@@ -74,6 +74,10 @@ def quantize_model_(model: Transformer, scheme: str, group_size: int = 64,
     from slimlm.quantize.static import named_quantizable_linears
 
     check_scheme(scheme, group_size)
+    if any(getattr(b.self_attn, "qkv_proj", None) is not None or getattr(b.mlp, "gate_up_proj", None) is not None
+           for b in model.layers):
+        raise ValueError("the model has fused q/k/v or gate/up projections: quantize first, then fuse "
+                         "(slimlm.fuse fuses quantized layers exactly)")
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['scheme']})")
     names = {id(layer): name for name, layer in named_quantizable_linears(model).items()}
