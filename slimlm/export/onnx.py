@@ -88,7 +88,7 @@ def export_onnx(model: Transformer, tokenizer: Any, out: str | Path, check: bool
             "n_layers": form.config.n_layers, "export_s": 0.0}
     with atomic_folder(out) as tmp:
         program.save(str(tmp / ONNX_FILE), external_data=False)
-        _write_model_files(form, tokenizer, tmp)
+        write_model_files(form, tokenizer, tmp)
         meta["export_s"] = round(time.perf_counter() - t0, 1)
         meta["onnx_bytes"] = (tmp / ONNX_FILE).stat().st_size
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2))
@@ -98,7 +98,8 @@ def export_onnx(model: Transformer, tokenizer: Any, out: str | Path, check: bool
     return meta
 
 
-def _write_model_files(model: Transformer, tokenizer: Any, folder: Path) -> None:
+def write_model_files(model: Transformer, tokenizer: Any, folder: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files next to an exported model."""
     config = model.config.to_hf()
     eos = model.config.eos_token_id
     (folder / "config.json").write_text(json.dumps(config, indent=2))

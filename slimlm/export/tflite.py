@@ -83,7 +83,7 @@ def export_tflite(model: Transformer, tokenizer: Any, out: str | Path, prefill_l
     """Write out/model.tflite (prefill + decode signatures), config and tokenizer; returns the metadata."""
     from slimlm.checkpoint.atomic import atomic_folder
     from slimlm.export.decoder import check_exportable
-    from slimlm.export.onnx import METADATA_FILE, _write_model_files
+    from slimlm.export.onnx import METADATA_FILE, write_model_files
 
     litert_torch = require_litert()
     if getattr(model, "quantization", None):
@@ -102,7 +102,7 @@ def export_tflite(model: Transformer, tokenizer: Any, out: str | Path, prefill_l
             "prefill_len": prefill_len, "max_len": max_len, "batch": 1}
     with atomic_folder(out) as tmp:
         edge.export(str(tmp / TFLITE_FILE))
-        _write_model_files(model, tokenizer, tmp)
+        write_model_files(model, tokenizer, tmp)
         if check:
             meta["parity"] = check_tflite(edge, decoder, prefill_len, max_len)
         meta["export_s"] = round(time.perf_counter() - t0, 1)
