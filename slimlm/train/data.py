@@ -93,6 +93,24 @@ class DataStats:
     rows: int = 0  # samples handed to the trainer: == samples, or fewer when packed
 
 
+def run_data_errors(data: str | None, eval_data: str | None, eval_generate: bool, task: str | None) -> list[str]:
+    """Problems with a training run's data settings (files exist, generation eval has data, task is bundled)."""
+    errors = []
+    if not data:
+        errors.append("no training data: pass --data FILE.jsonl")
+    elif not Path(data).is_file():
+        errors.append(f"training data {data} does not exist")
+    if eval_data and not Path(eval_data).is_file():
+        errors.append(f"eval data {eval_data} does not exist")
+    if eval_generate and not eval_data:
+        errors.append("eval_generate needs --eval-data")
+    if task is not None:
+        from slimlm.tasks import TASKS
+        if task not in TASKS:
+            errors.append(f"task {task!r} is unknown; bundled tasks: {', '.join(TASKS)}")
+    return errors
+
+
 def detect_format(record: dict) -> str | None:
     """The format whose identifying key the record has, or None when it has none or keys of several formats."""
     found = {fmt for key, fmt in FORMAT_KEYS.items() if key in record}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimlm.train.data import DataConfig, load_dataset
+from slimlm.train.data import DataConfig, load_dataset, run_data_errors
 from slimlm.train.kd_loss import KL_DIRECTIONS, DenseTeacher, KDSettings, chunked_kd_loss, labelled_rows
 from slimlm.train.trainer import LossFn, SampleStream, TrainConfig, TrainResult, train
 
@@ -78,7 +78,7 @@ class DistillConfig:
         for name in ("top_k", "kd_chunk_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        errors += self._data_errors()
+        errors += run_data_errors(self.data, self.eval_data, self.eval_generate, self.task)
         for section in (self.dataset, self.train):
             try:
                 section.validate()
@@ -86,23 +86,6 @@ class DistillConfig:
                 errors.append(str(e))
         if errors:
             raise ValueError("invalid distillation config:\n  - " + "\n  - ".join(errors))
-
-    def _data_errors(self) -> list[str]:
-        errors = []
-        if not self.data:
-            errors.append("no training data: pass --data FILE.jsonl")
-        elif not Path(self.data).is_file():
-            errors.append(f"training data {self.data} does not exist")
-        if self.eval_data and not Path(self.eval_data).is_file():
-            errors.append(f"eval data {self.eval_data} does not exist")
-        if self.eval_generate and not self.eval_data:
-            errors.append("eval_generate needs --eval-data")
-        if self.task is not None:
-            from slimlm.tasks import TASKS
-            if self.task not in TASKS:
-                errors.append(f"task {self.task!r} is unknown; bundled tasks: {', '.join(TASKS)}")
-        return errors
-
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)

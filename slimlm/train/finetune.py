@@ -21,7 +21,7 @@ from slimlm.peft.bitfit import BitFitConfig
 from slimlm.peft.lora import LoraConfig
 from slimlm.peft.prefix import PrefixConfig
 from slimlm.peft.prompt import PromptConfig, input_prefix_ids
-from slimlm.train.data import DataConfig, load_dataset
+from slimlm.train.data import DataConfig, load_dataset, run_data_errors
 from slimlm.train.evaluate import chat_eval_set, generation_accuracy
 from slimlm.train.plot import plot_metrics
 from slimlm.train.trainer import TrainConfig, TrainResult, train
@@ -54,22 +54,11 @@ class FinetuneConfig:
         errors = []
         if self.method not in PEFT_METHODS:
             errors.append(f"method {self.method!r} is unknown; choose from {', '.join(PEFT_METHODS)}")
-        if not self.data:
-            errors.append("no training data: pass --data FILE.jsonl")
-        elif not Path(self.data).is_file():
-            errors.append(f"training data {self.data} does not exist")
-        if self.eval_data and not Path(self.eval_data).is_file():
-            errors.append(f"eval data {self.eval_data} does not exist")
+        errors += run_data_errors(self.data, self.eval_data, self.eval_generate, self.task)
         if self.method == "full" and self.nf4_base:
             errors.append("full fine-tuning cannot use an NF4 base (it trains the base weights)")
         if self.dtype not in ("fp32", "bf16"):
             errors.append(f"dtype must be fp32 or bf16, got {self.dtype!r}")
-        if self.task is not None:
-            from slimlm.tasks import TASKS
-            if self.task not in TASKS:
-                errors.append(f"task {self.task!r} is unknown; bundled tasks: {', '.join(TASKS)}")
-        if self.eval_generate and not self.eval_data:
-            errors.append("eval_generate needs --eval-data")
         for section in (self.dataset, self.train, self.method_config()):
             try:
                 section.validate()
