@@ -25,7 +25,7 @@ This module is arithmetic on a ModelConfig; it is not a profiler and it does not
 batch is assumed to take a loss; SFT that masks the prompt has smaller logits buffers).
 """
 
-# query.py: MemoryQuery and its validation; presets.py: --params model configs; plan.py: what trains, parameter and
+# query.py: MemoryQuery and its validation; presets.py: --params sizes (the configs are config.py's presets); plan.py: what trains, parameter and
 # weight bytes, Precision; activations.py: what the forward keeps for backward; estimate.py: the other terms, the
 # rows and the peak; cli.py: `slimlm estimate` (not imported here).
 from slimlm.memory.estimate import MemoryEstimate, MemoryRow, estimate_memory

@@ -16,7 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-from slimlm.config import PRESETS as CONFIG_PRESETS
 from slimlm.config import ModelConfig
 from slimlm.memory import (
     DTYPE_BYTES,
@@ -99,11 +98,8 @@ def model_config(source: str) -> ModelConfig:
 
     path = Path(source).expanduser()
     if not path.exists() and source not in ALIASES:
-        key = SIZE_PRESETS.get(source.upper(), source.lower())
-        if key in PRESETS:
-            return preset_config(key)
-        if key in CONFIG_PRESETS:
-            return ModelConfig.from_name(key)
+        if SIZE_PRESETS.get(source.upper(), source.lower()) in PRESETS:
+            return preset_config(source)
         if "/" in source and not source.startswith((".", "/")):
             return _hub_config(source)
     return _file_config(resolve(source))
