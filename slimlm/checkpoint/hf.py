@@ -159,6 +159,21 @@ def _stop_ids(eos: Any) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
+def write_model_files(folder: Path, config: ModelConfig, tokenizer: Any = None, eos_token_ids: list[int] | None = None,
+                      **extra: Any) -> None:
+    """config.json (HF keys + `extra`), generation_config.json and the tokenizer files (an HF tokenizer object)."""
+    hf_config = {**config.to_hf(), **extra}
+    eos = eos_token_ids or _stop_ids(config.eos_token_id)
+    eos_value = eos[0] if len(eos) == 1 else eos
+    if eos:
+        hf_config["eos_token_id"] = eos_value
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos_value if eos else None}
+    (folder / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
 def save_hf_folder(model: Transformer, folder: str | Path, tokenizer: Any = None,
                    eos_token_ids: list[int] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write config.json, model.safetensors, generation_config.json (and the tokenizer) to `folder`, atomically.
@@ -168,21 +183,13 @@ def save_hf_folder(model: Transformer, folder: str | Path, tokenizer: Any = None
     """
     folder = Path(folder)
     config = model.config
-    hf_config = config.to_hf()
-    eos = eos_token_ids or _stop_ids(config.eos_token_id)
-    if eos:
-        hf_config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     state = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: HF re-ties it from the embedding
         state[slimlm_to_hf_name(name)] = t.detach().to(dtype or t.dtype).contiguous().cpu()
-    hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    torch_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
-        (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write_model_files(tmp, config, tokenizer, eos_token_ids, torch_dtype=torch_dtype)
     return folder

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from slimlm.kv_cache import kv_heads_per_layer
 from slimlm.model import Transformer, rope_cos_sin
 
 
@@ -84,8 +85,5 @@ def example_inputs(model: Transformer, batch: int = 2, seq: int = 3, past: int =
     ids = torch.randint(0, c.vocab_size, (batch, seq))
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    kv = []
-    for i in range(c.n_layers):
-        h = c.layer_size(i)["n_kv_heads"]
-        kv += [torch.zeros(batch, h, past, c.head_dim, dtype=model.dtype) for _ in range(2)]
+    kv = [torch.zeros(batch, h, past, c.head_dim, dtype=model.dtype) for h in kv_heads_per_layer(c) for _ in "kv"]
     return (ids, mask, pos, *kv)

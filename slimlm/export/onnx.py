@@ -48,11 +48,7 @@ def export_form(model: Transformer, int8_compute: bool = True) -> tuple[Transfor
 
     m = copy.deepcopy(model).eval()
     counts = swap_quantized_for_export_(m, int8_compute)
-    for p in list(m.parameters()) + list(m.buffers()):
-        if p.is_floating_point():
-            p.data = p.data.float()
-    m.config = copy.deepcopy(model.config)
-    return m, counts
+    return m.float(), counts
 
 
 def export_onnx(model: Transformer, tokenizer: Any, out: str | Path, check: bool = True,
@@ -88,7 +84,7 @@ def export_onnx(model: Transformer, tokenizer: Any, out: str | Path, check: bool
             "n_layers": form.config.n_layers, "export_s": 0.0}
     with atomic_folder(out) as tmp:
         program.save(str(tmp / ONNX_FILE), external_data=False)
-        write_model_files(form, tokenizer, tmp)
+        write_export_files(form, tokenizer, tmp)
         meta["export_s"] = round(time.perf_counter() - t0, 1)
         meta["onnx_bytes"] = (tmp / ONNX_FILE).stat().st_size
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2))
@@ -98,15 +94,11 @@ def export_onnx(model: Transformer, tokenizer: Any, out: str | Path, check: bool
     return meta
 
 
-def write_model_files(model: Transformer, tokenizer: Any, folder: Path) -> None:
+def write_export_files(model: Transformer, tokenizer: Any, folder: Path) -> None:
     """config.json, generation_config.json and the tokenizer files next to an exported model."""
-    config = model.config.to_hf()
-    eos = model.config.eos_token_id
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": eos}
-    (folder / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
-    if tokenizer is not None:
-        tokenizer.hf.save_pretrained(str(folder))
+    from slimlm.checkpoint.hf import write_model_files
+
+    write_model_files(folder, model.config, tokenizer.hf if tokenizer is not None else None)
 
 
 @torch.no_grad()

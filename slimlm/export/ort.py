@@ -127,7 +127,7 @@ class OrtModel:
         past = []
         for i in range(self.config.n_layers):
             k, v = cache.layer(i)  # [B, Hkv, S, hd]
-            past += [k[:, :, :P].float().contiguous().numpy(), v[:, :, :P].float().contiguous().numpy()]
+            past += [k[:, :, :P].contiguous().numpy(), v[:, :, :P].contiguous().numpy()]  # fp32: the cache has the model dtype
         logits, present = self.session.run(input_ids, attention_mask, positions.contiguous(), past)
         for i in range(self.config.n_layers):  # present = past + the T new entries
             k_new = torch.from_numpy(present[2 * i][:, :, P:])

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimlm.kv_cache import kv_heads_per_layer
 from slimlm.model import Transformer, rope_cos_sin
 
 TFLITE_FILE = "model.tflite"
@@ -70,9 +71,7 @@ class StaticCacheDecoder(nn.Module):
 
 def static_inputs(model: Transformer, T: int, max_len: int, start: int = 0) -> tuple[torch.Tensor, ...]:
     c = model.config
-    kv = []
-    for i in range(c.n_layers):
-        kv += [torch.zeros(1, c.layer_size(i)["n_kv_heads"], max_len, c.head_dim) for _ in range(2)]
+    kv = [torch.zeros(1, h, max_len, c.head_dim) for h in kv_heads_per_layer(c) for _ in "kv"]
     tokens = torch.zeros(1, T, dtype=torch.int32)
     return (tokens, torch.arange(start, start + T, dtype=torch.int32), *kv)
 
@@ -83,7 +82,7 @@ def export_tflite(model: Transformer, tokenizer: Any, out: str | Path, prefill_l
     """Write out/model.tflite (prefill + decode signatures), config and tokenizer; returns the metadata."""
     from slimlm.checkpoint.atomic import atomic_folder
     from slimlm.export.decoder import check_exportable
-    from slimlm.export.onnx import METADATA_FILE, write_model_files
+    from slimlm.export.onnx import METADATA_FILE, write_export_files
 
     litert_torch = require_litert()
     if getattr(model, "quantization", None):
@@ -102,7 +101,7 @@ def export_tflite(model: Transformer, tokenizer: Any, out: str | Path, prefill_l
             "prefill_len": prefill_len, "max_len": max_len, "batch": 1}
     with atomic_folder(out) as tmp:
         edge.export(str(tmp / TFLITE_FILE))
-        write_model_files(model, tokenizer, tmp)
+        write_export_files(model, tokenizer, tmp)
         if check:
             meta["parity"] = check_tflite(edge, decoder, prefill_len, max_len)
         meta["export_s"] = round(time.perf_counter() - t0, 1)

@@ -28,7 +28,7 @@ TORCHSCRIPT_FILE = "model.pt"
 def export_torchscript(model: Transformer, tokenizer: Any, out: str | Path, check: bool = True) -> dict[str, Any]:
     """Trace `model` (plain or quantized) and write out/model.pt + config + tokenizer; returns the metadata."""
     from slimlm.checkpoint.atomic import atomic_folder
-    from slimlm.export.onnx import METADATA_FILE, write_model_files
+    from slimlm.export.onnx import METADATA_FILE, write_export_files
 
     t0 = time.perf_counter()
     decoder = ExportDecoder(model.eval()).eval()
@@ -43,7 +43,7 @@ def export_torchscript(model: Transformer, tokenizer: Any, out: str | Path, chec
             "dtype": str(model.dtype).removeprefix("torch.")}
     with atomic_folder(out) as tmp:
         traced.save(str(tmp / TORCHSCRIPT_FILE))
-        write_model_files(model, tokenizer, tmp)
+        write_export_files(model, tokenizer, tmp)
         if check:
             meta["parity"] = check_torchscript(tmp / TORCHSCRIPT_FILE, model)
         meta["export_s"] = round(time.perf_counter() - t0, 1)

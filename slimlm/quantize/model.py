@@ -17,7 +17,6 @@ cannot load this layout (export/ writes formats they can).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -142,19 +141,13 @@ def save_quantized(model: Transformer, folder: str | Path, tokenizer=None) -> Pa
     from safetensors.torch import save_file
 
     from slimlm.checkpoint.atomic import atomic_folder
+    from slimlm.checkpoint.hf import write_model_files
 
     if not getattr(model, "quantization", None):
         raise ValueError("the model is not quantized: call quantize_model_ first")
-    hf_config = model.config.to_hf()
-    hf_config["quantization_config"] = dict(model.quantization)
-    eos = model.config.eos_token_id
     with atomic_folder(folder) as tmp:
         save_file(quantized_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": eos}
-        (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write_model_files(tmp, model.config, tokenizer, quantization_config=dict(model.quantization))
     return Path(folder)
 
 
