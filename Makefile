@@ -32,15 +32,18 @@ else
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 endif
 
-# Peer comparisons (installs llama-cpp-python, which compiles llama.cpp: several minutes the first time).
+# Peer comparisons (installs llama-cpp-python, which compiles llama.cpp: several minutes the first time; the
+# serving peer, llama.cpp's C++ llama-server, is built under build/llama.cpp by scripts/build_llama_server.sh,
+# ~10 minutes the first time, or taken from $LLAMA_SERVER).
 bench: install
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_load_memory.py
 	$(PY) bench/bench_finetune.py
 	$(PY) bench/bench_methods.py
-	$(PY) bench/bench_serve.py --concurrency 1,16 --requests 16 --max-tokens 128 --reps 2 \
-	    --json bench/results/serve_c16.json
+	scripts/build_llama_server.sh
+	$(PY) bench/bench_serve.py --concurrency 1,16 --requests 16 --prompt-tokens 128 --max-tokens 128 --reps 5 \
+	    --adapters 4 --shared-system-tokens 300 --json bench/results/serve_c16.json
 	$(PY) bench/serve_scenarios.py --json bench/results/serve_scenarios.json
 
 clean:

@@ -15,8 +15,8 @@ import time
 import torch
 
 import slimlm
-from slimlm.serve.engine import Engine, EngineConfig, Request
-from slimlm.serve.sampling import RequestSampling
+from slimlm.engine.core import Engine, EngineConfig, Request
+from slimlm.engine.sampling import SamplingParams
 
 
 def step_ms(llm, rows: int, steps: int, max_batch: int) -> list[float]:
@@ -24,7 +24,7 @@ def step_ms(llm, rows: int, steps: int, max_batch: int) -> list[float]:
     engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=max_batch, max_seq_len=512, max_loras=0))
     for i in range(rows):
         ids = llm.tokenizer.prompt_ids(f"story {i} " + "the cat sat on the mat " * 20, chat=True)
-        engine.submit(Request(ids, max_tokens=steps + 8, sampling=RequestSampling(temperature=0.0), ignore_eos=True))
+        engine.submit(Request(ids, SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)))
     while engine.waiting or any(r.pending is None for r in engine.running.values()):  # admit + prefill everyone
         engine.step()
     engine.step()  # warm-up decode

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +55,7 @@ def main() -> None:
     adapter = Path(args.out) / "lora" / "adapter" if args.skip_finetune else finetune_stage(args)
     if not args.skip_serve:
         serve_stage(args, adapter)
+        engine_stage(args, adapter)
     if not args.skip_quantize:
         quantize_stage(args, adapter)
     if not args.skip_compress:
@@ -211,6 +214,15 @@ def serve_stage(args: argparse.Namespace, adapter: Path) -> None:
         code = proc.wait(timeout=120)
         log.close()
     print(f"SIGTERM: drained and exited with status {code}; request log (JSON lines): {out / 'server.log'}")
+
+
+def engine_stage(args: argparse.Namespace, adapter: Path) -> None:
+    """The engine's speculative decoding (prompt lookup) and prefix caching on the tuned model, outputs compared."""
+    print("\n== engine: prompt-lookup speculative decoding and prefix caching (bench/bench_engine_features.py) ==",
+          flush=True)
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "bench_engine_features.py"),
+           "--model", args.model, "--adapter", str(adapter), "--dtype", args.dtype, "--quick"]
+    subprocess.run(cmd, check=True)
 
 
 def _wait_ready(url: str, proc, timeout: float = 300) -> None:

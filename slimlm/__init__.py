@@ -1,7 +1,7 @@
 """slimlm: fine-tune, compress, export and serve Llama-family language models, CPU first."""
 
 from slimlm.config import ModelConfig
-from slimlm.generate import SamplingParams
+from slimlm.engine.sampling import SamplingParams
 from slimlm.llm import LLM, Completion, load
 from slimlm.model import Transformer
 

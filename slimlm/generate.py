@@ -1,63 +1,22 @@
-"""Token generation: prefill, decode_one_token, sampling, and the decode loop over a static KV cache.
+"""Model-level generation over a static KVCache: prefill, decode_one_token and a reference token loop.
 
-Works on token ids only; text, chat templates and stop strings belong to the caller (slimlm/llm.py).
+Every front (LLM.generate, `slimlm serve`, batch jobs) runs on the engine (slimlm/engine/core.py). What stays here
+is what works on a bare model and a KVCache: the prefill/decode step functions that eval/speed.py, the fusion
+benchmark and torch.compile use, and `generate_tokens`, a plain left-padded decode loop that tests use as an
+independent reference for the engine and that exports are checked with. Sampling parameters are the engine's
+SamplingParams (one class everywhere).
 `decode_one_token` is a separate small function so that exactly the hot step can be torch.compile'd.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from slimlm.engine.sampling import SamplingParams, apply_repetition_penalty, draw  # noqa: F401 (re-exported)
 from slimlm.kv_cache import KVCache
 from slimlm.model import Transformer
-
-
-@dataclass
-class SamplingParams:
-    """How to pick each next token. temperature=0 means greedy."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # 1 = off; HF/CTRL style: divide positive logits, multiply negative ones
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings (handled on text by the caller)
-    min_new_tokens: int = 0  # stop tokens are suppressed until this many tokens exist
-    ignore_eos: bool = False  # never stop on a stop token (benchmarks)
-
-    def __post_init__(self) -> None:
-        errors = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            errors.append(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            errors.append(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            errors.append(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            errors.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            errors.append(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            errors.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            errors.append(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if any(not s for s in self.stop):
-            errors.append("stop strings must be non-empty")
-        if errors:
-            raise ValueError("invalid sampling parameters: " + "; ".join(errors))
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [B, V] float; seen [B, V] bool marks tokens already in the prompt or the output."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -65,7 +24,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
-    if params.top_k:
+    if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
@@ -77,17 +36,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     return draw(probs, generator)
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of probs [B, V] (rows need not sum to 1) by inverse CDF: one uniform number per row.
-
-    torch.multinomial draws a random number per vocabulary entry (about 1.5 ms a row for V = 49k on a 2-core CPU);
-    this is about 20x cheaper and samples the same distribution. right=True never picks a zero-probability token.
-    """
-    cdf = probs.float().cumsum(dim=-1)  # [B, V]
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def prefill(model: Transformer, input_ids: torch.Tensor, cache: KVCache, cache_pos: torch.Tensor) -> torch.Tensor:

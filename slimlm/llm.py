@@ -1,10 +1,12 @@
 """LLM: a loaded model with its tokenizer, and text-in/text-out generation (blocking, streaming, batched).
 
-This is the public face of slimlm.load(); the token-level loop lives in generate.py.
+This is the public face of slimlm.load(). Generation runs on the engine (engine/core.py), the same scheduler,
+cache and sampler `slimlm serve` uses, through its offline front: greedy output is the same on every front.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +16,13 @@ import torch
 
 from slimlm.checkpoint import load_model
 from slimlm.config import ModelConfig
-from slimlm.generate import SamplingParams, decode_one_token, generate_tokens, prefill
-from slimlm.kv_cache import KVCache
+from slimlm.engine.core import Engine, EngineConfig, Request
+from slimlm.engine.sampling import SamplingParams
 from slimlm.model import Transformer
-from slimlm.tokenizer import Messages, StreamDecoder, Tokenizer
+from slimlm.tokenizer import Messages, StopStringText, Tokenizer  # noqa: F401 (StopStringText: old import path)
 
 Prompt = str | Messages | list[int]  # text, chat messages, or token ids as they are
-CACHE_BUCKET = 256  # KV cache lengths are multiples of this
+CACHE_BUCKET = 256  # engine context lengths are multiples of this
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -70,10 +72,13 @@ class Completion:
 class LLM:
     """A model ready to generate: `.model` (nn.Module, ids [B,T] -> logits [B,T,V]), `.tokenizer`, `.config`."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None,
+                 engine_config: EngineConfig | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
-        self._decode, self._prefill = decode_one_token, prefill
-        self._cache: KVCache | None = None
+        # Offline defaults: no LoRA slots (adapters attach to the model itself), no queue limit; prefix caching and
+        # speculation as configured (engine_config=EngineConfig(speculative="ngram") turns prompt lookup on).
+        self.engine_config = engine_config or EngineConfig(max_loras=0)
+        self._engine: Engine | None = None
         self.adapter: Path | None = None
 
     def load_adapter(self, folder: str | Path) -> str:
@@ -82,6 +87,7 @@ class LLM:
 
         method = load_adapter(self.model, folder, self.tokenizer)
         self.adapter = Path(folder)
+        self._engine = None  # cached prefixes were computed without the adapter
         return method
 
     @property
@@ -89,23 +95,25 @@ class LLM:
         return self.model.config
 
     def compile(self) -> "LLM":
-        """torch.compile the decode step (CPU: inductor with frozen, pre-packed weights). First call compiles."""
-        from slimlm.compile import compile_decode
+        """torch.compile the model's forward for the engine's decode steps (inductor, frozen pre-packed weights).
 
-        self._decode = compile_decode()
+        The first calls compile (a minute or more on 2 cores); shapes that change (batch rows, attended length)
+        recompile, with dynamic shapes after the first change."""
+        self.model.forward = torch.compile(self.model.forward, options={"freezing": True})
         return self
 
-    def _cache_for(self, batch_size: int, need: int) -> KVCache:
-        """Reuse the last KV cache when it fits; else allocate one rounded up to CACHE_BUCKET slots.
+    def engine_for(self, rows: int, need: int) -> Engine:
+        """The offline engine, reused while it has >= rows slots of >= need tokens and is not far too large.
 
-        Fixed bucket sizes keep a compiled decode step from recompiling for every prompt length, and a cache at
-        most twice the need keeps decode from attending over many empty slots.
+        Context lengths are rounded up to CACHE_BUCKET so that most calls reuse one engine (and its prefix cache).
         """
-        c = self._cache
-        if c is None or c.batch_size != batch_size or not need <= c.max_len <= 2 * need + CACHE_BUCKET:
+        e = self._engine
+        if e is None or e.config.max_batch < rows or e.max_seq_len < need or e.max_seq_len > 2 * need + CACHE_BUCKET:
             size = max(need, min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, self.config.max_seq_len))
-            c = self._cache = KVCache.for_model(self.model, batch_size, size)
-        return c
+            cfg = dataclasses.replace(self.engine_config, max_batch=max(rows, e.config.max_batch if e else 1),
+                                      max_seq_len=size)
+            e = self._engine = Engine(self.model, self.tokenizer, cfg)
+        return e
 
     def _prompt_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
         from slimlm.peft.prompt import input_prefix_ids
@@ -133,39 +141,28 @@ class LLM:
                      ) -> Iterator[tuple[int, str, Completion | None]]:
         """Yield (row, new text, None) as text is produced and (row, '', Completion) when a row finishes."""
         ids = [self._prompt_ids(p, chat) for p in prompts]
-        stop_ids = set() if params.ignore_eos else self.tokenizer.stop_token_ids
-        decoders = [StreamDecoder(self.tokenizer) for _ in ids]
-        texts, out_ids = [StopStringText(params.stop) for _ in ids], [[] for _ in ids]
-        n_generated = [0 for _ in ids]  # counts a final stop token too, as OpenAI's usage does
-        finished: list[Completion | None] = [None for _ in ids]
+        need = max(len(i) for i in ids) + params.max_new_tokens
+        if need > self.config.max_seq_len:
+            raise ValueError(f"prompt ({need - params.max_new_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                             f"exceeds the model's context of {self.config.max_seq_len} tokens; shorten the prompt or "
+                             "lower max_new_tokens")
+        engine = self.engine_for(min(len(ids), 64), need)
+        reqs = [Request(i, params) for i in ids]
+        row_of = {id(r): row for row, r in enumerate(reqs)}
+        texts = {row: "" for row in range(len(reqs))}
         t0 = time.perf_counter()
-        t_first = None
-        cache = self._cache_for(len(ids), max(len(i) for i in ids) + params.max_new_tokens)
-        steps = generate_tokens(self.model, ids, params, self.tokenizer.stop_token_ids, self.tokenizer.pad_id,
-                                cache, self._decode, self._prefill)
-        for step_tokens in steps:
-            t_first = t_first or time.perf_counter()
-            for row, tok in enumerate(step_tokens):
-                if finished[row] is not None or tok is None:
-                    continue
-                n_generated[row] += 1
-                reason = "stop" if tok in stop_ids else None
-                piece = ""
-                if reason is None:
-                    out_ids[row].append(tok)
-                    piece, hit = texts[row].add(decoders[row].push(tok))
-                    reason = "stop" if hit else "length" if n_generated[row] >= params.max_new_tokens else None
-                if reason:
-                    piece += texts[row].flush()
-                if piece:
-                    yield row, piece, None
-                if reason:
-                    finished[row] = Completion(texts[row].text, len(ids[row]), n_generated[row], reason, t_first - t0,
-                                               time.perf_counter() - t_first, out_ids[row])
-                    yield row, "", finished[row]
-            if all(f is not None for f in finished):
-                break
-        steps.close()
+        for req, out in engine.generate(reqs):
+            row = row_of[id(req)]
+            if out.text:
+                texts[row] += out.text
+                yield row, out.text, None
+            if out.finish_reason is not None:
+                if out.error:
+                    raise RuntimeError(out.error)
+                t_first = req.t_first or time.perf_counter()
+                ids_out = [t for t in req.output_ids if not (t in engine.stop_ids and not params.ignore_eos)]
+                yield row, "", Completion(texts[row], len(req.prompt_ids), req.n_generated, out.finish_reason,
+                                          t_first - max(t0, req.t_arrival), (req.t_last or t_first) - t_first, ids_out)
 
     def generate(self, prompt: Prompt | list[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
                  **kwargs) -> str | list[str]:
@@ -197,43 +194,6 @@ class LLM:
         for _, piece, _ in self.stream_batch([prompt], params, chat):
             if piece:
                 yield piece
-
-
-class StopStringText:
-    """One row's text as it grows, cut before the first stop string even when one spans two pieces.
-
-    Streaming holds back the end of the text only while it could still be the beginning of a stop string.
-    """
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops, self.text, self.sent = list(stops), "", 0
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-
-    def add(self, piece: str) -> tuple[str, bool]:
-        """Append a piece; return (text now safe to emit, whether a stop string was hit)."""
-        search_from = max(0, len(self.text) - self.hold)  # a stop ending in `piece` starts no earlier
-        self.text += piece
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            return self.flush(), True
-        return self._emit(len(self.text) - self._open_prefix()), False
-
-    def flush(self) -> str:
-        """Everything not yet emitted (the row has finished)."""
-        return self._emit(len(self.text))
-
-    def _open_prefix(self) -> int:
-        """Length of the longest end of the text that begins some stop string."""
-        for k in range(min(self.hold, len(self.text)), 0, -1):
-            if any(s.startswith(self.text[-k:]) for s in self.stops):
-                return k
-        return 0
-
-    def _emit(self, upto: int) -> str:
-        out = self.text[self.sent:upto]
-        self.sent = max(self.sent, upto)
-        return out
 
 
 BACKENDS = ("torch", "onnxruntime")

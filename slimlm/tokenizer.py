@@ -100,3 +100,40 @@ class StreamDecoder:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
         return ""
+
+
+class StopStringText:
+    """One row's text as it grows, cut before the first stop string even when one spans two pieces.
+
+    Streaming holds back the end of the text only while it could still be the beginning of a stop string.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.text, self.sent = list(stops), "", 0
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def add(self, piece: str) -> tuple[str, bool]:
+        """Append a piece; return (text now safe to emit, whether a stop string was hit)."""
+        search_from = max(0, len(self.text) - self.hold)  # a stop ending in `piece` starts no earlier
+        self.text += piece
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self.flush(), True
+        return self._emit(len(self.text) - self._open_prefix()), False
+
+    def flush(self) -> str:
+        """Everything not yet emitted (the row has finished)."""
+        return self._emit(len(self.text))
+
+    def _open_prefix(self) -> int:
+        """Length of the longest end of the text that begins some stop string."""
+        for k in range(min(self.hold, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+    def _emit(self, upto: int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out

@@ -117,7 +117,7 @@ def test_served_by_onnxruntime_same_text_as_torch(tiny_llama, exported):
     import httpx
     from serve_helpers import running_server
 
-    from slimlm.serve.engine import EngineConfig
+    from slimlm.engine.core import EngineConfig
     from slimlm.serve.state import ServeConfig
 
     prompts = ["the cat sat", "hello world what is", "a big red fox jumps over the lazy dog and", "tell me"]

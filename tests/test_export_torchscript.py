@@ -9,6 +9,7 @@ import torch
 
 from slimlm.export.decoder import ExportDecoder, example_inputs
 from slimlm.export.torchscript import TORCHSCRIPT_FILE, export_torchscript
+from slimlm import kernels
 from slimlm.llm import load
 
 
@@ -21,7 +22,8 @@ def test_torchscript_export_matches_model(tiny_llama, tmp_path, quantize):
     ids = torch.randint(3, 300, (1, 11))  # a prompt longer than the traced one, no past
     inputs = example_inputs(llm.model, 1, 11, 0)
     logits = loaded(ids, *inputs[1:])[0]
-    assert (logits - llm.model(ids)).abs().max() <= 1e-4
+    with kernels.disabled():  # the file runs torch's int8 kernel (bf16 activations), not slimlm's
+        assert (logits - llm.model(ids)).abs().max() <= 1e-4
     assert json.loads((tmp_path / "ts" / "slimlm_export.json").read_text())["format"] == "torchscript"
 
 

@@ -95,15 +95,15 @@ def test_custom_decode_fn_is_used(llama):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be a positive integer, got 2.5"),
-    (dict(temperature=-0.1), "temperature must be >= 0"),
-    (dict(top_k=-1), "top_k must be >= 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(min_p=1.0), r"min_p must be in \[0, 1\)"),
-    (dict(min_p=-0.1), r"min_p must be in \[0, 1\)"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(temperature=-0.1), "temperature must be a number >= 0"),
+    (dict(top_k=-2), "top_k must be an integer >= 1, or 0 or -1"),
+    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+    (dict(min_p=1.5), r"min_p must be a number in \[0, 1\]"),
+    (dict(min_p=-0.1), r"min_p must be a number in \[0, 1\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
     (dict(min_new_tokens=5, max_new_tokens=4), r"min_new_tokens must be in \[0, max_new_tokens\], got 5"),
-    (dict(stop=["ok", ""]), "stop strings must be non-empty"),
+    (dict(stop=["ok", ""]), "stop must be a list of non-empty strings"),
 ])
 def test_sampling_params_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -111,7 +111,7 @@ def test_sampling_params_validation(kwargs, match):
 
 
 def test_sampling_params_collects_errors_and_wraps_stop_string():
-    with pytest.raises(ValueError, match="invalid sampling parameters: temperature must be >= 0.*; top_k must be >= 0"):
+    with pytest.raises(ValueError, match="invalid sampling parameters: temperature must be a number >= 0.*; top_k must be an integer"):
         SamplingParams(temperature=-1, top_k=-2)
     assert SamplingParams(stop="END").stop == ["END"]
 

@@ -231,3 +231,12 @@ def test_token_id_prompts(llm):
     assert llm.generate(ids, max_new_tokens=6, ignore_eos=True) == by_ids.text
     with pytest.raises(ValueError, match="token ids must be in"):
         llm.complete([[llm.config.vocab_size]], max_new_tokens=1)
+
+
+def test_compiled_model_gives_the_eager_tokens(tiny_llama):
+    import slimlm
+
+    eager = slimlm.load(str(tiny_llama[0]), dtype="fp32")
+    ref = eager.complete(["hello there"], max_new_tokens=8, ignore_eos=True)[0].token_ids
+    compiled = slimlm.load(str(tiny_llama[0]), dtype="fp32", compile=True)
+    assert compiled.complete(["hello there"], max_new_tokens=8, ignore_eos=True)[0].token_ids == ref

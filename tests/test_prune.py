@@ -21,9 +21,8 @@ from slimlm.prune import (drop_layers, layer_importance, prune_heads_, prune_lay
                           prune_nm_, prune_unstructured_, sparsity_report)
 from slimlm.prune.calibrate import linears_of_block
 from slimlm.prune.unstructured import lowest_mask
-from slimlm.serve.cache import SlotKVCache
-from slimlm.serve.engine import Engine, EngineConfig, Request
-from slimlm.serve.sampling import RequestSampling
+from slimlm.engine.cache import SlotKVCache
+from slimlm.engine.core import Engine, EngineConfig, Request
 
 from conftest import randomize_
 
@@ -225,7 +224,7 @@ def test_non_uniform_round_trips_through_config_json(tmp_path):
     assert config == model.config
     assert torch.equal(logits(again), logits(model))
     bytes_ = SlotKVCache.for_model(again, 1, 10).bytes()
-    assert bytes_ == config.kv_cache_bytes_per_token(4) * 11  # 10 positions + the scratch one, fp32
+    assert bytes_ == config.kv_cache_bytes_per_token(4) * 10  # 10 positions, fp32
 
 
 def test_kv_cache_generation_on_non_uniform_model_matches_full_forward():
@@ -267,7 +266,7 @@ def test_pruned_model_generates_and_serves(tiny_llama, tmp_path):
     prompts = [llm.tokenizer.prompt_ids(f"tell me story {i}", chat=True) for i in range(3)]
     outs = [[] for _ in prompts]
     for p, out in zip(prompts, outs):
-        req = Request(p, max_tokens=5, sampling=RequestSampling(temperature=0.0), ignore_eos=True)
+        req = Request(p, SamplingParams(max_new_tokens=5, ignore_eos=True))
         req.emit = lambda o, out=out: out.extend(o.token_ids)
         engine.submit(req)
     while engine.has_work():

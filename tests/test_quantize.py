@@ -113,8 +113,7 @@ def test_quantize_errors(tiny_llama, tmp_path):
 @pytest.mark.parametrize("scheme", ["int8-dynamic", "int4"])
 def test_serving_engine_on_quantized_base_with_lora_rows(tiny_llama, tmp_path, scheme):
     """Base and adapter rows in one batch over a quantized base equal each generated alone."""
-    from slimlm.serve.engine import AdapterRef, Engine, EngineConfig, Request
-    from slimlm.serve.sampling import RequestSampling
+    from slimlm.engine.core import AdapterRef, Engine, EngineConfig, Request
 
     adapter = random_lora(tiny_llama[0], tmp_path / "a", seed=1)
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize=scheme)
@@ -130,7 +129,7 @@ def test_serving_engine_on_quantized_base_with_lora_rows(tiny_llama, tmp_path, s
         return outs
 
     prompt = llm.tokenizer.prompt_ids("tell me a story", chat=True)
-    make = lambda a: Request(prompt, max_tokens=8, sampling=RequestSampling(temperature=0.0), ignore_eos=True,  # noqa: E731
+    make = lambda a: Request(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True),  # noqa: E731
                              adapter=AdapterRef(("a", 1), adapter, "a") if a else None)
     together = run([make(False), make(True)])
     alone = run([make(False)]) + run([make(True)])

@@ -13,7 +13,7 @@ from serve_helpers import random_lora, running_server, sse_events
 
 import slimlm
 from slimlm.generate import SamplingParams
-from slimlm.serve.engine import EngineConfig
+from slimlm.engine.core import EngineConfig
 from slimlm.serve.state import ServeConfig
 
 CHAT = [{"role": "user", "content": "tell me a story about the red fox"}]

@@ -11,7 +11,7 @@ import pytest
 from serve_helpers import free_port, random_lora, running_server
 
 from slimlm.serve.bench import BenchConfig, add_bench_commands, percentile, run_bench, run_bench_async
-from slimlm.serve.engine import EngineConfig
+from slimlm.engine.core import EngineConfig
 from slimlm.serve.state import ServeConfig
 
 
@@ -156,3 +156,22 @@ def test_invalid_config_names_every_flag():
     args = parser.parse_args(["bench", "serve", "--url", f"http://127.0.0.1:{free_port()}"])
     with pytest.raises(ValueError, match="is the server running"):
         args.func(args)
+
+
+def test_shared_system_prompt_is_the_same_in_every_body():
+    from slimlm.serve.bench import request_bodies, system_prompt
+
+    cfg = BenchConfig(model="m", requests=3, prompt_tokens=4, system_prompt_tokens=30)
+    bodies = request_bodies(cfg, "m", 3, seed=0)
+    system = system_prompt(30)
+    assert len(system.split()) == 30 and system == system_prompt(30)
+    assert all(b["messages"][0] == {"role": "system", "content": system} and b["messages"][1]["role"] == "user"
+               for b in bodies)
+    assert len({b["messages"][1]["content"] for b in bodies}) == 3  # the user prompts still differ
+    assert request_bodies(BenchConfig(system_prompt_tokens=30, seed=7), "m", 1, seed=7)[0]["messages"][0]["content"] \
+        == system  # the same system prompt for any seed
+    done = request_bodies(BenchConfig(endpoint="completions", prompt_tokens=4, system_prompt_tokens=30), "m", 1, 0)
+    assert done[0]["prompt"].startswith(system + "\n\n")
+    assert "messages" not in done[0] and request_bodies(BenchConfig(), "m", 1, 0)[0]["messages"][0]["role"] == "user"
+    with pytest.raises(ValueError, match="--system-prompt-tokens must be >= 0"):
+        BenchConfig(system_prompt_tokens=-1).validate()

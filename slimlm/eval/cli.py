@@ -146,7 +146,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                                     args.max_new_tokens)
     if args.speed:
         cfg = SpeedConfig(args.speed_prompt, args.speed_new, repeats=args.speed_repeats)
-        out["speed"] = measure_speed(llm.model, cfg, llm._decode)
+        out["speed"] = measure_speed(llm.model, cfg)
         source = _model_source(args.model, llm.path)
         out["speed"]["model_bytes"] = disk_size(source) if source is not None else None
         if args.adapter is not None:

@@ -1,7 +1,7 @@
 """The ONNX Runtime backend: an exported folder (export/onnx.py) run where slimlm runs a PyTorch model.
 
 `OrtModel` takes the Transformer's call signature (input ids, a slimlm KV cache, cache positions), so the
-generation loop (generate.py, LLM) and the serving engine (serve/engine.py) drive it unchanged: sampling, stop
+generation loop (generate.py, LLM) and the serving engine (engine/core.py) drive it unchanged: sampling, stop
 handling, continuous batching and the HTTP API are the same code as for the PyTorch backend. Each call turns the
 cache's view of the step (positions, which slots each query sees) into the graph's inputs (attention_mask over
 past + new tokens, position_ids, past_key_values), runs the graph and writes the new keys/values back into the

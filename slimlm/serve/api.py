@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from slimlm.serve import protocol as P
-from slimlm.serve.engine import NotAccepting, Output, QueueFull, Request
+from slimlm.engine.core import NotAccepting, Output, QueueFull, Request
 from slimlm.serve.protocol import APIError
-from slimlm.serve.sampling import RequestSampling
+from slimlm.engine.sampling import SamplingParams
 from slimlm.serve.state import ServerState
 
 log = logging.getLogger("slimlm.serve.requests")
@@ -108,18 +108,16 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-def _sampling(body: P.SamplingFields, logprobs: bool, top: int) -> RequestSampling:
-    try:
-        return RequestSampling(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                               seed=body.seed, logprobs=logprobs, top_logprobs=top)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+def _sampling(body: P.SamplingFields, logprobs: bool, top: int) -> dict:
+    """The request's SamplingParams fields other than max_new_tokens (known only once the prompt is)."""
+    return dict(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, seed=body.seed, logprobs=logprobs, top_logprobs=top,
+                stop=body.stop_list(), ignore_eos=body.ignore_eos, min_new_tokens=body.min_tokens)
 
 
 async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.SamplingFields, prompt: list[int],
-                 max_tokens: int | None, sampling: RequestSampling):
+                 max_tokens: int | None, sampling: dict):
     adapter = await run_in_threadpool(state.resolve_adapter, body.model)
     limit = state.config.max_tokens_limit
     room = state.engine.max_seq_len - len(prompt)
@@ -132,7 +130,11 @@ async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.Sampl
     http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
     queue: asyncio.Queue[Output] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    req = Request(prompt, max_tokens, sampling, body.stop_list(), body.ignore_eos, adapter,
+    try:
+        params = SamplingParams(max_new_tokens=max_tokens, **sampling)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    req = Request(prompt, params, adapter,
                   emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), request_id=http.state.rid)
     try:
         state.engine.submit(req)
@@ -218,7 +220,7 @@ def _event(obj: dict) -> str:
 
 
 def _logprobs(state, kind, req, entries, offset: int = 0):
-    if not req.sampling.logprobs:
+    if not req.params.logprobs:
         return None
     text = state.token_text
     return P.chat_logprobs(entries, text) if kind == "chat" else P.completion_logprobs(entries, text, offset)

@@ -17,7 +17,8 @@ number of text chunks; the JSON says which source each request used. Failed requ
 
 What it is not: it knows nothing of slimlm's engine or tokenizer — it speaks HTTP only, so it measures any server.
 Synthetic prompts are therefore sized in words (common English words, about one token each); the server's usage
-reports the exact prompt tokens.
+reports the exact prompt tokens. `system_prompt_tokens` (--system-prompt-tokens) puts the same system prompt before
+every request's own prompt: a shared prefix, which a server with prefix caching need not prefill again.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class BenchConfig:
     concurrency: int = 4  # requests in flight at most
     requests: int = 32  # measured requests
     prompt_tokens: int = 128  # synthetic prompt length in words (~tokens)
+    system_prompt_tokens: int = 0  # > 0: every request starts with the same system prompt of this many words
     max_tokens: int = 64
     dataset: str | None = None  # JSONL prompts instead of synthetic ones (see load_dataset)
     adapters: list[str] = field(default_factory=list)  # requests cycle through models BASE:a, BASE:b, ...
@@ -75,6 +77,8 @@ class BenchConfig:
             bad.append(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
         if not self.request_rate > 0:
             bad.append(f"--request-rate must be > 0 (inf = no pacing), got {self.request_rate}")
+        if self.system_prompt_tokens < 0:
+            bad.append(f"--system-prompt-tokens must be >= 0, got {self.system_prompt_tokens}")
         if self.warmup < 0 or self.timeout_s <= 0:
             bad.append("--warmup must be >= 0 and --timeout > 0")
         if not isinstance(self.extra_body, dict):
@@ -116,6 +120,14 @@ def synthetic_prompts(n: int, words: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
 
 
+SYSTEM_SEED = 1_000_003  # the shared system prompt is the same for every run, seed and server
+
+
+def system_prompt(words: int) -> str:
+    """The shared system prompt of `words` words (~tokens): the same text for every request, seed and run."""
+    return synthetic_prompts(1, words, SYSTEM_SEED)[0] if words > 0 else ""
+
+
 def load_dataset(path: str | Path) -> list[dict]:
     """JSONL, one prompt a line: a JSON string, {"prompt": str} or {"messages": [...]}, optionally "max_tokens"."""
     items = []
@@ -141,19 +153,25 @@ def request_models(base: str, adapters: list[str]) -> list[str]:
 
 
 def request_bodies(cfg: BenchConfig, base: str, n: int, seed: int) -> list[dict]:
-    """`n` streaming request bodies: prompts from the dataset (cycled) or synthetic, models cycled."""
+    """`n` streaming request bodies: prompts from the dataset (cycled) or synthetic, models cycled; with
+    `system_prompt_tokens`, each starts with the same system prompt (chat: a system message before the request's own
+    messages unless they hold one; completions: the text and a blank line before the prompt)."""
     items = load_dataset(cfg.dataset) if cfg.dataset else \
         [{"prompt": p} for p in synthetic_prompts(n, cfg.prompt_tokens, seed)]
     models = request_models(base, cfg.adapters)
+    system = system_prompt(cfg.system_prompt_tokens)
     bodies = []
     for i in range(n):
         item = items[i % len(items)]
         body = {"model": models[i % len(models)], "max_tokens": item.get("max_tokens", cfg.max_tokens),
                 "temperature": cfg.temperature, "stream": True, "stream_options": {"include_usage": True}}
         if cfg.endpoint == "chat":
-            body["messages"] = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+            messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+            if system and not any(m.get("role") == "system" for m in messages):
+                messages = [{"role": "system", "content": system}, *messages]
+            body["messages"] = messages
         elif "prompt" in item:
-            body["prompt"] = item["prompt"]
+            body["prompt"] = f"{system}\n\n{item['prompt']}" if system else item["prompt"]
         else:
             raise ValueError("--endpoint completions needs 'prompt' in every dataset line, not 'messages'")
         if cfg.ignore_eos:
@@ -398,6 +416,9 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=d.requests, help="measured requests")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
                    help="synthetic prompt length in words (~tokens; the server's usage reports exact counts)")
+    p.add_argument("--system-prompt-tokens", type=int, default=d.system_prompt_tokens,
+                   help="every request starts with the same system prompt of this many words (~tokens; tests a "
+                        "server's prefix caching); 0 = none")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--dataset", default=None,
                    help="JSONL of prompts (a string, {prompt} or {messages} a line) instead of synthetic ones")
@@ -423,7 +444,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"--extra-body is not JSON: {e.msg}") from None
     cfg = BenchConfig(url=args.url, model=args.model, endpoint=args.endpoint, concurrency=args.concurrency,
-                      requests=args.requests, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+                      requests=args.requests, prompt_tokens=args.prompt_tokens,
+                      system_prompt_tokens=args.system_prompt_tokens, max_tokens=args.max_tokens,
                       dataset=args.dataset, adapters=[a.strip() for a in args.adapters.split(",") if a.strip()],
                       api_key=args.api_key, ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.seed,
                       request_rate=args.request_rate, warmup=args.warmup, timeout_s=args.timeout, extra_body=extra)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimlm.serve.engine import EngineConfig
+from slimlm.engine.core import EngineConfig
 from slimlm.serve.state import ServeConfig
 
 
@@ -21,10 +21,22 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime: --model is a folder from `slimlm export onnx`, run by ONNX Runtime")
     p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]DIR", help="LoRA adapter folders to serve")
     p.add_argument("--registry", default=None, help="registry root whose adapters are served by name[@version]")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-batch", type=int, default=0,
+                   help="sequences decoded together (KV cache slots); 0 = auto: 16 on a CPU, 64 on a GPU "
+                        "(default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request")
+    p.add_argument("--max-seq-len", type=int, default=0,
+                   help="prompt + output tokens per request; 0 = auto: the model's context up to 4096, halved "
+                        "until the KV cache fits a quarter of free memory (default: %(default)s)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per engine step")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes seen before, e.g. a shared system prompt or chat history "
+                        "(automatic prefix caching; hit rate in /metrics)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=8192, help="prefix cache size in tokens")
+    p.add_argument("--speculative", default=None, choices=["ngram"],
+                   help="speculative decoding: ngram = prompt lookup (guesses copied from the context, verified in "
+                        "one forward; greedy output unchanged). Helps when outputs repeat the input")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="guesses verified per step")
     p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident at once (LRU); 0 = none")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
@@ -32,7 +44,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace, **extra) -> ServeConfig:
     engine = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
-                          prefill_chunk=args.prefill_chunk, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+                          prefill_chunk=args.prefill_chunk, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                          prefix_cache=args.prefix_cache, prefix_cache_tokens=args.prefix_cache_tokens,
+                          speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
     cfg = ServeConfig(model=args.model, served_name=args.served_name, dtype=args.dtype, device=args.device,
                       quantize=args.quantize, group_size=args.group_size, backend=args.backend, adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
                       engine=engine, **extra)

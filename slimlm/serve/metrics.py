@@ -38,6 +38,16 @@ class ServeMetrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", req, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason",
                                req + ["finished_reason"], registry=r)
+        # Prefix caching (vLLM's names; hit rate = hits / queries, in prompt tokens) and speculative decoding.
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      ["model_name"], registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   ["model_name"], registry=r)
+        self.spec_draft = Counter("vllm:spec_decode_num_draft_tokens", "Speculative tokens proposed",
+                                  ["model_name"], registry=r)
+        self.spec_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Speculative tokens accepted",
+                                     ["model_name"], registry=r)
+        self._prefix_seen = (0, 0)
         self.rejected = Counter("slimlm:requests_rejected", "Requests refused before running, by HTTP status",
                                 ["model_name", "status"], registry=r)
 
@@ -64,6 +74,19 @@ class ServeMetrics:
         self.running.labels(self.model_name).set(running)
         self.waiting.labels(self.model_name).set(waiting)
         self.kv_usage.labels(self.model_name).set(kv_usage)
+
+    def set_prefix_cache(self, queries: int, hits: int) -> None:
+        """The prefix cache's running totals (tokens); counters advance by the change since the last call."""
+        q0, h0 = self._prefix_seen
+        if queries > q0:
+            self.prefix_queries.labels(self.model_name).inc(queries - q0)
+        if hits > h0:
+            self.prefix_hits.labels(self.model_name).inc(hits - h0)
+        self._prefix_seen = (queries, hits)
+
+    def on_speculation(self, proposed: int, accepted: int) -> None:
+        self.spec_draft.labels(self.model_name).inc(proposed)
+        self.spec_accepted.labels(self.model_name).inc(accepted)
 
     def on_rejected(self, status: int) -> None:
         self.rejected.labels(self.model_name, str(status)).inc()

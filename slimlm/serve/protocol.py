@@ -48,6 +48,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)  # vLLM: stop tokens are suppressed until this many tokens exist
     user: str | None = None
 
     def stop_list(self) -> list[str]:

@@ -13,7 +13,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slimlm.serve.engine import AdapterRef, Engine, EngineConfig
+import torch
+
+from slimlm.engine.core import AdapterRef, Engine, EngineConfig
 from slimlm.serve.metrics import ServeMetrics
 from slimlm.serve.protocol import APIError
 
@@ -95,6 +97,7 @@ class ServerState:
                 engine_config = dataclasses.replace(engine_config, max_loras=0)
             self.engine = Engine(llm.model, llm.tokenizer, engine_config, self.metrics).start()
             self.ready = True
+            log_engine_choice(self.engine)
         except Exception as e:  # surfaced by /ready and the server log
             self.load_error = f"{type(e).__name__}: {e}"
             raise
@@ -194,3 +197,17 @@ def _read_keys(path: str) -> list[str]:
     if not keys:
         raise ValueError(f"--api-key-file {path} holds no keys (one per line)")
     return keys
+
+
+def log_engine_choice(engine: Engine) -> None:
+    """One start-up line with what the engine picked (dtype, batch, context, cache sizes, speculation)."""
+    import json
+    import logging
+
+    c = engine.config
+    logging.getLogger("slimlm.serve").info(json.dumps({
+        "event": "engine", "device": str(engine.model.device), "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "max_batch": c.max_batch, "max_seq_len": engine.max_seq_len,
+        "kv_cache_mib": round(engine.cache.bytes() / 2**20, 1),
+        "prefix_cache_tokens": c.prefix_cache_tokens if c.prefix_cache else 0,
+        "speculative": c.speculative, "max_loras": c.max_loras}))

@@ -37,7 +37,7 @@ def exact_match(prediction: str, reference: str) -> bool:
 def generate_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[Messages], max_new_tokens: int = 64,
                      batch_size: int = 16) -> list[str]:
     """Greedy answers to chat prompts (in eval mode; the model's train/eval mode is restored afterwards)."""
-    from slimlm.generate import SamplingParams
+    from slimlm.engine.sampling import SamplingParams
     from slimlm.llm import LLM
 
     was_training = model.training

@@ -1,4 +1,4 @@
-"""serve/sampling.py: validation, per-row filters and penalties, parity with generate.sample, seeded draws that do
+"""engine/sampling.py: validation, per-row filters and penalties, parity with generate.sample, seeded draws that do
 not depend on the batch, logprobs, and penalty state that starts clean when a row is reused."""
 
 from __future__ import annotations
@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from slimlm.generate import SamplingParams, apply_repetition_penalty, sample
-from slimlm.serve.sampling import (RequestSampling, SamplingTensors, TokenCounts, apply_penalties, filter_probs,
+from slimlm.engine.sampling import (SamplingTensors, TokenCounts, apply_penalties, filter_probs,
                                    sample_batch)
 
 V = 1000
+
+
+def RS(**kw) -> SamplingParams:
+    """Per-request parameters with the OpenAI API's default temperature of 1 (SamplingParams defaults to greedy)."""
+    return SamplingParams(**{"temperature": 1.0, **kw})
 
 
 def logits_for(B: int, seed: int = 0, vocab: int = V) -> torch.Tensor:
@@ -19,7 +24,7 @@ def logits_for(B: int, seed: int = 0, vocab: int = V) -> torch.Tensor:
 
 def kept(logits: torch.Tensor, **kw) -> set[int]:
     """Token ids with nonzero probability after one row's filters (temperature already applied)."""
-    probs = filter_probs(logits[None], SamplingTensors.from_params([RequestSampling(**kw)]))
+    probs = filter_probs(logits[None], SamplingTensors.from_params([RS(**kw)]))
     return set(probs[0].nonzero()[:, 0].tolist())
 
 
@@ -46,13 +51,13 @@ def kept(logits: torch.Tensor, **kw) -> set[int]:
 ])
 def test_validation_names_the_field_and_its_range(kw, match):
     with pytest.raises(ValueError, match=match):
-        RequestSampling(**kw)
+        RS(**kw)
 
 
 def test_validation_collects_every_error_and_accepts_the_edges():
     with pytest.raises(ValueError, match=r"invalid sampling parameters: temperature .*; top_p .*; min_p"):
-        RequestSampling(temperature=-1, top_p=2, min_p=-1)
-    RequestSampling(temperature=0, top_p=1, top_k=-1, min_p=1, presence_penalty=-2, frequency_penalty=2, seed=0,
+        RS(temperature=-1, top_p=2, min_p=-1)
+    RS(temperature=0, top_p=1, top_k=-1, min_p=1, presence_penalty=-2, frequency_penalty=2, seed=0,
                     logprobs=True, top_logprobs=20)
 
 
@@ -97,13 +102,13 @@ def test_min_p_keeps_tokens_at_least_min_p_times_the_most_likely():
 def test_filters_off_keep_everything_at_full_vocab():
     # top_p=1 must not drop a tail whose float32 cumsum already reached 1 (another row turns top_p sorting on).
     logits = logits_for(2, seed=3, vocab=49152) * 4
-    t = SamplingTensors.from_params([RequestSampling(), RequestSampling(top_p=0.5)])
+    t = SamplingTensors.from_params([RS(), RS(top_p=0.5)])
     assert bool((filter_probs(logits, t)[0] > 0).all())
 
 
 def test_each_row_is_filtered_as_if_alone():
-    params = [RequestSampling(top_k=5), RequestSampling(top_p=0.7), RequestSampling(min_p=0.1),
-              RequestSampling(top_k=50, top_p=0.9, min_p=0.02), RequestSampling()]
+    params = [RS(top_k=5), RS(top_p=0.7), RS(min_p=0.1),
+              RS(top_k=50, top_p=0.9, min_p=0.02), RS()]
     logits = logits_for(len(params), seed=4)
     batch = filter_probs(logits, SamplingTensors.from_params(params))
     for i, p in enumerate(params):
@@ -125,7 +130,7 @@ def test_single_row_draws_equal_generate_sample(kw):
     ours, ref = [], []
     for step in range(40):
         logits = logits_for(1, seed=100 + step)
-        tok = sample_batch(logits, [RequestSampling(**kw)], counts, [0], [ours_gen]).tokens
+        tok = sample_batch(logits, [RS(**kw)], counts, [0], [ours_gen]).tokens
         counts.record([0], tok)
         ref_logits = apply_repetition_penalty(logits, seen, kw.get("repetition_penalty", 1.0))
         ref_tok = sample(ref_logits, ref_params, ref_gen)
@@ -145,15 +150,15 @@ def test_greedy_rows_take_the_argmax_of_the_penalised_logits():
     for row in range(3):
         counts.add_row(row, [])
     counts.record([0, 1, 2], top)
-    params = [RequestSampling(temperature=0), RequestSampling(temperature=0, top_k=1, top_p=0.1),
-              RequestSampling(temperature=0, presence_penalty=2, frequency_penalty=2)]
+    params = [RS(temperature=0), RS(temperature=0, top_k=1, top_p=0.1),
+              RS(temperature=0, presence_penalty=2, frequency_penalty=2)]
     out = sample_batch(logits, params, counts)
     assert out.tokens[:2].tolist() == top[:2].tolist()
     penalised = logits[2].clone()
     penalised[top[2]] -= 4
     assert int(out.tokens[2]) == int(penalised.argmax())
     ref = sample(apply_repetition_penalty(logits, counts.counts > 0, 1.5), SamplingParams(temperature=0))
-    assert torch.equal(sample_batch(logits, [RequestSampling(temperature=0, repetition_penalty=1.5)] * 3,
+    assert torch.equal(sample_batch(logits, [RS(temperature=0, repetition_penalty=1.5)] * 3,
                                     counts).tokens, ref)
 
 
@@ -165,8 +170,8 @@ def test_presence_and_frequency_penalties_subtract_the_defined_amounts():
     counts.record([3, 1], [20, 30])
     counts.record([3, 1], [20, 31])
     counts.record([3, 1], [21, V + 7])  # an id >= V is ignored
-    params = [RequestSampling(presence_penalty=0.5, frequency_penalty=0.25),
-              RequestSampling(presence_penalty=-1.0, frequency_penalty=1.5)]
+    params = [RS(presence_penalty=0.5, frequency_penalty=0.25),
+              RS(presence_penalty=-1.0, frequency_penalty=1.5)]
     t = SamplingTensors.from_params(params)
     rows = torch.tensor([3, 1])
     got = apply_penalties(logits, counts.prompt[rows], counts.counts[rows], t)
@@ -184,7 +189,7 @@ def test_repetition_penalty_matches_generate():
     counts.add_row(0, [1, 2, 3, V + 1])  # prompt tuning's virtual id V+1 is ignored
     counts.add_row(1, [4])
     counts.record([0, 1], [50, 60])
-    params = [RequestSampling(repetition_penalty=1.3), RequestSampling(repetition_penalty=0.7)]
+    params = [RS(repetition_penalty=1.3), RS(repetition_penalty=0.7)]
     got = apply_penalties(logits, counts.prompt, counts.counts, SamplingTensors.from_params(params))
     seen = counts.prompt | (counts.counts > 0)
     assert seen.sum(-1).tolist() == [4, 2]
@@ -196,7 +201,7 @@ def test_repetition_comes_before_presence_and_frequency():
     logits = torch.tensor([[4.0, -4.0, 4.0, 1.0]])
     prompt = torch.tensor([[True, False, False, False]])
     counts = torch.tensor([[0, 2, 1, 0]], dtype=torch.int32)
-    t = SamplingTensors.from_params([RequestSampling(repetition_penalty=2.0, presence_penalty=0.5,
+    t = SamplingTensors.from_params([RS(repetition_penalty=2.0, presence_penalty=0.5,
                                                      frequency_penalty=0.25)])
     expected = torch.tensor([[2.0, -8.0 - 0.5 - 0.5, 2.0 - 0.5 - 0.25, 1.0]])
     assert torch.equal(apply_penalties(logits, prompt, counts, t), expected)
@@ -204,12 +209,12 @@ def test_repetition_comes_before_presence_and_frequency():
 
 def test_penalties_need_counts():
     with pytest.raises(ValueError, match="pass counts="):
-        sample_batch(logits_for(1), [RequestSampling(frequency_penalty=1.0)])
+        sample_batch(logits_for(1), [RS(frequency_penalty=1.0)])
 
 
 # --- seeds, shared generator, logprobs, row reuse ----------------------------------------------------------------------
 
-def run_steps(requests: list[tuple[int, RequestSampling]], steps: int = 12, device: str = "cpu") -> list[list[int]]:
+def run_steps(requests: list[tuple[int, SamplingParams]], steps: int = 12, device: str = "cpu") -> list[list[int]]:
     """Decode `steps` steps of random logits keyed by each request's key (so a request sees the same logits in any
     batch), with penalty state in rows that are not 0..B-1; tokens per request."""
     params = [p for _, p in requests]
@@ -228,10 +233,10 @@ def run_steps(requests: list[tuple[int, RequestSampling]], steps: int = 12, devi
     return out
 
 
-SEEDED = (0, RequestSampling(temperature=0.9, top_k=100, top_p=0.95, frequency_penalty=0.5, repetition_penalty=1.1,
+SEEDED = (0, RS(temperature=0.9, top_k=100, top_p=0.95, frequency_penalty=0.5, repetition_penalty=1.1,
                              seed=1234))
-OTHERS = [(1, RequestSampling(temperature=0)), (2, RequestSampling(temperature=1.2, min_p=0.05)),
-          (3, RequestSampling(temperature=0.7, seed=99, presence_penalty=1.0))]
+OTHERS = [(1, RS(temperature=0)), (2, RS(temperature=1.2, min_p=0.05)),
+          (3, RS(temperature=0.7, seed=99, presence_penalty=1.0))]
 
 
 def test_a_seeded_request_gets_the_same_tokens_alone_or_in_any_batch():
@@ -252,7 +257,7 @@ def test_seeded_request_is_batch_independent_on_cuda():
 
 def test_unseeded_rows_share_the_default_generator():
     logits = logits_for(3, seed=9)
-    params = [RequestSampling(temperature=1.0)] * 3
+    params = [RS(temperature=1.0)] * 3
     a = sample_batch(logits, params, default_generator=torch.Generator().manual_seed(1)).tokens
     b = sample_batch(logits, params, default_generator=torch.Generator().manual_seed(1)).tokens
     assert torch.equal(a, b)
@@ -263,9 +268,9 @@ def test_logprobs_are_the_raw_log_softmax_and_top_logprobs_are_sorted():
     counts = TokenCounts(3, V)
     for row in range(3):
         counts.add_row(row, [5, 6])
-    params = [RequestSampling(temperature=0.5, top_k=3, repetition_penalty=2.0, logprobs=True, top_logprobs=5),
-              RequestSampling(),
-              RequestSampling(temperature=0, presence_penalty=1.0, logprobs=True)]
+    params = [RS(temperature=0.5, top_k=3, repetition_penalty=2.0, logprobs=True, top_logprobs=5),
+              RS(),
+              RS(temperature=0, presence_penalty=1.0, logprobs=True)]
     out = sample_batch(logits, params, counts)
     raw = logits.log_softmax(-1)
     for i in (0, 2):

@@ -1,4 +1,4 @@
-"""serve/multi_lora.py: batched per-row LoRA slots against the grouped reference path, validation, LRU."""
+"""engine/multi_lora.py: batched per-row LoRA slots against the grouped reference path, validation, LRU."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from slimlm.kv_cache import KVCache
 from slimlm.peft import apply_peft, make_config, save_adapter
 from slimlm.peft.common import PeftError, read_adapter_files
 from slimlm.peft.lora import LoraConfig, adapter_rows, apply_lora, load_lora_state_dict
-from slimlm.serve.multi_lora import AdapterLRU, LoraSlots, SlotLoRALinear, SlotsBusy
+from slimlm.engine.multi_lora import AdapterLRU, LoraSlots, SlotLoRALinear, SlotsBusy
 
 ADAPTERS = {  # name -> LoRA options; b has a different rank, targets and rsLoRA scaling
     "a": dict(r=4, alpha=8),

@@ -4,7 +4,7 @@ As in punica/vLLM, every target projection holds a fixed number of adapter *slot
 [n_slots + 1, max_rank, in] and B [out, n_slots + 1, max_rank] (scaling folded into B, smaller ranks zero-padded,
 the extra last slot always zero for rows without an adapter). A step runs every row through all slots' A at once
 (one GEMM), zeroes all but each row's own slot with a one-hot row mask, and adds the result times all slots' B
-(a second GEMM) — no merging, no adapter-after-adapter loop. This reads each slot's weights once per step, where
+(a second GEMM) — no merging, no adapter-after-adapter loop. Rows without an adapter are left out of both GEMMs. This reads each slot's weights once per step, where
 gathering A and B per row would copy them once per row: with 16 rows over 4 adapters, 4x less memory traffic. Loading writes into the slot
 buffers in place, so adapters come and go between engine steps. `AdapterLRU` decides which adapter sits in
 which slot. This module does not schedule requests or read files other than HF PEFT LoRA adapter folders;
@@ -33,7 +33,8 @@ class SlotSelection:
     """Per-row slots shared by every SlotLoRALinear of a model; index None = no adapter in this step."""
     rows: torch.Tensor | None = None  # [B] slot per row, -1 = none
     index: torch.Tensor | None = None  # [B] the same with -1 mapped to the zero slot
-    onehot: torch.Tensor | None = None  # [B, n_slots + 1] 1.0 at each row's slot (what forward multiplies by)
+    onehot: torch.Tensor | None = None  # [R, n_slots + 1] 1.0 at each adapter row's slot (forward multiplies by it)
+    active: torch.Tensor | None = None  # [R] the rows that use an adapter; None = every row does (R = B)
 
 
 class SlotLoRALinear(nn.Module):
@@ -63,12 +64,17 @@ class SlotLoRALinear(nn.Module):
         onehot = self.selection.onehot
         if onehot is None:
             return y
-        B, T, _ = x.shape
+        active = self.selection.active
+        xa = x if active is None else x[active]  # only the rows that use an adapter: [R, T, in]
+        R, T, _ = xa.shape
         S, r = self.A.shape[0], self.A.shape[1]
-        h = x.reshape(B * T, -1).to(self.A.dtype) @ self.A.view(S * r, -1).T  # every slot's x A^T: [B*T, S*r]
-        h = (h.view(B, T, S, r) * onehot[:, None, :, None]).view(B * T, S * r)  # keep each row's own slot
-        out = torch.addmm(y.reshape(B * T, -1), h.to(y.dtype), self.B.view(-1, S * r).T.to(y.dtype))  # y + h B^T
-        return out.view(y.shape)
+        h = xa.reshape(R * T, -1).to(self.A.dtype) @ self.A.view(S * r, -1).T  # every slot's x A^T: [R*T, S*r]
+        h = (h.view(R, T, S, r) * onehot[:, None, :, None]).view(R * T, S * r)  # keep each row's own slot
+        if active is None:
+            out = torch.addmm(y.reshape(R * T, -1), h.to(y.dtype), self.B.view(-1, S * r).T.to(y.dtype))  # y + h B^T
+            return out.view(y.shape)
+        delta = (h.to(y.dtype) @ self.B.view(-1, S * r).T.to(y.dtype)).view(R, T, -1)  # [R, T, out]
+        return y.index_add(0, active, delta)
 
 
 class LoraSlots:
@@ -167,7 +173,7 @@ class LoraSlots:
     def set_rows(self, rows: list[int | None] | None) -> None:
         """Row b of the next forwards uses slot rows[b] (None: no adapter); None or all-None skips the slots."""
         if rows is None or all(r is None for r in rows):
-            self.selection.rows = self.selection.index = self.selection.onehot = None
+            self.selection.rows = self.selection.index = self.selection.onehot = self.selection.active = None
             return
         empty = sorted({r for r in rows if r is not None and r not in self.occupied})
         if empty:
@@ -178,17 +184,22 @@ class LoraSlots:
         self.selection.rows = t.to(device)
         self.selection.index = torch.where(t < 0, self.n_slots, t).to(device)  # -1 -> the always-zero slot
         dtype = next(iter(self.layers.values())).A.dtype
-        self.selection.onehot = torch.nn.functional.one_hot(self.selection.index, self.n_slots + 1).to(dtype)
+        onehot = torch.nn.functional.one_hot(self.selection.index, self.n_slots + 1).to(dtype)  # [B, S + 1]
+        # Rows without an adapter skip the slot GEMMs entirely (their LoRA term is zero).
+        uses = t >= 0
+        self.selection.active = None if bool(uses.all()) else uses.nonzero()[:, 0].to(device)
+        self.selection.onehot = onehot if self.selection.active is None else onehot[self.selection.active]
 
     @contextmanager
     def select(self, rows: list[int | None] | None):
         """set_rows for the duration of the block, then the previous selection again."""
-        previous = (self.selection.rows, self.selection.index, self.selection.onehot)
+        sel = self.selection
+        previous = (sel.rows, sel.index, sel.onehot, sel.active)
         self.set_rows(rows)
         try:
             yield
         finally:
-            self.selection.rows, self.selection.index, self.selection.onehot = previous
+            sel.rows, sel.index, sel.onehot, sel.active = previous
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.n_slots:

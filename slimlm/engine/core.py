@@ -1,0 +1,495 @@
+"""The engine core: one scheduler, cache and sampler behind every front (LLM.generate, `slimlm serve`, batch jobs).
+
+Requests join and leave the running batch at token boundaries (continuous batching). Each `step()`:
+  1. runs work other threads handed over, drops cancelled requests (their slot is free for this very step),
+  2. admits waiting requests in arrival order while a cache slot (and, for an adapter, a LoRA slot) is free,
+  3. runs at most `prefill_chunk` prompt tokens, oldest request first (one forward per request), each request
+     first taking the longest cached prefix of its prompt from the prefix cache (engine/prefix_cache.py) — so a
+     long prompt delays the running streams by one bounded chunk per step, not by its whole length,
+  4. decodes every request past its prompt in one forward over cache slots [0, n), each row with its own position,
+     adapter and sampling parameters; with speculative decoding on, rows that have a guess (engine/speculative.py)
+     verify up to k guessed tokens in the same forward and may advance several tokens.
+Two fronts drive it. Online (the HTTP server): `start()` runs `step()` on an engine thread; callers `submit` a
+Request and receive `Output`s through its `emit` callback on that thread, and must only hand them over (e.g.
+loop.call_soon_threadsafe). Offline (LLM.generate, eval): `generate(requests)` steps the engine in the calling
+thread and yields (request, Output) pairs as they are produced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from slimlm.engine.cache import SlotKVCache
+from slimlm.engine.multi_lora import AdapterLRU, LoraSlots, SlotsBusy
+from slimlm.engine.prefix_cache import PrefixCache
+from slimlm.engine.sampling import SamplingParams, TokenCounts, sample_batch
+from slimlm.engine.speculative import ngram_propose, verify_greedy, verify_sampled
+from slimlm.model import Transformer
+from slimlm.tokenizer import StopStringText, StreamDecoder, Tokenizer
+
+log = logging.getLogger("slimlm.serve")
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 8  # cache slots = sequences decoded together; 0 = pick for the device (auto_config)
+    max_seq_len: int = 2048  # prompt + output tokens per sequence (capped by the model's context); 0 = auto
+    max_queue: int = 64  # waiting requests beyond this are refused (HTTP 429)
+    prefill_chunk: int = 256  # prompt tokens per engine step
+    max_loras: int = 4  # adapters resident at once (LRU); 0 = no LoRA support
+    max_lora_rank: int = 64
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before (automatic prefix caching)
+    prefix_cache_tokens: int = 8192  # pool size in tokens (its memory: config.kv_cache_bytes_per_token each)
+    prefix_block: int = 16  # tokens per cached block: prefixes are reused in whole blocks
+    speculative: str | None = None  # "ngram" (prompt lookup) or None
+    num_speculative_tokens: int = 4  # k: guesses verified per step
+    ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens
+    ngram_min: int = 1
+
+    def validate(self) -> None:
+        bad = [f"{k} must be >= 0 (0 = auto), got {getattr(self, k)}" for k in ("max_batch", "max_seq_len")
+               if getattr(self, k) < 0]
+        bad += [f"{k} must be >= 1, got {getattr(self, k)}" for k in
+                ("max_queue", "prefill_chunk", "max_lora_rank", "prefix_block",
+                 "num_speculative_tokens", "ngram_min") if getattr(self, k) < 1]
+        if self.max_loras < 0:
+            bad.append(f"max_loras must be >= 0, got {self.max_loras}")
+        if self.prefix_cache and self.prefix_cache_tokens < self.prefix_block:
+            bad.append(f"prefix_cache_tokens must be >= prefix_block ({self.prefix_block}), got "
+                       f"{self.prefix_cache_tokens}; or turn the prefix cache off")
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            bad.append(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)} or None, got {self.speculative!r}")
+        if self.ngram_max < self.ngram_min:
+            bad.append(f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})")
+        if bad:
+            raise ValueError("invalid engine config: " + "; ".join(bad))
+
+
+def auto_config(config: EngineConfig, model) -> EngineConfig:
+    """Fill max_batch / max_seq_len left at 0 for this model and device.
+
+    Batch: 16 slots on a CPU (decode of a small model is bound by reading the weights, so 16 rows cost little more
+    than one), 64 on a GPU. Context: the model's, at most 4096, shrunk until the KV cache (slots x context x
+    bytes per token) plus the prefix cache take at most a quarter of the free memory.
+    """
+    import dataclasses
+
+    gpu = model.device.type == "cuda"
+    batch = config.max_batch or (64 if gpu else 16)
+    seq = config.max_seq_len or min(model.config.max_seq_len, 4096)
+    if not config.max_seq_len:
+        per_token = model.config.kv_cache_bytes_per_token(torch.tensor([], dtype=model.dtype).element_size())
+        free = torch.cuda.mem_get_info(model.device)[0] if gpu else _available_ram()
+        prefix = config.prefix_cache_tokens if config.prefix_cache else 0
+        while seq > 256 and (batch * seq + prefix) * per_token > free / 4:
+            seq //= 2
+    return dataclasses.replace(config, max_batch=batch, max_seq_len=seq)
+
+
+def _available_ram() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at max_queue; retry later (HTTP 429)."""
+
+
+class NotAccepting(RuntimeError):
+    """The engine is draining or stopped (HTTP 503)."""
+
+
+@dataclass
+class AdapterRef:
+    """Which LoRA adapter a request uses: a cache key (name, version) and the folder to load it from."""
+    key: tuple
+    folder: Path
+    name: str = ""
+
+
+@dataclass
+class Output:
+    """What a request gets after each step: new text and tokens, and at the end the finish reason and usage."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] = field(default_factory=list)  # per new token: {"token", "logprob", "top": [(id, lp)]}
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: AdapterRef | None = None
+    emit: Callable[[Output], None] = lambda out: None
+    request_id: str = ""
+    # Engine state.
+    slot: int | None = None  # KV cache slot
+    lora_slot: int | None = None
+    decoder: StreamDecoder | None = None  # detokenizer and stop-string matcher, made at submit
+    text: StopStringText | None = None
+    generator: torch.Generator | None = None
+    n_prefilled: int = 0  # prompt tokens in the cache
+    n_cached: int = 0  # of those, taken from the prefix cache
+    pending: int | None = None  # last sampled token, not yet in the cache
+    output_ids: list[int] = field(default_factory=list)  # every sampled token, the pending one included
+    cancelled: bool = False
+    finish_reason: str | None = None
+    t_arrival: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_last: float | None = None
+    seq: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self) -> None:
+        self.request_id = self.request_id or f"req-{self.seq}"
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def position(self) -> int:
+        """Where the pending token goes in the cache (= tokens already in it)."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    @property
+    def adapter_key(self) -> tuple | None:
+        return None if self.adapter is None else self.adapter.key
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 metrics=None, on_finish: Callable[[Request], None] | None = None):
+        self.config = config or EngineConfig()
+        self.config.validate()
+        self.config = auto_config(self.config, model)
+        self.model, self.tokenizer, self.metrics, self.on_finish = model.eval(), tokenizer, metrics, on_finish
+        self.max_seq_len = min(self.config.max_seq_len, model.config.max_seq_len)
+        self.cache = SlotKVCache.for_model(model, self.config.max_batch, self.max_seq_len)
+        self.prefix_cache = PrefixCache(self.cache, self.config.prefix_cache_tokens // self.config.prefix_block,
+                                        self.config.prefix_block) if self.config.prefix_cache else None
+        self.lora = LoraSlots.attach(model, self.config.max_loras, self.config.max_lora_rank) \
+            if self.config.max_loras else None
+        self.lru = AdapterLRU(self.config.max_loras) if self.lora else None
+        self.counts = TokenCounts(self.config.max_batch, model.config.vocab_size, device=model.device)
+        self.stop_ids = set(tokenizer.stop_token_ids)
+        self._stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=model.device)
+        self.spec_proposed = self.spec_accepted = 0  # speculative tokens guessed / kept
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.accepting = True
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._ops: deque[Callable[[], None]] = deque()  # work other threads hand to the engine thread
+
+    # ---- called from other threads ----
+    def submit(self, req: Request, queue_limit: bool = True) -> None:
+        """Queue a request; raises ValueError (does not fit), QueueFull or NotAccepting."""
+        self._check(req)
+        with self._lock:
+            if not self.accepting:
+                raise NotAccepting("the server is shutting down")
+            if queue_limit and len(self.waiting) >= self.config.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.config.max_queue})")
+            self.waiting.append(req)
+        self._wake.set()
+
+    def _check(self, req: Request) -> None:
+        need = len(req.prompt_ids) + req.max_tokens
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if need > self.max_seq_len:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {need} exceeds "
+                             f"the context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+        if req.adapter is not None and self.lora is None:
+            raise ValueError("this server runs without LoRA support (max_loras=0)")
+        req.decoder, req.text = StreamDecoder(self.tokenizer), StopStringText(req.params.stop)
+        req.generator = req.params.make_generator(self.model.device)  # None unless seeded
+
+    def cancel(self, req: Request) -> None:
+        """Abort a request (client gone); its cache slot is freed at the start of the next step."""
+        req.cancelled = True
+        self._wake.set()
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="slimlm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop, self.accepting = True, False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def unload_adapter(self, key: tuple) -> None:
+        """Free the LoRA slot of adapter `key` before the next step (if no running request uses it)."""
+        def unload() -> None:
+            if self.lru is not None and self.lru.slot_of(key) is not None and self.lru.pins(key) == 0:
+                self.lora.clear(self.lru.unload(key))
+        self._ops.append(unload)
+        self._wake.set()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._ops)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # a bug must not hang every client: fail what is running, keep serving
+                log.exception("engine step failed; aborting the running requests")
+                for req in list(self.running.values()):
+                    self._finish(req, "error", error="internal error in the engine (see the server log)")
+
+    # ---- the offline front ----
+    def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Output]]:
+        """Run requests to completion in this thread (no engine thread may be running); yield (request, output)
+        as outputs are produced. Every request is checked before any runs; the queue limit does not apply."""
+        if self._thread is not None:
+            raise RuntimeError("this engine runs on its own thread; submit requests to it instead")
+        requests = list(requests)
+        outputs: deque[tuple[Request, Output]] = deque()
+        for req in requests:
+            self._check(req)
+            req.emit = (lambda r, own: lambda out: (own(out), outputs.append((r, out))))(req, req.emit)
+        for req in requests:
+            self.submit(req, queue_limit=False)
+        try:
+            while any(r.finish_reason is None for r in requests):
+                self.step()
+                while outputs:
+                    yield outputs.popleft()
+        finally:  # a caller that stops early (break, an exception) leaves no request behind in the engine
+            for req in requests:
+                if req.finish_reason is None:
+                    self._finish(req, "abort")
+
+    # ---- the engine thread ----
+    @torch.no_grad()
+    def step(self) -> None:
+        """One scheduling round: reap cancelled, admit, one prefill chunk, one decode step for every stream."""
+        while self._ops:
+            self._ops.popleft()()
+        for req in [r for r in list(self.waiting) + list(self.running.values()) if r.cancelled]:
+            self._finish(req, "abort")
+        self._admit()
+        budget = self.config.prefill_chunk  # prompt tokens per step, over one or more requests (oldest first)
+        for req in sorted((r for r in self.running.values() if r.n_prefilled < len(r.prompt_ids)), key=lambda r: r.seq):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(req, budget)
+        decoding = [r for r in self.running.values() if r.pending is not None]
+        if decoding:
+            self._decode(decoding)
+        self._report()
+
+    def _admit(self) -> None:
+        while self.waiting and self.cache.free:
+            req = self.waiting[0]
+            if req.adapter is not None:
+                try:
+                    req.lora_slot = self.lru.acquire(req.adapter.key, lambda s, f=req.adapter.folder: self.lora.load(s, f))
+                except SlotsBusy:  # every LoRA slot is pinned by running requests: wait for one to finish
+                    return
+                except (ValueError, OSError) as e:
+                    with self._lock:
+                        self.waiting.popleft()
+                    self._finish(req, "error", error=f"adapter {req.adapter.name or req.adapter.key}: {e}")
+                    continue
+            with self._lock:
+                self.waiting.popleft()
+            req.slot = self.cache.allocate()
+            self.running[req.slot] = req
+            self.counts.add_row(req.slot, req.prompt_ids)
+
+    def _adapter_rows(self, n: int, row_offset: int, reqs: list[Request]) -> list[int | None]:
+        """LoRA slot (or None) for each of the n forward rows, which are cache slots row_offset + i."""
+        rows: list[int | None] = [None] * n
+        for r in reqs:
+            rows[r.slot - row_offset] = r.lora_slot
+        return rows
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, row_offset: int, reqs: list[Request],
+                 idle: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """tokens, positions [B, T] for slots [row_offset, row_offset + B) -> float logits [B, T', V]."""
+        batch = self.cache.batch(positions, row_offset, idle)
+        if self.lora is not None:
+            self.lora.set_rows(self._adapter_rows(tokens.shape[0], row_offset, reqs))
+        try:
+            return self.model(tokens, cache=batch, cache_pos=positions, logits_to_keep=logits_to_keep).float()
+        finally:
+            if self.lora is not None:
+                self.lora.set_rows(None)
+
+    def _prefill_chunk(self, req: Request, budget: int) -> int:
+        """Run up to `budget` of the request's prompt tokens into its slot; returns how many ran."""
+        if req.n_prefilled == 0 and self.prefix_cache is not None:
+            blocks = self.prefix_cache.lookup(req.prompt_ids, req.adapter_key)
+            req.n_prefilled = req.n_cached = self.prefix_cache.load(blocks, self.cache, req.slot)
+        a = req.n_prefilled
+        ids = req.prompt_ids[a: a + budget]
+        dev = self.model.device
+        tokens = torch.tensor([ids], dtype=torch.long, device=dev)  # [1, C]
+        positions = torch.arange(a, a + len(ids), device=dev)[None]  # [1, C]
+        logits = self._forward(tokens, positions, req.slot, [req], logits_to_keep=1)[:, -1]  # [1, V]
+        req.n_prefilled += len(ids)
+        if req.n_prefilled == len(req.prompt_ids):
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(req.prompt_ids, self.cache, req.slot, req.adapter_key)
+            self._sample([req], logits)
+        return len(ids)
+
+    def _proposals(self, reqs: list[Request]) -> dict[int, list[int]]:
+        """Speculative guesses per request slot (rows that can take them: no penalties or logprobs)."""
+        cfg = self.config
+        if cfg.speculative is None:
+            return {}
+        out = {}
+        for r in reqs:
+            p = r.params
+            if p.logprobs or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
+                continue
+            room = min(cfg.num_speculative_tokens, r.max_tokens - r.n_generated - 1)  # keep within max_tokens
+            guess = ngram_propose(r.prompt_ids + r.output_ids, room, cfg.ngram_max, cfg.ngram_min)
+            if guess:
+                out[r.slot] = guess
+        return out
+
+    def _decode(self, reqs: list[Request]) -> None:
+        """One forward over slots [0, n): each decoding row feeds its pending token (+ any guesses); others idle."""
+        n = max(r.slot for r in reqs) + 1
+        guesses = self._proposals(reqs)
+        T = 1 + max((len(g) for g in guesses.values()), default=0)
+        dev = self.model.device
+        tokens = torch.zeros(n, T, dtype=torch.long)
+        positions = torch.zeros(n, T, dtype=torch.long)
+        idle = torch.ones(n, dtype=torch.bool)
+        for r in reqs:
+            row = [r.pending] + guesses.get(r.slot, [])
+            row += [row[-1]] * (T - len(row))  # pad: written past the row's end, never read (see engine/cache.py)
+            tokens[r.slot] = torch.tensor(row)
+            positions[r.slot] = torch.arange(r.position, r.position + T).clamp(max=self.max_seq_len - 1)
+            idle[r.slot] = False
+        logits = self._forward(tokens.to(dev), positions.to(dev), 0, reqs, idle.to(dev))  # [n, T, V]
+        plain = [r for r in reqs if r.slot not in guesses]
+        if plain:
+            self._sample(plain, logits[torch.tensor([r.slot for r in plain], device=dev), 0])
+        for r in reqs:
+            if r.slot in guesses and r.finish_reason is None:
+                self._accept_guesses(r, logits[r.slot], guesses[r.slot])
+
+    def _accept_guesses(self, req: Request, logits: torch.Tensor, guess: list[int]) -> None:
+        """Verify a row's guesses on its logits [T, V]; emit the accepted tokens one by one."""
+        logits = logits[:len(guess) + 1]
+        early = req.params.min_new_tokens - req.n_generated  # positions [0, early) pick tokens before min_new_tokens
+        if early > 0 and len(self._stop_tensor):
+            logits = logits.clone()
+            logits[:early, self._stop_tensor] = float("-inf")
+        if req.params.greedy:
+            tokens = verify_greedy(logits, guess)
+        else:
+            tokens = verify_sampled(logits, guess, req.params, req.generator)
+        self.spec_proposed += len(guess)
+        self.spec_accepted += len(tokens) - 1
+        if self.metrics is not None:
+            self.metrics.on_speculation(len(guess), len(tokens) - 1)
+        for tok in tokens:
+            self.counts.record([req.slot], [tok])
+            if self._emit(req, tok, None):
+                return
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """logits [len(reqs), V] -> one new token per request; emit it and finish requests that are done."""
+        slots = [r.slot for r in reqs]
+        early = [i for i, r in enumerate(reqs) if r.n_generated < r.params.min_new_tokens]
+        if early and len(self._stop_tensor):  # min_new_tokens: no stop token yet
+            logits = logits.clone()
+            logits[torch.tensor(early)[:, None], self._stop_tensor[None, :]] = float("-inf")
+        out = sample_batch(logits, [r.params for r in reqs], self.counts, slots, [r.generator for r in reqs])
+        self.counts.record(slots, out.tokens)
+        for i, (req, tok) in enumerate(zip(reqs, out.tokens.tolist())):
+            lp = {"token": tok, "logprob": out.logprobs[i], "top": out.top_logprobs[i]} if req.params.logprobs else None
+            self._emit(req, tok, lp)
+
+    def _emit(self, req: Request, tok: int, logprob: dict | None) -> bool:
+        """Hand one new token to its request; finish the request if it is done (returns True then)."""
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.on_token(req, now)
+        req.t_first = req.t_first or now
+        req.t_last = now
+        req.output_ids.append(tok)
+        stop = tok in self.stop_ids and not req.params.ignore_eos
+        piece, hit = ("", False) if stop else req.text.add(req.decoder.push(tok))
+        reason = "stop" if stop or hit else "length" if req.n_generated >= req.max_tokens else None
+        if reason:
+            piece += req.text.flush()
+        req.emit(Output(piece, [] if stop else [tok], [logprob] if logprob else [],
+                        prompt_tokens=len(req.prompt_ids), completion_tokens=req.n_generated))
+        req.pending = tok
+        if reason:
+            self._finish(req, reason)
+        return reason is not None
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.finish_reason = reason
+        if req.slot is not None and self.running.get(req.slot) is req:
+            if self.prefix_cache is not None and req.n_prefilled == len(req.prompt_ids) and req.output_ids:
+                # The cache holds the prompt and every output token but the last: a next chat turn can reuse it.
+                self.prefix_cache.store(req.prompt_ids + req.output_ids[:-1], self.cache, req.slot, req.adapter_key)
+            del self.running[req.slot]
+            self.cache.release(req.slot)
+            self.counts.free(req.slot)
+            if req.adapter is not None:
+                self.lru.release(req.adapter.key)
+        else:
+            with self._lock:
+                if req in self.waiting:
+                    self.waiting.remove(req)
+        req.pending = None
+        if self.metrics is not None:
+            self.metrics.on_finish(req, time.perf_counter())
+        req.emit(Output("", [], finish_reason=reason, error=error, prompt_tokens=len(req.prompt_ids),
+                        completion_tokens=req.n_generated))
+        if self.on_finish is not None:
+            self.on_finish(req)
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_state(len(self.running), len(self.waiting), self.cache.usage())
+            if self.prefix_cache is not None:
+                self.metrics.set_prefix_cache(self.prefix_cache.queries, self.prefix_cache.hits)
