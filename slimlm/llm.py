@@ -19,7 +19,7 @@ from slimlm.config import ModelConfig
 from slimlm.engine.core import Engine, EngineConfig, Request
 from slimlm.engine.sampling import SamplingParams
 from slimlm.model import Transformer
-from slimlm.tokenizer import Messages, StopStringText, Tokenizer  # noqa: F401 (StopStringText: old import path)
+from slimlm.tokenizer import Messages, Tokenizer
 
 Prompt = str | Messages | list[int]  # text, chat messages, or token ids as they are
 CACHE_BUCKET = 256  # engine context lengths are multiples of this

@@ -9,8 +9,8 @@ import pytest
 
 from slimlm.checkpoint import load_model
 from slimlm.generate import SamplingParams, generate_tokens
-from slimlm.llm import LLM, Completion, StopStringText
-from slimlm.tokenizer import StreamDecoder, Tokenizer
+from slimlm.llm import LLM, Completion
+from slimlm.tokenizer import StopStringText, StreamDecoder, Tokenizer
 
 PROMPT = "hello world"  # on the shared tiny Llama (seed 1) this yields mostly whole-word pieces
 

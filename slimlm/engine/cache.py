@@ -60,11 +60,6 @@ class SlotKVCache:
         """
         return SlotBatch(self, row_offset, positions, idle)
 
-    def copy_positions(self, src: int, dst: int, n: int) -> None:
-        """Copy the first n positions of slot src into slot dst (every layer's keys and values)."""
-        for t in self.k + self.v:
-            t[dst, :, :n] = t[src, :, :n]
-
 
 class SlotBatch:
     """What the model reads and writes for one forward; passed as `cache` with cache_pos = positions [B, T]."""

@@ -395,16 +395,15 @@ class Engine:
         guesses = self._proposals(reqs)
         T = 1 + max((len(g) for g in guesses.values()), default=0)
         dev = self.model.device
-        tokens = torch.zeros(n, T, dtype=torch.long)
-        positions = torch.zeros(n, T, dtype=torch.long)
-        idle = torch.ones(n, dtype=torch.bool)
+        tokens, positions, idle = [[0] * T for _ in range(n)], [[0] * T for _ in range(n)], [True] * n
         for r in reqs:
             row = [r.pending] + guesses.get(r.slot, [])
-            row += [row[-1]] * (T - len(row))  # pad: written past the row's end, never read (see engine/cache.py)
-            tokens[r.slot] = torch.tensor(row)
-            positions[r.slot] = torch.arange(r.position, r.position + T).clamp(max=self.max_seq_len - 1)
+            tokens[r.slot] = row + [row[-1]] * (T - len(row))  # pad: written past the row's end, never read
+            positions[r.slot] = [min(r.position + j, self.max_seq_len - 1) for j in range(T)]
             idle[r.slot] = False
-        logits = self._forward(tokens.to(dev), positions.to(dev), 0, reqs, idle.to(dev))  # [n, T, V]
+        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=dev)  # noqa: E731 (one copy per input)
+        logits = self._forward(as_tensor(tokens, torch.long), as_tensor(positions, torch.long), 0, reqs,
+                               as_tensor(idle, torch.bool))  # [n, T, V]
         plain = [r for r in reqs if r.slot not in guesses]
         if plain:
             self._sample(plain, logits[torch.tensor([r.slot for r in plain], device=dev), 0])

@@ -4,9 +4,9 @@ As in punica/vLLM, every target projection holds a fixed number of adapter *slot
 [n_slots + 1, max_rank, in] and B [out, n_slots + 1, max_rank] (scaling folded into B, smaller ranks zero-padded,
 the extra last slot always zero for rows without an adapter). A step runs every row through all slots' A at once
 (one GEMM), zeroes all but each row's own slot with a one-hot row mask, and adds the result times all slots' B
-(a second GEMM) — no merging, no adapter-after-adapter loop. Rows without an adapter are left out of both GEMMs. This reads each slot's weights once per step, where
-gathering A and B per row would copy them once per row: with 16 rows over 4 adapters, 4x less memory traffic. Loading writes into the slot
-buffers in place, so adapters come and go between engine steps. `AdapterLRU` decides which adapter sits in
+(a second GEMM) — no merging, no adapter-after-adapter loop; rows without an adapter are left out of both GEMMs.
+This reads each slot's weights once per step, where gathering A and B per row would copy them once per row: with 16
+rows over 4 adapters, 4x less memory traffic. Loading writes into the slot buffers in place, so adapters come and go between engine steps. `AdapterLRU` decides which adapter sits in
 which slot. This module does not schedule requests or read files other than HF PEFT LoRA adapter folders;
 DoRA and other PEFT methods are refused (merge them and serve the merged model).
 """
