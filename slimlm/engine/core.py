@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from slimlm.engine.cache import SlotKVCache
+from slimlm.engine.fused_decode import FusedDecode
 from slimlm.engine.multi_lora import AdapterLRU, LoraSlots, SlotsBusy
 from slimlm.engine.prefix_cache import PrefixCache
 from slimlm.engine.sampling import SamplingParams, TokenCounts, sample_batch
@@ -57,6 +58,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # k: guesses verified per step
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
+    fused_decode: bool = True  # CPU fp32: decode steps run all layers in one C++ call where the model qualifies
 
     def validate(self) -> None:
         bad = [f"{k} must be >= 0 (0 = auto), got {getattr(self, k)}" for k in ("max_batch", "max_seq_len")
@@ -198,6 +200,8 @@ class Engine:
         self.lora = LoraSlots.attach(model, self.config.max_loras, self.config.max_lora_rank) \
             if self.config.max_loras else None
         self.lru = AdapterLRU(self.config.max_loras) if self.lora else None
+        # After the LoRA slots are attached, so that it reads their base layers.
+        self.fused = FusedDecode.for_model(model) if self.config.fused_decode else None
         self.counts = TokenCounts(self.config.max_batch, model.config.vocab_size, device=model.device)
         self.stop_ids = set(tokenizer.stop_token_ids)
         self._stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=model.device)
@@ -391,10 +395,16 @@ class Engine:
 
     def _decode(self, reqs: list[Request]) -> None:
         """One forward over slots [0, n): each decoding row feeds its pending token (+ any guesses); others idle."""
-        n = max(r.slot for r in reqs) + 1
         guesses = self._proposals(reqs)
-        T = 1 + max((len(g) for g in guesses.values()), default=0)
         dev = self.model.device
+        if self.fused is not None and not guesses and all(r.lora_slot is None for r in reqs):
+            ids = lambda f: torch.tensor([f(r) for r in reqs], dtype=torch.long, device=dev)  # noqa: E731
+            logits = self.fused(ids(lambda r: r.pending), ids(lambda r: r.slot), ids(lambda r: r.position),
+                                self.cache.k, self.cache.v)  # [len(reqs), V]
+            self._sample(reqs, logits)
+            return
+        n = max(r.slot for r in reqs) + 1
+        T = 1 + max((len(g) for g in guesses.values()), default=0)
         tokens, positions, idle = [[0] * T for _ in range(n)], [[0] * T for _ in range(n)], [True] * n
         for r in reqs:
             row = [r.pending] + guesses.get(r.slot, [])

@@ -1,7 +1,9 @@
 """slimlm's own CPU kernels: C++ compiled once per machine with torch.utils.cpp_extension, registered as torch ops.
 
 `int8_linear(x, qweight, scale)` (torch.ops.slimlm.int8_linear, source int8_gemm.cpp) is the int8 weight-only
-matmul y = x @ (qweight * scale[:, None]).T that Int8WeightOnlyLinear runs on CPU. The build is cached under
+matmul y = x @ (qweight * scale[:, None]).T that Int8WeightOnlyLinear runs on CPU. `decode_layers`
+(torch.ops.slimlm.decode_layers, decode.cpp) runs every decoder layer of one decode step in one call; the engine
+uses it through engine/fused_decode.py. The build is cached under
 $SLIMLM_CACHE/kernels/<key>, the key hashing the source, the torch version and the CPU's flags (the code is built
 with -march=native, so a copied cache on another CPU rebuilds instead of crashing on unknown instructions).
 
@@ -26,7 +28,8 @@ import torch
 
 log = logging.getLogger("slimlm.kernels")
 
-SOURCE = Path(__file__).with_name("int8_gemm.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("int8_gemm.cpp", "decode.cpp")]
+HEADERS = [Path(__file__).with_name("int8_gemm.h")]
 # Flags as torch builds its own CPU code: OpenMP so that at::parallel_for (inlined from ATen's headers) runs on
 # torch's intra-op pool. libgomp links by soname, so the process keeps the one copy that torch already loaded.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -65,8 +68,10 @@ def cpu_flags() -> list[str]:
 
 
 def build_key() -> str:
-    """What the compiled library depends on: source text, torch version, compiler flags and the CPU."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    """What the compiled library depends on: source texts, torch version, compiler flags and the CPU."""
+    h = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        h.update(path.read_bytes())
     for part in (torch.__version__, " ".join(CFLAGS + LDFLAGS), platform.machine(), " ".join(cpu_flags())):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
@@ -75,7 +80,7 @@ def build_key() -> str:
 def build_dir() -> Path:
     from slimlm.checkpoint.gguf import cache_root  # lazy: only the first build needs it
 
-    return cache_root() / "kernels" / f"int8_gemm-{build_key()}"
+    return cache_root() / "kernels" / f"slimlm-{build_key()}"
 
 
 def _build() -> None:
@@ -87,7 +92,7 @@ def _build() -> None:
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     # cpp_extension takes a file lock in the folder, so concurrent processes build once and share it.
-    cpp_extension.load(name="slimlm_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+    cpp_extension.load(name="slimlm_kernels", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                        build_directory=str(folder), is_python_module=False, verbose=False)
 
     @torch.library.register_fake("slimlm::int8_linear")
@@ -117,6 +122,11 @@ def int8_linear_available() -> bool:
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y [..., N] = x [..., K] @ (qweight [N, K] int8 * scale [N])^T in fp32, returned in x's dtype (CPU only)."""
     return torch.ops.slimlm.int8_linear(x, qweight, scale)
+
+
+def decode_layers_available() -> bool:
+    """Whether the one-call decoder layers (decode.cpp) may run now (same conditions as int8_linear)."""
+    return int8_linear_available()
 
 
 def isa() -> str:

@@ -14,6 +14,8 @@
 // It deliberately does not: handle bias (the Python layer adds it), run on CUDA, or use int8 dot-product
 // instructions (they would need the activations quantized, which changes the numerics of a weight-only layer).
 
+#include "int8_gemm.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -61,8 +63,8 @@ inline float hsum(Vec v) {
   return _mm_cvtss_f32(s);
 }
 // 16 ymm registers: MR * NR accumulators + NR weight vectors + 1 activation vector must fit, so tiles with
-// 3-4 x rows use 2-3 q rows, those with 1-2 x rows use 4.
-constexpr int NR_WIDE = 4;  // for MR <= 2
+// 3-4 x rows use 3 q rows, those with 2 x rows use 4.
+constexpr int NR_WIDE = 4;  // for MR == 2
 constexpr int NR_TALL = 3;  // for MR 3..4 (12 accumulators + 3 weights + 1 activation = 16)
 #else
 constexpr int64_t VL = 0;  // no SIMD: the scalar loop below does all of K
@@ -70,6 +72,10 @@ constexpr const char* kIsa = "scalar";
 constexpr int NR_WIDE = 4;
 constexpr int NR_TALL = 4;
 #endif
+
+// One x row (single-stream decode): 8 q rows, so that 8 independent FMA chains hide the FMA latency (with 4,
+// the loop waits on its accumulators: measured 1.3x slower at M = 1); weights are widened one at a time.
+constexpr int NR_ONE = 8;
 
 constexpr int PREFETCH_TILES = 2;
 
@@ -114,7 +120,7 @@ inline void tile(const float* x, const int8_t* w, const float* s, float* y, int6
 template <int MR>
 void tile_rows(const float* x, const int8_t* q, const float* s, float* y, int64_t K, int64_t N, int64_t m0,
                int64_t n0, int64_t n1) {
-  constexpr int NR = MR <= 2 ? NR_WIDE : NR_TALL;
+  constexpr int NR = MR == 1 ? NR_ONE : MR == 2 ? NR_WIDE : NR_TALL;
   const float* xm = x + m0 * K;
   float* ym = y + m0 * N;
   int64_t n = n0;
@@ -133,7 +139,7 @@ void tile_rows_any(int64_t mr, const float* x, const int8_t* q, const float* s, 
 }
 
 constexpr int64_t MR_MAX = 4;          // activation rows per tile
-constexpr int64_t ROW_GROUP = 12;      // q rows per unit of thread work (a multiple of NR_WIDE and NR_TALL)
+constexpr int64_t ROW_GROUP = 24;      // q rows per unit of thread work (a multiple of every NR)
 constexpr int64_t L1_WEIGHTS = 16384;  // int8 weights per block kept hot in L1 while all x rows pass over it
 constexpr int64_t MIN_MACS = 65536;    // fewer multiply-adds than this per thread: not worth waking a thread
 
@@ -169,6 +175,22 @@ void gemm_large_m(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
 // are within noise at M = 96, and the GEMM path is 10-30 % ahead from M = 128.
 constexpr int64_t LARGE_M = 64;
 
+}  // namespace
+
+void slimlm::int8_matmul(const float* x, const int8_t* q, const float* s, float* y, int64_t M, int64_t K, int64_t N) {
+  if (M <= 0 || N <= 0) return;
+  if (M > LARGE_M) {
+    at::Tensor yt = at::from_blob(y, {M, N}, at::kFloat);
+    gemm_large_m(at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat),
+                 at::from_blob(const_cast<int8_t*>(q), {N, K}, at::kChar),
+                 at::from_blob(const_cast<float*>(s), {N}, at::kFloat), yt);
+  } else {
+    gemm_small_m(x, q, s, y, M, K, N);
+  }
+}
+
+namespace {
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scale.device().is_cpu(),
               "slimlm::int8_linear is a CPU kernel; got tensors on ", x.device(), ", ", qweight.device(), ", ",
@@ -185,13 +207,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const at::Tensor s = scale.reshape({N}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   at::Tensor y = at::empty({M, N}, x2.options());  // [M, N] fp32
-  if (M > 0 && N > 0) {
-    if (M > LARGE_M) {
-      gemm_large_m(x2, q, s, y);
-    } else {
-      gemm_small_m(x2.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<float>(), M, K, N);
-    }
-  }
+  slimlm::int8_matmul(x2.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<float>(), M, K, N);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(N);
   return y.to(x.scalar_type()).view(shape);

@@ -1,0 +1,108 @@
+"""The engine's fast decode step on a CPU: every decoder layer in one C++ call (kernels/decode.cpp).
+
+For one new token per row, eager PyTorch spends more time dispatching ~1,700 small ops and module calls than
+reading the weights (SmolLM2-135M int8: ~16 ms of ~25 ms per step). `FusedDecode` hands the layers' weights and the
+engine's cache to torch.ops.slimlm.decode_layers once per step instead; embedding, final norm and LM head stay the
+model's own modules. It computes what Transformer.forward computes (tests/test_engine_fused_decode.py checks the
+logits against it), and only takes the models it can run exactly:
+
+  CPU, fp32 activations and cache; projections plain nn.Linear or Int8WeightOnlyLinear without bias, not fused
+  (qkv_proj/gate_up_proj); no prefix-tuning module, no position offset.
+
+Everything else (GPU, bf16, other quantizations, Qwen2's biases, ...) and steps the kernel does not cover (several
+tokens per row for speculative verification, rows with a LoRA adapter) run the model's forward as before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from slimlm import kernels
+from slimlm.engine.multi_lora import SlotLoRALinear
+from slimlm.model import RMSNorm, Transformer
+from slimlm.quantize.int8 import Int8WeightOnlyLinear
+
+log = logging.getLogger("slimlm.engine")
+
+_NO_SCALE = torch.empty(0)
+
+
+def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """(weight, scale) the kernel reads for one projection, or why it cannot. A multi-LoRA slot wrapper is looked
+    through: its rows without an adapter are the base layer's product."""
+    module = module.base if isinstance(module, SlotLoRALinear) else module
+    if type(module) is nn.Linear:
+        return (module.weight.detach(), _NO_SCALE) if module.bias is None else "a projection has a bias"
+    if type(module) is Int8WeightOnlyLinear:
+        return (module.qweight, module.scale.float()) if module.bias is None else "a projection has a bias"
+    return f"projection type {type(module).__name__}"
+
+
+def _layer_tensors(model: Transformer) -> list[torch.Tensor] | str:
+    """The 16 tensors per layer that decode_layers reads (see decode.cpp), or why the model does not qualify."""
+    out: list[torch.Tensor] = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is not None or mlp.gate_up_proj is not None:
+            return "fused qkv/gate_up projections"
+        if attn.prefix is not None:
+            return "a prefix-tuning module"
+        if not (type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm):
+            return "a norm other than RMSNorm"
+        if layer.input_layernorm.eps != model.config.norm_eps:
+            return "per-layer norm eps"
+        tensors = [layer.input_layernorm.weight.detach()]
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            got = _projection(proj)
+            if isinstance(got, str):
+                return got
+            tensors += got
+        tensors.append(layer.post_attention_layernorm.weight.detach())
+        for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            got = _projection(proj)
+            if isinstance(got, str):
+                return got
+            tensors += got
+        out += tensors
+    return out
+
+
+class FusedDecode:
+    """One decode step for W rows with one token each: tokens, slots, positions [W] -> logits [W, V] (fp32)."""
+
+    def __init__(self, model: Transformer, layer_tensors: list[torch.Tensor]):
+        self.model, self.layer_tensors = model, layer_tensors
+        self.inv_freq = model.inv_freq.float()
+        self.eps, self.window = model.config.norm_eps, model.config.sliding_window or 0
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> "FusedDecode | None":
+        """The fast step for this model, or None (with the reason logged at debug level) where it does not apply."""
+        why = None
+        if model.device.type != "cpu" or model.dtype != torch.float32:
+            why = f"{model.device.type} {model.dtype} (the kernel is CPU fp32)"
+        elif model.position_offset:
+            why = "a position offset (prefix tuning)"
+        elif not kernels.decode_layers_available():
+            why = "slimlm's CPU kernels are unavailable or disabled"
+        if why is None:
+            got = _layer_tensors(model)
+            if isinstance(got, str):
+                why = got
+            else:
+                return cls(model, got)
+        log.debug("fused decode off: %s", why)
+        return None
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> torch.Tensor:
+        """Write each row's key/value at (slot, position) in k_cache/v_cache [n_slots, Hkv, S, hd] per layer."""
+        m = self.model
+        x = m.embed_tokens(tokens)  # [W, D]
+        x = torch.ops.slimlm.decode_layers(x, slots, positions, self.inv_freq, self.layer_tensors, k_cache, v_cache,
+                                           self.eps, self.window)
+        return m.lm_head(m.norm(x)).float()  # [W, V]

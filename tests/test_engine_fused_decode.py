@@ -1,0 +1,112 @@
+"""engine/fused_decode.py + kernels/decode.cpp: the one-call decode step computes what the model's forward does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimlm
+from slimlm import kernels
+from slimlm.config import ModelConfig
+from slimlm.engine.cache import SlotKVCache
+from slimlm.engine.core import Engine, EngineConfig, Request
+from slimlm.engine.fused_decode import FusedDecode
+from slimlm.engine.sampling import SamplingParams
+from slimlm.model import Transformer
+from slimlm.prune.structured import _sizes, remove_kv_groups_, remove_mlp_channels_
+from slimlm.quantize.model import quantize_model_
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    if not kernels.load():
+        pytest.skip("slimlm's CPU kernels could not be built here (see the logged warning)")
+
+
+def tiny(seed: int = 0, **overrides) -> Transformer:
+    """3 layers, GQA 4/2 heads, random weights with norm gains far from 1."""
+    cfg = {"vocab_size": 256, "dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 96,
+           "max_seq_len": 64}
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**{**cfg, **overrides}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.3 * noise if "norm" in name else 0.1 * noise)
+    return model.eval()
+
+
+def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, atol: float = 1e-4) -> None:
+    """Prefill rows (slot -> prompt length) with the model, then decode `steps` tokens per row both ways."""
+    fused = FusedDecode.for_model(model)
+    assert fused is not None
+    ref_cache = SlotKVCache.for_model(model, 4, 40)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for slot, n in lengths.items():
+            pos = torch.arange(n)[None]
+            model(torch.randint(0, 256, (1, n), generator=g), cache=ref_cache.batch(pos, slot), cache_pos=pos)
+    cache = SlotKVCache.for_model(model, 4, 40)
+    for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
+        a.copy_(b)
+    slots = torch.tensor(sorted(lengths))
+    pos = torch.tensor([lengths[int(s)] for s in slots])
+    for _ in range(steps):
+        tokens = torch.randint(0, 256, (len(slots),), generator=g)
+        got = fused(tokens, slots, pos, cache.k, cache.v)  # [W, V]
+        with torch.no_grad():
+            for row, slot in enumerate(slots.tolist()):  # the model, one row at a time
+                p = pos[row:row + 1, None]
+                want = model(tokens[row:row + 1, None], cache=ref_cache.batch(p, slot), cache_pos=p)[0, -1]
+                torch.testing.assert_close(got[row], want, atol=atol, rtol=1e-4)
+        for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):  # the same keys/values written
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        pos = pos + 1
+
+
+def test_fp32_rows_at_different_positions():
+    check_steps(tiny(), {0: 5, 1: 11, 3: 1})
+
+
+def test_int8_weights():
+    model = tiny(1)
+    quantize_model_(model, "int8")
+    check_steps(model, {0: 7, 2: 3})
+
+
+def test_sliding_window_and_mha():
+    check_steps(tiny(2, sliding_window=4, n_kv_heads=4), {0: 9, 1: 2}, steps=4)
+
+
+def test_structurally_pruned_layers():
+    """Layers of different sizes (per-layer heads and MLP width), as prune/structured.py leaves them."""
+    model = tiny(3)
+    remove_kv_groups_(model.layers[0], torch.tensor([1]))  # layer 0: 1 KV group (2 query heads) of 2
+    remove_mlp_channels_(model.layers[2], torch.arange(0, 96, 2))  # layer 2: half the MLP channels
+    model.config = model.config.with_layer_sizes(_sizes(model))  # as the pruning commands record it
+    check_steps(model, {0: 6, 1: 3})
+
+
+def test_models_it_does_not_take():
+    biased = tiny(attention_bias=True)
+    assert FusedDecode.for_model(biased) is None
+    assert FusedDecode.for_model(tiny().to(torch.bfloat16)) is None
+    model = tiny()
+    with kernels.disabled():
+        assert FusedDecode.for_model(model) is None
+
+
+def test_engine_uses_it_and_keeps_greedy_tokens(tiny_llama):
+    """Same tokens with and without the fused step, LoRA slots attached (rows without an adapter take it)."""
+    outs = []
+    for fused in (True, False):
+        llm = slimlm.load(str(tiny_llama[0]), dtype="fp32")
+        engine = Engine(llm.model, llm.tokenizer,
+                        EngineConfig(max_batch=3, max_seq_len=96, max_loras=1, fused_decode=fused))
+        assert (engine.fused is not None) == fused
+        reqs = [Request(llm.tokenizer.prompt_ids(f"story {i} " + "the cat " * i, chat=True),
+                        SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)) for i in range(4)]
+        assert list(engine.generate(reqs))
+        outs.append([r.output_ids for r in reqs])
+    assert outs[0] == outs[1]
