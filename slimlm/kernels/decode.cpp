@@ -17,9 +17,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -30,14 +33,50 @@ namespace {
 constexpr int64_t PER_LAYER = 16;  // tensors per layer in `layers`, in this order:
 // norm1, wq, sq, wk, sk, wv, sv, wo, so, norm2, wg, sg, wu, su, wd, sd   (s*: scale [N], or an empty tensor)
 
-// y [M, N] = x [M, K] . w^T: int8 weight with its row scale, or an fp32 weight.
-void linear(const float* x, int64_t M, const at::Tensor& w, const at::Tensor& s, float* y) {
-  const int64_t N = w.size(0), K = w.size(1);
-  if (w.scalar_type() == at::kChar) {
-    slimlm::int8_matmul(x, w.data_ptr<int8_t>(), s.data_ptr<float>(), y, M, K, N);
-  } else {
-    at::Tensor out = at::from_blob(y, {M, N}, at::kFloat);
-    at::mm_out(out, at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat), w.t());
+// One projection's weight: int8 [N, K] with a row scale [N], or fp32 [N, K] (scale == nullptr).
+struct Proj {
+  const void* w = nullptr;
+  const float* scale = nullptr;
+  int64_t N = 0, K = 0;
+
+  static Proj of(const at::Tensor& w, const at::Tensor& s) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kFloat),
+                "decode_layers: a weight must be a contiguous int8 or fp32 [N, K] tensor");
+    const bool q = w.scalar_type() == at::kChar;
+    TORCH_CHECK(!q || (s.scalar_type() == at::kFloat && s.numel() == w.size(0) && s.is_contiguous()),
+                "decode_layers: an int8 weight needs an fp32 scale per row");
+    return {w.data_ptr(), q ? s.data_ptr<float>() : nullptr, w.size(0), w.size(1)};
+  }
+
+  // Output columns [r0, r1) of y [M, N] = x [M, K] . W^T, on this thread.
+  void rows(const float* x, int64_t M, float* y, int64_t r0, int64_t r1) const {
+    if (r0 >= r1) return;
+    if (scale != nullptr)
+      slimlm::int8_matmul_rows(x, static_cast<const int8_t*>(w), scale, y, M, K, N, r0, r1);
+    else
+      slimlm::fp32_matmul_rows(x, static_cast<const float*>(w), y, M, K, N, r0, r1);
+  }
+};
+
+struct Layer {
+  const float* norm1;
+  const float* norm2;
+  Proj q, k, v, o, gate, up, down;
+};
+
+// This thread's share of the output columns of projections that all read x [M, K]: their columns are counted as
+// one run [q | k | v] and cut into equal runs of whole row groups, one per thread, so one barrier ends them all.
+void share(const float* x, int64_t M, std::initializer_list<std::pair<const Proj*, float*>> projs, int tid,
+           int nth) {
+  int64_t total = 0;
+  for (const auto& pr : projs) total += pr.first->N;
+  const int64_t G = slimlm::row_group(), groups = (total + G - 1) / G;
+  const int64_t a = groups * tid / nth * G, b = std::min(total, groups * (tid + 1) / nth * G);
+  int64_t off = 0;
+  for (const auto& pr : projs) {
+    const int64_t N = pr.first->N;
+    pr.first->rows(x, M, pr.second, std::max(a, off) - off, std::min(b, off + N) - off);
+    off += N;
   }
 }
 
@@ -112,6 +151,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
   const at::Tensor sl = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
   const int64_t* slot = sl.data_ptr<int64_t>();
   const int64_t* p = pos.data_ptr<int64_t>();
+  TORCH_CHECK(L > 0, "decode_layers: no layers");
   const int64_t hd = k_cache[0].size(3), half = hd / 2;
 
   // cos/sin [W, hd] for each row's position, computed as rope_cos_sin does: fp32 angle pos * inv_freq, duplicated.
@@ -124,57 +164,76 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
       sin_[w * hd + j] = sin_[w * hd + j + half] = std::sin(a);
     }
 
+  std::vector<Layer> lay(L);
   int64_t max_q = 0, max_kv = 0, max_ff = 0, max_s = 0;
   for (int64_t i = 0; i < L; ++i) {
-    max_q = std::max(max_q, layers[i * PER_LAYER + 1].size(0));
-    max_kv = std::max(max_kv, layers[i * PER_LAYER + 3].size(0));
-    max_ff = std::max(max_ff, layers[i * PER_LAYER + 10].size(0));
+    const at::Tensor* t = layers.data() + i * PER_LAYER;
+    lay[i] = {t[0].data_ptr<float>(), t[9].data_ptr<float>(), Proj::of(t[1], t[2]), Proj::of(t[3], t[4]),
+              Proj::of(t[5], t[6]), Proj::of(t[7], t[8]), Proj::of(t[10], t[11]), Proj::of(t[12], t[13]),
+              Proj::of(t[14], t[15])};
+    TORCH_CHECK(k_cache[i].scalar_type() == at::kFloat && k_cache[i].is_contiguous() && v_cache[i].is_contiguous() &&
+                    k_cache[i].size(3) == hd && lay[i].k.N == k_cache[i].size(1) * hd && lay[i].q.N % lay[i].k.N == 0,
+                "decode_layers: layer ", i, "'s cache must be fp32 [slots, Hkv, S, hd] matching its k projection");
+    max_q = std::max(max_q, lay[i].q.N);
+    max_kv = std::max(max_kv, lay[i].k.N);
+    max_ff = std::max(max_ff, lay[i].gate.N);
     max_s = std::max(max_s, k_cache[i].size(2));
   }
-  std::vector<float> h(W * std::max(D, max_q)), q(W * max_q), k(W * max_kv), v(W * max_kv), a(W * max_q),
-      g(W * max_ff), u(W * max_ff), o(W * D);
+  std::vector<float> h(W * D), q(W * max_q), k(W * max_kv), v(W * max_kv), a(W * max_q), g(W * max_ff),
+      u(W * max_ff), o(W * D);
   float* xp = x.data_ptr<float>();
-
-  for (int64_t i = 0; i < L; ++i) {
-    const at::Tensor* t = layers.data() + i * PER_LAYER;
-    const int64_t Hq = t[1].size(0) / hd, Hkv = k_cache[i].size(1), S = k_cache[i].size(2), F = t[10].size(0);
-    const int64_t group = Hq / Hkv;
-    // Attention.
-    rmsnorm(xp, t[0].data_ptr<float>(), h.data(), W, D, static_cast<float>(eps));
-    linear(h.data(), W, t[1], t[2], q.data());
-    linear(h.data(), W, t[3], t[4], k.data());
-    linear(h.data(), W, t[5], t[6], v.data());
-    float* Kc = k_cache[i].data_ptr<float>();
-    float* Vc = v_cache[i].data_ptr<float>();
-    for (int64_t w = 0; w < W; ++w) {
-      rope(q.data() + w * Hq * hd, Hq, hd, cos_.data() + w * hd, sin_.data() + w * hd);
-      rope(k.data() + w * Hkv * hd, Hkv, hd, cos_.data() + w * hd, sin_.data() + w * hd);
-      for (int64_t kh = 0; kh < Hkv; ++kh) {  // cache [slot, kh, p, :] <- this row's key and value
-        const int64_t off = ((slot[w] * Hkv + kh) * S + p[w]) * hd;
-        std::copy_n(k.data() + (w * Hkv + kh) * hd, hd, Kc + off);
-        std::copy_n(v.data() + (w * Hkv + kh) * hd, hd, Vc + off);
+  const float e = static_cast<float>(eps), scale = 1.f / std::sqrt(static_cast<float>(hd));
+  // One parallel region for the whole step: the threads meet at a barrier between dependent phases (~1 us)
+  // instead of forking and joining for each of the layer's seven matmuls. Serial phases (norms, RoPE) are tiny.
+  const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    std::vector<float> scores(max_s);
+    for (int64_t i = 0; i < L; ++i) {
+      const Layer& ly = lay[i];
+      const int64_t Hq = ly.q.N / hd, Hkv = ly.k.N / hd, S = k_cache[i].size(2), F = ly.gate.N, group = Hq / Hkv;
+      float* Kc = k_cache[i].data_ptr<float>();
+      float* Vc = v_cache[i].data_ptr<float>();
+      // Attention.
+#pragma omp single
+      rmsnorm(xp, ly.norm1, h.data(), W, D, e);
+      share(h.data(), W, {{&ly.q, q.data()}, {&ly.k, k.data()}, {&ly.v, v.data()}}, tid, nth);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t w = 0; w < W; ++w) {
+        rope(q.data() + w * Hq * hd, Hq, hd, cos_.data() + w * hd, sin_.data() + w * hd);
+        rope(k.data() + w * Hkv * hd, Hkv, hd, cos_.data() + w * hd, sin_.data() + w * hd);
+        for (int64_t kh = 0; kh < Hkv; ++kh) {  // cache [slot, kh, p, :] <- this row's key and value
+          const int64_t off = ((slot[w] * Hkv + kh) * S + p[w]) * hd;
+          std::copy_n(k.data() + (w * Hkv + kh) * hd, hd, Kc + off);
+          std::copy_n(v.data() + (w * Hkv + kh) * hd, hd, Vc + off);
+        }
       }
-    }
-    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-    at::parallel_for(0, W * Hq, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> scores(max_s);
-      for (int64_t b = b0; b < b1; ++b) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < W * Hq; ++b) {
         const int64_t w = b / Hq, hq = b % Hq, kh = hq / group;
         const int64_t base = (slot[w] * Hkv + kh) * S * hd;
         const int64_t t0 = window > 0 ? std::max<int64_t>(0, p[w] - window + 1) : 0;
-        attend(q.data() + (w * Hq + hq) * hd, Kc + base, Vc + base, hd, t0, p[w], scale, scores.data(),
-               a.data() + (w * Hq + hq) * hd);
+        attend(q.data() + b * hd, Kc + base, Vc + base, hd, t0, p[w], scale, scores.data(), a.data() + b * hd);
       }
-    });
-    linear(a.data(), W, t[7], t[8], o.data());
-    for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
-    // MLP.
-    rmsnorm(xp, t[9].data_ptr<float>(), h.data(), W, D, static_cast<float>(eps));
-    linear(h.data(), W, t[10], t[11], g.data());
-    linear(h.data(), W, t[12], t[13], u.data());
-    for (int64_t j = 0; j < W * F; ++j) g[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];  // silu(gate) * up
-    linear(g.data(), W, t[14], t[15], o.data());
-    for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
+      share(a.data(), W, {{&ly.o, o.data()}}, tid, nth);
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
+        rmsnorm(xp, ly.norm2, h.data(), W, D, e);
+      }
+      // MLP.
+      share(h.data(), W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth);
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < W * F; ++j) g[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];  // silu(gate) * up
+      share(g.data(), W, {{&ly.down, o.data()}}, tid, nth);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
+    }
   }
   return x;
 }

@@ -4,10 +4,11 @@
 // dtype). It is what Int8WeightOnlyLinear runs on CPU in place of torch._weight_int8pack_mm, whose CPU path is
 // several times slower than the memory bandwidth allows on AVX2 machines.
 //
-// Small M (decode, serving batches): a register-tiled kernel. A tile is MR rows of x by NR rows of q; each step
-// over K widens VL int8 weights of each q row to fp32 once and multiplies them with all MR x rows, so every weight
-// byte is read and converted once per MR activation rows. The scale is applied once per output, after the dot
-// product. Threads split the output rows with at::parallel_for (torch's own intra-op pool).
+// Small M (decode, serving batches): a register-tiled kernel. A tile is MR rows of x by one row of q, and q is read
+// row after row; each step over K widens VL int8 weights to fp32 once and multiplies them with all MR x rows, so
+// every weight byte is read and converted once per MR activation rows. The scale is applied once per output, after
+// the dot product. Threads split the output rows with at::parallel_for (torch's own intra-op pool), or the caller
+// splits them (int8_matmul_rows, for decode.cpp's own parallel region). The same tiles also take an fp32 weight.
 // Large M (prefill): compute-bound, so q is dequantized to fp32 a slice of rows at a time and the product is left
 // to torch's GEMM (MKL / oneDNN), which beats any hand-written loop here.
 //
@@ -41,11 +42,10 @@ inline Vec load_x(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec load_w(const int8_t* p) {  // 16 int8 -> 16 int32 -> 16 fp32
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline Vec load_w(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
-// 32 zmm registers: a 4 x 4 tile keeps 16 accumulators plus 4 weight vectors in registers.
-constexpr int NR_WIDE = 4;
-constexpr int NR_TALL = 4;
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t VL = 8;
 constexpr const char* kIsa = "avx2";
@@ -55,80 +55,73 @@ inline Vec load_x(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec load_w(const int8_t* p) {  // 8 int8 (one 64-bit load) -> 8 int32 -> 8 fp32
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline Vec load_w(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline float hsum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // 8 -> 4
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                        // 4 -> 2
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));                                 // 2 -> 1
   return _mm_cvtss_f32(s);
 }
-// 16 ymm registers: MR * NR accumulators + NR weight vectors + 1 activation vector must fit, so tiles with
-// 3-4 x rows use 3 q rows, those with 2 x rows use 4.
-constexpr int NR_WIDE = 4;  // for MR == 2
-constexpr int NR_TALL = 3;  // for MR 3..4 (12 accumulators + 3 weights + 1 activation = 16)
 #else
 constexpr int64_t VL = 0;  // no SIMD: the scalar loop below does all of K
 constexpr const char* kIsa = "scalar";
-constexpr int NR_WIDE = 4;
-constexpr int NR_TALL = 4;
 #endif
 
-// One x row (single-stream decode): 8 q rows, so that 8 independent FMA chains hide the FMA latency (with 4,
-// the loop waits on its accumulators: measured 1.3x slower at M = 1); weights are widened one at a time.
-constexpr int NR_ONE = 8;
+// Weights are read row after row, so the whole matrix is one sequential stream (measured on the AVX2 EPYC, a
+// 106 MB int8 matrix from DRAM at M = 1: 34 GB/s, level with a plain streaming read, against 18 GB/s for tiles that
+// interleave 8 q rows, whose 576-byte runs are too short for the hardware prefetcher). Software prefetch runs
+// PREFETCH_BYTES ahead of the stream. Each loaded weight vector serves the MR activation rows of the tile; U
+// independent accumulators per row along K keep enough FMAs in flight to hide their latency when MR is small.
+constexpr int64_t PREFETCH_BYTES = 2048;
 
-constexpr int PREFETCH_TILES = 2;
-
-// One tile: y[i, j] = s[j] * sum_k x[i, k] * w[j, k] for i < MR, j < NR.
-// x: [MR, K] with row stride K; w: [NR, K] with row stride K; y: row stride ldy.
-template <int MR, int NR>
-inline void tile(const float* x, const int8_t* w, const float* s, float* y, int64_t K, int64_t ldy) {
-  float acc[MR][NR];
+// y[i] = s * sum_k x[i, k] * w[k] for i < MR: one q row w [K] against MR x rows (row stride K); y stride ldy.
+template <int MR, typename WT>
+inline void tile(const float* x, const WT* w, const float* s, float* y, int64_t K, int64_t ldy) {
+  float acc[MR];
   int64_t k = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  Vec vacc[MR][NR];
+  constexpr int U = MR >= 4 ? 2 : 8 / MR;  // accumulators per x row: MR * U in {8, 8, 6, 8}
+  constexpr int64_t STEP_BYTES = VL * U * static_cast<int64_t>(sizeof(WT));
+  Vec vacc[MR][U];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) vacc[i][j] = vzero();
-  for (; k + VL <= K; k += VL) {
-    // Software prefetch of the q rows two tiles ahead, one cache line per row every 64 bytes of K: rows are
-    // only K bytes long, too short a stream for the hardware prefetcher to get ahead when q comes from DRAM
-    // (measured: 2x on the [49152, 576] head). Prefetching past the end of q is harmless (never faults).
-    if ((k & 63) == 0)
-      for (int j = 0; j < NR; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (j + PREFETCH_TILES * NR) * K + k), _MM_HINT_T0);
-    Vec wv[NR];  // each weight vector is widened once and used for all MR activation rows
-    for (int j = 0; j < NR; ++j) wv[j] = load_w(w + j * K + k);
-    for (int i = 0; i < MR; ++i) {
-      const Vec xv = load_x(x + i * K + k);
-      for (int j = 0; j < NR; ++j) vacc[i][j] = vfma(xv, wv[j], vacc[i][j]);
+    for (int u = 0; u < U; ++u) vacc[i][u] = vzero();
+  const char* pf = reinterpret_cast<const char*>(w) + PREFETCH_BYTES;
+  for (; k + VL * U <= K; k += VL * U) {
+    for (int64_t b = 0; b < STEP_BYTES; b += 64) _mm_prefetch(pf + k * sizeof(WT) + b, _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
+      const Vec wv = load_w(w + k + u * VL);  // widened once, used for all MR activation rows
+      for (int i = 0; i < MR; ++i) vacc[i][u] = vfma(load_x(x + i * K + k + u * VL), wv, vacc[i][u]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = hsum(vacc[i][j]);
+  for (; k + VL <= K; k += VL) {
+    const Vec wv = load_w(w + k);
+    for (int i = 0; i < MR; ++i) vacc[i][0] = vfma(load_x(x + i * K + k), wv, vacc[i][0]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int u = 1; u < U; ++u) vacc[i][0] = vadd(vacc[i][0], vacc[i][u]);
+    acc[i] = hsum(vacc[i][0]);
+  }
 #else
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = 0.f;
+  for (int i = 0; i < MR; ++i) acc[i] = 0.f;
 #endif
   for (; k < K; ++k)  // the K % VL tail (all of K without SIMD)
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] += x[i * K + k] * static_cast<float>(w[j * K + k]);
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) y[i * ldy + j] = acc[i][j] * s[j];
+    for (int i = 0; i < MR; ++i) acc[i] += x[i * K + k] * static_cast<float>(w[k]);
+  for (int i = 0; i < MR; ++i) y[i * ldy] = s == nullptr ? acc[i] : acc[i] * *s;
 }
 
-// Output rows [n0, n1) of y for activation rows [m0, m0 + MR): NR q rows at a time, then single rows.
-template <int MR>
-void tile_rows(const float* x, const int8_t* q, const float* s, float* y, int64_t K, int64_t N, int64_t m0,
+// Output columns [n0, n1) of y for activation rows [m0, m0 + MR), one q row at a time.
+template <int MR, typename WT>
+void tile_rows(const float* x, const WT* q, const float* s, float* y, int64_t K, int64_t N, int64_t m0,
                int64_t n0, int64_t n1) {
-  constexpr int NR = MR == 1 ? NR_ONE : MR == 2 ? NR_WIDE : NR_TALL;
   const float* xm = x + m0 * K;
   float* ym = y + m0 * N;
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) tile<MR, NR>(xm, q + n * K, s + n, ym + n, K, N);
-  for (; n < n1; ++n) tile<MR, 1>(xm, q + n * K, s + n, ym + n, K, N);
+  for (int64_t n = n0; n < n1; ++n) tile<MR>(xm, q + n * K, s == nullptr ? nullptr : s + n, ym + n, K, N);
 }
 
-void tile_rows_any(int64_t mr, const float* x, const int8_t* q, const float* s, float* y, int64_t K, int64_t N,
+template <typename WT>
+void tile_rows_any(int64_t mr, const float* x, const WT* q, const float* s, float* y, int64_t K, int64_t N,
                    int64_t m0, int64_t n0, int64_t n1) {
   switch (mr) {
     case 4: return tile_rows<4>(x, q, s, y, K, N, m0, n0, n1);
@@ -139,22 +132,28 @@ void tile_rows_any(int64_t mr, const float* x, const int8_t* q, const float* s, 
 }
 
 constexpr int64_t MR_MAX = 4;          // activation rows per tile
-constexpr int64_t ROW_GROUP = 24;      // q rows per unit of thread work (a multiple of every NR)
+constexpr int64_t ROW_GROUP = 16;      // q rows per unit of thread work
 constexpr int64_t L1_WEIGHTS = 16384;  // int8 weights per block kept hot in L1 while all x rows pass over it
 constexpr int64_t MIN_MACS = 65536;    // fewer multiply-adds than this per thread: not worth waking a thread
+
+// Output rows [r0, r1) of y [M, N] = x [M, K] . (q [N, K] * s [N])^T on the calling thread.
+template <typename WT>
+void matmul_rows(const float* x, const WT* q, const float* s, float* y, int64_t M, int64_t K, int64_t N,
+                 int64_t r0, int64_t r1) {
+  const int64_t block = std::max<int64_t>(ROW_GROUP, L1_WEIGHTS / std::max<int64_t>(1, K) / ROW_GROUP * ROW_GROUP);
+  for (int64_t b0 = r0; b0 < r1; b0 += block) {  // one L1-sized block of q rows ...
+    const int64_t b1 = std::min(r1, b0 + block);
+    for (int64_t m0 = 0; m0 < M; m0 += MR_MAX)  // ... used by every group of MR_MAX activation rows
+      tile_rows_any(std::min(MR_MAX, M - m0), x, q, s, y, K, N, m0, b0, b1);
+  }
+}
 
 // y [M, N] fp32 = x [M, K] fp32 . (q [N, K] * s [N])^T with the tiled kernel; all contiguous.
 void gemm_small_m(const float* x, const int8_t* q, const float* s, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t groups = (N + ROW_GROUP - 1) / ROW_GROUP;
   const int64_t grain = std::max<int64_t>(1, MIN_MACS / std::max<int64_t>(1, ROW_GROUP * K * M));
-  const int64_t block = std::max<int64_t>(ROW_GROUP, L1_WEIGHTS / std::max<int64_t>(1, K) / ROW_GROUP * ROW_GROUP);
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    const int64_t r1 = std::min(N, g1 * ROW_GROUP);
-    for (int64_t b0 = g0 * ROW_GROUP; b0 < r1; b0 += block) {  // one L1-sized block of q rows ...
-      const int64_t b1 = std::min(r1, b0 + block);
-      for (int64_t m0 = 0; m0 < M; m0 += MR_MAX)  // ... used by every group of MR_MAX activation rows
-        tile_rows_any(std::min(MR_MAX, M - m0), x, q, s, y, K, N, m0, b0, b1);
-    }
+    matmul_rows(x, q, s, y, M, K, N, g0 * ROW_GROUP, std::min(N, g1 * ROW_GROUP));
   });
 }
 
@@ -176,6 +175,18 @@ void gemm_large_m(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
 constexpr int64_t LARGE_M = 64;
 
 }  // namespace
+
+void slimlm::int8_matmul_rows(const float* x, const int8_t* q, const float* s, float* y, int64_t M, int64_t K,
+                              int64_t N, int64_t r0, int64_t r1) {
+  matmul_rows(x, q, s, y, M, K, N, r0, r1);
+}
+
+void slimlm::fp32_matmul_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t r0,
+                              int64_t r1) {
+  matmul_rows(x, w, nullptr, y, M, K, N, r0, r1);
+}
+
+int64_t slimlm::row_group() { return ROW_GROUP; }
 
 void slimlm::int8_matmul(const float* x, const int8_t* q, const float* s, float* y, int64_t M, int64_t K, int64_t N) {
   if (M <= 0 || N <= 0) return;
