@@ -60,7 +60,7 @@ drives out from the city, but the granite base has not moved an inch since the d
 the children of the town still like to say that they can hear a bell ringing somewhere out on the water.
 """
 
-ENGINES = ["slimlm-fp32", "slimlm-bf16", "slimlm-bf16-compiled", "slimlm-fp32-compiled", "hf-fp32", "hf-bf16",
+ENGINES = ["slimlm-int8", "slimlm-fp32", "slimlm-bf16", "slimlm-bf16-compiled", "slimlm-fp32-compiled", "hf-fp32", "hf-bf16",
            "llama.cpp"]
 OPTIONAL_ENGINES = ["hf-fp32-autocast-bf16"]  # HF fp32 weights under torch.autocast(bf16): for CPUs with AMX/AVX512-BF16
 PEERS = [("hf-bf16", "HF bf16"), ("hf-fp32", "HF fp32"), ("llama.cpp", "llama.cpp")]
@@ -118,17 +118,23 @@ class Context:
 
 
 class SlimLM(Engine):
-    def __init__(self, dtype: str, compiled: bool):
-        self.dtype, self.compiled = dtype, compiled
-        self.name = f"slimlm-{dtype}" + ("-compiled" if compiled else "")
-        self.settings = f"{dtype}, " + ("decode step torch.compile'd (inductor, freezing), prefill eager"
-                                        if compiled else "eager")
-        self.weights = f"{dtype} (dequantized from the GGUF)"
+    def __init__(self, dtype: str, compiled: bool, quantize: str | None = None):
+        self.dtype, self.compiled, self.quantize = dtype, compiled, quantize
+        self.name = f"slimlm-{quantize or dtype}" + ("-compiled" if compiled else "")
+        self.settings = f"{dtype} activations, " + ("model forward torch.compile'd (inductor, freezing)"
+                                                    if compiled else "eager") + \
+            ", engine defaults (fused CPU decode step where the model qualifies)"
+        self.weights = f"{dtype} (dequantized from the GGUF)" if quantize is None else \
+            f"{quantize} weight-only, per-channel scales (re-quantized from the GGUF's dequantized weights)"
 
     def setup(self, ctx: Context) -> None:
         import slimlm
 
-        self.llm = slimlm.load(MODEL, dtype=self.dtype, compile=self.compiled)
+        import dataclasses
+
+        self.llm = slimlm.load(MODEL, dtype=self.dtype, compile=self.compiled, quantize=self.quantize)
+        # Every run prefills the same prompt from scratch, as llama.cpp does after reset(): no prefix cache.
+        self.llm.engine_config = dataclasses.replace(self.llm.engine_config, prefix_cache=False)
 
     def run(self, ids: list[int], new_tokens: int) -> Run:
         c = self.llm.complete([list(ids)], max_new_tokens=new_tokens, ignore_eos=True)[0]
@@ -220,6 +226,8 @@ class LlamaCpp(Engine):
 def make_engine(name: str) -> Engine:
     if name.startswith("slimlm-"):
         parts = name.split("-")
+        if parts[1] in ("int8", "int4"):
+            return SlimLM("fp32", compiled=parts[-1] == "compiled", quantize=parts[1])
         return SlimLM(parts[1], compiled=parts[-1] == "compiled")
     if name == "hf-fp32-autocast-bf16":
         return HF("fp32", autocast=True)

@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger("slimlm.kernels")
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int8_gemm.cpp", "decode.cpp")]
-HEADERS = [Path(__file__).with_name("int8_gemm.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("int8_gemm.h", "simd.h")]
 # Flags as torch builds its own CPU code: OpenMP so that at::parallel_for (inlined from ATen's headers) runs on
 # torch's intra-op pool. libgomp links by soname, so the process keeps the one copy that torch already loaded.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]

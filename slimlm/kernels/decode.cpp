@@ -14,6 +14,7 @@
 // The Python side (engine/fused_decode.py) decides when the model qualifies; this file assumes it does.
 
 #include "int8_gemm.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -107,33 +108,83 @@ void rope(float* v, int64_t n, int64_t hd, const float* cos_, const float* sin_)
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
+using namespace slimlm::simd;
+
+// scores[t] = q . K[t] * scale for t in [t0, t1]; K: [*, hd] rows. Four keys at a time, so that four independent
+// FMA chains run (one dot product alone waits on its accumulator at every step).
+void qk_scores(const float* q, const float* K, int64_t hd, int64_t t0, int64_t t1, float scale, float* scores) {
+  int64_t t = t0;
+#if SLIMLM_SIMD
+  if (hd % VL == 0) {
+    for (; t + 3 <= t1; t += 4) {
+      const float* k0 = K + t * hd;
+      Vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+      for (int64_t d = 0; d < hd; d += VL) {
+        const Vec qv = load_x(q + d);
+        a0 = vfma(qv, load_x(k0 + d), a0);
+        a1 = vfma(qv, load_x(k0 + hd + d), a1);
+        a2 = vfma(qv, load_x(k0 + 2 * hd + d), a2);
+        a3 = vfma(qv, load_x(k0 + 3 * hd + d), a3);
+      }
+      scores[t] = hsum(a0) * scale;
+      scores[t + 1] = hsum(a1) * scale;
+      scores[t + 2] = hsum(a2) * scale;
+      scores[t + 3] = hsum(a3) * scale;
+    }
+  }
+#endif
+  for (; t <= t1; ++t) {
+    float acc = 0.f;
+    for (int64_t d = 0; d < hd; ++d) acc += q[d] * K[t * hd + d];
+    scores[t] = acc * scale;
+  }
+}
+
+// out [hd] = sum_t p[t] V[t] for t in [t0, t1], the NV vectors of out held in registers over all t.
+template <int NV>
+void pv_fixed(const float* p, const float* V, int64_t t0, int64_t t1, float* out) {
+#if SLIMLM_SIMD
+  constexpr int64_t hd = NV * VL;
+  Vec acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = vzero();
+  for (int64_t t = t0; t <= t1; ++t) {
+    const Vec pt = vset1(p[t]);
+    for (int j = 0; j < NV; ++j) acc[j] = vfma(pt, load_x(V + t * hd + j * VL), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) store(out + j * VL, acc[j]);
+#endif
+}
+
+void pv(const float* p, const float* V, int64_t hd, int64_t t0, int64_t t1, float* out) {
+#if SLIMLM_SIMD
+  switch (hd / VL * (hd % VL == 0)) {  // the head sizes of the Llama family: 64, 128 (and 32, 256)
+    case 2: return pv_fixed<2>(p, V, t0, t1, out);
+    case 4: return pv_fixed<4>(p, V, t0, t1, out);
+    case 8: return pv_fixed<8>(p, V, t0, t1, out);
+    case 16: return pv_fixed<16>(p, V, t0, t1, out);
+    case 32: return pv_fixed<32>(p, V, t0, t1, out);
+    default: break;
+  }
+#endif
+  std::fill(out, out + hd, 0.f);
+  for (int64_t t = t0; t <= t1; ++t)
+    for (int64_t d = 0; d < hd; ++d) out[d] += p[t] * V[t * hd + d];
 }
 
 // One query head over cache positions [t0, t1]: out [hd] = softmax(q . K[t] * scale) . V[t]. scores: [t1 + 1].
 void attend(const float* q, const float* K, const float* V, int64_t hd, int64_t t0, int64_t t1, float scale,
             float* scores, float* out) {
+  qk_scores(q, K, hd, t0, t1, scale, scores);
   float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t t = t0; t <= t1; ++t) {
-    scores[t] = dot(q, K + t * hd, hd) * scale;
-    mx = std::max(mx, scores[t]);
-  }
+  for (int64_t t = t0; t <= t1; ++t) mx = std::max(mx, scores[t]);
   float sum = 0.f;
   for (int64_t t = t0; t <= t1; ++t) {
     scores[t] = std::exp(scores[t] - mx);
     sum += scores[t];
   }
-  std::fill(out, out + hd, 0.f);
-  for (int64_t t = t0; t <= t1; ++t) {
-    const float p = scores[t] / sum;
-    const float* vt = V + t * hd;
-#pragma omp simd
-    for (int64_t d = 0; d < hd; ++d) out[d] += p * vt[d];
-  }
+  pv(scores, V, hd, t0, t1, out);  // unnormalised, then one multiply by 1 / sum
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
 }
 
 // x [W, D] fp32 (the embedded tokens); slots, positions [W] int64: each row's cache slot and position.

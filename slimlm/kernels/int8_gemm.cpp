@@ -16,6 +16,7 @@
 // instructions (they would need the activations quantized, which changes the numerics of a weight-only layer).
 
 #include "int8_gemm.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,49 +26,9 @@
 #include <cstdint>
 #include <string>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
-
 namespace {
 
-// ---- the vector type: VL fp32 lanes, loaded from VL int8 weights or VL fp32 activations ----
-
-#if defined(__AVX512F__)
-constexpr int64_t VL = 16;
-constexpr const char* kIsa = "avx512";
-using Vec = __m512;
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec load_x(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec load_w(const int8_t* p) {  // 16 int8 -> 16 int32 -> 16 fp32
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline Vec load_w(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int64_t VL = 8;
-constexpr const char* kIsa = "avx2";
-using Vec = __m256;
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec load_x(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec load_w(const int8_t* p) {  // 8 int8 (one 64-bit load) -> 8 int32 -> 8 fp32
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline Vec load_w(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline float hsum(Vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // 8 -> 4
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                        // 4 -> 2
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));                                 // 2 -> 1
-  return _mm_cvtss_f32(s);
-}
-#else
-constexpr int64_t VL = 0;  // no SIMD: the scalar loop below does all of K
-constexpr const char* kIsa = "scalar";
-#endif
+using namespace slimlm::simd;
 
 // Weights are read row after row, so the whole matrix is one sequential stream (measured on the AVX2 EPYC, a
 // 106 MB int8 matrix from DRAM at M = 1: 34 GB/s, level with a plain streaming read, against 18 GB/s for tiles that
@@ -81,7 +42,7 @@ template <int MR, typename WT>
 inline void tile(const float* x, const WT* w, const float* s, float* y, int64_t K, int64_t ldy) {
   float acc[MR];
   int64_t k = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if SLIMLM_SIMD
   constexpr int U = MR >= 4 ? 2 : 8 / MR;  // accumulators per x row: MR * U in {8, 8, 6, 8}
   constexpr int64_t STEP_BYTES = VL * U * static_cast<int64_t>(sizeof(WT));
   Vec vacc[MR][U];
@@ -224,7 +185,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y.to(x.scalar_type()).view(shape);
 }
 
-std::string int8_kernel_isa() { return kIsa; }
+std::string int8_kernel_isa() { return ISA; }
 
 }  // namespace
 
