@@ -282,7 +282,7 @@ def versions() -> dict:
         import llama_cpp
 
         out["llama_cpp_python"] = llama_cpp.__version__
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or installed without its shared library (see LLAMA_CPP_LIB_PATH)
         out["llama_cpp_python"] = None
     try:
         import subprocess

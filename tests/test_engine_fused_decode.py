@@ -37,7 +37,8 @@ def tiny(seed: int = 0, **overrides) -> Transformer:
     return model.eval()
 
 
-def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, atol: float = 1e-4) -> None:
+def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, atol: float = 1e-4,
+                rtol: float = 1e-4, cache_atol: float = 1e-5) -> None:
     """Prefill rows (slot -> prompt length) with the model, then decode `steps` tokens per row both ways."""
     fused = FusedDecode.for_model(model)
     assert fused is not None
@@ -59,9 +60,9 @@ def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, ato
             for row, slot in enumerate(slots.tolist()):  # the model, one row at a time
                 p = pos[row:row + 1, None]
                 want = model(tokens[row:row + 1, None], cache=ref_cache.batch(p, slot), cache_pos=p)[0, -1]
-                torch.testing.assert_close(got[row], want, atol=atol, rtol=1e-4)
+                torch.testing.assert_close(got[row], want, atol=atol, rtol=rtol)
         for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):  # the same keys/values written
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, b, atol=cache_atol, rtol=rtol)
         pos = pos + 1
 
 
@@ -72,7 +73,9 @@ def test_fp32_rows_at_different_positions():
 def test_int8_weights():
     model = tiny(1)
     quantize_model_(model, "int8")
-    check_steps(model, {0: 7, 2: 3})
+    # Both sides round activations to int16 per row (kernels/int8_gemm.cpp); an fp32 round-off difference in a norm
+    # can move one rounding by a step, so agreement is to ~1e-5 of the logits' scale, not to fp32 round-off.
+    check_steps(model, {0: 7, 2: 3}, atol=1e-3, rtol=1e-3, cache_atol=1e-3)
 
 
 def test_sliding_window_and_mha():
@@ -110,3 +113,18 @@ def test_engine_uses_it_and_keeps_greedy_tokens(tiny_llama):
         assert list(engine.generate(reqs))
         outs.append([r.output_ids for r in reqs])
     assert outs[0] == outs[1]
+
+
+def test_int8_tokens_same_alone_batched_and_speculative(tiny_llama):
+    """Batch-invariant matmuls: greedy tokens do not depend on the other rows, nor on verifying guesses."""
+    llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize="int8")
+    prompts = [f"story {i} " + "the cat sat on the mat " * (i + 1) for i in range(3)]
+    outs = {}
+    for name, cfg in {"batched": EngineConfig(max_loras=0), "alone": EngineConfig(max_loras=0, max_batch=1),
+                      "speculative": EngineConfig(max_loras=0, speculative="ngram")}.items():
+        llm.engine_config, llm._engine = cfg, None
+        batch = [prompts] if name != "alone" else [[p] for p in prompts]
+        outs[name] = [t for b in batch for t in llm.generate(b, max_new_tokens=24, temperature=0.0, ignore_eos=True)]
+        assert llm._engine.fused is not None
+    assert outs["alone"] == outs["batched"] == outs["speculative"]
+    assert llm._engine.spec_proposed > 0  # the guesses were verified through the fused step

@@ -397,11 +397,8 @@ class Engine:
         """One forward over slots [0, n): each decoding row feeds its pending token (+ any guesses); others idle."""
         guesses = self._proposals(reqs)
         dev = self.model.device
-        if self.fused is not None and not guesses and all(r.lora_slot is None for r in reqs):
-            ids = lambda f: torch.tensor([f(r) for r in reqs], dtype=torch.long, device=dev)  # noqa: E731
-            logits = self.fused(ids(lambda r: r.pending), ids(lambda r: r.slot), ids(lambda r: r.position),
-                                self.cache.k, self.cache.v)  # [len(reqs), V]
-            self._sample(reqs, logits)
+        if self.fused is not None and all(r.lora_slot is None for r in reqs):
+            self._decode_fused(reqs, guesses)
             return
         n = max(r.slot for r in reqs) + 1
         T = 1 + max((len(g) for g in guesses.values()), default=0)
@@ -420,6 +417,25 @@ class Engine:
         for r in reqs:
             if r.slot in guesses and r.finish_reason is None:
                 self._accept_guesses(r, logits[r.slot], guesses[r.slot])
+
+    def _decode_fused(self, reqs: list[Request], guesses: dict[int, list[int]]) -> None:
+        """The same step through FusedDecode: every token is a row of its own (a request's pending token, then its
+        guesses at the following positions, all in its slot), so verification needs no second code path."""
+        tokens, slots, positions, spans = [], [], [], []
+        for r in reqs:
+            row = [r.pending] + guesses.get(r.slot, [])
+            spans.append((len(tokens), len(row)))
+            tokens += row
+            slots += [r.slot] * len(row)
+            positions += range(r.position, r.position + len(row))
+        ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.model.device)  # noqa: E731
+        logits = self.fused(ids(tokens), ids(slots), ids(positions), self.cache.k, self.cache.v)  # [len(tokens), V]
+        plain = [(r, a) for r, (a, n) in zip(reqs, spans) if n == 1]
+        if plain:
+            self._sample([r for r, _ in plain], logits[torch.tensor([a for _, a in plain], device=logits.device)])
+        for r, (a, n) in zip(reqs, spans):
+            if n > 1 and r.finish_reason is None:
+                self._accept_guesses(r, logits[a:a + n], guesses[r.slot])
 
     def _accept_guesses(self, req: Request, logits: torch.Tensor, guess: list[int]) -> None:
         """Verify a row's guesses on its logits [T, V]; emit the accepted tokens one by one."""

@@ -9,8 +9,13 @@ logits against it), and only takes the models it can run exactly:
   CPU, fp32 activations and cache; projections plain nn.Linear or Int8WeightOnlyLinear without bias, not fused
   (qkv_proj/gate_up_proj); no prefix-tuning module, no position offset.
 
-Everything else (GPU, bf16, other quantizations, Qwen2's biases, ...) and steps the kernel does not cover (several
-tokens per row for speculative verification, rows with a LoRA adapter) run the model's forward as before.
+Everything else (GPU, bf16, other quantizations, Qwen2's biases, ...) and steps with a row that uses a LoRA adapter
+run the model's forward as before. Speculative verification goes through it too: each guessed token is a row of its
+own at the next position of the same slot. Its matmuls are batch-invariant (int8 weights: exact integer sums;
+fp32 weights: a fixed summation order), so a request gets the same tokens alone, in any batch, and with or
+without speculation. Against the model's own forward it agrees to round-off (~1e-5 of the logits with int8
+weights, whose int16 activation rounding can move by one step where the two paths' norms differ in the last bit),
+so a long greedy run of the two can part at a near-tie.
 """
 
 from __future__ import annotations

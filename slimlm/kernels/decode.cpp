@@ -34,6 +34,20 @@ namespace {
 constexpr int64_t PER_LAYER = 16;  // tensors per layer in `layers`, in this order:
 // norm1, wq, sq, wk, sk, wv, sv, wo, so, norm2, wg, sg, wu, su, wd, sd   (s*: scale [N], or an empty tensor)
 
+// A projection's input [M, K]: fp32 (for fp32 weights) and its int16 rows with their scales (for int8 weights,
+// see int8_gemm.cpp), made once per input and shared by the projections that read it.
+struct Act {
+  const float* x;
+  int16_t* xq;
+  float* sx;
+  int64_t K;
+
+  const Act& quantize(int64_t M) const {
+    slimlm::quantize_rows_i16(x, M, K, xq, sx);
+    return *this;
+  }
+};
+
 // One projection's weight: int8 [N, K] with a row scale [N], or fp32 [N, K] (scale == nullptr).
 struct Proj {
   const void* w = nullptr;
@@ -50,12 +64,12 @@ struct Proj {
   }
 
   // Output columns [r0, r1) of y [M, N] = x [M, K] . W^T, on this thread.
-  void rows(const float* x, int64_t M, float* y, int64_t r0, int64_t r1) const {
+  void rows(const Act& x, int64_t M, float* y, int64_t r0, int64_t r1) const {
     if (r0 >= r1) return;
     if (scale != nullptr)
-      slimlm::int8_matmul_rows(x, static_cast<const int8_t*>(w), scale, y, M, K, N, r0, r1);
+      slimlm::int8_matmul_rows(x.xq, x.sx, static_cast<const int8_t*>(w), scale, y, M, K, N, r0, r1);
     else
-      slimlm::fp32_matmul_rows(x, static_cast<const float*>(w), y, M, K, N, r0, r1);
+      slimlm::fp32_matmul_rows(x.x, static_cast<const float*>(w), y, M, K, N, r0, r1);
   }
 };
 
@@ -67,7 +81,7 @@ struct Layer {
 
 // This thread's share of the output columns of projections that all read x [M, K]: their columns are counted as
 // one run [q | k | v] and cut into equal runs of whole row groups, one per thread, so one barrier ends them all.
-void share(const float* x, int64_t M, std::initializer_list<std::pair<const Proj*, float*>> projs, int tid,
+void share(const Act& x, int64_t M, std::initializer_list<std::pair<const Proj*, float*>> projs, int tid,
            int nth) {
   int64_t total = 0;
   for (const auto& pr : projs) total += pr.first->N;
@@ -231,7 +245,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
     max_s = std::max(max_s, k_cache[i].size(2));
   }
   std::vector<float> h(W * D), q(W * max_q), k(W * max_kv), v(W * max_kv), a(W * max_q), g(W * max_ff),
-      u(W * max_ff), o(W * D);
+      u(W * max_ff), o(W * D), sx(W);
+  std::vector<int16_t> xq(W * std::max({D, max_q, max_ff}));
   float* xp = x.data_ptr<float>();
   const float e = static_cast<float>(eps), scale = 1.f / std::sqrt(static_cast<float>(hd));
   // One parallel region for the whole step: the threads meet at a barrier between dependent phases (~1 us)
@@ -247,9 +262,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
       float* Kc = k_cache[i].data_ptr<float>();
       float* Vc = v_cache[i].data_ptr<float>();
       // Attention.
+      const Act hn{h.data(), xq.data(), sx.data(), D}, an{a.data(), xq.data(), sx.data(), ly.o.K},
+          gn{g.data(), xq.data(), sx.data(), F};
 #pragma omp single
-      rmsnorm(xp, ly.norm1, h.data(), W, D, e);
-      share(h.data(), W, {{&ly.q, q.data()}, {&ly.k, k.data()}, {&ly.v, v.data()}}, tid, nth);
+      rmsnorm(xp, ly.norm1, h.data(), W, D, e), hn.quantize(W);
+      share(hn, W, {{&ly.q, q.data()}, {&ly.k, k.data()}, {&ly.v, v.data()}}, tid, nth);
 #pragma omp barrier
 #pragma omp single
       for (int64_t w = 0; w < W; ++w) {
@@ -268,19 +285,24 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
         const int64_t t0 = window > 0 ? std::max<int64_t>(0, p[w] - window + 1) : 0;
         attend(q.data() + b * hd, Kc + base, Vc + base, hd, t0, p[w], scale, scores.data(), a.data() + b * hd);
       }
-      share(a.data(), W, {{&ly.o, o.data()}}, tid, nth);
+#pragma omp single
+      an.quantize(W);
+      share(an, W, {{&ly.o, o.data()}}, tid, nth);
 #pragma omp barrier
 #pragma omp single
       {
         for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
         rmsnorm(xp, ly.norm2, h.data(), W, D, e);
+        hn.quantize(W);
       }
       // MLP.
-      share(h.data(), W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth);
+      share(hn, W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth);
 #pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < W * F; ++j) g[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];  // silu(gate) * up
-      share(g.data(), W, {{&ly.down, o.data()}}, tid, nth);
+#pragma omp single
+      gn.quantize(W);
+      share(gn, W, {{&ly.down, o.data()}}, tid, nth);
 #pragma omp barrier
 #pragma omp single
       for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
