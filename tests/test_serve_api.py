@@ -304,3 +304,17 @@ def test_official_openai_client(server, reference):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="missing", prompt="x")
     assert e.value.code == "model_not_found"
+
+
+def test_quantize_auto_is_int8_weight_only_on_cpu_only():
+    from slimlm.serve.state import resolve_auto_quantize
+
+    assert resolve_auto_quantize(ServeConfig(quantize="auto")) == ("int8", "fp32")
+    assert resolve_auto_quantize(ServeConfig(quantize="auto", device="cuda")) == (None, "auto")
+    assert resolve_auto_quantize(ServeConfig(quantize="auto", dtype="bf16")) == (None, "bf16")
+    assert resolve_auto_quantize(ServeConfig(quantize=None, dtype="fp32")) == (None, "fp32")
+    assert resolve_auto_quantize(ServeConfig(quantize="int4")) == ("int4", "auto")
+    from slimlm.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.quantize == "auto"

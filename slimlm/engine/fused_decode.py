@@ -87,7 +87,9 @@ class FusedDecode:
     def for_model(cls, model: Transformer) -> "FusedDecode | None":
         """The fast step for this model, or None (with the reason logged at debug level) where it does not apply."""
         why = None
-        if model.device.type != "cpu" or model.dtype != torch.float32:
+        if not isinstance(model, Transformer):
+            why = f"{type(model).__name__} is not slimlm's Transformer (e.g. an ONNX Runtime graph)"
+        elif model.device.type != "cpu" or model.dtype != torch.float32:
             why = f"{model.device.type} {model.dtype} (the kernel is CPU fp32)"
         elif model.position_offset:
             why = "a position offset (prefix tuning)"

@@ -13,8 +13,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
     p.add_argument("--served-name", default=None, help="the base model's name in the API (default: from --model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
-                   help="quantize the base model's weights after loading (slimlm.quantize)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int8-dynamic", "int4"],
+                   help="quantize the base model's weights after loading (slimlm.quantize). auto (default): int8 "
+                        "weight-only with fp32 activations on a CPU, where the fused decode step reads one byte per "
+                        "weight (+0.2%% perplexity on SmolLM2), nothing on a GPU; none: serve the weights as loaded")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
@@ -48,7 +50,7 @@ def serve_config(args: argparse.Namespace, **extra) -> ServeConfig:
                           prefix_cache=args.prefix_cache, prefix_cache_tokens=args.prefix_cache_tokens,
                           speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
     cfg = ServeConfig(model=args.model, served_name=args.served_name, dtype=args.dtype, device=args.device,
-                      quantize=args.quantize, group_size=args.group_size, backend=args.backend, adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
+                      quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size, backend=args.backend, adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
                       engine=engine, **extra)
     cfg.validate()
     return cfg
