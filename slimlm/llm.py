@@ -99,7 +99,9 @@ class LLM:
         """torch.compile the model's forward for the engine's decode steps (inductor, frozen pre-packed weights).
 
         The first calls compile (a minute or more on 2 cores); shapes that change (batch rows, attended length)
-        recompile, with dynamic shapes after the first change."""
+        recompile, with dynamic shapes after the first change. Where the engine's fused CPU decode step applies
+        (engine/fused_decode.py: fp32 activations on a CPU) decode steps do not call the forward, so this then
+        speeds up prefill only."""
         self.model.forward = torch.compile(self.model.forward, options={"freezing": True})
         return self
 
