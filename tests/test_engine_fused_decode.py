@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fuse import tiny as fuse_tiny
 
 import slimlm
 from slimlm import kernels
-from slimlm.config import ModelConfig
 from slimlm.engine.cache import SlotKVCache
 from slimlm.engine.core import Engine, EngineConfig, Request
 from slimlm.engine.fused_decode import FusedDecode
@@ -24,17 +24,8 @@ def _kernels():
 
 
 def tiny(seed: int = 0, **overrides) -> Transformer:
-    """3 layers, GQA 4/2 heads, random weights with norm gains far from 1."""
-    cfg = {"vocab_size": 256, "dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 96,
-           "max_seq_len": 64}
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**cfg, **overrides}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.3 * noise if "norm" in name else 0.1 * noise)
-    return model.eval()
+    """test_fuse's random GQA model (4/2 heads, norm gains far from 1), with 3 layers and an MLP of 96."""
+    return fuse_tiny(seed, **{"n_layers": 3, "intermediate_size": 96, **overrides})
 
 
 def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, atol: float = 1e-4,
