@@ -211,7 +211,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == L * PER_LAYER && static_cast<int64_t>(v_cache.size()) == L,
               "decode_layers: expected ", PER_LAYER, " tensors and one k and v cache per layer");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "decode_layers: x must be fp32 [W, D]");
-  at::Tensor x = x_in.contiguous().clone();  // [W, D], updated layer by layer (the residual stream)
+  at::Tensor x = x_in.clone(at::MemoryFormat::Contiguous);  // [W, D], updated layer by layer (the residual stream)
   const int64_t W = x.size(0), D = x.size(1);
   const at::Tensor sl = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
   const int64_t* slot = sl.data_ptr<int64_t>();

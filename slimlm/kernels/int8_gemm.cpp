@@ -6,15 +6,17 @@
 //
 // Each row of x is first rounded to int16 with its own scale (x ~ sx * xq, |xq| <= 32767: a relative error of
 // 1.5e-5 of the row's largest entry, ~250x finer than bf16), so the products are integer multiply-adds
-// (vpmaddwd: 16 per instruction, against 8 fp32 FMAs after widening each weight to fp32) summed exactly in
-// int32/int64; y = s * sx * sum. Exact integer sums make a row's result independent of the other rows in the
-// batch and of the tiling: a request decodes the same tokens alone or among 15 others.
-// Tiles are MR rows of x by one row of q, and q is read row after row (one sequential stream); every weight is
-// widened once per MR activation rows. Threads split the output columns with at::parallel_for (torch's intra-op
-// pool), or the caller splits them (int8_matmul_rows, for decode.cpp's own parallel region). Measured on a 2-core
-// AVX2 EPYC against the same tiles in fp32 (widen to fp32 + FMA): level at M = 1 (both read DRAM at ~32 GB/s),
-// 1.6x faster at M = 16 (96 vs 59 GMAC/s). From M = 65 rows (prefill) the rounded rows go to torch's GEMM.
-// fp32 weights (decode.cpp on unquantized models) take the same row-sequential tiles with FMAs.
+// (AVX-512 VNNI vpdpwssd: 32 per instruction; AVX2 vpmaddwd: 16, against 8 fp32 FMAs after widening each weight to
+// fp32) summed exactly in int32/int64; y = s * sx * sum. Exact integer sums make a row's result independent of the
+// other rows in the batch and of the tiling: a request decodes the same tokens alone or among 15 others, and
+// prefill computes what decode computes.
+// Up to STREAM_M rows of x, q is read row after row (one sequential stream: memory-bound decode); more rows
+// (batched decode, prefill: compute-bound) run register tiles of MR x rows by NR q rows over L1-sized blocks of q.
+// Threads split the output columns with at::parallel_for (torch's intra-op pool), or the caller splits them
+// (int8_matmul_rows, for decode.cpp's own parallel region). Measured on a 2-core AVX-512 VNNI EPYC (Zen 4) against
+// one q row per tile: 576 -> 1536 at M = 16 in 120 vs 258 us, at M = 450 (prefill) in 2.8 vs 5.7 ms, where the
+// 5.7 ms was torch's fp32 GEMM on dequantized weights, the prefill path before.
+// fp32 weights (decode.cpp on unquantized models) take row-sequential tiles with FMAs.
 //
 // It deliberately does not: handle bias (the Python layer adds it) or run on CUDA.
 
@@ -28,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -35,68 +38,130 @@ namespace {
 
 using namespace slimlm::simd;
 
-// Weights are read row after row, so the whole matrix is one sequential stream (measured on the AVX2 EPYC, a
-// 106 MB int8 matrix from DRAM at M = 1: 34 GB/s, level with a plain streaming read, against 18 GB/s for tiles that
-// interleave 8 q rows, whose 576-byte runs are too short for the hardware prefetcher). Software prefetch runs
-// PREFETCH_BYTES ahead of the stream. Each loaded weight vector serves the MR activation rows of the tile; U
-// independent accumulators per row along K keep enough multiply-adds in flight when MR is small.
+// One activation row (M = 1, a decode step of one stream) is memory-bound: the weights are read row after row, so
+// the whole matrix is one sequential stream (measured on an AVX2 EPYC, a 106 MB int8 matrix from DRAM at M = 1:
+// 34 GB/s, level with a plain streaming read, against 18 GB/s for tiles that interleave 8 q rows, whose 576-byte runs
+// are too short for the hardware prefetcher), with software prefetch PREFETCH_BYTES ahead of the stream and U
+// independent accumulators along K. Several rows (batched decode, speculative verification, prefill) are
+// compute-bound: register tiles of MR x rows by NR q rows (MR * NR accumulators) load each x vector once for NR
+// rows and each widened weight vector once for MR rows (measured on an AVX-512 VNNI EPYC, 576 -> 1536 at M = 16:
+// 146 us against 349 us for one q row per tile).
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int64_t MR_MAX = 4;          // activation rows per tile
-constexpr int64_t ROW_GROUP = 16;      // q rows per unit of thread work
+constexpr int64_t STREAM_M = 4;        // up to this many x rows: one q row at a time, streaming
+// q rows per tile (more x rows): with 512-bit vectors 4 x 4 int32 accumulators (of 32 registers); AVX2 keeps one q
+// row per tile, which measured faster there than 4 x 2 tiles (16 registers).
+constexpr bool WIDE = IL == 32;
+constexpr int64_t NR = WIDE ? 4 : 1;
+constexpr int64_t ROW_GROUP = 16;      // q rows per unit of thread work (a multiple of NR)
 constexpr int64_t L1_WEIGHTS = 16384;  // weights per block kept hot in L1 while the x rows pass over it
 constexpr int64_t M_CHUNK = 128;       // x rows per pass over a block (int16: 128 x K fit in L2 for K <= 2048)
 constexpr int64_t MIN_MACS = 65536;    // fewer multiply-adds than this per thread: not worth waking a thread
-// int8 x int16 products summed in int32 lanes: 2 * 127 * 32767 per lane and step of 16, so at most 2048 of K per
-// int32 partial sum (1.07e9 < 2^31); longer rows add partial sums in int64.
+// int8 x int16 products summed in int32 lanes: 2 * 127 * 32767 per lane and step of 16 or more, so at most 2048 of
+// K per int32 partial sum (1.07e9 < 2^31); longer rows add partial sums in int64.
 constexpr int64_t FLUSH_K = 2048;
 
 // ---- int8 weights: y[i] = s * sx[i] * sum_k xq[i, k] * w[k], exact integer sums ----
+// Every path below sums the same integers exactly, so a row's result does not depend on the path, the tile or the
+// other rows in the call.
 
-// One q row w [K] against MR int16 x rows (row stride K): sums [MR] in int64.
+inline float dequant(int64_t sum, float sx, float s) {
+  return static_cast<float>(static_cast<double>(sum) * sx * s);
+}
+
+// One q row w [K] against MR int16 x rows (stride K), streaming: sums [MR] in int64.
 template <int MR>
-inline void dot_i16(const int16_t* x, const int8_t* w, int64_t K, int64_t* sums) {
+inline void dot_stream(const int16_t* x, const int8_t* w, int64_t K, int64_t* sums) {
   for (int i = 0; i < MR; ++i) sums[i] = 0;
   int64_t k = 0;
-#if SLIMLM_SIMD
-  constexpr int U = MR >= 3 ? 1 : 4 / MR;  // int32 accumulators per x row
+#if SLIMLM_ISIMD
+  constexpr int CHAINS = IL == 32 ? 2 : 4;  // independent accumulators wanted in flight
+  constexpr int U = MR >= CHAINS ? 1 : CHAINS / MR;  // int32 accumulators per x row
   const char* pf = reinterpret_cast<const char*>(w) + PREFETCH_BYTES;
-  while (k + 16 * U <= K) {
+  while (k + IL * U <= K) {
     const int64_t end = std::min(K, k + FLUSH_K);
-    __m256i acc[MR][U];
+    IVec acc[MR][U];
     for (int i = 0; i < MR; ++i)
-      for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_si256();
-    for (; k + 16 * U <= end; k += 16 * U) {
-      if ((k & 63) < 16 * U) _mm_prefetch(pf + k, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {  // 16 weights widened to int16 once, for all MR rows
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
-        for (int i = 0; i < MR; ++i) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * K + k + 16 * u));
-          acc[i][u] = _mm256_add_epi32(acc[i][u], _mm256_madd_epi16(xv, wv));  // 8 lanes of 2 products each
-        }
+      for (int u = 0; u < U; ++u) acc[i][u] = izero();
+    for (; k + IL * U <= end; k += IL * U) {
+      if ((k & 63) < IL * U) _mm_prefetch(pf + k, _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        const IVec wv = iload_w(w + k + IL * u);  // widened once, for all MR rows
+        for (int i = 0; i < MR; ++i) acc[i][u] = idot(acc[i][u], iload_x(x + i * K + k + IL * u), wv);
       }
     }
     for (int i = 0; i < MR; ++i) {
-      __m256i a = acc[i][0];
-      for (int u = 1; u < U; ++u) a = _mm256_add_epi32(a, acc[i][u]);
-      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-      sums[i] += _mm_cvtsi128_si32(h);
+      for (int u = 1; u < U; ++u) acc[i][0] = iadd(acc[i][0], acc[i][u]);
+      sums[i] += ihsum(acc[i][0]);
     }
   }
 #endif
-  for (; k < K; ++k)  // the tail (all of K without SIMD): the same integer sums
+  for (; k < K; ++k)
     for (int i = 0; i < MR; ++i) sums[i] += static_cast<int32_t>(x[i * K + k]) * w[k];
 }
 
 template <int MR>
-void rows_i16(const int16_t* xq, const float* sx, const int8_t* q, const float* s, float* y, int64_t K, int64_t N,
-              int64_t m0, int64_t n0, int64_t n1) {
+void stream_rows(const int16_t* xq, const float* sx, const int8_t* q, const float* s, float* y, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1) {
   int64_t sums[MR];
   for (int64_t n = n0; n < n1; ++n) {
-    dot_i16<MR>(xq + m0 * K, q + n * K, K, sums);
+    dot_stream<MR>(xq, q + n * K, K, sums);
+    for (int i = 0; i < MR; ++i) y[i * N + n] = dequant(sums[i], sx[i], s[n]);
+  }
+}
+
+// MR int16 x rows (stride K) by R q rows (stride K): sums [MR * R] in int64, row-major.
+template <int MR, int R>
+inline void tile_i16(const int16_t* x, const int8_t* w, int64_t K, int64_t* sums) {
+  for (int i = 0; i < MR * R; ++i) sums[i] = 0;
+  int64_t k = 0;
+#if SLIMLM_ISIMD
+  const char* next = reinterpret_cast<const char*>(w + R * K);  // the next tile's q rows, prefetched as we go
+  while (k + IL <= K) {
+    const int64_t end = std::min(K, k + FLUSH_K);
+    IVec acc[MR][R];
     for (int i = 0; i < MR; ++i)
-      y[(m0 + i) * N + n] = static_cast<float>(static_cast<double>(sums[i]) * sx[m0 + i] * s[n]);
+      for (int j = 0; j < R; ++j) acc[i][j] = izero();
+    for (; k + IL <= end; k += IL) {
+      if ((k & 63) < IL)
+        for (int j = 0; j < R; ++j) _mm_prefetch(next + j * K + k, _MM_HINT_T0);
+      IVec wv[R];
+      for (int j = 0; j < R; ++j) wv[j] = iload_w(w + j * K + k);  // widened once, for all MR rows
+      for (int i = 0; i < MR; ++i) {
+        const IVec xv = iload_x(x + i * K + k);  // loaded once, for all R rows
+        for (int j = 0; j < R; ++j) acc[i][j] = idot(acc[i][j], xv, wv[j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      if constexpr (R == 4) {
+        int32_t four[4];
+        ihsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], four);
+        for (int j = 0; j < 4; ++j) sums[i * R + j] += four[j];
+      } else {
+        for (int j = 0; j < R; ++j) sums[i * R + j] += ihsum(acc[i][j]);
+      }
+    }
+  }
+#endif
+  for (; k < K; ++k)  // the tail (all of K without SIMD): the same integer sums
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < R; ++j) sums[i * R + j] += static_cast<int32_t>(x[i * K + k]) * w[j * K + k];
+}
+
+// Rows [m0, m0 + MR) of y, columns [n0, n1): NR q rows per tile, then single rows for the rest.
+template <int MR>
+void rows_i16(const int16_t* xq, const float* sx, const int8_t* q, const float* s, float* y, int64_t K, int64_t N,
+              int64_t m0, int64_t n0, int64_t n1) {
+  int64_t sums[MR * NR];
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    tile_i16<MR, NR>(xq + m0 * K, q + n * K, K, sums);
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) y[(m0 + i) * N + n + j] = dequant(sums[i * NR + j], sx[m0 + i], s[n + j]);
+  }
+  for (; n < n1; ++n) {
+    tile_i16<MR, 1>(xq + m0 * K, q + n * K, K, sums);
+    for (int i = 0; i < MR; ++i) y[(m0 + i) * N + n] = dequant(sums[i], sx[m0 + i], s[n]);
   }
 }
 
@@ -163,17 +228,19 @@ void rows_f32_any(int64_t mr, const float* x, const float* w, float* y, int64_t 
 // Columns [r0, r1) of y for all M rows: L1-sized blocks of weight rows, each used by M_CHUNK x rows, MR at a time.
 template <typename Rows>
 void blocked(int64_t M, int64_t K, int64_t r0, int64_t r1, int64_t weight_bytes, Rows rows) {
-  const int64_t block = std::max<int64_t>(ROW_GROUP, L1_WEIGHTS / weight_bytes / std::max<int64_t>(1, K));
+  const int64_t fit = L1_WEIGHTS / weight_bytes / std::max<int64_t>(1, K) / ROW_GROUP * ROW_GROUP;  // whole groups
+  const int64_t block = std::max<int64_t>(ROW_GROUP, fit);
   for (int64_t mc = 0; mc < M; mc += M_CHUNK)
     for (int64_t b0 = r0; b0 < r1; b0 += block)
       for (int64_t m0 = mc; m0 < std::min(M, mc + M_CHUNK); m0 += MR_MAX)
         rows(std::min(MR_MAX, M - m0), m0, b0, std::min(r1, b0 + block));
 }
 
-// Prefill: dequantize q to fp32 a slice of rows at a time (bounded temporary) and use torch's GEMM (MKL/oneDNN),
-// which runs these compute-bound shapes faster than the integer tiles (measured: prefill of 450 tokens 483 vs
-// 423 tok/s on the AVX2 EPYC). x arrives already rounded through int16, so the result differs from the integer
-// path's by fp32 round-off only, not by a rounding step of the activations.
+// Prefill without 512-bit integer tiles (AVX2): dequantize q to fp32 a slice of rows at a time (bounded temporary) and
+// use torch's GEMM (MKL/oneDNN), which ran these compute-bound shapes faster than the AVX2 integer tiles (prefill of
+// 450 tokens 483 vs 423 tok/s on an AVX2 EPYC). x arrives already rounded through int16, so the result differs from
+// the integer path's by fp32 round-off only, not by a rounding step of the activations. With AVX-512 the integer
+// tiles win (2.0x at M = 450) and every M takes them.
 void gemm_large_m(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, at::Tensor& y) {
   const int64_t N = q.size(0), K = q.size(1);
   const int64_t rows = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(1, K));  // ~4 MB of fp32
@@ -185,8 +252,8 @@ void gemm_large_m(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
   }
 }
 
-// Above this many activation rows the GEMM path takes over.
-constexpr int64_t LARGE_M = 64;
+// Above this many activation rows the GEMM path takes over (never with 512-bit tiles).
+constexpr int64_t LARGE_M = WIDE ? std::numeric_limits<int64_t>::max() : 64;
 
 }  // namespace
 
@@ -204,6 +271,14 @@ void slimlm::quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq
 
 void slimlm::int8_matmul_rows(const int16_t* xq, const float* sx, const int8_t* q, const float* s, float* y,
                               int64_t M, int64_t K, int64_t N, int64_t r0, int64_t r1) {
+  if (M <= STREAM_M) {
+    switch (M) {
+      case 1: return stream_rows<1>(xq, sx, q, s, y, K, N, r0, r1);
+      case 2: return stream_rows<2>(xq, sx, q, s, y, K, N, r0, r1);
+      case 3: return stream_rows<3>(xq, sx, q, s, y, K, N, r0, r1);
+      default: return stream_rows<4>(xq, sx, q, s, y, K, N, r0, r1);
+    }
+  }
   blocked(M, K, r0, r1, 1, [&](int64_t mr, int64_t m0, int64_t n0, int64_t n1) {
     rows_i16_any(mr, xq, sx, q, s, y, K, N, m0, n0, n1);
   });
@@ -225,7 +300,7 @@ void slimlm::int8_matmul(const float* x, const int8_t* q, const float* s, float*
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
     quantize_rows_i16(x + m0 * K, m1 - m0, K, xq.data() + m0 * K, sx.data() + m0);
   });
-  if (M > LARGE_M) {  // prefill: the same int16-rounded rows, multiplied by torch's GEMM
+  if (M > LARGE_M) {  // prefill on AVX2: the same int16-rounded rows, multiplied by torch's GEMM
     at::Tensor xd = at::from_blob(xq.data(), {M, K}, at::kShort).to(at::kFloat)
                         .mul_(at::from_blob(sx.data(), {M, 1}, at::kFloat));
     at::Tensor yt = at::from_blob(y, {M, N}, at::kFloat);

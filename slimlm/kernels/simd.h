@@ -56,4 +56,65 @@ constexpr int64_t VL = 0;
 constexpr const char* ISA = "scalar";
 #endif
 
+// int16 x int16 multiply-adds for the int8 kernels: IL int16 lanes per vector (AVX-512BW: 32, AVX2: 16). idot adds
+// the products of each adjacent pair of lanes into one int32 lane: vpdpwssd with AVX-512 VNNI (one instruction),
+// else vpmaddwd + vpaddd. Code under `#if SLIMLM_ISIMD` uses it.
+#if defined(__AVX512BW__)
+#define SLIMLM_ISIMD 1
+constexpr int64_t IL = 32;
+using IVec = __m512i;
+inline IVec izero() { return _mm512_setzero_si512(); }
+inline IVec iload_x(const int16_t* p) { return _mm512_loadu_si512(p); }
+inline IVec iload_w(const int8_t* p) {  // 32 int8 -> 32 int16
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline IVec idot(IVec acc, IVec x, IVec w) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, x, w);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+#endif
+}
+inline IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
+inline int32_t ihsum(IVec v) { return _mm512_reduce_add_epi32(v); }
+// The four lane sums of a, b, c, d at once (fewer shuffles than four ihsum): out [4] int32.
+inline void ihsum4(IVec a, IVec b, IVec c, IVec d, int32_t* out) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+#elif defined(__AVX2__)
+#define SLIMLM_ISIMD 1
+constexpr int64_t IL = 16;
+using IVec = __m256i;
+inline IVec izero() { return _mm256_setzero_si256(); }
+inline IVec iload_x(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline IVec iload_w(const int8_t* p) {  // 16 int8 -> 16 int16
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline IVec idot(IVec acc, IVec x, IVec w) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, x, w);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w));
+#endif
+}
+inline IVec iadd(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
+inline int32_t ihsum(IVec v) {
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+  return _mm_cvtsi128_si32(h);
+}
+inline void ihsum4(IVec a, IVec b, IVec c, IVec d, int32_t* out) {
+  out[0] = ihsum(a), out[1] = ihsum(b), out[2] = ihsum(c), out[3] = ihsum(d);
+}
+#else
+#define SLIMLM_ISIMD 0
+constexpr int64_t IL = 0;
+#endif
+
 }  // namespace slimlm::simd
