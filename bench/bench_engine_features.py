@@ -1,8 +1,9 @@
 """Engine features on the real model, through `LLM.generate`'s engine: speculative decoding and prefix caching.
 
   speculative  single-stream greedy decoding of the bundled extract_json task's test prompts on the tuned model
-               (base + LoRA adapter), with and without prompt-lookup (n-gram) speculation: decode tokens/s, the
-               per-round ratio, the acceptance rate, and whether every output is token-for-token identical.
+               (base + LoRA adapter), with and without speculation — prompt lookup (n-gram), or with --draft a draft
+               model (e.g. a `slimlm distill` student) loaded like the target: decode tokens/s, the per-round ratio,
+               the acceptance rate, and whether every output is token-for-token identical.
   prefix       8 requests that share a ~300-token system prompt, submitted together: time to first token p50 with
                and without the prefix cache (the first request fills it), outputs compared.
 
@@ -10,6 +11,7 @@ Rounds alternate off/on (see /work/shared/BENCHMARKING.md); medians are reported
 
     .venv/bin/python bench/bench_engine_features.py --adapter runs/demo/lora/adapter --rounds 5
     .venv/bin/python bench/bench_engine_features.py --quick     # what `make demo` runs (1 round, fewer prompts)
+    .venv/bin/python bench/bench_engine_features.py --draft STUDENT --spec-k 4   # STUDENT: slimlm distill's --out
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def task_prompts(llm, n: int, task_dir: Path | None) -> list[list[int]]:
 
 def run(llm, prompts: list[list[int]], cfg: EngineConfig, max_new: int, together: bool) -> dict:
     """Greedy outputs, decode tok/s (single stream: one request at a time) or TTFTs (all submitted together)."""
-    engine = Engine(llm.model, llm.tokenizer, cfg)
+    engine = Engine(llm.model, llm.tokenizer, cfg, draft_model=llm.draft_model if cfg.speculative == "draft" else None)
     outs, ttfts, decode_tokens, decode_s = [], [], 0, 0.0
     batches = [prompts] if together else [[p] for p in prompts]
     for batch in batches:
@@ -62,17 +64,19 @@ def run(llm, prompts: list[list[int]], cfg: EngineConfig, max_new: int, together
 
 
 def bench_speculative(llm, prompts, rounds: int, k: int) -> dict:
+    """Plain decoding vs speculation (a draft model where llm has one, else prompt lookup), rounds alternating."""
+    method = "draft" if llm.draft_model is not None else "ngram"
     base = dict(max_batch=1, max_seq_len=1024, max_loras=0, prefix_cache=False)
     rows = []
     for i in range(rounds):
         off = run(llm, prompts, EngineConfig(**base), 64, together=False)
-        on = run(llm, prompts, EngineConfig(**base, speculative="ngram", num_speculative_tokens=k), 64, together=False)
+        on = run(llm, prompts, EngineConfig(**base, speculative=method, num_speculative_tokens=k), 64, together=False)
         rows.append({"off": off["decode_tok_s"], "on": on["decode_tok_s"], "ratio": on["decode_tok_s"] / off["decode_tok_s"],
                      "identical": on["outputs"] == off["outputs"], "acceptance": on["accepted"] / max(on["proposed"], 1)})
-        print(f"  speculative round {i + 1}: off {off['decode_tok_s']:.1f} tok/s, ngram k={k} "
+        print(f"  speculative round {i + 1}: off {off['decode_tok_s']:.1f} tok/s, {method} k={k} "
               f"{on['decode_tok_s']:.1f} tok/s ({rows[-1]['ratio']:.2f}x), acceptance {rows[-1]['acceptance']:.0%}, "
               f"identical {rows[-1]['identical']}", flush=True)
-    return {"rounds": rows, "median_ratio": statistics.median(r["ratio"] for r in rows),
+    return {"method": method, "rounds": rows, "median_ratio": statistics.median(r["ratio"] for r in rows),
             "identical": all(r["identical"] for r in rows)}
 
 
@@ -103,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantize", default=None)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--k", type=int, default=4, help="speculative tokens per step")
+    p.add_argument("--spec-k", "--k", dest="k", type=int, default=4, help="speculative tokens per step")
+    p.add_argument("--draft", default=None, metavar="PATH",
+                   help="measure draft-model speculation with this draft (same tokenizer as --model, loaded with the "
+                        "same --dtype/--quantize) instead of prompt lookup")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="1 round, 4 prompts")
     p.add_argument("--json", default=None)
@@ -112,14 +119,16 @@ def main(argv: list[str] | None = None) -> None:
         args.rounds, args.prompts = 1, 4
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     print(json.dumps(machine_info(torch.get_num_threads())))
-    llm = slimlm.load(args.model, dtype=args.dtype, adapter=args.adapter, quantize=args.quantize)
+    llm = slimlm.load(args.model, dtype=args.dtype, adapter=args.adapter, quantize=args.quantize,
+                      draft_model=args.draft)
     print(f"model {args.model}{' + ' + args.adapter if args.adapter else ''}, dtype {llm.model.dtype}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads{', draft ' + args.draft if args.draft else ''}", flush=True)
     result = {"machine": machine_info(torch.get_num_threads()), "args": vars(args),
               "speculative": bench_speculative(llm, task_prompts(llm, args.prompts, None), args.rounds, args.k),
               "prefix": bench_prefix(llm, args.rounds, args.clients)}
     s, f = result["speculative"], result["prefix"]
-    print(f"speculative (ngram, k={args.k}): median decode speed-up {s['median_ratio']:.2f}x, identical {s['identical']}")
+    print(f"speculative ({s['method']}, k={args.k}): median decode speed-up {s['median_ratio']:.2f}x, "
+          f"identical {s['identical']}")
     print(f"prefix cache ({f['prompt_tokens']}-token prompts, {f['clients']} together): median TTFT p50 "
           f"{f['median_ratio']:.1f}x lower, identical {f['identical']}")
     if args.json:

@@ -73,12 +73,15 @@ class LLM:
     """A model ready to generate: `.model` (nn.Module, ids [B,T] -> logits [B,T,V]), `.tokenizer`, `.config`."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None,
-                 engine_config: EngineConfig | None = None):
+                 engine_config: EngineConfig | None = None, draft_model: Transformer | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         # Offline defaults: no LoRA slots (adapters attach to the model itself), no queue limit, prompts prefilled
         # in chunks of up to 1024 tokens (no streams wait behind them, and fewer, larger matmuls run faster);
-        # prefix caching and speculation as configured (EngineConfig(speculative="ngram") turns prompt lookup on).
-        self.engine_config = engine_config or EngineConfig(max_loras=0, prefill_chunk=1024)
+        # prefix caching and speculation as configured (EngineConfig(speculative="ngram") turns prompt lookup on;
+        # a draft model turns on speculative="draft" unless engine_config says otherwise).
+        self.draft_model = draft_model  # the smaller model that guesses tokens for speculative="draft"
+        self.engine_config = engine_config or EngineConfig(max_loras=0, prefill_chunk=1024,
+                                                           speculative="draft" if draft_model is not None else None)
         self._engine: Engine | None = None
         self.adapter: Path | None = None
 
@@ -115,7 +118,8 @@ class LLM:
             size = max(need, min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, self.config.max_seq_len))
             cfg = dataclasses.replace(self.engine_config, max_batch=max(rows, e.config.max_batch if e else 1),
                                       max_seq_len=size)
-            e = self._engine = Engine(self.model, self.tokenizer, cfg)
+            draft = self.draft_model if cfg.speculative == "draft" else None
+            e = self._engine = Engine(self.model, self.tokenizer, cfg, draft_model=draft)
         return e
 
     def _prompt_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
@@ -204,7 +208,7 @@ BACKENDS = ("torch", "onnxruntime")
 
 def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
          compile: bool = False, adapter: str | Path | None = None, quantize: str | None = None,
-         group_size: int = 64, backend: str = "torch") -> LLM:
+         group_size: int = 64, backend: str = "torch", draft_model: str | Path | None = None) -> LLM:
     """Load a model by alias (`smollm2-135m`), HF folder, .gguf file or HF hub id, with its tokenizer.
 
     dtype: auto | fp32 | bf16 | fp16. compile=True compiles the decode step (slower first call, faster decoding).
@@ -213,24 +217,43 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
     slimlm.quantize.model); a folder written by save_quantized loads quantized without it.
     backend: torch, or onnxruntime to run a folder written by `slimlm export onnx` (export/ort.py) through the same
     generation code; adapters, quantization and compile are then settled at export time.
+    draft_model: a smaller model with the same tokenizer (alias, folder, .gguf or hub id; e.g. a student from
+    `slimlm distill`), loaded with the same dtype, device and quantization: generation then runs draft-model
+    speculative decoding (engine/draft.py; greedy output unchanged, sampled output keeps its distribution).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "onnxruntime":
+        if draft_model is not None:
+            raise ValueError("draft_model needs the torch backend; drop it for an onnxruntime model")
         return _load_onnxruntime(model, dtype, device, compile, adapter, quantize)
     if quantize == "int8-static":
         raise ValueError("int8-static needs calibration: write a quantized folder with `slimlm quantize --scheme "
                          "int8-static --out DIR` and load that folder")
     device = resolve_device(device)
-    path, _, net = load_model(model, resolve_dtype(dtype, device), device)
+    dtype = resolve_dtype(dtype, device)
+    path, net = _load_torch(model, dtype, device, quantize, group_size)
+    draft = None
+    if draft_model is not None:
+        from slimlm.engine.draft import check_draft
+
+        draft = _load_torch(draft_model, dtype, device, quantize, group_size)[1]
+        check_draft("draft", net, draft)  # now, not at the first generate
+    llm = LLM(net, Tokenizer.from_pretrained(path), path, draft_model=draft)
+    if adapter is not None:
+        llm.load_adapter(adapter)
+    return llm.compile() if compile else llm
+
+
+def _load_torch(source: str | Path, dtype: torch.dtype, device: torch.device, quantize: str | None,
+                group_size: int) -> tuple[Path, Transformer]:
+    """(folder or file read, model) loaded and, if asked, quantized."""
+    path, _, net = load_model(source, dtype, device)
     if quantize is not None:
         from slimlm.quantize.model import quantize_model_
 
         quantize_model_(net, quantize, group_size)
-    llm = LLM(net, Tokenizer.from_pretrained(path), path)
-    if adapter is not None:
-        llm.load_adapter(adapter)
-    return llm.compile() if compile else llm
+    return path, net
 
 
 def _load_onnxruntime(model, dtype, device, compile: bool, adapter, quantize) -> LLM:

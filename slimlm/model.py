@@ -96,6 +96,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer_idx, cache_pos, k, v)  # [B, Hkv, S, hd]
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # only the filled slots (eager mode)
+            if k.dtype != q.dtype:  # a cache that stores a narrower type (the engine's fp16 cache on a CPU)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         if self.prefix is not None:
             k, v, mask = self.prefix(k, v, mask, T)  # T: a None mask means causal only when T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,

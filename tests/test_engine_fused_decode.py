@@ -29,17 +29,19 @@ def tiny(seed: int = 0, **overrides) -> Transformer:
 
 
 def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, atol: float = 1e-4,
-                rtol: float = 1e-4, cache_atol: float = 1e-5) -> None:
-    """Prefill rows (slot -> prompt length) with the model, then decode `steps` tokens per row both ways."""
+                rtol: float = 1e-4, cache_atol: float = 1e-5, cache_dtype: str = "fp32") -> None:
+    """Prefill rows (slot -> prompt length) with the model, then decode `steps` tokens per row both ways, both
+    reading and writing caches of `cache_dtype`."""
     fused = FusedDecode.for_model(model)
     assert fused is not None
-    ref_cache = SlotKVCache.for_model(model, 4, 40)
+    size = max(40, max(lengths.values()) + steps)
+    ref_cache = SlotKVCache.for_model(model, 4, size, cache_dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for slot, n in lengths.items():
             pos = torch.arange(n)[None]
             model(torch.randint(0, 256, (1, n), generator=g), cache=ref_cache.batch(pos, slot), cache_pos=pos)
-    cache = SlotKVCache.for_model(model, 4, 40)
+    cache = SlotKVCache.for_model(model, 4, size, cache_dtype)
     for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
         a.copy_(b)
     slots = torch.tensor(sorted(lengths))
@@ -53,12 +55,20 @@ def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, ato
                 want = model(tokens[row:row + 1, None], cache=ref_cache.batch(p, slot), cache_pos=p)[0, -1]
                 torch.testing.assert_close(got[row], want, atol=atol, rtol=rtol)
         for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):  # the same keys/values written
-            torch.testing.assert_close(a, b, atol=cache_atol, rtol=rtol)
+            torch.testing.assert_close(a.float(), b.float(), atol=cache_atol, rtol=rtol)
         pos = pos + 1
 
 
 def test_fp32_rows_at_different_positions():
-    check_steps(tiny(), {0: 5, 1: 11, 3: 1})
+    check_steps(tiny(max_seq_len=128), {0: 5, 1: 11, 2: 70, 3: 1})  # 70: attention over two blocks of 64
+
+
+def test_fp16_cache():
+    """The engine's CPU default: both paths round keys and values to fp16 (nearest even) and read them back, so
+    they agree as closely as with fp32; a key computed a last bit apart may round to the next fp16 value (~1e-3)."""
+    model = tiny(4, max_seq_len=128)
+    check_steps(model, {0: 70, 1: 11, 3: 1}, cache_dtype="fp16", cache_atol=1e-3)  # 70: more than one block of 64
+    assert SlotKVCache.for_model(model, 1, 8).k[0].dtype == torch.float16  # "auto" on a CPU, fp32 model
 
 
 def test_int8_weights():

@@ -223,7 +223,7 @@ def test_non_uniform_round_trips_through_config_json(tmp_path):
     _, config, again = load_model(folder)
     assert config == model.config
     assert torch.equal(logits(again), logits(model))
-    bytes_ = SlotKVCache.for_model(again, 1, 10).bytes()
+    bytes_ = SlotKVCache.for_model(again, 1, 10, "fp32").bytes()
     assert bytes_ == config.kv_cache_bytes_per_token(4) * 10  # 10 positions, fp32
 
 

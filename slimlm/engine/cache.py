@@ -1,6 +1,7 @@
 """The engine's KV cache: a fixed number of slots, one running sequence per slot.
 
-Each slot is one row of max_len key/value positions per layer, so a sequence's keys stay contiguous and a forward
+Each slot is one row of max_len key/value positions per layer (fp16 by default for an fp32 model on a CPU: see
+kv_cache_dtype), so a sequence's keys stay contiguous and a forward
 over slots [a, a + n) reads the cache as a view, without gathering. Admission is by free slot, and a request is
 admitted only if its prompt + max_tokens fit a slot, so a running sequence can never run out of cache.
 
@@ -17,6 +18,21 @@ from __future__ import annotations
 import torch
 
 from slimlm.kv_cache import heads_list, kv_heads_per_layer
+from slimlm.model import Transformer
+
+KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def kv_cache_dtype(name: str, model: torch.nn.Module) -> torch.dtype:
+    """The cache's element type for `model`: fp32 | fp16 | bf16, or auto = fp16 for slimlm's fp32 Transformer on a
+    CPU (half the bytes the decode step reads and stores, llama.cpp's default too; its attention upcasts what it
+    reads), else the model's dtype (e.g. an ONNX Runtime graph, whose cache inputs are typed)."""
+    if name == "auto":
+        narrow = isinstance(model, Transformer) and model.dtype == torch.float32 and model.device.type == "cpu"
+        return torch.float16 if narrow else model.dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return KV_CACHE_DTYPES[name]
 
 
 class SlotKVCache:
@@ -30,9 +46,11 @@ class SlotKVCache:
         self.free = list(range(n_slots))
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int) -> "SlotKVCache":
+    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype: str = "auto") -> "SlotKVCache":
+        """A cache for `model`, its elements `dtype` (see kv_cache_dtype)."""
         c = model.config
-        return cls(c.n_layers, n_slots, kv_heads_per_layer(c), c.head_dim, max_len, model.dtype, model.device)
+        return cls(c.n_layers, n_slots, kv_heads_per_layer(c), c.head_dim, max_len, kv_cache_dtype(dtype, model),
+                   model.device)
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -110,6 +128,7 @@ class SlotBatch:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write working rows' k, v [B, Hkv, T, hd] at their positions; return the rows' caches [B, Hkv, S, hd]."""
         K, V = self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
+        k, v = k.to(K.dtype), v.to(V.dtype)  # rounded to the cache's type (no copy when they match)
         if self.idle is None:
             p = self._same_pos
             if p is not None:  # every row writes the same single position: a plain slice, no index_put

@@ -7,8 +7,9 @@ Requests join and leave the running batch at token boundaries (continuous batchi
      first taking the longest cached prefix of its prompt from the prefix cache (engine/prefix_cache.py) — so a
      long prompt delays the running streams by one bounded chunk per step, not by its whole length,
   4. decodes every request past its prompt in one forward over cache slots [0, n), each row with its own position,
-     adapter and sampling parameters; with speculative decoding on, rows that have a guess (engine/speculative.py)
-     verify up to k guessed tokens in the same forward and may advance several tokens.
+     adapter and sampling parameters; with speculative decoding on, rows that have a guess (engine/speculative.py:
+     prompt lookup, or engine/draft.py: a draft model) verify up to k guessed tokens in the same forward and may
+     advance several tokens.
 Two fronts drive it. Online (the HTTP server): `start()` runs `step()` on an engine thread; callers `submit` a
 Request and receive `Output`s through its `emit` callback on that thread, and must only hand them over (e.g.
 loop.call_soon_threadsafe). Offline (LLM.generate, eval): `generate(requests)` steps the engine in the calling
@@ -29,7 +30,8 @@ from typing import Callable
 
 import torch
 
-from slimlm.engine.cache import SlotKVCache
+from slimlm.engine.cache import KV_CACHE_DTYPES, SlotKVCache, kv_cache_dtype
+from slimlm.engine.draft import DraftModel, check_draft
 from slimlm.engine.fused_decode import FusedDecode
 from slimlm.engine.multi_lora import AdapterLRU, LoraSlots, SlotsBusy
 from slimlm.engine.prefix_cache import PrefixCache
@@ -40,7 +42,7 @@ from slimlm.tokenizer import StopStringText, StreamDecoder, Tokenizer
 
 log = logging.getLogger("slimlm.serve")
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass
@@ -54,11 +56,12 @@ class EngineConfig:
     prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before (automatic prefix caching)
     prefix_cache_tokens: int = 8192  # pool size in tokens (its memory: config.kv_cache_bytes_per_token each)
     prefix_block: int = 16  # tokens per cached block: prefixes are reused in whole blocks
-    speculative: str | None = None  # "ngram" (prompt lookup) or None
+    speculative: str | None = None  # "ngram" (prompt lookup), "draft" (Engine(draft_model=...)) or None
     num_speculative_tokens: int = 4  # k: guesses verified per step
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
     fused_decode: bool = True  # CPU fp32: decode steps run all layers in one C++ call where the model qualifies
+    kv_cache_dtype: str = "auto"  # auto (fp16 for an fp32 model on a CPU, else the model's) | fp32 | fp16 | bf16
 
     def validate(self) -> None:
         bad = [f"{k} must be >= 0 (0 = auto), got {getattr(self, k)}" for k in ("max_batch", "max_seq_len")
@@ -73,6 +76,9 @@ class EngineConfig:
                        f"{self.prefix_cache_tokens}; or turn the prefix cache off")
         if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
             bad.append(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)} or None, got {self.speculative!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad.append(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got "
+                       f"{self.kv_cache_dtype!r}")
         if self.ngram_max < self.ngram_min:
             bad.append(f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})")
         if bad:
@@ -92,7 +98,8 @@ def auto_config(config: EngineConfig, model) -> EngineConfig:
     batch = config.max_batch or (64 if gpu else 16)
     seq = config.max_seq_len or min(model.config.max_seq_len, 4096)
     if not config.max_seq_len:
-        per_token = model.config.kv_cache_bytes_per_token(torch.tensor([], dtype=model.dtype).element_size())
+        dtype = kv_cache_dtype(config.kv_cache_dtype, model)
+        per_token = model.config.kv_cache_bytes_per_token(torch.tensor([], dtype=dtype).element_size())
         free = torch.cuda.mem_get_info(model.device)[0] if gpu else _available_ram()
         prefix = config.prefix_cache_tokens if config.prefix_cache else 0
         while seq > 256 and (batch * seq + prefix) * per_token > free / 4:
@@ -188,13 +195,16 @@ class Request:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 metrics=None, on_finish: Callable[[Request], None] | None = None):
+                 metrics=None, on_finish: Callable[[Request], None] | None = None,
+                 draft_model: Transformer | None = None):
+        """draft_model: the smaller model (same tokenizer) that speculative="draft" guesses with (engine/draft.py)."""
         self.config = config or EngineConfig()
         self.config.validate()
+        check_draft(self.config.speculative, model, draft_model)
         self.config = auto_config(self.config, model)
         self.model, self.tokenizer, self.metrics, self.on_finish = model.eval(), tokenizer, metrics, on_finish
         self.max_seq_len = min(self.config.max_seq_len, model.config.max_seq_len)
-        self.cache = SlotKVCache.for_model(model, self.config.max_batch, self.max_seq_len)
+        self.cache = SlotKVCache.for_model(model, self.config.max_batch, self.max_seq_len, self.config.kv_cache_dtype)
         self.prefix_cache = PrefixCache(self.cache, self.config.prefix_cache_tokens // self.config.prefix_block,
                                         self.config.prefix_block) if self.config.prefix_cache else None
         self.lora = LoraSlots.attach(model, self.config.max_loras, self.config.max_lora_rank) \
@@ -206,6 +216,9 @@ class Engine:
         self.stop_ids = set(tokenizer.stop_token_ids)
         self._stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=model.device)
         self.spec_proposed = self.spec_accepted = 0  # speculative tokens guessed / kept
+        self.draft = None if draft_model is None else DraftModel(
+            draft_model, self.config.max_batch, self.max_seq_len, self.config.fused_decode, self.config.prefill_chunk,
+            self.config.kv_cache_dtype)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self.accepting = True
@@ -382,12 +395,18 @@ class Engine:
         cfg = self.config
         if cfg.speculative is None:
             return {}
-        out = {}
+        rows = []  # (request, how many guesses it may take)
         for r in reqs:
             p = r.params
             if p.logprobs or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
                 continue
             room = min(cfg.num_speculative_tokens, r.max_tokens - r.n_generated - 1)  # keep within max_tokens
+            if room >= 1:
+                rows.append((r, room))
+        if self.draft is not None:
+            return self.draft.propose(rows)
+        out = {}
+        for r, room in rows:
             guess = ngram_propose(r.prompt_ids + r.output_ids, room, cfg.ngram_max, cfg.ngram_min)
             if guess:
                 out[r.slot] = guess
@@ -498,6 +517,8 @@ class Engine:
                 self.prefix_cache.store(req.prompt_ids + req.output_ids[:-1], self.cache, req.slot, req.adapter_key)
             del self.running[req.slot]
             self.cache.release(req.slot)
+            if self.draft is not None:
+                self.draft.release(req.slot)
             self.counts.free(req.slot)
             if req.adapter is not None:
                 self.lru.release(req.adapter.key)

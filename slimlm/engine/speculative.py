@@ -13,7 +13,8 @@ what the model itself picks, plus the model's own token at the first disagreemen
 
 `ngram_propose` is prompt-lookup decoding (vLLM's `ngram` method): find the most recent earlier occurrence of the
 sequence's last n tokens (n from `max_n` down to `min_n`) and propose the tokens that followed it. It costs no
-model and helps most where the output copies the input (extraction, editing, code, RAG).
+model and helps most where the output copies the input (extraction, editing, code, RAG). The other proposer, a
+draft model's greedy guesses, lives in engine/draft.py; its guesses are point masses too, verified here the same way.
 """
 
 from __future__ import annotations

@@ -140,10 +140,9 @@ void qk_scores(const float* q, const float* K, int64_t hd, int64_t t0, int64_t t
         a2 = vfma(qv, load_x(k0 + 2 * hd + d), a2);
         a3 = vfma(qv, load_x(k0 + 3 * hd + d), a3);
       }
-      scores[t] = hsum(a0) * scale;
-      scores[t + 1] = hsum(a1) * scale;
-      scores[t + 2] = hsum(a2) * scale;
-      scores[t + 3] = hsum(a3) * scale;
+      float four[4];
+      hsum4(a0, a1, a2, a3, four);
+      for (int j = 0; j < 4; ++j) scores[t + j] = four[j] * scale;
     }
   }
 #endif
@@ -154,13 +153,13 @@ void qk_scores(const float* q, const float* K, int64_t hd, int64_t t0, int64_t t
   }
 }
 
-// out [hd] = sum_t p[t] V[t] for t in [t0, t1], the NV vectors of out held in registers over all t.
+// out [hd] += sum_t p[t] V[t] for t in [t0, t1], the NV vectors of out held in registers over all t.
 template <int NV>
 void pv_fixed(const float* p, const float* V, int64_t t0, int64_t t1, float* out) {
 #if SLIMLM_SIMD
   constexpr int64_t hd = NV * VL;
   Vec acc[NV];
-  for (int j = 0; j < NV; ++j) acc[j] = vzero();
+  for (int j = 0; j < NV; ++j) acc[j] = load_x(out + j * VL);
   for (int64_t t = t0; t <= t1; ++t) {
     const Vec pt = vset1(p[t]);
     for (int j = 0; j < NV; ++j) acc[j] = vfma(pt, load_x(V + t * hd + j * VL), acc[j]);
@@ -180,43 +179,103 @@ void pv(const float* p, const float* V, int64_t hd, int64_t t0, int64_t t1, floa
     default: break;
   }
 #endif
-  std::fill(out, out + hd, 0.f);
   for (int64_t t = t0; t <= t1; ++t)
     for (int64_t d = 0; d < hd; ++d) out[d] += p[t] * V[t * hd + d];
 }
 
-// One query head over cache positions [t0, t1]: out [hd] = softmax(q . K[t] * scale) . V[t]. scores: [t1 + 1].
-void attend(const float* q, const float* K, const float* V, int64_t hd, int64_t t0, int64_t t1, float scale,
-            float* scores, float* out) {
-  qk_scores(q, K, hd, t0, t1, scale, scores);
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t t = t0; t <= t1; ++t) mx = std::max(mx, scores[t]);
+// ---- the cache: fp32 or fp16 entries (the engine's default on a CPU: half the bytes that attention reads) ----
+
+inline void to_f32(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
+inline void to_f32(const at::Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#if SLIMLM_SIMD && SLIMLM_F16
+  for (; i + VL <= n; i += VL) store(dst + i, load_h(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+// Rounded to nearest even, as torch's fp32 -> fp16 copy does, so both paths write the same cache entries.
+inline void from_f32(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
+inline void from_f32(const float* src, int64_t n, at::Half* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+}
+
+// p [n] <- exp(p - m); returns their sum. Vectors then a scalar tail: which entries take which path depends on n
+// alone, so a row's result does not depend on the batch.
+float exp_shifted(float* p, int64_t n, float m) {
+  int64_t t = 0;
   float sum = 0.f;
-  for (int64_t t = t0; t <= t1; ++t) {
-    scores[t] = std::exp(scores[t] - mx);
-    sum += scores[t];
+#if SLIMLM_SIMD
+  Vec acc = vzero();
+  for (; t + VL <= n; t += VL) {
+    const Vec e = vexp(vadd(load_x(p + t), vset1(-m)));
+    store(p + t, e);
+    acc = vadd(acc, e);
   }
-  pv(scores, V, hd, t0, t1, out);  // unnormalised, then one multiply by 1 / sum
-  const float inv = 1.f / sum;
-  for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+  sum = hsum(acc);
+#endif
+  for (; t < n; ++t) sum += (p[t] = std::exp(p[t] - m));
+  return sum;
+}
+
+constexpr int64_t BLOCK_T = 64;  // cache positions per block: its keys and values in fp32 stay in L1
+
+// The `group` query heads q [group, hd] that share one key/value head, over cache positions [t0, t1] of K, V
+// [*, hd]: out [group, hd] = softmax(q . K[t] / sqrt(hd)) . V[t]. One block of positions at a time, with a running
+// max and sum per head (online softmax), so each cached key and value is read and converted once for the whole
+// group. buf: 2 * BLOCK_T * hd + BLOCK_T + 2 * group floats of scratch.
+template <typename T>
+void attend_group(const float* q, int64_t group, const T* K, const T* V, int64_t hd, int64_t t0, int64_t t1,
+                  float scale, float* buf, float* out) {
+  float *kb = buf, *vb = kb + BLOCK_T * hd, *s = vb + BLOCK_T * hd, *m = s + BLOCK_T, *l = m + group;
+  std::fill(out, out + group * hd, 0.f);
+  std::fill(m, m + group, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + group, 0.f);
+  for (int64_t b0 = t0; b0 <= t1; b0 += BLOCK_T) {
+    const int64_t n = std::min(BLOCK_T, t1 - b0 + 1);
+    to_f32(K + b0 * hd, n * hd, kb);
+    to_f32(V + b0 * hd, n * hd, vb);
+    for (int64_t g = 0; g < group; ++g) {
+      qk_scores(q + g * hd, kb, hd, 0, n - 1, scale, s);
+      const float m_new = std::max(m[g], *std::max_element(s, s + n));
+      const float c = std::exp(m[g] - m_new);  // rescales what earlier blocks added (0 before the first block)
+      float* og = out + g * hd;
+      for (int64_t d = 0; d < hd; ++d) og[d] *= c;
+      l[g] = l[g] * c + exp_shifted(s, n, m_new);
+      m[g] = m_new;
+      pv(s, vb, hd, 0, n - 1, og);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < hd; ++d) out[g * hd + d] /= l[g];
+}
+
+// silu(g) * u in place over g [n] (vectors, then a scalar tail that depends on n alone).
+void silu_mul(float* g, const float* u, int64_t n) {
+  int64_t j = 0;
+#if SLIMLM_SIMD
+  for (; j + VL <= n; j += VL) {
+    const Vec x = load_x(g + j);
+    const Vec e = vexp(vmul(x, vset1(-1.f)));
+    store(g + j, vmul(vdiv(x, vadd(vset1(1.f), e)), load_x(u + j)));
+  }
+#endif
+  for (; j < n; ++j) g[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
 }
 
 // x [W, D] fp32 (the embedded tokens); slots, positions [W] int64: each row's cache slot and position.
-// layers: PER_LAYER tensors per layer; k_cache, v_cache: [n_slots, Hkv, S, hd] fp32 per layer (written in place).
-// window: sliding-window size (0: none). Returns the hidden states after the last layer [W, D] (not final-normed).
-at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor& positions,
-                         const at::Tensor& inv_freq, at::TensorList layers, at::TensorList k_cache,
-                         at::TensorList v_cache, double eps, int64_t window) {
+// layers: PER_LAYER tensors per layer; k_cache, v_cache: [n_slots, Hkv, S, hd] of T (fp32 or fp16) per layer,
+// written in place. window: sliding-window size (0: none). Returns the hidden states after the last layer [W, D]
+// (not final-normed).
+template <typename T>
+at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor& positions,
+                              const at::Tensor& inv_freq, at::TensorList layers, at::TensorList k_cache,
+                              at::TensorList v_cache, double eps, int64_t window) {
   const int64_t L = static_cast<int64_t>(k_cache.size());
-  TORCH_CHECK(static_cast<int64_t>(layers.size()) == L * PER_LAYER && static_cast<int64_t>(v_cache.size()) == L,
-              "decode_layers: expected ", PER_LAYER, " tensors and one k and v cache per layer");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "decode_layers: x must be fp32 [W, D]");
   at::Tensor x = x_in.clone(at::MemoryFormat::Contiguous);  // [W, D], updated layer by layer (the residual stream)
   const int64_t W = x.size(0), D = x.size(1);
   const at::Tensor sl = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
   const int64_t* slot = sl.data_ptr<int64_t>();
   const int64_t* p = pos.data_ptr<int64_t>();
-  TORCH_CHECK(L > 0, "decode_layers: no layers");
   const int64_t hd = k_cache[0].size(3), half = hd / 2;
 
   // cos/sin [W, hd] for each row's position, computed as rope_cos_sin does: fp32 angle pos * inv_freq, duplicated.
@@ -230,37 +289,41 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
     }
 
   std::vector<Layer> lay(L);
-  int64_t max_q = 0, max_kv = 0, max_ff = 0, max_s = 0;
+  int64_t max_q = 0, max_kv = 0, max_ff = 0, max_group = 1;
   for (int64_t i = 0; i < L; ++i) {
     const at::Tensor* t = layers.data() + i * PER_LAYER;
     lay[i] = {t[0].data_ptr<float>(), t[9].data_ptr<float>(), Proj::of(t[1], t[2]), Proj::of(t[3], t[4]),
               Proj::of(t[5], t[6]), Proj::of(t[7], t[8]), Proj::of(t[10], t[11]), Proj::of(t[12], t[13]),
               Proj::of(t[14], t[15])};
-    TORCH_CHECK(k_cache[i].scalar_type() == at::kFloat && k_cache[i].is_contiguous() && v_cache[i].is_contiguous() &&
-                    k_cache[i].size(3) == hd && lay[i].k.N == k_cache[i].size(1) * hd && lay[i].q.N % lay[i].k.N == 0,
-                "decode_layers: layer ", i, "'s cache must be fp32 [slots, Hkv, S, hd] matching its k projection");
+    TORCH_CHECK(k_cache[i].scalar_type() == k_cache[0].scalar_type() &&
+                    v_cache[i].scalar_type() == k_cache[0].scalar_type() && k_cache[i].is_contiguous() &&
+                    v_cache[i].is_contiguous() && k_cache[i].size(3) == hd && lay[i].k.N == k_cache[i].size(1) * hd &&
+                    lay[i].q.N % lay[i].k.N == 0,
+                "decode_layers: layer ", i, "'s cache must be [slots, Hkv, S, hd] of the first layer's dtype, "
+                "matching its k projection");
     max_q = std::max(max_q, lay[i].q.N);
     max_kv = std::max(max_kv, lay[i].k.N);
     max_ff = std::max(max_ff, lay[i].gate.N);
-    max_s = std::max(max_s, k_cache[i].size(2));
+    max_group = std::max(max_group, lay[i].q.N / lay[i].k.N);
   }
   std::vector<float> h(W * D), q(W * max_q), k(W * max_kv), v(W * max_kv), a(W * max_q), g(W * max_ff),
       u(W * max_ff), o(W * D), sx(W);
   std::vector<int16_t> xq(W * std::max({D, max_q, max_ff}));
   float* xp = x.data_ptr<float>();
   const float e = static_cast<float>(eps), scale = 1.f / std::sqrt(static_cast<float>(hd));
+  constexpr int64_t SILU_CHUNK = 256;  // silu work items: a row's gate/up in chunks (scalar tails at row ends only)
   // One parallel region for the whole step: the threads meet at a barrier between dependent phases (~1 us)
   // instead of forking and joining for each of the layer's seven matmuls. Serial phases (norms, RoPE) are tiny.
   const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    std::vector<float> scores(max_s);
+    std::vector<float> buf(2 * BLOCK_T * hd + BLOCK_T + 2 * max_group);  // attend_group's scratch
     for (int64_t i = 0; i < L; ++i) {
       const Layer& ly = lay[i];
       const int64_t Hq = ly.q.N / hd, Hkv = ly.k.N / hd, S = k_cache[i].size(2), F = ly.gate.N, group = Hq / Hkv;
-      float* Kc = k_cache[i].data_ptr<float>();
-      float* Vc = v_cache[i].data_ptr<float>();
+      T* Kc = k_cache[i].data_ptr<T>();
+      T* Vc = v_cache[i].data_ptr<T>();
       // Attention.
       const Act hn{h.data(), xq.data(), sx.data(), D}, an{a.data(), xq.data(), sx.data(), ly.o.K},
           gn{g.data(), xq.data(), sx.data(), F};
@@ -274,16 +337,18 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
         rope(k.data() + w * Hkv * hd, Hkv, hd, cos_.data() + w * hd, sin_.data() + w * hd);
         for (int64_t kh = 0; kh < Hkv; ++kh) {  // cache [slot, kh, p, :] <- this row's key and value
           const int64_t off = ((slot[w] * Hkv + kh) * S + p[w]) * hd;
-          std::copy_n(k.data() + (w * Hkv + kh) * hd, hd, Kc + off);
-          std::copy_n(v.data() + (w * Hkv + kh) * hd, hd, Vc + off);
+          from_f32(k.data() + (w * Hkv + kh) * hd, hd, Kc + off);
+          from_f32(v.data() + (w * Hkv + kh) * hd, hd, Vc + off);
         }
       }
+      // One work item per row and key/value head: its `group` query heads are consecutive in q and a.
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < W * Hq; ++b) {
-        const int64_t w = b / Hq, hq = b % Hq, kh = hq / group;
+      for (int64_t b = 0; b < W * Hkv; ++b) {
+        const int64_t w = b / Hkv, kh = b % Hkv;
         const int64_t base = (slot[w] * Hkv + kh) * S * hd;
         const int64_t t0 = window > 0 ? std::max<int64_t>(0, p[w] - window + 1) : 0;
-        attend(q.data() + b * hd, Kc + base, Vc + base, hd, t0, p[w], scale, scores.data(), a.data() + b * hd);
+        attend_group(q.data() + b * group * hd, group, Kc + base, Vc + base, hd, t0, p[w], scale, buf.data(),
+                     a.data() + b * group * hd);
       }
 #pragma omp single
       an.quantize(W);
@@ -298,8 +363,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
       // MLP.
       share(hn, W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth);
 #pragma omp barrier
+      const int64_t chunks = (F + SILU_CHUNK - 1) / SILU_CHUNK;
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < W * F; ++j) g[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];  // silu(gate) * up
+      for (int64_t c = 0; c < W * chunks; ++c) {
+        const int64_t j0 = (c / chunks) * F + (c % chunks) * SILU_CHUNK;
+        silu_mul(g.data() + j0, u.data() + j0, std::min(SILU_CHUNK, F - (c % chunks) * SILU_CHUNK));
+      }
 #pragma omp single
       gn.quantize(W);
       share(gn, W, {{&ly.down, o.data()}}, tid, nth);
@@ -309,6 +378,24 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
     }
   }
   return x;
+}
+
+at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor& positions,
+                         const at::Tensor& inv_freq, at::TensorList layers, at::TensorList k_cache,
+                         at::TensorList v_cache, double eps, int64_t window) {
+  const int64_t L = static_cast<int64_t>(k_cache.size());
+  TORCH_CHECK(L > 0, "decode_layers: no layers");
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == L * PER_LAYER && static_cast<int64_t>(v_cache.size()) == L,
+              "decode_layers: expected ", PER_LAYER, " tensors and one k and v cache per layer");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "decode_layers: x must be fp32 [W, D]");
+  switch (k_cache[0].scalar_type()) {
+    case at::kFloat:
+      return decode_layers_impl<float>(x_in, slots, positions, inv_freq, layers, k_cache, v_cache, eps, window);
+    case at::kHalf:
+      return decode_layers_impl<at::Half>(x_in, slots, positions, inv_freq, layers, k_cache, v_cache, eps, window);
+    default:
+      TORCH_CHECK(false, "decode_layers: the KV cache must be fp32 or fp16, got ", k_cache[0].scalar_type());
+  }
 }
 
 }  // namespace

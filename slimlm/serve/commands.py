@@ -35,10 +35,21 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV of prompt prefixes seen before, e.g. a shared system prompt or chat history "
                         "(automatic prefix caching; hit rate in /metrics)")
     p.add_argument("--prefix-cache-tokens", type=int, default=8192, help="prefix cache size in tokens")
-    p.add_argument("--speculative", default=None, choices=["ngram"],
-                   help="speculative decoding: ngram = prompt lookup (guesses copied from the context, verified in "
-                        "one forward; greedy output unchanged). Helps when outputs repeat the input")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="guesses verified per step")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="element type of the KV cache: auto = fp16 for an fp32 model on a CPU (half the memory and "
+                        "the bytes each decode step reads, as llama.cpp's default; keys and values rounded to fp16), "
+                        "else the model's dtype; fp32 keeps them exact")
+    p.add_argument("--speculative", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding, guesses verified in one forward (greedy output unchanged, sampled "
+                        "output keeps its distribution): ngram = prompt lookup (guesses copied from the context; "
+                        "helps when outputs repeat the input); draft = a smaller model's greedy guesses "
+                        "(needs --draft-model)")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="with --speculative draft: the draft model (alias, HF folder, .gguf or hub id) — smaller, "
+                        "with the same tokenizer as --model (e.g. a student from `slimlm distill`); loaded with "
+                        "the same --dtype, --device and --quantize")
+    p.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="guesses verified per step (ngram and draft)")
     p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters resident at once (LRU); 0 = none")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
@@ -48,10 +59,12 @@ def serve_config(args: argparse.Namespace, **extra) -> ServeConfig:
     engine = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                           prefill_chunk=args.prefill_chunk, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                           prefix_cache=args.prefix_cache, prefix_cache_tokens=args.prefix_cache_tokens,
-                          speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+                          speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                          kv_cache_dtype=args.kv_cache_dtype)
     cfg = ServeConfig(model=args.model, served_name=args.served_name, dtype=args.dtype, device=args.device,
-                      quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size, backend=args.backend, adapters=list(args.adapters), registry=args.registry, max_tokens_limit=args.max_tokens_limit,
-                      engine=engine, **extra)
+                      quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size,
+                      backend=args.backend, adapters=list(args.adapters), registry=args.registry,
+                      max_tokens_limit=args.max_tokens_limit, draft_model=args.draft_model, engine=engine, **extra)
     cfg.validate()
     return cfg
 

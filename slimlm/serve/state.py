@@ -35,6 +35,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 2048
     drain_timeout_s: float = 30.0
+    draft_model: str | None = None  # with engine.speculative == "draft": the draft model to load (like `model`)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
@@ -46,6 +47,12 @@ class ServeConfig:
         if self.backend == "onnxruntime" and (self.adapters or self.registry or self.quantize not in (None, "auto")):
             raise ValueError("the onnxruntime backend serves the exported graph alone: no --adapters, --registry or "
                              "--quantize (merge and quantize at export: slimlm export onnx --adapter/--quantize)")
+        if self.engine.speculative == "draft" and not self.draft_model:
+            raise ValueError("--speculative draft needs --draft-model PATH (a smaller model with the same tokenizer)")
+        if self.draft_model and self.engine.speculative != "draft":
+            raise ValueError("--draft-model is used by draft-model speculation: add --speculative draft")
+        if self.draft_model and self.backend == "onnxruntime":
+            raise ValueError("--draft-model needs the torch backend (--backend torch)")
         if self.max_body_bytes < 1024 or self.max_tokens_limit < 1 or self.drain_timeout_s < 0:
             raise ValueError("max_body_bytes must be >= 1024, max_tokens_limit >= 1, drain_timeout_s >= 0")
 
@@ -90,13 +97,15 @@ class ServerState:
             from slimlm.llm import load
 
             quantize, dtype = resolve_auto_quantize(self.config)
-            llm = load(self.config.model, dtype=dtype, device=self.config.device,
-                       quantize=quantize, group_size=self.config.group_size, backend=self.config.backend)
+            llm = load(self.config.model, dtype=dtype, device=self.config.device, quantize=quantize,
+                       group_size=self.config.group_size, backend=self.config.backend,
+                       draft_model=self.config.draft_model)
             self.tokenizer = llm.tokenizer
             engine_config = self.config.engine
             if self.config.backend == "onnxruntime":  # no LoRA slots in an exported graph
                 engine_config = dataclasses.replace(engine_config, max_loras=0)
-            self.engine = Engine(llm.model, llm.tokenizer, engine_config, self.metrics).start()
+            self.engine = Engine(llm.model, llm.tokenizer, engine_config, self.metrics,
+                                 draft_model=llm.draft_model).start()
             self.ready = True
             log_engine_choice(self.engine, quantize)
         except Exception as e:  # surfaced by /ready and the server log
@@ -223,5 +232,9 @@ def log_engine_choice(engine: Engine, quantize: str | None = None) -> None:
         "quantize": quantize, "fused_decode": engine.fused is not None,
         "threads": torch.get_num_threads(), "max_batch": c.max_batch, "max_seq_len": engine.max_seq_len,
         "kv_cache_mib": round(engine.cache.bytes() / 2**20, 1),
+        "kv_cache_dtype": str(engine.cache.k[0].dtype).removeprefix("torch."),
         "prefix_cache_tokens": c.prefix_cache_tokens if c.prefix_cache else 0,
-        "speculative": c.speculative, "max_loras": c.max_loras}))
+        "speculative": c.speculative, "num_speculative_tokens": c.num_speculative_tokens if c.speculative else 0,
+        **({} if engine.draft is None else {"draft_fused_decode": engine.draft.fused is not None,
+                                            "draft_kv_cache_mib": round(engine.draft.cache.bytes() / 2**20, 1)}),
+        "max_loras": c.max_loras}))
