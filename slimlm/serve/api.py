@@ -157,8 +157,14 @@ async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.Sampl
     return await _complete(state, http, kind, rid, body.model, req, queue, first)
 
 
-async def _next_output(state: ServerState, http: HTTPRequest, req: Request, queue: asyncio.Queue) -> Output:
-    """The next Output; cancels the request (and raises) if the client disconnects while we wait."""
+async def _next_output(state: ServerState, http: HTTPRequest, req: Request, queue: asyncio.Queue,
+                       watch: bool = True) -> Output:
+    """The next Output; cancels the request (and raises) if the client disconnects while we wait.
+
+    watch=False (a stream under way) waits without polling for a disconnect: the next write to a gone client
+    raises instead, and _sse's cleanup frees the slot — one await per token instead of a timed wait."""
+    if not watch:
+        return await queue.get()
     while True:
         try:
             return await asyncio.wait_for(queue.get(), timeout=0.25)
@@ -203,7 +209,7 @@ async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_u
                 sent += len(out.text)
             if out.finish_reason is not None:
                 break
-            out = await _next_output(state, http, req, queue)
+            out = await _next_output(state, http, req, queue, watch=False)
         if include_usage:
             yield _event(P.chunk(kind, rid, model, created, None, P.usage(out.prompt_tokens, out.completion_tokens)))
         yield "data: [DONE]\n\n"
