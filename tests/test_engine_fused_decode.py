@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_fuse import tiny as fuse_tiny
@@ -11,6 +13,8 @@ from slimlm import kernels
 from slimlm.engine.cache import SlotKVCache
 from slimlm.engine.core import Engine, EngineConfig, Request
 from slimlm.engine.fused_decode import FusedDecode
+from slimlm.engine.multi_lora import LoraSlots
+from slimlm.peft.common import ALL_LINEARS, PEFT_PREFIX, target_linears
 from slimlm.engine.sampling import SamplingParams
 from slimlm.model import Transformer
 from slimlm.prune.structured import _sizes, remove_kv_groups_, remove_mlp_channels_
@@ -29,9 +33,12 @@ def tiny(seed: int = 0, **overrides) -> Transformer:
 
 
 def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, atol: float = 1e-4,
-                rtol: float = 1e-4, cache_atol: float = 1e-5, cache_dtype: str = "fp32") -> None:
+                rtol: float = 1e-4, cache_atol: float = 1e-5, cache_dtype: str = "fp32",
+                lora: dict[int, int] | None = None) -> None:
     """Prefill rows (slot -> prompt length) with the model, then decode `steps` tokens per row both ways, both
-    reading and writing caches of `cache_dtype`."""
+    reading and writing caches of `cache_dtype`; lora: cache slot -> LoRA slot for rows that use an adapter."""
+    lora = lora or {}
+    select = model.lora_slots.select if getattr(model, "lora_slots", None) is not None else None
     fused = FusedDecode.for_model(model)
     assert fused is not None
     size = max(40, max(lengths.values()) + steps)
@@ -46,13 +53,15 @@ def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, ato
         a.copy_(b)
     slots = torch.tensor(sorted(lengths))
     pos = torch.tensor([lengths[int(s)] for s in slots])
+    rows = [lora.get(int(s)) for s in slots]
     for _ in range(steps):
         tokens = torch.randint(0, 256, (len(slots),), generator=g)
-        got = fused(tokens, slots, pos, cache.k, cache.v)  # [W, V]
+        got = fused(tokens, slots, pos, cache.k, cache.v, rows if lora else None)  # [W, V]
         with torch.no_grad():
             for row, slot in enumerate(slots.tolist()):  # the model, one row at a time
                 p = pos[row:row + 1, None]
-                want = model(tokens[row:row + 1, None], cache=ref_cache.batch(p, slot), cache_pos=p)[0, -1]
+                with select([rows[row]]) if select else contextlib.nullcontext():
+                    want = model(tokens[row:row + 1, None], cache=ref_cache.batch(p, slot), cache_pos=p)[0, -1]
                 torch.testing.assert_close(got[row], want, atol=atol, rtol=rtol)
         for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):  # the same keys/values written
             torch.testing.assert_close(a.float(), b.float(), atol=cache_atol, rtol=rtol)
@@ -98,6 +107,32 @@ def test_structurally_pruned_layers():
     remove_mlp_channels_(model.layers[2], torch.arange(0, 96, 2))  # layer 2: half the MLP channels
     model.config = model.config.with_layer_sizes(_sizes(model))  # as the pruning commands record it
     check_steps(model, {0: 6, 1: 3})
+
+
+def random_lora(model: Transformer, r: int, targets: list[str], seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A LoRA adapter (adapter_config dict, PEFT tensors) with random A and B for `model`'s target projections."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, parent, attr in target_linears(model, tuple(targets)):
+        lin = getattr(parent, attr)
+        lin = getattr(lin, "base", lin)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = 0.2 * torch.randn(r, lin.in_features, generator=g)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = 0.2 * torch.randn(lin.out_features, r, generator=g)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": targets}
+    return config, tensors
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_lora_rows(quantize):
+    """Rows with different adapters (different ranks and targets) and rows without one, in one fused step."""
+    model = tiny(6, max_seq_len=128)
+    if quantize:
+        quantize_model_(model, quantize)
+    slots = LoraSlots.attach(model, n_slots=3, max_rank=8)
+    slots.load(0, random_lora(model, 8, list(ALL_LINEARS), 1))
+    slots.load(2, random_lora(model, 4, ["q_proj", "v_proj", "down_proj"], 2))
+    tol = dict(atol=1e-3, rtol=1e-3, cache_atol=1e-3) if quantize else {}
+    check_steps(model, {0: 5, 1: 70, 2: 3, 3: 9}, lora={0: 0, 1: 2, 3: 0}, **tol)  # slot 2's row: no adapter
 
 
 def test_models_it_does_not_take():

@@ -416,7 +416,7 @@ class Engine:
         """One forward over slots [0, n): each decoding row feeds its pending token (+ any guesses); others idle."""
         guesses = self._proposals(reqs)
         dev = self.model.device
-        if self.fused is not None and all(r.lora_slot is None for r in reqs):
+        if self.fused is not None:
             self._decode_fused(reqs, guesses)
             return
         n = max(r.slot for r in reqs) + 1
@@ -440,15 +440,17 @@ class Engine:
     def _decode_fused(self, reqs: list[Request], guesses: dict[int, list[int]]) -> None:
         """The same step through FusedDecode: every token is a row of its own (a request's pending token, then its
         guesses at the following positions, all in its slot), so verification needs no second code path."""
-        tokens, slots, positions, spans = [], [], [], []
+        tokens, slots, positions, loras, spans = [], [], [], [], []
         for r in reqs:
             row = [r.pending] + guesses.get(r.slot, [])
             spans.append((len(tokens), len(row)))
             tokens += row
             slots += [r.slot] * len(row)
             positions += range(r.position, r.position + len(row))
+            loras += [r.lora_slot] * len(row)
         ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.model.device)  # noqa: E731
-        logits = self.fused(ids(tokens), ids(slots), ids(positions), self.cache.k, self.cache.v)  # [len(tokens), V]
+        logits = self.fused(ids(tokens), ids(slots), ids(positions), self.cache.k, self.cache.v,
+                            loras)  # [len(tokens), V]
         plain = [(r, a) for r, (a, n) in zip(reqs, spans) if n == 1]
         if plain:
             self._sample([r for r, _ in plain], logits[torch.tensor([a for _, a in plain], device=logits.device)])

@@ -6,12 +6,14 @@ engine's cache to torch.ops.slimlm.decode_layers once per step instead; embeddin
 model's own modules. It computes what Transformer.forward computes (tests/test_engine_fused_decode.py checks the
 logits against it), and only takes the models it can run exactly:
 
-  CPU, fp32 activations and cache; projections plain nn.Linear or Int8WeightOnlyLinear without bias, not fused
-  (qkv_proj/gate_up_proj); no prefix-tuning module, no position offset.
+  CPU, fp32 activations, an fp32 or fp16 cache; projections plain nn.Linear or Int8WeightOnlyLinear without bias,
+  not fused (qkv_proj/gate_up_proj), optionally wrapped in multi-LoRA slots (engine/multi_lora.py: rows with an
+  adapter add their slot's (x A^T) B^T, computed in fp32 from the unrounded input); no prefix-tuning module, no
+  position offset.
 
-Everything else (GPU, bf16, other quantizations, Qwen2's biases, ...) and steps with a row that uses a LoRA adapter
-run the model's forward as before. Speculative verification goes through it too: each guessed token is a row of its
-own at the next position of the same slot. Its matmuls are batch-invariant (int8 weights: exact integer sums;
+Everything else (GPU, bf16, other quantizations, Qwen2's biases, ...) runs the model's forward as before.
+Speculative verification goes through it too: each guessed token is a row of its own at the next position of the
+same slot. Its matmuls are batch-invariant (int8 weights: exact integer sums;
 fp32 weights: a fixed summation order), so a request gets the same tokens alone, in any batch, and with or
 without speculation. Against the model's own forward it agrees to round-off (~1e-5 of the logits with int8
 weights, whose int16 activation rounding can move by one step where the two paths' norms differ in the last bit),
@@ -33,6 +35,7 @@ from slimlm.quantize.int8 import Int8WeightOnlyLinear
 log = logging.getLogger("slimlm.engine")
 
 _NO_SCALE = torch.empty(0)
+_NO_ROWS = torch.empty(0, dtype=torch.long)
 
 
 def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | str:
@@ -44,6 +47,19 @@ def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | str:
     if type(module) is Int8WeightOnlyLinear:
         return (module.qweight, module.scale.float()) if module.bias is None else "a projection has a bias"
     return f"projection type {type(module).__name__}"
+
+
+def _lora_tensors(model: Transformer) -> list[torch.Tensor]:
+    """A and B^T of every projection's LoRA slots, 14 per layer in decode.cpp's order (empty tensors where a
+    projection has none); [] when the model has no slots attached."""
+    if getattr(model, "lora_slots", None) is None:
+        return []
+    out = []
+    for layer in model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            out += [proj.A, proj.B] if isinstance(proj, SlotLoRALinear) else [_NO_SCALE, _NO_SCALE]
+    return out
 
 
 def _layer_tensors(model: Transformer) -> list[torch.Tensor] | str:
@@ -80,6 +96,7 @@ class FusedDecode:
 
     def __init__(self, model: Transformer, layer_tensors: list[torch.Tensor]):
         self.model, self.layer_tensors = model, layer_tensors
+        self.lora_tensors = _lora_tensors(model)  # the slot buffers are filled in place: read at every call
         self.inv_freq = model.inv_freq.float()
         self.eps, self.window = model.config.norm_eps, model.config.sliding_window or 0
 
@@ -106,10 +123,19 @@ class FusedDecode:
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> torch.Tensor:
-        """Write each row's key/value at (slot, position) in k_cache/v_cache [n_slots, Hkv, S, hd] per layer."""
+                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
+                 lora_rows: list[int | None] | None = None) -> torch.Tensor:
+        """Write each row's key/value at (slot, position) in k_cache/v_cache [n_slots, Hkv, S, hd] per layer.
+
+        lora_rows: each row's LoRA slot (engine/multi_lora.py) or None; None or all-None: no row uses an adapter."""
         m = self.model
         x = m.embed_tokens(tokens)  # [W, D]
+        lora, rows = [], _NO_ROWS
+        if lora_rows is not None and any(r is not None for r in lora_rows):
+            lora = self.lora_tensors
+            if not lora:
+                raise ValueError("rows select LoRA slots, but the model had no slots when FusedDecode was made")
+            rows = torch.tensor([-1 if r is None else r for r in lora_rows], dtype=torch.long)
         x = torch.ops.slimlm.decode_layers(x, slots, positions, self.inv_freq, self.layer_tensors, k_cache, v_cache,
-                                           self.eps, self.window)
+                                           self.eps, self.window, lora, rows)
         return m.lm_head(m.norm(x)).float()  # [W, V]

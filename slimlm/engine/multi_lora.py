@@ -1,7 +1,7 @@
 """Batched multi-LoRA for serving: each batch row may use a different LoRA adapter, or none, in one forward pass.
 
 As in punica/vLLM, every target projection holds a fixed number of adapter *slots* of one `max_rank`: stacked A
-[n_slots + 1, max_rank, in] and B [out, n_slots + 1, max_rank] (scaling folded into B, smaller ranks zero-padded,
+[n_slots + 1, max_rank, in] and B^T [n_slots + 1, max_rank, out] (scaling folded into B, smaller ranks zero-padded,
 the extra last slot always zero for rows without an adapter). A step runs every row through all slots' A at once
 (one GEMM), zeroes all but each row's own slot with a one-hot row mask, and adds the result times all slots' B
 (a second GEMM) — no merging, no adapter-after-adapter loop; rows without an adapter are left out of both GEMMs.
@@ -47,8 +47,9 @@ class SlotLoRALinear(nn.Module):
         # Not persistent: the model's state dict stays the base model's; slots are filled by LoraSlots.load.
         self.register_buffer("A", torch.zeros(n_slots + 1, max_rank, base.in_features, dtype=dtype, device=device),
                              persistent=False)
-        # B is stored [out, slots, r] so that all slots' B is one [out, slots * r] matrix without a copy.
-        self.register_buffer("B", torch.zeros(base.out_features, n_slots + 1, max_rank, dtype=dtype, device=device),
+        # B is stored transposed, [slots, r, out]: all slots' B^T is one [slots * r, out] matrix without a copy, and
+        # the fused CPU decode step (kernels/decode.cpp) adds h_j * B^T[slot, j, :] over contiguous output columns.
+        self.register_buffer("B", torch.zeros(n_slots + 1, max_rank, base.out_features, dtype=dtype, device=device),
                              persistent=False)
 
     @property
@@ -71,9 +72,9 @@ class SlotLoRALinear(nn.Module):
         h = xa.reshape(R * T, -1).to(self.A.dtype) @ self.A.view(S * r, -1).T  # every slot's x A^T: [R*T, S*r]
         h = (h.view(R, T, S, r) * onehot[:, None, :, None]).view(R * T, S * r)  # keep each row's own slot
         if active is None:
-            out = torch.addmm(y.reshape(R * T, -1), h.to(y.dtype), self.B.view(-1, S * r).T.to(y.dtype))  # y + h B^T
+            out = torch.addmm(y.reshape(R * T, -1), h.to(y.dtype), self.B.view(S * r, -1).to(y.dtype))  # y + h B^T
             return out.view(y.shape)
-        delta = (h.to(y.dtype) @ self.B.view(-1, S * r).T.to(y.dtype)).view(R, T, -1)  # [R, T, out]
+        delta = (h.to(y.dtype) @ self.B.view(S * r, -1).to(y.dtype)).view(R, T, -1)  # [R, T, out]
         return y.index_add(0, active, delta)
 
 
@@ -124,11 +125,11 @@ class LoraSlots:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 layer.A[slot].zero_()
-                layer.B[:, slot].zero_()
+                layer.B[slot].zero_()
                 if name in pairs:
                     a, b = pairs[name]
                     layer.A[slot, :cfg.r].copy_(a)
-                    layer.B[:, slot, :cfg.r].copy_(b.float() * cfg.scaling)  # copy_ casts to the slot dtype
+                    layer.B[slot, :cfg.r].copy_(b.float().T * cfg.scaling)  # copy_ casts to the slot dtype
         self.occupied.add(slot)
 
     def _pairs(self, what: str, tensors: dict[str, torch.Tensor], r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -167,7 +168,7 @@ class LoraSlots:
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.A[slot].zero_()
-                layer.B[:, slot].zero_()
+                layer.B[slot].zero_()
         self.occupied.discard(slot)
 
     def set_rows(self, rows: list[int | None] | None) -> None:

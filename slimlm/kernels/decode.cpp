@@ -32,6 +32,8 @@
 
 namespace {
 
+using namespace slimlm::simd;
+
 constexpr int64_t PER_LAYER = 16;  // tensors per layer in `layers`, in this order:
 // norm1, wq, sq, wk, sk, wv, sv, wo, so, norm2, wg, sg, wu, su, wd, sd   (s*: scale [N], or an empty tensor)
 
@@ -46,11 +48,59 @@ struct Act {
   void quantize_row(int64_t m) const { slimlm::quantize_rows_i16(x + m * K, 1, K, xq + m * K, sx + m); }
 };
 
-// One projection's weight: int8 [N, K] with a row scale [N], or fp32 [N, K] (scale == nullptr).
+// A projection's LoRA slots (engine/multi_lora.py): A [S + 1, r, K] and B^T [S + 1, r, N] fp32 with the scaling
+// folded into B. A row that uses slot s adds (x . A[s]^T) . B^T[s] to its output; rows without an adapter (slot
+// -1) skip both products. h [W, r] holds each adapter row's x . A[s]^T, made before the projection runs.
+struct Lora {
+  const float* A = nullptr;
+  const float* Bt = nullptr;
+  int64_t r = 0;
+  float* h = nullptr;
+
+  // h[m] <- x_m . A[s]^T for one row x_m [K] (r dot products, four at a time).
+  void down(const float* xm, int64_t K, int64_t m, int64_t s) const {
+    float* hm = h + m * r;
+    const float* a = A + s * r * K;
+    int64_t j = 0;
+#if SLIMLM_SIMD
+    if (K % VL == 0)
+      for (; j + 4 <= r; j += 4) {
+        Vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
+        for (int64_t k = 0; k < K; k += VL) {
+          const Vec xv = load_x(xm + k);
+          for (int i = 0; i < 4; ++i) acc[i] = vfma(xv, load_x(a + (j + i) * K + k), acc[i]);
+        }
+        hsum4(acc[0], acc[1], acc[2], acc[3], hm + j);
+      }
+#endif
+    for (; j < r; ++j) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += xm[k] * a[j * K + k];
+      hm[j] = acc;
+    }
+  }
+
+  // y [M, N] columns [r0, r1) += h[m] . B^T[s] for the rows m with an adapter (slot[m] >= 0).
+  void up(const int64_t* slot, int64_t M, int64_t N, float* y, int64_t r0, int64_t r1) const {
+    for (int64_t m = 0; m < M; ++m) {
+      if (slot[m] < 0) continue;
+      float* ym = y + m * N;
+      for (int64_t j = 0; j < r; ++j) {
+        const float c = h[m * r + j];
+        const float* b = Bt + (slot[m] * r + j) * N;
+#pragma omp simd
+        for (int64_t n = r0; n < r1; ++n) ym[n] += c * b[n];
+      }
+    }
+  }
+};
+
+// One projection's weight: int8 [N, K] with a row scale [N], or fp32 [N, K] (scale == nullptr), and its LoRA slots.
 struct Proj {
   const void* w = nullptr;
   const float* scale = nullptr;
   int64_t N = 0, K = 0;
+  Lora lora;
 
   static Proj of(const at::Tensor& w, const at::Tensor& s) {
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == at::kChar || w.scalar_type() == at::kFloat),
@@ -61,13 +111,30 @@ struct Proj {
     return {w.data_ptr(), q ? s.data_ptr<float>() : nullptr, w.size(0), w.size(1)};
   }
 
-  // Output columns [r0, r1) of y [M, N] = x [M, K] . W^T, on this thread.
-  void rows(const Act& x, int64_t M, float* y, int64_t r0, int64_t r1) const {
+  // Its LoRA slots A [S + 1, r, K], B^T [S + 1, r, N] (empty tensors: none) and room for h [W, r].
+  void attach(const at::Tensor& A, const at::Tensor& Bt, std::vector<float>& h, int64_t W) {
+    if (A.numel() == 0) return;
+    TORCH_CHECK(A.scalar_type() == at::kFloat && Bt.scalar_type() == at::kFloat && A.is_contiguous() &&
+                    Bt.is_contiguous() && A.dim() == 3 && Bt.dim() == 3 && A.size(2) == K && Bt.size(2) == N &&
+                    A.size(1) == Bt.size(1) && A.size(0) == Bt.size(0),
+                "decode_layers: LoRA slots must be fp32 A [S + 1, r, K] and B^T [S + 1, r, N] matching the weight");
+    h.assign(W * A.size(1), 0.f);
+    lora = {A.data_ptr<float>(), Bt.data_ptr<float>(), A.size(1), h.data()};
+  }
+
+  // Output columns [r0, r1) of y [M, N] = x [M, K] . W^T (+ each adapter row's LoRA term), on this thread.
+  void rows(const Act& x, int64_t M, float* y, int64_t r0, int64_t r1, const int64_t* lora_slot) const {
     if (r0 >= r1) return;
     if (scale != nullptr)
       slimlm::int8_matmul_rows(x.xq, x.sx, static_cast<const int8_t*>(w), scale, y, M, K, N, r0, r1);
     else
       slimlm::fp32_matmul_rows(x.x, static_cast<const float*>(w), y, M, K, N, r0, r1);
+    if (lora.A != nullptr && lora_slot != nullptr) lora.up(lora_slot, M, N, y, r0, r1);
+  }
+
+  // Row m's LoRA down-projection, if it has an adapter and this projection has slots.
+  void lora_down(const Act& x, int64_t m, const int64_t* lora_slot) const {
+    if (lora.A != nullptr && lora_slot != nullptr && lora_slot[m] >= 0) lora.down(x.x + m * K, K, m, lora_slot[m]);
   }
 };
 
@@ -80,7 +147,7 @@ struct Layer {
 // This thread's share of the output columns of projections that all read x [M, K]: their columns are counted as
 // one run [q | k | v] and cut into equal runs of whole row groups, one per thread, so one barrier ends them all.
 void share(const Act& x, int64_t M, std::initializer_list<std::pair<const Proj*, float*>> projs, int tid,
-           int nth) {
+           int nth, const int64_t* lora_slot) {
   int64_t total = 0;
   for (const auto& pr : projs) total += pr.first->N;
   const int64_t G = slimlm::row_group(), groups = (total + G - 1) / G;
@@ -88,7 +155,7 @@ void share(const Act& x, int64_t M, std::initializer_list<std::pair<const Proj*,
   int64_t off = 0;
   for (const auto& pr : projs) {
     const int64_t N = pr.first->N;
-    pr.first->rows(x, M, pr.second, std::max(a, off) - off, std::min(b, off + N) - off);
+    pr.first->rows(x, M, pr.second, std::max(a, off) - off, std::min(b, off + N) - off, lora_slot);
     off += N;
   }
 }
@@ -119,8 +186,6 @@ void rope(float* v, int64_t n, int64_t hd, const float* cos_, const float* sin_)
     }
   }
 }
-
-using namespace slimlm::simd;
 
 // ---- the cache: fp32 or fp16 entries (the engine's default on a CPU: half the bytes that attention reads) ----
 
@@ -325,7 +390,8 @@ void silu_mul(float* g, const float* u, int64_t n) {
 template <typename T>
 at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor& positions,
                               const at::Tensor& inv_freq, at::TensorList layers, at::TensorList k_cache,
-                              at::TensorList v_cache, double eps, int64_t window) {
+                              at::TensorList v_cache, double eps, int64_t window, at::TensorList lora,
+                              const at::Tensor& lora_rows) {
   const int64_t L = static_cast<int64_t>(k_cache.size());
   at::Tensor x = x_in.clone(at::MemoryFormat::Contiguous);  // [W, D], updated layer by layer (the residual stream)
   const int64_t W = x.size(0), D = x.size(1);
@@ -344,6 +410,13 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
       sin_[w * hd + j] = sin_[w * hd + j + half] = std::sin(a);
     }
 
+  // LoRA: each row's slot (-1: no adapter), or none at all when no row uses one.
+  const at::Tensor lr = lora_rows.numel() ? lora_rows.to(at::kLong).contiguous() : lora_rows;
+  const int64_t* lslot = lora_rows.numel() && !lora.empty() ? lr.data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(lslot == nullptr || (lr.numel() == W && static_cast<int64_t>(lora.size()) == L * 14),
+              "decode_layers: lora needs 14 tensors per layer (A, B^T of q, k, v, o, gate, up, down) and one slot per row");
+  std::vector<std::vector<float>> lora_h(lslot ? L * 7 : 0);  // each projection's h [W, r]
+
   std::vector<Layer> lay(L);
   int64_t max_q = 0, max_kv = 0, max_ff = 0, max_group = 1;
   for (int64_t i = 0; i < L; ++i) {
@@ -351,6 +424,10 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
     lay[i] = {t[0].data_ptr<float>(), t[9].data_ptr<float>(), Proj::of(t[1], t[2]), Proj::of(t[3], t[4]),
               Proj::of(t[5], t[6]), Proj::of(t[7], t[8]), Proj::of(t[10], t[11]), Proj::of(t[12], t[13]),
               Proj::of(t[14], t[15])};
+    if (lslot != nullptr) {
+      Proj* projs[7] = {&lay[i].q, &lay[i].k, &lay[i].v, &lay[i].o, &lay[i].gate, &lay[i].up, &lay[i].down};
+      for (int j = 0; j < 7; ++j) projs[j]->attach(lora[(i * 7 + j) * 2], lora[(i * 7 + j) * 2 + 1], lora_h[i * 7 + j], W);
+    }
     TORCH_CHECK(k_cache[i].scalar_type() == k_cache[0].scalar_type() &&
                     v_cache[i].scalar_type() == k_cache[0].scalar_type() && k_cache[i].is_contiguous() &&
                     v_cache[i].is_contiguous() && k_cache[i].size(3) == hd && lay[i].k.N == k_cache[i].size(1) * hd &&
@@ -388,8 +465,9 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
       for (int64_t w = 0; w < W; ++w) {
         rmsnorm(xp + w * D, ly.norm1, h.data() + w * D, 1, D, e);
         hn.quantize_row(w);
+        for (const Proj* pr : {&ly.q, &ly.k, &ly.v}) pr->lora_down(hn, w, lslot);
       }
-      share(hn, W, {{&ly.q, q.data()}, {&ly.k, k.data()}, {&ly.v, v.data()}}, tid, nth);
+      share(hn, W, {{&ly.q, q.data()}, {&ly.k, k.data()}, {&ly.v, v.data()}}, tid, nth, lslot);
 #pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < W; ++w) {
@@ -411,17 +489,21 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
                      a.data() + b * group * hd);
       }
 #pragma omp for schedule(static)
-      for (int64_t w = 0; w < W; ++w) an.quantize_row(w);
-      share(an, W, {{&ly.o, o.data()}}, tid, nth);
+      for (int64_t w = 0; w < W; ++w) {
+        an.quantize_row(w);
+        ly.o.lora_down(an, w, lslot);
+      }
+      share(an, W, {{&ly.o, o.data()}}, tid, nth, lslot);
 #pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < W; ++w) {
         for (int64_t j = w * D; j < (w + 1) * D; ++j) xp[j] += o[j];
         rmsnorm(xp + w * D, ly.norm2, h.data() + w * D, 1, D, e);
         hn.quantize_row(w);
+        for (const Proj* pr : {&ly.gate, &ly.up}) pr->lora_down(hn, w, lslot);
       }
       // MLP.
-      share(hn, W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth);
+      share(hn, W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth, lslot);
 #pragma omp barrier
       const int64_t chunks = (F + SILU_CHUNK - 1) / SILU_CHUNK;
 #pragma omp for schedule(static)
@@ -430,8 +512,11 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
         silu_mul(g.data() + j0, u.data() + j0, std::min(SILU_CHUNK, F - (c % chunks) * SILU_CHUNK));
       }
 #pragma omp for schedule(static)
-      for (int64_t w = 0; w < W; ++w) gn.quantize_row(w);
-      share(gn, W, {{&ly.down, o.data()}}, tid, nth);
+      for (int64_t w = 0; w < W; ++w) {
+        gn.quantize_row(w);
+        ly.down.lora_down(gn, w, lslot);
+      }
+      share(gn, W, {{&ly.down, o.data()}}, tid, nth, lslot);
 #pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
@@ -442,7 +527,8 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
 
 at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor& positions,
                          const at::Tensor& inv_freq, at::TensorList layers, at::TensorList k_cache,
-                         at::TensorList v_cache, double eps, int64_t window) {
+                         at::TensorList v_cache, double eps, int64_t window, at::TensorList lora,
+                         const at::Tensor& lora_rows) {
   const int64_t L = static_cast<int64_t>(k_cache.size());
   TORCH_CHECK(L > 0, "decode_layers: no layers");
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == L * PER_LAYER && static_cast<int64_t>(v_cache.size()) == L,
@@ -450,9 +536,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "decode_layers: x must be fp32 [W, D]");
   switch (k_cache[0].scalar_type()) {
     case at::kFloat:
-      return decode_layers_impl<float>(x_in, slots, positions, inv_freq, layers, k_cache, v_cache, eps, window);
+      return decode_layers_impl<float>(x_in, slots, positions, inv_freq, layers, k_cache, v_cache, eps, window, lora,
+                                       lora_rows);
     case at::kHalf:
-      return decode_layers_impl<at::Half>(x_in, slots, positions, inv_freq, layers, k_cache, v_cache, eps, window);
+      return decode_layers_impl<at::Half>(x_in, slots, positions, inv_freq, layers, k_cache, v_cache, eps, window,
+                                          lora, lora_rows);
     default:
       TORCH_CHECK(false, "decode_layers: the KV cache must be fp32 or fp16, got ", k_cache[0].scalar_type());
   }
@@ -462,7 +550,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& slots, const 
 
 TORCH_LIBRARY_FRAGMENT(slimlm, m) {
   m.def("decode_layers(Tensor x, Tensor slots, Tensor positions, Tensor inv_freq, Tensor[] layers, "
-        "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, float eps, int window) -> Tensor");
+        "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, float eps, int window, Tensor[] lora, Tensor lora_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slimlm, CPU, m) { m.impl("decode_layers", &decode_layers); }
