@@ -48,50 +48,59 @@ struct Act {
   void quantize_row(int64_t m) const { slimlm::quantize_rows_i16(x + m * K, 1, K, xq + m * K, sx + m); }
 };
 
+// The rows of one step that use LoRA slot `slot` (rows with an adapter, grouped so that each slot's A and B^T are
+// read once per step however many rows use it).
+struct LoraGroup {
+  int64_t slot;
+  std::vector<int64_t> rows;
+};
+
 // A projection's LoRA slots (engine/multi_lora.py): A [S + 1, r, K] and B^T [S + 1, r, N] fp32 with the scaling
-// folded into B. A row that uses slot s adds (x . A[s]^T) . B^T[s] to its output; rows without an adapter (slot
-// -1) skip both products. h [W, r] holds each adapter row's x . A[s]^T, made before the projection runs.
+// folded into B. A row that uses slot s adds (x . A[s]^T) . B^T[s] to its output; rows without an adapter skip both
+// products. h [W, r] holds each adapter row's x . A[s]^T, made before the projection runs.
 struct Lora {
   const float* A = nullptr;
   const float* Bt = nullptr;
   int64_t r = 0;
   float* h = nullptr;
 
-  // h[m] <- x_m . A[s]^T for one row x_m [K] (r dot products, four at a time).
-  void down(const float* xm, int64_t K, int64_t m, int64_t s) const {
-    float* hm = h + m * r;
-    const float* a = A + s * r * K;
+  // h[m] <- x_m . A[s]^T for the group's rows x_m [K]: four rows of A at a time, each used by every row of the group.
+  void down(const float* x, int64_t K, const LoraGroup& grp) const {
+    const float* a = A + grp.slot * r * K;
     int64_t j = 0;
 #if SLIMLM_SIMD
     if (K % VL == 0)
-      for (; j + 4 <= r; j += 4) {
-        Vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
-        for (int64_t k = 0; k < K; k += VL) {
-          const Vec xv = load_x(xm + k);
-          for (int i = 0; i < 4; ++i) acc[i] = vfma(xv, load_x(a + (j + i) * K + k), acc[i]);
+      for (; j + 4 <= r; j += 4)
+        for (const int64_t m : grp.rows) {
+          const float* xm = x + m * K;
+          Vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
+          for (int64_t k = 0; k < K; k += VL) {
+            const Vec xv = load_x(xm + k);
+            for (int i = 0; i < 4; ++i) acc[i] = vfma(xv, load_x(a + (j + i) * K + k), acc[i]);
+          }
+          hsum4(acc[0], acc[1], acc[2], acc[3], h + m * r + j);
         }
-        hsum4(acc[0], acc[1], acc[2], acc[3], hm + j);
-      }
 #endif
-    for (; j < r; ++j) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += xm[k] * a[j * K + k];
-      hm[j] = acc;
-    }
+    for (; j < r; ++j)
+      for (const int64_t m : grp.rows) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += x[m * K + k] * a[j * K + k];
+        h[m * r + j] = acc;
+      }
   }
 
-  // y [M, N] columns [r0, r1) += h[m] . B^T[s] for the rows m with an adapter (slot[m] >= 0).
-  void up(const int64_t* slot, int64_t M, int64_t N, float* y, int64_t r0, int64_t r1) const {
-    for (int64_t m = 0; m < M; ++m) {
-      if (slot[m] < 0) continue;
-      float* ym = y + m * N;
+  // y [M, N] columns [r0, r1) += h[m] . B^T[s] for each group's rows m: each B^T row slice read once per group.
+  void up(const std::vector<LoraGroup>& groups, int64_t N, float* y, int64_t r0, int64_t r1) const {
+    for (const LoraGroup& grp : groups)
       for (int64_t j = 0; j < r; ++j) {
-        const float c = h[m * r + j];
-        const float* b = Bt + (slot[m] * r + j) * N;
+        const float* b = Bt + (grp.slot * r + j) * N;
+        for (const int64_t m : grp.rows) {
+          const float c = h[m * r + j];
+          float* ym = y + m * N;
 #pragma omp simd
-        for (int64_t n = r0; n < r1; ++n) ym[n] += c * b[n];
+          for (int64_t n = r0; n < r1; ++n) ym[n] += c * b[n];
+        }
       }
-    }
   }
 };
 
@@ -122,21 +131,28 @@ struct Proj {
     lora = {A.data_ptr<float>(), Bt.data_ptr<float>(), A.size(1), h.data()};
   }
 
-  // Output columns [r0, r1) of y [M, N] = x [M, K] . W^T (+ each adapter row's LoRA term), on this thread.
-  void rows(const Act& x, int64_t M, float* y, int64_t r0, int64_t r1, const int64_t* lora_slot) const {
+  // Output columns [r0, r1) of y [M, N] = x [M, K] . W^T (+ the LoRA terms of the groups' rows), on this thread.
+  void rows(const Act& x, int64_t M, float* y, int64_t r0, int64_t r1, const std::vector<LoraGroup>& groups) const {
     if (r0 >= r1) return;
     if (scale != nullptr)
       slimlm::int8_matmul_rows(x.xq, x.sx, static_cast<const int8_t*>(w), scale, y, M, K, N, r0, r1);
     else
       slimlm::fp32_matmul_rows(x.x, static_cast<const float*>(w), y, M, K, N, r0, r1);
-    if (lora.A != nullptr && lora_slot != nullptr) lora.up(lora_slot, M, N, y, r0, r1);
-  }
-
-  // Row m's LoRA down-projection, if it has an adapter and this projection has slots.
-  void lora_down(const Act& x, int64_t m, const int64_t* lora_slot) const {
-    if (lora.A != nullptr && lora_slot != nullptr && lora_slot[m] >= 0) lora.down(x.x + m * K, K, m, lora_slot[m]);
+    if (lora.A != nullptr) lora.up(groups, N, y, r0, r1);
   }
 };
+
+// The LoRA down-projections of the projections that read x, one work item per (projection, adapter group), split
+// among the threads (the caller's barrier ends them).
+void lora_down(const Act& x, std::initializer_list<const Proj*> projs, const std::vector<LoraGroup>& groups) {
+  if (groups.empty()) return;
+  const int64_t G = static_cast<int64_t>(groups.size()), P = static_cast<int64_t>(projs.size());
+#pragma omp for schedule(static)
+  for (int64_t item = 0; item < P * G; ++item) {
+    const Proj* pr = projs.begin()[item / G];
+    if (pr->lora.A != nullptr) pr->lora.down(x.x, x.K, groups[item % G]);
+  }
+}
 
 struct Layer {
   const float* norm1;
@@ -147,7 +163,7 @@ struct Layer {
 // This thread's share of the output columns of projections that all read x [M, K]: their columns are counted as
 // one run [q | k | v] and cut into equal runs of whole row groups, one per thread, so one barrier ends them all.
 void share(const Act& x, int64_t M, std::initializer_list<std::pair<const Proj*, float*>> projs, int tid,
-           int nth, const int64_t* lora_slot) {
+           int nth, const std::vector<LoraGroup>& lora) {
   int64_t total = 0;
   for (const auto& pr : projs) total += pr.first->N;
   const int64_t G = slimlm::row_group(), groups = (total + G - 1) / G;
@@ -155,7 +171,7 @@ void share(const Act& x, int64_t M, std::initializer_list<std::pair<const Proj*,
   int64_t off = 0;
   for (const auto& pr : projs) {
     const int64_t N = pr.first->N;
-    pr.first->rows(x, M, pr.second, std::max(a, off) - off, std::min(b, off + N) - off, lora_slot);
+    pr.first->rows(x, M, pr.second, std::max(a, off) - off, std::min(b, off + N) - off, lora);
     off += N;
   }
 }
@@ -416,6 +432,13 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
   TORCH_CHECK(lslot == nullptr || (lr.numel() == W && static_cast<int64_t>(lora.size()) == L * 14),
               "decode_layers: lora needs 14 tensors per layer (A, B^T of q, k, v, o, gate, up, down) and one slot per row");
   std::vector<std::vector<float>> lora_h(lslot ? L * 7 : 0);  // each projection's h [W, r]
+  std::vector<LoraGroup> groups;  // the rows of each slot in use, slots in order of first use
+  for (int64_t w = 0; lslot != nullptr && w < W; ++w) {
+    if (lslot[w] < 0) continue;
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const LoraGroup& g) { return g.slot == lslot[w]; });
+    if (it == groups.end()) groups.push_back({lslot[w], {w}});
+    else it->rows.push_back(w);
+  }
 
   std::vector<Layer> lay(L);
   int64_t max_q = 0, max_kv = 0, max_ff = 0, max_group = 1;
@@ -465,9 +488,9 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
       for (int64_t w = 0; w < W; ++w) {
         rmsnorm(xp + w * D, ly.norm1, h.data() + w * D, 1, D, e);
         hn.quantize_row(w);
-        for (const Proj* pr : {&ly.q, &ly.k, &ly.v}) pr->lora_down(hn, w, lslot);
       }
-      share(hn, W, {{&ly.q, q.data()}, {&ly.k, k.data()}, {&ly.v, v.data()}}, tid, nth, lslot);
+      lora_down(hn, {&ly.q, &ly.k, &ly.v}, groups);
+      share(hn, W, {{&ly.q, q.data()}, {&ly.k, k.data()}, {&ly.v, v.data()}}, tid, nth, groups);
 #pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < W; ++w) {
@@ -489,21 +512,19 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
                      a.data() + b * group * hd);
       }
 #pragma omp for schedule(static)
-      for (int64_t w = 0; w < W; ++w) {
-        an.quantize_row(w);
-        ly.o.lora_down(an, w, lslot);
-      }
-      share(an, W, {{&ly.o, o.data()}}, tid, nth, lslot);
+      for (int64_t w = 0; w < W; ++w) an.quantize_row(w);
+      lora_down(an, {&ly.o}, groups);
+      share(an, W, {{&ly.o, o.data()}}, tid, nth, groups);
 #pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < W; ++w) {
         for (int64_t j = w * D; j < (w + 1) * D; ++j) xp[j] += o[j];
         rmsnorm(xp + w * D, ly.norm2, h.data() + w * D, 1, D, e);
         hn.quantize_row(w);
-        for (const Proj* pr : {&ly.gate, &ly.up}) pr->lora_down(hn, w, lslot);
       }
+      lora_down(hn, {&ly.gate, &ly.up}, groups);
       // MLP.
-      share(hn, W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth, lslot);
+      share(hn, W, {{&ly.gate, g.data()}, {&ly.up, u.data()}}, tid, nth, groups);
 #pragma omp barrier
       const int64_t chunks = (F + SILU_CHUNK - 1) / SILU_CHUNK;
 #pragma omp for schedule(static)
@@ -512,11 +533,9 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
         silu_mul(g.data() + j0, u.data() + j0, std::min(SILU_CHUNK, F - (c % chunks) * SILU_CHUNK));
       }
 #pragma omp for schedule(static)
-      for (int64_t w = 0; w < W; ++w) {
-        gn.quantize_row(w);
-        ly.down.lora_down(gn, w, lslot);
-      }
-      share(gn, W, {{&ly.down, o.data()}}, tid, nth, lslot);
+      for (int64_t w = 0; w < W; ++w) gn.quantize_row(w);
+      lora_down(gn, {&ly.down}, groups);
+      share(gn, W, {{&ly.down, o.data()}}, tid, nth, groups);
 #pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < W * D; ++j) xp[j] += o[j];
