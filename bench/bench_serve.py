@@ -37,7 +37,8 @@ Scenarios, for slimlm (off unless asked):
                               --shared-system-concurrency (8), after one warm-up request that carries it too: slimlm
                               with and without its prefix cache (`--no-prefix-cache`; skipped with a message if this
                               slimlm lacks the flag), TTFT p50 of both and the ratio; llama-server runs it as well
-                              (with its default prompt caching), for reference.
+                              (with its default prompt caching), for reference;
+  --shared-system-user-tokens U   each request's own message in that load has U words (default: --prompt-tokens).
 Per repetition each server is started fresh, waited for (GET /v1/models answers 200; llama-server answers 503 while
 it loads), warmed up (2 short requests), loaded at each concurrency in turn, and stopped; repetitions alternate
 slimlm, llama.cpp, [slimlm+LoRA], [slimlm without prefix cache], slimlm, ... Figures are medians over the
@@ -160,9 +161,9 @@ def system_load(args: argparse.Namespace) -> list[Load]:
     """The shared-system-prompt load, after one unmeasured request that carries the system prompt (a warm prefix)."""
     if not args.shared_system_tokens:
         return []
-    c = args.shared_system_concurrency
-    return [Load(f"system{args.shared_system_tokens} c={c}", c, 1000 * (len(args.concurrency) + 1),
-                 {"system_prompt_tokens": args.shared_system_tokens, "warmup": 1})]
+    c, user = args.shared_system_concurrency, args.shared_system_user_tokens or args.prompt_tokens
+    return [Load(f"system{args.shared_system_tokens}+user{user} c={c}", c, 1000 * (len(args.concurrency) + 1),
+                 {"system_prompt_tokens": args.shared_system_tokens, "prompt_tokens": user, "warmup": 1})]
 
 
 def make_server(name: str, gguf: Path, args: argparse.Namespace, llama_server: Path | None = None,
@@ -409,17 +410,22 @@ def main(argv: list[str] | None = None) -> None:
                     help="also run a load whose requests all start with the same S-word system message: slimlm with "
                          "and without its prefix cache (and llama.cpp); 0 = off")
     ap.add_argument("--shared-system-concurrency", type=int, default=8, help="concurrency of that load (default 8)")
+    ap.add_argument("--shared-system-user-tokens", type=int, default=0, metavar="U",
+                    help="words of each request's own message in that load (default 0: --prompt-tokens); a chat "
+                         "turn after a long system prompt is short, e.g. 32")
     ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a server may take to load")
     ap.add_argument("--json", default=str(ROOT / "bench/results/serve.json"), metavar="OUT")
     args = ap.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
     if not names or set(names) - set(ENGINES) or min(args.concurrency, default=0) < 1 or args.reps < 1 or \
-            args.adapters < 0 or args.shared_system_tokens < 0 or args.shared_system_concurrency < 1:
+            args.adapters < 0 or args.shared_system_tokens < 0 or args.shared_system_concurrency < 1 or \
+            args.shared_system_user_tokens < 0:
         raise SystemExit(f"--engines from {', '.join(ENGINES)}; --concurrency levels >= 1; --reps >= 1; "
-                         "--adapters, --shared-system-tokens >= 0; --shared-system-concurrency >= 1")
+                         "--adapters, --shared-system-tokens, --shared-system-user-tokens >= 0; "
+                         "--shared-system-concurrency >= 1")
     args.parallel = max(args.concurrency + ([args.shared_system_concurrency] if args.shared_system_tokens else []))
-    need = args.prompt_tokens + args.shared_system_tokens + args.max_tokens + 64  # + the chat template's tokens
+    need = max(args.prompt_tokens, args.shared_system_user_tokens) + args.shared_system_tokens + args.max_tokens + 64
     args.n_ctx = args.n_ctx or -(-need // 256) * 256
 
     gguf = gguf_path()
@@ -466,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                         "n_ctx": args.n_ctx, "parallel": args.parallel, "endpoint": "chat", "temperature": 0.0,
                         "adapters": args.adapters, "shared_system_words": args.shared_system_tokens,
                         "shared_system_concurrency": args.shared_system_concurrency,
+                        "shared_system_user_words": args.shared_system_user_tokens or args.prompt_tokens,
                         "forced_output": "ignore_eos=true sent to both (honoured by both)"},
            "engines": {n: {"settings": s.settings, "weights": s.weights, "argv": s.argv,
                            "loads": [{"key": x.key, "concurrency": x.concurrency, "seed": x.seed, **x.kw}

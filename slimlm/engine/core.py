@@ -194,10 +194,11 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
                  metrics=None, on_finish: Callable[[Request], None] | None = None,
                  draft_model: Transformer | None = None):
-        """draft_model: the smaller model (same tokenizer) that speculative="draft" guesses with (engine/draft.py)."""
+        """tokenizer None: token ids only (Output.text stays empty, no stop tokens or strings; eval/speed.py).
+        draft_model: the smaller model (same tokenizer) that speculative="draft" guesses with (engine/draft.py)."""
         self.config = config or EngineConfig()
         self.config.validate()
         check_draft(self.config.speculative, model, draft_model)
@@ -213,7 +214,7 @@ class Engine:
         # After the LoRA slots are attached, so that it reads their base layers.
         self.fused = FusedDecode.for_model(model) if self.config.fused_decode else None
         self.counts = TokenCounts(self.config.max_batch, model.config.vocab_size, device=model.device)
-        self.stop_ids = set(tokenizer.stop_token_ids)
+        self.stop_ids = set(tokenizer.stop_token_ids) if tokenizer is not None else set()
         self._stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=model.device)
         self.spec_proposed = self.spec_accepted = 0  # speculative tokens guessed / kept
         self.draft = None if draft_model is None else DraftModel(
@@ -249,7 +250,10 @@ class Engine:
                              f"the context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
         if req.adapter is not None and self.lora is None:
             raise ValueError("this server runs without LoRA support (max_loras=0)")
-        req.decoder, req.text = StreamDecoder(self.tokenizer), StopStringText(req.params.stop)
+        if self.tokenizer is None and req.params.stop:
+            raise ValueError("stop strings need a tokenizer; this engine runs token ids only")
+        req.text = StopStringText(req.params.stop)
+        req.decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         req.generator = req.params.make_generator(self.model.device)  # None unless seeded
 
     def cancel(self, req: Request) -> None:
@@ -500,7 +504,7 @@ class Engine:
         req.t_last = now
         req.output_ids.append(tok)
         stop = tok in self.stop_ids and not req.params.ignore_eos
-        piece, hit = ("", False) if stop else req.text.add(req.decoder.push(tok))
+        piece, hit = ("", False) if stop or req.decoder is None else req.text.add(req.decoder.push(tok))
         reason = "stop" if stop or hit else "length" if req.n_generated >= req.max_tokens else None
         if reason:
             piece += req.text.flush()

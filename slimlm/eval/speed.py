@@ -1,13 +1,15 @@
 """Speed and footprint of a model: prefill and decode tokens/s, size on disk, peak resident memory.
 
 Method (kept simple on purpose):
+  - Generation runs on the engine (engine/core.py), the scheduler, cache and decode step that `LLM.generate`,
+    `slimlm serve` and `slimlm batch` use, fed token ids (no tokenizer), one request at a time, greedy, with
+    `ignore_eos` and the prefix cache off (a repeated prompt is prefilled again, not found in the cache).
   - Prefill: one prompt of `prompt_tokens` token ids (drawn from the vocabulary with a fixed seed; speed does not
-    depend on the text) run into a fresh static KVCache with `slimlm.generate.prefill`, the path `LLM.generate`
-    uses. tokens/s = prompt_tokens / seconds.
-  - Decode: after that prefill, `new_tokens` greedy steps of `decode_one_token` (or the compiled step one passes),
-    each feeding back the argmax. tokens/s = new_tokens / seconds; it includes the argmax, as generation does.
-  - `warmup` untimed runs first (allocator, oneDNN/cuBLAS kernel selection, torch.compile), then the median of
-    `repeats` timed runs. Batch size 1. CUDA is synchronised before each clock read.
+    depend on the text), from submitting the request to its first token. tokens/s = prompt_tokens / seconds.
+  - Decode: the `new_tokens` tokens after the first one, from the first token to the last. tokens/s =
+    new_tokens / seconds; it includes sampling, as generation does.
+  - `warmup` untimed runs first (allocator, kernel selection, torch.compile), then the median of `repeats` timed
+    runs. Batch size 1. CUDA is synchronised by the engine's sampling (it reads the sampled token).
   - Peak RSS is the process's high-water mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), so it includes
     loading the model and everything the process did before: run one model per process to compare footprints.
 """
@@ -23,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from slimlm.generate import DecodeFn, decode_one_token, prefill
-from slimlm.kv_cache import KVCache
+from slimlm.engine.core import Engine, EngineConfig, Request
+from slimlm.engine.sampling import SamplingParams
 
 
 @dataclass
@@ -43,51 +45,35 @@ class SpeedConfig:
             raise ValueError(f"speed warmup must be >= 0, got {self.warmup}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _run_once(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generation of 1 + new_tokens tokens after `prompt`."""
+    req = Request(prompt, SamplingParams(max_new_tokens=new_tokens + 1, ignore_eos=True))
+    for _ in engine.generate([req]):
+        pass
+    return req.t_first - req.t_arrival, req.t_last - req.t_first
 
 
-@torch.no_grad()
-def _run_once(model: torch.nn.Module, prompt: torch.Tensor, cache: KVCache, new_tokens: int,
-              decode_fn: DecodeFn) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one generation of new_tokens greedy tokens after prompt [1, T]."""
-    device, T = prompt.device, prompt.shape[1]
-    cache.reset()
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = prefill(model, prompt, cache, torch.arange(T, device=device))  # [1, V]
-    _sync(device)
-    t1 = time.perf_counter()
-    for step in range(new_tokens):
-        token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
-        logits = decode_fn(model, token, cache, torch.tensor([T + step], device=device))
-    _sync(device)
-    return t1 - t0, time.perf_counter() - t1
-
-
-def measure_speed(model: torch.nn.Module, config: SpeedConfig | None = None,
-                  decode_fn: DecodeFn = decode_one_token) -> dict:
+def measure_speed(model: torch.nn.Module, config: SpeedConfig | None = None) -> dict:
     """Prefill and decode tokens/s at batch size 1 (median of config.repeats after config.warmup runs).
 
-    model: slimlm.model.Transformer; decode_fn: the decode step (LLM._decode is the compiled one after
-    LLM.compile()). The model's train/eval mode is restored afterwards.
+    model: slimlm.model.Transformer (or an ONNX Runtime model, export/ort.py), as slimlm.load gives it; its
+    train/eval mode is restored afterwards.
     """
     cfg = config or SpeedConfig()
     cfg.validate()
-    need = cfg.prompt_tokens + cfg.new_tokens
+    need = cfg.prompt_tokens + cfg.new_tokens + 1
     if need > model.config.max_seq_len:
-        raise ValueError(f"prompt_tokens + new_tokens = {need} exceeds the model's context of "
+        raise ValueError(f"prompt_tokens + new_tokens + 1 = {need} exceeds the model's context of "
                          f"{model.config.max_seq_len} tokens")
     g = torch.Generator().manual_seed(cfg.seed)
-    prompt = torch.randint(0, model.config.vocab_size, (1, cfg.prompt_tokens), generator=g).to(model.device)
-    cache = KVCache.for_model(model, 1, need)
+    prompt = torch.randint(0, model.config.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
     was_training = model.training
-    model.eval()
+    engine = Engine(model, None, EngineConfig(max_batch=1, max_seq_len=need, max_loras=0, prefix_cache=False,
+                                              prefill_chunk=max(cfg.prompt_tokens, 1)))
     try:
         for _ in range(cfg.warmup):
-            _run_once(model, prompt, cache, cfg.new_tokens, decode_fn)
-        runs = [_run_once(model, prompt, cache, cfg.new_tokens, decode_fn) for _ in range(cfg.repeats)]
+            _run_once(engine, prompt, cfg.new_tokens)
+        runs = [_run_once(engine, prompt, cfg.new_tokens) for _ in range(cfg.repeats)]
     finally:
         model.train(was_training)
     prefill_s = statistics.median(r[0] for r in runs)
@@ -95,7 +81,7 @@ def measure_speed(model: torch.nn.Module, config: SpeedConfig | None = None,
     return {"prefill_tokens_per_s": cfg.prompt_tokens / prefill_s, "decode_tokens_per_s": cfg.new_tokens / decode_s,
             "prefill_s": prefill_s, "decode_s": decode_s, **asdict(cfg),
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "fused_decode": engine.fused is not None}
 
 
 def disk_size(path: str | Path) -> int:
