@@ -63,14 +63,15 @@ def run(llm, prompts: list[list[int]], cfg: EngineConfig, max_new: int, together
             "prefix_hit_tokens": engine.prefix_cache.hits if engine.prefix_cache else 0}
 
 
-def bench_speculative(llm, prompts, rounds: int, k: int) -> dict:
+def bench_speculative(llm, prompts, rounds: int, k: int, draft_vocab: int = 0) -> dict:
     """Plain decoding vs speculation (a draft model where llm has one, else prompt lookup), rounds alternating."""
     method = "draft" if llm.draft_model is not None else "ngram"
     base = dict(max_batch=1, max_seq_len=1024, max_loras=0, prefix_cache=False)
     rows = []
     for i in range(rounds):
         off = run(llm, prompts, EngineConfig(**base), 64, together=False)
-        on = run(llm, prompts, EngineConfig(**base, speculative=method, num_speculative_tokens=k), 64, together=False)
+        on = run(llm, prompts, EngineConfig(**base, speculative=method, num_speculative_tokens=k,
+                                            draft_vocab=draft_vocab), 64, together=False)
         rows.append({"off": off["decode_tok_s"], "on": on["decode_tok_s"], "ratio": on["decode_tok_s"] / off["decode_tok_s"],
                      "identical": on["outputs"] == off["outputs"], "acceptance": on["accepted"] / max(on["proposed"], 1)})
         print(f"  speculative round {i + 1}: off {off['decode_tok_s']:.1f} tok/s, {method} k={k} "
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft", default=None, metavar="PATH",
                    help="measure draft-model speculation with this draft (same tokenizer as --model, loaded with the "
                         "same --dtype/--quantize) instead of prompt lookup")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="with --draft: the draft guesses among token ids < N only (0: all)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="1 round, 4 prompts")
     p.add_argument("--json", default=None)
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {args.model}{' + ' + args.adapter if args.adapter else ''}, dtype {llm.model.dtype}, "
           f"{torch.get_num_threads()} threads{', draft ' + args.draft if args.draft else ''}", flush=True)
     result = {"machine": machine_info(torch.get_num_threads()), "args": vars(args),
-              "speculative": bench_speculative(llm, task_prompts(llm, args.prompts, None), args.rounds, args.k),
+              "speculative": bench_speculative(llm, task_prompts(llm, args.prompts, None), args.rounds, args.k,
+                                               args.draft_vocab),
               "prefix": bench_prefix(llm, args.rounds, args.clients)}
     s, f = result["speculative"], result["prefix"]
     print(f"speculative ({s['method']}, k={args.k}): median decode speed-up {s['median_ratio']:.2f}x, "

@@ -87,6 +87,26 @@ def test_greedy_tokens_are_identical(tiny_llama, other_folder, fused, quantize, 
         assert 0 < e.spec_accepted < e.spec_proposed, (e.spec_accepted, e.spec_proposed)
 
 
+@pytest.mark.parametrize("fused,quantize", PATHS)
+def test_draft_vocab_guesses_only_low_ids(tiny_llama, fused, quantize):
+    """draft_vocab=N: the draft's head cut to ids < N; its guesses stay below N and the output is unchanged."""
+    if fused and not kernels.load():
+        pytest.skip("slimlm's CPU kernels could not be built here")
+    llm = load(tiny_llama[0], quantize)
+    ps = prompts(llm)
+    want = greedy_outputs(engine(llm, fused_decode=fused), ps)
+    e = engine(llm, llm.model, fused_decode=fused, draft_vocab=200)  # the target as its own draft, 200 of 384 ids
+    guessed = []
+    propose = e.draft.propose
+    e.draft.propose = lambda rows: (lambda out: (guessed.extend(t for g in out.values() for t in g), out)[1])(
+        propose(rows))
+    assert greedy_outputs(e, ps) == want
+    assert guessed and max(guessed) < 200
+    assert e.draft.head.out_features == 200 and llm.model.lm_head.out_features == 384  # the model is not changed
+    # The target's own tokens below 200 are guessed right: the draft is the target restricted to those ids.
+    assert 0 < e.spec_accepted < e.spec_proposed
+
+
 def check_draft_keys(e: Engine) -> None:
     """Every draft key the draft counts as valid equals a fresh prefill of the request's tokens by the draft."""
     d = e.draft
@@ -172,6 +192,10 @@ def test_config_errors(tiny_llama, make_model_folder):
         Engine(llm.model, llm.tokenizer, EngineConfig(max_loras=0, speculative="draft"))
     with pytest.raises(ValueError, match=r"draft model was given but speculative='ngram'"):
         Engine(llm.model, llm.tokenizer, EngineConfig(max_loras=0, speculative="ngram"), draft_model=llm.model)
+    with pytest.raises(ValueError, match=r'draft_vocab applies to draft-model speculation.*speculative="draft"'):
+        EngineConfig(speculative="ngram", draft_vocab=100).validate()
+    with pytest.raises(ValueError, match="draft_vocab must be >= 0"):
+        EngineConfig(speculative="draft", draft_vocab=-1).validate()
     wide = make_model_folder("llama", seed=3, vocab_size=512)[0]
     with pytest.raises(ValueError, match="vocab_size is 512, the target's is 384.*tokenizer"):
         Engine(llm.model, llm.tokenizer, EngineConfig(max_loras=0, speculative="draft"),

@@ -58,6 +58,7 @@ class EngineConfig:
     prefix_block: int = 16  # tokens per cached block: prefixes are reused in whole blocks
     speculative: str | None = None  # "ngram" (prompt lookup), "draft" (Engine(draft_model=...)) or None
     num_speculative_tokens: int = 4  # k: guesses verified per step
+    draft_vocab: int = 0  # speculative="draft": guess among token ids < N only (the draft's head cut; 0 = all)
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
     fused_decode: bool = True  # CPU fp32: decode steps run all layers in one C++ call where the model qualifies
@@ -69,6 +70,11 @@ class EngineConfig:
         bad += [f"{k} must be >= 1, got {getattr(self, k)}" for k in
                 ("max_queue", "prefill_chunk", "max_lora_rank", "prefix_block",
                  "num_speculative_tokens", "ngram_min") if getattr(self, k) < 1]
+        if self.draft_vocab < 0:
+            bad.append(f"draft_vocab must be >= 0 (0 = the draft's whole vocabulary), got {self.draft_vocab}")
+        if self.draft_vocab and self.speculative != "draft":
+            bad.append('draft_vocab applies to draft-model speculation: set speculative="draft" (slimlm serve: '
+                       "--speculative draft) or draft_vocab=0")
         if self.max_loras < 0:
             bad.append(f"max_loras must be >= 0, got {self.max_loras}")
         if self.prefix_cache and self.prefix_cache_tokens < self.prefix_block:
@@ -219,7 +225,7 @@ class Engine:
         self.spec_proposed = self.spec_accepted = 0  # speculative tokens guessed / kept
         self.draft = None if draft_model is None else DraftModel(
             draft_model, self.config.max_batch, self.max_seq_len, self.config.fused_decode, self.config.prefill_chunk,
-            self.config.kv_cache_dtype)
+            self.config.kv_cache_dtype, self.config.draft_vocab)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self.accepting = True

@@ -97,6 +97,7 @@ class FusedDecode:
     def __init__(self, model: Transformer, layer_tensors: list[torch.Tensor]):
         self.model, self.layer_tensors = model, layer_tensors
         self.lora_tensors = _lora_tensors(model)  # the slot buffers are filled in place: read at every call
+        self.lm_head = model.lm_head  # a draft model may use a narrower head (engine/draft.py)
         self.inv_freq = model.inv_freq.float()
         self.eps, self.window = model.config.norm_eps, model.config.sliding_window or 0
 
@@ -138,4 +139,4 @@ class FusedDecode:
             rows = torch.tensor([-1 if r is None else r for r in lora_rows], dtype=torch.long)
         x = torch.ops.slimlm.decode_layers(x, slots, positions, self.inv_freq, self.layer_tensors, k_cache, v_cache,
                                            self.eps, self.window, lora, rows)
-        return m.lm_head(m.norm(x)).float()  # [W, V]
+        return self.lm_head(m.norm(x)).float()  # [W, V] (V: the head's outputs)
