@@ -394,6 +394,8 @@ class Engine:
         positions = torch.arange(a, a + len(ids), device=dev)[None]  # [1, C]
         logits = self._forward(tokens, positions, req.slot, [req], logits_to_keep=1)[:, -1]  # [1, V]
         req.n_prefilled += len(ids)
+        if self.draft is not None:  # the draft model's prompt keys too, so that decoding starts without them
+            self.draft.prefill(req, req.n_prefilled)
         if req.n_prefilled == len(req.prompt_ids):
             if self.prefix_cache is not None:
                 self.prefix_cache.store(req.prompt_ids, self.cache, req.slot, req.adapter_key)

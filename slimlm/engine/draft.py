@@ -2,8 +2,8 @@
 
 `DraftModel` owns the draft `Transformer`, its own slot KV cache (same slot numbers as the engine's cache) and,
 where the draft qualifies, its own fused CPU decode step. Each engine step, `propose` brings every row's draft
-cache up to the row's pending token (catch-up: usually 1 or 2 tokens, batched over the rows in one call; a new
-request's whole prompt runs as prefill chunks) and then takes k - 1 more greedy steps, batched over the rows. The
+cache up to the row's pending token (catch-up: usually 1 or 2 tokens, batched over the rows in one call; the
+prompt runs through the draft beside the target's prefill chunks, `prefill`) and then takes k - 1 more greedy steps, batched over the rows. The
 guesses are the draft's argmax tokens: point-mass proposals, so engine/speculative.py's `verify_greedy` and
 `verify_sampled` keep both greedy and sampled outputs exactly the target model's.
 
@@ -142,6 +142,21 @@ class DraftModel:
             st = self.state[slot]
             st.length, st.fed = reqs[slot].position + 1, g[:-1]
         return guesses
+
+    @torch.no_grad()
+    def prefill(self, req: Request, upto: int) -> None:
+        """Run the request's prompt tokens from the draft's length up to `upto` through the draft (the engine calls
+        this after each prompt chunk of the target's prefill, so that decoding starts with a one-token catch-up)."""
+        st = self.state.get(req.slot)
+        if st is None or st.seq != req.seq:
+            st = self.state[req.slot] = _SlotState(req.seq)
+        if upto <= st.length:
+            return
+        dev = self.model.device
+        positions = torch.arange(st.length, upto, device=dev)[None]  # [1, C]
+        ids = torch.tensor([req.prompt_ids[st.length:upto]], device=dev)
+        self.model.hidden(ids, cache=self.cache.batch(positions, req.slot), cache_pos=positions)
+        st.length = upto
 
     def sync(self, req: Request) -> _SlotState:
         """The slot's state with the fed guesses that turned out to be the request's tokens counted as known.

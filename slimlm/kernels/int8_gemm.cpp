@@ -48,7 +48,7 @@ using namespace slimlm::simd;
 // 146 us against 349 us for one q row per tile).
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int64_t MR_MAX = 4;          // activation rows per tile
-constexpr int64_t STREAM_M = 4;        // up to this many x rows: one q row at a time, streaming
+constexpr int64_t STREAM_M = 8;        // up to this many x rows: one q row at a time, streaming
 // q rows per tile (more x rows): with 512-bit vectors 4 x 4 int32 accumulators (of 32 registers); AVX2 keeps one q
 // row per tile, which measured faster there than 4 x 2 tiles (16 registers).
 constexpr bool WIDE = IL == 32;
@@ -293,7 +293,11 @@ void slimlm::int8_matmul_rows(const int16_t* xq, const float* sx, const int8_t* 
       case 1: return stream_rows<1>(xq, sx, q, s, y, K, N, r0, r1);
       case 2: return stream_rows<2>(xq, sx, q, s, y, K, N, r0, r1);
       case 3: return stream_rows<3>(xq, sx, q, s, y, K, N, r0, r1);
-      default: return stream_rows<4>(xq, sx, q, s, y, K, N, r0, r1);
+      case 4: return stream_rows<4>(xq, sx, q, s, y, K, N, r0, r1);
+      case 5: return stream_rows<5>(xq, sx, q, s, y, K, N, r0, r1);
+      case 6: return stream_rows<6>(xq, sx, q, s, y, K, N, r0, r1);
+      case 7: return stream_rows<7>(xq, sx, q, s, y, K, N, r0, r1);
+      default: return stream_rows<8>(xq, sx, q, s, y, K, N, r0, r1);
     }
   }
   blocked(M, K, r0, r1, 1, [&](int64_t mr, int64_t m0, int64_t n0, int64_t n1) {
