@@ -77,7 +77,9 @@ def test_fp16_cache():
     they agree as closely as with fp32; a key computed a last bit apart may round to the next fp16 value (~1e-3)."""
     model = tiny(4, max_seq_len=128)
     check_steps(model, {0: 70, 1: 11, 3: 1}, cache_dtype="fp16", cache_atol=1e-3)  # 70: more than one block of 64
-    assert SlotKVCache.for_model(model, 1, 8).k[0].dtype == torch.float16  # "auto" on a CPU, fp32 model
+    assert SlotKVCache.for_model(model, 1, 8).k[0].dtype == torch.float32  # "auto": an exact model stays exact
+    quantize_model_(model, "int8")
+    assert SlotKVCache.for_model(model, 1, 8).k[0].dtype == torch.float16  # "auto": quantized weights, fp32 on CPU
 
 
 def test_int8_weights():

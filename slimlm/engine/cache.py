@@ -1,7 +1,7 @@
 """The engine's KV cache: a fixed number of slots, one running sequence per slot.
 
-Each slot is one row of max_len key/value positions per layer (fp16 by default for an fp32 model on a CPU: see
-kv_cache_dtype), so a sequence's keys stay contiguous and a forward
+Each slot is one row of max_len key/value positions per layer (fp16 by default for a quantized fp32 model on a
+CPU: see kv_cache_dtype), so a sequence's keys stay contiguous and a forward
 over slots [a, a + n) reads the cache as a view, without gathering. Admission is by free slot, and a request is
 admitted only if its prompt + max_tokens fit a slot, so a running sequence can never run out of cache.
 
@@ -25,10 +25,12 @@ KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.b
 
 def kv_cache_dtype(name: str, model: torch.nn.Module) -> torch.dtype:
     """The cache's element type for `model`: fp32 | fp16 | bf16, or auto = fp16 for slimlm's fp32 Transformer on a
-    CPU (half the bytes the decode step reads and stores, llama.cpp's default too; its attention upcasts what it
-    reads), else the model's dtype (e.g. an ONNX Runtime graph, whose cache inputs are typed)."""
+    CPU with quantized weights (`slimlm serve`'s default, int8: half the bytes the decode step reads and stores, as
+    llama.cpp's default cache; the model's attention upcasts what it reads), else the model's dtype — an unquantized
+    fp32 model stays exact, and an ONNX Runtime graph's cache inputs are typed."""
     if name == "auto":
-        narrow = isinstance(model, Transformer) and model.dtype == torch.float32 and model.device.type == "cpu"
+        narrow = (isinstance(model, Transformer) and model.dtype == torch.float32 and model.device.type == "cpu"
+                  and bool(getattr(model, "quantization", None)))
         return torch.float16 if narrow else model.dtype
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")

@@ -62,7 +62,7 @@ class EngineConfig:
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
     fused_decode: bool = True  # CPU fp32: decode steps run all layers in one C++ call where the model qualifies
-    kv_cache_dtype: str = "auto"  # auto (fp16 for an fp32 model on a CPU, else the model's) | fp32 | fp16 | bf16
+    kv_cache_dtype: str = "auto"  # auto (fp16 for a quantized fp32 model on a CPU, else the model's) | fp32 | fp16 | bf16
 
     def validate(self) -> None:
         bad = [f"{k} must be >= 0 (0 = auto), got {getattr(self, k)}" for k in ("max_batch", "max_seq_len")
@@ -390,9 +390,15 @@ class Engine:
         a = req.n_prefilled
         ids = req.prompt_ids[a: a + budget]
         dev = self.model.device
-        tokens = torch.tensor([ids], dtype=torch.long, device=dev)  # [1, C]
-        positions = torch.arange(a, a + len(ids), device=dev)[None]  # [1, C]
-        logits = self._forward(tokens, positions, req.slot, [req], logits_to_keep=1)[:, -1]  # [1, V]
+        if self.fused is not None:  # each prompt token a row of the fused step: the arithmetic decoding uses
+            n = len(ids)
+            rows = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+            logits = self.fused(rows(ids), rows([req.slot] * n), rows(range(a, a + n)), self.cache.k, self.cache.v,
+                                [req.lora_slot] * n, logits_rows=rows([n - 1]))  # [1, V]
+        else:
+            tokens = torch.tensor([ids], dtype=torch.long, device=dev)  # [1, C]
+            positions = torch.arange(a, a + len(ids), device=dev)[None]  # [1, C]
+            logits = self._forward(tokens, positions, req.slot, [req], logits_to_keep=1)[:, -1]  # [1, V]
         req.n_prefilled += len(ids)
         if self.draft is not None:  # the draft model's prompt keys too, so that decoding starts without them
             self.draft.prefill(req, req.n_prefilled)

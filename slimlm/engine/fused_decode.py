@@ -125,10 +125,11 @@ class FusedDecode:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                  k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
-                 lora_rows: list[int | None] | None = None) -> torch.Tensor:
+                 lora_rows: list[int | None] | None = None, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Write each row's key/value at (slot, position) in k_cache/v_cache [n_slots, Hkv, S, hd] per layer.
 
-        lora_rows: each row's LoRA slot (engine/multi_lora.py) or None; None or all-None: no row uses an adapter."""
+        lora_rows: each row's LoRA slot (engine/multi_lora.py) or None; None or all-None: no row uses an adapter.
+        logits_rows: the rows whose logits are wanted (a prompt chunk needs its last only); None: every row."""
         m = self.model
         x = m.embed_tokens(tokens)  # [W, D]
         lora, rows = [], _NO_ROWS
@@ -139,4 +140,6 @@ class FusedDecode:
             rows = torch.tensor([-1 if r is None else r for r in lora_rows], dtype=torch.long)
         x = torch.ops.slimlm.decode_layers(x, slots, positions, self.inv_freq, self.layer_tensors, k_cache, v_cache,
                                            self.eps, self.window, lora, rows)
-        return self.lm_head(m.norm(x)).float()  # [W, V] (V: the head's outputs)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return self.lm_head(m.norm(x)).float()  # [W or len(logits_rows), V] (V: the head's outputs)

@@ -502,8 +502,9 @@ at::Tensor decode_layers_impl(const at::Tensor& x_in, const at::Tensor& slots, c
           from_f32(v.data() + (w * Hkv + kh) * hd, hd, Vc + off);
         }
       }
-      // One work item per row and key/value head: its `group` query heads are consecutive in q and a.
-#pragma omp for schedule(static)
+      // One work item per row and key/value head: its `group` query heads are consecutive in q and a. Dealt out
+      // round-robin: the rows of a prompt chunk attend over more and more positions.
+#pragma omp for schedule(static, 1)
       for (int64_t b = 0; b < W * Hkv; ++b) {
         const int64_t w = b / Hkv, kh = b % Hkv;
         const int64_t base = (slot[w] * Hkv + kh) * S * hd;

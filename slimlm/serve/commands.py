@@ -36,9 +36,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "(automatic prefix caching; hit rate in /metrics)")
     p.add_argument("--prefix-cache-tokens", type=int, default=8192, help="prefix cache size in tokens")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="element type of the KV cache: auto = fp16 for an fp32 model on a CPU (half the memory and "
-                        "the bytes each decode step reads, as llama.cpp's default; keys and values rounded to fp16), "
-                        "else the model's dtype; fp32 keeps them exact")
+                   help="element type of the KV cache: auto = fp16 for quantized weights with fp32 activations on a "
+                        "CPU (the --quantize auto default: half the memory and the bytes each decode step reads, as "
+                        "llama.cpp's default; keys and values rounded to fp16), else the model's dtype; fp32 keeps "
+                        "them exact")
     p.add_argument("--speculative", default=None, choices=["ngram", "draft"],
                    help="speculative decoding, guesses verified in one forward (greedy output unchanged, sampled "
                         "output keeps its distribution): ngram = prompt lookup (guesses copied from the context; "
