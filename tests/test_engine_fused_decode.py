@@ -174,3 +174,24 @@ def test_int8_tokens_same_alone_batched_and_speculative(tiny_llama):
         assert llm._engine.fused is not None
     assert outs["alone"] == outs["batched"] == outs["speculative"]
     assert llm._engine.spec_proposed > 0  # the guesses were verified through the fused step
+
+
+def test_int8_prefill_runs_through_the_fused_step(tiny_llama):
+    """int8 weights: prompt chunks are rows of the fused step (fp32 weights keep the forward's GEMM), so a prompt's
+    keys do not depend on how it was chunked or found in the prefix cache: the same tokens every way."""
+    llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize="int8")
+    assert FusedDecode.for_model(llm.model).prefills
+    assert not FusedDecode.for_model(slimlm.load(str(tiny_llama[0]), dtype="fp32").model).prefills
+    shared = "the cat sat on the mat and " * 6
+    prompts = [llm.tokenizer.prompt_ids(shared + f"question {i}", chat=True) for i in range(3)]
+    outs = {}
+    for name, cfg in {"chunk 7": dict(prefill_chunk=7, prefix_cache=False), "whole": dict(prefix_cache=False),
+                      "prefix cache": dict(prefix_cache=True, prefix_block=4)}.items():
+        e = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, max_seq_len=160, max_loras=0, **cfg))
+        reqs = [Request(p, SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)) for p in prompts]
+        for r in reqs:  # one at a time, so that later prompts find the first one's blocks
+            list(e.generate([r]))
+        outs[name] = [r.output_ids for r in reqs]
+        if cfg["prefix_cache"]:
+            assert e.prefix_cache.hits > 0
+    assert outs["chunk 7"] == outs["whole"] == outs["prefix cache"]

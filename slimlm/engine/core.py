@@ -390,7 +390,7 @@ class Engine:
         a = req.n_prefilled
         ids = req.prompt_ids[a: a + budget]
         dev = self.model.device
-        if self.fused is not None:  # each prompt token a row of the fused step: the arithmetic decoding uses
+        if self.fused is not None and self.fused.prefills:  # each prompt token a row: decoding's own arithmetic
             n = len(ids)
             rows = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
             logits = self.fused(rows(ids), rows([req.slot] * n), rows(range(a, a + n)), self.cache.k, self.cache.v,

@@ -98,6 +98,9 @@ class FusedDecode:
         self.model, self.layer_tensors = model, layer_tensors
         self.lora_tensors = _lora_tensors(model)  # the slot buffers are filled in place: read at every call
         self.lm_head = model.lm_head  # a draft model may use a narrower head (engine/draft.py)
+        # Prompt chunks go through this step too where every projection is int8: its integer tiles run prefill
+        # faster than the forward (BENCHMARKS.md); fp32 weights prefill faster through torch's GEMM in the forward.
+        self.prefills = all(t.dtype == torch.int8 for t in layer_tensors if t.dim() == 2)
         self.inv_freq = model.inv_freq.float()
         self.eps, self.window = model.config.norm_eps, model.config.sliding_window or 0
 
