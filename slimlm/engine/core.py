@@ -3,9 +3,10 @@
 Requests join and leave the running batch at token boundaries (continuous batching). Each `step()`:
   1. runs work other threads handed over, drops cancelled requests (their slot is free for this very step),
   2. admits waiting requests in arrival order while a cache slot (and, for an adapter, a LoRA slot) is free,
-  3. runs at most `prefill_chunk` prompt tokens, oldest request first (one forward per request), each request
-     first taking the longest cached prefix of its prompt from the prefix cache (engine/prefix_cache.py) — so a
-     long prompt delays the running streams by one bounded chunk per step, not by its whole length,
+  3. runs at most `prefill_chunk` prompt tokens, oldest request first (one forward per request; with int8 weights
+     on a CPU, rows of the fused step instead), each request first taking the longest cached prefix of its prompt
+     from the prefix cache (engine/prefix_cache.py) — so a long prompt delays the running streams by one bounded
+     chunk per step, not by its whole length,
   4. decodes every request past its prompt in one forward over cache slots [0, n), each row with its own position,
      adapter and sampling parameters; with speculative decoding on, rows that have a guess (engine/speculative.py:
      prompt lookup, or engine/draft.py: a draft model) verify up to k guessed tokens in the same forward and may
