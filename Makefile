@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SLOW   ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench soak clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "slimlm needs Python 3.11+, found " + sys.version'
@@ -27,10 +27,17 @@ demo: install
 
 test: install
 ifeq ($(SLOW),1)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not soak" $(PYTEST_ARGS)
 else
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not soak" $(PYTEST_ARGS)
 endif
+
+# The long robustness runs (issue 15): the fault-injection suite with many more examples and kill -9 trials, the
+# overload/disconnect soak; results go to RELIABILITY.md's table.
+soak: install
+	rm -f runs/reliability.jsonl
+	SLIMLM_SOAK=1 $(PY) -m pytest -q tests/robustness $(PYTEST_ARGS)
+	$(PY) tests/robustness/report.py runs/reliability.jsonl --update RELIABILITY.md
 
 # Peer comparisons (installs llama-cpp-python, which compiles llama.cpp: several minutes the first time; the
 # serving peer, llama.cpp's C++ llama-server, is built under build/llama.cpp by scripts/build_llama_server.sh,

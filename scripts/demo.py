@@ -225,7 +225,8 @@ def engine_stage(args: argparse.Namespace, adapter: Path) -> None:
     print("\n== engine: draft-model speculative decoding and prefix caching (bench/bench_engine_features.py) ==",
           flush=True)
     slimlm_cli = [sys.executable, "-m", "slimlm.cli"]
-    subprocess.run(slimlm_cli + ["merge", "--model", args.model, "--adapter", str(adapter), "--out", str(merged)],
+    subprocess.run(slimlm_cli + ["merge", "--model", args.model, "--adapter", str(adapter), "--out", str(merged),
+                                 "--overwrite"],  # the demo owns its --out: a re-run replaces it
                    check=True, stdout=subprocess.DEVNULL)
     print(f"merged the adapter into {merged}; distilling a 6-layer draft from it ({args.draft_steps} steps)",
           flush=True)
@@ -233,7 +234,7 @@ def engine_stage(args: argparse.Namespace, adapter: Path) -> None:
                                  str(out / "task" / "train.jsonl"), "--out", str(draft), "--train.max_steps",
                                  str(args.draft_steps), "--train.batch_size", "8", "--dataset.max_seq_len", "256",
                                  "--train.lr", "1e-3", "--train.warmup_steps", "5", "--train.eval_every", "100000",
-                                 "-q"], check=True)
+                                 "--overwrite", "-q"], check=True)
     cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "bench_engine_features.py"),
            "--model", str(merged), "--dtype", "fp32", "--quantize", "int8", "--draft", str(draft / "model"),
            "--spec-k", "3", "--quick"]

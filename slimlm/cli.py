@@ -13,6 +13,7 @@ import time
 from typing import Sequence
 
 from slimlm.checkpoint import CheckpointError
+from slimlm.checkpoint.atomic import OVERWRITE_HELP, atomic_folder, check_output
 from slimlm.config import ConfigError
 
 
@@ -174,10 +175,13 @@ def _adapter_info(folder, as_json: bool) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from slimlm.recipe import apply_flags, load_recipe
+    from slimlm.train.checkpoint import check_run_folder
     from slimlm.train.finetune import FinetuneConfig, finetune
 
     cfg = load_recipe(FinetuneConfig, args.recipe) if args.recipe else FinetuneConfig()
     cfg = apply_flags(cfg, args)
+    cfg.validate()  # flag errors before the --out check, which may remove old checkpoints (--overwrite)
+    check_run_folder(cfg.out, resume=cfg.resume, overwrite=args.overwrite, inputs=[cfg.model, cfg.data, cfg.eval_data])
     res = finetune(cfg, progress=not args.quiet)
     t = res.train
     print(f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, "
@@ -189,6 +193,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from slimlm.peft.merge import merge_to_folder
 
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.adapter])
     report = merge_to_folder(args.model, args.adapter, args.out, dtype=args.dtype)
     print(json.dumps(report, indent=2))
     return 0
@@ -211,10 +216,12 @@ def cmd_data_task(args: argparse.Namespace) -> int:
 
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; bundled tasks: {', '.join(TASKS)}")
-    paths = TASKS[args.task].write_splits(args.out, n_train=args.train, n_val=args.val, n_test=args.test,
-                                          seed=args.seed)
+    out = check_output(args.out, overwrite=args.overwrite)
+    with atomic_folder(out) as tmp:  # like every output folder: replaced whole, never half-written
+        paths = TASKS[args.task].write_splits(tmp, n_train=args.train, n_val=args.val, n_test=args.test,
+                                              seed=args.seed)
     for split, path in paths.items():
-        print(f"{split:<6} {path}")
+        print(f"{split:<6} {out / path.name}")
     return 0
 
 
@@ -228,6 +235,8 @@ def _add_finetune_parser(sub) -> None:
     f.add_argument("recipe", nargs="?", default=None, help="YAML recipe (optional)")
     add_flags(f, FinetuneConfig, short=("model", "method", "data", "eval_data", "out", "nf4_base", "dtype",
                                         "device", "task", "eval_generate", "eval_max_new_tokens", "resume"))
+    f.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)
 
@@ -236,6 +245,7 @@ def _add_finetune_parser(sub) -> None:
     m.add_argument("--adapter", required=True, help="adapter folder")
     m.add_argument("--out", required=True, help="folder for the merged model")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the saved weights")
+    m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     m.set_defaults(func=cmd_merge)
 
     d = sub.add_parser("data", help="check training data; write a bundled task's splits")
@@ -254,6 +264,7 @@ def _add_finetune_parser(sub) -> None:
     t.add_argument("--val", type=int, default=100)
     t.add_argument("--test", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.set_defaults(func=cmd_data_task)
 
 
@@ -315,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:  # user-fixable: one line, status 2
+    # User-fixable (bad paths, flags, configs and files): one line, status 2. The loaders wrap third-party errors
+    # (safetensors, gguf, json, UTF-8) into these types with the file's path, so no traceback reaches the user.
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:
         print(f"slimlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,8 @@ This module only describes models; it imports no torch and builds nothing (see m
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,64 @@ NON_UNIFORM_NOTE = ("layers have different sizes (slimlm_layer_sizes, written by
 
 class ConfigError(ValueError):
     """A model config that slimlm cannot build; the message says what to fix."""
+
+
+# The config.json keys from_hf reads, by the JSON type each must have (null means "use the default").
+HF_REQUIRED_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+HF_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+HF_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+HF_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+HF_OBJECTS = ("rope_scaling", "rope_parameters")
+HF_ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _json(value: Any) -> str:
+    """A value as it is spelled in config.json ("576" for a string, 576 for a number)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _is_token_ids(v: Any) -> bool:
+    """None, a token id or a list of token ids (HF's eos_token_id takes all three)."""
+    ids = v if isinstance(v, list) else [] if v is None else [v]
+    return all(type(i) is int and i >= 0 for i in ids)
+
+
+def hf_config_errors(hf: dict[str, Any]) -> list[str]:
+    """Every value of an HF config.json dict that has the wrong JSON type or range, in the file's own key names.
+
+    Checked at the edge, before any arithmetic, so `"hidden_size": "576"` is reported as such rather than as a
+    TypeError from deep inside the model code.
+    """
+    errors = []
+    for k in HF_REQUIRED_INTS + HF_OPTIONAL_INTS:
+        v = hf.get(k)
+        if (k in HF_REQUIRED_INTS or v is not None) and (type(v) is not int or v <= 0):
+            errors.append(f'"{k}" must be a positive integer, got {_json(v)}')
+    for k in HF_POSITIVE_FLOATS:
+        v = hf.get(k)
+        if v is not None and (type(v) not in (int, float) or not math.isfinite(v) or v <= 0):
+            errors.append(f'"{k}" must be a positive number, got {_json(v)}')
+    errors += [f'"{k}" must be true or false, got {_json(hf[k])}' for k in HF_BOOLS
+               if hf.get(k) is not None and type(hf[k]) is not bool]
+    errors += [f'"{k}" must be an object {{...}} or null, got {_json(hf[k])}' for k in HF_OBJECTS
+               if hf.get(k) is not None and not isinstance(hf[k], dict)]
+    errors += [f'"{k}.{key}" must be a positive number, got {_json(v)}' for k in HF_OBJECTS
+               if isinstance(hf.get(k), dict) for key, v in hf[k].items()
+               if key in HF_ROPE_NUMBERS and (type(v) not in (int, float) or not math.isfinite(v) or v <= 0)]
+    errors += [f'"{k}" must be a token id or a list of token ids, got {_json(hf[k])}'
+               for k in ("bos_token_id", "eos_token_id") if not _is_token_ids(hf.get(k))]
+    if errors:
+        return errors
+    hidden, heads, kv = hf["hidden_size"], hf["num_attention_heads"], hf.get("num_key_value_heads")
+    if hf.get("head_dim") is None and hidden % heads:
+        errors.append(f'"hidden_size" ({hidden}) must be a multiple of "num_attention_heads" ({heads}), '
+                      'or "head_dim" must be set')
+    if kv is not None and heads % kv:
+        errors.append(f'"num_attention_heads" ({heads}) must be a multiple of "num_key_value_heads" ({kv})')
+    return errors
 
 
 @dataclass
@@ -157,10 +217,12 @@ class ModelConfig:
                 f"config.json has model_type {model_type!r} (architectures: {arch}); "
                 f"slimlm supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size") if k not in hf]
+        missing = [k for k in HF_REQUIRED_INTS if k not in hf]
         if missing:
-            raise ConfigError(f"config.json is missing {', '.join(missing)}; is it a causal LM config?")
+            raise ConfigError(f"config is missing {', '.join(missing)}; is it a causal LM config?")
+        errors = hf_config_errors(hf)
+        if errors:
+            raise ConfigError("invalid values: " + "; ".join(errors) + "; fix them in config.json")
         # transformers >= 5 keeps rope_theta and scaling together in `rope_parameters`; older files
         # use top-level `rope_theta` and `rope_scaling`.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -255,7 +317,7 @@ class ModelConfig:
             n_layers=int(get("block_count")),
             n_heads=n_heads,
             n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(get("attention.key_length", dim // n_heads)),
+            head_dim=int(get("attention.key_length", dim // max(n_heads, 1))),  # n_heads < 1 is refused by validate
             intermediate_size=int(get("feed_forward_length")),
             norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)),

@@ -47,9 +47,11 @@ def load_recipe(cls: type, path: str | Path) -> Any:
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     return from_dict(cls, values, f"{path}: ")
 
 

@@ -6,7 +6,6 @@ and incremental detokenization for streaming. It is not a tokenizer implementati
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,15 +29,23 @@ class Tokenizer:
         """Load from an HF folder (tokenizer files + generation_config.json) or a .gguf file."""
         from transformers import AutoTokenizer
 
+        from slimlm.checkpoint.hf import read_json_object
+        from slimlm.checkpoint.materialize import CheckpointError
+
         path = Path(path)
-        if path.suffix == ".gguf":
-            return cls(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
         extra = []
         gen = path / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            extra = [eos] if isinstance(eos, int) else list(eos or [])
-        return cls(AutoTokenizer.from_pretrained(str(path)), extra)
+        if path.suffix != ".gguf" and gen.is_file():
+            eos = read_json_object(gen).get("eos_token_id")
+            extra = [eos] if type(eos) is int else [i for i in eos if type(i) is int] if isinstance(eos, list) else []
+        try:
+            if path.suffix == ".gguf":
+                return cls(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+            return cls(AutoTokenizer.from_pretrained(str(path)), extra)
+        except Exception as e:  # transformers raises many types for bad files (JSONDecodeError, OSError, ...)
+            why = " ".join(f"{type(e).__name__}: {e}".split())
+            raise CheckpointError(f"{path}: its tokenizer cannot be loaded ({why}); re-download the model or fix "
+                                  "tokenizer.json / tokenizer_config.json") from None
 
     @property
     def vocab_size(self) -> int:

@@ -167,6 +167,7 @@ def test_failed_final_rename_restores_old_folder(tmp_path, monkeypatch):
         return real_rename(src, dst)
 
     monkeypatch.setattr(atomic_mod.os, "rename", rename)
+    monkeypatch.setattr(atomic_mod, "_exchange", lambda a, b: False)  # the two-rename path, where it can fail
     with pytest.raises(OSError, match="rename failed"):
         save_hf_folder(random_transformer(seed=2), target)
     monkeypatch.undo()

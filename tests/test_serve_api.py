@@ -263,13 +263,13 @@ def test_batch_job(tiny_llama, tmp_path, reference):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"custom_id": "a", "url": "/v1/chat/completions", "body": {}}\nnot json\n'
                    '{"custom_id": "a", "url": "/v1/embeddings", "body": {}}\n')
-    with pytest.raises(ValueError, match=r"line 2: not JSON.*\n.*line 3: custom_id 'a' is used twice"):
+    with pytest.raises(ValueError, match=r"line 2: invalid JSON.*\n.*line 3: custom_id 'a' is used twice"):
         read_batch_file(bad)
 
 
 def test_load_and_unload_adapter_at_run_time(tiny_llama, tmp_path):
     a = _lora(tiny_llama, tmp_path / "a", seed=5)
-    with running_server(config(tiny_llama[0])) as (url, state):
+    with running_server(config(tiny_llama[0], allow_runtime_lora=True, lora_roots=[str(tmp_path)])) as (url, state):
         assert post(url, "/v1/completions", {"model": "tiny:late", "prompt": "hi"}).status_code == 400
         r = post(url, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(a)})
         assert r.status_code == 200, r.text

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimlm.checkpoint.materialize import CheckpointError, build_model
+from slimlm.checkpoint.materialize import CheckpointError, build_model, check_layer_count
 from slimlm.config import ConfigError, ModelConfig
 from slimlm.model import Transformer
 
@@ -47,7 +47,13 @@ def _open(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({e}); it may be truncated, download it again") from None
+        raise CheckpointError(f"{path} is not a readable GGUF file ({_one_line(e)}); it may be truncated, "
+                              "download it again") from None
+
+
+def _one_line(e: Exception) -> str:
+    """A third-party exception's message on one line (the CLI prints errors as one line)."""
+    return " ".join(str(e).split())
 
 
 def read_metadata(reader) -> dict[str, Any]:
@@ -117,7 +123,10 @@ def iter_gguf_tensors(reader, config: ModelConfig, path: Path) -> Iterator[tuple
     for t in reader.tensors:
         if t.name in IGNORED_GGUF_KEYS:
             continue
-        name = slimlm_name(t.name)
+        try:
+            name = slimlm_name(t.name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         try:
             w = dequantize(t.data, t.tensor_type)
         except Exception as e:
@@ -140,6 +149,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
         config = ModelConfig.from_gguf(read_metadata(reader))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:  # a metadata value of the wrong type, e.g. a string block_count
+        raise CheckpointError(f"{path}: invalid model metadata ({e}); the file is corrupt, download it again") from None
+    check_layer_count(config, [t.name for t in reader.tensors], path)
     config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
     rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if rope_freqs is not None:
@@ -174,5 +186,9 @@ def convert_gguf(path: str | Path, out: str | Path) -> Path:
 
     path = Path(path)
     _, model = load_gguf(path, torch.float32, "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises many types here (ValueError, KeyError, IndexError, ...)
+        raise CheckpointError(f"{path}: its tokenizer cannot be read ({type(e).__name__}: {_one_line(e)}); slimlm "
+                              "needs a GGUF file with an embedded tokenizer (tokenizer.ggml.*)") from None
     return save_hf_folder(model, out, tokenizer=tokenizer)

@@ -7,6 +7,7 @@ Only safetensors are read: pickled `.bin` weights are never unpickled.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from slimlm.checkpoint.atomic import atomic_folder
-from slimlm.checkpoint.materialize import CheckpointError, build_model
+from slimlm.checkpoint.materialize import CheckpointError, build_model, check_layer_count
 from slimlm.config import ConfigError, ModelConfig
 from slimlm.model import Transformer
 
@@ -60,14 +61,27 @@ def slimlm_to_hf_name(name: str) -> str:
     return out
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold one object (config.json, adapter_config.json, an index); errors name the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                              "re-download or fix the file") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object {{...}}; "
+                              "re-download or fix the file")
+    return value
+
+
 def read_hf_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; point --model at an HF model folder")
     try:
-        return ModelConfig.from_hf(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
+        return ModelConfig.from_hf(read_json_object(path))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -76,7 +90,11 @@ def safetensors_files(folder: Path) -> list[Path]:
     """The weight files of a folder: those named by model.safetensors.index.json, else every *.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no valid weight_map (tensor name -> shard file); "
+                                  "re-download the model folder")
+        names = sorted(set(weight_map.values()))
         files = [folder / n for n in names]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -91,28 +109,105 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # the reference reader's limit: a larger length prefix is corruption, not a header
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors_header(f: Path, handle) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where tensor data begins; checks the file size."""
+def _tensor_spec_error(key: str, info: Any) -> str | None:
+    """Why one header entry is not a valid tensor description (None if it is)."""
+    if not isinstance(info, dict):
+        return f"entry {key!r} is not a tensor description"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        return f"tensor {key!r} has unsupported dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"tensor {key!r} has an invalid shape {shape!r}"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"tensor {key!r} has invalid data_offsets {offsets!r}"
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        span = offsets[1] - offsets[0]
+        return f"tensor {key!r} ({dtype} {shape}) should span {nbytes:,} bytes, its data_offsets span {span:,}"
+    return None
+
+
+def check_safetensors_header(header: Any, data_bytes: int) -> str | None:
+    """Why a parsed safetensors header does not describe the file (None if it does).
+
+    The same rules as the reference reader: every tensor has a known dtype, a shape and offsets whose span is
+    exactly its size, and the tensors tile the data region with no gap, overlap or trailing bytes. With these, a
+    flipped bit anywhere in the header (outside `__metadata__`) or a cut anywhere in the file is caught here.
+    """
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    if not isinstance(header.get("__metadata__", {}), dict):
+        return "__metadata__ is not a JSON object"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for key, info in tensors.items():
+        if (problem := _tensor_spec_error(key, info)) is not None:
+            return problem
+    end = 0
+    for key, info in sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"]):
+        if info["data_offsets"][0] != end:
+            return f"tensor {key!r} starts at byte {info['data_offsets'][0]:,} of the data, expected {end:,}"
+        end = info["data_offsets"][1]
+    if end != data_bytes:
+        how = "truncated" if end > data_bytes else "followed by stray bytes"
+        return f"the file is {how} (the header describes {end:,} bytes of tensor data, the file holds {data_bytes:,})"
+    return None
+
+
+def _parse_safetensors_header(f: Path, handle) -> tuple[dict[str, Any], int]:
+    """The whole checked header (with `__metadata__`) and the offset where tensor data begins."""
     size = f.stat().st_size
     raw = handle.read(8)
     n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-    if n < 2 or 8 + n > size:
+    if n < 2 or 8 + n > size or n > MAX_HEADER_BYTES:
         raise CheckpointError(f"{f} has no valid safetensors header; the file is truncated or corrupt, download it again")
     try:
         header = json.loads(handle.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{f} has a corrupt safetensors header; download it again") from None
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{f} is truncated ({size:,} bytes, its header describes {8 + n + end:,}); "
-                              "download it again")
+    problem = check_safetensors_header(header, size - 8 - n)
+    if problem is not None:
+        raise CheckpointError(f"{f} is corrupt: {problem}; download it again")
     return header, 8 + n
+
+
+def read_safetensors_header(f: Path, handle) -> tuple[dict[str, Any], int]:
+    """The tensor entries of a safetensors file's header and the offset where tensor data begins.
+
+    Raises CheckpointError naming the file if the header is unreadable or does not match the file (see
+    check_safetensors_header), so a corrupt file is refused before any tensor is read.
+    """
+    header, data_start = _parse_safetensors_header(f, handle)
+    header.pop("__metadata__", None)
+    return header, data_start
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file, after the header check above (errors name the file, never a traceback)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    with open(path, "rb") as handle:
+        read_safetensors_header(path, handle)
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} cannot be read ({e}); the file is corrupt, download or save it again") from None
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file ({} if none), after the header check."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        header, _ = _parse_safetensors_header(path, handle)
+    return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
 
 
 def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -127,15 +222,20 @@ def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 if IGNORED_HF_KEYS.match(key):
                     continue
-                if info.get("dtype") not in SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{f}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
                 begin, end = info["data_offsets"]
                 handle.seek(data_start + begin)
                 buf = bytearray(end - begin)
                 handle.readinto(buf)
                 dtype = SAFETENSORS_DTYPES[info["dtype"]]
                 tensor = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-                yield hf_to_slimlm_name(key), tensor.view(info["shape"])
+                yield _slimlm_name_in(f, key), tensor.view(info["shape"])
+
+
+def _slimlm_name_in(f: Path, key: str) -> str:
+    try:
+        return hf_to_slimlm_name(key)
+    except CheckpointError as e:
+        raise CheckpointError(f"{f}: {e}") from None
 
 
 def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
@@ -143,7 +243,9 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
     """Load config and weights from an HF model folder."""
     folder = Path(folder)
     config = read_hf_config(folder)
-    quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    quant = read_json_object(folder / "config.json").get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{folder / 'config.json'}: quantization_config must be an object, got {quant!r}")
     if quant.get("quant_method") == "slimlm":  # packed int8/int4 weights written by quantize.save_quantized
         from slimlm.quantize.model import load_quantized
 
@@ -152,7 +254,17 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
         raise CheckpointError(f"{folder}: {quant.get('quant_method')!r}-quantized checkpoints are not supported; "
                               "load the unquantized model and quantize it with slimlm (slimlm quantize)")
     files = safetensors_files(folder)
+    check_layer_count(config, tensor_names(files), folder)
     return config, build_model(config, iter_hf_tensors(files), dtype, device, str(folder))
+
+
+def tensor_names(files: list[Path]) -> list[str]:
+    """The tensor names in the files' headers (each header is checked; no tensor data is read)."""
+    names = []
+    for f in files:
+        with open(f, "rb") as handle:
+            names += read_safetensors_header(f, handle)[0]
+    return names
 
 
 def _stop_ids(eos: Any) -> list[int]:

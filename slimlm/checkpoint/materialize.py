@@ -6,7 +6,9 @@ and then *assigned* as the parameter. Peak memory is one copy of the weights plu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -18,11 +20,30 @@ class CheckpointError(ValueError):
     """A checkpoint file or folder that cannot be loaded; the message says what is wrong and what to do."""
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")  # HF / slimlm `layers.N.`, GGUF `blk.N.`
+
+
+def check_layer_count(config: ModelConfig, names: Iterable[str], source: str | Path) -> None:
+    """Refuse a checkpoint whose config disagrees with its tensors on the number of layers, before building.
+
+    A corrupt layer count (a flipped bit in a GGUF block_count, a typo in config.json) could otherwise ask for
+    millions of layers, and building them, even on the meta device, would hang instead of failing.
+    """
+    layers = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
+    if len(layers) != config.n_layers:
+        raise CheckpointError(f"{source}: its config says {config.n_layers} layers but the weights hold tensors for "
+                              f"{len(layers)}; the checkpoint is corrupt or its config belongs to another model")
+
+
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
                 device: torch.device | str, source: str) -> Transformer:
     """Create a Transformer whose parameters are exactly `tensors` (names in slimlm's layout)."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    try:
+        with torch.device("meta"):
+            model = Transformer(config)
+    except (RuntimeError, OverflowError) as e:  # sizes whose product overflows, e.g. a corrupt hidden size
+        raise CheckpointError(f"{source}: its config describes a model that cannot be built ({e}); "
+                              "check that config and weights come from the same model") from None
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)

@@ -91,7 +91,12 @@ def load_compress_recipe(path: str | Path) -> CompressRecipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     recipe = from_dict(CompressRecipe, values, "")
     recipe.validate()
     return recipe

@@ -44,6 +44,7 @@ from slimlm.tokenizer import StopStringText, StreamDecoder, Tokenizer
 log = logging.getLogger("slimlm.serve")
 
 SPECULATIVE_METHODS = ("ngram", "draft")
+NAN_LOGITS = "the model produced NaN/Inf logits for this request (a numerical overflow, or broken weights)"
 
 
 @dataclass
@@ -64,6 +65,7 @@ class EngineConfig:
     ngram_min: int = 1
     fused_decode: bool = True  # CPU fp32: decode steps run all layers in one C++ call where the model qualifies
     kv_cache_dtype: str = "auto"  # auto (fp16 for a quantized fp32 model on a CPU, else the model's) | fp32 | fp16 | bf16
+    request_timeout_s: float = 0.0  # a request older than this (queue time included) ends with an error; 0 = none
 
     def validate(self) -> None:
         bad = [f"{k} must be >= 0 (0 = auto), got {getattr(self, k)}" for k in ("max_batch", "max_seq_len")
@@ -88,6 +90,8 @@ class EngineConfig:
                        f"{self.kv_cache_dtype!r}")
         if self.ngram_max < self.ngram_min:
             bad.append(f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})")
+        if not self.request_timeout_s >= 0:  # written so that NaN fails too
+            bad.append(f"request_timeout_s must be >= 0 (0 = no limit), got {self.request_timeout_s}")
         if bad:
             raise ValueError("invalid engine config: " + "; ".join(bad))
 
@@ -132,6 +136,10 @@ class NotAccepting(RuntimeError):
     """The engine is draining or stopped (HTTP 503)."""
 
 
+class CacheAllocationError(ValueError):
+    """The KV cache does not fit in memory: a user-fixable error (`slimlm serve` prints it as one line, exit 2)."""
+
+
 @dataclass
 class AdapterRef:
     """Which LoRA adapter a request uses: a cache key (name, version) and the folder to load it from."""
@@ -148,6 +156,7 @@ class Output:
     logprobs: list[dict] = field(default_factory=list)  # per new token: {"token", "logprob", "top": [(id, lp)]}
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
+    error_type: str | None = None  # with an error: "adapter" (the request's adapter), "timeout" or "internal"
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -212,9 +221,7 @@ class Engine:
         self.config = auto_config(self.config, model)
         self.model, self.tokenizer, self.metrics, self.on_finish = model.eval(), tokenizer, metrics, on_finish
         self.max_seq_len = min(self.config.max_seq_len, model.config.max_seq_len)
-        self.cache = SlotKVCache.for_model(model, self.config.max_batch, self.max_seq_len, self.config.kv_cache_dtype)
-        self.prefix_cache = PrefixCache(self.cache, self.config.prefix_cache_tokens // self.config.prefix_block,
-                                        self.config.prefix_block) if self.config.prefix_cache else None
+        self.cache, self.prefix_cache = self._allocate_caches(model)
         self.lora = LoraSlots.attach(model, self.config.max_loras, self.config.max_lora_rank) \
             if self.config.max_loras else None
         self.lru = AdapterLRU(self.config.max_loras) if self.lora else None
@@ -235,6 +242,30 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._ops: deque[Callable[[], None]] = deque()  # work other threads hand to the engine thread
+
+    def _allocate_caches(self, model: Transformer) -> tuple[SlotKVCache, PrefixCache | None]:
+        """The slot KV cache and the prefix cache; CacheAllocationError naming the bytes and the knobs if they do
+        not fit (a bare allocator error says neither)."""
+        c = self.config
+        try:
+            cache = SlotKVCache.for_model(model, c.max_batch, self.max_seq_len, c.kv_cache_dtype)
+            prefix = PrefixCache(cache, c.prefix_cache_tokens // c.prefix_block, c.prefix_block) \
+                if c.prefix_cache else None
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            dtype = kv_cache_dtype(c.kv_cache_dtype, model)
+            size = torch.tensor([], dtype=dtype).element_size()
+            per_token = model.config.kv_cache_bytes_per_token(size)
+            tokens = c.max_batch * self.max_seq_len + (c.prefix_cache_tokens if c.prefix_cache else 0)
+            pool = f" + {c.prefix_cache_tokens} prefix-cache tokens" if c.prefix_cache else ""
+            knobs = "lower --max-batch or --max-seq-len" + (", use --kv-cache-dtype fp16" if size > 2 else "") + \
+                (", or shrink --prefix-cache-tokens" if c.prefix_cache else "")
+            why = str(e).splitlines()[0][:200] if str(e) else "out of memory"
+            raise CacheAllocationError(
+                f"cannot allocate the KV cache on {model.device}: {tokens * per_token} bytes "
+                f"({tokens * per_token / 2**30:.2f} GiB: {c.max_batch} slots x {self.max_seq_len} tokens{pool}, "
+                f"{per_token} bytes per token in {str(dtype).removeprefix('torch.')}); {knobs} "
+                f"({type(e).__name__}: {why})") from None
+        return cache, prefix
 
     # ---- called from other threads ----
     def submit(self, req: Request, queue_limit: bool = True) -> None:
@@ -301,7 +332,8 @@ class Engine:
             except Exception:  # a bug must not hang every client: fail what is running, keep serving
                 log.exception("engine step failed; aborting the running requests")
                 for req in list(self.running.values()):
-                    self._finish(req, "error", error="internal error in the engine (see the server log)")
+                    self._finish(req, "error", error="internal error in the engine (see the server log)",
+                                 error_type="internal")
 
     # ---- the offline front ----
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Output]]:
@@ -332,8 +364,7 @@ class Engine:
         """One scheduling round: reap cancelled, admit, one prefill chunk, one decode step for every stream."""
         while self._ops:
             self._ops.popleft()()
-        for req in [r for r in list(self.waiting) + list(self.running.values()) if r.cancelled]:
-            self._finish(req, "abort")
+        self._reap()
         self._admit()
         budget = self.config.prefill_chunk  # prompt tokens per step, over one or more requests (oldest first)
         for req in sorted((r for r in self.running.values() if r.n_prefilled < len(r.prompt_ids)), key=lambda r: r.seq):
@@ -344,6 +375,16 @@ class Engine:
         if decoding:
             self._decode(decoding)
         self._report()
+
+    def _reap(self) -> None:
+        """Finish cancelled requests, and those past request_timeout_s (their slots are free for this step)."""
+        timeout, now = self.config.request_timeout_s, time.perf_counter()
+        for req in list(self.waiting) + list(self.running.values()):
+            if req.cancelled:
+                self._finish(req, "abort")
+            elif timeout and now - req.t_arrival > timeout:
+                self._finish(req, "error", error=f"the request took longer than the server's request timeout "
+                                                 f"({timeout:g} s)", error_type="timeout")
 
     def _admit(self) -> None:
         while self.waiting and self.cache.free:
@@ -356,7 +397,8 @@ class Engine:
                 except (ValueError, OSError) as e:
                     with self._lock:
                         self.waiting.popleft()
-                    self._finish(req, "error", error=f"adapter {req.adapter.name or req.adapter.key}: {e}")
+                    self._finish(req, "error", error=f"adapter {req.adapter.name or req.adapter.key}: {e}",
+                                 error_type="adapter")
                     continue
             with self._lock:
                 self.waiting.popleft()
@@ -480,6 +522,15 @@ class Engine:
     def _accept_guesses(self, req: Request, logits: torch.Tensor, guess: list[int]) -> None:
         """Verify a row's guesses on its logits [T, V]; emit the accepted tokens one by one."""
         logits = logits[:len(guess) + 1]
+        if not bool(torch.isfinite(logits.sum())):  # one reduction, as in _sample
+            self._fail(req, NAN_LOGITS)
+            return
+        try:
+            self._verify_and_emit(req, logits, guess)
+        except Exception:  # noqa: BLE001 — a fault in this request's sampling or detokenization fails it alone
+            self._fail(req, exc=True)
+
+    def _verify_and_emit(self, req: Request, logits: torch.Tensor, guess: list[int]) -> None:
         early = req.params.min_new_tokens - req.n_generated  # positions [0, early) pick tokens before min_new_tokens
         if early > 0 and len(self._stop_tensor):
             logits = logits.clone()
@@ -498,7 +549,41 @@ class Engine:
                 return
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """logits [len(reqs), V] -> one new token per request; emit it and finish requests that are done."""
+        """logits [len(reqs), V] -> one new token per request; emit it and finish requests that are done.
+
+        A row with NaN/Inf logits, or whose sampling or detokenization raises, ends its own request with an error;
+        the other rows go on."""
+        # One reduction over the raw logits and one sync per step (sampling syncs anyway, in .tolist()): a NaN or
+        # Inf anywhere in a row makes its sum non-finite. Masking (-inf) comes after this check.
+        finite = torch.isfinite(logits.sum(dim=-1))  # [B]
+        if not bool(finite.all()):
+            ok = finite.tolist()
+            for req in (r for r, good in zip(reqs, ok) if not good):
+                self._fail(req, NAN_LOGITS)
+            keep = [i for i, good in enumerate(ok) if good]
+            reqs, logits = [reqs[i] for i in keep], logits[keep]
+            if not reqs:
+                return
+        try:
+            out = self._sample_rows(reqs, logits)
+        except Exception:  # noqa: BLE001
+            if len(reqs) == 1:
+                self._fail(reqs[0], exc=True)
+                return
+            # Which row raised is unknown: sample the rows one by one, so that only the faulty ones fail. (A seeded
+            # row that drew before the fault draws again: its output may differ from an undisturbed run.)
+            for i, req in enumerate(reqs):
+                self._sample([req], logits[i:i + 1])
+            return
+        for i, (req, tok) in enumerate(zip(reqs, out.tokens.tolist())):
+            lp = {"token": tok, "logprob": out.logprobs[i], "top": out.top_logprobs[i]} if req.params.logprobs else None
+            try:
+                self._emit(req, tok, lp)
+            except Exception:  # noqa: BLE001 — e.g. detokenization or stop-string matching of this request
+                self._fail(req, exc=True)
+
+    def _sample_rows(self, reqs: list[Request], logits: torch.Tensor):
+        """sample_batch for the rows of `reqs` (min_new_tokens applied); records the tokens in the penalty counts."""
         slots = [r.slot for r in reqs]
         early = [i for i, r in enumerate(reqs) if r.n_generated < r.params.min_new_tokens]
         if early and len(self._stop_tensor):  # min_new_tokens: no stop token yet
@@ -506,9 +591,16 @@ class Engine:
             logits[torch.tensor(early)[:, None], self._stop_tensor[None, :]] = float("-inf")
         out = sample_batch(logits, [r.params for r in reqs], self.counts, slots, [r.generator for r in reqs])
         self.counts.record(slots, out.tokens)
-        for i, (req, tok) in enumerate(zip(reqs, out.tokens.tolist())):
-            lp = {"token": tok, "logprob": out.logprobs[i], "top": out.top_logprobs[i]} if req.params.logprobs else None
-            self._emit(req, tok, lp)
+        return out
+
+    def _fail(self, req: Request, message: str | None = None, exc: bool = False) -> None:
+        """End one request with an internal error (exc: log the exception being handled, with its request id)."""
+        if exc:
+            log.exception("request %s failed in sampling or detokenization; the other requests go on",
+                          req.request_id)
+        if req.finish_reason is None:
+            self._finish(req, "error", error=message or "internal error while sampling or detokenizing this "
+                                                        "request (see the server log)", error_type="internal")
 
     def _emit(self, req: Request, tok: int, logprob: dict | None) -> bool:
         """Hand one new token to its request; finish the request if it is done (returns True then)."""
@@ -530,10 +622,11 @@ class Engine:
             self._finish(req, reason)
         return reason is not None
 
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, req: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
         req.finish_reason = reason
         if req.slot is not None and self.running.get(req.slot) is req:
-            if self.prefix_cache is not None and req.n_prefilled == len(req.prompt_ids) and req.output_ids:
+            if (self.prefix_cache is not None and req.n_prefilled == len(req.prompt_ids) and req.output_ids
+                    and reason != "error"):  # a failed request's keys may be what failed it (NaN): not reused
                 # The cache holds the prompt and every output token but the last: a next chat turn can reuse it.
                 self.prefix_cache.store(req.prompt_ids + req.output_ids[:-1], self.cache, req.slot, req.adapter_key)
             del self.running[req.slot]
@@ -550,8 +643,11 @@ class Engine:
         req.pending = None
         if self.metrics is not None:
             self.metrics.on_finish(req, time.perf_counter())
-        req.emit(Output("", [], finish_reason=reason, error=error, prompt_tokens=len(req.prompt_ids),
-                        completion_tokens=req.n_generated))
+        try:
+            req.emit(Output("", [], finish_reason=reason, error=error, error_type=error_type,
+                            prompt_tokens=len(req.prompt_ids), completion_tokens=req.n_generated))
+        except Exception:  # noqa: BLE001 — the slot is already free; a failing callback must not stop the step
+            log.exception("request %s: its output callback failed", req.request_id)
         if self.on_finish is not None:
             self.on_finish(req)
 

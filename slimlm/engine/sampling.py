@@ -218,7 +218,8 @@ def _top_p_drop(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         if k == probs.shape[-1] or bool((off | (mass_before[:, -1] + top[:, -1] >= top_p)).all()):
             break
         k = min(probs.shape[-1], k * 8)
-    n_keep = (mass_before < top_p[:, None]).sum(dim=-1, keepdim=True)  # [B, 1], >= 1
+    # [B, 1]; at least the most likely token even when top_p is below float32's range (1e-50 -> 0.0)
+    n_keep = (mass_before < top_p[:, None]).sum(dim=-1, keepdim=True).clamp(min=1)
     return (probs < top.gather(1, n_keep - 1)) & ~off[:, None]
 
 

@@ -65,13 +65,15 @@ def read_text(path: str | Path) -> str:
         raise FileNotFoundError(f"{path}: no such text file for --ppl")
     if path.suffix != ".jsonl":
         return path.read_text(encoding="utf-8")
+    from slimlm.jsonl import read_lines
+
     texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            rec = json.loads(line)
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"{path}:{n}: each JSONL record needs a string 'text' field for --ppl")
-            texts.append(rec["text"])
+    for line in read_lines(path):  # blank lines skipped; bad bytes and bad JSON come back as line.error
+        if line.error is not None:
+            raise ValueError(f"{path}:{line.number}: {line.error}")
+        if not isinstance(line.value, dict) or not isinstance(line.value.get("text"), str):
+            raise ValueError(f"{path}:{line.number}: each JSONL record needs a string 'text' field for --ppl")
+        texts.append(line.value["text"])
     return "\n\n".join(texts)
 
 
@@ -187,12 +189,20 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from slimlm.checkpoint.atomic import check_output
+
+    if args.json:  # a report is regenerated freely, but never written over what it measures
+        ppl = args.ppl if args.ppl not in (None, BUILTIN) else None
+        check_output(args.json, overwrite=True, inputs=[args.model, args.adapter, args.task, ppl], flag="--json",
+                     kind="file")
     res = run_eval(args)
     print(format_table(res))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        tmp.replace(path)  # a kill leaves the old report or the new one, never half of one
     return 0
 
 

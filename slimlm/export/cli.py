@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
+
 
 def add_export_commands(sub) -> None:
     """Register `export` and its formats on the CLI's subparsers `sub`."""
@@ -20,6 +22,7 @@ def add_export_commands(sub) -> None:
                        help="quantize after loading (onnx, torchscript); or pass a folder from slimlm quantize")
         p.add_argument("--group-size", type=int, default=64, help="int4 group size")
         p.add_argument("--out", required=True, help="output folder (written atomically)")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         p.add_argument("--no-check", action="store_true", help="skip the parity check after export")
         if name == "onnx":
             p.add_argument("--exact", action="store_true",
@@ -33,6 +36,7 @@ def add_export_commands(sub) -> None:
     t = fmt.add_parser("tensorrt", help="build a TensorRT engine from an ONNX export (needs CUDA + tensorrt)")
     t.add_argument("--onnx", required=True, help="folder written by `slimlm export onnx` (unquantized)")
     t.add_argument("--out", required=True)
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.add_argument("--max-batch", type=int, default=8)
     t.add_argument("--max-len", type=int, default=2048)
     t.add_argument("--fp32", action="store_true", help="no fp16 kernels")
@@ -42,6 +46,7 @@ def add_export_commands(sub) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from slimlm.llm import load
 
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.adapter])
     if args.format == "onnx":
         from slimlm.export.onnx import export_onnx as export, require_onnx
 
@@ -81,6 +86,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_tensorrt(args: argparse.Namespace) -> int:
     from slimlm.export.tensorrt import build_tensorrt_engine
 
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.onnx])
     info = build_tensorrt_engine(args.onnx, args.out, args.max_batch, args.max_len, fp16=not args.fp32)
     print(json.dumps(info, indent=2))
     return 0

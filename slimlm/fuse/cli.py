@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
 from slimlm.fuse.llama import FUSION_PASSES
 
 
@@ -26,6 +27,7 @@ def add_fuse_commands(sub) -> None:
     f.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="load, fuse and save in this dtype (fp32: the passes are exact to fp32 round-off)")
     f.add_argument("--out", required=True, help="output folder (written atomically)")
+    f.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     f.add_argument("--json", action="store_true", help="print the reports and the drift as JSON")
     f.set_defaults(func=cmd_fuse)
 
@@ -39,6 +41,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ValueError("--adapter needs the merge pass in --passes: a saved model folder holds no adapter")
     if args.untie_head and "norms" not in passes:
         raise ValueError("--untie-head only matters with the norms pass in --passes")
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.adapter])
     return passes
 
 

@@ -140,7 +140,16 @@ def read_adapter_config(folder: str | Path) -> tuple[str, Any, dict]:
         raise PeftError(f"{folder}: adapter peft_type {peft_type!r} is not one slimlm loads "
                         f"({', '.join(METHOD_OF_PEFT_TYPE)})")
     method = read_adapter_metadata(folder).get("slimlm_method") or METHOD_OF_PEFT_TYPE[peft_type]
-    return method, get_method(method).config_from_adapter(raw), raw
+    where = Path(folder) / "adapter_config.json"
+    try:
+        cfg = get_method(method).config_from_adapter(raw)
+        cfg.validate()
+    except PeftError as e:
+        raise PeftError(f"{where}: {e}") from None
+    except (TypeError, KeyError, ValueError) as e:  # a value of the wrong type or a missing key in the file
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"a value has the wrong type ({e})"
+        raise PeftError(f"{where}: {what}; fix the file or save the adapter again") from None
+    return method, cfg, raw
 
 
 def load_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None, nf4_base: bool | None = None) -> str:
@@ -156,7 +165,10 @@ def load_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None, nf
     if method == "qlora" and not nf4_base:
         method = "lora"  # qlora is lora on an NF4 base
     apply_peft(model, method, cfg, tokenizer, nf4_base=nf4_base)
-    get_method(method).load_state_dict(model, tensors)
+    try:
+        get_method(method).load_state_dict(model, tensors)
+    except PeftError as e:  # name the folder: the message alone does not say which adapter did not fit
+        raise PeftError(f"{folder}: {e}") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return method

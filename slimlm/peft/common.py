@@ -8,12 +8,13 @@ Adapter folders follow HF PEFT's layout: `adapter_config.json` + `adapter_model.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from slimlm.checkpoint.atomic import atomic_folder
 
@@ -102,7 +103,13 @@ def save_adapter_files(folder: str | Path, adapter_config: dict, tensors: dict[s
 
 
 def read_adapter_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """adapter_config.json and the safetensors weights of an adapter folder (pickled .bin adapters are refused)."""
+    """adapter_config.json and the safetensors weights of an adapter folder (pickled .bin adapters are refused).
+
+    Both files are checked before use (JSON object; safetensors header against the file), so a truncated or
+    corrupt adapter gives one error naming the file.
+    """
+    from slimlm.checkpoint.hf import load_safetensors, read_json_object
+
     folder = Path(folder)
     cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not cfg_path.is_file():
@@ -110,19 +117,14 @@ def read_adapter_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor
         raise PeftError(f"{folder}: no {ADAPTER_CONFIG}; is this an adapter folder?{hint}")
     if not w_path.is_file():
         raise PeftError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise PeftError(f"{cfg_path}: not valid JSON ({e})") from None
-    return config, load_file(str(w_path))
+    return read_json_object(cfg_path), load_safetensors(w_path)
 
 
 def read_adapter_metadata(folder: str | Path) -> dict[str, str]:
     """The safetensors header metadata of an adapter folder ({} for adapters saved by other tools)."""
-    from safetensors import safe_open
+    from slimlm.checkpoint.hf import safetensors_metadata
 
-    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return safetensors_metadata(Path(folder) / ADAPTER_WEIGHTS)
 
 
 def weight_of(linear: nn.Module) -> torch.Tensor:
@@ -133,7 +135,8 @@ def weight_of(linear: nn.Module) -> torch.Tensor:
 def copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], method: str) -> None:
     """Copy tensors[k] into params[k] for every key, after checking that the key sets and shapes agree.
 
-    Raises one PeftError naming every missing key, unexpected key and shape mismatch.
+    Raises one PeftError that first says how the adapter's base differs from this model (layer count, tensor
+    sizes), then names the missing keys, unexpected keys and shape mismatches.
     """
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
@@ -147,11 +150,30 @@ def copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
     if mismatched:
         errors.append(f"shape mismatch {_some(mismatched)}")
     if errors:
-        raise PeftError(f"{method} weights do not fit this model: " + "; ".join(errors) +
+        why = _base_mismatch(params, tensors, bool(mismatched))
+        raise PeftError(f"{method} weights do not fit this model{why}: " + "; ".join(errors) +
                         "; check that the adapter was trained on this base model with the same config")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[k].to(p.dtype))
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _layer_count(keys) -> int:
+    return 1 + max((int(m.group(1)) for k in keys if (m := _LAYER_INDEX.search(k))), default=-1)
+
+
+def _base_mismatch(params: dict, tensors: dict, shapes_differ: bool) -> str:
+    """A plain-words reason that the adapter's base model is not this one ("" if no simple reason shows)."""
+    reasons = []
+    file_layers, model_layers = _layer_count(tensors), _layer_count(params)
+    if file_layers and model_layers and file_layers != model_layers:
+        reasons.append(f"the adapter has weights for {file_layers} layers, this model has {model_layers}")
+    if shapes_differ:
+        reasons.append("its tensor sizes differ, so its base model has another hidden or intermediate size")
+    return " (" + "; ".join(reasons) + ")" if reasons else ""
 
 
 def _some(items: list[str], n: int = 4) -> str:

@@ -36,12 +36,12 @@ class LoraConfig:
 
     def validate(self) -> None:
         errors = []
-        if self.r < 1:
-            errors.append(f"lora r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            errors.append(f"lora alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            errors.append(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if type(self.r) is not int or self.r < 1:
+            errors.append(f"lora r must be >= 1, got {self.r!r} (an integer)")
+        if type(self.alpha) not in (int, float) or self.alpha <= 0:
+            errors.append(f"lora alpha must be > 0, got {self.alpha!r} (a number)")
+        if type(self.dropout) not in (int, float) or not 0 <= self.dropout < 1:
+            errors.append(f"lora dropout must be in [0, 1), got {self.dropout!r} (a number)")
         try:
             resolve_targets(self.target_modules)
         except PeftError as e:

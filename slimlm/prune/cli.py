@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
 from slimlm.eval.corpus import add_calibration_args, calibration_ids
 
 METHODS = ("magnitude", "wanda", "2:4", "4:8")
@@ -35,6 +36,7 @@ def add_prune_commands(sub) -> None:
     add_calibration_args(p, "wanda and --structured")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype to load, prune and save in")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_prune)
 
 
@@ -95,7 +97,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from slimlm.config import NON_UNIFORM_NOTE
     from slimlm.llm import load
 
-    _check_args(args)
+    _check_args(args)  # shared with compress's prune stage, which has no --out of its own
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.calib_file])
     t0 = time.perf_counter()
     llm = load(args.model, dtype=args.dtype)
     calib = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
 from slimlm.eval.corpus import add_calibration_args
 from slimlm.quantize.model import SCHEMES
 from slimlm.quantize.recipe import METHODS, QuantizeRecipe
@@ -39,6 +40,7 @@ def add_quantize_commands(sub) -> None:
     add_calibration_args(q, "gptq, int8-static and --smooth (qat: its training text)")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of what stays unquantized (norms)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(func=cmd_quantize)
 
 
@@ -51,6 +53,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = QuantizeRecipe(**{f: getattr(args, f) for f in QuantizeRecipe.__dataclass_fields__})
     recipe.dynamic_above = recipe.dynamic_above or None  # 0 on the command line: every layer static
     recipe.validate()  # before the slow load
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.calib_file])
     t0 = time.perf_counter()
     llm = load(args.model, dtype=args.dtype)
     dense = quantized_bytes(llm.model)

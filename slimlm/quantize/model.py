@@ -154,19 +154,17 @@ def save_quantized(model: Transformer, folder: str | Path, tokenizer=None) -> Pa
 def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> Transformer:
     """Rebuild a model saved by save_quantized: the layers are created empty and filled with the stored codes."""
-    from safetensors.torch import load_file
-
-    from slimlm.checkpoint.hf import read_hf_config, safetensors_files
+    from slimlm.checkpoint.hf import load_safetensors, read_hf_config, safetensors_files
     from slimlm.checkpoint.materialize import CheckpointError
     from slimlm.model import rope_inv_freq
     from slimlm.quantize.static import named_quantizable_linears
 
     folder = Path(folder)
-    scheme, group = quantization.get("scheme"), int(quantization.get("group_size", 64))
     try:
+        scheme, group = quantization.get("scheme"), int(quantization.get("group_size", 64))
         check_scheme(scheme, group)
-    except ValueError as e:
-        raise CheckpointError(f"{folder}/config.json: {e}") from None
+    except (TypeError, ValueError) as e:  # TypeError: a group_size that is not a number
+        raise CheckpointError(f"{folder}/config.json: quantization_config: {e}") from None
     config = read_hf_config(folder)
     with torch.device("meta"):
         model = Transformer(config)
@@ -178,7 +176,7 @@ def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = 
     expected = stored_tensors(model)
     state = {}
     for f in safetensors_files(folder):
-        state.update(load_file(str(f), device=str(device)))
+        state.update(load_safetensors(f, device=str(device)))  # header checked first: a corrupt file is refused
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{folder}: a {scheme} checkpoint of this config needs other tensors "

@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the engine.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models, GET /health,
-GET /ready, GET /metrics, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter. Every response carries X-Request-Id (the client's, or a new one) and every request writes
-one JSON log line. The engine runs on its own thread; handlers hand requests over and await their outputs.
+GET /ready, GET /metrics, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (the admin routes:
+404 unless --allow-runtime-lora, and an admin key when --admin-key-file is set). Every response carries
+X-Request-Id (the client's, or a new one) and every request writes one JSON log line. The engine runs on its own
+thread; handlers hand requests over and await their outputs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimlm.serve import protocol as P
 from slimlm.engine.core import NotAccepting, Output, QueueFull, Request
@@ -32,6 +35,12 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="slimlm", docs_url=None, redoc_url=None)
     app.state.slimlm = state
     app.add_middleware(RequestContext, state=state)
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict:  # the schema (which clients and the fuzz suite read) with this server's limits in it
+        vocab = state.vocab_size if state.engine is not None else None
+        return P.document_limits(fastapi_openapi(), state.config.max_tokens_limit, vocab)
+    app.openapi = openapi
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, e: APIError):
@@ -42,11 +51,21 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: HTTPRequest, e: RequestValidationError):
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
-        msg = "the body is not valid JSON" if err.get("type") == "json_invalid" else f"{param or 'body'}: {err['msg']}"
-        request.state.log["error"] = msg
-        return _error_response(APIError(400, msg, param=param))
+        error = P.validation_error(e.errors())
+        request.state.log["error"] = error.message
+        return _error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: HTTPRequest, e: StarletteHTTPException):
+        # FastAPI's own errors (404/405, a body that is not UTF-8) in OpenAI's error body too, not {"detail": ...}
+        if isinstance(e, _ReceiveError):
+            request.state.log["error"] = e.error.message
+            return _error_response(e.error)
+        parse = "the body could not be parsed: send UTF-8 JSON nested at most ~1000 deep"
+        message = parse if e.status_code == 400 else str(e.detail)
+        request.state.log["error"] = message
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(e.status_code, message, type=kind, headers=dict(e.headers or {})))
 
     @app.get("/health")
     async def health():
@@ -70,12 +89,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: P.LoadAdapter):
+        _require_runtime_lora(state)
         _require_ready(state)
         await run_in_threadpool(state.add_adapter, body.lora_name, body.lora_path)
         return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: P.UnloadAdapter):
+        _require_runtime_lora(state)
         _require_ready(state)
         state.remove_adapter(body.lora_name)
         return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
@@ -84,7 +105,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: P.ChatRequest, request: HTTPRequest):
         body.check_unsupported(("tools", "functions", "tool_choice", "response_format", "audio"))
         _require_ready(state)
-        prompt = state.tokenizer.prompt_ids([{"role": m.role, "content": m.text()} for m in body.messages], chat=True)
+        prompt = await run_in_threadpool(_chat_prompt, state, body.messages)  # 1 MB of text: seconds of work
         max_tokens = body.max_completion_tokens or body.max_tokens
         sampling = _sampling(body, logprobs=body.logprobs, top=body.top_logprobs)
         return await _serve(state, request, "chat", body, prompt, max_tokens, sampling)
@@ -101,11 +122,25 @@ def create_app(state: ServerState) -> FastAPI:
                 raise APIError(400, f"prompt token ids must be a non-empty list in [0, {V})", param="prompt")
             prompt = list(body.prompt)
         else:
-            prompt = state.tokenizer.encode(body.prompt)
+            prompt = await run_in_threadpool(state.tokenizer.encode, body.prompt)  # off the event loop, as above
         sampling = _sampling(body, logprobs=body.logprobs is not None, top=body.logprobs or 0)
-        return await _serve(state, request, "completion", body, prompt, body.max_tokens, sampling)
+        max_tokens = body.max_tokens  # OpenAI's default of 16, unless this server allows fewer
+        if "max_tokens" not in body.model_fields_set:
+            max_tokens = min(max_tokens, state.config.max_tokens_limit)
+        return await _serve(state, request, "completion", body, prompt, max_tokens, sampling)
 
     return app
+
+
+def _chat_prompt(state: ServerState, messages: list[P.Message]) -> list[int]:
+    """The messages through the model's chat template. The template is the model's code run on the client's
+    messages: whatever it raises (`raise_exception('...')` on a role it does not take, a missing template) is the
+    client's 400 with the template's own message, not a 500."""
+    try:
+        return state.tokenizer.prompt_ids([{"role": m.role, "content": m.text()} for m in messages], chat=True)
+    except Exception as e:
+        raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages",
+                       code="chat_template_error") from None
 
 
 def _sampling(body: P.SamplingFields, logprobs: bool, top: int) -> dict:
@@ -149,7 +184,7 @@ async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.Sampl
     first = await _next_output(state, http, req, queue)
     if first.error:
         _log_done(http, req, first)
-        raise APIError(400, first.error, param="model", code="adapter_error")
+        raise _engine_error(first)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(state, http, kind, rid, body.model, req, queue, first, include_usage),
@@ -181,6 +216,8 @@ async def _complete(state, http, kind, rid, model, req, queue, out: Output) -> d
         text += out.text
         lps += out.logprobs
     _log_done(http, req, out)
+    if out.error:  # the text so far is not an answer: the request failed (timeout, NaN logits, an engine fault)
+        raise _engine_error(out)
     choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": _logprobs(state, kind, req, lps)}
     if kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
@@ -198,6 +235,10 @@ async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_u
             yield _event(P.chunk(kind, rid, model, created, {"index": 0, "delta": {"role": "assistant", "content": ""},
                                                               "logprobs": None, "finish_reason": None}))
         while True:
+            if out.error:  # as vLLM: the status is already sent, so an error event (OpenAI's body), then [DONE]
+                http.state.log["error"] = out.error
+                yield _event(_engine_error(out).body())
+                break
             lps += out.logprobs  # tokens whose text is still held back (a partial character) wait for it
             if out.text or out.finish_reason is not None:
                 lp = _logprobs(state, kind, req, lps, sent)
@@ -219,6 +260,16 @@ async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_u
             state.engine.cancel(req)
             http.state.log["finish_reason"] = "client_disconnected"
 
+
+
+def _engine_error(out: Output) -> APIError:
+    """The HTTP error for a request the engine ended with an error: its adapter (400), the request timeout (504),
+    or a fault in the engine or the model's numbers (500)."""
+    if out.error_type == "timeout":
+        return APIError(504, out.error, type="server_error", code="request_timeout")
+    if out.error_type == "internal":
+        return APIError(500, out.error, type="server_error", code="internal_error")
+    return APIError(400, out.error, param="model", code="adapter_error")
 
 
 def _event(obj: dict) -> str:
@@ -245,14 +296,34 @@ def _require_ready(state: ServerState) -> None:
         raise APIError(503, state.not_ready_reason(), type="service_unavailable", code="not_ready")
 
 
+ADMIN_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+
+
+def _require_runtime_lora(state: ServerState) -> None:
+    # 404, as vLLM answers when VLLM_ALLOW_RUNTIME_LORA_UPDATING is off: the route does not exist on this server.
+    if not state.config.allow_runtime_lora:
+        raise APIError(404, "runtime LoRA loading is off on this server (the operator starts it with "
+                            "--allow-runtime-lora --lora-root DIR)", code="not_found")
+
+
 def _check_auth(state: ServerState, path: str, headers: dict) -> None:
-    if not state.api_keys or not path.startswith("/v1/"):
+    """Inference routes (/v1/*) need an API key or an admin key when --api-key-file is set; the admin routes need
+    an admin key when --admin-key-file is set (an inference key gets 403 there). Probes need none."""
+    if not path.startswith("/v1/"):
+        return
+    admin = path.rstrip("/") in ADMIN_ROUTES
+    allowed = state.admin_keys if admin and state.admin_keys else state.api_keys + state.admin_keys
+    if not allowed or (not state.api_keys and not admin):
         return
     auth = headers.get("authorization", "")
     key = auth[7:] if auth.lower().startswith("bearer ") else ""
-    if not any(hmac.compare_digest(key.encode(), k.encode()) for k in state.api_keys):
-        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
-                       type="authentication_error", code="invalid_api_key")
+    if any(hmac.compare_digest(key.encode(), k.encode()) for k in allowed):
+        return
+    if admin and any(hmac.compare_digest(key.encode(), k.encode()) for k in state.api_keys):
+        raise APIError(403, "this API key may not call the admin routes: send an admin key (--admin-key-file)",
+                       type="permission_error", code="admin_key_required")
+    raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                   type="authentication_error", code="invalid_api_key")
 
 
 class RequestContext:
@@ -307,9 +378,18 @@ def _limit_body(state: ServerState, headers: dict, receive):
         message = await receive()
         seen[0] += len(message.get("body", b""))
         if seen[0] > limit:
-            raise too_big
+            raise _ReceiveError(too_big)
         return message
     return counting_receive
+
+
+class _ReceiveError(StarletteHTTPException):
+    """An APIError raised inside receive(): FastAPI passes an HTTPException from there on to the handlers (any
+    other exception it turns into its own 400 "error parsing the body", which would hide a 413)."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status, error.message, error.headers)
+        self.error = error
 
 
 def _error_response(e: APIError) -> JSONResponse:

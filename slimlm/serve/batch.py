@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimlm.jsonl import read_lines
+
 URLS = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -33,21 +35,16 @@ class BatchSummary:
 
 
 def read_batch_file(path: str | Path) -> list[dict]:
-    """Parse and check every line; raises ValueError listing each bad line."""
+    """Parse and check every line; raises ValueError naming each bad line (one line of text for one bad line)."""
     lines, errors, seen = [], [], set()
-    for no, raw in enumerate(Path(path).read_text().splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            item = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(f"line {no}: not JSON ({e.msg})")
-            continue
-        problems = _line_problems(item, seen)
-        errors += [f"line {no}: {p}" for p in problems]
+    for line in read_lines(path):  # blank lines skipped; bad bytes and bad JSON come back as line.error
+        problems = [line.error] if line.error is not None else _line_problems(line.value, seen)
+        errors += [f"line {line.number}: {p}" for p in problems]
         if not problems:
-            seen.add(item["custom_id"])
-            lines.append(item)
+            seen.add(line.value["custom_id"])
+            lines.append(line.value)
+    if len(errors) == 1:
+        raise ValueError(f"{path}: {errors[0]}")
     if errors:
         raise ValueError(f"{path}: {len(errors)} bad line(s):\n  " + "\n  ".join(errors[:20]))
     if not lines:

@@ -66,7 +66,8 @@ def serve_config(args: argparse.Namespace, **extra) -> ServeConfig:
                           prefix_cache=args.prefix_cache, prefix_cache_tokens=args.prefix_cache_tokens,
                           speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
                           draft_vocab=args.draft_vocab,
-                          kv_cache_dtype=args.kv_cache_dtype)
+                          kv_cache_dtype=args.kv_cache_dtype,
+                          request_timeout_s=getattr(args, "request_timeout", 0.0))  # a `serve` flag only
     cfg = ServeConfig(model=args.model, served_name=args.served_name, dtype=args.dtype, device=args.device,
                       quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size,
                       backend=args.backend, adapters=list(args.adapters), registry=args.registry,
@@ -79,14 +80,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from slimlm.serve.server import run_server
 
     cfg = serve_config(args, api_key_file=args.api_key_file, max_body_bytes=args.max_body_bytes,
-                       drain_timeout_s=args.drain_timeout)
+                       drain_timeout_s=args.drain_timeout, admin_key_file=args.admin_key_file,
+                       allow_runtime_lora=args.allow_runtime_lora, lora_roots=list(args.lora_root))
     run_server(cfg, args.host, args.port)
     return 0
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from slimlm.checkpoint.atomic import check_output
     from slimlm.serve.batch import run_batch
 
+    check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.model], flag="OUTPUT", kind="file")
     summary = run_batch(serve_config(args), args.input, args.output, progress=not args.quiet)
     print(summary)
     return 0 if summary.failed == 0 else 1
@@ -98,8 +102,21 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key-file", default=None, help="file with one API key per line; /v1/* then needs one")
+    s.add_argument("--allow-runtime-lora", action="store_true",
+                   help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off: they answer 404); "
+                        "needs --lora-root, and --admin-key-file when --api-key-file is set")
+    s.add_argument("--lora-root", action="append", default=[], metavar="DIR",
+                   help="with --allow-runtime-lora: runtime adapters load only from under this folder (symlinks "
+                        "resolved); repeatable")
+    s.add_argument("--admin-key-file", default=None,
+                   help="file with one admin key per line: the runtime LoRA routes then need one (inference keys "
+                        "get 403 there); admin keys also work on the inference routes")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
+    s.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a request still unfinished this long after it arrived (queue time included) is aborted "
+                        "and its slot freed: 504 (a stream ends with an error event); 0 = no limit "
+                        "(default: %(default)s)")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("batch", help="run an OpenAI batch-format JSONL file through the serving engine, offline")
@@ -107,4 +124,5 @@ def add_serve_commands(sub) -> None:
     b.add_argument("input", help="JSONL: {custom_id, method: POST, url: /v1/chat/completions, body: {...}} per line")
     b.add_argument("output", help="JSONL of results, one per input line, in OpenAI's batch output format")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT file (never the INPUT)")
     b.set_defaults(func=cmd_batch)

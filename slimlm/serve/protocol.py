@@ -2,15 +2,38 @@
 
 Fields OpenAI has and slimlm cannot honour (n > 1, echo, best_of, suffix, tools) are refused with a 400 that names
 them rather than ignored. vLLM's extensions top_k, min_p, repetition_penalty and ignore_eos are accepted.
+
+Every limit is declared on the field, so that it is both checked here (a 400 naming the field, never a 500 from
+deeper down) and written into /openapi.json, which the fuzz suite (tests/robustness/test_fuzz_api.py) generates
+requests from. Numbers must be finite (JSON's NaN / Infinity are refused); stop strings are capped in number and
+length because matching them runs on the engine thread for every token of every request.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _unicode(s: str) -> str:
+    """Refuse a lone surrogate ("\\ud800" in the JSON, which Python's parser lets through): no tokenizer or
+    UTF-8 writer can take it."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text must be valid Unicode; it holds a lone surrogate at character {e.start}") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM has no cap, but each one is searched for after every token
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
+TokenId = Annotated[int, Field(ge=0)]
+PromptText = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
 
 
 class APIError(Exception):
@@ -31,31 +54,30 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI and vLLM do
+    # Unknown fields are ignored, as OpenAI and vLLM do; NaN and Infinity (which Python's JSON parser accepts) are not.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, lt=2**63)  # the engine holds it in an int64 tensor
     min_p: float = Field(default=0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    # Documented as exactly 1 (so the fuzzer knows), checked by check_unsupported with a message that says why.
+    n: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1})
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)  # vLLM: stop tokens are suppressed until this many tokens exist
-    user: str | None = None
+    user: Text | None = None
 
     def stop_list(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not s for s in stops):
-            raise APIError(400, "stop strings must be non-empty", param="stop")
-        return stops
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def check_unsupported(self, names: tuple[str, ...]) -> None:
         if self.n != 1:
@@ -66,17 +88,18 @@ class SamplingFields(BaseModel):
                 raise APIError(400, f"{name} is not supported by slimlm", param=name)
 
 
+class TextPart(BaseModel):
+    """A content part; slimlm serves text models, so the only kind is {"type": "text", "text": ...}."""
+    type: Literal["text"]
+    text: Text
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = [p.get("text", "") for p in self.content if p.get("type") == "text"]
-        if len(parts) != len(self.content):
-            raise APIError(400, "only text content parts are supported", param="messages")
-        return "".join(parts)
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(SamplingFields):
@@ -87,19 +110,55 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]
+    prompt: PromptText | Annotated[list[TokenId], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(default=False, json_schema_extra={"enum": [False]})  # refused with a 400 that says so
 
 
 class LoadAdapter(BaseModel):
-    lora_name: str
-    lora_path: str
+    lora_name: Text
+    lora_path: Text
 
 
 class UnloadAdapter(BaseModel):
-    lora_name: str
+    lora_name: Text
+
+
+def document_limits(schema: dict, max_tokens_limit: int, vocab_size: int | None = None) -> dict:
+    """Write a server's limits (settings and the model's vocabulary, unknown to the pydantic models) into its
+    OpenAPI schema: max_tokens, and the largest token id a completions prompt may hold."""
+    models = schema.get("components", {}).get("schemas", {})
+    for branch in models.get("CompletionRequest", {}).get("properties", {}).get("prompt", {}).get("anyOf", []):
+        if vocab_size and branch.get("type") == "array":
+            branch["items"]["maximum"] = vocab_size - 1
+    for name in ("ChatRequest", "CompletionRequest"):
+        props = models.get(name, {}).get("properties", {})
+        for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
+            spec = props.get(field, {})
+            for branch in spec.get("anyOf", [spec]):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = max_tokens_limit
+    return schema
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """pydantic's errors for a request body -> one 400 that names a bad field, as OpenAI's `param` does.
+
+    A value that fits no branch of a union (`content`: a string or a list of parts) gets an error per branch; the
+    one that says most is not "should be a string" (a *_type error: the wrong branch) but the deepest other one."""
+    err = min(errors, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
+    if err.get("type") == "json_invalid":
+        where = err.get("loc", ("body", None))[-1]
+        return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')} at character {where}")
+    # Drop the union-branch labels pydantic puts in the location ("list[TextPart]", "constrained-str").
+    loc = [str(x) for x in err.get("loc", ())[1:] if not _union_branch(x)]
+    param = ".".join(loc) or None
+    return APIError(400, f"{param or 'body'}: {err['msg'].removeprefix('Value error, ')}", param=param)
+
+
+def _union_branch(part) -> bool:
+    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool", "none"))
 
 
 def new_id(prefix: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("slimlm.registry")
 KINDS = ("model", "quantized", "adapter")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METRICS_FILES = ("summary.json", "ledger.json")  # read in this order; a later file's keys win
@@ -311,12 +313,43 @@ class Registry:
                                 f"{actual[:12]}) at {entry.path}: its files changed or are missing; push it again")
         return entry
 
+    def resolve_good(self, ref: str, checked: dict[tuple[str, int], str | None] | None = None) -> Entry:
+        """resolve(ref), hash-checked (verify). A bare NAME whose head is corrupt resolves to the newest earlier
+        version of the same kind that checks out (logged as a warning), so a damaged push never takes a served
+        name down; NAME@N and NAME@ALIAS ask for one version and raise RegistryError when it is corrupt.
+
+        `checked` caches verdicts by (name, version) across calls ({key: None if good, else the error}): versions
+        are immutable, so a caller that keeps it (the server) hashes each version once."""
+        entry = self.resolve(ref)
+        tries = [entry]
+        if "@" not in ref:
+            older = [e for e in self.entries(entry.name) if e.version < entry.version and e.kind == entry.kind]
+            tries += older[::-1]
+        checked = {} if checked is None else checked
+        for e in tries:
+            key = (e.name, e.version)
+            if key not in checked:
+                try:
+                    self.verify(e)
+                    checked[key] = None
+                except RegistryError as err:
+                    checked[key] = str(err)
+            if checked[key] is None:
+                if e is not entry:
+                    log.warning("%s; serving %s, the newest version that is intact", checked[entry.name, entry.version],
+                                e.ref)
+                return e
+        more = "; no earlier version is intact either" if len(tries) > 1 else ""
+        raise RegistryError(checked[entry.name, entry.version] + more)
+
     # -- writing ---------------------------------------------------------------------------------------------
     def push(self, name: str, path: str | Path, kind: str | None = None, parent_base: str | None = None,
              method: str | None = None) -> Entry:
         """Copy a folder or .gguf file in as the next version of `name` and make it the head."""
         check_name(name)
         src = Path(path).expanduser().resolve()
+        if self.root.is_relative_to(src):  # the copy would land inside what it copies, and never end
+            raise RegistryError(f"{path} contains the registry at {self.root}: push a folder outside it")
         info = inspect_artifact(src, kind)
         with self._locked():  # one push at a time: version numbers and the final folder are ours
             version = 1 + (self._db().execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,))

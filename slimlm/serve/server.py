@@ -2,12 +2,17 @@
 
 On the first signal the server stops accepting work (new requests and /ready get 503) while running requests
 finish, for at most drain_timeout_s; then uvicorn closes the socket and exits. A second signal exits at once.
+The port is bound before the model loads, so a busy port is one line and exit 2, not a crash at exit with the
+model half loaded; a model that fails to load stops the server, which exits with that error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
+import socket
 import sys
 import threading
 import time
@@ -66,16 +71,72 @@ def setup_logging() -> None:
         lg.propagate = False
 
 
+class CannotListen(ValueError):
+    """The port cannot be bound (a user-fixable error: `slimlm serve` prints it as one line, exit 2)."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, made before anything loads; CannotListen if it cannot be had."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise CannotListen(f"cannot listen on {host!r}: {e.strerror}; pass --host an address of this machine") \
+            from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind(addr)
+        sock.listen(2048)  # listening now claims the port: a second server's bind fails even with SO_REUSEADDR
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise CannotListen(f"port {port} on {host} is in use; pick another --port") from None
+        raise CannotListen(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until SIGTERM/SIGINT; the model loads in the background while /health already answers."""
+    """Serve until SIGTERM/SIGINT; the model loads in the background while /health already answers.
+
+    Raises CannotListen before loading anything if the port is taken, and the load's own error if the model fails
+    to load (the server stops then: an unready server that never becomes ready only hides the fault)."""
     setup_logging()
+    sock = bind_socket(host, port)
     state = ServerState(config)
+    warn_open_admin(state, host)
     app = create_app(state)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=int(config.drain_timeout_s) + 5), state)
-    state.load_in_background()
+    failure: list[BaseException] = []
+    loader = threading.Thread(target=_load_or_stop, args=(state, server, failure), name="slimlm-load", daemon=True)
+    loader.start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        # Torch must not be mid-load or mid-step when the interpreter exits (C++ `terminate`, exit 134): wait for
+        # the load, then stop the engine thread, whichever way the server ended.
+        loader.join()
         if state.engine is not None:
             state.engine.stop()
+        sock.close()
+    if failure:
+        raise failure[0]
+
+
+def _load_or_stop(state: ServerState, server: uvicorn.Server, failure: list) -> None:
+    try:
+        state.load()
+    except Exception as e:  # noqa: BLE001 — handed to the main thread, which re-raises it after the server stops
+        failure.append(e)
+        server.should_exit = True
+
+
+def warn_open_admin(state: ServerState, host: str) -> None:
+    """A loud start-up warning when anyone who reaches the port may load adapters (no admin key)."""
+    c = state.config
+    if c.allow_runtime_lora and not state.admin_keys:
+        log.warning(json.dumps({"event": "warning", "message": (
+            f"--allow-runtime-lora without --admin-key-file: ANY client that reaches {host} may load and unload "
+            f"LoRA adapters from under {', '.join(c.lora_roots)}; set --admin-key-file (and --api-key-file) unless "
+            "this port is reachable by trusted clients only")}))

@@ -32,6 +32,9 @@ class ServeConfig:
     adapters: list[str] = field(default_factory=list)  # adapter folders, as DIR or NAME=DIR
     registry: str | None = None  # registry root: adapters pushed there are served by name
     api_key_file: str | None = None  # one key per line; when set, /v1/* needs `Authorization: Bearer KEY`
+    admin_key_file: str | None = None  # keys for the admin routes (runtime LoRA load/unload); inference keys get 403
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (else 404)
+    lora_roots: list[str] = field(default_factory=list)  # runtime adapters load only from under these folders
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 2048
     drain_timeout_s: float = 30.0
@@ -55,6 +58,24 @@ class ServeConfig:
             raise ValueError("--draft-model needs the torch backend (--backend torch)")
         if self.max_body_bytes < 1024 or self.max_tokens_limit < 1 or self.drain_timeout_s < 0:
             raise ValueError("max_body_bytes must be >= 1024, max_tokens_limit >= 1, drain_timeout_s >= 0")
+        self._validate_admin()
+
+    def _validate_admin(self) -> None:
+        """The runtime-LoRA flags come together: roots that exist, and an admin key wherever inference needs keys."""
+        if not self.allow_runtime_lora:
+            if self.lora_roots or self.admin_key_file:
+                raise ValueError("--lora-root and --admin-key-file apply to runtime LoRA loading: add "
+                                 "--allow-runtime-lora (or drop them)")
+            return
+        if not self.lora_roots:
+            raise ValueError("--allow-runtime-lora needs at least one --lora-root DIR: runtime adapters are loaded "
+                             "only from under these folders")
+        missing = [r for r in self.lora_roots if not Path(r).is_dir()]
+        if missing:
+            raise ValueError(f"--lora-root {missing[0]}: no such folder")
+        if self.api_key_file and not self.admin_key_file:
+            raise ValueError("--allow-runtime-lora with --api-key-file needs --admin-key-file: inference keys may "
+                             "not load adapters")
 
     def name(self) -> str:
         return self.served_name or Path(self.model.rstrip("/")).name.removesuffix(".gguf")
@@ -79,7 +100,13 @@ class ServerState:
         config.validate()
         self.config, self.served_name = config, config.name()
         self.static_adapters = parse_adapter_args(config.adapters)
-        self.api_keys = _read_keys(config.api_key_file) if config.api_key_file else []
+        self.api_keys = _read_keys(config.api_key_file, "--api-key-file") if config.api_key_file else []
+        self.admin_keys = _read_keys(config.admin_key_file, "--admin-key-file") if config.admin_key_file else []
+        if set(self.admin_keys) & set(self.api_keys):
+            raise ValueError("--admin-key-file and --api-key-file share a key: admin keys must differ")
+        # Resolved once: a request's path is checked against the real folders (symlinks followed), see add_adapter.
+        self.lora_roots = [Path(r).resolve() for r in config.lora_roots]
+        self.operator_adapters = frozenset(self.static_adapters)  # from --adapters: never unloaded over HTTP
         self.registry = None
         if config.registry:
             from slimlm.serve.registry import Registry
@@ -89,7 +116,7 @@ class ServerState:
         self.metrics: ServeMetrics | None = ServeMetrics(self.served_name)
         self.ready = self.draining = False
         self.load_error: str | None = None
-        self._verified: set[tuple] = set()
+        self._checked: dict[tuple, str | None] = {}  # registry versions hashed: None = intact, else the error
 
     def load(self) -> None:
         """Load the model and start the engine (call on a background thread); errors land in load_error."""
@@ -144,26 +171,32 @@ class ServerState:
             raise self._unknown(model, "no such adapter")
         from slimlm.serve.registry import RegistryError
         try:
-            entry = self.registry.resolve(name)
+            # Hashed once per version (the verdicts are kept): a corrupt version is refused, and a bare NAME whose
+            # head is corrupt keeps serving the newest intact version.
+            entry = self.registry.resolve_good(name, self._checked)
             if entry.kind != "adapter":
                 raise RegistryError(f"{entry.ref} is a {entry.kind}, not an adapter; this server serves one base")
             key = (entry.name, entry.version)
-            if key not in self._verified:  # hash the files once per version: a corrupt adapter is refused
-                self.registry.verify(entry)
-                self._verified.add(key)
         except RegistryError as e:
             raise self._unknown(model, str(e)) from None
         return AdapterRef(key, entry.path, entry.ref)
 
     def add_adapter(self, name: str, folder: str) -> None:
-        """Serve the LoRA adapter in `folder` as `name` from now on (checked now, loaded on first use)."""
+        """Serve the LoRA adapter in `folder` as `name` from now on (checked now, loaded on first use).
+
+        Only for --allow-runtime-lora (the route answers 404 otherwise); `folder` must resolve to a folder under a
+        --lora-root, and `name` may not shadow an adapter the operator configured (--adapters or the registry)."""
         from slimlm.peft import read_adapter_config
         from slimlm.peft.common import PeftError
         from slimlm.serve.registry import RegistryError, check_name
 
+        if name in self.operator_adapters or (self.registry is not None and name in self.registry.names()):
+            raise APIError(403, f"adapter {name!r} is configured by the operator and cannot be replaced over HTTP",
+                           type="permission_error", param="lora_name", code="operator_adapter")
+        path = self.allowed_lora_path(folder)  # before anything reads the path
         try:
             check_name(name, "adapter name")
-            method, cfg, _ = read_adapter_config(folder)
+            method, cfg, _ = read_adapter_config(path)
         except (RegistryError, PeftError, OSError) as e:
             raise APIError(400, str(e), param="lora_path") from None
         if method != "lora" or cfg.use_dora or cfg.r > self.config.engine.max_lora_rank:
@@ -172,9 +205,26 @@ class ServerState:
                                 f"{self.config.engine.max_lora_rank}", param="lora_path")
         if name in self.static_adapters or name == self.served_name:
             raise APIError(400, f"an adapter named {name!r} is already served; unload it first", param="lora_name")
-        self.static_adapters[name] = Path(folder)
+        self.static_adapters[name] = path
+
+    def allowed_lora_path(self, folder: str) -> Path:
+        """`folder` resolved (relative to the server's working directory, `..` and symlinks followed), or APIError
+        403 if the result is not under a --lora-root. The resolved path is what gets loaded, so a symlink swapped
+        after this check cannot redirect the load."""
+        try:
+            path = Path(folder).resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+            path = None
+        if path is None or not any(path.is_relative_to(root) for root in self.lora_roots):
+            raise APIError(403, "lora_path is outside the folders this server loads adapters from (--lora-root)",
+                           type="permission_error", param="lora_path", code="path_not_allowed")
+        return path
 
     def remove_adapter(self, name: str) -> None:
+        """Stop serving the runtime adapter `name`; APIError 403 for the operator's (--adapters, the registry)."""
+        if name in self.operator_adapters or (self.registry is not None and name in self.registry.names()):
+            raise APIError(403, f"adapter {name!r} is configured by the operator and cannot be unloaded over HTTP",
+                           type="permission_error", param="lora_name", code="operator_adapter")
         if name not in self.static_adapters:
             raise APIError(404, f"no adapter named {name!r} was loaded", param="lora_name", code="not_found")
         del self.static_adapters[name]
@@ -202,10 +252,10 @@ class ServerState:
         return out
 
 
-def _read_keys(path: str) -> list[str]:
+def _read_keys(path: str, flag: str) -> list[str]:
     keys = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     if not keys:
-        raise ValueError(f"--api-key-file {path} holds no keys (one per line)")
+        raise ValueError(f"{flag} {path} holds no keys (one per line)")
     return keys
 
 

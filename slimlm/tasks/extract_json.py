@@ -10,6 +10,7 @@ This module is data only; it knows nothing about models or generation.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def write_splits(folder: str | Path, n_train: int = 2000, n_val: int = 100, n_te
     paths = {}
     for split, (lo, hi) in bounds.items():
         paths[split] = folder / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(ex) + "\n" for ex in examples[lo:hi]), encoding="utf-8")
+        tmp = folder / f".{split}.jsonl.tmp-{os.getpid()}"  # renamed into place: a kill never leaves half a split
+        tmp.write_text("".join(json.dumps(ex) + "\n" for ex in examples[lo:hi]), encoding="utf-8")
+        os.replace(tmp, paths[split])
     return paths
 
 

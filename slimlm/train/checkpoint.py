@@ -14,6 +14,7 @@ This module knows nothing of the training loop; it saves and restores state hand
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from slimlm.checkpoint.atomic import atomic_folder
+from slimlm.checkpoint.atomic import atomic_folder, check_output
 
 CHECKPOINTS = "checkpoints"  # sub-folder of out_dir
 _STEP_FOLDER = re.compile(r"^step-(\d{6,})$")  # complete checkpoints only: temporary folders start with "."
@@ -66,10 +67,35 @@ def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
     return removed
 
 
+def check_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool, inputs: list) -> None:
+    """The command line's guard for a training run's --out: refuse a folder that holds something unless the run
+    continues it (`resume`) or replaces it (`overwrite`: its old checkpoints are removed so the run starts over);
+    an --out that is or holds an input is always refused (check_output). ValueError says which flag to pass."""
+    out = Path(out_dir)
+    check_output(out, overwrite=True, inputs=inputs)  # inputs only: a non-empty run folder is decided here
+    if resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if overwrite:
+        if (out / CHECKPOINTS).is_dir():  # renamed first: a kill mid-delete leaves no half checkpoint to resume
+            doomed = out / f".{CHECKPOINTS}.old-{os.getpid()}"
+            os.rename(out / CHECKPOINTS, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        return
+    found = list_checkpoints(out)
+    what = (f"holds checkpoints of an earlier run (newest: {found[-1][1].name})" if found
+            else "exists and is not empty")
+    raise ValueError(f"--out {out} {what}; pass --resume to continue the run, --overwrite to start over, or choose "
+                     "another --out")
+
+
 def rotate_checkpoints(out_dir: str | Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints; called only after a new one is complete, so one always survives."""
     for _, folder in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(folder)
+        # Renamed out of sight first: a kill during the slow delete leaves a temporary folder (removed on resume),
+        # never a step folder with some of its files gone.
+        doomed = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed)
 
 
 def rng_states() -> dict[str, Any]:

@@ -22,13 +22,13 @@ counted in `DataStats`. This module knows nothing about models or the training l
 
 from __future__ import annotations
 
-import json
 import statistics
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimlm.jsonl import read_lines
 from slimlm.tokenizer import Tokenizer
 from slimlm.train.batch import IGNORE, Sample
 
@@ -51,7 +51,14 @@ class DataError(ValueError):
     """A data file or data config is invalid; the message lists every problem found and what to do."""
 
 
-def _raise(header: str, problems: list[str]) -> None:
+def _raise(header: str, problems: list[str], located: bool = False) -> None:
+    """Raise one DataError: `header` and the list of problems, one per line.
+
+    located: each problem already says where it is ("FILE:LINE: ..."), so a single one is raised alone, as one
+    line, without the header.
+    """
+    if located and len(problems) == 1:
+        raise DataError(problems[0])
     if problems:
         shown = problems[:MAX_LISTED]
         more = [f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []
@@ -177,28 +184,24 @@ def read_jsonl(path: str | Path, format: str = "auto") -> list[tuple[int, dict, 
     if format not in ("auto", *FORMATS):
         raise DataError(f"unknown data format {format!r}; use 'auto' or one of {', '.join(FORMATS)}")
     records, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{n}: invalid JSON ({e}); each line must be one JSON object")
-                continue
-            if not isinstance(record, dict):
-                errors.append(f"{path}:{n}: a {type(record).__name__}, not a JSON object; each line must be {{...}}")
-                continue
-            fmt = detect_format(record) if format == "auto" else format
-            problems = [_shape_error(record)] if fmt is None else _record_errors(record, fmt)
-            errors += [f"{path}:{n}: {p}" for p in problems]
-            if not problems:
-                records.append((n, record, fmt))
+    for line in read_lines(path):  # blank lines skipped; bad bytes and bad JSON come back as line.error
+        n, record = line.number, line.value
+        if line.error is not None:
+            errors.append(f"{path}:{n}: {line.error}")
+            continue
+        if not isinstance(record, dict):
+            errors.append(f"{path}:{n}: a {type(record).__name__}, not a JSON object; each line must be {{...}}")
+            continue
+        fmt = detect_format(record) if format == "auto" else format
+        problems = [_shape_error(record)] if fmt is None else _record_errors(record, fmt)
+        errors += [f"{path}:{n}: {p}" for p in problems]
+        if not problems:
+            records.append((n, record, fmt))
     if records:
         first_line, _, first_fmt = records[0]
         errors += [f"{path}:{n}: a {fmt} record, but line {first_line} is {first_fmt}; put one format per file"
                    for n, _, fmt in records if fmt != first_fmt]
-    _raise(f"{path}: {len(errors)} problem(s):", errors)
+    _raise(f"{path}: {len(errors)} problem(s):", errors, located=True)
     if not records:
         raise DataError(f"{path}: no records; the file is empty (one JSON object per line expected)")
     return records
@@ -316,7 +319,7 @@ def _render_file(path: str | Path, tokenizer: Tokenizer,
             rendered.append(render(record, fmt, tokenizer, cfg.train_on_prompt))
         except DataError as e:
             errors.append(f"{path}:{n}: {e}")
-    _raise(f"{path}: {len(errors)} record(s) could not be rendered:", errors)
+    _raise(f"{path}: {len(errors)} record(s) could not be rendered:", errors, located=True)
     return fmt, rendered
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimlm.checkpoint.atomic import write_text_atomic
 from slimlm.train.data import DataConfig, load_dataset, run_data_errors
 from slimlm.train.kd_loss import KL_DIRECTIONS, DenseTeacher, KDSettings, chunked_kd_loss, labelled_rows
 from slimlm.train.trainer import LossFn, SampleStream, TrainConfig, TrainResult, train
@@ -190,7 +191,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     records = _eval_records(cfg)
     teacher_eval = _exact_match(teacher, tokenizer, records, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(_yaml(to_dict(cfg)))
+    write_text_atomic(out / "recipe.yaml", _yaml(to_dict(cfg)))
     settings = KDSettings(float(cfg.alpha), float(cfg.temperature), cfg.kl)
     loss_fn, cache_info = _loss_fn(cfg, settings, teacher, train_samples, tokenizer.pad_id, out)
     if cfg.alpha == 0:
@@ -202,7 +203,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     output = save_hf_folder(student, out / "model", tokenizer.hf, sorted(tokenizer.stop_token_ids))
     res = DistillResult(out, output, _n_params(student), _n_params_of(cfg, teacher_path), result, teacher_eval,
                         student_eval, cache_info)
-    (out / "summary.json").write_text(json.dumps(_summary_json(cfg, res, stats), indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(_summary_json(cfg, res, stats), indent=2))
     return res
 
 

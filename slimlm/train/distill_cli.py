@@ -12,10 +12,14 @@ SHORT_FLAGS = ("teacher", "teacher_adapter", "student", "student_layers", "alpha
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from slimlm.recipe import apply_flags, load_recipe
+    from slimlm.train.checkpoint import check_run_folder
     from slimlm.train.distill import DistillConfig, distill
 
     cfg = load_recipe(DistillConfig, args.recipe) if args.recipe else DistillConfig()
     cfg = apply_flags(cfg, args)
+    cfg.validate()  # flag errors before the --out check, which may remove old checkpoints (--overwrite)
+    check_run_folder(cfg.out, resume=cfg.resume, overwrite=args.overwrite,
+                     inputs=[cfg.teacher, cfg.teacher_adapter, cfg.student, cfg.data, cfg.eval_data])
     res = distill(cfg, progress=not args.quiet)
     t = res.train
     print(f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, {t.elapsed_s:.0f} s; "
@@ -36,5 +40,7 @@ def add_distill_commands(sub) -> None:
                                    "mirror the YAML recipe keys (--train.lr 1e-4) and override the recipe.")
     p.add_argument("recipe", nargs="?", default=None, help="YAML recipe (optional)")
     add_flags(p, DistillConfig, short=SHORT_FLAGS)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_distill)

@@ -7,24 +7,24 @@ stripping whitespace. This is not a benchmark harness; eval/ will hold perplexit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slimlm.jsonl import read_lines
 from slimlm.tokenizer import Messages
 
 
 def chat_eval_set(path: str | Path) -> list[tuple[Messages, str]]:
     """(prompt messages, reference answer) for every chat record of a JSONL file whose last turn is the assistant's."""
     out = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for line in read_lines(path):  # blank lines skipped; bad bytes and bad JSON come back as line.error
+        if line.error is not None:
+            raise ValueError(f"{path}:{line.number}: {line.error}")
+        rec = line.value
         msgs = rec.get("messages") if isinstance(rec, dict) else None
-        if msgs and msgs[-1].get("role") == "assistant":
+        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
             out.append((msgs[:-1], msgs[-1]["content"]))
     return out
 

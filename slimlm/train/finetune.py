@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from slimlm.checkpoint.atomic import write_text_atomic
 from slimlm.peft import PEFT_METHODS, apply_peft, save_adapter
 from slimlm.peft.adapter import AdapterConfig
 from slimlm.peft.bitfit import BitFitConfig
@@ -64,6 +65,8 @@ class FinetuneConfig:
                 section.validate()
             except ValueError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # one problem, one line
+            raise ValueError(f"invalid fine-tuning config: {errors[0]}")
         if errors:
             raise ValueError("invalid fine-tuning config:\n  - " + "\n  - ".join(errors))
 
@@ -111,7 +114,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         def eval_fn(m):
             return generation_accuracy(m, tokenizer, eval_records, cfg.task, cfg.eval_max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(_yaml(to_dict(cfg)))
+    write_text_atomic(out / "recipe.yaml", _yaml(to_dict(cfg)))
     result = train(model, train_samples, cfg.train, out, eval_samples=eval_samples, pad_id=tokenizer.pad_id,
                    input_prefix_ids=input_prefix_ids(model), eval_fn=eval_fn, resume=cfg.resume, progress=progress)
     if cfg.method == "full":
@@ -122,7 +125,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
             "dropped": train_stats.dropped, "tokens": train_stats.tokens, "trained_tokens": train_stats.trained_tokens}
     res = FinetuneResult(out, output, summary.trainable, summary.total, result, data)
     plot_metrics(result.metrics_path, out / "training.png", f"{cfg.method} on {Path(cfg.data).name}")
-    (out / "summary.json").write_text(json.dumps(_summary_json(cfg, res), indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(_summary_json(cfg, res), indent=2))
     return res
 
 

@@ -80,14 +80,17 @@ class TopKCache:
 
 
 def read_cache(path: str | Path) -> TopKCache:
-    from safetensors import safe_open
+    """The cache in `path`; a truncated or foreign file raises one error naming it (CheckpointError/TeacherCacheError)."""
+    from slimlm.checkpoint.hf import load_safetensors, safetensors_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise TeacherCacheError(f"{path} is not a slimlm teacher cache (format {meta.get('format')!r}); delete it "
-                                    "or choose another --teacher-cache-path")
-        t = {k: f.get_tensor(k) for k in ("values", "ids", "offsets", "sample_index")}
+    meta = safetensors_metadata(path)  # checks the header against the file first
+    if meta.get("format") != FORMAT:
+        raise TeacherCacheError(f"{path} is not a slimlm teacher cache (format {meta.get('format')!r}); delete it "
+                                "or choose another --teacher-cache-path")
+    t = load_safetensors(path)
+    missing = [k for k in ("values", "ids", "offsets", "sample_index") if k not in t]
+    if missing:
+        raise TeacherCacheError(f"{path} lacks {', '.join(missing)}; delete it so that it is rebuilt")
     return TopKCache(t["values"], t["ids"], t["offsets"], t["sample_index"], meta)
 
 
