@@ -170,11 +170,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf: JSON has no infinities
+
+
+def _finite(lp: float) -> float:
+    """A logprob JSON can carry: -inf (a token the sampling settings rule out) and NaN become LOGPROB_FLOOR."""
+    return lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN fails the comparison too
+
+
 def chat_logprobs(entries: list[dict], token_text) -> dict:
     """OpenAI chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
     def item(tok: int, lp: float) -> dict:
         s = token_text(tok)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"token": s, "logprob": _finite(lp), "bytes": list(s.encode())}
     return {"content": [{**item(e["token"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
                         for e in entries]}
 
@@ -186,8 +194,9 @@ def completion_logprobs(entries: list[dict], token_text, offset: int = 0) -> dic
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e["top"]} for e in entries], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [_finite(e["logprob"]) for e in entries],
+            "top_logprobs": [{token_text(t): _finite(lp) for t, lp in e["top"]} for e in entries],
+            "text_offset": offsets}
 
 
 def chunk(kind: str, rid: str, model: str, created: int, choice: dict | None, usage_: dict | None = None) -> dict:

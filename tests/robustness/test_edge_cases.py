@@ -69,6 +69,14 @@ CASES = {
                                  b'"max_tokens": NaN}', 400),
         ("min_p NaN (completions)", COMPLETIONS, b'{"model": "tiny", "prompt": "the cat", "min_p": NaN}', 400),
     ],
+    "denormal sampling values": [  # found by the soak fuzzer: NaN/-inf logprobs once made the JSON response a 500
+        ("repetition_penalty 5e-324 + logprobs (completions)", COMPLETIONS,
+         json.dumps({"model": SERVED, "prompt": [49, 66, 212], "max_tokens": 4, "logprobs": 1, "top_p": 5e-324,
+                     "repetition_penalty": 5e-324, "temperature": 0.0, "stop": "0", "min_tokens": 1}).encode(), 200),
+        ("repetition_penalty 5e-324 + top_logprobs (chat)", CHAT,
+         chat(logprobs=True, top_logprobs=5, repetition_penalty=5e-324, top_p=5e-324, temperature=0.0,
+              min_tokens=1), 200),
+    ],
     "10k stop strings": [
         ("10k stop strings", CHAT, chat(stop=[f"s{i}" for i in range(10_000)]), 400),
         ("17 stop strings", CHAT, chat(stop=[f"s{i}" for i in range(17)]), 400),
