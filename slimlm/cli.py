@@ -225,16 +225,46 @@ def cmd_data_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_epilog(config_cls: type) -> str:
+    """The methods (from the PEFT registry, each with the flag section of its options) and what --data takes."""
+    import dataclasses
+    import textwrap
+    import typing
+
+    from slimlm.peft import PEFT_METHODS
+
+    sections = {t: name for name, t in typing.get_type_hints(config_cls).items() if dataclasses.is_dataclass(t)}
+    lines = ["methods (--method):"]
+    for name, method in PEFT_METHODS.items():
+        cls = method.config_cls  # its docstring, else its module's; dataclass writes "Cls(field: type, ...)" if none
+        doc = cls.__doc__ if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}(") else None
+        summary = (doc or sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0].rstrip(".")
+        if name == "qlora":  # the same code and options as lora, on a frozen NF4 base
+            summary = "QLoRA: lora on a frozen NF4 4-bit base"
+        section = sections.get(method.config_cls)
+        options = f"; options --{section}.*" if section else ""
+        lines += textwrap.wrap(f"{name:<8} {summary}{options}", 100, initial_indent="  ", subsequent_indent=" " * 11,
+                               break_on_hyphens=False)
+    lines += ["", *textwrap.wrap(
+        '--data / --eval-data: a JSONL file, one record per line, in one of four formats (auto-detected; '
+        '--dataset.format): chat {"messages": [{"role": "user", "content": ...}, ...]}, alpaca {"instruction", '
+        '"input", "output"}, {"prompt", "completion"} or {"text"}. See README.md, "Fine-tuning" > "Data"; check a '
+        'file with `slimlm data check FILE`.', 100, break_on_hyphens=False)]
+    return "\n".join(lines)
+
+
 def _add_finetune_parser(sub) -> None:
     from slimlm.recipe import add_flags
     from slimlm.train.finetune import FinetuneConfig
 
     f = sub.add_parser("finetune", help="fine-tune with full, lora, qlora, adapter, bitfit, prefix or prompt",
-                       description="Fine-tune a model. Flags mirror the YAML recipe keys (nested keys with dots: "
-                                   "--train.lr 1e-4, --lora.r 8) and override the recipe.")
+                       description="Fine-tune a model. Flags mirror the YAML recipe keys (nested keys with dots:\n"
+                                   "--train.lr 1e-4, --lora.r 8) and override the recipe.",
+                       epilog=_finetune_epilog(FinetuneConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("recipe", nargs="?", default=None, help="YAML recipe (optional)")
     add_flags(f, FinetuneConfig, short=("model", "method", "data", "eval_data", "out", "nf4_base", "dtype",
-                                        "device", "task", "eval_generate", "eval_max_new_tokens", "resume"))
+                                        "device", "task", "eval_generate", "eval_max_new_tokens", "resume",
+                                        "base_name"))
     f.add_argument("--overwrite", action="store_true",
                    help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -269,7 +299,8 @@ def _add_finetune_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="slimlm", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--version", action="version", version=f"slimlm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for one prompt")
@@ -300,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     from slimlm.eval.cli import add_eval_commands
     from slimlm.export.cli import add_export_commands
     from slimlm.fuse.cli import add_fuse_commands
+    from slimlm.merge.cli import add_merge_models_commands
     from slimlm.memory.cli import add_estimate_commands
     from slimlm.prune.cli import add_prune_commands
     from slimlm.quantize.cli import add_quantize_commands
@@ -317,13 +349,50 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_commands(sub)
     add_compress_commands(sub)
     add_fuse_commands(sub)
+    add_merge_models_commands(sub)
     add_export_commands(sub)
     add_estimate_commands(sub)
     return parser
 
 
+def _version() -> str:
+    """The installed distribution's version (slimlm.__version__ when running from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slimlm")
+    except PackageNotFoundError:
+        from slimlm import __version__
+
+        return __version__
+
+
+def _innermost_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)sub-command parser that `args` came through, e.g. `slimlm export onnx`'s."""
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _innermost_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
+def _unknown_flags_error(parser: argparse.ArgumentParser, extras: list[str]) -> None:
+    """Exit 2 with the sub-command's own usage, the unknown flags and the closest known ones."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for flag in (e.split("=")[0] for e in extras if e.startswith("--")):
+        tail = flag[2:].replace("-", "_")  # --lr -> --train.lr; --max-steps -> --train.max_steps
+        hints += [o for o in known if o.endswith(f".{tail}")] or difflib.get_close_matches(flag, known, n=2)
+    hint = f" (did you mean {', '.join(dict.fromkeys(hints))}?)" if hints else ""
+    parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # parse_args would print the top-level usage; the user needs the sub-command's
+        _unknown_flags_error(_innermost_parser(parser, args), extras)
     try:
         return args.func(args)
     # User-fixable (bad paths, flags, configs and files): one line, status 2. The loaders wrap third-party errors

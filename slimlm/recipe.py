@@ -3,13 +3,21 @@
 A recipe's keys are the dataclass's field names; nested dataclasses are nested mappings. On the command line the
 same fields are flags with dots for nesting (`--train.lr 1e-4`, `--lora.r 8`, `--eval-data val.jsonl`); flags
 override the recipe. Unknown keys are errors that name the key and list the valid ones.
+A field's documentation is the comment after it in the class (`lr: float = 2e-4  # peak learning rate`), or the
+comment lines right above it; `field_docs` reads them, so the flags' --help text lives next to the field.
 This module knows nothing of what the configs mean; each config validates itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -72,8 +80,44 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", shor
         flag = f"--{f.name.replace('_', '-')}" if f.name in short else f"--{prefix}{f.name}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         extra = {"nargs": "?", "const": "true"} if _strip_optional(ftype) is bool else {}  # bare --flag = true
+        doc = field_docs(cls).get(f.name, "")
+        help_text = f"{doc} (default: {default})" if doc else f"(default: {default})"
         parser.add_argument(flag, dest=f"{prefix}{f.name}", default=None, metavar=_metavar(ftype),
-                            help=f"(default: {default})", **extra)
+                            help=help_text.replace("%", "%%"), **extra)  # argparse formats help with %
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its comment} for a dataclass: the comment on the field's own line(s), else the comment lines
+    directly above it. Fields without either are left out; so is everything when the source is unavailable."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # built in a REPL or from a zip without sources
+        return {}
+    comments: dict[int, str] = {}  # line number -> comment text
+    code_lines: set[int] = set()  # lines holding code (a comment there is a trailing one)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                              tokenize.ENDMARKER):
+            code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        lines = range(node.lineno, node.end_lineno + 1)
+        doc = " ".join(comments[n] for n in lines if n in comments)
+        if not doc:  # a block of comment-only lines right above the field
+            above, n = [], node.lineno - 1
+            while n in comments and n not in code_lines:
+                above.insert(0, comments[n])
+                n -= 1
+            doc = " ".join(above)
+        if doc:
+            docs[node.target.id] = doc
+    return docs
 
 
 def apply_flags(cfg: Any, args: argparse.Namespace) -> Any:
@@ -128,7 +172,15 @@ def _coerce(value: Any, ftype: Any, where: str) -> Any:
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(_coerce(v, a, where) for v, a in zip(items, typing.get_args(base)))
         if origin is list:
-            return [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+            items = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+            item_type = (typing.get_args(base) or (None,))[0]
+            return [_coerce(v, item_type, where) for v in items] if item_type in (int, float) else items
+        if origin is dict and isinstance(value, str):  # a flag: "q_proj=2,v_proj=4"
+            key_type, value_type = typing.get_args(base) or (str, str)
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(value)
+            return {k.strip(): _coerce(v.strip(), value_type, where) for k, v in pairs}
         if origin in (typing.Union, types.UnionType):  # e.g. str | list[str]: keep lists, strings as given
             return list(value) if isinstance(value, (list, tuple)) else value
     except (TypeError, ValueError):

@@ -6,10 +6,35 @@ and incremental detokenization for streaming. It is not a tokenizer implementati
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 Messages = list[dict[str, str]]
+
+# Fast tokenizer classes transformers 4.x resolves by name from tokenizer_config.json (4.x tries NAME + "Fast" first,
+# so the slow names v5 writes, e.g. GPT2Tokenizer, load there too). transformers 5 writes `TokenizersBackend`, a
+# class 4.x does not have ("Tokenizer class TokenizersBackend does not exist"), which breaks Optimum and every tool
+# pinned to 4.x; files we write name a class from this list instead (PreTrainedTokenizerFast is the generic one).
+TRANSFORMERS4_FAST_CLASSES = ("PreTrainedTokenizerFast", "GPT2TokenizerFast", "LlamaTokenizerFast",
+                              "CodeLlamaTokenizerFast", "GemmaTokenizerFast", "Qwen2TokenizerFast",
+                              "GPTNeoXTokenizerFast", "BloomTokenizerFast", "CohereTokenizerFast", "T5TokenizerFast",
+                              "BertTokenizerFast")
+# Keys v5 leaks into tokenizer_config.json from the load call; 4.x would pass them to the tokenizer's __init__.
+_LOAD_ONLY_KEYS = ("is_local", "local_files_only")
+
+
+class _PackedFolderNotice(logging.Filter):
+    """Drops transformers' "You are using a model of type `slimlm-quantized...`" warning. AutoTokenizer reads
+    config.json, whose model_type a packed quantized folder sets so that transformers refuses its weights
+    (quantize/model.py); its tokenizer files are ordinary, so loading them says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "model of type `slimlm-quantized" not in record.getMessage()
+
+
+_PACKED_FOLDER_NOTICE = _PackedFolderNotice()
 
 # Tokens that chat templates use to end an assistant turn; whichever exist in the vocabulary stop generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>", "</s>")
@@ -41,6 +66,7 @@ class Tokenizer:
         try:
             if path.suffix == ".gguf":
                 return cls(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+            logging.getLogger("transformers.configuration_utils").addFilter(_PACKED_FOLDER_NOTICE)  # once
             return cls(AutoTokenizer.from_pretrained(str(path)), extra)
         except Exception as e:  # transformers raises many types for bad files (JSONDecodeError, OSError, ...)
             why = " ".join(f"{type(e).__name__}: {e}".split())
@@ -82,7 +108,30 @@ class Tokenizer:
         return self.apply_chat_template(list(prompt))
 
     def save_pretrained(self, folder: str | Path) -> None:
-        self.hf.save_pretrained(str(folder))
+        save_tokenizer(self.hf, folder)
+
+
+def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
+    """Save an HF tokenizer (or our wrapper) so that transformers 4.4x and 5.x both load it.
+
+    transformers 5 saves `tokenizer_class: TokenizersBackend` and keeps the chat template only in
+    chat_template.jinja; we rewrite tokenizer_config.json with a class 4.x knows (v5 maps it back to the same
+    backend) and the chat template inline too (4.x before 4.50 reads it only from there). tokenizer.json, which
+    holds the vocabulary and added tokens, is left as transformers wrote it.
+    """
+    hf = getattr(tokenizer, "hf", tokenizer)
+    hf.save_pretrained(str(folder))
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    name = config.get("tokenizer_class") or ""
+    if name not in TRANSFORMERS4_FAST_CLASSES and f"{name}Fast" not in TRANSFORMERS4_FAST_CLASSES:
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    template = getattr(hf, "chat_template", None)
+    if isinstance(template, str) and "chat_template" not in config:
+        config["chat_template"] = template
+    for key in _LOAD_ONLY_KEYS:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 class StreamDecoder:

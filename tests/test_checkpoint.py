@@ -429,6 +429,24 @@ def test_gguf_q8_0_tensor_is_close_to_unquantized(gguf_llama):
     assert 0 < err <= original.abs().max().item() / 127  # Q8_0: 8-bit blocks, error within one step
 
 
+def test_gguf_conversion_reports_progress_on_stderr(gguf_llama, tmp_path, capsys):
+    """The first load of a .gguf runs ~20 s (SmolLM2): each step and a per-tensor bar go to stderr, not stdout."""
+    from slimlm.checkpoint.gguf import convert_gguf
+
+    load_gguf(gguf_llama[0], progress=True)
+    out = capsys.readouterr()
+    assert "dequantizing tiny-llama.gguf" in out.err and "tensor" in out.err and out.out == ""
+    load_gguf(gguf_llama[0])  # progress is opt-in below convert_gguf
+    assert capsys.readouterr().err == ""
+    with pytest.raises(CheckpointError, match="tokenizer"):  # the tiny file has no tokenizer; the steps before ran
+        convert_gguf(gguf_llama[0], tmp_path / "conv", progress=True)
+    err = capsys.readouterr().err
+    assert "slimlm: converting tiny-llama.gguf into" in err and "reading the tokenizer" in err
+    with pytest.raises(CheckpointError):  # not a terminal (pytest captures stderr): silent by default
+        convert_gguf(gguf_llama[0], tmp_path / "conv")
+    assert capsys.readouterr().err == ""
+
+
 def test_gguf_logits_match_transformers(gguf_llama):
     path, hf, _ = gguf_llama
     _, config, model = load_model(path, gguf_cache=False)

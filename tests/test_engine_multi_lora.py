@@ -117,6 +117,8 @@ def test_refusals_name_the_problem(tiny_llama, adapters, tmp_path):
         slots.load(0, (cfg, {**tensors, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)}))
     with pytest.raises(PeftError, match="peft_type 'PREFIX_TUNING'"):
         slots.load(0, ({**cfg, "peft_type": "PREFIX_TUNING"}, tensors))
+    with pytest.raises(PeftError, match="uses alpha_pattern, lora_bias, which slots cannot run"):
+        slots.load(0, ({**cfg, "alpha_pattern": {"q_proj": 2}, "lora_bias": True}, tensors))
     with pytest.raises(PeftError, match="slot 2 out of range"):
         slots.load(2, adapters / "a")
     with pytest.raises(PeftError, match=r"slots \[1\], which hold no adapter"):

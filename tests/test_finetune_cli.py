@@ -119,7 +119,7 @@ def test_from_dict_nested_sections_and_defaults():
 def test_unknown_keys_are_named_with_the_valid_ones(tmp_path):
     with pytest.raises(RecipeError) as e:
         from_dict(FinetuneConfig, {"modle": "x", "method": "lora"})
-    assert "['modle']" in str(e.value) and "valid keys: model, method, data, eval_data" in str(e.value)
+    assert "['modle']" in str(e.value) and "valid keys: model, base_name, method, data, eval_data" in str(e.value)
     with pytest.raises(RecipeError) as e:
         from_dict(FinetuneConfig, {"train": {"lr": 1e-3, "lrr": 1, "maxsteps": 2}})
     msg = str(e.value)
@@ -195,6 +195,57 @@ def test_every_field_has_a_flag():
     expected = {k for k, v in cfg.items() if not isinstance(v, dict)}
     expected |= {f"{k}.{sub}" for k, v in cfg.items() if isinstance(v, dict) for sub in v}
     assert expected <= set(args) and all(args[k] is None for k in expected)  # None: only given flags override
+
+
+def _finetune_parser():
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["finetune"]
+
+
+def test_every_generated_flag_has_help_from_its_field_comment(capsys):
+    """Help comes from the comment after each dataclass field (recipe.field_docs), defaults appended."""
+    from slimlm.peft import PEFT_METHODS
+
+    undocumented = [a.option_strings[0] for a in _finetune_parser()._actions
+                    if a.option_strings and (a.help or "").startswith("(default")]
+    assert undocumented == []
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert e.value.code == 0
+    for text in ("--train.lr X peak learning rate (AdamW) (default: 0.0002)", "--lora.r N rank of the update",
+                 "--data VALUE training JSONL (chat, alpaca, prompt/completion or text records)",
+                 "--bitfit.targets VALUE Projections that get a trainable bias",  # a comment above the field
+                 'chat {"messages":', "slimlm data check FILE", "options --lora.*"):
+        assert text in out, text
+    methods = out.split("methods (--method):")[1]
+    assert all(f" {name} " in methods for name in PEFT_METHODS)
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    import slimlm
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"slimlm {version('slimlm')}\n"
+    assert version("slimlm") == slimlm.__version__  # pyproject.toml and the package agree
+
+
+@pytest.mark.parametrize("argv, hint", [(["finetune", "--lr", "1e-4"], " (did you mean --train.lr?)"),
+                                        (["finetune", "--metod", "lora"], " (did you mean --method"),
+                                        (["export", "onnx", "--out", "x", "--bogus"], "")])
+def test_unknown_flag_prints_the_subcommands_usage(argv, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    command = " ".join(a for a in argv[:2] if not a.startswith("-"))
+    assert e.value.code == 2 and f"usage: slimlm {command} [-h]" in err
+    bad = next(a for a in argv if a in ("--lr", "--metod", "--bogus"))
+    assert f"slimlm {command}: error: unrecognized arguments: {bad}" in err and hint in err
 
 
 def test_to_dict_round_trip(tmp_path):
@@ -324,11 +375,13 @@ def test_finetune_with_generation_eval(tiny_llama, chat_data, tmp_path, capsys):
     task's own prompts are longer than the tiny model's 128-token context)."""
     out = tmp_path / "run"
     argv = _finetune_argv(tiny_llama[0], "lora", chat_data, out, "--task", "extract_json", "--eval-generate", "2",
-                          "--eval-max-new-tokens", "4", "--train.max_steps", "1", "--lora.r", "2")
+                          "--eval-max-new-tokens", "4", "--train.max_steps", "1", "--lora.r", "2",
+                          "--base-name", "org/tiny-base")
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["n"] == 2 and summary["eval"]["exact_match"] == 0.0 and summary["eval"]["eval_loss"] > 0
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 2 and adapter_config["base_model_name_or_path"] == "org/tiny-base"
     assert "exact_match" in capsys.readouterr().out
     assert load_recipe(FinetuneConfig, out / "recipe.yaml").task == "extract_json"
 

@@ -104,10 +104,41 @@ def test_quantize_errors(tiny_llama, tmp_path):
         save_quantized(slimlm.load(str(tiny_llama[0])).model, tmp_path / "x")
     folder = save_quantized(llm.model, tmp_path / "q")
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    cfg.update(model_type="llama", quantization_config={"quant_method": "gptq", "bits": 4})  # e.g. AutoGPTQ
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="'gptq'-quantized checkpoints are not supported"):
         slimlm.load(str(folder))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_transformers_refuses_a_packed_folder_and_slimlm_reads_it(tiny_llama, tmp_path, scheme, capsys):
+    """transformers skips an unknown quant_method and loads random weights; the folder's model_type makes it raise."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.cli import main
+    from slimlm.quantize.model import QUANTIZED_MODEL_TYPE
+
+    llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize=scheme)
+    folder = save_quantized(llm.model, tmp_path / scheme, llm.tokenizer)
+    with pytest.raises(ValueError, match=r"only slimlm reads\. Load this folder with slimlm\.load\(\).*"
+                                         r"use the unquantized model"):
+        AutoModelForCausalLM.from_pretrained(str(folder))
+    ids = torch.randint(3, 300, (1, 12))
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == QUANTIZED_MODEL_TYPE and cfg["quantization_config"]["model_type"] == "llama"
+    # A folder written before (model_type at the top level) reads the same.
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in folder.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    cfg["model_type"] = cfg["quantization_config"].pop("model_type")
+    (old / "config.json").write_text(json.dumps(cfg))
+    with torch.no_grad():
+        expected = llm.model(ids)
+        for path in (folder, old):
+            assert torch.equal(slimlm.load(str(path), dtype="fp32").model(ids), expected)
+            assert main(["info", "--model", str(path), "--json"]) == 0
+            assert json.loads(capsys.readouterr().out)["config"]["model_type"] == "llama"
 
 
 @pytest.mark.parametrize("scheme", ["int8-dynamic", "int4"])

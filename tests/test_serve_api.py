@@ -87,8 +87,8 @@ def test_completions_with_logprobs(server, reference):
 
 
 @pytest.mark.parametrize("body,status,param", [
-    ({"model": "nope", "prompt": "hi"}, 400, "model"),
-    ({"model": "other:x", "prompt": "hi"}, 400, "model"),
+    ({"model": "nope", "prompt": "hi"}, 404, "model"),  # OpenAI: 404 invalid_request_error model_not_found
+    ({"model": "other:x", "prompt": "hi"}, 404, "model"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "the cat " * 80, "max_tokens": 16}, 400, "prompt"),
     ({"model": "tiny", "prompt": "the cat " * 30, "max_tokens": 64}, 400, "max_tokens"),
@@ -221,7 +221,7 @@ def test_registry_versions_alias_rollback_without_restart(tiny_llama, tmp_path):
         assert _greedy(url, "tiny:ad") == v1
         assert any(m["id"] == "tiny:ad@2" for m in httpx.get(url + "/v1/models").json()["data"])
         r = post(url, "/v1/completions", {"model": "tiny:ad@9", "prompt": "hi"})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_corrupt_and_oversized_adapters_refused(tiny_llama, tmp_path):
@@ -259,7 +259,7 @@ def test_batch_job(tiny_llama, tmp_path, reference):
     want = reference.complete([[{"role": "user", "content": "story 3"}]],
                               SamplingParams(max_new_tokens=6, ignore_eos=True))[0].text
     assert out[3]["response"]["body"]["choices"][0]["message"]["content"] == want
-    assert out[5]["response"]["status_code"] == 400
+    assert out[5]["response"]["status_code"] == 404
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"custom_id": "a", "url": "/v1/chat/completions", "body": {}}\nnot json\n'
                    '{"custom_id": "a", "url": "/v1/embeddings", "body": {}}\n')
@@ -270,7 +270,7 @@ def test_batch_job(tiny_llama, tmp_path, reference):
 def test_load_and_unload_adapter_at_run_time(tiny_llama, tmp_path):
     a = _lora(tiny_llama, tmp_path / "a", seed=5)
     with running_server(config(tiny_llama[0], allow_runtime_lora=True, lora_roots=[str(tmp_path)])) as (url, state):
-        assert post(url, "/v1/completions", {"model": "tiny:late", "prompt": "hi"}).status_code == 400
+        assert post(url, "/v1/completions", {"model": "tiny:late", "prompt": "hi"}).status_code == 404
         r = post(url, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(a)})
         assert r.status_code == 200, r.text
         ref = slimlm.load(str(tiny_llama[0]), dtype="fp32", adapter=a)
@@ -278,7 +278,7 @@ def test_load_and_unload_adapter_at_run_time(tiny_llama, tmp_path):
         assert _greedy(url, "tiny:late") == want
         assert state.engine.lru.loaded() == [("static", "late")]
         assert post(url, "/v1/unload_lora_adapter", {"lora_name": "late"}).status_code == 200
-        assert post(url, "/v1/completions", {"model": "tiny:late", "prompt": "hi"}).status_code == 400
+        assert post(url, "/v1/completions", {"model": "tiny:late", "prompt": "hi"}).status_code == 404
         deadline = time.monotonic() + 5
         while state.engine.lru.loaded() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -304,7 +304,7 @@ def test_official_openai_client(server, reference):
     c = client.completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0)
     assert c.choices[0].finish_reason in ("stop", "length") and c.object == "text_completion"
     assert [m.id for m in client.models.list()] == ["tiny"]
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="missing", prompt="x")
     assert e.value.code == "model_not_found"
 

@@ -82,10 +82,10 @@ def test_cli_cycles_adapters_and_writes_json(tiny_llama, tmp_path, capsys):
         assert args.func(args) == 0
     s = json.loads((tmp_path / "out.json").read_text())
     assert s["requests_per_model"] == {"tiny:tiny": 2, "tiny:fox": 2, "tiny:nope": 2}
-    assert s["completed"] == 4 and s["failed_by_status"] == {"400": 2} and s["failed_429"] == 0
-    assert all(("not found" in r["error"]) == (r["model"] == "tiny:nope") for r in s["requests"] if r["error"])
+    assert s["completed"] == 4 and s["failed_by_status"] == {"404": 2} and s["failed_429"] == 0
+    assert all(("does not exist" in r["error"]) == (r["model"] == "tiny:nope") for r in s["requests"] if r["error"])
     table = capsys.readouterr().out
-    assert "Successful requests:" in table and "Median TTFT (ms):" in table and "HTTP 400:" in table
+    assert "Successful requests:" in table and "Median TTFT (ms):" in table and "HTTP 404:" in table
 
 
 def _sse(*events) -> bytes:

@@ -15,7 +15,7 @@ from slimlm.checkpoint.materialize import CheckpointError
 from slimlm.config import ModelConfig
 from slimlm.model import Transformer
 
-__all__ = ["ALIASES", "CheckpointError", "load_model", "model_folder", "resolve", "save_hf_folder"]
+__all__ = ["ALIASES", "CheckpointError", "base_model_name", "load_model", "model_folder", "resolve", "save_hf_folder"]
 
 
 def _smollm2_135m() -> Path:
@@ -31,6 +31,10 @@ def _smollm2_135m() -> Path:
 
 
 ALIASES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
+# The HF hub repository each alias stands for, written as an adapter's base_model_name_or_path. (The alias loads a
+# Q4_1 GGUF of it, dequantized: PEFT users get the full-precision original, which the adapter fits up to that
+# quantization error.)
+ALIAS_HUB_IDS: dict[str, str] = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -48,6 +52,18 @@ def resolve(source: str | Path) -> Path:
         return download(s)
     raise CheckpointError(f"model {s!r} is not a file, a folder, an alias ({', '.join(ALIASES)}) or an HF hub id "
                           "(org/name)")
+
+
+def base_model_name(source: str | Path) -> str:
+    """What other tools (HF PEFT's AutoPeftModel, the hub) should load for `source`, without loading it.
+
+    An alias gives its hub id, an existing path its absolute path, anything else (a hub id) itself.
+    """
+    s = str(source)
+    if s in ALIAS_HUB_IDS:
+        return ALIAS_HUB_IDS[s]
+    path = Path(s).expanduser()
+    return str(path.resolve()) if path.exists() else s
 
 
 def model_folder(source: str | Path, gguf_cache: bool = True) -> Path:

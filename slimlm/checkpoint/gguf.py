@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,11 +117,14 @@ def slimlm_name(gguf_name: str) -> str:
     return target.format(m.group(1)) if m else target
 
 
-def iter_gguf_tensors(reader, config: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(slimlm name, fp32 tensor) for each tensor, dequantized one at a time."""
+def iter_gguf_tensors(reader, config: ModelConfig, path: Path,
+                      progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(slimlm name, fp32 tensor) for each tensor, dequantized one at a time (a tqdm bar on stderr if `progress`)."""
     from gguf.quants import dequantize
+    from tqdm import tqdm
 
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", file=sys.stderr,
+                  disable=not progress, leave=False):
         if t.name in IGNORED_GGUF_KEYS:
             continue
         try:
@@ -138,9 +142,9 @@ def iter_gguf_tensors(reader, config: ModelConfig, path: Path) -> Iterator[tuple
         yield name, torch.from_numpy(np.ascontiguousarray(w))
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> tuple[ModelConfig, Transformer]:
-    """Load a GGUF file as a Transformer with dequantized weights in `dtype`."""
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              progress: bool = False) -> tuple[ModelConfig, Transformer]:
+    """Load a GGUF file as a Transformer with dequantized weights in `dtype` (`progress`: a bar on stderr)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
@@ -159,7 +163,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
         old_len = meta.get(f"{config.model_type}.rope.scaling.original_context_length", 8192)
         config.rope_scaling = llama3_scaling_from_rope_freqs(np.array(rope_freqs.data, dtype=np.float64), config,
                                                              int(old_len), path)
-    return config, build_model(config, iter_gguf_tensors(reader, config, path), dtype, device, str(path))
+    return config, build_model(config, iter_gguf_tensors(reader, config, path, progress), dtype, device, str(path))
 
 
 def cache_root() -> Path:
@@ -175,20 +179,31 @@ def gguf_cache_folder(path: str | Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
-def convert_gguf(path: str | Path, out: str | Path) -> Path:
+def convert_gguf(path: str | Path, out: str | Path, progress: bool | None = None) -> Path:
     """Write the GGUF file as an HF folder (fp32 safetensors of the dequantized weights + HF tokenizer).
 
     Parsing GGUF (its 49k-token vocabulary above all) takes seconds on every read; the folder loads in under one.
+    The conversion itself takes ~20 s for SmolLM2-135M, so it reports its steps on stderr: `progress` None means
+    when stderr is a terminal (TQDM_DISABLE=1 silences the bar too).
     """
     from transformers import AutoTokenizer
 
     from slimlm.checkpoint.hf import save_hf_folder
 
     path = Path(path)
-    _, model = load_gguf(path, torch.float32, "cpu")
+    progress = sys.stderr.isatty() if progress is None else progress
+    _note(progress, f"converting {path.name} into {out} (once: later loads read that folder)")
+    _, model = load_gguf(path, torch.float32, "cpu", progress)
+    _note(progress, f"reading the tokenizer of {path.name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # transformers raises many types here (ValueError, KeyError, IndexError, ...)
         raise CheckpointError(f"{path}: its tokenizer cannot be read ({type(e).__name__}: {_one_line(e)}); slimlm "
                               "needs a GGUF file with an embedded tokenizer (tokenizer.ggml.*)") from None
+    _note(progress, f"writing {out}")
     return save_hf_folder(model, out, tokenizer=tokenizer)
+
+
+def _note(progress: bool, message: str) -> None:
+    if progress:
+        print(f"slimlm: {message}", file=sys.stderr, flush=True)

@@ -80,8 +80,10 @@ def read_hf_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; point --model at an HF model folder")
+    from slimlm.quantize.model import hf_config_of_quantized  # packed folders hide model_type from transformers
+
     try:
-        return ModelConfig.from_hf(read_json_object(path))
+        return ModelConfig.from_hf(hf_config_of_quantized(read_json_object(path)))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -283,7 +285,9 @@ def write_model_files(folder: Path, config: ModelConfig, tokenizer: Any = None, 
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos_value if eos else None}
     (folder / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
+        from slimlm.tokenizer import save_tokenizer
+
+        save_tokenizer(tokenizer, folder)  # readable by transformers 4.x too
 
 
 def save_hf_folder(model: Transformer, folder: str | Path, tokenizer: Any = None,

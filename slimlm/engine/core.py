@@ -19,12 +19,14 @@ thread and yields (request, Output) pairs as they are produced.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -317,6 +319,55 @@ class Engine:
                 self.lora.clear(self.lru.unload(key))
         self._ops.append(unload)
         self._wake.set()
+
+    def prompt_logprobs(self, prompt_ids: list[int], adapter: AdapterRef | None, top: int) -> Future:
+        """A Future of the prompt's own logprobs, one entry per prompt token as Output.logprobs has them
+        ({"token", "logprob", "top": [(id, lp)]}); the first token's logprob and top are None (nothing precedes it).
+
+        One plain forward of the model (with the request's adapter) over the whole prompt, run on the engine thread
+        between steps, so that it never overlaps a step that uses the same weights, LoRA slots or LRU. It bypasses
+        the KV cache: prompt scoring (echo + logprobs) is rare and correctness matters more than reuse; the streams
+        running meanwhile wait one prompt-long forward. Raw logits: sampling settings do not apply (as vLLM's
+        prompt_logprobs). On no engine thread (offline), it runs at once."""
+        future: Future = Future()
+
+        def op() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._score(prompt_ids, adapter, top))
+            except Exception as e:  # noqa: BLE001 — the caller's error (a bad adapter, SlotsBusy), not the engine's
+                future.set_exception(e)
+        if self._thread is None:
+            op()
+        else:
+            self._ops.append(op)
+            self._wake.set()
+        return future
+
+    @torch.no_grad()
+    def _score(self, prompt_ids: list[int], adapter: AdapterRef | None, top: int) -> list[dict]:
+        slot = None
+        if adapter is not None:
+            if self.lora is None:
+                raise ValueError("this server runs without LoRA support (max_loras=0)")
+            slot = self.lru.acquire(adapter.key, lambda s, f=adapter.folder: self.lora.load(s, f))
+        try:
+            rows = self.lora.select([slot]) if self.lora is not None else contextlib.nullcontext()
+            with rows:
+                ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.model.device)  # [1, T]
+                logprobs = self.model(ids).float()[0, :-1].log_softmax(-1)  # [T-1, V]: token t+1 given 0..t
+        finally:
+            if adapter is not None:
+                self.lru.release(adapter.key)
+        nxt = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(-1, nxt[:, None])[:, 0].tolist()  # [T-1]
+        top_lp, top_ids = logprobs.topk(top, dim=-1) if top else (None, None)  # [T-1, top]
+        out = [{"token": prompt_ids[0], "logprob": None, "top": None}]
+        for i, tok in enumerate(prompt_ids[1:]):
+            pairs = list(zip(top_ids[i].tolist(), top_lp[i].tolist())) if top else []
+            out.append({"token": tok, "logprob": chosen[i], "top": pairs})
+        return out
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._ops)

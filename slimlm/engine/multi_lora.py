@@ -118,6 +118,11 @@ class LoraSlots:
         if cfg.use_dora:
             raise PeftError(f"{what} is a DoRA adapter, which slots cannot run (its magnitude rescales the base "
                             "output); fold it into the base with `slimlm merge` and serve the merged model")
+        options = [o for o in ("rank_pattern", "alpha_pattern", "lora_bias", "modules_to_save") if getattr(cfg, o)]
+        if options:  # slots hold one rank and scaling per adapter and only A/B matrices
+            raise PeftError(f"{what} uses {', '.join(options)}, which slots cannot run (per-module rank/scaling, "
+                            "a bias on B, whole replaced modules); fold it into the base with `slimlm merge` and "
+                            "serve the merged model (generate, chat and eval run it as is with --adapter)")
         if cfg.r > self.max_rank:
             raise PeftError(f"{what} has rank {cfg.r} but the slots' max_rank is {self.max_rank}; "
                             f"attach the slots with max_rank >= {cfg.r}")

@@ -121,13 +121,22 @@ def apply_peft(model: nn.Module, method: str, cfg: Any = None, tokenizer: Any = 
     return trainable_summary(model)
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = None, tokenizer: Any = None) -> Path:
-    """Write the model's adapter as adapter_config.json + adapter_model.safetensors (+ tokenizer), atomically."""
+def save_adapter(model: nn.Module, folder: str | Path, base_model: str | Path | None = None, tokenizer: Any = None,
+                 base_name: str | None = None) -> Path:
+    """Write the model's adapter as adapter_config.json + adapter_model.safetensors (+ tokenizer), atomically.
+
+    base_model is what the model was loaded from; adapter_config.json's base_model_name_or_path gets its resolved
+    form (an alias's hub id, a folder's absolute path), so HF PEFT's AutoPeftModel finds it. base_name, if given,
+    is written instead, as is (e.g. the hub id a local copy came from).
+    """
+    from slimlm.checkpoint import base_model_name
+
     state = _peft_state(model)
     m = get_method(state.method)
     if m.state_dict is None:
         raise PeftError(f"{state.method} fine-tuning has no adapter; save the whole model folder instead")
-    config = {**m.adapter_config(model, state.config), "base_model_name_or_path": base_model}
+    name = base_name or (base_model_name(base_model) if base_model is not None else None)
+    config = {**m.adapter_config(model, state.config), "base_model_name_or_path": name}
     metadata = {"slimlm_method": state.method, "slimlm_nf4_base": str(state.nf4_base).lower()}
     return save_adapter_files(folder, config, m.state_dict(model), metadata, tokenizer)
 

@@ -33,7 +33,7 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tan
 class AdapterConfig:
     style: str = "houlsby"  # houlsby: after attention and MLP; pfeiffer: after the MLP only
     bottleneck: int = 64  # width of the adapter's hidden layer
-    activation: str = "gelu"
+    activation: str = "gelu"  # the bottleneck nonlinearity: one of ACTIVATIONS
     dropout: float = 0.0  # on the bottleneck activations, training only
 
     def validate(self) -> None:

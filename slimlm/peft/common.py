@@ -98,7 +98,9 @@ def save_adapter_files(folder: str | Path, adapter_config: dict, tensors: dict[s
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         if tokenizer is not None:  # so a server or PEFT user finds the (chat-templated) tokenizer with the adapter
-            tokenizer.save_pretrained(str(tmp))
+            from slimlm.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)  # readable by transformers 4.x too
     return Path(folder)
 
 

@@ -11,10 +11,19 @@ from slimlm.quantize.model import SCHEMES
 from slimlm.quantize.recipe import METHODS, QuantizeRecipe
 from slimlm.quantize.static import OBSERVERS
 
+QUANTIZE_DESCRIPTION = (
+    "Quantize a model and save it as a packed folder (every scheme, gptq and qat included) that slimlm reads back "
+    "without re-quantizing: slimlm.load(), `slimlm generate/chat/serve/eval --model FOLDER`, `slimlm export onnx` "
+    "(int8/int4 stay low-bit). Other tools do not read this layout and refuse it with an error rather than load "
+    "random weights: transformers (AutoModelForCausalLM, pipeline), vLLM and llama.cpp's convert_hf_to_gguf.py. "
+    "For those, give them the unquantized model this was made from and quantize with their own tools (e.g. "
+    "llama.cpp's llama-quantize), or use `slimlm export` for ONNX / TorchScript / TFLite.")
+
 
 def add_quantize_commands(sub) -> None:
     """Register `quantize` on the CLI's subparsers `sub`."""
-    q = sub.add_parser("quantize", help="quantize a model's weights (int8, int8-dynamic, int8-static, int4) and save it packed")
+    q = sub.add_parser("quantize", help="quantize a model's weights (int8, int8-dynamic, int8-static, int4) and save it packed",
+                       description=QUANTIZE_DESCRIPTION)
     q.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
     q.add_argument("--scheme", required=True, choices=SCHEMES,
                    help="int8: weight-only per channel; int8-dynamic: + activations per token; int8-static: + one "

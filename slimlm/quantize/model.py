@@ -10,9 +10,14 @@ head costs more quality than it saves (llama.cpp keeps it at 6+ bits too). The h
 (dynamic under `int8-dynamic`, static under `int8-static`, weight-only otherwise). Norms stay in the model dtype.
 
 A quantized model saves as an HF-style folder whose config.json carries
-`"quantization_config": {"quant_method": "slimlm", "scheme": ..., "group_size": ...}` and whose safetensors hold
-the packed buffers (`...q_proj.qweight`, `...q_proj.scale`, ...). slimlm.load() reads it back as is. Other tools
-cannot load this layout (export/ writes formats they can).
+`"quantization_config": {"quant_method": "slimlm", "scheme": ..., "group_size": ..., "model_type": "llama"}` and
+whose safetensors hold the packed buffers (`...q_proj.qweight`, `...q_proj.scale`, ...). slimlm.load() reads it back
+as is. Other tools cannot load this layout (export/ writes formats they can), so the folder is written to make them
+fail loudly rather than load random weights: its top-level `model_type` is `QUANTIZED_MODEL_TYPE`, which
+transformers' AutoConfig / AutoModelForCausalLM / pipeline (and vLLM, which reads configs through AutoConfig) refuse
+with an error that quotes it, and llama.cpp's convert_hf_to_gguf.py refuses the unknown quant_method 'slimlm'.
+(An unknown quant_method alone does not do it: transformers only warns, skips it and re-initialises every weight.)
+Folders written before this kept `model_type` at the top level; `hf_config_of_quantized` reads both.
 """
 
 from __future__ import annotations
@@ -29,6 +34,19 @@ from slimlm.quantize.int8 import (DynamicInt8Linear, Int8Embedding, Int8WeightOn
 
 SCHEMES = ("int8", "int8-dynamic", "int8-static", "int4")
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The config.json model_type of a packed folder: transformers prints it in its "does not recognize this architecture"
+# error, so it says what the folder is and what to do instead.
+QUANTIZED_MODEL_TYPE = ("slimlm-quantized: packed int8/int4 weights that only slimlm reads. Load this folder with "
+                        "slimlm.load() or `slimlm generate --model`; for transformers, llama.cpp or vLLM use the "
+                        "unquantized model it was made from (see `slimlm quantize --help`)")
+
+
+def hf_config_of_quantized(hf: dict) -> dict:
+    """The config.json dict of a packed folder with its real model_type back (old folders pass through)."""
+    quant = hf.get("quantization_config")
+    if hf.get("model_type") == QUANTIZED_MODEL_TYPE and isinstance(quant, dict) and "model_type" in quant:
+        return {**hf, "model_type": quant["model_type"]}
+    return hf
 
 
 def check_scheme(scheme: str, group_size: int) -> None:
@@ -147,7 +165,8 @@ def save_quantized(model: Transformer, folder: str | Path, tokenizer=None) -> Pa
         raise ValueError("the model is not quantized: call quantize_model_ first")
     with atomic_folder(folder) as tmp:
         save_file(quantized_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_model_files(tmp, model.config, tokenizer, quantization_config=dict(model.quantization))
+        quant = {**model.quantization, "model_type": model.config.model_type}
+        write_model_files(tmp, model.config, tokenizer, model_type=QUANTIZED_MODEL_TYPE, quantization_config=quant)
     return Path(folder)
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the engine.
 
-Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models, GET /health,
-GET /ready, GET /metrics, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (the admin routes:
+Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`; completions also takes a list of
+prompts and `echo`), GET /v1/models, GET /health, GET /ready, GET /metrics, vLLM's POST /tokenize, POST /detokenize
+and GET /version, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (the admin routes:
 404 unless --allow-runtime-lora, and an admin key when --admin-key-file is set). Every response carries
 X-Request-Id (the client's, or a new one) and every request writes one JSON log line. The engine runs on its own
 thread; handlers hand requests over and await their outputs.
@@ -22,8 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import slimlm
 from slimlm.serve import protocol as P
 from slimlm.engine.core import NotAccepting, Output, QueueFull, Request
+from slimlm.engine.multi_lora import SlotsBusy
 from slimlm.serve.protocol import APIError
 from slimlm.engine.sampling import SamplingParams
 from slimlm.serve.state import ServerState
@@ -87,6 +90,34 @@ def create_app(state: ServerState) -> FastAPI:
         _require_ready(state)
         return {"object": "list", "data": await run_in_threadpool(state.list_models)}
 
+    @app.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest):
+        _require_ready(state)
+        if body.model is not None:
+            await run_in_threadpool(state.resolve_adapter, body.model)  # 404 for a model this server lacks
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either prompt (text) or messages (a chat), not both or neither", param="prompt")
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            template = lambda: state.tokenizer.apply_chat_template(messages, body.add_generation_prompt)  # noqa: E731
+            ids = await run_in_threadpool(_template_or_400, template)
+        else:
+            ids = await run_in_threadpool(state.tokenizer.encode, body.prompt, body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": state.engine.max_seq_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest):
+        _require_ready(state)
+        if body.model is not None:
+            await run_in_threadpool(state.resolve_adapter, body.model)
+        if body.tokens and max(body.tokens) >= state.vocab_size:
+            raise APIError(400, f"tokens must be ids in [0, {state.vocab_size})", param="tokens")
+        return {"prompt": await run_in_threadpool(state.tokenizer.decode, body.tokens, False)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": slimlm.__version__}
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: P.LoadAdapter):
         _require_runtime_lora(state)
@@ -113,31 +144,32 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: HTTPRequest):
         body.check_unsupported(("suffix", "best_of"))
-        if body.echo:
-            raise APIError(400, "echo is not supported by slimlm", param="echo")
+        _check_completion_options(body)
         _require_ready(state)
-        if isinstance(body.prompt, list):
-            V = state.vocab_size
-            if not body.prompt or min(body.prompt) < 0 or max(body.prompt) >= V:
-                raise APIError(400, f"prompt token ids must be a non-empty list in [0, {V})", param="prompt")
-            prompt = list(body.prompt)
-        else:
-            prompt = await run_in_threadpool(state.tokenizer.encode, body.prompt)  # off the event loop, as above
+        prompts = [await _completion_prompt(state, p) for p in body.prompts()]
         sampling = _sampling(body, logprobs=body.logprobs is not None, top=body.logprobs or 0)
         max_tokens = body.max_tokens  # OpenAI's default of 16, unless this server allows fewer
         if "max_tokens" not in body.model_fields_set:
             max_tokens = min(max_tokens, state.config.max_tokens_limit)
-        return await _serve(state, request, "completion", body, prompt, max_tokens, sampling)
+        if len(prompts) == 1 and (body.stream or not body.echo):
+            return await _serve(state, request, "completion", body, prompts[0], max_tokens, sampling)
+        return await _complete_batch(state, request, body, prompts, max_tokens, sampling)
 
     return app
 
 
 def _chat_prompt(state: ServerState, messages: list[P.Message]) -> list[int]:
-    """The messages through the model's chat template. The template is the model's code run on the client's
-    messages: whatever it raises (`raise_exception('...')` on a role it does not take, a missing template) is the
-    client's 400 with the template's own message, not a 500."""
+    """The messages through the model's chat template."""
+    chat = [{"role": m.role, "content": m.text()} for m in messages]
+    return _template_or_400(lambda: state.tokenizer.prompt_ids(chat, chat=True))
+
+
+def _template_or_400(apply) -> list[int]:
+    """apply() runs the model's chat template, the model's code on the client's messages: whatever it raises
+    (`raise_exception('...')` on a role it does not take, a missing template) is the client's 400 with the
+    template's own message, not a 500."""
     try:
-        return state.tokenizer.prompt_ids([{"role": m.role, "content": m.text()} for m in messages], chat=True)
+        return apply()
     except Exception as e:
         raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages",
                        code="chat_template_error") from None
@@ -154,15 +186,47 @@ def _sampling(body: P.SamplingFields, logprobs: bool, top: int) -> dict:
 async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.SamplingFields, prompt: list[int],
                  max_tokens: int | None, sampling: dict):
     adapter = await run_in_threadpool(state.resolve_adapter, body.model)
+    http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
+    rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
+    # A streamed echo: the prompt (and its logprobs) first, computed before the 200 so that its errors are statuses.
+    prefix = None
+    if kind == "completion" and body.echo:
+        _check_fit(state, kind, prompt, max_tokens)  # before a forward over the prompt
+        prefix = await _echo_prefix(state, body, 0, prompt, adapter)
+    req, queue, first = await _start(state, http, kind, prompt, adapter, max_tokens, sampling)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(state, http, kind, rid, body.model, req, queue, first, include_usage, prefix),
+                                 media_type="text/event-stream")
+    text, lps, out = await _collect(state, http, req, queue, first)
+    choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": _logprobs(state, kind, req, lps)}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": P.now(), "model": body.model, "choices": [choice],
+            "usage": P.usage(out.prompt_tokens, out.completion_tokens)}
+
+
+def _check_fit(state: ServerState, kind: str, prompt: list[int], max_tokens: int | None) -> int:
+    """max_tokens for this prompt (the room left in the context when the client sent none); 400 if it cannot fit."""
     limit = state.config.max_tokens_limit
     room = state.engine.max_seq_len - len(prompt)
-    if room < 1:
+    if room < (1 if max_tokens != 0 else 0):
         raise APIError(400, f"the prompt has {len(prompt)} tokens; the server's context is {state.engine.max_seq_len}",
                        param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", param="max_tokens")
-    max_tokens = max_tokens if max_tokens is not None else min(limit, room)
-    http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
+    return max_tokens if max_tokens is not None else min(limit, room)
+
+
+async def _start(state: ServerState, http: HTTPRequest, kind: str, prompt: list[int], adapter,
+                 max_tokens: int | None, sampling: dict, started: list[Request] | None = None,
+                 ) -> tuple[Request, asyncio.Queue, Output]:
+    """Submit one prompt to the engine; (request, its output queue, its first output) or an APIError. The request
+    is appended to `started` once submitted, so that a batch can cancel it if another prompt fails."""
+    max_tokens = _check_fit(state, kind, prompt, max_tokens)
     queue: asyncio.Queue[Output] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     try:
@@ -180,16 +244,102 @@ async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.Sampl
                        headers={"Retry-After": "1"}) from None
     except NotAccepting as e:
         raise APIError(503, str(e), type="service_unavailable", code="draining") from None
-    rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
+    if started is not None:
+        started.append(req)
     first = await _next_output(state, http, req, queue)
     if first.error:
         _log_done(http, req, first)
         raise _engine_error(first)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state, http, kind, rid, body.model, req, queue, first, include_usage),
-                                 media_type="text/event-stream")
-    return await _complete(state, http, kind, rid, body.model, req, queue, first)
+    return req, queue, first
+
+
+def _check_completion_options(body: P.CompletionRequest) -> None:
+    """The combinations of echo, max_tokens 0, stream and a batch of prompts that slimlm serves."""
+    if body.max_tokens == 0 and not (body.echo and body.logprobs is not None):
+        raise APIError(400, "max_tokens must be at least 1; 0 is only for scoring a prompt (echo: true with "
+                            "logprobs set)", param="max_tokens")
+    if body.stream and len(body.prompts()) > 1:
+        raise APIError(400, "stream with a list of prompts is not supported by slimlm: send one streaming request "
+                            "per prompt, or drop stream", param="stream")
+    if body.stream and body.max_tokens == 0:
+        raise APIError(400, "max_tokens 0 (scoring the prompt) is not streamed: drop stream", param="stream")
+
+
+async def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return await run_in_threadpool(state.tokenizer.encode, prompt)  # 1 MB of text: seconds of work
+    V = state.vocab_size
+    if max(prompt) >= V:
+        raise APIError(400, f"prompt token ids must be a non-empty list in [0, {V})", param="prompt")
+    return list(prompt)
+
+
+async def _complete_batch(state: ServerState, http: HTTPRequest, body: P.CompletionRequest,
+                          prompts: list[list[int]], max_tokens: int | None, sampling: dict) -> dict:
+    """Completions for a list of prompts (one choice each, `index` in order) and for echo: all prompts are
+    submitted before any is awaited, so that they decode together; any refusal cancels the others."""
+    adapter = await run_in_threadpool(state.resolve_adapter, body.model)
+    http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
+    started: list[Request] = []
+
+    async def one(i: int, prompt: list[int]) -> tuple[dict, int]:
+        if max_tokens == 0:  # scoring only: the prompt, its logprobs, nothing generated
+            _check_fit(state, "completion", prompt, 0)
+            return await _echo_choice(state, body, i, prompt, adapter, "", [], "length"), 0
+        req, queue, first = await _start(state, http, "completion", prompt, adapter, max_tokens, sampling, started)
+        text, lps, out = await _collect(state, http, req, queue, first)
+        if body.echo:
+            return await _echo_choice(state, body, i, prompt, adapter, text, lps, out.finish_reason), \
+                out.completion_tokens
+        choice = {"index": i, "text": text, "finish_reason": out.finish_reason,
+                  "logprobs": _logprobs(state, "completion", req, lps)}
+        return choice, out.completion_tokens
+    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+    try:
+        results = await asyncio.gather(*tasks)
+    except BaseException:  # one prompt refused or failed, or the client went away: the others stop too
+        for task in tasks:
+            task.cancel()
+        for req in started:
+            state.engine.cancel(req)
+        await asyncio.gather(*tasks, return_exceptions=True)  # collected: no "exception never retrieved" later
+        raise
+    n_prompt, n_out = sum(len(p) for p in prompts), sum(n for _, n in results)
+    http.state.log.update(prompt_tokens=n_prompt, completion_tokens=n_out, prompts=len(prompts))
+    return {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": body.model,
+            "choices": [c for c, _ in results], "usage": P.usage(n_prompt, n_out)}
+
+
+async def _echo_choice(state: ServerState, body: P.CompletionRequest, index: int, prompt: list[int], adapter,
+                       text: str, lps: list[dict], finish_reason: str | None) -> dict:
+    """A choice with the prompt before the completion, as OpenAI's legacy echo."""
+    prompt_text, entries = await _echo_prefix(state, body, index, prompt, adapter)
+    logprobs = None
+    if entries is not None:  # the completion's offsets count from the end of the prompt's text, as when streamed
+        head = P.completion_logprobs(entries, state.token_text)
+        tail = P.completion_logprobs(lps, state.token_text, len(prompt_text))
+        logprobs = {k: head[k] + tail[k] for k in head}
+    return {"index": index, "text": prompt_text + text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+async def _echo_prefix(state: ServerState, body: P.CompletionRequest, index: int, prompt: list[int],
+                       adapter) -> tuple[str, list[dict] | None]:
+    """What echo puts first: the prompt's text, and with logprobs its tokens' logprob entries (computed by a forward
+    over the prompt on the engine thread; the first token's is None), else None."""
+    prompt_text = body.prompts()[index]
+    if not isinstance(prompt_text, str):
+        prompt_text = await run_in_threadpool(state.tokenizer.decode, prompt, False)
+    if body.logprobs is not None:
+        try:
+            entries = await asyncio.wrap_future(state.engine.prompt_logprobs(prompt, adapter, body.logprobs))
+        except SlotsBusy as e:
+            raise APIError(429, f"server busy: {e}; retry later", type="rate_limit_error", code="lora_slots_busy",
+                           headers={"Retry-After": "1"}) from None
+        except (ValueError, OSError) as e:
+            raise APIError(400, f"adapter {adapter.name if adapter else body.model}: {e}", param="model",
+                           code="adapter_error") from None
+        return prompt_text, entries
+    return prompt_text, None
 
 
 async def _next_output(state: ServerState, http: HTTPRequest, req: Request, queue: asyncio.Queue,
@@ -209,7 +359,8 @@ async def _next_output(state: ServerState, http: HTTPRequest, req: Request, queu
                 raise asyncio.CancelledError("client disconnected")
 
 
-async def _complete(state, http, kind, rid, model, req, queue, out: Output) -> dict:
+async def _collect(state, http, req: Request, queue, out: Output) -> tuple[str, list[dict], Output]:
+    """The rest of a blocking request's outputs: (text, logprob entries, the last Output); its error raised."""
     text, lps = out.text, list(out.logprobs)
     while out.finish_reason is None:
         out = await _next_output(state, http, req, queue)
@@ -218,19 +369,18 @@ async def _complete(state, http, kind, rid, model, req, queue, out: Output) -> d
     _log_done(http, req, out)
     if out.error:  # the text so far is not an answer: the request failed (timeout, NaN logits, an engine fault)
         raise _engine_error(out)
-    choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": _logprobs(state, kind, req, lps)}
-    if kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    obj = "chat.completion" if kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj, "created": P.now(), "model": model, "choices": [choice],
-            "usage": P.usage(out.prompt_tokens, out.completion_tokens)}
+    return text, lps, out
 
 
-async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_usage: bool,
+               prefix: tuple[str, list[dict] | None] | None = None) -> AsyncIterator[str]:
     created, sent, lps = P.now(), 0, []
     try:
+        if prefix is not None:  # echo: the prompt's text (and logprobs) as the first chunk
+            lp = None if prefix[1] is None else P.completion_logprobs(prefix[1], state.token_text)
+            yield _event(P.chunk(kind, rid, model, created, {"index": 0, "text": prefix[0], "logprobs": lp,
+                                                              "finish_reason": None}))
+            sent = len(prefix[0])
         if kind == "chat":
             yield _event(P.chunk(kind, rid, model, created, {"index": 0, "delta": {"role": "assistant", "content": ""},
                                                               "logprobs": None, "finish_reason": None}))
@@ -297,6 +447,12 @@ def _require_ready(state: ServerState) -> None:
 
 
 ADMIN_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+UTILITY_ROUTES = ("/tokenize", "/detokenize", "/version")  # vLLM's; keyed as the inference routes are
+
+
+def _keyed(path: str) -> bool:
+    """Routes that need a key (when keys are set) and write a request log line: /v1/* and the utility routes."""
+    return path.startswith("/v1/") or path.rstrip("/") in UTILITY_ROUTES
 
 
 def _require_runtime_lora(state: ServerState) -> None:
@@ -307,9 +463,10 @@ def _require_runtime_lora(state: ServerState) -> None:
 
 
 def _check_auth(state: ServerState, path: str, headers: dict) -> None:
-    """Inference routes (/v1/*) need an API key or an admin key when --api-key-file is set; the admin routes need
+    """Inference routes (/v1/*, /tokenize, /detokenize, /version) need an API key or an admin key when API keys
+    are set (--api-key, SLIMLM_API_KEY, --api-key-file); the admin routes need
     an admin key when --admin-key-file is set (an inference key gets 403 there). Probes need none."""
-    if not path.startswith("/v1/"):
+    if not _keyed(path):
         return
     admin = path.rstrip("/") in ADMIN_ROUTES
     allowed = state.admin_keys if admin and state.admin_keys else state.api_keys + state.admin_keys
@@ -360,7 +517,7 @@ class RequestContext:
         else:
             await self.app(scope, receive, send_with_id)
         finally:
-            if scope["path"].startswith("/v1/"):
+            if _keyed(scope["path"]):
                 log.info(json.dumps({**entry, "status": status[0], "e2e_s": round(time.perf_counter() - t0, 4)}))
 
 

@@ -79,11 +79,20 @@ def serve_config(args: argparse.Namespace, **extra) -> ServeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     from slimlm.serve.server import run_server
 
-    cfg = serve_config(args, api_key_file=args.api_key_file, max_body_bytes=args.max_body_bytes,
+    cfg = serve_config(args, api_key_file=args.api_key_file, api_keys=api_keys(args),
+                       max_body_bytes=args.max_body_bytes,
                        drain_timeout_s=args.drain_timeout, admin_key_file=args.admin_key_file,
                        allow_runtime_lora=args.allow_runtime_lora, lora_roots=list(args.lora_root))
     run_server(cfg, args.host, args.port)
     return 0
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """--api-key values and SLIMLM_API_KEY (both merged with --api-key-file's keys by ServerState)."""
+    import os
+
+    env = os.environ.get("SLIMLM_API_KEY", "").strip()
+    return list(args.api_key) + ([env] if env else [])
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -102,9 +111,13 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key-file", default=None, help="file with one API key per line; /v1/* then needs one")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="an API key /v1/* (and /tokenize, /detokenize, /version) then need, as "
+                        "'Authorization: Bearer KEY'; repeatable; merged with --api-key-file and the SLIMLM_API_KEY "
+                        "environment variable (which keeps the key out of `ps`)")
     s.add_argument("--allow-runtime-lora", action="store_true",
                    help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off: they answer 404); "
-                        "needs --lora-root, and --admin-key-file when --api-key-file is set")
+                        "needs --lora-root, and --admin-key-file when API keys are set")
     s.add_argument("--lora-root", action="append", default=[], metavar="DIR",
                    help="with --allow-runtime-lora: runtime adapters load only from under this folder (symlinks "
                         "resolved); repeatable")

@@ -1,6 +1,6 @@
 """OpenAI request bodies (pydantic) and the response / stream-chunk bodies the server writes.
 
-Fields OpenAI has and slimlm cannot honour (n > 1, echo, best_of, suffix, tools) are refused with a 400 that names
+Fields OpenAI has and slimlm cannot honour (n > 1, best_of, suffix, tools) are refused with a 400 that names
 them rather than ignored. vLLM's extensions top_k, min_p, repetition_penalty and ignore_eos are accepted.
 
 Every limit is declared on the field, so that it is both checked here (a 400 naming the field, never a 500 from
@@ -109,11 +109,42 @@ class ChatRequest(SamplingFields):
     top_logprobs: int = Field(default=0, ge=0, le=20)
 
 
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+MAX_PROMPTS = 256  # prompts in one completions request (a batch): each is one engine request
+
+
 class CompletionRequest(SamplingFields):
-    prompt: PromptText | Annotated[list[TokenId], Field(min_length=1)]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    # One prompt (text or token ids) or a batch of them (one choice each, `index` in order), as OpenAI takes.
+    prompt: (PromptText | TokenIds | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
+    # OpenAI's default of 16; 0 only with echo and logprobs (scoring the prompt: lm-evaluation-harness loglikelihood)
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = Field(default=False, json_schema_extra={"enum": [False]})  # refused with a 400 that says so
+    echo: bool = False  # the prompt's text (and with logprobs its tokens' logprobs) before the completion
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one, or each of a batch."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: `prompt` (text) or `messages` (through the chat template), one of the two."""
+    model_config = ConfigDict(extra="allow")
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[Message] | None = None
+    add_generation_prompt: bool = True  # with messages
+    add_special_tokens: bool = True  # with prompt (a BOS the tokenizer adds); the chat template writes its own
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize: token ids -> {"prompt": text}."""
+    model_config = ConfigDict(extra="allow")
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 class LoadAdapter(BaseModel):
@@ -127,11 +158,16 @@ class UnloadAdapter(BaseModel):
 
 def document_limits(schema: dict, max_tokens_limit: int, vocab_size: int | None = None) -> dict:
     """Write a server's limits (settings and the model's vocabulary, unknown to the pydantic models) into its
-    OpenAPI schema: max_tokens, and the largest token id a completions prompt may hold."""
+    OpenAPI schema: max_tokens, and the largest token id a completions prompt (or /detokenize) may hold."""
     models = schema.get("components", {}).get("schemas", {})
     for branch in models.get("CompletionRequest", {}).get("properties", {}).get("prompt", {}).get("anyOf", []):
-        if vocab_size and branch.get("type") == "array":
-            branch["items"]["maximum"] = vocab_size - 1
+        items = branch.get("items", {})
+        items = items.get("items", {}) if items.get("type") == "array" else items  # a batch of token-id lists
+        if vocab_size and items.get("type") == "integer":
+            items["maximum"] = vocab_size - 1
+    tokens = models.get("DetokenizeRequest", {}).get("properties", {}).get("tokens", {}).get("items", {})
+    if vocab_size and tokens.get("type") == "integer":
+        tokens["maximum"] = vocab_size - 1
     for name in ("ChatRequest", "CompletionRequest"):
         props = models.get(name, {}).get("properties", {})
         for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
@@ -194,8 +230,11 @@ def completion_logprobs(entries: list[dict], token_text, offset: int = 0) -> dic
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [_finite(e["logprob"]) for e in entries],
-            "top_logprobs": [{token_text(t): _finite(lp) for t, lp in e["top"]} for e in entries],
+    # An echoed prompt's first token has no logprob (nothing comes before it): null, as OpenAI and vLLM write it.
+    return {"tokens": tokens,
+            "token_logprobs": [None if e["logprob"] is None else _finite(e["logprob"]) for e in entries],
+            "top_logprobs": [None if e["top"] is None else {token_text(t): _finite(lp) for t, lp in e["top"]}
+                             for e in entries],
             "text_offset": offsets}
 
 

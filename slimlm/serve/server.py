@@ -9,6 +9,7 @@ model half loaded; a model that fails to load stops the server, which exits with
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import logging
@@ -19,7 +20,7 @@ import time
 
 import uvicorn
 
-from slimlm.serve.api import create_app
+from slimlm.serve.api import ADMIN_ROUTES, create_app
 from slimlm.serve.state import ServeConfig, ServerState
 
 log = logging.getLogger("slimlm.serve")
@@ -60,15 +61,57 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601 UTC, ms), level, logger, then the message's own fields when it is a
+    JSON object (slimlm's event and request lines) or {"message": text} (uvicorn's lines, warnings)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        entry = {"time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname, "logger": record.name}
+        message = record.getMessage()
+        fields = None
+        if message.startswith("{"):
+            with contextlib.suppress(ValueError):
+                fields = json.loads(message)
+        if isinstance(fields, dict):
+            entry.update({k: v for k, v in fields.items() if k not in entry})
+        else:
+            entry["message"] = message
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+# uvicorn's own loggers through the same formatter (uvicorn.Config(log_config=...)); its access log stays off.
+UVICORN_LOG_CONFIG = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"json": {"()": JSONFormatter}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "loggers": {name: {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+                for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+}
+
+
 def setup_logging() -> None:
-    """Request log lines are JSON, one per line, on stderr; uvicorn's access log is off (ours replaces it)."""
+    """Every line the server writes to stderr is one JSON object (JSONFormatter): slimlm's start-up and request
+    lines, uvicorn's (UVICORN_LOG_CONFIG) and Python warnings. uvicorn's access log is off (ours replaces it)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("slimlm.serve", "slimlm.serve.requests"):
+    handler.setFormatter(JSONFormatter())
+    logging.captureWarnings(True)
+    for name in ("slimlm", "py.warnings"):
         lg = logging.getLogger(name)
         lg.handlers[:] = [handler]
         lg.setLevel(logging.INFO)
         lg.propagate = False
+    root = logging.getLogger()  # other libraries' warnings (asyncio, ...) too, instead of Python's plain last resort
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("slimlm.serve", "slimlm.serve.requests"):  # through "slimlm"'s handler
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.setLevel(logging.NOTSET)
+        lg.propagate = True
 
 
 class CannotListen(ValueError):
@@ -106,10 +149,13 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
     state = ServerState(config)
     warn_open_admin(state, host)
     app = create_app(state)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG,
+                                           log_level="info", access_log=False,
                                            timeout_graceful_shutdown=int(config.drain_timeout_s) + 5), state)
     failure: list[BaseException] = []
-    loader = threading.Thread(target=_load_or_stop, args=(state, server, failure), name="slimlm-load", daemon=True)
+    url = serving_url(host, sock.getsockname()[1])
+    loader = threading.Thread(target=_load_or_stop, args=(state, server, failure, url), name="slimlm-load",
+                              daemon=True)
     loader.start()
     try:
         server.run(sockets=[sock])
@@ -124,12 +170,29 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
         raise failure[0]
 
 
-def _load_or_stop(state: ServerState, server: uvicorn.Server, failure: list) -> None:
+def _load_or_stop(state: ServerState, server: uvicorn.Server, failure: list, url: str) -> None:
     try:
         state.load()
     except Exception as e:  # noqa: BLE001 — handed to the main thread, which re-raises it after the server stops
         failure.append(e)
         server.should_exit = True
+        return
+    log_serving(state, url)
+
+
+def serving_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def log_serving(state: ServerState, url: str) -> None:
+    """The start-up line an operator (or a script) waits for: the server is ready, at `url`, with these models."""
+    from slimlm import __version__
+
+    models = [m["id"] for m in state.list_models()]
+    routes = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/version",
+              "/health", "/ready", "/metrics"] + (list(ADMIN_ROUTES) if state.config.allow_runtime_lora else [])
+    log.info(json.dumps({"event": "serving", "url": url, "models": models, "version": __version__,
+                         "api_keys": len(state.api_keys), "admin_keys": len(state.admin_keys), "routes": routes}))
 
 
 def warn_open_admin(state: ServerState, host: str) -> None:
@@ -138,5 +201,5 @@ def warn_open_admin(state: ServerState, host: str) -> None:
     if c.allow_runtime_lora and not state.admin_keys:
         log.warning(json.dumps({"event": "warning", "message": (
             f"--allow-runtime-lora without --admin-key-file: ANY client that reaches {host} may load and unload "
-            f"LoRA adapters from under {', '.join(c.lora_roots)}; set --admin-key-file (and --api-key-file) unless "
+            f"LoRA adapters from under {', '.join(c.lora_roots)}; set --admin-key-file (and --api-key) unless "
             "this port is reachable by trusted clients only")}))

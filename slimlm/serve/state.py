@@ -32,6 +32,7 @@ class ServeConfig:
     adapters: list[str] = field(default_factory=list)  # adapter folders, as DIR or NAME=DIR
     registry: str | None = None  # registry root: adapters pushed there are served by name
     api_key_file: str | None = None  # one key per line; when set, /v1/* needs `Authorization: Bearer KEY`
+    api_keys: list[str] = field(default_factory=list)  # more keys (--api-key, SLIMLM_API_KEY), merged with the file's
     admin_key_file: str | None = None  # keys for the admin routes (runtime LoRA load/unload); inference keys get 403
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (else 404)
     lora_roots: list[str] = field(default_factory=list)  # runtime adapters load only from under these folders
@@ -73,9 +74,9 @@ class ServeConfig:
         missing = [r for r in self.lora_roots if not Path(r).is_dir()]
         if missing:
             raise ValueError(f"--lora-root {missing[0]}: no such folder")
-        if self.api_key_file and not self.admin_key_file:
-            raise ValueError("--allow-runtime-lora with --api-key-file needs --admin-key-file: inference keys may "
-                             "not load adapters")
+        if (self.api_key_file or self.api_keys) and not self.admin_key_file:
+            raise ValueError("--allow-runtime-lora with API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
+                             "needs --admin-key-file: inference keys may not load adapters")
 
     def name(self) -> str:
         return self.served_name or Path(self.model.rstrip("/")).name.removesuffix(".gguf")
@@ -100,10 +101,12 @@ class ServerState:
         config.validate()
         self.config, self.served_name = config, config.name()
         self.static_adapters = parse_adapter_args(config.adapters)
-        self.api_keys = _read_keys(config.api_key_file, "--api-key-file") if config.api_key_file else []
+        from_file = _read_keys(config.api_key_file, "--api-key-file") if config.api_key_file else []
+        self.api_keys = list(dict.fromkeys(from_file + [k.strip() for k in config.api_keys if k.strip()]))
         self.admin_keys = _read_keys(config.admin_key_file, "--admin-key-file") if config.admin_key_file else []
         if set(self.admin_keys) & set(self.api_keys):
-            raise ValueError("--admin-key-file and --api-key-file share a key: admin keys must differ")
+            raise ValueError("--admin-key-file and the API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
+                             "share a key: admin keys must differ")
         # Resolved once: a request's path is checked against the real folders (symlinks followed), see add_adapter.
         self.lora_roots = [Path(r).resolve() for r in config.lora_roots]
         self.operator_adapters = frozenset(self.static_adapters)  # from --adapters: never unloaded over HTTP
@@ -157,7 +160,8 @@ class ServerState:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def resolve_adapter(self, model: str) -> AdapterRef | None:
-        """The adapter a request's `model` field names (None for the base); APIError 400 if it names nothing."""
+        """The adapter a request's `model` field names (None for the base); APIError 404 if it names nothing, 400
+        if it names a registry version that cannot be served (corrupt, not an adapter)."""
         name = model
         if ":" in model:
             base, name = model.split(":", 1)
@@ -171,14 +175,19 @@ class ServerState:
             raise self._unknown(model, "no such adapter")
         from slimlm.serve.registry import RegistryError
         try:
+            self.registry.resolve(name)
+        except RegistryError as e:
+            raise self._unknown(model, str(e)) from None
+        try:
             # Hashed once per version (the verdicts are kept): a corrupt version is refused, and a bare NAME whose
             # head is corrupt keeps serving the newest intact version.
             entry = self.registry.resolve_good(name, self._checked)
             if entry.kind != "adapter":
                 raise RegistryError(f"{entry.ref} is a {entry.kind}, not an adapter; this server serves one base")
             key = (entry.name, entry.version)
-        except RegistryError as e:
-            raise self._unknown(model, str(e)) from None
+        except RegistryError as e:  # it exists but cannot be served (corrupt, not an adapter): the client's 400
+            raise APIError(400, f"model {model!r} cannot be served: {e}", param="model", code="adapter_error") \
+                from None
         return AdapterRef(key, entry.path, entry.ref)
 
     def add_adapter(self, name: str, folder: str) -> None:
@@ -231,8 +240,9 @@ class ServerState:
         self.engine.unload_adapter(("static", name))
 
     def _unknown(self, model: str, why: str) -> APIError:
-        return APIError(400, f"model {model!r} not found: {why}. GET /v1/models lists what this server serves",
-                        param="model", code="model_not_found")
+        # OpenAI's answer for a model it does not have: 404, invalid_request_error, code model_not_found.
+        return APIError(404, f"The model `{model}` does not exist ({why}). GET /v1/models lists what this server "
+                             "serves", param="model", code="model_not_found")
 
     def list_models(self) -> list[dict]:
         base = self.served_name

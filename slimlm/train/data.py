@@ -67,7 +67,7 @@ def _raise(header: str, problems: list[str], located: bool = False) -> None:
 
 @dataclass
 class DataConfig:
-    max_seq_len: int = 1024
+    max_seq_len: int = 1024  # tokens per sample; longer samples keep their first max_seq_len tokens
     train_on_prompt: bool = False  # False: loss only on assistant/completion tokens
     packing: bool = False  # pack several samples into rows of max_seq_len (no cross-attention between them)
     format: str = "auto"  # "auto" (detected from the keys) or one of FORMATS

@@ -38,20 +38,20 @@ class DistillConfig:
     student: str | None = None  # model folder/alias, or "preset:NAME" (random init); empty: layers of the teacher
     student_layers: int | None = None  # keep this many of the teacher's layers (every other); n_layers of a preset
     alpha: float = 0.5  # KL weight; 0 = hard labels only (the baseline), 1 = teacher only
-    temperature: float = 2.0
+    temperature: float = 2.0  # T: both distributions are softened by T, the KL term scaled by T^2
     kl: str = "forward"  # forward = KL(teacher‖student) | reverse = KL(student‖teacher)
     teacher_cache: str = "none"  # none (teacher forward in every step) | topk (one pre-pass, cached top-k)
-    top_k: int = 64
+    top_k: int = 64  # teacher_cache topk: teacher log-probs kept per token
     teacher_cache_path: str | None = None  # default OUT/teacher_topk.safetensors
     kd_chunk_size: int = 512  # rows of [tokens, vocab] logits computed at once
-    data: str = ""
-    eval_data: str | None = None
-    out: str = "runs/distill"
-    device: str = "cpu"
+    data: str = ""  # training JSONL (chat, alpaca, prompt/completion or text records)
+    eval_data: str | None = None  # validation JSONL: eval loss, and the generation metric for chat records
+    out: str = "runs/distill"  # output folder: model/, metrics.jsonl, summary.json, recipe.yaml
+    device: str = "cpu"  # cpu, cuda or cuda:N
     task: str | None = None  # a bundled task whose scorer rates eval generations
     eval_generate: int = 0  # exact match of teacher and student on this many eval records (0: none)
-    eval_max_new_tokens: int = 64
-    resume: bool = False
+    eval_max_new_tokens: int = 64  # the longest answer generated per eval record
+    resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints
     dataset: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

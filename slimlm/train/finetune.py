@@ -31,16 +31,17 @@ from slimlm.train.trainer import TrainConfig, TrainResult, train
 @dataclass
 class FinetuneConfig:
     model: str = "smollm2-135m"  # alias, HF folder, .gguf file or hub id
+    base_name: str | None = None  # adapter's base_model_name_or_path (default: model's hub id or absolute path)
     method: str = "lora"  # full | lora | qlora | adapter | bitfit | prefix | prompt
     data: str = ""  # training JSONL (chat, alpaca, prompt/completion or text records)
     eval_data: str | None = None  # validation JSONL: eval loss, and the generation metric for chat records
-    out: str = "runs/finetune"
+    out: str = "runs/finetune"  # output folder: adapter/ or model/, metrics.jsonl, training.png, summary.json
     nf4_base: bool = False  # freeze the base as NF4 4-bit weights (implied by qlora; not for full)
     dtype: str = "fp32"  # the base model's weights in memory: fp32 | bf16 (compute precision is train.precision)
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda or cuda:N
     task: str | None = None  # a bundled task (e.g. extract_json) whose scorer rates eval generations
     eval_generate: int = 0  # generate answers for this many eval records at each eval (0: loss only)
-    eval_max_new_tokens: int = 64
+    eval_max_new_tokens: int = 64  # the longest answer generated per eval record
     resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints
     dataset: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -120,7 +121,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     if cfg.method == "full":
         output = save_hf_folder(model, out / "model", tokenizer.hf, sorted(tokenizer.stop_token_ids))
     else:
-        output = save_adapter(model, out / "adapter", base_model=str(cfg.model), tokenizer=tokenizer)
+        output = save_adapter(model, out / "adapter", base_model=str(cfg.model), tokenizer=tokenizer,
+                              base_name=cfg.base_name)
     data = {"records": train_stats.records, "samples": train_stats.samples, "truncated": train_stats.truncated,
             "dropped": train_stats.dropped, "tokens": train_stats.tokens, "trained_tokens": train_stats.trained_tokens}
     res = FinetuneResult(out, output, summary.trainable, summary.total, result, data)

@@ -52,19 +52,19 @@ class TrainConfig:
     max_steps: int = 100  # optimizer steps
     batch_size: int = 8  # samples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4
+    lr: float = 2e-4  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW decoupled decay; never applied to 1-D params (biases, norm gains)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW beta1,beta2
     warmup_steps: int = 0  # linear warmup, then cosine decay to min_lr_ratio * lr at max_steps
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # the cosine decay ends at min_lr_ratio * lr
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, CPU and CUDA) | "fp16" (CUDA only: autocast + GradScaler)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
     loss_chunk_size: int = 1024  # rows of the [tokens, vocab] logits computed at once (train/loss.py)
     eval_every: int = 0  # steps; 0 = only at the end (if eval samples or eval_fn are given)
     save_every: int = 0  # steps; 0 = no intermediate checkpoints
-    keep_checkpoints: int = 2
-    log_every: int = 1
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept in OUT/checkpoints
+    log_every: int = 1  # steps between lines of OUT/metrics.jsonl
     seed: int = 0  # data order, and the global RNGs (dropout) at the start of a fresh run
 
     def validate(self, device_type: str | None = None) -> None:

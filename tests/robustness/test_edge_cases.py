@@ -10,7 +10,8 @@ following OpenAI and vLLM:
 - JSON nested 100k deep: 400 (the parser's recursion limit is a parse error, not a crash); 50 deep in an unknown
   field: 200 (unknown fields are ignored).
 - invalid UTF-8 and lone surrogates (raw or as a \\ud800 escape): 400, before the tokenizer sees them.
-- max_tokens 0: 400 (OpenAI and vLLM: "must be at least 1"); 2^63 and -1: 400.
+- max_tokens 0: 400 (OpenAI and vLLM: "must be at least 1") except with echo + logprobs (scoring the prompt); 2^63
+  and -1: 400.
 - logprobs: top_logprobs 0..20 (20 is a 200 with 20 alternatives per token), 21 / -1 / without logprobs=true: 400;
   completions' logprobs 0..20 likewise.
 - messages: [] / a message without role / an unknown role / null content: 400; empty content: 200.
@@ -117,6 +118,8 @@ CASES = {
         ("max_tokens 1", CHAT, chat(max_tokens=1), 200),
         ("max_tokens 0 (completions)", COMPLETIONS,
          json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 0}).encode(), 400),
+        ("max_tokens 0 with echo and logprobs (scoring)", COMPLETIONS,
+         json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 0}).encode(), 200),
         ("max_tokens 2^63 (completions)", COMPLETIONS,
          json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2**63}).encode(), 400),
         ("min_tokens 2^63", CHAT, chat(min_tokens=2**63), 400),
@@ -173,7 +176,10 @@ CASES = {
         ("prompt ''", COMPLETIONS, json.dumps({"model": SERVED, "prompt": ""}).encode(), 400),
         ("prompt token -1", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [-1]}).encode(), 400),
         ("prompt token 2^63", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [2**63]}).encode(), 400),
-        ("prompt of lists (batch)", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [[1, 2]]}).encode(), 400),
+        ("prompt of lists (batch)", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [[1, 2]]}).encode(), 200),
+        ("prompt batch, text and ids mixed", COMPLETIONS,
+         json.dumps({"model": SERVED, "prompt": [[1, 2], "hi"]}).encode(), 400),
+        ("prompt batch with an empty list", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [[]]}).encode(), 400),
         ("n 2^63", CHAT, chat(n=2**63), 400),
         ("stream_options a string", CHAT, chat(stream=True, stream_options="yes"), 400),
     ],

@@ -23,7 +23,8 @@ from .http_checks import SERVED, response_problem, serve_config, wait_idle
 # Every route the server has: a new route must be added here, so that it is fuzzed too.
 ROUTES = [("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/v1/models"),
           ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
-          ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")]
+          ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"),
+          ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version")]
 # Examples per operation; the engine routes get more (they hold nearly all the validation).
 EXAMPLES = {"/v1/chat/completions": trials(100, 1000), "/v1/completions": trials(100, 1000)}
 DEFAULT_EXAMPLES = trials(10, 200)
