@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--compress-steps", type=int, default=40, help="distillation steps of the compression chain")
     parser.add_argument("--draft-steps", type=int, default=60, help="distillation steps of the speculative draft")
     parser.add_argument("--skip-compress", action="store_true", help="skip the compression chain")
+    parser.add_argument("--skip-merge", action="store_true", help="skip the model-merging stage")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -61,6 +62,8 @@ def main() -> None:
         quantize_stage(args, adapter)
     if not args.skip_compress:
         compress_stage(args, adapter)
+    if not args.skip_merge:
+        merge_stage(args, adapter)
     export_stage(args, adapter)
 
 
@@ -311,6 +314,38 @@ def compress_stage(args: argparse.Namespace, adapter: Path) -> None:
     rows = compress(load_compress_recipe(path))
     print("\n" + ledger_markdown(rows))
     print(f"ledger: {out / 'compress' / 'ledger.json'}, ledger.md, ledger.png")
+
+
+def merge_stage(args: argparse.Namespace, adapter: Path) -> None:
+    """`slimlm merge-models` (mergekit's recipe layout): the base plus half the tuned model's task vector, beside the
+    base and the tuned model, on the task's exact match and held-out perplexity (a weight-space interpolation)."""
+    import slimlm
+    from slimlm.checkpoint import save_hf_folder
+    from slimlm.eval.corpus import builtin_corpus
+    from slimlm.eval.perplexity import perplexity
+    from slimlm.train.evaluate import chat_eval_set, generation_accuracy
+
+    out = Path(args.out)
+    print("\n== model merging: base + 0.5 x (tuned - base), slimlm merge-models (task_arithmetic) ==", flush=True)
+    base, tuned, half = out / "base", out / "tuned-merged", out / "half-task-vector"
+    llm = slimlm.load(args.model, dtype="fp32")
+    save_hf_folder(llm.model, base, tokenizer=llm.tokenizer)
+    slimlm_cli = [sys.executable, "-m", "slimlm.cli"]
+    subprocess.run(slimlm_cli + ["merge", "--model", args.model, "--adapter", str(adapter), "--out", str(tuned),
+                                 "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    recipe = out / "merge_recipe.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                      f"  - {{model: {tuned}, parameters: {{weight: 0.5}}}}\ndtype: float32\n")
+    subprocess.run(slimlm_cli + ["merge-models", str(recipe), "--out", str(half), "--overwrite"], check=True)
+    test = chat_eval_set(out / "task" / "test.jsonl")[: args.quant_test]
+    text = builtin_corpus("heldout")
+    print(f"| model | extract_json exact match ({len(test)} test) | perplexity (held-out, 4,096 tokens) |\n"
+          "|---|---:|---:|")
+    for name, folder in (("base", base), ("base + 0.5 task vector", half), ("tuned (adapter merged)", tuned)):
+        m = slimlm.load(str(folder), dtype="fp32")
+        score = generation_accuracy(m.model, m.tokenizer, test, "extract_json", max_new_tokens=48)
+        ppl = perplexity(m.model, m.tokenizer, text, max_tokens=4096, progress=False)["ppl"]
+        print(f"| {name} | {100 * score['exact_match']:.1f}% | {ppl:.2f} |", flush=True)
 
 
 def export_stage(args: argparse.Namespace, adapter: Path) -> None:
