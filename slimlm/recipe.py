@@ -47,20 +47,25 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def load_recipe(cls: type, path: str | Path) -> Any:
-    """Read a YAML recipe into `cls`."""
+def read_yaml(path: str | Path, missing: str) -> Any:
+    """A recipe file's YAML values ({} when empty); RecipeError `missing` when there is no such file, and one line
+    naming the file for YAML or UTF-8 errors."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+        raise RecipeError(missing)
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    return from_dict(cls, values, f"{path}: ")
+
+
+def load_recipe(cls: type, path: str | Path) -> Any:
+    """Read a YAML recipe into `cls`."""
+    return from_dict(cls, read_yaml(path, f"recipe {path} does not exist"), f"{path}: ")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

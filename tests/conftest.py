@@ -96,6 +96,15 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Conf
               "mistral": ("MistralConfig", "MistralForCausalLM")}
 
 
+def nudge_trainables_(model: torch.nn.Module, g: torch.Generator, std: float = 0.05) -> None:
+    """Add std * N(0, 1) noise (drawn from `g`) to every trainable parameter, so that a fresh adapter (LoRA's B = 0)
+    changes the logits."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=g))
+
+
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
     """Re-draw every parameter so that nothing is left at a trivial init (norm weights 1, biases 0)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import nudge_trainables_
 
 from slimlm.tokenizer import TRANSFORMERS4_FAST_CLASSES, Tokenizer, save_tokenizer
 
@@ -86,10 +87,7 @@ def test_auto_peft_model_loads_our_adapter_with_same_logits(tiny_llama, tmp_path
     _, model = load_hf_folder(tiny_llama[0])
     apply_peft(model, "lora", make_config("lora", dict(r=4, alpha=8)))
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    nudge_trainables_(model, g)
     save_adapter(model, tmp_path / "adapter", base_model=tiny_llama[0])
     hf = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).float().eval()
     x = torch.randint(0, 384, (2, 12), generator=g)

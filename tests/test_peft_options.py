@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import nudge_trainables_
 
 from slimlm.checkpoint.hf import load_hf_folder
 from slimlm.peft import apply_peft, load_adapter, make_config, merge_adapter, save_adapter
@@ -41,10 +42,7 @@ def peft_adapter(folder, arch="llama", seed=1, vocab=None, targets=TARGETS, **op
         base.resize_token_embeddings(vocab)
     hf = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **options))
     g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    nudge_trainables_(hf, g)
     hf.save_pretrained(str(folder))
     return hf.eval()
 
@@ -75,10 +73,7 @@ def test_slimlm_saves_options_peft_loads_them(tiny_llama, tmp_path):
                                    modules_to_save=["lm_head"]))
     apply_peft(model, "lora", cfg)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    nudge_trainables_(model, g)
     save_adapter(model, tmp_path / "a", base_model=tiny_llama[0])
     raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert raw["rank_pattern"] == {"q_proj": 2} and raw["lora_bias"] and raw["modules_to_save"] == ["lm_head"]

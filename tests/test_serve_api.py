@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import random_lora, running_server, sse_events
+from serve_helpers import random_lora, running_server, sse_events, tiny_config as config
 
 import slimlm
 from slimlm.generate import SamplingParams
@@ -17,14 +17,6 @@ from slimlm.engine.core import EngineConfig
 from slimlm.serve.state import ServeConfig
 
 CHAT = [{"role": "user", "content": "tell me a story about the red fox"}]
-
-
-def config(folder, **kw) -> ServeConfig:
-    # An fp32 KV cache, so that logprobs can be checked against the model's own forward to round-off (the CPU
-    # default, fp16, moves them by ~1e-3: tests/test_engine.py::test_slot_cache_matches_full_forward).
-    engine = kw.pop("engine", EngineConfig(max_batch=4, max_seq_len=120, max_loras=2, max_lora_rank=8,
-                                           kv_cache_dtype="fp32"))
-    return ServeConfig(model=str(folder), served_name="tiny", dtype="fp32", max_tokens_limit=64, engine=engine, **kw)
 
 
 @pytest.fixture(scope="module")

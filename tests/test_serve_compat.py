@@ -7,16 +7,9 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from serve_helpers import running_server
+from serve_helpers import running_server, tiny_config as config
 
 import slimlm
-from slimlm.engine.core import EngineConfig
-from slimlm.serve.state import ServeConfig
-
-
-def config(folder, **kw) -> ServeConfig:
-    engine = EngineConfig(max_batch=4, max_seq_len=120, max_loras=2, max_lora_rank=8, kv_cache_dtype="fp32")
-    return ServeConfig(model=str(folder), served_name="tiny", dtype="fp32", max_tokens_limit=64, engine=engine, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimlm.recipe import RecipeError, from_dict
+from slimlm.recipe import RecipeError, from_dict, read_yaml
 
 
 @dataclass
@@ -86,17 +86,6 @@ class CompressRecipe:
 
 def load_compress_recipe(path: str | Path) -> CompressRecipe:
     """Read and validate a compress recipe (YAML)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    recipe = from_dict(CompressRecipe, values, "")
+    recipe = from_dict(CompressRecipe, read_yaml(path, f"{path}: no such recipe file"), "")
     recipe.validate()
     return recipe

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimlm.recipe import RecipeError
+from slimlm.recipe import RecipeError, read_yaml
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -211,15 +211,5 @@ def from_mapping(values: Any, source: str = "recipe") -> MergeRecipe:
 
 def load_merge_recipe(path: str | Path) -> MergeRecipe:
     """Read and validate a merge recipe (YAML, mergekit's layout)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    values = read_yaml(path, f"{path}: no such recipe file")
     return from_mapping(values, str(path))
