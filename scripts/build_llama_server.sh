@@ -5,6 +5,9 @@
 # C++ compiler (Debian: apt-get install cmake g++).
 #
 #   scripts/build_llama_server.sh            # builds under build/llama.cpp/ (git-ignored); prints the binary's path
+#   scripts/build_llama_server.sh --lib      # only llama.cpp's shared library libllama.so (what llama-cpp-python
+#                                            # loads through LLAMA_CPP_LIB_PATH: the GGUF export tests and the demo);
+#                                            # prints its folder. The server build later reuses its objects.
 #
 # Idempotent: when the binary exists it is not rebuilt, only its path is printed. Settings (environment):
 #   LLAMA_SERVER=PATH           an existing llama-server to use instead: checked, printed, nothing built
@@ -28,7 +31,14 @@ fi
 
 say() { echo "build_llama_server: $*" >&2; }
 
-if [[ -n ${LLAMA_SERVER:-} ]]; then
+TARGET=llama-server
+ARTIFACT=build/bin/llama-server
+if [[ ${1:-} == --lib ]]; then
+    TARGET=llama
+    ARTIFACT=build/bin/libllama.so
+fi
+
+if [[ -n ${LLAMA_SERVER:-} && $TARGET == llama-server ]]; then
     if [[ -f $LLAMA_SERVER && -x $LLAMA_SERVER ]]; then
         say "LLAMA_SERVER is set and executable: nothing to build"
         echo "$LLAMA_SERVER"
@@ -49,9 +59,9 @@ find_src() {
 }
 
 SRC=$(find_src)
-if [[ -n $SRC && -x $SRC/build/bin/llama-server ]]; then
+if [[ -n $SRC && -e $SRC/$ARTIFACT ]]; then
     say "already built: skipping"
-    echo "$SRC/build/bin/llama-server"
+    [[ $TARGET == llama ]] && dirname "$SRC/$ARTIFACT" || echo "$SRC/$ARTIFACT"
     exit 0
 fi
 
@@ -73,10 +83,10 @@ if [[ -z $SRC ]]; then
     [[ -n $SRC ]] || { say "$archive holds no llama.cpp/ folder"; exit 1; }
 fi
 
-say "building llama-server in $SRC/build with $JOBS jobs (~10 min on 2 cores)"
+say "building $TARGET in $SRC/build with $JOBS jobs (~10 min on 2 cores for the server, less for --lib)"
 cd "$SRC"
 cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >&2
-cmake --build build --target llama-server -j"$JOBS" >&2
-[[ -x build/bin/llama-server ]] || { say "the build produced no build/bin/llama-server"; exit 1; }
+cmake --build build --target "$TARGET" -j"$JOBS" >&2
+[[ -e $ARTIFACT ]] || { say "the build produced no $ARTIFACT"; exit 1; }
 say "built"
-echo "$SRC/build/bin/llama-server"
+[[ $TARGET == llama ]] && dirname "$SRC/$ARTIFACT" || echo "$SRC/$ARTIFACT"

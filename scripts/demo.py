@@ -3,8 +3,9 @@ fine-tune it with LoRA on the bundled extract_json task and compare base vs tune
 then serve base and adapter side by side from one OpenAI-compatible server (registry, concurrent requests,
 metrics, graceful drain), then quantize the tuned model (int8, int4) and compare quality, speed and size, then run
 a compression chain on it (prune MLP channels -> distill from the tuned model -> int8) with its measured ledger,
-then fuse it (merge, norm folding, q/k/v and gate/up), export it to ONNX (int8) and run it in ONNX Runtime, and
-estimate the memory of its fine-tuning run.
+then fuse it (merge, norm folding, q/k/v and gate/up), export it to ONNX (int8) and run it in ONNX Runtime, export
+it to GGUF and score it in llama.cpp, and estimate the memory of its fine-tuning run. The serving stage also asks
+the base model for schema-constrained JSON; the quantization stage loads the int8 model in HF transformers.
 
 Run by `make demo`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -151,11 +153,8 @@ def finetune_stage(args: argparse.Namespace) -> None:
 
 def serve_stage(args: argparse.Namespace, adapter: Path) -> None:
     """Push the adapter to a registry, start `slimlm serve`, send base and adapter requests concurrently."""
-    import os
     import signal
     import socket
-    import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -207,6 +206,7 @@ def serve_stage(args: argparse.Namespace, adapter: Path) -> None:
         for name in ("smollm2-135m", "smollm2-135m:extract-json@prod"):
             hits = [ok for n, ok, _ in results if n == name]
             print(f"| {name} | {100 * sum(hits) / len(hits):.1f}% of {len(hits)} |")
+        structured_stage(url, records)
         metrics = httpx.get(url + "/metrics").text.splitlines()
         print("GET /metrics (excerpt):")
         for line in metrics:
@@ -218,6 +218,47 @@ def serve_stage(args: argparse.Namespace, adapter: Path) -> None:
         code = proc.wait(timeout=120)
         log.close()
     print(f"SIGTERM: drained and exited with status {code}; request log (JSON lines): {out / 'server.log'}")
+
+
+# The extract_json answer as a JSON schema: the untuned base model, constrained by it, writes the right shape.
+PERSON_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "city": {"type": "string", "maxLength": 40}, "job": {"type": "string", "maxLength": 40}},
+    "required": ["name", "age", "city", "job"], "additionalProperties": False}
+
+
+def structured_stage(url: str, records: list) -> None:
+    """The base model with `response_format: json_schema` from 8 concurrent clients: every answer parses and
+    validates, and exact match rises with no training (the tuned adapter is the other way to get there)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import jsonschema
+
+    from slimlm.tasks import extract_json
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+
+    def ask(record):
+        msgs, ref = record
+        r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
+            "model": "smollm2-135m", "messages": msgs, "max_tokens": 64, "temperature": 0, "response_format": fmt})
+        r.raise_for_status()
+        text = r.json()["choices"][0]["message"]["content"]
+        try:
+            jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+            valid = True
+        except (ValueError, jsonschema.ValidationError):
+            valid = False
+        return valid, extract_json.exact_match(text, ref)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, records))
+    n = len(results)
+    print(f"structured output: base model, response_format json_schema, {n} requests from 8 concurrent clients in "
+          f"{time.perf_counter() - t0:.1f} s: {sum(v for v, _ in results)}/{n} parse and validate, exact match "
+          f"{100 * sum(e for _, e in results) / n:.1f}% (unconstrained base: see the first table)", flush=True)
 
 
 def engine_stage(args: argparse.Namespace, adapter: Path) -> None:
@@ -261,26 +302,52 @@ def _wait_ready(url: str, proc, timeout: float = 300) -> None:
 
 
 def quantize_stage(args: argparse.Namespace, adapter: Path) -> None:
-    """The tuned model (base + LoRA) on fp32, int8 and int4 base weights: task exact match, perplexity, speed, size."""
+    """The tuned model (LoRA merged, as deployed) on fp32, int8 and int4 weights: task exact match, perplexity, speed,
+    size; then the int8 one saved as compressed-tensors and loaded, quantized, by HF transformers."""
     from slimlm.eval.corpus import builtin_corpus
     from slimlm.eval.perplexity import perplexity
     from slimlm.eval.speed import SpeedConfig, measure_speed
-    from slimlm.quantize.model import quantized_bytes
+    from slimlm.peft import merge_adapter
+    from slimlm.quantize.model import quantize_model_, quantized_bytes
     from slimlm.train.evaluate import chat_eval_set, generation_accuracy
 
-    print("\n== quantization: the tuned model on int8 and int4 base weights ==", flush=True)
+    print("\n== quantization: the tuned model (LoRA merged) on int8 and int4 weights ==", flush=True)
     test = chat_eval_set(Path(args.out) / "task" / "test.jsonl")[: args.quant_test]
     text = builtin_corpus("heldout")
-    print(f"| base weights | extract_json exact match ({len(test)} test) | perplexity (held-out, 4,096 tokens) "
+    print(f"| weights | extract_json exact match ({len(test)} test) | perplexity (held-out, 4,096 tokens) "
           "| decode tok/s | weights MiB |\n|---|---:|---:|---:|---:|")
     for scheme in (None, "int8", "int4"):
-        llm = slimlm.load(args.model, dtype="fp32", quantize=scheme, adapter=adapter)
+        llm = slimlm.load(args.model, dtype="fp32", adapter=adapter)
+        merge_adapter(llm.model)
+        if scheme:
+            quantize_model_(llm.model, scheme)
         score = generation_accuracy(llm.model, llm.tokenizer, test, "extract_json", max_new_tokens=48)
         ppl = perplexity(llm.model, llm.tokenizer, text, max_tokens=4096, progress=False)["ppl"]
         speed = measure_speed(llm.model, SpeedConfig(new_tokens=32, repeats=3))
         print(f"| {scheme or 'fp32'}{' g64' if scheme == 'int4' else ''} | {100 * score['exact_match']:.1f}% | "
               f"{ppl:.2f} | {speed['decode_tokens_per_s']:.1f} | {quantized_bytes(llm.model) / 2**20:,.0f} |",
               flush=True)
+        if scheme == "int8":
+            compressed_tensors_check(args, llm)
+
+
+def compressed_tensors_check(args: argparse.Namespace, llm) -> None:
+    """Save the int8 model as compressed-tensors and load it in HF transformers, quantized: same next tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.quantize.model import save_quantized
+
+    folder = save_quantized(llm.model, Path(args.out) / "int8-compressed-tensors", llm.tokenizer.hf,
+                            format="compressed-tensors")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([llm.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        ours, theirs = llm.model(ids)[0], hf(ids).logits[0]
+    same = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    packed = {n: str(p.dtype).removeprefix("torch.") for n, p in hf.model.layers[0].self_attn.q_proj.named_parameters()}
+    print(f"  int8 saved as compressed-tensors ({folder}): transformers loads it quantized (q_proj holds {packed}); "
+          f"max |Δ logit| vs slimlm {(ours - theirs).abs().max().item():.1e}, same next token at {100 * same:.0f}% "
+          "of positions", flush=True)
 
 
 def compress_stage(args: argparse.Namespace, adapter: Path) -> None:
@@ -390,7 +457,31 @@ def export_stage(args: argparse.Namespace, adapter: Path) -> None:
         print(f"| {name} | {100 * score['exact_match']:.1f}% | {sp['prefill_tokens_per_s']:.0f} | "
               f"{sp['decode_tokens_per_s']:.1f} |", flush=True)
     print(f"serve it: slimlm serve --backend onnxruntime --model {folder}")
+    gguf_stage(args, adapter)
     estimate_stage(args)
+
+
+def gguf_stage(args: argparse.Namespace, adapter: Path) -> None:
+    """The tuned model as GGUF (Q8_0, Q4_0) scored in llama.cpp beside slimlm (bench/gguf_task_parity.py), and the
+    adapter alone as a GGUF LoRA for llama.cpp / Ollama."""
+    import glob
+
+    out, repo = Path(args.out), Path(__file__).resolve().parent.parent
+    print("\n== GGUF for llama.cpp / Ollama: the tuned model exported and scored in llama.cpp ==", flush=True)
+    slimlm_cli = [sys.executable, "-m", "slimlm.cli"]
+    subprocess.run(slimlm_cli + ["merge", "--model", args.model, "--adapter", str(adapter), "--out", str(out / "merged"),
+                                 "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    lora = out / "gguf" / "extract-json-lora.gguf"
+    subprocess.run(slimlm_cli + ["export", "gguf-lora", "--model", args.model, "--adapter", str(adapter), "--out",
+                                 str(lora), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    print(f"LoRA adapter as GGUF LoRA: {lora} ({lora.stat().st_size / 2**20:.1f} MiB; llama.cpp: --lora {lora.name})")
+    if not glob.glob(str(repo / "build/llama.cpp/*/llama.cpp/build/bin/libllama.so")) and \
+            not os.environ.get("LLAMA_CPP_LIB_PATH"):
+        print("llama.cpp's library is not built (`make llama-lib`): the llama.cpp scoring is skipped")
+        return
+    subprocess.run([sys.executable, str(repo / "bench" / "gguf_task_parity.py"), "--model", str(out / "merged"),
+                    "--test", str(out / "task" / "test.jsonl"), "--n", str(args.quant_test), "--types", "q8_0,q4_0",
+                    "--keep", str(out / "gguf")], check=True)
 
 
 def estimate_stage(args: argparse.Namespace) -> None:

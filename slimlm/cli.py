@@ -246,10 +246,13 @@ def _finetune_epilog(config_cls: type) -> str:
         lines += textwrap.wrap(f"{name:<8} {summary}{options}", 100, initial_indent="  ", subsequent_indent=" " * 11,
                                break_on_hyphens=False)
     lines += ["", *textwrap.wrap(
-        '--data / --eval-data: a JSONL file, one record per line, in one of four formats (auto-detected; '
-        '--dataset.format): chat {"messages": [{"role": "user", "content": ...}, ...]}, alpaca {"instruction", '
-        '"input", "output"}, {"prompt", "completion"} or {"text"}. See README.md, "Fine-tuning" > "Data"; check a '
-        'file with `slimlm data check FILE`.', 100, break_on_hyphens=False)]
+        '--data / --eval-data: a JSONL file (one record per line), a .parquet, .csv or .json file, a folder of '
+        'them, or a Hugging Face dataset name (--dataset.split, --dataset.eval_split, --dataset.subset); records in '
+        'one of four formats (auto-detected from the keys or columns; --dataset.format): chat {"messages": '
+        '[{"role": "user", "content": ...}, ...]}, alpaca {"instruction", "input", "output"}, {"prompt", '
+        '"completion"} or {"text"}. Other column names: --dataset.columns prompt=question,completion=answer. See '
+        'README.md, "Fine-tuning" > "Data"; check a file with `slimlm data check FILE`.', 100,
+        break_on_hyphens=False)]
     return "\n".join(lines)
 
 

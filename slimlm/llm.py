@@ -18,10 +18,12 @@ from slimlm.checkpoint import load_model
 from slimlm.config import ModelConfig
 from slimlm.engine.core import Engine, EngineConfig, Request
 from slimlm.engine.sampling import SamplingParams
+from slimlm.engine.structured import StructuredOutput, one_of
 from slimlm.model import Transformer
 from slimlm.tokenizer import Messages, Tokenizer
 
 Prompt = str | Messages | list[int]  # text, chat messages, or token ids as they are
+STRUCTURED_KWARGS = ("response_format", "json_schema", "regex", "grammar", "choice")
 CACHE_BUCKET = 256  # engine context lengths are multiples of this
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -140,9 +142,17 @@ class LLM:
         return ids
 
     def _params(self, params: SamplingParams | None, kwargs: dict) -> SamplingParams:
+        """SamplingParams from params= or keyword arguments; the structured-output keywords (response_format,
+        json_schema, regex, grammar, choice) go with either."""
+        structured = _structured(kwargs)
         if params is not None and kwargs:
             raise ValueError("pass either params=SamplingParams(...) or keyword arguments, not both")
-        return params or SamplingParams(**kwargs)
+        params = params or SamplingParams(**kwargs)
+        if structured is None:
+            return params
+        if params.structured is not None:
+            raise ValueError("the output constraint is given twice: in params.structured and as a keyword")
+        return dataclasses.replace(params, structured=structured)
 
     def stream_batch(self, prompts: Sequence[Prompt], params: SamplingParams, chat: bool | None = None
                      ) -> Iterator[tuple[int, str, Completion | None]]:
@@ -178,6 +188,12 @@ class LLM:
         Keyword arguments are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, seed, stop, min_new_tokens, ignore_eos. chat=None applies the chat template when the
         tokenizer has one.
+
+        Structured output (one of, engine/structured.py): response_format (OpenAI's dict, e.g. {"type":
+        "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}, or a pydantic model class),
+        json_schema (a dict, JSON text or pydantic model class), regex, grammar (EBNF, root rule `root`) or choice
+        (a list of strings). The output then always follows it (compact JSON), unless max_new_tokens cuts it
+        short (finish_reason "length").
         """
         single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], (dict, int)))
         prompts = [prompt] if single else list(prompt)
@@ -267,3 +283,11 @@ def _load_onnxruntime(model, dtype, device, compile: bool, adapter, quantize) ->
         raise ValueError(f"{', '.join(settled)} cannot be used with the onnxruntime backend: the exported graph "
                          "fixes them (merge adapters and quantize at export: slimlm export onnx --adapter/--quantize)")
     return load_onnx_llm(model)
+
+
+def _structured(kwargs: dict) -> StructuredOutput | None:
+    """Pop the structured-output keywords from kwargs -> the one constraint they give (None: no keyword)."""
+    given = {k: v for k in STRUCTURED_KWARGS if (v := kwargs.pop(k, None)) is not None}
+    make = {"response_format": StructuredOutput.from_response_format, "json_schema": StructuredOutput.json_schema,
+            "regex": StructuredOutput.regex, "grammar": StructuredOutput.grammar, "choice": StructuredOutput.choice}
+    return one_of([make[k](v, param=k) for k, v in given.items()])

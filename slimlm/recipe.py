@@ -160,6 +160,8 @@ def _coerce(value: Any, ftype: Any, where: str) -> Any:
         return None
     base = _strip_optional(ftype)
     origin = typing.get_origin(base)
+    if base is not ftype and base is not str and isinstance(value, str) and value.lower() in ("none", "null"):
+        return None  # a flag un-sets an optional field a recipe set (e.g. --train.max_steps none --train.num_epochs 2)
     try:
         if base is bool:
             if isinstance(value, str):

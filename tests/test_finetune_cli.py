@@ -187,6 +187,10 @@ def test_flags_override_the_recipe(tmp_path):
     # no flags at all: the recipe unchanged
     assert apply_flags(load_recipe(FinetuneConfig, recipe), _flags(str(recipe))) == load_recipe(FinetuneConfig, recipe)
     assert apply_flags(FinetuneConfig(), _flags("--nf4-base")).nf4_base is True
+    # "none" un-sets an optional field the recipe set, so a step-based recipe can run by epochs
+    cfg = apply_flags(load_recipe(FinetuneConfig, recipe), _flags(str(recipe), "--train.max_steps", "none",
+                                                                  "--train.num_epochs", "2"))
+    assert cfg.train.max_steps is None and cfg.train.num_epochs == 2
 
 
 def test_every_field_has_a_flag():
@@ -216,7 +220,8 @@ def test_every_generated_flag_has_help_from_its_field_comment(capsys):
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     assert e.value.code == 0
     for text in ("--train.lr X peak learning rate (AdamW) (default: 0.0002)", "--lora.r N rank of the update",
-                 "--data VALUE training JSONL (chat, alpaca, prompt/completion or text records)",
+                 "--data VALUE training data: a .jsonl, .parquet, .csv or .json file, a folder of them, or a Hugging "
+                     "Face dataset name",
                  "--bitfit.targets VALUE Projections that get a trainable bias",  # a comment above the field
                  'chat {"messages":', "slimlm data check FILE", "options --lora.*"):
         assert text in out, text

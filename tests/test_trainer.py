@@ -8,16 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from slimlm.train.batch import IGNORE, Sample, collate
 from slimlm.train.checkpoint import ResumeError, list_checkpoints
+from slimlm.train.loss import chunked_cross_entropy
 from slimlm.train.trainer import (SampleStream, TrainConfig, TrainConfigError, accumulate_gradients, evaluate,
                                   lr_factor, make_optimizer, train)
 
-from train_run import KILL_AT, RESUME_CFG, make_samples, tiny_model
+from train_run import KILL_AT, RESUME_CONFIGS, make_samples, tiny_model
 
 FAST = dict(lr=1e-3, batch_size=4, max_steps=3)
 
@@ -28,6 +30,20 @@ def read_metrics(path: Path) -> list[dict]:
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def tensorboard_scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of every event file in OUT/tensorboard, as TensorBoard itself reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out_dir / "tensorboard"), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def f32(x: float) -> float:
+    """A metrics.jsonl number as a TensorBoard scalar holds it (float32)."""
+    return float(np.float32(x))
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
@@ -230,7 +246,8 @@ def test_metrics_jsonl_content(tmp_path):
     assert [m["step"] for m in logs] == [2, 4] and [m["step"] for m in evals] == [2, 4]  # no extra eval at the end
     trained = sum(s.num_trained for s in samples)
     for m in logs:
-        assert set(m) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
+        assert set(m) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
+        assert m["epoch"] == m["step"]  # one step = one epoch: epochs done so far
         assert m["tokens"] == trained  # the step's trained tokens (prompts excluded)
         assert m["tokens_per_s"] > 0 and m["grad_norm"] > 0 and m["elapsed_s"] > 0
     assert evals[-1]["accuracy"] == 0.5 and calls == [False, False]  # eval_fn sees eval mode
@@ -273,16 +290,18 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     assert "starting a fresh run" in capsys.readouterr().err
 
 
-def run_script(out_dir: Path, mode: str, weights: Path) -> subprocess.Popen:
+def run_script(out_dir: Path, mode: str, weights: Path, config: str = "steps") -> subprocess.Popen:
     script = Path(__file__).with_name("train_run.py")
-    return subprocess.Popen([sys.executable, str(script), str(out_dir), mode, str(weights)],
+    return subprocess.Popen([sys.executable, str(script), str(out_dir), mode, str(weights), config],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("config", ["steps", "epochs"])  # resumed at an epoch's end / in the middle of one
+def test_sigkill_then_resume_is_bit_identical(tmp_path, config):
     full_w, resumed_w = tmp_path / "full.safetensors", tmp_path / "resumed.safetensors"
     # The uninterrupted run and the run that is killed, side by side.
-    full, killed = run_script(tmp_path / "full", "full", full_w), run_script(tmp_path / "run", "kill", resumed_w)
+    full = run_script(tmp_path / "full", "full", full_w, config)
+    killed = run_script(tmp_path / "run", "kill", resumed_w, config)
     out_full, out_killed = full.communicate(timeout=120)[0], killed.communicate(timeout=120)[0]
     assert full.returncode == 0, out_full
     assert killed.returncode == -9, out_killed  # SIGKILL: no cleanup code ran
@@ -294,7 +313,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     partial.mkdir()
     (partial / "state.json").write_text("{not json")
 
-    resumed = run_script(run, "resume", resumed_w)
+    resumed = run_script(run, "resume", resumed_w, config)
     out = resumed.communicate(timeout=120)[0]
     assert resumed.returncode == 0, out
     assert "resumed from" in out and "step 2" in out
@@ -304,10 +323,16 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     for n in full_params:
         assert torch.equal(full_params[n], resumed_params[n]), f"{n} differs after resume"
     # The metrics of the killed step 3 are replaced, not duplicated; the log equals the uninterrupted one.
-    steps = [m["step"] for m in read_metrics(run / "metrics.jsonl")]
-    assert steps == list(range(1, RESUME_CFG["max_steps"] + 1))
-    losses = [m["loss"] for m in read_metrics(run / "metrics.jsonl")]
-    assert losses == [m["loss"] for m in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    full_metrics = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in full_metrics]
+    assert [m["epoch"] for m in metrics] == [m["epoch"] for m in full_metrics]
+    if config == "epochs":  # 5 micro-batches of 2 per epoch: steps read 4, 4, 2 samples of it
+        assert TrainConfig(**RESUME_CONFIGS[config]).total_steps(10) == 6
+        assert [m["epoch"] for m in metrics] == [0.4, 0.8, 1.0, 1.4, 1.8, 2.0]
+    # TensorBoard hides the killed run's step 3 (purge_step): its scalars equal the rewritten metrics.jsonl.
+    assert tensorboard_scalars(run)["train/loss"] == [(m["step"], f32(m["loss"])) for m in metrics]
 
 
 @pytest.mark.cuda
@@ -329,3 +354,91 @@ def test_resume_warns_about_changed_settings(tmp_path):
     with pytest.warns(UserWarning, match=r"lr: 0.001 -> 0.002.*will not match an uninterrupted one"):
         train(tiny_model(), make_samples(8), TrainConfig(max_steps=3, save_every=1, batch_size=4, lr=2e-3), tmp_path,
               resume=True, progress=False)  # save_every is bookkeeping: not named
+
+
+# ---- epochs ------------------------------------------------------------------------------------------------------
+
+def test_num_epochs_or_max_steps_not_both():
+    with pytest.raises(TrainConfigError, match=r"max_steps \(5\) and num_epochs \(2\) are both set; set one"):
+        TrainConfig(max_steps=5, num_epochs=2).validate()
+    with pytest.raises(TrainConfigError, match="num_epochs must be a positive integer, got 0"):
+        TrainConfig(num_epochs=0).validate()
+    assert TrainConfig().total_steps(1000) == 100  # neither set: the old default of 100 steps
+    assert TrainConfig(max_steps=7).total_steps(1000) == 7
+    # 10 samples, micro-batches of 3: 4 per epoch (3, 3, 3, 1); two per step -> 2 steps per epoch
+    assert TrainConfig(num_epochs=3, batch_size=3, grad_accum=2).total_steps(10) == 6
+    assert TrainConfig(num_epochs=1, batch_size=4, grad_accum=3).total_steps(8) == 1  # a step never spans epochs
+    with pytest.raises(TrainConfigError, match=r"warmup_steps \(5\) exceeds the run's 4 steps \(2 epochs of 2\)"):
+        train(tiny_model(), make_samples(8), TrainConfig(num_epochs=2, batch_size=4, warmup_steps=5), Path("unused"),
+              progress=False)
+
+
+def test_sample_stream_steps_stop_at_the_end_of_an_epoch():
+    stream = SampleStream(list(range(10)), batch_size=3, seed=1)
+    steps = [stream.next_step(3) for _ in range(4)]
+    assert [[len(idx) for idx, _ in step] for step in steps] == [[3, 3, 3], [1], [3, 3, 3], [1]]
+    assert sorted(i for step in steps[:2] for idx, _ in step for i in idx) == list(range(10))
+    assert stream.epochs_done == 2.0
+
+
+def test_num_epochs_visits_every_sample_once_per_epoch_in_a_new_seeded_order(tmp_path):
+    def run(seed: int, out: str) -> tuple[list[list[int]], list[dict]]:
+        seen = []
+
+        def loss_fn(model, batch):  # the default loss, recording which samples each micro-batch held
+            seen.append(batch["sample_index"].tolist())
+            return chunked_cross_entropy(model.hidden(batch["input_ids"]), batch["labels"], model.lm_head)
+
+        cfg = TrainConfig(num_epochs=3, batch_size=3, grad_accum=2, lr=1e-3, warmup_steps=1, seed=seed)
+        result = train(tiny_model(), make_samples(10), cfg, tmp_path / out, progress=False, loss_fn=loss_fn)
+        assert result.steps == 6
+        return seen, read_metrics(tmp_path / out / "metrics.jsonl")
+
+    seen, metrics = run(0, "a")
+    epochs = [sum(seen[i:i + 4], []) for i in (0, 4, 8)]  # 4 micro-batches per epoch
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled each epoch
+    assert [m["epoch"] for m in metrics] == [0.6, 1.0, 1.6, 2.0, 2.6, 3.0]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    cfg = TrainConfig(num_epochs=3, batch_size=3, grad_accum=2, lr=1e-3, warmup_steps=1)
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3 * lr_factor(s, cfg, 6) for s in range(6)])
+    assert run(0, "b")[0] == seen and run(1, "c")[0] != seen  # the order is a function of the seed
+
+
+# ---- TensorBoard -------------------------------------------------------------------------------------------------
+
+def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
+    samples = make_samples(8)
+    cfg = TrainConfig(max_steps=4, batch_size=4, log_every=1, eval_every=2, lr=1e-3)
+    train(tiny_model(), samples, cfg, tmp_path, eval_samples=samples[:3], eval_fn=lambda m: {"accuracy": 0.25},
+          progress=False)
+    scalars = tensorboard_scalars(tmp_path)
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    logs, evals = [m for m in lines if "loss" in m], [m for m in lines if "eval_loss" in m]
+    expected = {f"train/{k}": [(m["step"], f32(m[k])) for m in logs] for k in logs[0] if k != "step"}
+    expected |= {"eval/loss": [(m["step"], f32(m["eval_loss"])) for m in evals],
+                 "eval/accuracy": [(m["step"], 0.25) for m in evals]}
+    assert scalars == expected
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/epoch"} <= set(scalars)
+
+
+def test_tensorboard_is_flushed_on_error_and_purged_on_resume(tmp_path):
+    def fail(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("stop")
+
+    cfg = TrainConfig(max_steps=4, batch_size=4, save_every=2, lr=1e-3)
+    with pytest.raises(RuntimeError, match="stop"):
+        train(tiny_model(), make_samples(8), cfg, tmp_path / "a", progress=False, on_step_end=fail)
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "a")["train/loss"]] == [1, 2, 3]  # flushed on the error
+    train(tiny_model(), make_samples(8), cfg, tmp_path / "a", resume=True, progress=False)  # from step 2
+    metrics = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    # step 3 of the failed run is hidden, not shown beside the resumed run's step 3
+    assert tensorboard_scalars(tmp_path / "a")["train/loss"] == [(m["step"], f32(m["loss"])) for m in metrics]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_tensorboard_can_be_turned_off(tmp_path):
+    train(tiny_model(), make_samples(8), TrainConfig(max_steps=2, batch_size=4, tensorboard=False), tmp_path / "b",
+          progress=False)  # and it is bookkeeping: a resume may switch it without a warning
+    assert (tmp_path / "b" / "metrics.jsonl").is_file() and not (tmp_path / "b" / "tensorboard").exists()

@@ -252,6 +252,10 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
         from slimlm.quantize.model import load_quantized
 
         return config, load_quantized(folder, quant, dtype, device)
+    if quant.get("quant_method") == "compressed-tensors":  # int8 folders: slimlm's own or llm-compressor's
+        from slimlm.quantize.compressed_tensors import load_compressed_tensors
+
+        return config, load_compressed_tensors(folder, quant, dtype, device)
     if quant:
         raise CheckpointError(f"{folder}: {quant.get('quant_method')!r}-quantized checkpoints are not supported; "
                               "load the unquantized model and quantize it with slimlm (slimlm quantize)")

@@ -11,6 +11,11 @@ Requests join and leave the running batch at token boundaries (continuous batchi
      adapter and sampling parameters; with speculative decoding on, rows that have a guess (engine/speculative.py:
      prompt lookup, or engine/draft.py: a draft model) verify up to k guessed tokens in the same forward and may
      advance several tokens.
+A request with SamplingParams.structured (a JSON schema, regex, grammar or choice: engine/structured.py) carries a
+grammar matcher: its row's logits are masked to the tokens the grammar allows before sampling (both decode paths and
+prefill share `_sample_rows`), each emitted token advances the matcher, and the request ends ("stop") once the
+grammar is complete and a stop token taken. Structured rows do not speculate (their guesses would need the matcher
+to check and roll back); the other rows of the batch do, and pay nothing for the grammar.
 Two fronts drive it. Online (the HTTP server): `start()` runs `step()` on an engine thread; callers `submit` a
 Request and receive `Output`s through its `emit` callback on that thread, and must only hand them over (e.g.
 loop.call_soon_threadsafe). Offline (LLM.generate, eval): `generate(requests)` steps the engine in the calling
@@ -40,6 +45,7 @@ from slimlm.engine.multi_lora import AdapterLRU, LoraSlots, SlotsBusy
 from slimlm.engine.prefix_cache import PrefixCache
 from slimlm.engine.sampling import SamplingParams, TokenCounts, sample_batch
 from slimlm.engine.speculative import ngram_propose, verify_greedy, verify_sampled
+from slimlm.engine.structured import GrammarCompiler, GrammarState, StructuredOutput, compiler_for, mask_logits_
 from slimlm.model import Transformer
 from slimlm.tokenizer import StopStringText, StreamDecoder, Tokenizer
 
@@ -130,6 +136,18 @@ def _available_ram() -> int:
     return 8 << 30
 
 
+def _keep_allowed_(tokens: torch.Tensor, masked: torch.Tensor, structured: list[bool]) -> None:
+    """Replace a structured row's token that its grammar masked out by the row's best allowed one, in place.
+
+    tokens [B]; masked [B, V] the grammar-masked logits the tokens were sampled from. Sampling never picks a masked
+    token with sane settings, but extreme ones can turn a row's numbers into inf/NaN (a temperature near 0 with
+    huge logits, a repetition penalty of 1e-300), and then the pick is arbitrary: the output must still parse."""
+    rows = torch.tensor([i for i, s in enumerate(structured) if s], device=tokens.device)
+    bad = rows[masked[rows, tokens[rows]] == float("-inf")]
+    if len(bad):
+        tokens[bad] = masked[bad].argmax(dim=-1)
+
+
 class QueueFull(RuntimeError):
     """The waiting queue is at max_queue; retry later (HTTP 429)."""
 
@@ -179,6 +197,7 @@ class Request:
     decoder: StreamDecoder | None = None  # detokenizer and stop-string matcher, made at submit
     text: StopStringText | None = None
     generator: torch.Generator | None = None
+    grammar: GrammarState | None = None  # with params.structured: the matcher of this sequence, made at submit
     n_prefilled: int = 0  # prompt tokens in the cache
     n_cached: int = 0  # of those, taken from the prefix cache
     pending: int | None = None  # last sampled token, not yet in the cache
@@ -236,6 +255,7 @@ class Engine:
         self.draft = None if draft_model is None else DraftModel(
             draft_model, self.config.max_batch, self.max_seq_len, self.config.fused_decode, self.config.prefill_chunk,
             self.config.kv_cache_dtype, self.config.draft_vocab)
+        self._grammars: GrammarCompiler | None = None  # built at the first structured request
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self.accepting = True
@@ -295,6 +315,21 @@ class Engine:
         req.text = StopStringText(req.params.stop)
         req.decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         req.generator = req.params.make_generator(self.model.device)  # None unless seeded
+        if req.params.structured is not None:
+            req.grammar = self.grammar_compiler().state(req.params.structured)  # a cache hit once a front checked it
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured outputs for this engine's tokenizer and vocabulary (built once)."""
+        if self.tokenizer is None:
+            raise ValueError("structured output needs a tokenizer; this engine runs token ids only")
+        if self._grammars is None:
+            self._grammars = compiler_for(self.tokenizer, self.model.config.vocab_size, sorted(self.stop_ids))
+        return self._grammars
+
+    def check_structured(self, spec: StructuredOutput) -> None:
+        """Compile spec now (cached for the request that follows); StructuredOutputError naming its parameter if
+        it cannot be. Thread-safe: fronts call it off the engine thread, before queueing."""
+        self.grammar_compiler().compile(spec)
 
     def cancel(self, req: Request) -> None:
         """Abort a request (client gone); its cache slot is freed at the start of the next step."""
@@ -510,7 +545,7 @@ class Engine:
         rows = []  # (request, how many guesses it may take)
         for r in reqs:
             p = r.params
-            if p.logprobs or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
+            if p.logprobs or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or r.grammar:
                 continue
             room = min(cfg.num_speculative_tokens, r.max_tokens - r.n_generated - 1)  # keep within max_tokens
             if room >= 1:
@@ -636,11 +671,17 @@ class Engine:
     def _sample_rows(self, reqs: list[Request], logits: torch.Tensor):
         """sample_batch for the rows of `reqs` (min_new_tokens applied); records the tokens in the penalty counts."""
         slots = [r.slot for r in reqs]
-        early = [i for i, r in enumerate(reqs) if r.n_generated < r.params.min_new_tokens]
+        # min_new_tokens does not apply to structured rows: their grammar decides where the output may end.
+        early = [i for i, r in enumerate(reqs) if r.n_generated < r.params.min_new_tokens and r.grammar is None]
         if early and len(self._stop_tensor):  # min_new_tokens: no stop token yet
             logits = logits.clone()
             logits[torch.tensor(early)[:, None], self._stop_tensor[None, :]] = float("-inf")
+        if any(r.grammar is not None for r in reqs):  # before sampling: greedy, top-k/p, penalties, logprobs see it
+            logits = logits.clone()  # the caller may slice these rows again (one-by-one retry): keep its copy raw
+            mask_logits_(logits, [r.grammar for r in reqs])
         out = sample_batch(logits, [r.params for r in reqs], self.counts, slots, [r.generator for r in reqs])
+        if any(r.grammar is not None for r in reqs):
+            _keep_allowed_(out.tokens, logits, [r.grammar is not None for r in reqs])
         self.counts.record(slots, out.tokens)
         return out
 
@@ -661,7 +702,11 @@ class Engine:
         req.t_first = req.t_first or now
         req.t_last = now
         req.output_ids.append(tok)
-        stop = tok in self.stop_ids and not req.params.ignore_eos
+        if req.grammar is not None:
+            req.grammar.accept(tok)
+        # A structured row ends when its grammar does (complete, then a stop token), even with ignore_eos.
+        stop = (tok in self.stop_ids and not req.params.ignore_eos) or (req.grammar is not None
+                                                                         and req.grammar.terminated)
         piece, hit = ("", False) if stop or req.decoder is None else req.text.add(req.decoder.push(tok))
         reason = "stop" if stop or hit else "length" if req.n_generated >= req.max_tokens else None
         if reason:

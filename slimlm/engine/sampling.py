@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slimlm.engine.structured import StructuredOutput
+
 
 def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -48,6 +50,7 @@ class SamplingParams:
     ignore_eos: bool = False  # never stop on a stop token (benchmarks)
     logprobs: bool = False  # return the chosen token's logprob
     top_logprobs: int = 0  # and the N most likely tokens' (needs logprobs=True)
+    structured: StructuredOutput | None = None  # JSON schema / regex / grammar / choice the output must follow
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +79,8 @@ class SamplingParams:
             ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
             ("logprobs", isinstance(self.logprobs, bool), "true or false"),
             ("top_logprobs", _integer(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "an integer in [0, 20]"),
+            ("structured", self.structured is None or isinstance(self.structured, StructuredOutput),
+             "None or a StructuredOutput (slimlm.engine.structured)"),
         ]
         errors = [f"{name} must be {allowed}, got {getattr(self, name)!r}" for name, ok, allowed in checks if not ok]
         if not errors and self.top_logprobs > 0 and not self.logprobs:
@@ -166,7 +171,9 @@ class SamplingTensors:
 
         return cls(temperature=col([p.temperature or 1.0 for p in params])[:, None],
                    top_k=col([max(p.top_k, 0) for p in params], torch.long), top_p=col([p.top_p for p in params]),
-                   min_p=col([p.min_p for p in params]), repetition=col([p.repetition_penalty for p in params]),
+                   min_p=col([p.min_p for p in params]),
+                   # A penalty below float32's range (5e-324) would become 0, and a masked logit (-inf) x 0 is NaN.
+                   repetition=col([p.repetition_penalty for p in params]).clamp(min=torch.finfo(torch.float32).tiny),
                    presence=col([p.presence_penalty for p in params]),
                    frequency=col([p.frequency_penalty for p in params]),
                    use_top_k=any(p.top_k > 0 for p in params), use_top_p=any(p.top_p < 1 for p in params),

@@ -1,4 +1,4 @@
-"""`slimlm export onnx|torchscript|tflite|tensorrt`: write a model in a format other runtimes load."""
+"""`slimlm export onnx|torchscript|tflite|tensorrt|gguf|gguf-lora`: write a model in a format other runtimes load."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
 
 def add_export_commands(sub) -> None:
     """Register `export` and its formats on the CLI's subparsers `sub`."""
-    e = sub.add_parser("export", help="export a model: onnx (+ onnxruntime), torchscript, tflite, tensorrt")
+    e = sub.add_parser("export", help="export a model: onnx (+ onnxruntime), torchscript, tflite, tensorrt, gguf")
     fmt = e.add_subparsers(dest="format", required=True)
     for name, help_ in (("onnx", "ONNX decoder graph with KV-cache inputs/outputs (int8/int4 stay low-bit)"),
                         ("torchscript", "traced TorchScript decoder (.pt) that runs without slimlm"),
@@ -41,6 +41,33 @@ def add_export_commands(sub) -> None:
     t.add_argument("--max-len", type=int, default=2048)
     t.add_argument("--fp32", action="store_true", help="no fp16 kernels")
     t.set_defaults(func=cmd_tensorrt)
+    add_gguf_commands(fmt)
+
+
+def add_gguf_commands(fmt) -> None:
+    """`export gguf` (a llama.cpp/Ollama model file) and `export gguf-lora` (a llama.cpp LoRA adapter file)."""
+    from slimlm.export.gguf import GGUF_TYPES
+
+    g = fmt.add_parser("gguf", help="GGUF file for llama.cpp / Ollama (f32, f16, bf16, q8_0, q4_0, ...)")
+    g.add_argument("--model", default="smollm2-135m", help="alias, HF folder (plain or slimlm-quantized: dequantized "
+                   "and requantized), .gguf or hub id")
+    g.add_argument("--adapter", default=None, help="adapter to merge into the weights before export")
+    g.add_argument("--type", default="f16", help=f"tensor type: {', '.join(GGUF_TYPES)}; norms stay f32, q4/q5 "
+                   "keep the token embedding at q8_0 (K-quants such as q4_k are refused: the gguf package cannot write them; run llama.cpp's llama-quantize on an f16 export)")
+    g.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); default: "
+                   "carried over from a .gguf --model, else detected from the tokenizer as llama.cpp's converter does")
+    g.add_argument("--out", required=True, help="output .gguf file (written atomically)")
+    g.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    g.add_argument("--json", action="store_true", help="print the export metadata as JSON")
+    g.set_defaults(func=cmd_gguf)
+    lo = fmt.add_parser("gguf-lora", help="LoRA adapter as a llama.cpp LoRA GGUF (use with the base model's GGUF)")
+    lo.add_argument("--adapter", required=True, help="LoRA adapter folder (slimlm's or HF PEFT's)")
+    lo.add_argument("--model", default="smollm2-135m", help="the adapter's base model (checks that it fits)")
+    lo.add_argument("--type", default="f32", choices=["f32", "f16"], help="tensor type of lora_a / lora_b")
+    lo.add_argument("--out", required=True, help="output .gguf file (written atomically)")
+    lo.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    lo.add_argument("--json", action="store_true", help="print the export metadata as JSON")
+    lo.set_defaults(func=cmd_gguf_lora)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -89,4 +116,45 @@ def cmd_tensorrt(args: argparse.Namespace) -> int:
     check_output(args.out, overwrite=args.overwrite, inputs=[args.onnx])
     info = build_tensorrt_engine(args.onnx, args.out, args.max_batch, args.max_len, fp16=not args.fp32)
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_gguf(args: argparse.Namespace) -> int:
+    from slimlm.checkpoint import resolve
+    from slimlm.export.gguf import check_type, export_gguf
+    from slimlm.llm import load
+
+    qtype = check_type(args.type)  # before the slow load
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.adapter], kind="file")
+    llm = load(args.model, dtype="fp32")
+    if args.adapter:
+        from slimlm.peft import merge_adapter
+
+        llm.load_adapter(args.adapter)
+        merge_adapter(llm.model)
+    meta = export_gguf(llm.model, llm.tokenizer.hf, llm.path, args.out, qtype, pre=args.tokenizer_pre,
+                       source=resolve(args.model), name=str(args.model))
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    types = ", ".join(f"{n} {t}" for t, n in meta["tensor_types"].items())
+    print(f"wrote {args.out} ({meta['arch']}, {qtype}, {meta['bytes'] / 2**20:.1f} MiB, tensors: {types}; "
+          f"tokenizer.ggml.pre={meta['tokenizer_pre']}, {meta['export_s']:.0f} s)")
+    return 0
+
+
+def cmd_gguf_lora(args: argparse.Namespace) -> int:
+    from slimlm.export.gguf import export_gguf_lora
+    from slimlm.llm import load
+
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.adapter], kind="file")
+    llm = load(args.model, dtype="fp32")
+    llm.load_adapter(args.adapter)  # refuses an adapter whose shapes do not fit this base
+    meta = export_gguf_lora(llm.model, args.out, args.type, name=str(args.adapter))
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    print(f"wrote {args.out} (llama.cpp LoRA, {meta['layers']} layers, alpha {meta['alpha']:g}, "
+          f"{meta['bytes'] / 2**20:.1f} MiB); load it with the base model's GGUF, e.g. llama-cli -m BASE.gguf "
+          f"--lora {args.out}")
     return 0

@@ -7,17 +7,20 @@ import time
 
 from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
 from slimlm.eval.corpus import add_calibration_args
+from slimlm.quantize.compressed_tensors import FORMATS, check_ct_format, default_format
 from slimlm.quantize.model import SCHEMES
 from slimlm.quantize.recipe import METHODS, QuantizeRecipe
 from slimlm.quantize.static import OBSERVERS
 
 QUANTIZE_DESCRIPTION = (
-    "Quantize a model and save it as a packed folder (every scheme, gptq and qat included) that slimlm reads back "
-    "without re-quantizing: slimlm.load(), `slimlm generate/chat/serve/eval --model FOLDER`, `slimlm export onnx` "
-    "(int8/int4 stay low-bit). Other tools do not read this layout and refuse it with an error rather than load "
-    "random weights: transformers (AutoModelForCausalLM, pipeline), vLLM and llama.cpp's convert_hf_to_gguf.py. "
-    "For those, give them the unquantized model this was made from and quantize with their own tools (e.g. "
-    "llama.cpp's llama-quantize), or use `slimlm export` for ONNX / TorchScript / TFLite.")
+    "Quantize a model and save it as a folder that slimlm reads back without re-quantizing: slimlm.load(), "
+    "`slimlm generate/chat/serve/eval --model FOLDER`, `slimlm export onnx` (int8/int4 stay low-bit). "
+    "--format compressed-tensors (the default for int8, int8-dynamic and int8-static) writes the layout of "
+    "llm-compressor, which transformers (AutoModelForCausalLM, with compressed-tensors installed) and vLLM load as "
+    "quantized. --format slimlm (the default for int4, rtn/gptq/qat: compressed-tensors cannot hold its float zero "
+    "points) writes slimlm's packed layout, which transformers, vLLM and llama.cpp's convert_hf_to_gguf.py refuse "
+    "with an error rather than load random weights; for those, give them the unquantized model or use "
+    "`slimlm export` for ONNX / TorchScript / TFLite.")
 
 
 def add_quantize_commands(sub) -> None:
@@ -48,6 +51,9 @@ def add_quantize_commands(sub) -> None:
                         "(0: none)")
     add_calibration_args(q, "gptq, int8-static and --smooth (qat: its training text)")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of what stays unquantized (norms)")
+    q.add_argument("--format", default=None, choices=FORMATS,
+                   help="compressed-tensors: read as quantized by transformers and vLLM (int8 schemes; their "
+                        "default); slimlm: slimlm's packed layout (every scheme; the default for int4)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(func=cmd_quantize)
@@ -62,6 +68,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = QuantizeRecipe(**{f: getattr(args, f) for f in QuantizeRecipe.__dataclass_fields__})
     recipe.dynamic_above = recipe.dynamic_above or None  # 0 on the command line: every layer static
     recipe.validate()  # before the slow load
+    fmt = args.format or default_format(recipe.scheme)
+    check_ct_format(recipe.scheme, fmt)
     check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.calib_file])
     t0 = time.perf_counter()
     llm = load(args.model, dtype=args.dtype)
@@ -78,10 +86,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         n_dyn = len(info["static"]["dynamic_layers"])
         print(f"calibrated {info['static']['layers'] - n_dyn} activation scales ({recipe.observer}{pct}); "
               f"{n_dyn} layers per-token dynamic (max |x| > {recipe.dynamic_above} x p{recipe.percentile})")
-    folder = save_quantized(llm.model, args.out, llm.tokenizer)
+    folder = save_quantized(llm.model, args.out, llm.tokenizer, format=fmt)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     method = f", {args.method}" if args.scheme == "int4" or args.method != "rtn" else ""
-    print(f"{model_folder(args.model).name} -> {folder} ({describe_quantization(llm.model.quantization)}{method}): "
+    what = f"{describe_quantization(llm.model.quantization)}{method}"
+    print(f"{model_folder(args.model).name} -> {folder} ({what}) as {fmt}: "
           f"weights {dense / 2**20:,.1f} MiB in {args.dtype} -> {quantized_bytes(llm.model) / 2**20:,.1f} MiB, "
           f"model.safetensors {size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s")
     return 0

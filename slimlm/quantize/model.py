@@ -18,6 +18,8 @@ transformers' AutoConfig / AutoModelForCausalLM / pipeline (and vLLM, which read
 with an error that quotes it, and llama.cpp's convert_hf_to_gguf.py refuses the unknown quant_method 'slimlm'.
 (An unknown quant_method alone does not do it: transformers only warns, skips it and re-initialises every weight.)
 Folders written before this kept `model_type` at the top level; `hf_config_of_quantized` reads both.
+The int8 schemes can instead be saved as compressed-tensors (`save_quantized(..., format="compressed-tensors")`,
+quantize/compressed_tensors.py), which transformers and vLLM load as quantized.
 """
 
 from __future__ import annotations
@@ -154,15 +156,23 @@ def quantized_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in stored_tensors(model).items()}
 
 
-def save_quantized(model: Transformer, folder: str | Path, tokenizer=None) -> Path:
-    """Write a quantized model as a folder (config.json with quantization_config, model.safetensors), atomically."""
+def save_quantized(model: Transformer, folder: str | Path, tokenizer=None, format: str = "slimlm") -> Path:
+    """Write a quantized model as a folder (config.json with quantization_config, model.safetensors), atomically.
+
+    format "slimlm": the packed layout above (every scheme); "compressed-tensors": the layout transformers and vLLM
+    load as quantized (int8 schemes only: quantize/compressed_tensors.py; `default_format` picks per scheme).
+    """
     from safetensors.torch import save_file
 
     from slimlm.checkpoint.atomic import atomic_folder
     from slimlm.checkpoint.hf import write_model_files
+    from slimlm.quantize.compressed_tensors import CT_METHOD, check_ct_format, save_compressed_tensors
 
     if not getattr(model, "quantization", None):
         raise ValueError("the model is not quantized: call quantize_model_ first")
+    check_ct_format(model.quantization["scheme"], format)
+    if format == CT_METHOD:
+        return save_compressed_tensors(model, folder, tokenizer)
     with atomic_folder(folder) as tmp:
         save_file(quantized_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         quant = {**model.quantization, "model_type": model.config.model_type}

@@ -29,6 +29,7 @@ from slimlm.engine.core import NotAccepting, Output, QueueFull, Request
 from slimlm.engine.multi_lora import SlotsBusy
 from slimlm.serve.protocol import APIError
 from slimlm.engine.sampling import SamplingParams
+from slimlm.engine.structured import StructuredOutputError
 from slimlm.serve.state import ServerState
 
 log = logging.getLogger("slimlm.serve.requests")
@@ -134,11 +135,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest, request: HTTPRequest):
-        body.check_unsupported(("tools", "functions", "tool_choice", "response_format", "audio"))
+        body.check_unsupported(("tools", "functions", "tool_choice", "audio"))
         _require_ready(state)
+        structured = await _structured(state, body)
         prompt = await run_in_threadpool(_chat_prompt, state, body.messages)  # 1 MB of text: seconds of work
         max_tokens = body.max_completion_tokens or body.max_tokens
-        sampling = _sampling(body, logprobs=body.logprobs, top=body.top_logprobs)
+        sampling = _sampling(body, logprobs=body.logprobs, top=body.top_logprobs, structured=structured)
         return await _serve(state, request, "chat", body, prompt, max_tokens, sampling)
 
     @app.post("/v1/completions")
@@ -146,8 +148,9 @@ def create_app(state: ServerState) -> FastAPI:
         body.check_unsupported(("suffix", "best_of"))
         _check_completion_options(body)
         _require_ready(state)
+        structured = await _structured(state, body)
         prompts = [await _completion_prompt(state, p) for p in body.prompts()]
-        sampling = _sampling(body, logprobs=body.logprobs is not None, top=body.logprobs or 0)
+        sampling = _sampling(body, logprobs=body.logprobs is not None, top=body.logprobs or 0, structured=structured)
         max_tokens = body.max_tokens  # OpenAI's default of 16, unless this server allows fewer
         if "max_tokens" not in body.model_fields_set:
             max_tokens = min(max_tokens, state.config.max_tokens_limit)
@@ -175,12 +178,25 @@ def _template_or_400(apply) -> list[int]:
                        code="chat_template_error") from None
 
 
-def _sampling(body: P.SamplingFields, logprobs: bool, top: int) -> dict:
+async def _structured(state: ServerState, body: P.SamplingFields):
+    """The request's output constraint, compiled now (off the event loop; cached for the engine) so that a schema,
+    regex or grammar xgrammar cannot compile is a 400 naming its field before anything is queued."""
+    spec = body.structured_output()
+    if spec is not None:
+        try:
+            await run_in_threadpool(state.engine.check_structured, spec)
+        except StructuredOutputError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_structured_output") from None
+    return spec
+
+
+def _sampling(body: P.SamplingFields, logprobs: bool, top: int, structured=None) -> dict:
     """The request's SamplingParams fields other than max_new_tokens (known only once the prompt is)."""
     return dict(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, seed=body.seed, logprobs=logprobs, top_logprobs=top,
-                stop=body.stop_list(), ignore_eos=body.ignore_eos, min_new_tokens=body.min_tokens)
+                stop=body.stop_list(), ignore_eos=body.ignore_eos, min_new_tokens=body.min_tokens,
+                structured=structured)
 
 
 async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.SamplingFields, prompt: list[int],
@@ -237,6 +253,8 @@ async def _start(state: ServerState, http: HTTPRequest, kind: str, prompt: list[
                   emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), request_id=http.state.rid)
     try:
         state.engine.submit(req)
+    except StructuredOutputError as e:  # checked before (_structured): only if the compile cache dropped it
+        raise APIError(400, str(e), param=e.param, code="invalid_structured_output") from None
     except ValueError as e:
         raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
     except QueueFull as e:

@@ -2,6 +2,9 @@
 
 Fields OpenAI has and slimlm cannot honour (n > 1, best_of, suffix, tools) are refused with a 400 that names
 them rather than ignored. vLLM's extensions top_k, min_p, repetition_penalty and ignore_eos are accepted.
+Structured output comes as OpenAI's `response_format` (text, json_object, json_schema), vLLM's `guided_json`,
+`guided_regex`, `guided_grammar`, `guided_choice`, or vLLM >= 0.10's `structured_outputs: {json, regex, grammar,
+choice, json_object}`; `structured_output()` turns whichever was sent into one engine/structured.py constraint.
 
 Every limit is declared on the field, so that it is both checked here (a 400 naming the field, never a 500 from
 deeper down) and written into /openapi.json, which the fuzz suite (tests/robustness/test_fuzz_api.py) generates
@@ -16,6 +19,8 @@ import uuid
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from slimlm.engine.structured import StructuredOutput, StructuredOutputError, one_of
 
 
 def _unicode(s: str) -> str:
@@ -53,6 +58,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema; `strict` is accepted and always honoured (the schema is enforced)."""
+    model_config = ConfigDict(populate_by_name=True)
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict | bool = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None  # with type json_schema
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM >= 0.10's structured_outputs: one of json (a schema), regex, grammar (EBNF), choice, json_object."""
+    model_config = ConfigDict(populate_by_name=True)
+    json_: dict | bool | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    grammar: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(BaseModel):
     # Unknown fields are ignored, as OpenAI and vLLM do; NaN and Infinity (which Python's JSON parser accepts) are not.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
@@ -75,6 +104,31 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)  # vLLM: stop tokens are suppressed until this many tokens exist
     user: Text | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict | bool | Text | None = None  # vLLM's extra fields (< 0.10; still accepted there)
+    guided_regex: Text | None = None
+    guided_grammar: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The output constraint the request sent (None: free text); APIError 400 naming the field if it is
+        malformed or given twice. Whether xgrammar can compile it is checked later (serve/api.py)."""
+        S, so = StructuredOutput, self.structured_outputs
+        rf = None if self.response_format is None else self.response_format.model_dump(by_alias=True)
+        given = [("response_format", rf, S.from_response_format), ("guided_json", self.guided_json, S.json_schema),
+                 ("guided_regex", self.guided_regex, S.regex), ("guided_grammar", self.guided_grammar, S.grammar),
+                 ("guided_choice", self.guided_choice, S.choice)]
+        if so is not None:
+            given += [("structured_outputs.json", so.json_, S.json_schema),
+                      ("structured_outputs.regex", so.regex, S.regex),
+                      ("structured_outputs.grammar", so.grammar, S.grammar),
+                      ("structured_outputs.choice", so.choice, S.choice),
+                      ("structured_outputs.json_object", so.json_object or None, lambda _, param: S.json_object(param))]
+        try:
+            return one_of([make(value, param=name) for name, value, make in given if value is not None])
+        except StructuredOutputError as e:
+            raise APIError(400, str(e), param=e.param) from None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

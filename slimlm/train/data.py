@@ -1,6 +1,9 @@
-"""SFT data: JSONL files -> tokenized `Sample`s with loss masks, optionally packed.
+"""SFT data: records -> tokenized `Sample`s with loss masks, optionally packed.
 
-Each line of a file is one JSON object in one of four formats (one format per file; extra keys are ignored):
+Records come from a JSONL file (read here, line by line), a Parquet / CSV / JSON file, a folder of such files, or a
+Hugging Face dataset name (read by train/sources.py through `datasets`); `DataConfig.columns` renames a table's
+columns or a JSONL record's keys first. Each record is one object in one of four formats (one format per data
+source; extra keys are ignored; a table's format is detected from its column names):
 - chat `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`: rendered with the tokenizer's
   own chat template. Loss falls on each assistant turn: its content and the template's end-of-turn token (e.g.
   <|im_end|>), so the tuned model learns to stop. What the template puts after that token (ChatML's newline) is not
@@ -24,12 +27,13 @@ from __future__ import annotations
 
 import statistics
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slimlm.jsonl import read_lines
 from slimlm.tokenizer import Tokenizer
+from slimlm.train import sources
 from slimlm.train.batch import IGNORE, Sample
 
 FORMATS = ("chat", "alpaca", "prompt_completion", "text")
@@ -38,6 +42,8 @@ MAX_LISTED = 50  # a DataError lists at most this many bad lines, then says how 
 # The key whose presence identifies each format (a record with two of them is ambiguous).
 FORMAT_KEYS = {"messages": "chat", "instruction": "alpaca", "prompt": "prompt_completion",
                "completion": "prompt_completion", "text": "text"}
+REQUIRED_COLUMNS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
+                    "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                  "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -71,6 +77,12 @@ class DataConfig:
     train_on_prompt: bool = False  # False: loss only on assistant/completion tokens
     packing: bool = False  # pack several samples into rows of max_seq_len (no cross-attention between them)
     format: str = "auto"  # "auto" (detected from the keys) or one of FORMATS
+    # rename columns/keys to slimlm's record keys, {slimlm key: your column}: YAML {prompt: question, completion:
+    # answer}, flag prompt=question,completion=answer
+    columns: dict[str, str] = field(default_factory=dict)
+    split: str = "train"  # the split of a Hugging Face dataset given as --data ("train[:1000]" slices it)
+    eval_split: str = "test"  # the split of a Hugging Face dataset given as --eval-data
+    subset: str | None = None  # the subset (config name) of a Hugging Face dataset that has several
 
     def __post_init__(self):
         self.validate()
@@ -85,6 +97,12 @@ class DataConfig:
                 errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.format not in ("auto", *FORMATS):
             errors.append(f"format must be 'auto' or one of {', '.join(FORMATS)}, got {self.format!r}")
+        errors += sources.check_columns(self.columns)
+        for name in ("split", "eval_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                errors.append(f"{name} must be a split name such as 'train', got {getattr(self, name)!r}")
+        if self.subset is not None and not isinstance(self.subset, str):
+            errors.append(f"subset must be a name, got {self.subset!r}")
         _raise("invalid data config:", errors)
 
 
@@ -102,13 +120,10 @@ class DataStats:
 
 def run_data_errors(data: str | None, eval_data: str | None, eval_generate: bool, task: str | None) -> list[str]:
     """Problems with a training run's data settings (files exist, generation eval has data, task is bundled)."""
-    errors = []
-    if not data:
-        errors.append("no training data: pass --data FILE.jsonl")
-    elif not Path(data).is_file():
-        errors.append(f"training data {data} does not exist")
-    if eval_data and not Path(eval_data).is_file():
-        errors.append(f"eval data {eval_data} does not exist")
+    errors = [] if data else ["no training data: pass --data FILE.jsonl (or .parquet, .csv, .json, a folder of "
+                              "them, or a Hugging Face dataset name)"]
+    errors += [e for e in (sources.source_error(data, "training data"), sources.source_error(eval_data, "eval data"))
+               if e]
     if eval_generate and not eval_data:
         errors.append("eval_generate needs --eval-data")
     if task is not None:
@@ -172,20 +187,23 @@ def _shape_error(record: dict) -> str:
     if found:
         return f"ambiguous record: has keys of formats {', '.join(found)}; keep one format's keys, or set the format explicitly"
     return (f"unknown record shape (keys: {', '.join(sorted(record)) or 'none'}); expected 'messages' (chat), "
-            "'instruction'/'output' (alpaca), 'prompt'/'completion', or 'text'")
+            "'instruction'/'output' (alpaca), 'prompt'/'completion', or 'text' (other names: rename them with "
+            "dataset.columns, e.g. prompt=question,completion=answer)")
 
 
-def read_jsonl(path: str | Path, format: str = "auto") -> list[tuple[int, dict, str]]:
+def read_jsonl(path: str | Path, format: str = "auto", columns: dict[str, str] | None = None
+               ) -> list[tuple[int, dict, str]]:
     """Read and check a JSONL file: [(line number, record, format)]. Blank lines are skipped.
 
-    Raises DataError listing every bad line as "FILE:LINE: problem; fix", including records whose format differs
-    from the file's first record (one format per file).
+    `columns` ({slimlm key: your key}) renames each record's keys first. Raises DataError listing every bad line
+    as "FILE:LINE: problem; fix", including records whose format differs from the file's first record (one format
+    per file).
     """
     if format not in ("auto", *FORMATS):
         raise DataError(f"unknown data format {format!r}; use 'auto' or one of {', '.join(FORMATS)}")
     records, errors = [], []
     for line in read_lines(path):  # blank lines skipped; bad bytes and bad JSON come back as line.error
-        n, record = line.number, line.value
+        n, record = line.number, sources.rename_record(line.value, columns or {})
         if line.error is not None:
             errors.append(f"{path}:{n}: {line.error}")
             continue
@@ -204,6 +222,61 @@ def read_jsonl(path: str | Path, format: str = "auto") -> list[tuple[int, dict, 
     _raise(f"{path}: {len(errors)} problem(s):", errors, located=True)
     if not records:
         raise DataError(f"{path}: no records; the file is empty (one JSON object per line expected)")
+    return records
+
+
+def table_format(table: sources.Table, format: str = "auto") -> str:
+    """A table's format, from its column names (every row has every column, so rows cannot tell formats apart);
+    DataError, listing the columns found, when none fits or a required column is missing."""
+    columns = f"columns: {', '.join(table.columns) or 'none'}"
+    found = sorted({FORMAT_KEYS[c] for c in table.columns if c in FORMAT_KEYS}) if format == "auto" else [format]
+    if len(found) != 1:
+        what = f"columns of formats {', '.join(found)}" if found else "no column of a known format"
+        raise DataError(f"{table.name}: {what} ({columns}); expected 'messages' (chat), 'instruction'/'output' "
+                        "(alpaca), 'prompt'/'completion', or 'text': rename with dataset.columns (e.g. "
+                        "prompt=question,completion=answer) or set dataset.format")
+    missing = [c for c in REQUIRED_COLUMNS[found[0]] if c not in table.columns]
+    if missing:
+        raise DataError(f"{table.name}: {found[0]} records need column(s) {', '.join(map(repr, missing))} "
+                        f"({columns}); rename one with dataset.columns, e.g. {missing[0]}=YOUR_COLUMN")
+    return found[0]
+
+
+def read_table_records(table: sources.Table, format: str = "auto") -> list[tuple[str, dict, str]]:
+    """Check every row of a table: [("NAME, row N", record, format)]; DataError lists every bad row."""
+    fmt = table_format(table, format)
+    records, errors = [], []
+    for i, row in enumerate(table, 1):
+        where = f"{table.name}, row {i}"
+        problems = _record_errors(row, fmt)
+        errors += [f"{where}: {p}" for p in problems]
+        if not problems:
+            records.append((where, row, fmt))
+    _raise(f"{table.name}: {len(errors)} problem(s):", errors, located=True)
+    if not records:
+        raise DataError(f"{table.name}: no records; the table is empty")
+    return records
+
+
+def read_records(source: str | Path, cfg: DataConfig, split: str | None = None) -> list[tuple[str, dict, str]]:
+    """Every checked record of a data source: [(where, record, format)], `where` being "FILE:LINE" (JSONL) or
+    "NAME, row N" (tables). A source is a file, a folder of data files (one format across them), or a Hugging Face
+    dataset name (`split` defaults to cfg.split). Raises DataError."""
+    try:
+        if sources.is_hub_name(source):
+            table = sources.read_hub(str(source), split or cfg.split, cfg.subset, cfg.columns)
+            return read_table_records(table, cfg.format)
+        records = []
+        for path in sources.data_files(source):
+            if sources.is_table_file(path):
+                records += read_table_records(sources.read_table(path, cfg.columns), cfg.format)
+            else:
+                records += [(f"{path}:{n}", r, fmt) for n, r, fmt in read_jsonl(path, cfg.format, cfg.columns)]
+            if records[0][2] != records[-1][2]:
+                raise DataError(f"{path}: {records[-1][2]} records, but {records[0][0]} is {records[0][2]}; keep "
+                                "one format across a folder's files")
+    except sources.SourceError as e:
+        raise DataError(str(e)) from e
     return records
 
 
@@ -305,20 +378,20 @@ def pack(samples: list[Sample], max_seq_len: int) -> list[Sample]:
     return rows
 
 
-def _render_file(path: str | Path, tokenizer: Tokenizer,
-                 cfg: DataConfig) -> tuple[str, list[tuple[list[int], list[bool]]]]:
+def _render_file(path: str | Path, tokenizer: Tokenizer, cfg: DataConfig,
+                 split: str | None = None) -> tuple[str, list[tuple[list[int], list[bool]]]]:
     """(format, [(ids, trained)] per record), untruncated; every rendering error is collected into one DataError."""
     cfg.validate()
-    records = read_jsonl(path, cfg.format)
+    records = read_records(path, cfg, split)
     fmt = records[0][2]
     if fmt == "chat" and not tokenizer.has_chat_template:
         raise DataError(f"{path}: {NO_TEMPLATE}")
     rendered, errors = [], []
-    for n, record, _ in records:
+    for where, record, _ in records:
         try:
             rendered.append(render(record, fmt, tokenizer, cfg.train_on_prompt))
         except DataError as e:
-            errors.append(f"{path}:{n}: {e}")
+            errors.append(f"{where}: {e}")
     _raise(f"{path}: {len(errors)} record(s) could not be rendered:", errors, located=True)
     return fmt, rendered
 
@@ -334,9 +407,12 @@ def _samples(fmt: str, rendered: list, cfg: DataConfig) -> tuple[list[Sample], D
     return rows, stats
 
 
-def load_dataset(path: str | Path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Sample], DataStats]:
-    """Read, render, truncate (and pack) a JSONL file; warns when records were dropped."""
-    fmt, rendered = _render_file(path, tokenizer, cfg)
+def load_dataset(path: str | Path, tokenizer: Tokenizer, cfg: DataConfig,
+                 split: str | None = None) -> tuple[list[Sample], DataStats]:
+    """Read, render, truncate (and pack) a data source (see `read_records`); warns when records were dropped.
+
+    `split`: the split of a Hugging Face dataset (default cfg.split; local files are read whole)."""
+    fmt, rendered = _render_file(path, tokenizer, cfg, split)
     samples, stats = _samples(fmt, rendered, cfg)
     if stats.dropped:
         warnings.warn(f"{path}: dropped {stats.dropped} of {stats.records} records with no trained token within "
@@ -356,6 +432,17 @@ def mark_trained(tokenizer: Tokenizer, ids: list[int], trained: list[bool], colo
             parts.append(opened + text + closed if trained[start] else text)
             start = j
     return "".join(parts)
+
+
+def chat_prompts(source: str | Path, cfg: DataConfig, split: str | None = None) -> list[tuple[list[dict], str]]:
+    """(prompt messages, reference answer) of every chat record whose last turn is the assistant's, from any source
+    (generation eval); [] for sources of other formats."""
+    out = []
+    for _, record, fmt in read_records(source, cfg, split):
+        msgs = record["messages"] if fmt == "chat" else None
+        if msgs and msgs[-1]["role"] == "assistant":
+            out.append(([dict(m) for m in msgs[:-1]], msgs[-1]["content"]))
+    return out
 
 
 def check_file(path: str | Path, tokenizer: Tokenizer, cfg: DataConfig, color: bool = False) -> str:

@@ -44,8 +44,11 @@ class DistillConfig:
     top_k: int = 64  # teacher_cache topk: teacher log-probs kept per token
     teacher_cache_path: str | None = None  # default OUT/teacher_topk.safetensors
     kd_chunk_size: int = 512  # rows of [tokens, vocab] logits computed at once
-    data: str = ""  # training JSONL (chat, alpaca, prompt/completion or text records)
-    eval_data: str | None = None  # validation JSONL: eval loss, and the generation metric for chat records
+    # training data: a .jsonl, .parquet, .csv or .json file, a folder of them, or a Hugging Face dataset name
+    # (--dataset.split/subset); chat, alpaca, prompt/completion or text records (rename: --dataset.columns)
+    data: str = ""
+    # validation data, the same kinds (a hub dataset's --dataset.eval_split): eval loss, and generation for chat
+    eval_data: str | None = None
     out: str = "runs/distill"  # output folder: model/, metrics.jsonl, summary.json, recipe.yaml
     device: str = "cpu"  # cpu, cuda or cuda:N
     task: str | None = None  # a bundled task whose scorer rates eval generations
@@ -166,9 +169,10 @@ def cached_loss(cache: Any, settings: KDSettings, chunk_size: int) -> LossFn:
 
 
 def visited_samples(n_samples: int, cfg: TrainConfig) -> list[int]:
-    """Indices of the samples a run of cfg.max_steps reads (the trainer's SampleStream, replayed)."""
+    """Indices of the samples a run of cfg.total_steps reads (the trainer's SampleStream, replayed)."""
     stream = SampleStream(list(range(n_samples)), cfg.batch_size, cfg.seed)
-    return sorted({i for _ in range(cfg.max_steps * cfg.grad_accum) for i in stream.next_indexed()[0]})
+    steps = cfg.total_steps(n_samples)
+    return sorted({i for _ in range(steps) for idx, _ in stream.next_step(cfg.grad_accum) for i in idx})
 
 
 # ---- the job -----------------------------------------------------------------------------------------------------
@@ -226,9 +230,11 @@ def _loss_fn(cfg: DistillConfig, settings: KDSettings, teacher: nn.Module, sampl
 
 
 def _eval_records(cfg: DistillConfig) -> list:
-    from slimlm.train.evaluate import chat_eval_set
+    from slimlm.train.data import chat_prompts
 
-    return chat_eval_set(cfg.eval_data)[: cfg.eval_generate] if cfg.eval_data and cfg.eval_generate else []
+    if not (cfg.eval_data and cfg.eval_generate):
+        return []
+    return chat_prompts(cfg.eval_data, cfg.dataset, cfg.dataset.eval_split)[: cfg.eval_generate]
 
 
 def _exact_match(model: nn.Module, tokenizer: Any, records: list, cfg: DistillConfig) -> dict[str, float]:

@@ -22,8 +22,8 @@ from slimlm.peft.bitfit import BitFitConfig
 from slimlm.peft.lora import LoraConfig
 from slimlm.peft.prefix import PrefixConfig
 from slimlm.peft.prompt import PromptConfig, input_prefix_ids
-from slimlm.train.data import DataConfig, load_dataset, run_data_errors
-from slimlm.train.evaluate import chat_eval_set, generation_accuracy
+from slimlm.train.data import DataConfig, chat_prompts, load_dataset, run_data_errors
+from slimlm.train.evaluate import generation_accuracy
 from slimlm.train.plot import plot_metrics
 from slimlm.train.trainer import TrainConfig, TrainResult, train
 
@@ -33,8 +33,11 @@ class FinetuneConfig:
     model: str = "smollm2-135m"  # alias, HF folder, .gguf file or hub id
     base_name: str | None = None  # adapter's base_model_name_or_path (default: model's hub id or absolute path)
     method: str = "lora"  # full | lora | qlora | adapter | bitfit | prefix | prompt
-    data: str = ""  # training JSONL (chat, alpaca, prompt/completion or text records)
-    eval_data: str | None = None  # validation JSONL: eval loss, and the generation metric for chat records
+    # training data: a .jsonl, .parquet, .csv or .json file, a folder of them, or a Hugging Face dataset name
+    # (--dataset.split/subset); chat, alpaca, prompt/completion or text records (rename: --dataset.columns)
+    data: str = ""
+    # validation data, the same kinds (a hub dataset's --dataset.eval_split): eval loss, and generation for chat
+    eval_data: str | None = None
     out: str = "runs/finetune"  # output folder: adapter/ or model/, metrics.jsonl, training.png, summary.json
     nf4_base: bool = False  # freeze the base as NF4 4-bit weights (implied by qlora; not for full)
     dtype: str = "fp32"  # the base model's weights in memory: fp32 | bf16 (compute precision is train.precision)
@@ -105,7 +108,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     eval_samples, eval_records = None, []
     if cfg.eval_data:
         eval_samples, _ = load_dataset(cfg.eval_data, tokenizer, _eval_data_config(cfg.dataset))
-        eval_records = chat_eval_set(cfg.eval_data)[: cfg.eval_generate]
+        eval_records = chat_prompts(cfg.eval_data, cfg.dataset, cfg.dataset.eval_split)[: cfg.eval_generate]
         _check_eval_lengths(eval_records, tokenizer, cfg.eval_max_new_tokens, model.config.max_seq_len)
     torch.manual_seed(cfg.train.seed)  # the adapter's random init (LoRA A, soft prompt, ...) is part of the run
     summary = apply_peft(model, cfg.method, cfg.method_config(), tokenizer, nf4_base=cfg.nf4_base)
@@ -140,10 +143,10 @@ def _check_eval_lengths(records: list, tokenizer: Any, max_new_tokens: int, max_
 
 
 def _eval_data_config(cfg: DataConfig) -> DataConfig:
-    """Eval data is never packed (each record's loss stays its own)."""
+    """Eval data is never packed (each record's loss stays its own); a hub dataset gives its eval split."""
     from dataclasses import replace
 
-    return replace(cfg, packing=False)
+    return replace(cfg, packing=False, split=cfg.eval_split)
 
 
 def _summary_json(cfg: FinetuneConfig, res: FinetuneResult) -> dict[str, Any]:

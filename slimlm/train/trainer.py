@@ -3,13 +3,16 @@
 One loop serves full fine-tuning and every PEFT method: it trains exactly the parameters with requires_grad=True and
 touches nothing else. The loop is written out (see `train`); its pieces are small functions:
 
-    SampleStream          data order, a pure function of (seed, epoch, position), so resuming needs two numbers
+    SampleStream          data order, a pure function of (seed, epoch, position), so resuming needs two numbers;
+                          an optimizer step never spans two epochs, so an epoch is a whole number of steps
     accumulate_gradients  forward + backward of one optimizer step's micro-batches, normalised over all of them
     optimizer_step        unscale (fp16), clip, step, schedule
     evaluate              mean token loss over held-out samples
 
-This module is not a data pipeline (train/data.py makes Samples) and saves no final model: checkpoints here exist to
-resume (train/checkpoint.py); the caller saves the trained adapter or model when `train` returns.
+The run is `max_steps` optimizer steps or `num_epochs` passes over the data (TrainConfig.total_steps). Logs go to
+metrics.jsonl and TensorBoard (train/run_log.py). This module is not a data pipeline (train/data.py makes Samples)
+and saves no final model: checkpoints here exist to resume (train/checkpoint.py); the caller saves the trained
+adapter or model when `train` returns.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -37,10 +39,12 @@ from slimlm.train.checkpoint import (ResumeError, checkpoint_folder, list_checkp
                                      remove_partial_checkpoints, rotate_checkpoints, save_checkpoint,
                                      trainable_parameters)
 from slimlm.train.loss import chunked_cross_entropy
+from slimlm.train.run_log import RunLog
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Config fields that only say when to log, evaluate or save: changing them on resume leaves the training unchanged.
-_BOOKKEEPING = ("eval_every", "save_every", "keep_checkpoints", "log_every")
+_BOOKKEEPING = ("eval_every", "save_every", "keep_checkpoints", "log_every", "tensorboard")
+DEFAULT_MAX_STEPS = 100  # the run length when neither max_steps nor num_epochs is set
 
 
 class TrainConfigError(ValueError):
@@ -49,7 +53,8 @@ class TrainConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100  # optimizer steps
+    max_steps: int | None = None  # optimizer steps (set this or num_epochs, not both; neither: 100 steps)
+    num_epochs: int | None = None  # passes over the training data (the last step of each epoch may be smaller)
     batch_size: int = 8  # samples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4  # peak learning rate (AdamW)
@@ -66,13 +71,22 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest N checkpoints are kept in OUT/checkpoints
     log_every: int = 1  # steps between lines of OUT/metrics.jsonl
     seed: int = 0  # data order, and the global RNGs (dropout) at the start of a fresh run
+    tensorboard: bool = True  # also write the metrics as TensorBoard scalars to OUT/tensorboard/
 
     def validate(self, device_type: str | None = None) -> None:
         """Raise one TrainConfigError naming every problem; `device_type` ("cpu", "cuda") adds device checks."""
         errors = []
-        for name in ("max_steps", "batch_size", "grad_accum", "loss_chunk_size", "keep_checkpoints", "log_every"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
-                errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_steps", "num_epochs", "batch_size", "grad_accum", "loss_chunk_size", "keep_checkpoints",
+                     "log_every"):
+            value = getattr(self, name)
+            if not (value is None and name in ("max_steps", "num_epochs")) and (not _is_int(value) or value <= 0):
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and self.num_epochs is not None:
+            errors.append(f"max_steps ({self.max_steps}) and num_epochs ({self.num_epochs}) are both set; set one: "
+                          "the run is either a number of optimizer steps or a number of passes over the data (on the command "
+                          "line, --train.max_steps none un-sets a recipe's max_steps)")
+        if not isinstance(self.tensorboard, bool):
+            errors.append(f"tensorboard must be true or false, got {self.tensorboard!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 errors.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -94,6 +108,17 @@ class TrainConfig:
             errors += _device_errors(self.precision, device_type)
         if errors:
             raise TrainConfigError("invalid training config: " + "; ".join(errors))
+
+    def steps_per_epoch(self, n_samples: int) -> int:
+        """Optimizer steps in one pass over n_samples: ceil(micro-batches / grad_accum), micro-batches being
+        ceil(n_samples / batch_size) (the last of each may be short)."""
+        return math.ceil(math.ceil(n_samples / self.batch_size) / self.grad_accum)
+
+    def total_steps(self, n_samples: int) -> int:
+        """The run's optimizer steps: max_steps, or num_epochs * steps_per_epoch, or DEFAULT_MAX_STEPS."""
+        if self.num_epochs is not None:
+            return self.num_epochs * self.steps_per_epoch(n_samples)
+        return self.max_steps if self.max_steps is not None else DEFAULT_MAX_STEPS
 
 
 def _is_int(x: Any) -> bool:
@@ -143,28 +168,30 @@ class RunState:
 
 # ---- schedule and optimizer --------------------------------------------------------------------------------------
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
     """LR multiplier for optimizer step `step` (0-based): warmup (step+1)/warmup, then cosine to min_lr_ratio.
 
     Warmup reaches the full LR at its last step (no step is wasted at LR 0); the cosine reaches min_lr_ratio at
-    step == max_steps, i.e. just after the last step.
+    step == total_steps (default: cfg.max_steps), i.e. just after the last step.
     """
+    total = total_steps if total_steps is not None else cfg.max_steps or DEFAULT_MAX_STEPS
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
 
-def make_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig
+def make_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig, total_steps: int | None = None
                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable params (no decay on 1-D ones: biases, norm gains, DoRA magnitudes) + schedule."""
+    """AdamW over the trainable params (no decay on 1-D ones: biases, norm gains, DoRA magnitudes) + the schedule
+    of a run of total_steps (default: cfg.max_steps)."""
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
     # A plain function (not a callable object), so the scheduler's state_dict holds numbers only.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
     return optimizer, scheduler
 
 
@@ -175,6 +202,7 @@ class SampleStream:
 
     Epoch e's order is randperm(n, seed + e); the last micro-batch of an epoch may be short. The stream is a pure
     function of (seed, epoch, position), so a resumed run picks up exactly where the checkpoint left off.
+    `next_step` reads one optimizer step's micro-batches and stops at the end of an epoch.
     """
 
     def __init__(self, samples: list[Sample], batch_size: int, seed: int, epoch: int = 0, position: int = 0):
@@ -197,6 +225,18 @@ class SampleStream:
         idx = self._order[self.position:self.position + self.batch_size]
         self.position += len(idx)
         return idx, [self.samples[i] for i in idx]
+
+    def next_step(self, grad_accum: int) -> list[tuple[list[int], list[Sample]]]:
+        """Up to grad_accum micro-batches (indexed), fewer when the epoch ends first: a step never spans epochs."""
+        picked = [self.next_indexed()]
+        while len(picked) < grad_accum and self.position < len(self.samples):
+            picked.append(self.next_indexed())
+        return picked
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the data read so far: 1.0 at the end of the first epoch, 1.5 halfway through the second."""
+        return self.epoch + self.position / len(self.samples)
 
 
 def add_prefix(samples: list[Sample], prefix_ids: Sequence[int]) -> list[Sample]:
@@ -335,33 +375,6 @@ def _run_eval(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, 
 
 # ---- logging -----------------------------------------------------------------------------------------------------
 
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, each with a "step"."""
-
-    def __init__(self, path: Path, keep_up_to_step: int):
-        """Start the file, keeping the lines of steps <= keep_up_to_step (a resumed run rewrites what follows)."""
-        self.path = path
-        kept = [line for line in _read_lines(path) if _line_step(line) <= keep_up_to_step] if keep_up_to_step else []
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.is_file() else []
-
-
-def _line_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a line cut short by a kill: drop it
-
-
 def _note(message: str) -> None:
     print(f"slimlm train: {message}", file=sys.stderr)
 
@@ -372,10 +385,11 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
           eval_samples: list[Sample] | None = None, pad_id: int = 0, input_prefix_ids: Sequence[int] = (),
           eval_fn: Callable[[nn.Module], dict] | None = None, resume: bool = False, progress: bool = True,
           on_step_end: Callable[[int], None] | None = None, loss_fn: LossFn | None = None) -> TrainResult:
-    """Train the model's requires_grad parameters for cfg.max_steps optimizer steps; see the module docstring.
+    """Train the model's requires_grad parameters for cfg.total_steps optimizer steps; see the module docstring.
 
-    Writes `out_dir/metrics.jsonl` and, every cfg.save_every steps, `out_dir/checkpoints/step-N` (not at the end:
-    save the trained weights from the returned model). `resume=True` continues from the newest checkpoint.
+    Writes `out_dir/metrics.jsonl` (and `out_dir/tensorboard/` unless cfg.tensorboard is off) and, every
+    cfg.save_every steps, `out_dir/checkpoints/step-N` (not at the end: save the trained weights from the returned
+    model). `resume=True` continues from the newest checkpoint.
     `eval_fn(model)` returns extra metrics, evaluated with the eval loss (in eval mode, without gradients).
     `on_step_end(step)` runs after each step's logging, eval and checkpoint. `loss_fn` replaces the training loss
     (not the eval loss, which stays the cross-entropy); its batches also carry `sample_index` [B], each row's index
@@ -385,25 +399,26 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
     cfg.validate(device.type)
     params = trainable_parameters(model)
     _check_inputs(params, train_samples, eval_samples, input_prefix_ids)
+    total = _total_steps(cfg, len(train_samples))
     train_samples = add_prefix(train_samples, input_prefix_ids)
     eval_samples = add_prefix(eval_samples, input_prefix_ids) if eval_samples else None
-    has_eval = bool(eval_samples) or eval_fn is not None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    optimizer, scheduler = make_optimizer(params, cfg)
+    optimizer, scheduler = make_optimizer(params, cfg, total)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     run = _start(out_dir, cfg, resume, len(train_samples), model, optimizer, scheduler, scaler)
-    log = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=run.step)
+    has_eval = bool(eval_samples) or eval_fn is not None
     stream = SampleStream(train_samples, cfg.batch_size, cfg.seed, run.epoch, run.position)
     t_start, elapsed_before = time.perf_counter(), run.elapsed_s
     logged = (run.input_tokens, run.train_time_s)  # at the last log line: throughput is measured since then
     final_loss, eval_metrics, evaluated_at = None, {}, -1
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not progress, desc="train", dynamic_ncols=True)
-    with _training_mode(model, cfg.gradient_checkpointing):
-        while run.step < cfg.max_steps:
+    bar = tqdm(total=total, initial=run.step, disable=not progress, desc="train", dynamic_ncols=True)
+    with (RunLog(out_dir, keep_up_to_step=run.step, tensorboard=cfg.tensorboard) as log,  # closed on error too
+          _training_mode(model, cfg.gradient_checkpointing)):
+        while run.step < total:
             t0 = time.perf_counter()
-            picked = [stream.next_indexed() for _ in range(cfg.grad_accum)]
+            picked = stream.next_step(cfg.grad_accum)
             micro = [m for _, m in picked]
             stats = accumulate_gradients(model, _batches(picked, pad_id, with_index=loss_fn is not None), cfg, scaler,
                                          loss_fn)
@@ -413,15 +428,16 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
                         time.perf_counter() - t0, stream)
             run.elapsed_s = elapsed_before + time.perf_counter() - t_start
             final_loss = stats.loss
-            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+            if run.step % cfg.log_every == 0 or run.step == total:
                 tok_s = (run.input_tokens - logged[0]) / max(run.train_time_s - logged[1], 1e-9)
-                log.write({"step": run.step, "loss": stats.loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens": stats.trained_tokens, "tokens_per_s": tok_s, "elapsed_s": run.elapsed_s})
-                bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}")
+                log.write({"step": run.step, "epoch": stream.epochs_done, "loss": stats.loss, "lr": lr,
+                           "grad_norm": grad_norm, "tokens": stats.trained_tokens, "tokens_per_s": tok_s,
+                           "elapsed_s": run.elapsed_s})
+                bar.set_postfix(epoch=f"{stream.epochs_done:.2f}", loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}")
                 logged = (run.input_tokens, run.train_time_s)
             if has_eval and cfg.eval_every and run.step % cfg.eval_every == 0:
                 eval_metrics, evaluated_at = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step)
-            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.max_steps:
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < total:
                 _save(out_dir, cfg, run, len(train_samples), model, optimizer, scheduler, scaler)
             bar.update(1)
             if on_step_end is not None:
@@ -432,6 +448,16 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
     return TrainResult(steps=run.step, final_loss=final_loss, eval_metrics=eval_metrics,
                        tokens_per_s=run.input_tokens / max(run.train_time_s, 1e-9), trained_tokens=run.trained_tokens,
                        elapsed_s=elapsed_before + time.perf_counter() - t_start, metrics_path=log.path)
+
+
+def _total_steps(cfg: TrainConfig, n_samples: int) -> int:
+    """cfg.total_steps, checked against warmup_steps (which validate() can only check for a fixed max_steps)."""
+    total = cfg.total_steps(n_samples)
+    if cfg.warmup_steps > total:
+        raise TrainConfigError(f"invalid training config: warmup_steps ({cfg.warmup_steps}) exceeds the run's "
+                               f"{total} steps ({cfg.num_epochs} epochs of {cfg.steps_per_epoch(n_samples)}); "
+                               "lower warmup_steps or raise num_epochs")
+    return total
 
 
 def _batches(picked: list[tuple[list[int], list[Sample]]], pad_id: int, with_index: bool
@@ -458,9 +484,9 @@ def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[N
 
 
 def _eval_and_log(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, pad_id: int,
-                  eval_fn: Callable[[nn.Module], dict] | None, log: MetricsLog, step: int) -> tuple[dict, int]:
+                  eval_fn: Callable[[nn.Module], dict] | None, log: RunLog, step: int) -> tuple[dict, int]:
     metrics = _run_eval(model, samples, cfg, pad_id, eval_fn)
-    log.write({"step": step, **metrics})
+    log.write({"step": step, **metrics}, section="eval")
     return metrics, step
 
 
