@@ -203,10 +203,9 @@ def test_distill_on_parquet_for_epochs_caches_every_sample(tiny_llama, tmp_path)
 @pytest.mark.slow
 def test_demo_task_as_parquet_gives_the_jsonl_samples_with_the_real_tokenizer(tmp_path):
     from slimlm.checkpoint import model_folder
+    from slimlm.tasks import extract_json
 
-    source = Path(__file__).parent.parent / "runs" / "demo" / "task" / "test.jsonl"
-    if not source.is_file():
-        pytest.skip("no demo run in runs/demo (scripts/demo.py writes it)")
+    source = extract_json.write_splits(tmp_path / "task", n_train=1, n_val=1, n_test=200, seed=0)["test"]
     tok = Tokenizer.from_pretrained(model_folder("smollm2-135m"))
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     pd.DataFrame([{"conversation": r["messages"]} for r in rows]).to_parquet(tmp_path / "test.parquet")
