@@ -4,8 +4,9 @@ then serve base and adapter side by side from one OpenAI-compatible server (regi
 metrics, graceful drain), then quantize the tuned model (int8, int4) and compare quality, speed and size, then run
 a compression chain on it (prune MLP channels -> distill from the tuned model -> int8) with its measured ledger,
 then fuse it (merge, norm folding, q/k/v and gate/up), export it to ONNX (int8) and run it in ONNX Runtime, export
-it to GGUF and score it in llama.cpp, and estimate the memory of its fine-tuning run. The serving stage also asks
-the base model for schema-constrained JSON; the quantization stage loads the int8 model in HF transformers.
+it to GGUF and score it in llama.cpp, write its container and Kubernetes/KServe manifests, and estimate the memory
+of its fine-tuning run. The serving stage also asks the base model for schema-constrained JSON and calls the server
+over gRPC with Triton's client; the quantization stage loads the int8 model in HF transformers.
 
 Run by `make demo`.
 """
@@ -170,11 +171,13 @@ def serve_stage(args: argparse.Namespace, adapter: Path) -> None:
     registry.alias(entry.ref, "prod")
     print(f"registry: pushed {entry.ref} ({entry.method}, sha256 {entry.sha256[:12]}), alias prod -> {entry.ref}")
 
-    with socket.socket() as sock:
+    with socket.socket() as sock, socket.socket() as sock2:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        sock2.bind(("127.0.0.1", 0))
+        port, grpc_port = sock.getsockname()[1], sock2.getsockname()[1]
     cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--model", args.model, "--dtype", "fp32", "--port", str(port),
-           "--registry", str(out / "registry"), "--max-batch", "8", "--max-seq-len", "512"]
+           "--registry", str(out / "registry"), "--max-batch", "8", "--max-seq-len", "512",
+           "--grpc-port", str(grpc_port)]
     print("$ slimlm " + " ".join(cmd[3:]), flush=True)
     log = open(out / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -207,6 +210,7 @@ def serve_stage(args: argparse.Namespace, adapter: Path) -> None:
             hits = [ok for n, ok, _ in results if n == name]
             print(f"| {name} | {100 * sum(hits) / len(hits):.1f}% of {len(hits)} |")
         structured_stage(url, records)
+        grpc_stage(url, f"127.0.0.1:{grpc_port}")
         metrics = httpx.get(url + "/metrics").text.splitlines()
         print("GET /metrics (excerpt):")
         for line in metrics:
@@ -262,6 +266,49 @@ def structured_stage(url: str, records: list) -> None:
           f"{time.perf_counter() - t0:.1f} s: {sum(r[0] for r in results)}/{n} parse and validate; exact match "
           f"{100 * sum(r[1] for r in results) / n:.1f}%, fields right {100 * sum(r[2] for r in results) / n:.1f}% "
           "(the untuned model fills the right shape; its values, e.g. capitalised jobs, still need the tuning)",
+          flush=True)
+
+
+def grpc_stage(url: str, grpc_url: str) -> None:
+    """The same server over gRPC (KServe v2 / Triton protocol) with NVIDIA's own client: one call and one token
+    stream through the adapter, compared with the HTTP completion of the same prompt."""
+    import queue
+
+    import httpx
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    prompt, model = "The capital of France is", "smollm2-135m:extract-json@prod"
+    want = httpx.post(url + "/v1/completions", timeout=600, json={
+        "model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}).json()["choices"][0]["text"]
+
+    def inputs(stream: bool) -> list:
+        arrays = {"text_input": (np.array([prompt.encode()], dtype=np.object_), "BYTES"),
+                  "max_tokens": (np.array([16], dtype=np.int32), "INT32"),
+                  "temperature": (np.array([0.0], dtype=np.float32), "FP32"), "stream": (np.array([stream]), "BOOL")}
+        out = []
+        for name, (a, kind) in arrays.items():
+            out.append(triton.InferInput(name, list(a.shape), kind))
+            out[-1].set_data_from_numpy(a)
+        return out
+
+    client = triton.InferenceServerClient(grpc_url)
+    text = client.infer(model, inputs(False)).as_numpy("text_output")[0].decode()
+    pieces: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: pieces.put((result, error)))
+    client.async_stream_infer(model, inputs(True))
+    streamed = []
+    while True:
+        result, error = pieces.get(timeout=600)
+        if error is not None:
+            raise RuntimeError(f"gRPC stream failed: {error}")
+        streamed.append(result.as_numpy("text_output")[0].decode())
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    print(f"gRPC (tritonclient, KServe v2 ModelInfer) at {grpc_url}, model {model}: {text!r}; streamed in "
+          f"{len(streamed)} responses; same text as HTTP /v1/completions: {text == want == ''.join(streamed)}",
           flush=True)
 
 
@@ -463,6 +510,7 @@ def export_stage(args: argparse.Namespace, adapter: Path) -> None:
               f"{sp['decode_tokens_per_s']:.1f} |", flush=True)
     print(f"serve it: slimlm serve --backend onnxruntime --model {folder}")
     gguf_stage(args, adapter)
+    deploy_stage(args)
     estimate_stage(args)
 
 
@@ -474,8 +522,8 @@ def gguf_stage(args: argparse.Namespace, adapter: Path) -> None:
     out, repo = Path(args.out), Path(__file__).resolve().parent.parent
     print("\n== GGUF for llama.cpp / Ollama: the tuned model exported and scored in llama.cpp ==", flush=True)
     slimlm_cli = [sys.executable, "-m", "slimlm.cli"]
-    subprocess.run(slimlm_cli + ["merge", "--model", args.model, "--adapter", str(adapter), "--out", str(out / "merged"),
-                                 "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(slimlm_cli + ["merge", "--model", args.model, "--adapter", str(adapter), "--out",
+                                 str(out / "merged"), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     lora = out / "gguf" / "extract-json-lora.gguf"
     subprocess.run(slimlm_cli + ["export", "gguf-lora", "--model", args.model, "--adapter", str(adapter), "--out",
                                  str(lora), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
@@ -487,6 +535,25 @@ def gguf_stage(args: argparse.Namespace, adapter: Path) -> None:
     subprocess.run([sys.executable, str(repo / "bench" / "gguf_task_parity.py"), "--model", str(out / "merged"),
                     "--test", str(out / "task" / "test.jsonl"), "--n", str(args.quant_test), "--types", "q8_0,q4_0",
                     "--keep", str(out / "gguf")], check=True)
+
+
+def deploy_stage(args: argparse.Namespace) -> None:
+    """`slimlm deploy`: the Dockerfile, Kubernetes and KServe manifests for serving the model, validated offline
+    against the Kubernetes schemas (nothing is built or applied: there is no Docker daemon or cluster here)."""
+    import kubernetes_validate
+    import yaml
+
+    out = Path(args.out) / "deploy"
+    print("\n== deploy: Dockerfile, Kubernetes (Deployment, Service, HPA) and KServe manifests ==", flush=True)
+    for target in ("docker", "k8s", "kserve"):
+        subprocess.run([sys.executable, "-m", "slimlm.cli", "deploy", target, "--model", args.model, "--out",
+                        str(out / target), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    docs = [d for f in sorted((out / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    print(f"wrote {out}/docker (Dockerfile, .dockerignore), {out}/k8s ({', '.join(d['kind'] for d in docs)}: "
+          f"valid against the Kubernetes 1.37 schemas), {out}/kserve (InferenceService, minReplicas 0); "
+          "no image was built and no cluster used", flush=True)
 
 
 def estimate_stage(args: argparse.Namespace) -> None:

@@ -1,5 +1,6 @@
 """The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval, quantize,
-prune, distill, compress, fuse, export, estimate. Thin: parses flags, calls the API, prints.
+prune, distill, compress, fuse, export, estimate, deploy.
+Thin: parses flags, calls the API, prints.
 
 Errors a user can fix (bad paths, bad flags, bad configs) print one line on stderr and exit with status 2.
 """
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     _add_finetune_parser(sub)
     from slimlm.compress.cli import add_compress_commands
+    from slimlm.deploy.cli import add_deploy_commands
     from slimlm.eval.cli import add_eval_commands
     from slimlm.export.cli import add_export_commands
     from slimlm.fuse.cli import add_fuse_commands
@@ -355,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_models_commands(sub)
     add_export_commands(sub)
     add_estimate_commands(sub)
+    add_deploy_commands(sub)
     return parser
 
 

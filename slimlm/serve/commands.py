@@ -83,7 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        max_body_bytes=args.max_body_bytes,
                        drain_timeout_s=args.drain_timeout, admin_key_file=args.admin_key_file,
                        allow_runtime_lora=args.allow_runtime_lora, lora_roots=list(args.lora_root))
-    run_server(cfg, args.host, args.port)
+    if not 0 <= args.grpc_port <= 65535:
+        raise ValueError(f"--grpc-port {args.grpc_port}: send a port in 1..65535, or 0 for no gRPC")
+    run_server(cfg, args.host, args.port, args.grpc_port)
     return 0
 
 
@@ -110,6 +112,9 @@ def add_serve_commands(sub) -> None:
     add_server_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=0, metavar="PORT",
+                   help="also serve KServe v2 / Triton gRPC (GRPCInferenceService, for tritonclient.grpc) on this "
+                        "port, same engine and keys; tensors text_input -> text_output; 0 = off (default)")
     s.add_argument("--api-key-file", default=None, help="file with one API key per line; /v1/* then needs one")
     s.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="an API key /v1/* (and /tokenize, /detokenize, /version) then need, as "

@@ -27,10 +27,24 @@ log = logging.getLogger("slimlm.serve")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+    def __init__(self, config: uvicorn.Config, state: ServerState, grpc_port: int = 0):
         super().__init__(config)
         self.state = state
         self.drained = False
+        self.grpc_port = grpc_port  # 0 = no gRPC service
+
+    async def serve(self, sockets=None) -> None:
+        """uvicorn's serve, with the gRPC service (--grpc-port) on the same event loop: it stops after HTTP does,
+        i.e. after the drain, with a second's grace for the last responses."""
+        if not self.grpc_port:
+            return await super().serve(sockets)
+        from slimlm.serve.grpc_server import start_grpc_server
+
+        grpc_server = await start_grpc_server(self.state, self.config.host, self.grpc_port)
+        try:
+            await super().serve(sockets)
+        finally:
+            await grpc_server.stop(grace=1.0)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -118,7 +132,7 @@ class CannotListen(ValueError):
     """The port cannot be bound (a user-fixable error: `slimlm serve` prints it as one line, exit 2)."""
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, flag: str = "--port") -> socket.socket:
     """A listening socket on host:port, made before anything loads; CannotListen if it cannot be had."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -133,28 +147,33 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise CannotListen(f"port {port} on {host} is in use; pick another --port") from None
+            raise CannotListen(f"port {port} on {host} is in use; pick another {flag}") from None
         raise CannotListen(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock
 
 
-def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until SIGTERM/SIGINT; the model loads in the background while /health already answers.
+def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, grpc_port: int = 0) -> None:
+    """Serve until SIGTERM/SIGINT; the model loads in the background while /health already answers. grpc_port > 0
+    also serves KServe v2 / Triton gRPC there (slimlm.serve.grpc_server), on the same engine.
 
     Raises CannotListen before loading anything if the port is taken, and the load's own error if the model fails
     to load (the server stops then: an unready server that never becomes ready only hides the fault)."""
     setup_logging()
     sock = bind_socket(host, port)
+    if grpc_port:  # a busy gRPC port is one line too, before the model loads (gRPC binds it again at start)
+        bind_socket(host, grpc_port, "--grpc-port").close()
     state = ServerState(config)
     warn_open_admin(state, host)
     app = create_app(state)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG,
                                            log_level="info", access_log=False,
-                                           timeout_graceful_shutdown=int(config.drain_timeout_s) + 5), state)
+                                           timeout_graceful_shutdown=int(config.drain_timeout_s) + 5), state,
+                            grpc_port)
     failure: list[BaseException] = []
     url = serving_url(host, sock.getsockname()[1])
-    loader = threading.Thread(target=_load_or_stop, args=(state, server, failure, url), name="slimlm-load",
+    grpc_url = f"{host}:{grpc_port}" if grpc_port else None
+    loader = threading.Thread(target=_load_or_stop, args=(state, server, failure, url, grpc_url), name="slimlm-load",
                               daemon=True)
     loader.start()
     try:
@@ -170,21 +189,22 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
         raise failure[0]
 
 
-def _load_or_stop(state: ServerState, server: uvicorn.Server, failure: list, url: str) -> None:
+def _load_or_stop(state: ServerState, server: uvicorn.Server, failure: list, url: str,
+                  grpc_url: str | None = None) -> None:
     try:
         state.load()
     except Exception as e:  # noqa: BLE001 — handed to the main thread, which re-raises it after the server stops
         failure.append(e)
         server.should_exit = True
         return
-    log_serving(state, url)
+    log_serving(state, url, grpc_url)
 
 
 def serving_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def log_serving(state: ServerState, url: str) -> None:
+def log_serving(state: ServerState, url: str, grpc_url: str | None = None) -> None:
     """The start-up line an operator (or a script) waits for: the server is ready, at `url`, with these models."""
     from slimlm import __version__
 
@@ -192,7 +212,8 @@ def log_serving(state: ServerState, url: str) -> None:
     routes = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/version",
               "/health", "/ready", "/metrics"] + (list(ADMIN_ROUTES) if state.config.allow_runtime_lora else [])
     log.info(json.dumps({"event": "serving", "url": url, "models": models, "version": __version__,
-                         "api_keys": len(state.api_keys), "admin_keys": len(state.admin_keys), "routes": routes}))
+                         "api_keys": len(state.api_keys), "admin_keys": len(state.admin_keys), "routes": routes,
+                         **({"grpc": grpc_url} if grpc_url else {})}))
 
 
 def warn_open_admin(state: ServerState, host: str) -> None:
