@@ -65,6 +65,11 @@ def random_lora(model: str, folder, seed: int, r: int = 4, std: float = 0.3):
     return save_adapter(m.model, folder)
 
 
+def post(url: str, path: str, body: dict, timeout: float = 30, **kw) -> httpx.Response:
+    """POST `body` as JSON to the server at `url`."""
+    return httpx.post(url + path, json=body, timeout=timeout, **kw)
+
+
 def sse_events(response: httpx.Response) -> list:
     """The JSON bodies of an SSE stream, with the final "[DONE]" kept as the string."""
     import json

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import random_lora, running_server, sse_events, tiny_config as config
+from serve_helpers import post, random_lora, running_server, sse_events, tiny_config as config
 
 import slimlm
 from slimlm.generate import SamplingParams
@@ -28,10 +28,6 @@ def server(tiny_llama):
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
     return slimlm.load(str(tiny_llama[0]), dtype="fp32")
-
-
-def post(url, path, body, **kw):
-    return httpx.post(url + path, json=body, timeout=30, **kw)
 
 
 def test_chat_matches_generate_and_has_openai_shape(server, reference):

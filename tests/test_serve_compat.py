@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
+import serve_helpers
 from serve_helpers import running_server, tiny_config as config
 
 import slimlm
@@ -24,7 +25,7 @@ def reference(tiny_llama):
 
 
 def post(url, path, body, **kw):
-    return httpx.post(url + path, json=body, timeout=60, **kw)
+    return serve_helpers.post(url, path, body, timeout=60, **kw)
 
 
 def test_unknown_model_is_openai_404(server):

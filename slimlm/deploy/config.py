@@ -122,7 +122,7 @@ class DeployConfig:
                               "--api-key-secret NAME, a Kubernetes Secret read into SLIMLM_API_KEY")
             elif flag in OWN_SERVE_FLAGS:
                 errors.append(f"--serve-args may not hold {flag}: pass it to `slimlm deploy` directly")
-        if not errors:  # a placeholder model: a bad --model is reported by _model_error
+        if not errors:  # parsed with a stand-in --model "m": a bad --model is reported by _model_error
             errors += _serve_parse_errors(["--model", "m", *self.serve_args])
         return errors
 
