@@ -1,12 +1,14 @@
-"""The main job, end to end on the default model: load SmolLM2-135M-Instruct, chat, report throughput, then
-fine-tune it with LoRA on the bundled extract_json task and compare base vs tuned exact match on held-out data,
-then serve base and adapter side by side from one OpenAI-compatible server (registry, concurrent requests,
-metrics, graceful drain), then quantize the tuned model (int8, int4) and compare quality, speed and size, then run
-a compression chain on it (prune MLP channels -> distill from the tuned model -> int8) with its measured ledger,
-then fuse it (merge, norm folding, q/k/v and gate/up), export it to ONNX (int8) and run it in ONNX Runtime, export
-it to GGUF and score it in llama.cpp, write its container and Kubernetes/KServe manifests, and estimate the memory
-of its fine-tuning run. The serving stage also asks the base model for schema-constrained JSON and calls the server
-over gRPC with Triton's client; the quantization stage loads the int8 model in HF transformers.
+"""The main job, end to end on the default model: load SmolLM2-135M-Instruct, chat, report throughput, then fine-tune
+it with LoRA on the bundled extract_json task and compare base vs tuned exact match on held-out data (and run the
+same LoRA recipe on 2 processes with torchrun, DDP and FSDP2, at equal losses), then serve base and adapter side by
+side from one OpenAI-compatible server (registry, concurrent requests, metrics, graceful drain), then quantize the
+tuned model (int8, int4) and compare quality, speed and size, then run a compression chain on it (prune MLP channels
+-> distill from the tuned model -> int8) with its measured ledger, then fuse it (merge, norm folding, q/k/v and
+gate/up), export it to ONNX (int8) and run it in ONNX Runtime, export it to GGUF and score it in llama.cpp, write
+its container, Kubernetes/KServe and Ray Serve configs (and run the Ray Serve deployment from zero replicas), and
+estimate the memory of its fine-tuning run. After the merge stage one server hosts three base models, at most two
+resident. The serving stage also asks the base model for schema-constrained JSON and calls the server over gRPC with
+Triton's client; the quantization stage loads the int8 model in HF transformers.
 
 Run by `make demo`.
 """
@@ -58,6 +60,8 @@ def main() -> None:
     if not args.skip_chat:
         chat_stage(args)
     adapter = Path(args.out) / "lora" / "adapter" if args.skip_finetune else finetune_stage(args)
+    if not args.skip_finetune:
+        distributed_stage(args)
     if not args.skip_serve:
         serve_stage(args, adapter)
         engine_stage(args, adapter)
@@ -67,6 +71,8 @@ def main() -> None:
         compress_stage(args, adapter)
     if not args.skip_merge:
         merge_stage(args, adapter)
+        if not args.skip_serve:
+            multimodel_stage(args)
     export_stage(args, adapter)
 
 
@@ -150,6 +156,32 @@ def finetune_stage(args: argparse.Namespace) -> None:
     (out / "demo_finetune.json").write_text(json.dumps(summary, indent=2))
     print(f"training curve: {res.out / 'training.png'}")
     return res.output
+
+
+def distributed_stage(args: argparse.Namespace) -> None:
+    """The same LoRA run on 1 process and on 2 (torchrun, DDP and FSDP2) at the same global batch: the per-step
+    losses agree (on 2 cores this shows correctness, not speed)."""
+    out = Path(args.out) / "distributed"
+    print("\n== fine-tuning on 2 processes: slimlm finetune --nproc 2 (torchrun; DDP and FSDP2) ==", flush=True)
+    common = ["--model", args.model, "--method", "lora", "--data", str(Path(args.out) / "task" / "train.jsonl"),
+              "--dataset.max_seq_len", "256", "--train.batch_size", "8", "--train.max_steps", "4",
+              "--train.lr", "1e-3", "--train.warmup_steps", "1", "--train.tensorboard", "false", "--overwrite", "-q"]
+    losses = {}
+    for name, extra in (("1 process", []), ("2 processes, DDP", ["--nproc", "2"]),
+                        ("2 processes, FSDP2", ["--nproc", "2", "--train.strategy", "fsdp"])):
+        folder = out / name.replace(" ", "").replace(",", "-")
+        cmd = [sys.executable, "-m", "slimlm", "finetune", *common, "--out", str(folder), *extra]
+        if extra:
+            print("$ slimlm finetune ... " + " ".join(extra), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = ([r["loss"] for r in rows if "loss" in r], time.perf_counter() - t0)
+    ref = losses["1 process"][0]
+    print("| run | loss per step (global batch 8) | largest difference vs 1 process | wall s |\n|---|---|---:|---:|")
+    for name, (values, wall) in losses.items():
+        diff = max(abs(a - b) for a, b in zip(values, ref))
+        print(f"| {name} | {', '.join(f'{v:.5f}' for v in values)} | {diff:.1e} | {wall:.0f} |", flush=True)
 
 
 def serve_stage(args: argparse.Namespace, adapter: Path) -> None:
@@ -467,6 +499,53 @@ def merge_stage(args: argparse.Namespace, adapter: Path) -> None:
         print(f"| {name} | {100 * score['exact_match']:.1f}% | {ppl:.2f} |", flush=True)
 
 
+def multimodel_stage(args: argparse.Namespace) -> None:
+    """One server, three base models (the base, the tuned model and the half-task-vector merge), at most two resident:
+    each loads on its first request and the least recently used idle one is unloaded (`--max-models 2`)."""
+    import signal
+    import socket
+
+    import httpx
+
+    out = Path(args.out)
+    print("\n== serving several base models: loaded on first request, at most 2 resident (LRU) ==", flush=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--model", args.model, "--port", str(port),
+           "--models", f"tuned={out / 'tuned-merged'}", f"half={out / 'half-task-vector'}", "--max-models", "2",
+           "--max-batch", "4", "--max-seq-len", "512", "--max-loras", "0"]
+    print("$ slimlm " + " ".join(cmd[3:]), flush=True)
+    log = open(out / "server-multimodel.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    question = [{"role": "user", "content": "Extract the person as JSON: Maria Lopez, 34, is a nurse in Lyon."}]
+    try:
+        _wait_ready(url, proc)
+        print("| request | seconds (load included) | answer | resident after | server RSS MiB |\n|---|---:|---|---|---:|")
+        for name in ("smollm2-135m", "tuned", "half", "smollm2-135m"):
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
+                "model": name, "messages": question, "max_tokens": 40, "temperature": 0})
+            r.raise_for_status()
+            seconds = time.perf_counter() - t0
+            answer = r.json()["choices"][0]["message"]["content"].replace("\n", " ")[:60]
+            cards = httpx.get(url + "/v1/models").json()["data"]
+            resident = ",".join(m["id"] for m in cards if m.get("loaded"))
+            print(f"| {name} | {seconds:.1f} | {answer} | {resident} | {_rss_mib(proc.pid):.0f} |", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        log.close()
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def export_stage(args: argparse.Namespace, adapter: Path) -> None:
     """The tuned model fused (exact passes, speed before/after) and exported to ONNX int8, run by ONNX Runtime."""
     from slimlm.eval.speed import SpeedConfig, measure_speed
@@ -511,6 +590,7 @@ def export_stage(args: argparse.Namespace, adapter: Path) -> None:
     print(f"serve it: slimlm serve --backend onnxruntime --model {folder}")
     gguf_stage(args, adapter)
     deploy_stage(args)
+    ray_stage(args)
     estimate_stage(args)
 
 
@@ -554,6 +634,51 @@ def deploy_stage(args: argparse.Namespace) -> None:
     print(f"wrote {out}/docker (Dockerfile, .dockerignore), {out}/k8s ({', '.join(d['kind'] for d in docs)}: "
           f"valid against the Kubernetes 1.37 schemas), {out}/kserve (InferenceService, minReplicas 0); "
           "no image was built and no cluster used", flush=True)
+
+
+def ray_stage(args: argparse.Namespace) -> None:
+    """`slimlm deploy ray`: Ray Serve's config file for the server, then the deployment itself on a local Ray
+    instance with min_replicas 0 (scale to zero): the first request starts a replica and is answered."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("\n== Ray Serve: skipped (pip install 'slimlm[ray]') ==")
+        return
+    import socket
+
+    from openai import OpenAI
+    from ray import serve
+
+    from slimlm.serve import ray_serve
+    from slimlm.serve.state import ServeConfig
+
+    out = Path(args.out) / "deploy"
+    print("\n== Ray Serve: the server as a deployment that scales to zero ==", flush=True)
+    subprocess.run([sys.executable, "-m", "slimlm.cli", "deploy", "ray", "--model", args.model, "--min-replicas", "0",
+                    "--max-replicas", "2", "--out", str(out / "ray"), "--overwrite"], check=True,
+                   stdout=subprocess.DEVNULL)
+    print(f"wrote {out / 'ray' / 'serve_config.yaml'} (`serve deploy` puts it on a Ray cluster)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray_serve.start_ray(None, num_cpus=2, temp_dir=f"/tmp/slimlm-ray-{os.getpid()}")
+    try:
+        config = ServeConfig(model=args.model, quantize="auto")
+        config.engine.max_batch, config.engine.max_seq_len, config.engine.max_loras = 4, 512, 0
+        url = ray_serve.run(config, ray_serve.RayServeConfig(min_replicas=0, max_replicas=2, num_cpus=1, port=port,
+                                                             downscale_delay_s=10))
+        print(f"deployed at {url}; replicas: {ray_serve.replica_counts() or 'none (scaled to zero)'}")
+        t0 = time.perf_counter()
+        client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
+        reply = client.chat.completions.create(model="smollm2-135m", max_tokens=24, temperature=0,
+                                               messages=[{"role": "user", "content": "What is the capital of France?"}])
+        print(f"first request from zero replicas answered in {time.perf_counter() - t0:.1f} s (a replica started and "
+              f"loaded the model): {reply.choices[0].message.content!r}; replicas: {ray_serve.replica_counts()}")
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
 
 
 def estimate_stage(args: argparse.Namespace) -> None:

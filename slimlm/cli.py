@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Sequence
 
 from slimlm.checkpoint import CheckpointError
@@ -177,18 +179,92 @@ def _adapter_info(folder, as_json: bool) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from slimlm.recipe import apply_flags, load_recipe
     from slimlm.train.checkpoint import check_run_folder
+    from slimlm.train.distributed import init_distributed, launched_by_torchrun, on_rank0
     from slimlm.train.finetune import FinetuneConfig, finetune
 
     cfg = load_recipe(FinetuneConfig, args.recipe) if args.recipe else FinetuneConfig()
     cfg = apply_flags(cfg, args)
     cfg.validate()  # flag errors before the --out check, which may remove old checkpoints (--overwrite)
-    check_run_folder(cfg.out, resume=cfg.resume, overwrite=args.overwrite, inputs=[cfg.model, cfg.data, cfg.eval_data])
-    res = finetune(cfg, progress=not args.quiet)
+    if args.nproc is not None and not launched_by_torchrun():
+        return _run_torchrun(args, cfg.train.batch_size)
+    info = init_distributed(timeout_s=cfg.train.dist_timeout_s)  # a world of 1 unless launched by torchrun
+    on_rank0(check_run_folder, cfg.out, resume=cfg.resume, overwrite=args.overwrite,
+             inputs=[cfg.model, cfg.data, cfg.eval_data])
+    with peer_failure_message("finetune", cfg.out, info):
+        res = finetune(cfg, progress=not args.quiet)
     t = res.train
-    print(f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, "
-          f"{t.elapsed_s:.0f} s; eval {t.eval_metrics or '-'}")
-    print(f"saved {res.output}")
+    if info.is_main:
+        print(f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, "
+              f"{t.elapsed_s:.0f} s; eval {t.eval_metrics or '-'}")
+        print(f"saved {res.output}")
     return 0
+
+
+# torchrun's flags that `slimlm finetune --nproc N` passes through (multi-node: --nnodes, --node-rank, --rdzv-*).
+_LAUNCH_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--rdzv-id", "--master-addr",
+                 "--master-port")
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes (runs torchrun; or launch `torchrun --nproc-per-node N -m slimlm ...`)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes on this machine (torchrun --nproc-per-node N); --train.strategy "
+                        "ddp|fsdp picks how; the global batch stays train.batch_size x train.grad_accum")
+    for flag in _LAUNCH_FLAGS:
+        g.add_argument(flag, default=None, help="passed to torchrun")
+
+
+def _run_torchrun(args: argparse.Namespace, batch_size: int) -> int:
+    """Run this same command under torchrun with --nproc-per-node N (the launch flags go to torchrun, the rest to
+    `python -m slimlm`); returns torchrun's exit status, non-zero when any rank failed."""
+    import os
+    import subprocess
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be a positive number of processes, got {args.nproc}")
+    nodes = int(args.nnodes or 1) if str(args.nnodes or 1).isdigit() else 1  # "1:4" (elastic): checked by each rank
+    if batch_size % (args.nproc * nodes):
+        raise ValueError(f"--train.batch_size {batch_size} is the global micro-batch, split over {args.nproc * nodes} "
+                         f"processes: make it a multiple of {args.nproc * nodes}")
+    launch = [f"{flag}={getattr(args, flag[2:].replace('-', '_'))}" for flag in _LAUNCH_FLAGS
+              if getattr(args, flag[2:].replace("-", "_")) is not None]
+    single_node = args.nnodes in (None, "1") and args.rdzv_endpoint is None and args.master_port is None
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+           *(["--standalone"] if single_node else []), *launch, "-m", "slimlm", *_strip_launch_flags(args.argv)]
+    env = dict(os.environ)
+    # torchrun would give each rank 1 thread; share this machine's cores instead (OMP_NUM_THREADS set wins).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    print("slimlm: " + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, env=env).returncode
+
+
+@contextmanager
+def peer_failure_message(command: str, out: str, info) -> Iterator[None]:
+    """Several processes: a collective that fails (a peer died: connection reset; or hung: timeout) exits this rank
+    with status 1 and one line saying what happened and how to resume, instead of a traceback per rank."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not info.distributed:
+            raise
+        cause = " ".join(str(e).split())[:300]
+        print(f"slimlm {command}: error: rank {info.rank} of {info.world_size} stopped: a collective failed, so "
+              f"another rank probably died or hung (see its log). Complete checkpoints in {out}/checkpoints stay "
+              f"valid: rerun with --resume and the same number of processes. Cause: {cause}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    """argv without --nproc and the torchrun flags (each as `--flag V` or `--flag=V`)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--nproc", *_LAUNCH_FLAGS):
+            skip = True
+        elif not token.startswith(tuple(f"{f}=" for f in ("--nproc", *_LAUNCH_FLAGS))):
+            out.append(token)
+    return out
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -272,6 +348,7 @@ def _add_finetune_parser(sub) -> None:
     f.add_argument("--overwrite", action="store_true",
                    help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_launch_args(f)
     f.set_defaults(func=cmd_finetune)
 
     m = sub.add_parser("merge", help="fold a LoRA/DoRA/QLoRA or BitFit adapter into the base; save an HF folder")
@@ -397,6 +474,7 @@ def _unknown_flags_error(parser: argparse.ArgumentParser, extras: list[str]) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: `--nproc` re-runs it under torchrun
     if extras:  # parse_args would print the top-level usage; the user needs the sub-command's
         _unknown_flags_error(_innermost_parser(parser, args), extras)
     try:

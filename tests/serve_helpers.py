@@ -44,8 +44,7 @@ def running_server(config: ServeConfig, load: bool = True):
     finally:
         server.should_exit = True
         thread.join(10)
-        if state.engine is not None:
-            state.engine.stop()
+        state.close()
 
 
 def random_lora(model: str, folder, seed: int, r: int = 4, std: float = 0.3):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,7 +15,7 @@ from serve_helpers import post, random_lora, running_server, sse_events, tiny_co
 import slimlm
 from slimlm.generate import SamplingParams
 from slimlm.engine.core import EngineConfig
-from slimlm.serve.state import ServeConfig
+from slimlm.serve.state import ServeConfig, ServerState
 
 CHAT = [{"role": "user", "content": "tell me a story about the red fox"}]
 
@@ -138,6 +139,32 @@ def test_api_keys(tiny_llama, tmp_path):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert post(url, "/v1/completions", body, headers={"Authorization": "Bearer k2"}).status_code == 200
         assert httpx.get(url + "/health").status_code == 200  # probes need no key
+
+
+def test_api_keys_under_a_mounted_prefix(tiny_llama, tmp_path):
+    # Behind a proxy that mounts the app at /prefix (ASGI root_path, as Ray Serve's route_prefix does), the path the
+    # app sees starts with the prefix: the key check must still apply to /prefix/v1/...
+    from slimlm.serve.api import create_app
+
+    state = ServerState(config(tiny_llama[0], api_keys=["k1"]))
+    state.load()
+    try:
+        app = create_app(state)
+
+        async def mounted(scope, receive, send):
+            if scope["type"] == "http":
+                scope = {**scope, "root_path": "/prefix", "path": "/prefix" + scope["path"]}
+            await app(scope, receive, send)
+
+        async def ask(headers):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mounted), base_url="http://t") as c:
+                return await c.post("/v1/completions", headers=headers,
+                                    json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+
+        assert asyncio.run(ask({})).status_code == 401
+        assert asyncio.run(ask({"Authorization": "Bearer k1"})).status_code == 200
+    finally:
+        state.close()
 
 
 def test_full_queue_gets_429_with_retry_after(tiny_llama):

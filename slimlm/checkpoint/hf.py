@@ -226,10 +226,12 @@ def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     continue
                 begin, end = info["data_offsets"]
                 handle.seek(data_start + begin)
-                buf = bytearray(end - begin)
-                handle.readinto(buf)
+                # torch.empty, not bytearray(n): the latter zero-fills holding the GIL, which stalls the server's
+                # other engines while one model loads; readinto releases it.
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                handle.readinto(buf.numpy())
                 dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                tensor = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+                tensor = buf.view(dtype) if len(buf) else torch.empty(0, dtype=dtype)
                 yield _slimlm_name_in(f, key), tensor.view(info["shape"])
 
 

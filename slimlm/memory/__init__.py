@@ -15,6 +15,11 @@ exceeds the larger of the two ends (with gradient accumulation > 1 gradients wou
 trainer frees them after each step, set_to_none).
 Inference adds the prefill working set (one block's temporaries at a time, nothing is kept) and the logits.
 
+With `world_size` N > 1 (torchrun; `strategy` ddp or fsdp, as train/distributed.py wraps the model) the estimate is
+one rank's: each runs batch / N sequences; DDP adds its gradient buckets to a whole replica, FSDP2 keeps 1/N of
+weights, gradients and optimizer states plus what it gathers, and has a third phase, the end of the backward
+(slimlm.memory.distributed says which tensors, when).
+
 What the total is: bytes of tensors alive at the peak, i.e. CUDA's `torch.cuda.max_memory_allocated()`, and on CPU
 the resident memory the step adds to a process that has already imported torch. Not included (shown as notes): the
 Python + torch runtime itself (about 320 MiB of RSS on CPU) and the CUDA context (0.3-0.6 GiB outside torch's
@@ -26,8 +31,9 @@ batch is assumed to take a loss; SFT that masks the prompt has smaller logits bu
 """
 
 # query.py: MemoryQuery and its validation; presets.py: --params sizes (the configs are config.py's presets); plan.py: what trains, parameter and
-# weight bytes, Precision; activations.py: what the forward keeps for backward; estimate.py: the other terms, the
-# rows and the peak; cli.py: `slimlm estimate` (not imported here).
+# weight bytes, Precision; activations.py: what the forward keeps for backward; distributed.py: per-rank terms of DDP
+# and FSDP2 (world_size > 1); estimate.py: the other terms, the rows and the peak; cli.py: `slimlm estimate` (not
+# imported here).
 from slimlm.memory.estimate import MemoryEstimate, MemoryRow, estimate_memory
 from slimlm.memory.presets import PRESETS, SIZE_PRESETS, preset_config
 from slimlm.memory.query import (
@@ -37,9 +43,11 @@ from slimlm.memory.query import (
     METHODS,
     MODES,
     OPTIMIZERS,
+    STRATEGIES,
     MemoryQuery,
     MemoryQueryError,
 )
 
 __all__ = ["DEVICES", "DTYPE_BYTES", "LINEARS", "METHODS", "MODES", "OPTIMIZERS", "PRESETS", "SIZE_PRESETS",
-           "MemoryEstimate", "MemoryQuery", "MemoryQueryError", "MemoryRow", "estimate_memory", "preset_config"]
+           "STRATEGIES", "MemoryEstimate", "MemoryQuery", "MemoryQueryError", "MemoryRow", "estimate_memory",
+           "preset_config"]

@@ -4,6 +4,7 @@
     slimlm estimate --params 7B --mode finetune --method qlora --dtype bf16 --device cuda --grad-checkpointing
     slimlm estimate --model meta-llama/Llama-3.1-8B --mode infer --dtype bf16 --batch 4 --kv-cache-tokens 8192
     slimlm estimate --params 70B --mode train --dtype bf16 --optimizer adamw8bit --json
+    slimlm estimate --model smollm2-135m --mode finetune --method full --batch 8 --world-size 2 --strategy fsdp
 
 The model is read as a config only: a preset (--params 7B, or a name such as llama-3-8b), an HF folder's or a
 hub id's config.json (only that file is downloaded), or a GGUF file's metadata. No weights are loaded. The
@@ -24,6 +25,7 @@ from slimlm.memory import (
     OPTIMIZERS,
     PRESETS,
     SIZE_PRESETS,
+    STRATEGIES,
     MemoryEstimate,
     MemoryQuery,
     MemoryQueryError,
@@ -50,7 +52,8 @@ def add_estimate_commands(sub) -> None:
     e.add_argument("--weights-dtype", default=None, choices=list(DTYPE_BYTES),
                    help="stored weights (default: fp32 for training, --dtype for infer); = --dtype for pure "
                         "low-precision training")
-    e.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    e.add_argument("--batch", type=int, default=1, help="sequences per micro-batch, over all processes as "
+                                                         "`slimlm finetune --batch` (default 1)")
     e.add_argument("--seq", type=int, default=512, help="tokens per sequence; the prompt for infer (default 512)")
     e.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="infer: KV cache slots per sequence, prompt + generated (default: --seq)")
@@ -64,6 +67,12 @@ def add_estimate_commands(sub) -> None:
     e.add_argument("--adapter-bottleneck", type=int, default=64)
     e.add_argument("--bitfit-train-norms", action="store_true", help="bitfit: also train RMSNorm gains")
     e.add_argument("--num-virtual-tokens", type=int, default=20, help="prefix/prompt tuning length (default 20)")
+    e.add_argument("--world-size", type=int, default=1,
+                   help="training processes (torchrun --nproc-per-node / finetune --nproc); numbers are then per "
+                        "rank, each running batch / world-size sequences (default 1)")
+    e.add_argument("--strategy", default=None, choices=list(STRATEGIES),
+                   help="with --world-size > 1: ddp replicates the model (default), fsdp (FSDP2) shards parameters, "
+                        "gradients and optimizer states")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
     e.set_defaults(func=cmd_estimate)
 
@@ -76,7 +85,8 @@ def query_from_args(args: argparse.Namespace) -> MemoryQuery:
                        device=args.device.split(":")[0], loss_chunk_size=args.loss_chunk_size,
                        lora_rank=args.lora_rank, lora_targets=args.lora_targets, adapter_style=args.adapter_style,
                        adapter_bottleneck=args.adapter_bottleneck, bitfit_train_norms=args.bitfit_train_norms,
-                       num_virtual_tokens=args.num_virtual_tokens)
+                       num_virtual_tokens=args.num_virtual_tokens, world_size=args.world_size,
+                       strategy=args.strategy)
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -144,15 +154,18 @@ def format_estimate(est: MemoryEstimate, name: str, q: MemoryQuery) -> str:
     """The estimate as a table: one row per component, which phase it belongs to, and the peak."""
     unit, size = ("GiB", 2**30) if est.total >= 10 * 2**30 else ("MiB", 2**20)
     what = f"{q.mode} {q.method}" if q.training else "infer" + (f" ({q.method})" if q.method else "")
+    ranks = (f"; {q.world_size} processes ({q.strategy}), batch {q.batch // q.world_size} each; numbers are "
+             "per rank") if q.distributed else ""
     lines = [f"{name}: {est.params / 1e6:,.1f} M params; {what}; {q.dtype}; batch {q.batch} x seq {q.seq}; "
-             f"{q.device}" + ("; gradient checkpointing" if q.grad_checkpointing else ""), "",
+             f"{q.device}" + ("; gradient checkpointing" if q.grad_checkpointing else "") + ranks, "",
              f"{'component':<27} {unit:>10}  {'phase':<17} detail"]
     for r in est.rows:
         counted = r.phase in ("persistent", est.peak_phase)
         phase = r.phase if counted else f"({r.phase})"
         lines.append(f"{r.name:<27} {r.bytes / size:>10,.1f}  {phase:<17} {r.detail}")
-    lines.append(f"{'total (peak)':<27} {est.total / size:>10,.1f}  {est.peak_phase:<17} = {est.total / 2**30:,.2f} "
-                 "GiB: persistent rows + the larger phase (rows in parentheses are not at the peak)")
+    total = "total per rank (peak)" if q.distributed else "total (peak)"
+    lines.append(f"{total:<27} {est.total / size:>10,.1f}  {est.peak_phase:<17} = {est.total / 2**30:,.2f} "
+                 "GiB: persistent rows + the largest phase (rows in parentheses are not at the peak)")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
 

@@ -8,11 +8,19 @@ module formats numbers for the rows' details; printing the table is slimlm.memor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slimlm.config import ModelConfig
 from slimlm.memory.activations import activations, autocast_copies
+from slimlm.memory.distributed import (
+    ddp_bucket_bytes,
+    fsdp_backward_end,
+    fsdp_block_moment,
+    fsdp_groups,
+    shard,
+    sharded_weight_bytes,
+)
 from slimlm.memory.plan import (
     Plan,
     Precision,
@@ -160,45 +168,95 @@ def kv_cache_bytes(config: ModelConfig, q: MemoryQuery, p: Precision) -> int:
 # ---- the estimate ------------------------------------------------------------------------------------------------
 
 def estimate_memory(config: ModelConfig, query: MemoryQuery) -> MemoryEstimate:
-    """Peak memory of one training step or one generation with `query`'s settings; see the module docstring."""
+    """Peak memory of one training step or one generation with `query`'s settings; see the module docstring.
+    With world_size > 1 every number is one rank's (slimlm.memory.distributed)."""
     query.validate()
     plan, p = make_plan(query), Precision.of(query)
     trainable = trainable_params(config, plan) if query.training else 0
     added = added_params(config, plan)
     added_w = 4 if plan.nf4 else p.w  # LoRA on NF4 takes the dtype of NF4Linear.dequantize(): fp32
     total_params = config.num_params() + added
-    rows = [MemoryRow("weights", weight_bytes(config, plan, p.w), "persistent", _weights_detail(config, plan, query))]
+    n = query.world_size if query.strategy == "fsdp" else 1  # ranks each parameter is split over
+    weights = sharded_weight_bytes(config, plan, p.w, n)
+    rows = [MemoryRow("weights", weights, "persistent", _weights_detail(config, plan, query))]
     if query.training or query.method not in (None, "full"):
-        rows.append(MemoryRow("trainable params", added * added_w, "persistent",
+        rows.append(MemoryRow("trainable params", shard(added * added_w, n), "persistent",
                               _trainable_detail(config, plan, query, trainable, total_params)))
     rows += _training_rows(config, query, plan, p, trainable) if query.training else _inference_rows(config, query, plan, p)
     return _assemble(config, query, plan, p, rows, total_params, trainable)
 
 
-def _training_rows(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precision, trainable: int) -> list[MemoryRow]:
+def _training_rows(config: ModelConfig, query: MemoryQuery, plan: Plan, p: Precision,
+                   trainable: int) -> list[MemoryRow]:
+    q = query.per_rank()  # activations and the loss: one rank's batch / world_size sequences
     kept, block = activations(config, q, plan, p, q.grad_checkpointing)
     loss_fwd, loss_bwd = loss_buffers(config, q, plan, p)
     # Two moments compete for the forward/backward peak: the last loss chunk (every activation kept) and the start
     # of the backward (the loss gradients, and with checkpointing the first block recomputed).
     recompute = block if q.grad_checkpointing else 0
     at_backward = recompute + loss_bwd > loss_fwd
-    acts = kept + (recompute if at_backward else 0)
     grad_w = 4 if plan.nf4 else p.w
+    ranks = query.world_size if query.strategy == "fsdp" else 1  # FSDP2 shards gradients and optimizer states
     n, v = min(q.loss_chunk_size, q.batch * q.seq), config.vocab_size
-    return [
-        MemoryRow("optimizer states", optimizer_state_bytes(q.optimizer, trainable, grad_w), "persistent",
-                  _optimizer_detail(q, grad_w)),
+    rows = [
+        MemoryRow("optimizer states", shard(optimizer_state_bytes(q.optimizer, trainable, grad_w), ranks),
+                  "persistent", _optimizer_detail(q, grad_w) + (f", 1/{ranks} per rank" if ranks > 1 else "")),
         MemoryRow("fp32 master copies", 0, "persistent", _master_detail(q, p)),
-        MemoryRow("activations", acts, "forward/backward", _activations_detail(config, q, plan, p, block)),
+        MemoryRow("activations", kept + (recompute if at_backward else 0), "forward/backward",
+                  _activations_detail(config, q, plan, p, block)),
         MemoryRow("autocast weight copies", autocast_copies(config, q, plan, p, q.grad_checkpointing),
                   "forward/backward", "bf16 casts kept for backward" if p.autocast else "no autocast"),
         MemoryRow("logits and loss", loss_bwd if at_backward else loss_fwd, "forward/backward",
                   f"fused chunked cross-entropy: logits {n:,} x {v:,} at a time" + (
                       ", head gradient [V, D] fp32" if plan.base_trains else "")),
-        MemoryRow("gradients", trainable * grad_w, "optimizer step", f"{trainable:,} x {grad_w} B"),
-        MemoryRow("optimizer step temporaries", optimizer_temporaries(config, q, plan, trainable, grad_w),
-                  "optimizer step", "AdamW's sqrt(v) " + ("for all parameters (foreach)" if q.device == "cuda"
-                                                          else "for the largest parameter, twice")),
+        MemoryRow("gradients", shard(trainable * grad_w, ranks), "optimizer step",
+                  f"{trainable:,} x {grad_w} B" + (f" / {ranks} ranks" if ranks > 1 else "")),
+        MemoryRow("optimizer step temporaries", shard(optimizer_temporaries(config, q, plan, trainable, grad_w),
+                                                      ranks), "optimizer step",
+                  "AdamW's sqrt(v) " + ("for all parameters (foreach)" if q.device == "cuda"
+                                        else "for the largest parameter, twice") + (" (its shard)" * (ranks > 1))),
+    ]
+    if query.strategy == "ddp":
+        rows.insert(2, MemoryRow("DDP gradient buckets", ddp_bucket_bytes(trainable, grad_w), "persistent",
+                                 "a flat copy of every trainable gradient, in 25 MiB buckets, kept for the run "
+                                 "(gradient_as_bucket_view=False); all-reduced in place"))
+    return _with_fsdp_rows(config, query, plan, p, trainable, rows) if query.strategy == "fsdp" else rows
+
+
+def _with_fsdp_rows(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precision, trainable: int,
+                    rows: list[MemoryRow]) -> list[MemoryRow]:
+    """`rows` + FSDP2's gathered parameters and its end-of-backward phase (slimlm.memory.distributed). The
+    forward/backward rows become the first block's backward when that moment holds more than the loss's."""
+    groups = fsdp_groups(config, plan, trainable)
+    grad_w = 4 if plan.nf4 else p.w
+    root, block = groups.root * p.w, groups.block * p.w
+    at_loss = sum(r.bytes for r in rows if r.phase == "forward/backward") + root + block
+    moment = fsdp_block_moment(config, q, plan, p, groups)
+    copies = next(r.bytes for r in rows if r.name == "autocast weight copies")
+    if sum(moment.values()) + copies > at_loss:
+        changed = {"activations": moment["activations"], "logits and loss": moment["loss"]}
+        rows = [replace(r, bytes=changed[r.name], detail=r.detail + "; at the first block's backward: "
+                        "d(hidden) [tokens, D] twice" * (r.name == "logits and loss"))
+                if r.name in changed else r for r in rows]
+        gathered = MemoryRow("FSDP gathered parameters", moment["gathered"], "forward/backward",
+                             f"at the first block's backward: root {_fmt(root)} + 3 blocks of {_fmt(block)} (in "
+                             "backward, prefetched, all-gather buffer) + the previous block's reduce-scatter input"
+                             + " + the root's unsharded gradient" * bool(groups.root_trainable))
+    else:
+        head = "" if config.tie_word_embeddings else ", head"
+        gathered = MemoryRow("FSDP gathered parameters", root + block, "forward/backward",
+                             f"root (embedding, final norm{head}) {_fmt(root)}, held from its forward to the end of "
+                             f"backward, + the last block's all-gather buffer {_fmt(block)}, kept to the root's "
+                             "forward end (the loss)")
+    sharded_grads, root_end = fsdp_backward_end(groups, p, grad_w, q.world_size)
+    return rows + [
+        gathered,
+        MemoryRow("sharded block gradients", sharded_grads, "backward end",
+                  f"{groups.block_trainable:,} x {grad_w} B / {q.world_size} ranks (reduce-scattered), + the first "
+                  f"block's reduce-scatter input {_fmt(groups.block_grad * grad_w)}"),
+        MemoryRow("FSDP root at backward end", root_end, "backward end",
+                  "gathered root" + (" + its unsharded gradient twice (the embedding's backward adds a new [V, D] "
+                                     "gradient into the head's)" if groups.root_trainable else "")),
     ]
 
 
@@ -230,8 +288,9 @@ def _assemble(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precision, row
     est = MemoryEstimate(rows=rows, total=total, peak_phase=peak_phase, params=params, trainable=trainable,
                          notes=_notes(config, q))
     if q.training:
-        est.activations_full, est.activations_per_layer = activations(config, q, plan, p, False)
-        kept, block = activations(config, q, plan, p, True)
+        local = q.per_rank()
+        est.activations_full, est.activations_per_layer = activations(config, local, plan, p, False)
+        kept, block = activations(config, local, plan, p, True)
         est.activations_checkpointed = kept + block
     return est
 
@@ -248,6 +307,10 @@ def _notes(config: ModelConfig, q: MemoryQuery) -> list[str]:
         notes = [("not included: the CUDA context (0.3-0.6 GiB, outside max_memory_allocated) and cuBLAS workspaces "
                  "(~8 MiB); the caching allocator may reserve more than it allocates (torch.cuda.memory_reserved). "
                  "CUDA totals are not yet checked against a GPU")]
+    if q.distributed:
+        notes.insert(0, f"per rank: one of {q.world_size} processes ({q.strategy}), each running "
+                        f"{q.batch // q.world_size} of the micro-batch's {q.batch} sequences; the job needs "
+                        f"{q.world_size} x this total, plus {q.world_size} x the runtime")
     if max(q.seq, q.kv_cache_tokens or 0) > config.max_seq_len:
         notes.append(f"longer than the model's context of {config.max_seq_len:,} tokens")
     if q.optimizer == "adamw8bit":
@@ -258,8 +321,13 @@ def _notes(config: ModelConfig, q: MemoryQuery) -> list[str]:
 def _weights_detail(config: ModelConfig, plan: Plan, q: MemoryQuery) -> str:
     n = config.num_params()
     if plan.nf4:
-        return f"{n / 1e6:,.1f} M params: block projections NF4 (~4.13 bits), the rest {q.weights_dtype}"
-    return f"{n / 1e6:,.1f} M params x {DTYPE_BYTES[q.weights_dtype]} B ({q.weights_dtype})"
+        detail = f"{n / 1e6:,.1f} M params: block projections NF4 (~4.13 bits), the rest {q.weights_dtype}"
+    else:
+        detail = f"{n / 1e6:,.1f} M params x {DTYPE_BYTES[q.weights_dtype]} B ({q.weights_dtype})"
+    if q.strategy == "fsdp":
+        return detail + f"; FSDP2 keeps 1/{q.world_size} of each parameter per rank" + (
+            " (NF4 codes are buffers: whole on every rank)" if plan.nf4 else "")
+    return detail + ("; whole on every rank (DDP)" if q.strategy == "ddp" else "")
 
 
 def _trainable_detail(config: ModelConfig, plan: Plan, q: MemoryQuery, trainable: int, total: int) -> str:

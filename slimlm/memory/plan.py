@@ -73,13 +73,16 @@ def all_projections(config: ModelConfig) -> list[tuple[int, int]]:
 
 def added_params(config: ModelConfig, plan: Plan) -> int:
     """Parameters the method adds to the model (LoRA A/B, adapters, new biases, prefixes, soft prompt)."""
-    n = plan.prefix * config.n_layers * 2 * config.n_kv_heads * config.head_dim + plan.prompt * config.dim
-    for i in range(config.n_layers):
-        shapes = projection_shapes(config, i)
-        n += sum(plan.rank * (shapes[t][0] + shapes[t][1]) for t in plan.lora)
-        n += sum(shapes[t][1] for t in plan.biases if not _has_bias(config, t))
-        n += len(plan.adapters) * (2 * config.dim * plan.bottleneck + plan.bottleneck + config.dim)
-    return n
+    return plan.prompt * config.dim + sum(layer_added_params(config, plan, i) for i in range(config.n_layers))
+
+
+def layer_added_params(config: ModelConfig, plan: Plan, i: int) -> int:
+    """Parameters the method adds inside block i (all but the soft prompt, which sits before the blocks)."""
+    shapes = projection_shapes(config, i)
+    n = plan.prefix * 2 * config.n_kv_heads * config.head_dim
+    n += sum(plan.rank * (shapes[t][0] + shapes[t][1]) for t in plan.lora)
+    n += sum(shapes[t][1] for t in plan.biases if not _has_bias(config, t))
+    return n + len(plan.adapters) * (2 * config.dim * plan.bottleneck + plan.bottleneck + config.dim)
 
 
 def _has_bias(config: ModelConfig, name: str) -> bool:

@@ -4,13 +4,15 @@ Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`; com
 prompts and `echo`), GET /v1/models, GET /health, GET /ready, GET /metrics, vLLM's POST /tokenize, POST /detokenize
 and GET /version, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (the admin routes:
 404 unless --allow-runtime-lora, and an admin key when --admin-key-file is set). Every response carries
-X-Request-Id (the client's, or a new one) and every request writes one JSON log line. The engine runs on its own
-thread; handlers hand requests over and await their outputs.
+X-Request-Id (the client's, or a new one) and every request writes one JSON log line. Each base model's engine runs
+on its own thread; a handler leases the base its `model` field names from the pool (serve/pool.py: loading it
+first, up to --load-timeout, else 503), hands requests to its engine and awaits their outputs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -30,7 +32,8 @@ from slimlm.engine.multi_lora import SlotsBusy
 from slimlm.serve.protocol import APIError
 from slimlm.engine.sampling import SamplingParams
 from slimlm.engine.structured import StructuredOutputError
-from slimlm.serve.state import ServerState
+from slimlm.serve.pool import PoolError
+from slimlm.serve.state import ServedModel, ServerState
 
 log = logging.getLogger("slimlm.serve.requests")
 
@@ -94,26 +97,25 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(body: P.TokenizeRequest):
         _require_ready(state)
-        if body.model is not None:
-            await run_in_threadpool(state.resolve_adapter, body.model)  # 404 for a model this server lacks
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "send either prompt (text) or messages (a chat), not both or neither", param="prompt")
-        if body.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            template = lambda: state.tokenizer.apply_chat_template(messages, body.add_generation_prompt)  # noqa: E731
-            ids = await run_in_threadpool(_template_or_400, template)
-        else:
-            ids = await run_in_threadpool(state.tokenizer.encode, body.prompt, body.add_special_tokens)
-        return {"count": len(ids), "max_model_len": state.engine.max_seq_len, "tokens": ids}
+        async with _leased(state, body.model) as (m, _):  # 404 for a model this server lacks
+            if (body.prompt is None) == (body.messages is None):
+                raise APIError(400, "send either prompt (text) or messages (a chat), not both or neither",
+                               param="prompt")
+            if body.messages is not None:
+                messages = [{"role": x.role, "content": x.text()} for x in body.messages]
+                template = lambda: m.tokenizer.apply_chat_template(messages, body.add_generation_prompt)  # noqa: E731
+                ids = await run_in_threadpool(_template_or_400, template)
+            else:
+                ids = await run_in_threadpool(m.tokenizer.encode, body.prompt, body.add_special_tokens)
+            return {"count": len(ids), "max_model_len": m.engine.max_seq_len, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(body: P.DetokenizeRequest):
         _require_ready(state)
-        if body.model is not None:
-            await run_in_threadpool(state.resolve_adapter, body.model)
-        if body.tokens and max(body.tokens) >= state.vocab_size:
-            raise APIError(400, f"tokens must be ids in [0, {state.vocab_size})", param="tokens")
-        return {"prompt": await run_in_threadpool(state.tokenizer.decode, body.tokens, False)}
+        async with _leased(state, body.model) as (m, _):
+            if body.tokens and max(body.tokens) >= m.vocab_size:
+                raise APIError(400, f"tokens must be ids in [0, {m.vocab_size})", param="tokens")
+            return {"prompt": await run_in_threadpool(m.tokenizer.decode, body.tokens, False)}
 
     @app.get("/version")
     async def version():
@@ -137,34 +139,56 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: P.ChatRequest, request: HTTPRequest):
         body.check_unsupported(("tools", "functions", "tool_choice", "audio"))
         _require_ready(state)
-        structured = await _structured(state, body)
-        prompt = await run_in_threadpool(_chat_prompt, state, body.messages)  # 1 MB of text: seconds of work
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        sampling = _sampling(body, logprobs=body.logprobs, top=body.top_logprobs, structured=structured)
-        return await _serve(state, request, "chat", body, prompt, max_tokens, sampling)
+        async with _leased(state, body.model) as (m, adapter):
+            structured = await _structured(m, body)
+            prompt = await run_in_threadpool(_chat_prompt, m, body.messages)  # 1 MB of text: seconds of work
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            sampling = _sampling(body, logprobs=body.logprobs, top=body.top_logprobs, structured=structured)
+            return await _serve(state, m, adapter, request, "chat", body, prompt, max_tokens, sampling)
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: HTTPRequest):
         body.check_unsupported(("suffix", "best_of"))
         _check_completion_options(body)
         _require_ready(state)
-        structured = await _structured(state, body)
-        prompts = [await _completion_prompt(state, p) for p in body.prompts()]
-        sampling = _sampling(body, logprobs=body.logprobs is not None, top=body.logprobs or 0, structured=structured)
-        max_tokens = body.max_tokens  # OpenAI's default of 16, unless this server allows fewer
-        if "max_tokens" not in body.model_fields_set:
-            max_tokens = min(max_tokens, state.config.max_tokens_limit)
-        if len(prompts) == 1 and (body.stream or not body.echo):
-            return await _serve(state, request, "completion", body, prompts[0], max_tokens, sampling)
-        return await _complete_batch(state, request, body, prompts, max_tokens, sampling)
+        async with _leased(state, body.model) as (m, adapter):
+            structured = await _structured(m, body)
+            prompts = [await _completion_prompt(m, p) for p in body.prompts()]
+            sampling = _sampling(body, logprobs=body.logprobs is not None, top=body.logprobs or 0,
+                                 structured=structured)
+            max_tokens = body.max_tokens  # OpenAI's default of 16, unless this server allows fewer
+            if "max_tokens" not in body.model_fields_set:
+                max_tokens = min(max_tokens, state.config.max_tokens_limit)
+            if len(prompts) == 1 and (body.stream or not body.echo):
+                return await _serve(state, m, adapter, request, "completion", body, prompts[0], max_tokens, sampling)
+            return await _complete_batch(state, m, adapter, request, body, prompts, max_tokens, sampling)
 
     return app
 
 
-def _chat_prompt(state: ServerState, messages: list[P.Message]) -> list[int]:
+@contextlib.asynccontextmanager
+async def _leased(state: ServerState, model: str | None):
+    """`async with _leased(state, body.model) as (served model, adapter)`: the base the model field names, loaded
+    first if it is not resident (the request waits up to --load-timeout, then 503 with Retry-After), and leased
+    while the handler runs so that the pool does not unload it; None names the default base. A stream outlives
+    the lease, but its request is in the engine then, and the pool never unloads an engine with work."""
+    key, adapter = await run_in_threadpool(state.resolve, model if model is not None else state.served_name)
+    try:
+        served = await state.pool.acquire(key, state.config.load_timeout_s)
+    except PoolError as e:
+        kind = "service_unavailable" if e.status == 503 else "server_error"
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+        raise APIError(e.status, e.message, type=kind, code=e.code, headers=headers) from None
+    try:
+        yield served, adapter
+    finally:
+        state.pool.release(key)
+
+
+def _chat_prompt(m: ServedModel, messages: list[P.Message]) -> list[int]:
     """The messages through the model's chat template."""
-    chat = [{"role": m.role, "content": m.text()} for m in messages]
-    return _template_or_400(lambda: state.tokenizer.prompt_ids(chat, chat=True))
+    chat = [{"role": x.role, "content": x.text()} for x in messages]
+    return _template_or_400(lambda: m.tokenizer.prompt_ids(chat, chat=True))
 
 
 def _template_or_400(apply) -> list[int]:
@@ -178,13 +202,13 @@ def _template_or_400(apply) -> list[int]:
                        code="chat_template_error") from None
 
 
-async def _structured(state: ServerState, body: P.SamplingFields):
+async def _structured(m: ServedModel, body: P.SamplingFields):
     """The request's output constraint, compiled now (off the event loop; cached for the engine) so that a schema,
     regex or grammar xgrammar cannot compile is a 400 naming its field before anything is queued."""
     spec = body.structured_output()
     if spec is not None:
         try:
-            await run_in_threadpool(state.engine.check_structured, spec)
+            await run_in_threadpool(m.engine.check_structured, spec)
         except StructuredOutputError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_structured_output") from None
     return spec
@@ -199,23 +223,22 @@ def _sampling(body: P.SamplingFields, logprobs: bool, top: int, structured=None)
                 structured=structured)
 
 
-async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.SamplingFields, prompt: list[int],
-                 max_tokens: int | None, sampling: dict):
-    adapter = await run_in_threadpool(state.resolve_adapter, body.model)
+async def _serve(state: ServerState, m: ServedModel, adapter, http: HTTPRequest, kind: str, body: P.SamplingFields,
+                 prompt: list[int], max_tokens: int | None, sampling: dict):
     http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
     rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
     # A streamed echo: the prompt (and its logprobs) first, computed before the 200 so that its errors are statuses.
     prefix = None
     if kind == "completion" and body.echo:
-        _check_fit(state, kind, prompt, max_tokens)  # before a forward over the prompt
-        prefix = await _echo_prefix(state, body, 0, prompt, adapter)
-    req, queue, first = await _start(state, http, kind, prompt, adapter, max_tokens, sampling)
+        _check_fit(state, m, kind, prompt, max_tokens)  # before a forward over the prompt
+        prefix = await _echo_prefix(m, body, 0, prompt, adapter)
+    req, queue, first = await _start(state, m, http, kind, prompt, adapter, max_tokens, sampling)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state, http, kind, rid, body.model, req, queue, first, include_usage, prefix),
+        return StreamingResponse(_sse(m, http, kind, rid, body.model, req, queue, first, include_usage, prefix),
                                  media_type="text/event-stream")
-    text, lps, out = await _collect(state, http, req, queue, first)
-    choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": _logprobs(state, kind, req, lps)}
+    text, lps, out = await _collect(m, http, req, queue, first)
+    choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": _logprobs(m, kind, req, lps)}
     if kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -225,24 +248,24 @@ async def _serve(state: ServerState, http: HTTPRequest, kind: str, body: P.Sampl
             "usage": P.usage(out.prompt_tokens, out.completion_tokens)}
 
 
-def _check_fit(state: ServerState, kind: str, prompt: list[int], max_tokens: int | None) -> int:
+def _check_fit(state: ServerState, m: ServedModel, kind: str, prompt: list[int], max_tokens: int | None) -> int:
     """max_tokens for this prompt (the room left in the context when the client sent none); 400 if it cannot fit."""
     limit = state.config.max_tokens_limit
-    room = state.engine.max_seq_len - len(prompt)
+    room = m.engine.max_seq_len - len(prompt)
     if room < (1 if max_tokens != 0 else 0):
-        raise APIError(400, f"the prompt has {len(prompt)} tokens; the server's context is {state.engine.max_seq_len}",
+        raise APIError(400, f"the prompt has {len(prompt)} tokens; the server's context is {m.engine.max_seq_len}",
                        param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", param="max_tokens")
     return max_tokens if max_tokens is not None else min(limit, room)
 
 
-async def _start(state: ServerState, http: HTTPRequest, kind: str, prompt: list[int], adapter,
+async def _start(state: ServerState, m: ServedModel, http: HTTPRequest, kind: str, prompt: list[int], adapter,
                  max_tokens: int | None, sampling: dict, started: list[Request] | None = None,
                  ) -> tuple[Request, asyncio.Queue, Output]:
-    """Submit one prompt to the engine; (request, its output queue, its first output) or an APIError. The request
-    is appended to `started` once submitted, so that a batch can cancel it if another prompt fails."""
-    max_tokens = _check_fit(state, kind, prompt, max_tokens)
+    """Submit one prompt to the engine of `m`; (request, its output queue, its first output) or an APIError. The
+    request is appended to `started` once submitted, so that a batch can cancel it if another prompt fails."""
+    max_tokens = _check_fit(state, m, kind, prompt, max_tokens)
     queue: asyncio.Queue[Output] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     try:
@@ -252,7 +275,7 @@ async def _start(state: ServerState, http: HTTPRequest, kind: str, prompt: list[
     req = Request(prompt, params, adapter,
                   emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), request_id=http.state.rid)
     try:
-        state.engine.submit(req)
+        m.engine.submit(req)
     except StructuredOutputError as e:  # checked before (_structured): only if the compile cache dropped it
         raise APIError(400, str(e), param=e.param, code="invalid_structured_output") from None
     except ValueError as e:
@@ -264,7 +287,7 @@ async def _start(state: ServerState, http: HTTPRequest, kind: str, prompt: list[
         raise APIError(503, str(e), type="service_unavailable", code="draining") from None
     if started is not None:
         started.append(req)
-    first = await _next_output(state, http, req, queue)
+    first = await _next_output(m, http, req, queue)
     if first.error:
         _log_done(http, req, first)
         raise _engine_error(first)
@@ -283,34 +306,34 @@ def _check_completion_options(body: P.CompletionRequest) -> None:
         raise APIError(400, "max_tokens 0 (scoring the prompt) is not streamed: drop stream", param="stream")
 
 
-async def _completion_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
+async def _completion_prompt(m: ServedModel, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        return await run_in_threadpool(state.tokenizer.encode, prompt)  # 1 MB of text: seconds of work
-    V = state.vocab_size
+        return await run_in_threadpool(m.tokenizer.encode, prompt)  # 1 MB of text: seconds of work
+    V = m.vocab_size
     if max(prompt) >= V:
         raise APIError(400, f"prompt token ids must be a non-empty list in [0, {V})", param="prompt")
     return list(prompt)
 
 
-async def _complete_batch(state: ServerState, http: HTTPRequest, body: P.CompletionRequest,
+async def _complete_batch(state: ServerState, m: ServedModel, adapter, http: HTTPRequest, body: P.CompletionRequest,
                           prompts: list[list[int]], max_tokens: int | None, sampling: dict) -> dict:
     """Completions for a list of prompts (one choice each, `index` in order) and for echo: all prompts are
     submitted before any is awaited, so that they decode together; any refusal cancels the others."""
-    adapter = await run_in_threadpool(state.resolve_adapter, body.model)
     http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
     started: list[Request] = []
 
     async def one(i: int, prompt: list[int]) -> tuple[dict, int]:
         if max_tokens == 0:  # scoring only: the prompt, its logprobs, nothing generated
-            _check_fit(state, "completion", prompt, 0)
-            return await _echo_choice(state, body, i, prompt, adapter, "", [], "length"), 0
-        req, queue, first = await _start(state, http, "completion", prompt, adapter, max_tokens, sampling, started)
-        text, lps, out = await _collect(state, http, req, queue, first)
+            _check_fit(state, m, "completion", prompt, 0)
+            return await _echo_choice(m, body, i, prompt, adapter, "", [], "length"), 0
+        req, queue, first = await _start(state, m, http, "completion", prompt, adapter, max_tokens, sampling,
+                                         started)
+        text, lps, out = await _collect(m, http, req, queue, first)
         if body.echo:
-            return await _echo_choice(state, body, i, prompt, adapter, text, lps, out.finish_reason), \
+            return await _echo_choice(m, body, i, prompt, adapter, text, lps, out.finish_reason), \
                 out.completion_tokens
         choice = {"index": i, "text": text, "finish_reason": out.finish_reason,
-                  "logprobs": _logprobs(state, "completion", req, lps)}
+                  "logprobs": _logprobs(m, "completion", req, lps)}
         return choice, out.completion_tokens
     tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
     try:
@@ -319,7 +342,7 @@ async def _complete_batch(state: ServerState, http: HTTPRequest, body: P.Complet
         for task in tasks:
             task.cancel()
         for req in started:
-            state.engine.cancel(req)
+            m.engine.cancel(req)
         await asyncio.gather(*tasks, return_exceptions=True)  # collected: no "exception never retrieved" later
         raise
     n_prompt, n_out = sum(len(p) for p in prompts), sum(n for _, n in results)
@@ -328,28 +351,28 @@ async def _complete_batch(state: ServerState, http: HTTPRequest, body: P.Complet
             "choices": [c for c, _ in results], "usage": P.usage(n_prompt, n_out)}
 
 
-async def _echo_choice(state: ServerState, body: P.CompletionRequest, index: int, prompt: list[int], adapter,
+async def _echo_choice(m: ServedModel, body: P.CompletionRequest, index: int, prompt: list[int], adapter,
                        text: str, lps: list[dict], finish_reason: str | None) -> dict:
     """A choice with the prompt before the completion, as OpenAI's legacy echo."""
-    prompt_text, entries = await _echo_prefix(state, body, index, prompt, adapter)
+    prompt_text, entries = await _echo_prefix(m, body, index, prompt, adapter)
     logprobs = None
     if entries is not None:  # the completion's offsets count from the end of the prompt's text, as when streamed
-        head = P.completion_logprobs(entries, state.token_text)
-        tail = P.completion_logprobs(lps, state.token_text, len(prompt_text))
+        head = P.completion_logprobs(entries, m.token_text)
+        tail = P.completion_logprobs(lps, m.token_text, len(prompt_text))
         logprobs = {k: head[k] + tail[k] for k in head}
     return {"index": index, "text": prompt_text + text, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
-async def _echo_prefix(state: ServerState, body: P.CompletionRequest, index: int, prompt: list[int],
+async def _echo_prefix(m: ServedModel, body: P.CompletionRequest, index: int, prompt: list[int],
                        adapter) -> tuple[str, list[dict] | None]:
     """What echo puts first: the prompt's text, and with logprobs its tokens' logprob entries (computed by a forward
     over the prompt on the engine thread; the first token's is None), else None."""
     prompt_text = body.prompts()[index]
     if not isinstance(prompt_text, str):
-        prompt_text = await run_in_threadpool(state.tokenizer.decode, prompt, False)
+        prompt_text = await run_in_threadpool(m.tokenizer.decode, prompt, False)
     if body.logprobs is not None:
         try:
-            entries = await asyncio.wrap_future(state.engine.prompt_logprobs(prompt, adapter, body.logprobs))
+            entries = await asyncio.wrap_future(m.engine.prompt_logprobs(prompt, adapter, body.logprobs))
         except SlotsBusy as e:
             raise APIError(429, f"server busy: {e}; retry later", type="rate_limit_error", code="lora_slots_busy",
                            headers={"Retry-After": "1"}) from None
@@ -360,7 +383,7 @@ async def _echo_prefix(state: ServerState, body: P.CompletionRequest, index: int
     return prompt_text, None
 
 
-async def _next_output(state: ServerState, http: HTTPRequest, req: Request, queue: asyncio.Queue,
+async def _next_output(m: ServedModel, http: HTTPRequest, req: Request, queue: asyncio.Queue,
                        watch: bool = True) -> Output:
     """The next Output; cancels the request (and raises) if the client disconnects while we wait.
 
@@ -373,15 +396,15 @@ async def _next_output(state: ServerState, http: HTTPRequest, req: Request, queu
             return await asyncio.wait_for(queue.get(), timeout=0.25)
         except TimeoutError:
             if await http.is_disconnected():
-                state.engine.cancel(req)
+                m.engine.cancel(req)
                 raise asyncio.CancelledError("client disconnected")
 
 
-async def _collect(state, http, req: Request, queue, out: Output) -> tuple[str, list[dict], Output]:
+async def _collect(m: ServedModel, http, req: Request, queue, out: Output) -> tuple[str, list[dict], Output]:
     """The rest of a blocking request's outputs: (text, logprob entries, the last Output); its error raised."""
     text, lps = out.text, list(out.logprobs)
     while out.finish_reason is None:
-        out = await _next_output(state, http, req, queue)
+        out = await _next_output(m, http, req, queue)
         text += out.text
         lps += out.logprobs
     _log_done(http, req, out)
@@ -390,12 +413,12 @@ async def _collect(state, http, req: Request, queue, out: Output) -> tuple[str, 
     return text, lps, out
 
 
-async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_usage: bool,
+async def _sse(m: ServedModel, http, kind, rid, model, req, queue, out: Output, include_usage: bool,
                prefix: tuple[str, list[dict] | None] | None = None) -> AsyncIterator[str]:
     created, sent, lps = P.now(), 0, []
     try:
         if prefix is not None:  # echo: the prompt's text (and logprobs) as the first chunk
-            lp = None if prefix[1] is None else P.completion_logprobs(prefix[1], state.token_text)
+            lp = None if prefix[1] is None else P.completion_logprobs(prefix[1], m.token_text)
             yield _event(P.chunk(kind, rid, model, created, {"index": 0, "text": prefix[0], "logprobs": lp,
                                                               "finish_reason": None}))
             sent = len(prefix[0])
@@ -409,7 +432,7 @@ async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_u
                 break
             lps += out.logprobs  # tokens whose text is still held back (a partial character) wait for it
             if out.text or out.finish_reason is not None:
-                lp = _logprobs(state, kind, req, lps, sent)
+                lp = _logprobs(m, kind, req, lps, sent)
                 lps = []
                 piece = {"content": out.text} if kind == "chat" else None
                 choice = {"index": 0, "logprobs": lp, "finish_reason": out.finish_reason}
@@ -418,14 +441,14 @@ async def _sse(state, http, kind, rid, model, req, queue, out: Output, include_u
                 sent += len(out.text)
             if out.finish_reason is not None:
                 break
-            out = await _next_output(state, http, req, queue, watch=False)
+            out = await _next_output(m, http, req, queue, watch=False)
         if include_usage:
             yield _event(P.chunk(kind, rid, model, created, None, P.usage(out.prompt_tokens, out.completion_tokens)))
         yield "data: [DONE]\n\n"
         _log_done(http, req, out)
     finally:
         if req.finish_reason is None:  # the client went away mid-stream: free the slot
-            state.engine.cancel(req)
+            m.engine.cancel(req)
             http.state.log["finish_reason"] = "client_disconnected"
 
 
@@ -444,10 +467,10 @@ def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _logprobs(state, kind, req, entries, offset: int = 0):
+def _logprobs(m: ServedModel, kind, req, entries, offset: int = 0):
     if not req.params.logprobs:
         return None
-    text = state.token_text
+    text = m.token_text
     return P.chat_logprobs(entries, text) if kind == "chat" else P.completion_logprobs(entries, text, offset)
 
 
@@ -516,7 +539,8 @@ class RequestContext:
             return await self.app(scope, receive, send)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         rid = headers.get("x-request-id") or P.new_id("req")[:24]
-        entry = {"request_id": rid, "path": scope["path"]}
+        path = _route_path(scope)
+        entry = {"request_id": rid, "path": path}
         scope.setdefault("state", {}).update(rid=rid, log=entry)
         t0, status = time.perf_counter(), [500]
 
@@ -527,7 +551,7 @@ class RequestContext:
             await send(message)
 
         try:
-            _check_auth(self.state, scope["path"], headers)
+            _check_auth(self.state, path, headers)
             receive = _limit_body(self.state, headers, receive)
         except APIError as e:
             entry["error"] = e.message
@@ -535,8 +559,15 @@ class RequestContext:
         else:
             await self.app(scope, receive, send_with_id)
         finally:
-            if _keyed(scope["path"]):
+            if _keyed(path):
                 log.info(json.dumps({**entry, "status": status[0], "e2e_s": round(time.perf_counter() - t0, 4)}))
+
+
+def _route_path(scope) -> str:
+    """The path the app routes on: behind a proxy that mounts the app under a prefix (ASGI root_path, e.g. Ray
+    Serve's route_prefix) the full path starts with the prefix, and the key check must see "/v1/..." all the same."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    return path[len(root):] if root and path.startswith(root + "/") else path
 
 
 def _limit_body(state: ServerState, headers: dict, receive):

@@ -82,11 +82,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = serve_config(args, api_key_file=args.api_key_file, api_keys=api_keys(args),
                        max_body_bytes=args.max_body_bytes,
                        drain_timeout_s=args.drain_timeout, admin_key_file=args.admin_key_file,
-                       allow_runtime_lora=args.allow_runtime_lora, lora_roots=list(args.lora_root))
+                       allow_runtime_lora=args.allow_runtime_lora, lora_roots=list(args.lora_root),
+                       models=list(args.models), max_models=args.max_models,
+                       memory_budget=parse_size(args.memory_budget, "--memory-budget"),
+                       load_timeout_s=args.load_timeout)
     if not 0 <= args.grpc_port <= 65535:
         raise ValueError(f"--grpc-port {args.grpc_port}: send a port in 1..65535, or 0 for no gRPC")
     run_server(cfg, args.host, args.port, args.grpc_port)
     return 0
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TB": 1000**4, "TIB": 2**40}
+
+
+def parse_size(text: str | None, flag: str) -> int:
+    """'3GiB', '800MB', '1.5G', '123456' -> bytes (decimal K/M/G/T, binary KiB/MiB/GiB/TiB); None or '0' -> 0."""
+    import re
+
+    if text is None:
+        return 0
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in SIZE_UNITS:
+        raise ValueError(f"{flag} {text!r}: send a size such as 3GiB, 800MB or 1.5G (units B, KB, MB, GB, TB, KiB, "
+                         "MiB, GiB, TiB)")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -129,6 +150,19 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--admin-key-file", default=None,
                    help="file with one admin key per line: the runtime LoRA routes then need one (inference keys "
                         "get 403 there); admin keys also work on the inference routes")
+    s.add_argument("--models", nargs="*", default=[], metavar="NAME=PATH",
+                   help="more base models to serve besides --model (alias, HF folder, .gguf file or hub id), each "
+                        "named NAME in the API and loaded on its first request; base models pushed to --registry "
+                        "are served by name the same way")
+    s.add_argument("--max-models", type=int, default=0, metavar="N",
+                   help="base models resident at once: loading one more unloads the least recently used idle one "
+                        "(never one with a running request); 0 = all stay loaded (default)")
+    s.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="bytes of weights + KV caches the resident base models may take, e.g. 3GiB or 800MB: "
+                        "loading one more unloads least recently used idle ones until it fits (default: no limit)")
+    s.add_argument("--load-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long a request waits for its base model to load (or for room to load it) before a "
+                        "503 with Retry-After; the load goes on (default: %(default)s)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get after SIGTERM")
     s.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",

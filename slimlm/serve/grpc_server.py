@@ -6,7 +6,9 @@ shape [1] or [1, 1]; the raw prompt, no chat template, as /v1/completions) and t
 (INT32/INT64), `temperature` and `top_p` (FP32/FP64), `stream` (BOOL), `stop` (BYTES, one or more strings) and
 `ignore_eos` (BOOL, as vLLM's sampling parameter);
 output `text_output` (BYTES, shape [1]). The model name is the HTTP `model` string (`BASE`, `BASE:ADAPTER`,
-`BASE:ADAPTER@VERSION`); a non-empty model_version is read as `NAME@VERSION`.
+`BASE:ADAPTER@VERSION`); a non-empty model_version is read as `NAME@VERSION`. A base that is not resident loads on
+its first ModelInfer (serve/pool.py); ModelReady says whether a name can be served (a servable base that is not
+loaded yet is ready: it loads on demand, within --load-timeout).
 
 RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (one response with the whole
 text) and Triton's bidirectional ModelStreamInfer (one response per piece of text, the last one flagged with the
@@ -34,8 +36,9 @@ import numpy as np
 from slimlm.engine.core import NotAccepting, Output, QueueFull, Request
 from slimlm.engine.sampling import SamplingParams
 from slimlm.serve.grpc_proto import pb, pb_grpc
+from slimlm.serve.pool import PoolError
 from slimlm.serve.protocol import APIError
-from slimlm.serve.state import ServerState
+from slimlm.serve.state import ServedModel, ServerState
 
 log = logging.getLogger("slimlm.serve.requests")
 
@@ -243,7 +246,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if spec.stream:
                 raise _bad("stream=true needs the streaming RPC ModelStreamInfer (tritonclient: start_stream and "
                            "async_stream_infer); drop stream for ModelInfer")
-            req, queue = await self._submit(spec, request.id)
+            req, queue, engine = await self._submit(spec, request.id)
         except InferError as e:
             self._log("ModelInfer", request, t0, error=e.message)
             await context.abort(e.code, e.message)
@@ -258,7 +261,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 await context.abort(e.code, e.message)
         finally:
             if req.finish_reason is None:  # the client cancelled or went away: free the slot
-                self.state.engine.cancel(req)
+                engine.cancel(req)
         self._log("ModelInfer", request, t0, req, out)
         return infer_response(request, text)
 
@@ -291,10 +294,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _stream_one(self, request, responses: asyncio.Queue) -> None:
-        t0, req, out = time.perf_counter(), None, None
+        t0, req, out, engine = time.perf_counter(), None, None, None
         try:
             spec = parse_request(request)
-            req, queue = await self._submit(spec, request.id)
+            req, queue, engine = await self._submit(spec, request.id)
             empty_final = _bool_param(request, "triton_enable_empty_final_response")
             while out is None or out.finish_reason is None:
                 out = await queue.get()
@@ -315,7 +318,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             responses.put_nowait(pb.ModelStreamInferResponse(error_message="internal error (see the server log)"))
         finally:
             if req is not None and req.finish_reason is None:
-                self.state.engine.cancel(req)
+                engine.cancel(req)
 
     # ---- shared steps ----
 
@@ -341,20 +344,36 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not self.state.ready or self.state.draining:
             raise InferError(grpc.StatusCode.UNAVAILABLE, self.state.not_ready_reason())
 
-    async def _resolve(self, model: str):
-        """The AdapterRef a model name picks (None = the base), off the event loop (a registry version is hashed)."""
+    async def _resolve(self, model: str) -> tuple:
+        """(the base's pool key, the AdapterRef or None) a model name picks, off the event loop (a registry version
+        is hashed)."""
         try:
-            return await asyncio.to_thread(self.state.resolve_adapter, model)
+            return await asyncio.to_thread(self.state.resolve, model)
         except APIError as e:
             message = e.message.replace("GET /v1/models lists", "GET /v1/models (HTTP) lists")
             raise InferError(HTTP_TO_GRPC.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), message) from None
 
-    async def _submit(self, spec: InferSpec, request_id: str) -> tuple[Request, asyncio.Queue]:
-        """Tokenize, check and queue one request; (the engine request, the queue its Outputs arrive on)."""
+    async def _submit(self, spec: InferSpec, request_id: str):
+        """Tokenize, check and queue one request on its base's engine (loading the base first if need be);
+        (the engine request, the queue its Outputs arrive on, the engine). The base is leased until the request is
+        queued; then its engine has work, and the pool does not unload it."""
         await self._require_ready()
-        adapter = await self._resolve(spec.model)
-        prompt = await asyncio.to_thread(self.state.tokenizer.encode, spec.prompt)
-        max_tokens = self._max_tokens(spec, len(prompt))
+        key, adapter = await self._resolve(spec.model)
+        try:
+            served = await self.state.pool.acquire(key, self.state.config.load_timeout_s)
+        except PoolError as e:
+            if e.status == 503:
+                self._rejected(e.status)
+            raise InferError(HTTP_TO_GRPC.get(e.status, grpc.StatusCode.INTERNAL), e.message) from None
+        try:
+            req, queue = await self._queue(served, spec, adapter, request_id)
+        finally:
+            self.state.pool.release(key)
+        return req, queue, served.engine
+
+    async def _queue(self, served: ServedModel, spec: InferSpec, adapter, request_id: str):
+        prompt = await asyncio.to_thread(served.tokenizer.encode, spec.prompt)
+        max_tokens = self._max_tokens(served, spec, len(prompt))
         try:
             params = SamplingParams(max_new_tokens=max_tokens, temperature=spec.temperature, top_p=spec.top_p,
                                     stop=spec.stop, ignore_eos=spec.ignore_eos)
@@ -365,7 +384,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         req = Request(prompt, params, adapter, emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
                       request_id=request_id)
         try:
-            self.state.engine.submit(req)
+            served.engine.submit(req)
         except QueueFull as e:
             self._rejected(429)
             raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}; retry later") from None
@@ -376,8 +395,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise _bad(str(e)) from None
         return req, queue
 
-    def _max_tokens(self, spec: InferSpec, n_prompt: int) -> int:
-        limit, context = self.state.config.max_tokens_limit, self.state.engine.max_seq_len
+    def _max_tokens(self, served: ServedModel, spec: InferSpec, n_prompt: int) -> int:
+        limit, context = self.state.config.max_tokens_limit, served.engine.max_seq_len
         if spec.max_tokens is not None and spec.max_tokens > limit:
             raise _bad(f"input 'max_tokens' is {spec.max_tokens}; this server allows at most {limit}")
         if n_prompt >= context:

@@ -6,6 +6,8 @@ engine-wide gauges carry `model_name`. Each server has its own CollectorRegistry
 
 from __future__ import annotations
 
+import copy
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # vLLM's buckets for TTFT / inter-token latency / end-to-end latency (seconds).
@@ -13,6 +15,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                80.0)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)  # a base model's load, seconds
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
                960.0, 1920.0, 7680.0)
 
@@ -50,6 +53,32 @@ class ServeMetrics:
         self._prefix_seen = (0, 0)
         self.rejected = Counter("slimlm:requests_rejected", "Requests refused before running, by HTTP status",
                                 ["model_name", "status"], registry=r)
+        # The model pool (serve/pool.py): base models loaded on first use and unloaded least recently used first.
+        self.models_resident = Gauge("slimlm:models_resident", "Base models loaded in memory", registry=r)
+        self.model_bytes = Gauge("slimlm:model_resident_bytes", "A resident base model's weights + KV cache bytes",
+                                 ["model_name"], registry=r)
+        self.model_loads = Counter("slimlm:model_loads", "Base model loads, by outcome (ok | error)",
+                                   ["model_name", "outcome"], registry=r)
+        self.model_unloads = Counter("slimlm:model_unloads", "Base models unloaded to make room (LRU evictions)",
+                                     ["model_name"], registry=r)
+        self.model_load_seconds = Histogram("slimlm:model_load_seconds", "Seconds to load a base model and start "
+                                            "its engine", ["model_name"], buckets=LOAD_BUCKETS, registry=r)
+
+    def for_model(self, model_name: str) -> "ServeMetrics":
+        """The same collectors, labelled with another base model's name (one per engine of a multi-model server)."""
+        view = copy.copy(self)
+        view.model_name, view._prefix_seen = model_name, (0, 0)
+        return view
+
+    def on_load(self, model_name: str, seconds: float, resident_bytes: int | None, error: bool = False) -> None:
+        self.model_loads.labels(model_name, "error" if error else "ok").inc()
+        if not error:
+            self.model_load_seconds.labels(model_name).observe(seconds)
+            self.model_bytes.labels(model_name).set(resident_bytes or 0)
+
+    def on_unload(self, model_name: str) -> None:
+        self.model_unloads.labels(model_name).inc()
+        self.model_bytes.labels(model_name).set(0)
 
     def _labels(self, req) -> dict:
         return {"model_name": self.model_name, "adapter": req.adapter.name if req.adapter is not None else ""}

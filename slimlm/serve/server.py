@@ -56,20 +56,24 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         state = self.state
-        if state.draining or state.engine is None:
+        engines = state.engines()
+        if state.draining or not engines:
             return super().handle_exit(sig, frame)
-        state.draining = True
-        state.engine.accepting = False
-        log.info('{"event": "draining", "running": %d, "waiting": %d}', len(state.engine.running),
-                 len(state.engine.waiting))
-        threading.Thread(target=self._drain_then_exit, args=(sig, frame), daemon=True).start()
+        state.draining = True  # new requests get 503
+        state.pool.stop_leasing()  # and no base starts loading
+        for engine in engines:
+            engine.accepting = False
+        log.info('{"event": "draining", "running": %d, "waiting": %d}', sum(len(e.running) for e in engines),
+                 sum(len(e.waiting) for e in engines))
+        threading.Thread(target=self._drain_then_exit, args=(sig, frame, engines), daemon=True).start()
 
-    def _drain_then_exit(self, sig, frame) -> None:
+    def _drain_then_exit(self, sig, frame, engines: list) -> None:
         deadline = time.monotonic() + self.state.config.drain_timeout_s
-        while self.state.engine.has_work() and time.monotonic() < deadline:
+        while any(e.has_work() for e in engines) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for req in list(self.state.engine.running.values()) + list(self.state.engine.waiting):
-            self.state.engine.cancel(req)  # past the deadline: abort what is left
+        for engine in engines:
+            for req in list(engine.running.values()) + list(engine.waiting):
+                engine.cancel(req)  # past the deadline: abort what is left
         time.sleep(0.2)  # let the last chunks reach their clients
         self.drained = True
         super().handle_exit(sig, frame)
@@ -182,8 +186,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, g
         # Torch must not be mid-load or mid-step when the interpreter exits (C++ `terminate`, exit 134): wait for
         # the load, then stop the engine thread, whichever way the server ended.
         loader.join()
-        if state.engine is not None:
-            state.engine.stop()
+        state.close()  # the lazy loads under way too, then every engine
         sock.close()
     if failure:
         raise failure[0]

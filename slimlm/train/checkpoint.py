@@ -6,7 +6,10 @@ A checkpoint is a folder `out_dir/checkpoints/step-{N:06d}` written atomically (
     optimizer.pt           optimizer, LR scheduler and GradScaler state, and the torch / CUDA / python RNG states
     state.json             step, data position (epoch, position), token counts, elapsed time, the config
 
-Only trainable parameters are saved: the frozen base model is the caller's to reload. `optimizer.pt` is read with
+Only trainable parameters are saved: the frozen base model is the caller's to reload. Several processes
+(train/distributed.py) write the same files one process writes, once, from rank 0: FSDP2 shards are gathered whole
+first (parameters and optimizer state), and optimizer.pt also holds every rank's RNG states (`rng_ranks`); each
+rank reads the folder back and takes its own shard and RNG states. `optimizer.pt` is read with
 `torch.load(weights_only=True)` only, so everything in it is tensors, dicts, lists, tuples and numbers.
 This module knows nothing of the training loop; it saves and restores state handed to it.
 """
@@ -26,6 +29,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from slimlm.checkpoint.atomic import atomic_folder, check_output
+from slimlm.train.distributed import all_gather_object, dist_info, full_tensor, shard_like
 
 CHECKPOINTS = "checkpoints"  # sub-folder of out_dir
 _STEP_FOLDER = re.compile(r"^step-(\d{6,})$")  # complete checkpoints only: temporary folders start with "."
@@ -116,10 +120,18 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
                     state: dict[str, Any]) -> Path:
-    """Write one checkpoint folder atomically: a kill at any moment leaves no folder or a complete one."""
-    tensors = {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model).items()}
-    extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+    """Write one checkpoint folder atomically: a kill at any moment leaves no folder or a complete one.
+
+    Several processes: every rank must call it (gathering FSDP2 shards and RNG states is collective); rank 0 writes.
+    """
+    info = dist_info()
+    tensors = {n: full_tensor(p.detach()).contiguous().cpu() for n, p in trainable_parameters(model).items()}
+    extra = {"optimizer": _whole_optimizer_state(optimizer), "scheduler": scheduler.state_dict(), "rng": rng_states(),
              "scaler": scaler.state_dict() if scaler is not None else None}
+    if info.distributed:
+        extra["rng_ranks"] = all_gather_object(extra["rng"])
+    if not info.is_main:
+        return folder
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / "trainable.safetensors"))
         torch.save(extra, tmp / "optimizer.pt")
@@ -137,11 +149,12 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         raise ResumeError(f"{folder} was written {'without' if extra['scaler'] is None else 'with'} an fp16 "
                           "GradScaler; resume with the precision the run started with")
     load_trainable(folder / "trainable.safetensors", model)  # checks every name and shape before copying
-    optimizer.load_state_dict(extra["optimizer"])  # moves the state to each parameter's device
+    optimizer.load_state_dict(_sharded_optimizer_state(extra["optimizer"], optimizer))  # to each param's device
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None:
         scaler.load_state_dict(extra["scaler"])
-    set_rng_states(extra["rng"])
+    info = dist_info()
+    set_rng_states(extra["rng_ranks"][info.rank] if info.distributed else extra["rng"])
     return json.loads((folder / "state.json").read_text())
 
 
@@ -162,7 +175,30 @@ def load_trainable(path: Path, model: nn.Module) -> None:
                           "settings as the run that wrote it, or train into a new out_dir")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(saved[n])
+            p.copy_(shard_like(saved[n], p))  # this rank's shard of an FSDP2 parameter
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters in the order optimizer.state_dict() numbers them."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() with FSDP2-sharded state tensors gathered whole (collective; plain tensors as is):
+    the same layout one process saves."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    return sd
+
+
+def _sharded_optimizer_state(sd: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved (whole) optimizer state laid out like the optimizer's parameters: this rank's shard of each
+    per-parameter tensor of an FSDP2 parameter; scalars (AdamW's step) stay as they are."""
+    params = _optimizer_params(optimizer)
+    state = {i: {k: shard_like(v, params[i]) if isinstance(v, torch.Tensor) and v.shape == params[i].shape else v
+                 for k, v in st.items()} for i, st in sd["state"].items()}
+    return {**sd, "state": state}
 
 
 def _names(items: list[str], limit: int = 5) -> str:

@@ -14,6 +14,7 @@ with the top-k cache.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ import torch.nn as nn
 from slimlm.checkpoint.atomic import write_text_atomic
 from slimlm.train.data import DataConfig, load_dataset, run_data_errors
 from slimlm.train.kd_loss import KL_DIRECTIONS, DenseTeacher, KDSettings, chunked_kd_loss, labelled_rows
+from slimlm.train.distributed import barrier, device_for, dist_info, full_state_dict, init_distributed
 from slimlm.train.trainer import LossFn, SampleStream, TrainConfig, TrainResult, train
 
 TEACHER_CACHES = ("none", "topk")
@@ -177,8 +179,11 @@ def visited_samples(n_samples: int, cfg: TrainConfig) -> list[int]:
 
 # ---- the job -----------------------------------------------------------------------------------------------------
 
-def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
-    """Run a whole distillation job as configured; returns where the student is and what was measured."""
+def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult | None:
+    """Run a whole distillation job as configured; returns where the student is and what was measured.
+
+    Under torchrun every process calls it: the teacher is replicated on each rank, the top-k cache is built once by
+    rank 0, rank 0 writes every output and gets the result (the other ranks get None)."""
     from slimlm.checkpoint.hf import save_hf_folder
     from slimlm.llm import resolve_device
     from slimlm.recipe import to_dict
@@ -186,16 +191,20 @@ def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     from slimlm.train.finetune import _eval_data_config, _yaml
 
     cfg.validate()
-    out, device = Path(cfg.out), resolve_device(cfg.device)
-    teacher_path, teacher = load_teacher(cfg.teacher, cfg.teacher_adapter, device)
+    info = init_distributed(timeout_s=cfg.train.dist_timeout_s)  # a world of 1 unless launched by torchrun
+    out, device = Path(cfg.out), resolve_device(device_for(info, cfg.device))
+    teacher_path, teacher = load_teacher(cfg.teacher, cfg.teacher_adapter, device)  # replicated on every rank
     tokenizer = Tokenizer.from_pretrained(teacher_path)
     student = make_student(cfg, teacher, device)
+    sharded = info.distributed and cfg.train.strategy == "fsdp"
+    whole = copy.deepcopy(student) if sharded and info.is_main else None  # rank 0's plain copy, to save from
     train_samples, stats = load_dataset(cfg.data, tokenizer, cfg.dataset)
     eval_samples = load_dataset(cfg.eval_data, tokenizer, _eval_data_config(cfg.dataset))[0] if cfg.eval_data else None
     records = _eval_records(cfg)
-    teacher_eval = _exact_match(teacher, tokenizer, records, cfg)
+    teacher_eval = _exact_match(teacher, tokenizer, records, cfg) if info.is_main else {}  # rank 0 generates
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "recipe.yaml", _yaml(to_dict(cfg)))
+    if info.is_main:
+        write_text_atomic(out / "recipe.yaml", _yaml(to_dict(cfg)))
     settings = KDSettings(float(cfg.alpha), float(cfg.temperature), cfg.kl)
     loss_fn, cache_info = _loss_fn(cfg, settings, teacher, train_samples, tokenizer.pad_id, out)
     if cfg.alpha == 0:
@@ -203,11 +212,19 @@ def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     eval_fn = (lambda m: _exact_match(m, tokenizer, records, cfg)) if records and cfg.train.eval_every else None
     result = train(student, train_samples, cfg.train, out, eval_samples=eval_samples, pad_id=tokenizer.pad_id,
                    eval_fn=eval_fn, resume=cfg.resume, progress=progress, loss_fn=loss_fn)
-    student_eval = _exact_match(student, tokenizer, records, cfg)
-    output = save_hf_folder(student, out / "model", tokenizer.hf, sorted(tokenizer.stop_token_ids))
-    res = DistillResult(out, output, _n_params(student), _n_params_of(cfg, teacher_path), result, teacher_eval,
-                        student_eval, cache_info)
-    write_text_atomic(out / "summary.json", json.dumps(_summary_json(cfg, res, stats), indent=2))
+    if sharded:  # gather the shards (every rank), then rank 0 carries on with its plain copy
+        state = full_state_dict(student, keep=info.is_main)
+        student = whole
+        if student is not None:
+            student.load_state_dict(state)
+    res = None
+    if info.is_main:
+        student_eval = _exact_match(student, tokenizer, records, cfg)
+        output = save_hf_folder(student, out / "model", tokenizer.hf, sorted(tokenizer.stop_token_ids))
+        res = DistillResult(out, output, _n_params(student), _n_params_of(cfg, teacher_path), result, teacher_eval,
+                            student_eval, cache_info)
+        write_text_atomic(out / "summary.json", json.dumps(_summary_json(cfg, res, stats), indent=2))
+    barrier()  # every rank returns once the outputs exist (the others return None)
     return res
 
 
@@ -222,8 +239,18 @@ def _loss_fn(cfg: DistillConfig, settings: KDSettings, teacher: nn.Module, sampl
         return online_loss(teacher, settings, cfg.kd_chunk_size), {}
     path = Path(cfg.teacher_cache_path or out / "teacher_topk.safetensors")
     t0 = time.perf_counter()
-    cache, built = build_or_load(path, teacher, samples, visited_samples(len(samples), cfg.train), cfg.top_k,
-                                 teacher_id(cfg.teacher, cfg.teacher_adapter), cfg.train.batch_size, pad_id)
+
+    def build() -> tuple[Any, int]:
+        return build_or_load(path, teacher, samples, visited_samples(len(samples), cfg.train), cfg.top_k,
+                             teacher_id(cfg.teacher, cfg.teacher_adapter), cfg.train.batch_size, pad_id)
+
+    # Several processes: rank 0 builds (or extends) the cache file once; the others wait, then read it (a shared
+    # filesystem is assumed, as for resuming).
+    main = dist_info().is_main
+    cache, built = build() if main else (None, 0)
+    barrier()
+    if not main:
+        cache, built = build()
     info = {"path": str(path), "built_samples": built, "build_s": time.perf_counter() - t0, "top_k": cfg.top_k,
             "rows": int(cache.values.shape[0])}
     return cached_loss(cache, settings, cfg.kd_chunk_size), info

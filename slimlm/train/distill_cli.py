@@ -11,16 +11,24 @@ SHORT_FLAGS = ("teacher", "teacher_adapter", "student", "student_layers", "alpha
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from slimlm.cli import _run_torchrun, peer_failure_message
     from slimlm.recipe import apply_flags, load_recipe
     from slimlm.train.checkpoint import check_run_folder
     from slimlm.train.distill import DistillConfig, distill
+    from slimlm.train.distributed import init_distributed, launched_by_torchrun, on_rank0
 
     cfg = load_recipe(DistillConfig, args.recipe) if args.recipe else DistillConfig()
     cfg = apply_flags(cfg, args)
     cfg.validate()  # flag errors before the --out check, which may remove old checkpoints (--overwrite)
-    check_run_folder(cfg.out, resume=cfg.resume, overwrite=args.overwrite,
-                     inputs=[cfg.teacher, cfg.teacher_adapter, cfg.student, cfg.data, cfg.eval_data])
-    res = distill(cfg, progress=not args.quiet)
+    if args.nproc is not None and not launched_by_torchrun():
+        return _run_torchrun(args, cfg.train.batch_size)
+    info = init_distributed(timeout_s=cfg.train.dist_timeout_s)  # a world of 1 unless launched by torchrun
+    on_rank0(check_run_folder, cfg.out, resume=cfg.resume, overwrite=args.overwrite,
+             inputs=[cfg.teacher, cfg.teacher_adapter, cfg.student, cfg.data, cfg.eval_data])
+    with peer_failure_message("distill", cfg.out, info):
+        res = distill(cfg, progress=not args.quiet)
+    if res is None:  # not rank 0: rank 0 prints
+        return 0
     t = res.train
     print(f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, {t.elapsed_s:.0f} s; "
           f"student {res.student_params:,} params (teacher {res.teacher_params:,}); exact match teacher "
@@ -43,4 +51,7 @@ def add_distill_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from slimlm.cli import _add_launch_args
+
+    _add_launch_args(p)
     p.set_defaults(func=cmd_distill)

@@ -4,6 +4,8 @@ FinetuneConfig is the whole run in one dataclass; a YAML recipe maps onto it 1:1
 (slimlm/recipe.py). The training loop itself is train/trainer.py; this file wires the pieces together and writes
 the outputs: `OUT/adapter/` (HF PEFT layout where the method exists in PEFT) or `OUT/model/` (full fine-tuning, an
 HF folder), `OUT/metrics.jsonl`, `OUT/training.png`, `OUT/summary.json` and the resolved `OUT/recipe.yaml`.
+Under torchrun every process runs `finetune` (train/distributed.py); rank 0 alone writes the outputs, the same
+files one process writes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from slimlm.peft.lora import LoraConfig
 from slimlm.peft.prefix import PrefixConfig
 from slimlm.peft.prompt import PromptConfig, input_prefix_ids
 from slimlm.train.data import DataConfig, chat_prompts, load_dataset, run_data_errors
+from slimlm.train.distributed import barrier, device_for, full_state_dict, init_distributed
 from slimlm.train.evaluate import generation_accuracy
 from slimlm.train.plot import plot_metrics
 from slimlm.train.trainer import TrainConfig, TrainResult, train
@@ -99,8 +102,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     from slimlm.tokenizer import Tokenizer
 
     cfg.validate()
+    info = init_distributed(timeout_s=cfg.train.dist_timeout_s)  # a world of 1 unless launched by torchrun
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
+    device = resolve_device(device_for(info, cfg.device))
     dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
     path, _, model = load_model(cfg.model, dtype, device)
     tokenizer = Tokenizer.from_pretrained(path)
@@ -112,26 +116,54 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         _check_eval_lengths(eval_records, tokenizer, cfg.eval_max_new_tokens, model.config.max_seq_len)
     torch.manual_seed(cfg.train.seed)  # the adapter's random init (LoRA A, soft prompt, ...) is part of the run
     summary = apply_peft(model, cfg.method, cfg.method_config(), tokenizer, nf4_base=cfg.nf4_base)
-    print(f"{cfg.method}: {summary}", flush=True)
+    if info.is_main:
+        print(f"{cfg.method}: {summary}", flush=True)
     eval_fn = None
     if eval_records:
         def eval_fn(m):
             return generation_accuracy(m, tokenizer, eval_records, cfg.task, cfg.eval_max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "recipe.yaml", _yaml(to_dict(cfg)))
+    if info.is_main:
+        write_text_atomic(out / "recipe.yaml", _yaml(to_dict(cfg)))
     result = train(model, train_samples, cfg.train, out, eval_samples=eval_samples, pad_id=tokenizer.pad_id,
                    input_prefix_ids=input_prefix_ids(model), eval_fn=eval_fn, resume=cfg.resume, progress=progress)
-    if cfg.method == "full":
-        output = save_hf_folder(model, out / "model", tokenizer.hf, sorted(tokenizer.stop_token_ids))
-    else:
-        output = save_adapter(model, out / "adapter", base_model=str(cfg.model), tokenizer=tokenizer,
-                              base_name=cfg.base_name)
+    if info.distributed and cfg.train.strategy == "fsdp":
+        model = _whole_model(cfg, model, tokenizer, dtype, device, info.is_main)
+    output = out / ("model" if cfg.method == "full" else "adapter")
+    if info.is_main and cfg.method == "full":
+        output = save_hf_folder(model, output, tokenizer.hf, sorted(tokenizer.stop_token_ids))
+    elif info.is_main:
+        output = save_adapter(model, output, base_model=str(cfg.model), tokenizer=tokenizer, base_name=cfg.base_name)
     data = {"records": train_stats.records, "samples": train_stats.samples, "truncated": train_stats.truncated,
             "dropped": train_stats.dropped, "tokens": train_stats.tokens, "trained_tokens": train_stats.trained_tokens}
     res = FinetuneResult(out, output, summary.trainable, summary.total, result, data)
-    plot_metrics(result.metrics_path, out / "training.png", f"{cfg.method} on {Path(cfg.data).name}")
-    write_text_atomic(out / "summary.json", json.dumps(_summary_json(cfg, res), indent=2))
+    if info.is_main:
+        plot_metrics(result.metrics_path, out / "training.png", f"{cfg.method} on {Path(cfg.data).name}")
+        write_text_atomic(out / "summary.json", json.dumps(_summary_json(cfg, res), indent=2))
+    barrier()  # every rank returns once the outputs exist
     return res
+
+
+def _whole_model(cfg: FinetuneConfig, sharded: torch.nn.Module, tokenizer: Any, dtype: torch.dtype,
+                 device: torch.device, is_main: bool) -> torch.nn.Module | None:
+    """The FSDP2-trained model as a plain one on rank 0, to save like a single process's (None elsewhere).
+
+    Every rank gathers the trained tensors (collective; only rank 0 keeps them); rank 0 loads them into a fresh copy
+    of the same base and method: its frozen weights are the ones training started from, so only the trained ones
+    (all of them for full fine-tuning) need gathering.
+    """
+    from slimlm.checkpoint import load_model
+    from slimlm.train.checkpoint import trainable_parameters
+
+    state = full_state_dict(sharded, set(trainable_parameters(sharded)), keep=is_main)
+    if not is_main:
+        return None
+    model = load_model(cfg.model, dtype, device)[2]
+    apply_peft(model, cfg.method, cfg.method_config(), tokenizer, nf4_base=cfg.nf4_base)
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected or set(state) != set(trainable_parameters(model)):
+        raise RuntimeError(f"the rebuilt model does not match the trained one ({unexpected or sorted(state)[:5]})")
+    return model
 
 
 def _check_eval_lengths(records: list, tokenizer: Any, max_new_tokens: int, max_seq_len: int) -> None:

@@ -6,13 +6,22 @@ touches nothing else. The loop is written out (see `train`); its pieces are smal
     SampleStream          data order, a pure function of (seed, epoch, position), so resuming needs two numbers;
                           an optimizer step never spans two epochs, so an epoch is a whole number of steps
     accumulate_gradients  forward + backward of one optimizer step's micro-batches, normalised over all of them
+                          (accumulate_step: the same for a StepLoss module, wrapped in DDP / FSDP2 or not)
     optimizer_step        unscale (fp16), clip, step, schedule
     evaluate              mean token loss over held-out samples
 
 The run is `max_steps` optimizer steps or `num_epochs` passes over the data (TrainConfig.total_steps). Logs go to
-metrics.jsonl and TensorBoard (train/run_log.py). This module is not a data pipeline (train/data.py makes Samples)
-and saves no final model: checkpoints here exist to resume (train/checkpoint.py); the caller saves the trained
-adapter or model when `train` returns.
+metrics.jsonl and TensorBoard (train/run_log.py).
+
+Several processes (torchrun; train/distributed.py): batch_size x grad_accum stays the GLOBAL batch. Every rank reads
+the same SampleStream and takes its contiguous share of each micro-batch (batch_size / world_size samples), and each
+rank's loss is divided by the labelled tokens of the whole step over all ranks (known locally: every rank sees the
+whole step's samples), so the reduced gradient equals one process's up to float reassociation. The model and its
+loss run as one module (StepLoss) wrapped in DDP or FSDP2 (cfg.strategy). Only rank 0 logs and writes checkpoints;
+eval runs on every rank over the whole eval set (replicated, not split).
+
+This module is not a data pipeline (train/data.py makes Samples) and saves no final model: checkpoints here exist to
+resume (train/checkpoint.py); the caller saves the trained adapter or model when `train` returns.
 """
 
 from __future__ import annotations
@@ -38,12 +47,14 @@ from slimlm.train.batch import IGNORE, Sample, collate
 from slimlm.train.checkpoint import (ResumeError, checkpoint_folder, list_checkpoints, load_checkpoint,
                                      remove_partial_checkpoints, rotate_checkpoints, save_checkpoint,
                                      trainable_parameters)
+from slimlm.train.distributed import (STRATEGIES, DistInfo, all_reduce_sum, broadcast_object, dist_info,
+                                      full_tensor, gradient_sync, rank_share, wrap_model)
 from slimlm.train.loss import chunked_cross_entropy
 from slimlm.train.run_log import RunLog
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Config fields that only say when to log, evaluate or save: changing them on resume leaves the training unchanged.
-_BOOKKEEPING = ("eval_every", "save_every", "keep_checkpoints", "log_every", "tensorboard")
+_BOOKKEEPING = ("eval_every", "save_every", "keep_checkpoints", "log_every", "tensorboard", "dist_timeout_s")
 DEFAULT_MAX_STEPS = 100  # the run length when neither max_steps nor num_epochs is set
 
 
@@ -72,6 +83,10 @@ class TrainConfig:
     log_every: int = 1  # steps between lines of OUT/metrics.jsonl
     seed: int = 0  # data order, and the global RNGs (dropout) at the start of a fresh run
     tensorboard: bool = True  # also write the metrics as TensorBoard scalars to OUT/tensorboard/
+    # with several processes (torchrun, --nproc): ddp replicates the model, fsdp (FSDP2) shards parameters,
+    # gradients and optimizer state; batch_size x grad_accum stays the global batch
+    strategy: str = "ddp"
+    dist_timeout_s: float = 300.0  # with several processes: seconds a rank waits for a dead or stuck peer, then fails
 
     def validate(self, device_type: str | None = None) -> None:
         """Raise one TrainConfigError naming every problem; `device_type` ("cpu", "cuda") adds device checks."""
@@ -102,6 +117,10 @@ class TrainConfig:
             errors.append(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if _is_int(self.warmup_steps) and _is_int(self.max_steps) and self.warmup_steps > self.max_steps:
             errors.append(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        if self.strategy not in STRATEGIES:
+            errors.append(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if not (isinstance(self.dist_timeout_s, (int, float)) and self.dist_timeout_s > 0):
+            errors.append(f"dist_timeout_s must be a positive number of seconds, got {self.dist_timeout_s!r}")
         if self.precision not in PRECISIONS:
             errors.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         elif device_type is not None:
@@ -279,6 +298,7 @@ def _check_inputs(params: dict[str, nn.Parameter], train_samples: list[Sample], 
 class StepStats:
     loss: float  # token-weighted mean loss over the step's micro-batches
     trained_tokens: int
+    loss_sum: float = 0.0  # summed token loss (several processes add theirs up for the logged loss)
 
 
 def autocast(precision: str, device_type: str) -> AbstractContextManager:
@@ -292,6 +312,25 @@ def autocast(precision: str, device_type: str) -> AbstractContextManager:
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
 
 
+class StepLoss(nn.Module):
+    """The model and its training loss as one module: forward(batch) -> summed loss over the batch's labelled tokens.
+
+    One module because DDP's and FSDP2's hooks run on `__call__`: the whole training forward (head and loss
+    included) must go through the wrapped module's forward. `eval_loss=True` gives the token cross-entropy whatever
+    `loss_fn` is (the eval loss stays the cross-entropy).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, chunk_size: int):
+        super().__init__()
+        self.model, self.loss_fn, self.chunk_size = model, loss_fn, chunk_size
+
+    def forward(self, batch: dict[str, torch.Tensor], eval_loss: bool = False) -> torch.Tensor:
+        if self.loss_fn is None or eval_loss:
+            h = self.model.hidden(batch["input_ids"], segment_ids=batch.get("segment_ids"))  # [B, T, D]
+            return chunked_cross_entropy(h, batch["labels"], self.model.lm_head, self.chunk_size)[0]
+        return self.loss_fn(self.model, batch)[0]
+
+
 def accumulate_gradients(model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig,
                          scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None) -> StepStats:
     """Forward and backward every micro-batch of one optimizer step, adding into .grad.
@@ -301,23 +340,36 @@ def accumulate_gradients(model: nn.Module, batches: list[dict[str, torch.Tensor]
     `loss_fn` replaces the default token cross-entropy (e.g. distillation, train/distill.py); it must return a sum
     over the batch's labelled tokens so the normalisation above stays right.
     """
-    device = next(model.parameters()).device
-    total = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
-    denom = max(total, 1)
+    return accumulate_step(StepLoss(model, loss_fn, cfg.loss_chunk_size), batches, cfg, scaler)
+
+
+def accumulate_step(step_loss: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig,
+                    scaler: torch.amp.GradScaler | None = None, *, step_tokens: int | None = None,
+                    stand_ins: Sequence[bool] = (), world_size: int = 1) -> StepStats:
+    """accumulate_gradients for a StepLoss, possibly wrapped in DDP / FSDP2 (train/distributed.py).
+
+    On several ranks `batches` are this rank's share of the step, `step_tokens` the labelled tokens of the whole
+    step over all ranks, and each loss is scaled by world_size / step_tokens because DDP and FSDP2 average the
+    gradients over ranks: the average of the ranks' world_size * sum_r / tokens is the one-process gradient.
+    A micro-batch marked in `stand_ins` (a rank with no sample of a short micro-batch) runs forward and backward
+    times zero: every rank must join every collective, and it adds exactly nothing. Gradients are reduced only
+    on the last micro-batch. StepStats.loss is this rank's part (loss_sum over all ranks is the step's sum).
+    """
+    device = next(step_loss.parameters()).device
+    stand_ins = list(stand_ins) or [False] * len(batches)
+    local = sum(int((b["labels"] != IGNORE).sum()) for b, fake in zip(batches, stand_ins) if not fake)
+    denom = max(local if step_tokens is None else step_tokens, 1)
     loss_sum = torch.zeros((), device=device)
-    for b in batches:
-        ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # [B, T]
-        seg = b["segment_ids"].to(device) if "segment_ids" in b else None
-        with autocast(cfg.precision, device.type):
-            if loss_fn is None:
-                h = model.hidden(ids, segment_ids=seg)  # [B, T, D]
-                loss, _ = chunked_cross_entropy(h, labels, model.lm_head, cfg.loss_chunk_size)
-            else:
-                loss, _ = loss_fn(model, {k: v.to(device) for k, v in b.items()})
-        scaled = loss / denom
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += loss.detach()
-    return StepStats(loss=loss_sum.item() / denom, trained_tokens=total)
+    for i, (b, fake) in enumerate(zip(batches, stand_ins)):
+        with gradient_sync(step_loss, enabled=i == len(batches) - 1):
+            with autocast(cfg.precision, device.type):
+                loss = step_loss({k: v.to(device) for k, v in b.items()})
+            # One process keeps its exact historic expression; world_size * loss is exact for powers of two.
+            scaled = loss * 0.0 if fake else loss / denom if world_size == 1 else loss * world_size / denom
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if not fake:
+            loss_sum += loss.detach()
+    return StepStats(loss=loss_sum.item() / denom, trained_tokens=local, loss_sum=loss_sum.item())
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -330,6 +382,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
     else:  # measure only: clip_grad_norm_ with an infinite bound would still multiply every gradient by 1
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    # FSDP2's sharded gradients give a DTensor norm: already over all shards (the global norm), made whole here.
+    norm = full_tensor(norm)
     if scaler is not None:
         scaler.step(optimizer)  # skips the update if the gradients overflowed
         scaler.update()
@@ -357,19 +411,45 @@ def evaluate(model: nn.Module, samples: list[Sample], cfg: TrainConfig, pad_id: 
     return loss_sum / n if n else float("nan")
 
 
+@torch.no_grad()
+def _evaluate_wrapped(step_loss: nn.Module, samples: list[Sample], cfg: TrainConfig, pad_id: int) -> float:
+    """`evaluate` through a DDP / FSDP2-wrapped StepLoss: every rank runs the same batches (FSDP2 gathers each
+    block's weights in its forward), so all ranks get the same number."""
+    device = next(step_loss.parameters()).device
+    loss_sum, n = 0.0, 0
+    for i in range(0, len(samples), cfg.batch_size):
+        b = collate(samples[i:i + cfg.batch_size], pad_id)
+        with autocast(cfg.precision, device.type):
+            loss = step_loss({k: v.to(device) for k, v in b.items()}, eval_loss=True)
+        loss_sum, n = loss_sum + loss.item(), n + int((b["labels"] != IGNORE).sum())
+    return loss_sum / n if n else float("nan")
+
+
 def _run_eval(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, pad_id: int,
-              eval_fn: Callable[[nn.Module], dict] | None) -> dict[str, float]:
-    """Eval mode, and a forked RNG: evaluating (even sampling in eval_fn) never changes the training run."""
+              eval_fn: Callable[[nn.Module], dict] | None, wrapped: nn.Module | None = None) -> dict[str, float]:
+    """Eval mode, and a forked RNG: evaluating (even sampling in eval_fn) never changes the training run.
+
+    `wrapped` (several processes): the eval loss goes through it on every rank; eval_fn runs on rank 0 only (DDP:
+    the model there is whole) and its metrics are sent to the others.
+    """
     device = next(model.parameters()).device
-    model.eval()
+    module = wrapped if wrapped is not None else model
+    module.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             py_state = random.getstate()
-            metrics = {"eval_loss": evaluate(model, samples, cfg, pad_id)} if samples else {}
-            metrics.update(eval_fn(model) if eval_fn is not None else {})
+            metrics = {}
+            if samples:
+                loss = (evaluate(model, samples, cfg, pad_id) if wrapped is None
+                        else _evaluate_wrapped(wrapped, samples, cfg, pad_id))
+                metrics["eval_loss"] = loss
+            if eval_fn is not None and wrapped is None:
+                metrics.update(eval_fn(model))
+            elif eval_fn is not None:
+                metrics.update(broadcast_object(eval_fn(model) if dist_info().is_main else None))
             random.setstate(py_state)
     finally:
-        model.train()
+        module.train()
     return metrics
 
 
@@ -394,41 +474,48 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
     `on_step_end(step)` runs after each step's logging, eval and checkpoint. `loss_fn` replaces the training loss
     (not the eval loss, which stays the cross-entropy); its batches also carry `sample_index` [B], each row's index
     in train_samples (e.g. to look up cached teacher outputs).
+    In a process group of several ranks (train/distributed.py) every rank calls train with the same arguments;
+    only rank 0 writes files. With strategy fsdp the model comes back sharded (FSDP2 DTensors): gather it with
+    distributed.full_state_dict (every rank) to save it.
     """
     device = next(model.parameters()).device
+    info = dist_info()
     cfg.validate(device.type)
-    params = trainable_parameters(model)
-    _check_inputs(params, train_samples, eval_samples, input_prefix_ids)
+    _check_distributed(cfg, info, eval_fn)
+    _check_inputs(trainable_parameters(model), train_samples, eval_samples, input_prefix_ids)
     total = _total_steps(cfg, len(train_samples))
     train_samples = add_prefix(train_samples, input_prefix_ids)
     eval_samples = add_prefix(eval_samples, input_prefix_ids) if eval_samples else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    step_loss = StepLoss(model, loss_fn, cfg.loss_chunk_size)
+    wrapped = wrap_model(step_loss, cfg.strategy) if info.distributed else None
+    params = trainable_parameters(model)  # after wrapping: FSDP2 replaces them with sharded DTensors
     optimizer, scheduler = make_optimizer(params, cfg, total)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    run = _start(out_dir, cfg, resume, len(train_samples), model, optimizer, scheduler, scaler)
+    run = _start(out_dir, cfg, resume, len(train_samples), model, optimizer, scheduler, scaler, info)
     has_eval = bool(eval_samples) or eval_fn is not None
     stream = SampleStream(train_samples, cfg.batch_size, cfg.seed, run.epoch, run.position)
     t_start, elapsed_before = time.perf_counter(), run.elapsed_s
     logged = (run.input_tokens, run.train_time_s)  # at the last log line: throughput is measured since then
     final_loss, eval_metrics, evaluated_at = None, {}, -1
-    bar = tqdm(total=total, initial=run.step, disable=not progress, desc="train", dynamic_ncols=True)
-    with (RunLog(out_dir, keep_up_to_step=run.step, tensorboard=cfg.tensorboard) as log,  # closed on error too
+    bar = tqdm(total=total, initial=run.step, disable=not progress or not info.is_main, desc="train",
+               dynamic_ncols=True)
+    with (_run_log(out_dir, run.step, cfg.tensorboard, info) as log,  # closed on error too
           _training_mode(model, cfg.gradient_checkpointing)):
         while run.step < total:
             t0 = time.perf_counter()
             picked = stream.next_step(cfg.grad_accum)
             micro = [m for _, m in picked]
-            stats = accumulate_gradients(model, _batches(picked, pad_id, with_index=loss_fn is not None), cfg, scaler,
-                                         loss_fn)
+            stats = _step(wrapped or step_loss, picked, cfg, scaler, pad_id, loss_fn is not None, info)
             lr = scheduler.get_last_lr()[0]  # the LR this step used
             grad_norm = optimizer_step(optimizer, scheduler, scaler, list(params.values()), cfg.max_grad_norm)
             run.advance(stats.trained_tokens, sum(len(s.input_ids) for m in micro for s in m),
                         time.perf_counter() - t0, stream)
             run.elapsed_s = elapsed_before + time.perf_counter() - t_start
             final_loss = stats.loss
-            if run.step % cfg.log_every == 0 or run.step == total:
+            if (run.step % cfg.log_every == 0 or run.step == total) and log is not None:
                 tok_s = (run.input_tokens - logged[0]) / max(run.train_time_s - logged[1], 1e-9)
                 log.write({"step": run.step, "epoch": stream.epochs_done, "loss": stats.loss, "lr": lr,
                            "grad_norm": grad_norm, "tokens": stats.trained_tokens, "tokens_per_s": tok_s,
@@ -436,18 +523,64 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
                 bar.set_postfix(epoch=f"{stream.epochs_done:.2f}", loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}")
                 logged = (run.input_tokens, run.train_time_s)
             if has_eval and cfg.eval_every and run.step % cfg.eval_every == 0:
-                eval_metrics, evaluated_at = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step)
+                eval_metrics, evaluated_at = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step,
+                                                           wrapped)
             if cfg.save_every and run.step % cfg.save_every == 0 and run.step < total:
-                _save(out_dir, cfg, run, len(train_samples), model, optimizer, scheduler, scaler)
+                _save(out_dir, cfg, run, len(train_samples), model, optimizer, scheduler, scaler, info)
             bar.update(1)
             if on_step_end is not None:
                 on_step_end(run.step)
         if has_eval and evaluated_at != run.step:
-            eval_metrics = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step)[0]
+            eval_metrics = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step, wrapped)[0]
     bar.close()
     return TrainResult(steps=run.step, final_loss=final_loss, eval_metrics=eval_metrics,
                        tokens_per_s=run.input_tokens / max(run.train_time_s, 1e-9), trained_tokens=run.trained_tokens,
-                       elapsed_s=elapsed_before + time.perf_counter() - t_start, metrics_path=log.path)
+                       elapsed_s=elapsed_before + time.perf_counter() - t_start,
+                       metrics_path=out_dir / "metrics.jsonl")
+
+
+def _check_distributed(cfg: TrainConfig, info: DistInfo, eval_fn: Callable | None) -> None:
+    """Settings several processes cannot run: one TrainConfigError saying what to change."""
+    if not info.distributed:
+        return
+    errors = []
+    if cfg.batch_size % info.world_size:
+        errors.append(f"batch_size ({cfg.batch_size}) is the global micro-batch, split over {info.world_size} "
+                      f"processes: make it a multiple of {info.world_size} (the global batch is batch_size x "
+                      "grad_accum whatever the number of processes)")
+    if eval_fn is not None and cfg.strategy == "fsdp":
+        errors.append("generation during eval (eval_generate, eval_fn) needs the whole model on one rank: use "
+                      "strategy ddp, or eval_generate 0 (the eval loss works with fsdp)")
+    if errors:
+        raise TrainConfigError("invalid training config for several processes: " + "; ".join(errors))
+
+
+def _step(step_loss: nn.Module, picked: list[tuple[list[int], list[Sample]]], cfg: TrainConfig,
+          scaler: torch.amp.GradScaler | None, pad_id: int, with_index: bool, info: DistInfo) -> StepStats:
+    """One optimizer step's forward and backward. Several ranks: each takes its share of every micro-batch (a
+    stand-in where it has none), the loss is normalised by the whole step's labelled tokens and summed over ranks."""
+    if not info.distributed:
+        return accumulate_step(step_loss, _batches(picked, pad_id, with_index), cfg, scaler)
+    step_tokens = sum(s.num_trained for _, m in picked for s in m)
+    mine, stand_ins = [], []
+    for idx, samples in picked:
+        share = (rank_share(idx, info.rank, info.world_size), rank_share(samples, info.rank, info.world_size))
+        stand_ins.append(not share[1])
+        mine.append(share if share[1] else (idx[:1], samples[:1]))  # any real sample; its loss is multiplied by 0
+    stats = accumulate_step(step_loss, _batches(mine, pad_id, with_index), cfg, scaler, step_tokens=step_tokens,
+                            stand_ins=stand_ins, world_size=info.world_size)
+    loss_sum, = all_reduce_sum([stats.loss_sum])
+    return StepStats(loss=loss_sum / max(step_tokens, 1), trained_tokens=step_tokens, loss_sum=loss_sum)
+
+
+@contextmanager
+def _run_log(out_dir: Path, step: int, tensorboard: bool, info: DistInfo) -> Iterator[RunLog | None]:
+    """Rank 0's RunLog; None on the other ranks, which log nothing."""
+    if not info.is_main:
+        yield None
+        return
+    with RunLog(out_dir, keep_up_to_step=step, tensorboard=tensorboard) as log:
+        yield log
 
 
 def _total_steps(cfg: TrainConfig, n_samples: int) -> int:
@@ -484,9 +617,11 @@ def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[N
 
 
 def _eval_and_log(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, pad_id: int,
-                  eval_fn: Callable[[nn.Module], dict] | None, log: RunLog, step: int) -> tuple[dict, int]:
-    metrics = _run_eval(model, samples, cfg, pad_id, eval_fn)
-    log.write({"step": step, **metrics}, section="eval")
+                  eval_fn: Callable[[nn.Module], dict] | None, log: RunLog | None, step: int,
+                  wrapped: nn.Module | None = None) -> tuple[dict, int]:
+    metrics = _run_eval(model, samples, cfg, pad_id, eval_fn, wrapped)
+    if log is not None:
+        log.write({"step": step, **metrics}, section="eval")
     return metrics, step
 
 
@@ -496,39 +631,58 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def _save(out_dir: Path, cfg: TrainConfig, run: RunState, n_samples: int, model: nn.Module,
           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-          scaler: torch.amp.GradScaler | None) -> None:
+          scaler: torch.amp.GradScaler | None, info: DistInfo = DistInfo()) -> None:
+    """Every rank gathers (FSDP2 shards, RNG states); rank 0 writes the folder atomically and rotates."""
     state = {"run": dataclasses.asdict(run), "n_samples": n_samples, "config": _config_dict(cfg)}
+    if info.distributed:
+        state["world_size"] = info.world_size
     save_checkpoint(checkpoint_folder(out_dir, run.step), model, optimizer, scheduler, scaler, state)
-    rotate_checkpoints(out_dir, cfg.keep_checkpoints)  # only now: the new checkpoint is complete
+    if info.is_main:
+        rotate_checkpoints(out_dir, cfg.keep_checkpoints)  # only now: the new checkpoint is complete
 
 
 def _start(out_dir: Path, cfg: TrainConfig, resume: bool, n_samples: int, model: nn.Module,
            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-           scaler: torch.amp.GradScaler | None) -> RunState:
-    """A fresh RunState (global RNGs seeded), or the one of the newest checkpoint with all state restored."""
+           scaler: torch.amp.GradScaler | None, info: DistInfo = DistInfo()) -> RunState:
+    """A fresh RunState (global RNGs seeded; rank r with seed + r, so ranks draw different dropout masks), or the
+    one of the newest checkpoint with all state restored (each rank its own RNG states)."""
     found = list_checkpoints(out_dir)
     if found and not resume:
         raise ResumeError(f"{out_dir} holds checkpoints of an earlier run (newest: {found[-1][1].name}); pass "
                           f"resume=True to continue it, or train into a new out_dir (or delete {out_dir}/checkpoints)")
-    if resume:
+    if resume and info.is_main:
         for folder in remove_partial_checkpoints(out_dir):
             _note(f"removed {folder.name}, a checkpoint whose writing was interrupted")
     if not found:
-        if resume:
+        if resume and info.is_main:
             _note(f"no checkpoint in {out_dir / 'checkpoints'}; starting a fresh run")
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed + info.rank)
+        random.seed(cfg.seed + info.rank)
         return RunState()
     step, folder = found[-1]
+    _check_world_size(folder, info.world_size)
     state = load_checkpoint(folder, model, optimizer, scheduler, scaler)
-    _warn_if_changed(state, cfg, n_samples, folder)
-    _note(f"resumed from {folder} (step {step})")
+    if info.is_main:  # the same on every rank: said once
+        _warn_if_changed(state, cfg, n_samples, folder)
+        _note(f"resumed from {folder} (step {step})")
     return RunState(**state["run"])
+
+
+def _check_world_size(folder: Path, world_size: int) -> None:
+    """A checkpoint resumes exactly only with the number of processes that wrote it (each had its RNG states)."""
+    saved = json.loads((folder / "state.json").read_text()).get("world_size", 1)
+    if saved != world_size:
+        launch = ("one process (no torchrun, no --nproc)" if saved == 1
+                  else f"--nproc {saved} (torchrun --nproc-per-node/--nnodes giving {saved} processes in all)")
+        raise ResumeError(f"{folder} was written by a run of {saved} process(es); this run has {world_size}. "
+                          f"Resume it with {launch}, or train into a new --out")
 
 
 def _warn_if_changed(state: dict[str, Any], cfg: TrainConfig, n_samples: int, folder: Path) -> None:
     old, new = state["config"], _config_dict(cfg)
-    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in _BOOKKEEPING and old.get(k) != v]
+    defaults = _config_dict(TrainConfig())  # a field the checkpoint predates had its default value
+    changed = [f"{k}: {old.get(k, defaults[k])!r} -> {v!r}" for k, v in new.items()
+               if k not in _BOOKKEEPING and old.get(k, defaults[k]) != v]
     if state["n_samples"] != n_samples:
         changed.append(f"number of train samples: {state['n_samples']} -> {n_samples}")
     if changed:
