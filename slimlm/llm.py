@@ -224,7 +224,8 @@ BACKENDS = ("torch", "onnxruntime")
 
 def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
          compile: bool = False, adapter: str | Path | None = None, quantize: str | None = None,
-         group_size: int = 64, backend: str = "torch", draft_model: str | Path | None = None) -> LLM:
+         group_size: int = 64, backend: str = "torch", draft_model: str | Path | None = None,
+         tokenizer: Tokenizer | None = None) -> LLM:
     """Load a model by alias (`smollm2-135m`), HF folder, .gguf file or HF hub id, with its tokenizer.
 
     dtype: auto | fp32 | bf16 | fp16. compile=True compiles the decode step (slower first call, faster decoding).
@@ -236,6 +237,8 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
     draft_model: a smaller model with the same tokenizer (alias, folder, .gguf or hub id; e.g. a student from
     `slimlm distill`), loaded with the same dtype, device and quantization: generation then runs draft-model
     speculative decoding (engine/draft.py; greedy output unchanged, sampled output keeps its distribution).
+    tokenizer: the model's tokenizer, already built (the server keeps one per base across unloads: building it
+    holds the GIL for ~0.2 s, which would stall the other bases' streams); default: built from the model's files.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -255,7 +258,7 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
 
         draft = _load_torch(draft_model, dtype, device, quantize, group_size)[1]
         check_draft("draft", net, draft)  # now, not at the first generate
-    llm = LLM(net, Tokenizer.from_pretrained(path), path, draft_model=draft)
+    llm = LLM(net, tokenizer or Tokenizer.from_pretrained(path), path, draft_model=draft)
     if adapter is not None:
         llm.load_adapter(adapter)
     return llm.compile() if compile else llm

@@ -200,14 +200,16 @@ def _module_tensors(model) -> list[torch.Tensor]:
 
 
 def load_served_model(config: ServeConfig, source: str, name: str, metrics: ServeMetrics | None,
-                      draft: bool = True) -> ServedModel:
+                      draft: bool = True, tokenizer=None) -> ServedModel:
     """Load the base at `source` with the server's dtype, quantization and engine settings, and start its engine.
-    draft=False: no draft model (only the default base has one; draft speculation is off for the others)."""
+    draft=False: no draft model (only the default base has one; draft speculation is off for the others).
+    tokenizer: the base's tokenizer if the server already built it (kept across unloads)."""
     from slimlm.llm import load
 
     quantize, dtype = resolve_auto_quantize(config)
+    kw = {} if config.backend == "onnxruntime" else {"tokenizer": tokenizer}
     llm = load(source, dtype=dtype, device=config.device, quantize=quantize, group_size=config.group_size,
-               backend=config.backend, draft_model=config.draft_model if draft else None)
+               backend=config.backend, draft_model=config.draft_model if draft else None, **kw)
     engine_config = config.engine
     if config.backend == "onnxruntime":  # no LoRA slots in an exported graph
         engine_config = dataclasses.replace(engine_config, max_loras=0)
@@ -252,6 +254,9 @@ class ServerState:
         # NAME@VERSION, so that a moved head is a different model).
         self.bases: dict[str, str] = {self.served_name: config.model, **parse_model_args(config.models)}
         self._sizes: dict[str, int] = {}  # resident bytes measured at each base's last load: the pool's estimates
+        # Each base's tokenizer, built once and kept across unloads (a few MB each): building one holds the GIL for
+        # ~0.2 s, a stall of every other base's streams if it happened on each lazy load.
+        self._tokenizers: dict[str, object] = {}
         self.metrics: ServeMetrics | None = ServeMetrics(self.served_name)
         self.pool = ModelPool(self._load_base, self._estimate, config.max_models, config.memory_budget, self.metrics)
         self.ready = self.draining = False
@@ -269,6 +274,7 @@ class ServerState:
                                  f"{self.served_name} alone ({model.resident_bytes / 2**20:.0f} MiB of weights and "
                                  "KV cache): raise --memory-budget, or lower --max-batch / --max-seq-len")
             self.pool.add(self.served_name, model, time.perf_counter() - t0)
+            self._build_tokenizers()
             self.ready = True
         except Exception as e:  # surfaced by /ready and the server log
             self.load_error = f"{type(e).__name__}: {e}"
@@ -278,9 +284,25 @@ class ServerState:
         """Load base `key` (the pool calls this on a loader thread)."""
         default = key == self.served_name
         metrics = None if self.metrics is None else self.metrics if default else self.metrics.for_model(key)
-        model = load_served_model(self.config, self.bases[key], key, metrics, draft=default)
+        model = load_served_model(self.config, self.bases[key], key, metrics, draft=default,
+                                  tokenizer=self._tokenizers.get(key))
         self._sizes[key] = model.resident_bytes
+        self._tokenizers[key] = model.tokenizer
         return model
+
+    def _build_tokenizers(self) -> None:
+        """At start-up, before /ready: the tokenizers of the --models bases that are local folders (the others are
+        kept from their first load), so that a lazy load does not build one while other bases stream."""
+        if self.config.backend == "onnxruntime":
+            return
+        from slimlm.tokenizer import Tokenizer
+
+        for key, source in self.bases.items():
+            if key not in self._tokenizers and Path(source).is_dir():
+                try:
+                    self._tokenizers[key] = Tokenizer.from_pretrained(source)
+                except Exception:  # noqa: BLE001 - a broken base fails at its first request, with its own error
+                    continue
 
     def _estimate(self, key: str) -> int:
         return self._sizes.get(key) or weights_on_disk(self.bases[key])
