@@ -379,6 +379,9 @@ got = {f"{method} {strategy}": one_step(method, strategy, config) for method in 
 if dist_info().rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(got, f)
+# Both ranks done with every collective before either tears gloo down (a rank that destroys its group while the
+# other still runs one has aborted with "terminate called without an active exception").
+torch.distributed.barrier()
 shutdown()
 """
 
