@@ -83,7 +83,7 @@ def test_three_bases_two_resident_lru(bases, references, closing):
         assert metric(url, "slimlm:model_load_seconds_count") == 5  # a at start-up, then b, c, a, b
         # Token metrics carry each base's own name.
         assert metric(url, 'vllm:generation_tokens_total{adapter="",model_name="c"}') == 8
-        assert not first_a._thread.is_alive() and state.engine is not first_a  # unloaded: its engine stopped
+        assert not first_a.alive and state.engine is not first_a  # unloaded: its engine stopped
         for bad in ("nope", "nope:x"):  # unknown bases are 404 as before
             r = greedy(url, bad)
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -341,6 +341,11 @@ class Engine:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Its engine thread is alive (started, not stopped, not crashed): requests submitted now get decoded."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop, self.accepting = True, False
         self._wake.set()

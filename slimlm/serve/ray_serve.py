@@ -143,10 +143,9 @@ def replica_class(max_adapters: int):
             """Ray restarts a replica whose health check raises: the engine must be loaded and its thread alive."""
             if not self.state.ready:
                 raise RuntimeError(self.state.not_ready_reason())
-            # The default base's engine loop (Engine.start): dead = nothing is decoded any more.
-            thread = getattr(self.state.engine, "_thread", None)
-            if thread is not None and not thread.is_alive():
-                raise RuntimeError("the engine thread has stopped")
+            # The resident bases' engine loops: a dead one decodes nothing any more (an unloaded base has none).
+            if not all(engine.alive for engine in self.state.engines()):
+                raise RuntimeError("an engine thread has stopped")
 
         @serve.multiplexed(max_num_models_per_replica=max(1, max_adapters))
         async def adapter(self, model_id: str):
