@@ -26,7 +26,7 @@ from slimlm.eval.speed import SpeedConfig, measure_speed
 from slimlm.tasks import extract_json
 from slimlm.tokenizer import Tokenizer
 from slimlm.train.distill import DistillConfig, distill, load_teacher
-from slimlm.train.evaluate import chat_eval_set, generation_accuracy
+from slimlm.eval.task_accuracy import chat_eval_set, generation_accuracy
 from slimlm.train.finetune import FinetuneConfig, finetune
 
 MODEL = "smollm2-135m"

@@ -26,7 +26,7 @@ import slimlm
 from slimlm.eval.speed import SpeedConfig, measure_speed
 from slimlm.export.onnx import METADATA_FILE, ONNX_FILE, export_onnx
 from slimlm.export.ort import OrtModel
-from slimlm.quantize.model import quantized_bytes
+from slimlm.quantize.schemes import quantized_bytes
 
 FORMATS = {"fp32": None, "int8": "int8", "int8-dynamic": "int8-dynamic", "int4-g64": "int4"}
 

@@ -89,7 +89,7 @@ def _prepare(model, mode: str, device: str, batch: int, seq: int, strategy: str 
 
     from slimlm.generate import SamplingParams, generate_tokens
     from slimlm.peft import apply_peft, make_config
-    from slimlm.train.checkpoint import trainable_parameters
+    from slimlm.train.resume import trainable_parameters
     from slimlm.train.trainer import (
         TrainConfig,
         _training_mode,
@@ -126,7 +126,7 @@ def _prepare_distributed(model, dtype: str, batch: int, seq: int, strategy: str)
     """As train.trainer.train runs a step on several ranks: StepLoss wrapped in DDP / FSDP2, this rank's share."""
     import torch
 
-    from slimlm.train.checkpoint import trainable_parameters
+    from slimlm.train.resume import trainable_parameters
     from slimlm.train.distributed import dist_info, wrap_model
     from slimlm.train.trainer import (
         StepLoss,

@@ -39,7 +39,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 
     from slimlm.peft.common import ADAPTER_WEIGHTS
     from slimlm.recipe import from_dict
-    from slimlm.train.evaluate import chat_eval_set, generation_accuracy
+    from slimlm.eval.task_accuracy import chat_eval_set, generation_accuracy
     from slimlm.train.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/gguf_task_parity.py --model runs/demo/tuned-merged --test runs/demo/task/test.jsonl \
         --n 100 --types q8_0,f16,q4_0
 
-slimlm answers the first --n test prompts greedily from the HF folder (train.evaluate.generation_accuracy). Each
+slimlm answers the first --n test prompts greedily from the HF folder (eval.task_accuracy.generation_accuracy). Each
 --types file is exported with the CLI's own code path, loaded in llama-cpp-python, and asked through its chat API
 (`create_chat_completion`, which renders the chat template embedded in the GGUF and tokenizes with llama.cpp's own
 tokenizer: what an Ollama / llama-server user runs), greedy (temperature 0, no repeat penalty), same max tokens.
@@ -27,7 +27,7 @@ for lib in sorted(glob.glob(str(REPO / "build/llama.cpp/*/llama.cpp/build/bin/li
 
 def slimlm_scores(model: str, records, task: str | None, max_new: int) -> tuple[float, list[str]]:
     import slimlm
-    from slimlm.train.evaluate import generate_answers
+    from slimlm.eval.task_accuracy import generate_answers
 
     llm = slimlm.load(model, dtype="fp32")
     answers = generate_answers(llm.model, llm.tokenizer, [p for p, _ in records], max_new)
@@ -35,7 +35,7 @@ def slimlm_scores(model: str, records, task: str | None, max_new: int) -> tuple[
 
 
 def score(answers: list[str], records, task: str | None) -> float:
-    from slimlm.train.evaluate import exact_match
+    from slimlm.eval.task_accuracy import exact_match
 
     if task is not None:
         from slimlm.tasks import TASKS
@@ -84,7 +84,7 @@ def main() -> int:
     import llama_cpp
     import torch
 
-    from slimlm.train.evaluate import chat_eval_set
+    from slimlm.eval.task_accuracy import chat_eval_set
 
     torch.set_num_threads(args.threads)
     records = chat_eval_set(args.test)[:args.n]

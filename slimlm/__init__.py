@@ -2,8 +2,10 @@
 
 from slimlm.config import ModelConfig
 from slimlm.engine.sampling import SamplingParams
+from slimlm.errors import InputError, SlimlmError
 from slimlm.llm import LLM, Completion, load
 from slimlm.model import Transformer
+from slimlm.version import __version__
 
-__all__ = ["LLM", "Completion", "ModelConfig", "SamplingParams", "Transformer", "load"]
-__version__ = "0.1.0"
+__all__ = ["LLM", "Completion", "InputError", "ModelConfig", "SamplingParams", "SlimlmError", "Transformer", "load",
+           "__version__"]

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from slimlm.errors import InputError
+
 # HF `model_type` values whose architecture is exactly what model.py implements.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -20,7 +22,7 @@ NON_UNIFORM_NOTE = ("layers have different sizes (slimlm_layer_sizes, written by
                     "folder with slimlm.load; transformers cannot load it (its Llama layers are all one size)")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A model config that slimlm cannot build; the message says what to fix."""
 
 

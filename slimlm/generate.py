@@ -15,8 +15,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from slimlm.engine.sampling import SamplingParams, apply_repetition_penalty, draw  # noqa: F401 (re-exported)
+from slimlm.errors import InputError
 from slimlm.kv_cache import KVCache
-from slimlm.model import Transformer
+from slimlm.protocol import CausalLM
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -38,17 +39,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return draw(probs, generator)
 
 
-def prefill(model: Transformer, input_ids: torch.Tensor, cache: KVCache, cache_pos: torch.Tensor) -> torch.Tensor:
+def prefill(model: CausalLM, input_ids: torch.Tensor, cache: KVCache, cache_pos: torch.Tensor) -> torch.Tensor:
     """Run the prompt input_ids [B, T] into cache slots cache_pos [T]; logits of the last position [B, V]."""
     return model(input_ids, cache=cache, cache_pos=cache_pos, logits_to_keep=1)[:, -1]
 
 
-def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, cache_pos: torch.Tensor) -> torch.Tensor:
+def decode_one_token(model: CausalLM, token: torch.Tensor, cache: KVCache, cache_pos: torch.Tensor) -> torch.Tensor:
     """One step: token [B, 1] at slot cache_pos [1] -> logits [B, V]."""
     return model(token, cache=cache, cache_pos=cache_pos)[:, -1]
 
 
-DecodeFn = Callable[[Transformer, torch.Tensor, KVCache, torch.Tensor], torch.Tensor]
+DecodeFn = Callable[[CausalLM, torch.Tensor, KVCache, torch.Tensor], torch.Tensor]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 
 
 @torch.no_grad()
-def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
                     stop_token_ids: set[int] | Sequence[int] = (), pad_id: int = 0,
                     cache: KVCache | None = None, decode_fn: DecodeFn = decode_one_token,
                     prefill_fn: DecodeFn = prefill) -> Iterator[list[int | None]]:
@@ -72,13 +73,13 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], params
     it is large enough (batch == len(prompts), max_len >= longest prompt + max_new_tokens).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     device, B = model.device, len(prompts)
     input_ids, start = left_pad(prompts, pad_id, device)
     T = input_ids.shape[1]
     need = T + params.max_new_tokens
     if need > model.config.max_seq_len:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+        raise InputError(f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
                          f"context of {model.config.max_seq_len} tokens; shorten the prompt or lower max_new_tokens")
     if cache is None or cache.batch_size != B or cache.max_len < need:
         cache = KVCache.for_model(model, B, need)

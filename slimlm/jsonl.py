@@ -1,4 +1,7 @@
-"""Reading JSON Lines files defensively: one JSON value per line, every problem tied to its line number.
+"""Reading JSON and JSON Lines files defensively, every problem tied to the file (and line) it is in.
+
+`read_json_object`: a file that must hold one object (config.json, adapter_config.json, an index).
+`read_lines`: JSON Lines, one JSON value per line.
 
 Each line is decoded on its own, so a stray non-UTF-8 byte is reported with its line and byte offset instead of
 failing the whole file with a bare UnicodeDecodeError, and a line longer than MAX_LINE_BYTES (a missing newline,
@@ -14,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from slimlm.errors import CheckpointError
 
 MAX_LINE_BYTES = 64 * 2**20  # one 64 MiB record is a broken file (a missing newline), not training data
 
@@ -74,3 +79,18 @@ def _skip_rest_of_line(f) -> int:
         if chunk.endswith(b"\n"):
             break
     return skipped
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold one object (config.json, adapter_config.json, an index); errors name the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                              "re-download or fix the file") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object {{...}}; "
+                              "re-download or fix the file")
+    return value

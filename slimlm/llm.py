@@ -16,39 +16,18 @@ import torch
 
 from slimlm.checkpoint import load_model
 from slimlm.config import ModelConfig
+from slimlm.device import resolve_device, resolve_dtype
 from slimlm.engine.core import Engine, EngineConfig, Request
 from slimlm.engine.sampling import SamplingParams
 from slimlm.engine.structured import StructuredOutput, one_of
+from slimlm.errors import InputError
 from slimlm.model import Transformer
+from slimlm.protocol import CausalLM
 from slimlm.tokenizer import Messages, Tokenizer
 
 Prompt = str | Messages | list[int]  # text, chat messages, or token ids as they are
 STRUCTURED_KWARGS = ("response_format", "json_schema", "regex", "grammar", "choice")
 CACHE_BUCKET = 256  # engine context lengths are multiples of this
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """'auto' picks bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX-512 BF16/AMX), else fp32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return device
-
 
 @dataclass
 class Completion:
@@ -74,7 +53,7 @@ class Completion:
 class LLM:
     """A model ready to generate: `.model` (nn.Module, ids [B,T] -> logits [B,T,V]), `.tokenizer`, `.config`."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None,
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: Path | None = None,
                  engine_config: EngineConfig | None = None, draft_model: Transformer | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         # Offline defaults: no LoRA slots (adapters attach to the model itself), no queue limit, prompts prefilled
@@ -132,13 +111,13 @@ class LLM:
     def _user_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
-                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {min(prompt)}..{max(prompt)}")
+                raise InputError(f"token ids must be in [0, {self.config.vocab_size}), got {min(prompt)}..{max(prompt)}")
             return list(prompt)
         if chat is None:
             chat = self.tokenizer.has_chat_template
         ids = self.tokenizer.prompt_ids(prompt, chat=chat)
         if not ids:
-            raise ValueError("the prompt is empty after tokenization")
+            raise InputError("the prompt is empty after tokenization")
         return ids
 
     def _params(self, params: SamplingParams | None, kwargs: dict) -> SamplingParams:
@@ -146,12 +125,12 @@ class LLM:
         json_schema, regex, grammar, choice) go with either."""
         structured = _structured(kwargs)
         if params is not None and kwargs:
-            raise ValueError("pass either params=SamplingParams(...) or keyword arguments, not both")
+            raise InputError("pass either params=SamplingParams(...) or keyword arguments, not both")
         params = params or SamplingParams(**kwargs)
         if structured is None:
             return params
         if params.structured is not None:
-            raise ValueError("the output constraint is given twice: in params.structured and as a keyword")
+            raise InputError("the output constraint is given twice: in params.structured and as a keyword")
         return dataclasses.replace(params, structured=structured)
 
     def stream_batch(self, prompts: Sequence[Prompt], params: SamplingParams, chat: bool | None = None
@@ -160,7 +139,7 @@ class LLM:
         ids = [self._prompt_ids(p, chat) for p in prompts]
         need = max(len(i) for i in ids) + params.max_new_tokens
         if need > self.config.max_seq_len:
-            raise ValueError(f"prompt ({need - params.max_new_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) "
+            raise InputError(f"prompt ({need - params.max_new_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) "
                              f"exceeds the model's context of {self.config.max_seq_len} tokens; shorten the prompt or "
                              "lower max_new_tokens")
         engine = self.engine_for(min(len(ids), 64), need)
@@ -231,7 +210,7 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
     dtype: auto | fp32 | bf16 | fp16. compile=True compiles the decode step (slower first call, faster decoding).
     adapter: a fine-tuned adapter folder to attach (LoRA/DoRA/QLoRA, prefix, prompt, bottleneck adapter, BitFit).
     quantize: int8 | int8-dynamic | int4 (group_size 32/64/128) quantizes the weights after loading (see
-    slimlm.quantize.model); a folder written by save_quantized loads quantized without it.
+    slimlm.quantize.schemes); a folder written by save_quantized loads quantized without it.
     backend: torch, or onnxruntime to run a folder written by `slimlm export onnx` (export/ort.py) through the same
     generation code; adapters, quantization and compile are then settled at export time.
     draft_model: a smaller model with the same tokenizer (alias, folder, .gguf or hub id; e.g. a student from
@@ -241,13 +220,13 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
     holds the GIL for ~0.2 s, which would stall the other bases' streams); default: built from the model's files.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "onnxruntime":
         if draft_model is not None:
-            raise ValueError("draft_model needs the torch backend; drop it for an onnxruntime model")
+            raise InputError("draft_model needs the torch backend; drop it for an onnxruntime model")
         return _load_onnxruntime(model, dtype, device, compile, adapter, quantize)
     if quantize == "int8-static":
-        raise ValueError("int8-static needs calibration: write a quantized folder with `slimlm quantize --scheme "
+        raise InputError("int8-static needs calibration: write a quantized folder with `slimlm quantize --scheme "
                          "int8-static --out DIR` and load that folder")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -269,21 +248,26 @@ def _load_torch(source: str | Path, dtype: torch.dtype, device: torch.device, qu
     """(folder or file read, model) loaded and, if asked, quantized."""
     path, _, net = load_model(source, dtype, device)
     if quantize is not None:
-        from slimlm.quantize.model import quantize_model_
+        from slimlm.quantize.schemes import quantize_model_
 
         quantize_model_(net, quantize, group_size)
     return path, net
 
 
-def _load_onnxruntime(model, dtype, device, compile: bool, adapter, quantize) -> LLM:
-    from slimlm.export.ort import load_onnx_llm
+def load_onnx_llm(folder: str | Path, threads: int = 0) -> LLM:
+    """An LLM whose model is the exported graph in `folder` (export/onnx.py), with the folder's tokenizer."""
+    from slimlm.export.ort import OrtModel
 
+    return LLM(OrtModel(folder, threads), Tokenizer.from_pretrained(folder), Path(folder))
+
+
+def _load_onnxruntime(model, dtype, device, compile: bool, adapter, quantize) -> LLM:
     settled = [flag for flag, used in (("--compile", compile), ("--adapter", adapter is not None),
                                        ("--quantize", quantize is not None),
                                        ("--dtype", str(dtype) not in ("auto", "fp32", "torch.float32")),
                                        ("--device", str(device) != "cpu")) if used]
     if settled:
-        raise ValueError(f"{', '.join(settled)} cannot be used with the onnxruntime backend: the exported graph "
+        raise InputError(f"{', '.join(settled)} cannot be used with the onnxruntime backend: the exported graph "
                          "fixes them (merge adapters and quantize at export: slimlm export onnx --adapter/--quantize)")
     return load_onnx_llm(model)
 

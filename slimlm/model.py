@@ -8,6 +8,7 @@ tokenizers or sampling; it turns token ids into logits, optionally reading and w
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -170,6 +171,18 @@ class Transformer(nn.Module):
         # Prefix tuning shifts real tokens' RoPE positions past its virtual tokens, as HF PEFT does.
         self.position_offset = 0
         self.gradient_checkpointing = False  # recompute each block in backward instead of keeping its activations
+        # What other packages put on the model, declared here so code reads `model.x` instead of probing for it.
+        # quantize.schemes.quantize_model_ / gptq / compressed_tensors: the scheme the weights are stored in, as
+        # written to config.json's quantization_config ({"quant_method", "scheme", "group_size", ...}); None: dense.
+        self.quantization: dict[str, Any] | None = None
+        self.qat: dict[str, Any] | None = None  # compress.qat.prepare_qat_: {"scheme", "group_size"} until converted
+        self.smoothing: dict[str, Any] | None = None  # compress.smoothquant.smooth_model_: how activations were smoothed
+        self.peft: Any = None  # peft.apply_peft: the peft.PeftState (method, config, nf4_base) of the adapter
+        self.lora_selection: Any = None  # peft.lora: the AdapterSelection of attached LoRA adapters (None: none)
+        self.bitfit_config: Any = None  # peft.bitfit.apply_bitfit: the BitFitConfig whose biases train
+        # peft.prefix.apply_prefix: the PrefixEncoder; a submodule once set, so its weights are in state_dict.
+        self.prefix_encoder: nn.Module | None = None
+        self.lora_slots: Any = None  # engine.multi_lora.LoraSlots.attach: the serving LoRA slots (not a module)
         self.tie_weights()
         if self.embed_tokens.weight.device.type != "meta":
             self.apply(init_weights)

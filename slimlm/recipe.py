@@ -20,11 +20,14 @@ import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from slimlm.errors import InputError
 
-class RecipeError(ValueError):
+
+class RecipeError(InputError):
     """A recipe or flag that does not fit the config; the message names it."""
 
 
@@ -73,28 +76,120 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", short: tuple[str, ...] = ()) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", short: tuple[str, ...] = (), *,
+              typed: bool = False, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> None:
     """Add one flag per (nested) field, default None so only given flags override. `short` fields drop the
-    prefix and use dashes (`eval_data` -> --eval-data)."""
+    prefix and use dashes (`eval_data` -> --eval-data).
+
+    `typed` (commands without a recipe, see `add_command_flags`): each flag carries its field's default, parsed to
+    the field's type, so `args.<field>` is the value itself. `skip` leaves top-level fields out; `required` makes
+    their flags required. A field's `metadata` may give its `flag` (another spelling, e.g. "--drain-timeout" for
+    drain_timeout_s; args then holds it as drain_timeout), more spellings (`flags`), `choices`, `metavar`,
+    `nargs` / `action` ("append") for list fields, and `negatable` (a bool with a --no-name flag)."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         ftype = hints[f.name]
+        if f.name in skip:
+            continue
         if dataclasses.is_dataclass(ftype):
-            add_flags(parser, ftype, f"{prefix}{f.name}.")
+            add_flags(parser, ftype, f"{prefix}{f.name}.", typed=typed)
             continue
         flag = f"--{f.name.replace('_', '-')}" if f.name in short else f"--{prefix}{f.name}"
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        extra = {"nargs": "?", "const": "true"} if _strip_optional(ftype) is bool else {}  # bare --flag = true
-        doc = field_docs(cls).get(f.name, "")
+        flag = f.metadata.get("flag", flag)
+        default = field_default(f)
+        doc = docs.get(f.name, "")
         help_text = f"{doc} (default: {default})" if doc else f"(default: {default})"
-        parser.add_argument(flag, dest=f"{prefix}{f.name}", default=None, metavar=_metavar(ftype),
-                            help=help_text.replace("%", "%%"), **extra)  # argparse formats help with %
+        kwargs = _flag_kwargs(f, ftype, flag, default if typed else None, typed)
+        if f.name in required:
+            kwargs["required"] = True
+            help_text = doc
+        parser.add_argument(flag, *f.metadata.get("flags", ()), dest=_dest(f, prefix),
+                            help=help_text.replace("%", "%%"), **kwargs)  # argparse formats help with %
+
+
+def add_command_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                      required: tuple[str, ...] = ()) -> None:
+    """A command's flags from its config dataclass: every top-level field a `--name-with-dashes` flag holding its
+    default (nested sections `--section.field`); `config_from_flags` turns the parsed flags back into `cls`."""
+    short = tuple(f.name for f in dataclasses.fields(cls))
+    add_flags(parser, cls, short=short, typed=True, skip=skip, required=required)
+
+
+def config_from_flags(cls: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:
+    """Build `cls` from flags added by `add_command_flags` (fields without a flag keep their defaults);
+    `overrides` replace fields (values the command computes, e.g. from several flags)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in overrides:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = config_from_flags(hints[f.name], args, f"{prefix}{f.name}.")
+        elif hasattr(args, _dest(f, prefix)):
+            value = getattr(args, _dest(f, prefix))
+            kwargs[f.name] = list(value) if isinstance(value, list) else value  # never share argparse's list
+    return cls(**kwargs, **overrides)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (calling its default_factory)."""
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _dest(f: dataclasses.Field, prefix: str) -> str:
+    """Where argparse keeps a field's flag: the field's (dotted) name, or its `flag` spelling's name."""
+    if "flag" in f.metadata:
+        return f.metadata["flag"].lstrip("-").replace("-", "_")
+    return f"{prefix}{f.name}"
+
+
+def _flag_kwargs(f: dataclasses.Field, ftype: Any, flag: str, default: Any, typed: bool) -> dict[str, Any]:
+    """argparse keywords of one field's flag: metavar, choices, how many values, and (typed) the parser."""
+    meta = f.metadata
+    kwargs: dict[str, Any] = {"default": default}
+    if meta.get("negatable"):  # --name / --no-name
+        return {**kwargs, "action": argparse.BooleanOptionalAction}
+    if "choices" in meta:
+        kwargs["choices"] = list(meta["choices"])
+    kwargs["metavar"] = meta.get("metavar", None if "choices" in meta else _metavar(ftype))
+    if "action" in meta:  # "append": a repeatable flag, one value each time
+        kwargs["action"] = meta["action"]
+    if "nargs" in meta:
+        kwargs["nargs"] = meta["nargs"]
+    elif _strip_optional(ftype) is bool and "action" not in meta:
+        kwargs.update(nargs="?", const="true")  # bare --flag = true
+    if typed:
+        kwargs["type"] = _flag_parser(ftype, flag, item=meta.get("action") == "append" or "nargs" in meta)
+    return kwargs
+
+
+def _flag_parser(ftype: Any, flag: str, item: bool) -> Callable[[str], Any]:
+    """A flag string -> the field's type (for list flags that take one value per item, the item's type)."""
+    if item:
+        ftype = (typing.get_args(_strip_optional(ftype)) or (str,))[0]
+
+    def parse(text: str) -> Any:
+        return _coerce(text, ftype, flag)
+
+    parse.__name__ = getattr(_strip_optional(ftype), "__name__", "value")  # argparse: "invalid int value: 'x'"
+    return parse
 
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """{field name: its comment} for a dataclass: the comment on the field's own line(s), else the comment lines
-    directly above it. Fields without either are left out; so is everything when the source is unavailable."""
+    directly above it. Fields without either are left out; so is everything when the source is unavailable.
+    A subclass that re-declares a field (a command's own default) keeps its base's comment unless it has one."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base) and "__dataclass_fields__" in vars(base):
+            docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """field_docs of the fields written in `cls`'s own class body."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # built in a REPL or from a zip without sources

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from slimlm.errors import InputError
+
 Messages = list[dict[str, str]]
 
 # Fast tokenizer classes transformers 4.x resolves by name from tokenizer_config.json (4.x tries NAME + "Fast" first,
@@ -28,7 +30,7 @@ _LOAD_ONLY_KEYS = ("is_local", "local_files_only")
 class _PackedFolderNotice(logging.Filter):
     """Drops transformers' "You are using a model of type `slimlm-quantized...`" warning. AutoTokenizer reads
     config.json, whose model_type a packed quantized folder sets so that transformers refuses its weights
-    (quantize/model.py); its tokenizer files are ordinary, so loading them says nothing."""
+    (quantize/schemes.py); its tokenizer files are ordinary, so loading them says nothing."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "model of type `slimlm-quantized" not in record.getMessage()
@@ -54,8 +56,8 @@ class Tokenizer:
         """Load from an HF folder (tokenizer files + generation_config.json) or a .gguf file."""
         from transformers import AutoTokenizer
 
-        from slimlm.checkpoint.hf import read_json_object
-        from slimlm.checkpoint.materialize import CheckpointError
+        from slimlm.errors import CheckpointError
+        from slimlm.jsonl import read_json_object
 
         path = Path(path)
         extra = []
@@ -95,7 +97,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         """Render messages with the model's own chat template and tokenize (the template adds special tokens)."""
         if not self.has_chat_template:
-            raise ValueError("this tokenizer has no chat template; pass a plain prompt string instead of messages")
+            raise InputError("this tokenizer has no chat template; pass a plain prompt string instead of messages")
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
 

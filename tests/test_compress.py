@@ -9,7 +9,7 @@ import yaml
 
 import slimlm
 from slimlm.compress.ledger import ledger_markdown
-from slimlm.compress.recipe import CompressRecipe, load_compress_recipe
+from slimlm.compress.chain import CompressRecipe, load_compress_recipe
 from slimlm.compress.run import compress
 from slimlm.recipe import RecipeError
 

@@ -1,5 +1,5 @@
 """Fine-tuning on 2 processes (torchrun, CPU gloo, loopback) against 1 process at the same global batch:
-train/distributed.py, the distributed paths of train/trainer.py and train/checkpoint.py, `slimlm finetune --nproc`.
+train/distributed.py, the distributed paths of train/trainer.py and train/resume.py, `slimlm finetune --nproc`.
 
 Every 2-process run costs a torchrun launch (seconds of imports per rank on a busy 2-core machine), so the
 comparisons share ONE launch: this file, run as a script under torchrun (`worker`), fine-tunes each configuration
@@ -247,10 +247,10 @@ def test_rank_share_splits_without_overlap_or_loss():
 
 
 def test_nproc_strips_launch_flags():
-    from slimlm.cli import _strip_launch_flags
+    from slimlm.train.launch import strip_launch_flags
 
     argv = ["finetune", "--nproc", "2", "--nnodes=1", "--master-port", "1234", "--out", "x", "--train.lr", "1"]
-    assert _strip_launch_flags(argv) == ["finetune", "--out", "x", "--train.lr", "1"]
+    assert strip_launch_flags(argv) == ["finetune", "--out", "x", "--train.lr", "1"]
 
 
 # --- a rank dies: the others stop, the last checkpoint resumes exactly -------------------------------------------

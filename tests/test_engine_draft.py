@@ -218,7 +218,7 @@ def test_load_with_a_draft_model(tiny_llama, other_folder):
 
 def test_serve_flags(tiny_llama):
     from slimlm.cli import build_parser
-    from slimlm.serve.commands import serve_config
+    from slimlm.serve.cli import serve_config
 
     parse = lambda *a: build_parser().parse_args(["serve", *a])  # noqa: E731
     cfg = serve_config(parse("--speculative", "draft", "--draft-model", "small", "--num-speculative-tokens", "3"))

@@ -18,7 +18,7 @@ from slimlm.peft.common import ALL_LINEARS, PEFT_PREFIX, target_linears
 from slimlm.engine.sampling import SamplingParams
 from slimlm.model import Transformer
 from slimlm.prune.structured import _sizes, remove_kv_groups_, remove_mlp_channels_
-from slimlm.quantize.model import quantize_model_
+from slimlm.quantize.schemes import quantize_model_
 
 
 @pytest.fixture(autouse=True)

@@ -19,9 +19,9 @@ from slimlm.eval import corpus
 from slimlm.eval.cli import add_eval_commands, format_table, main, read_text
 from slimlm.eval.perplexity import perplexity, perplexity_of_ids, sliding_windows
 from slimlm.eval.speed import SpeedConfig, disk_size, measure_speed, peak_rss_bytes
-from slimlm.eval.tasks import task_accuracy
+from slimlm.eval.task_accuracy import task_accuracy
 from slimlm.tokenizer import Tokenizer
-from slimlm.train.evaluate import chat_eval_set, generate_answers
+from slimlm.eval.task_accuracy import chat_eval_set, generate_answers
 
 TEXT = ("the quick brown fox jumps over the lazy dog and the cat sat on the mat. tell me a story of the big red "
         "house by the river, the sun and the moon and the star over the mountain. hello world, what is the capital "

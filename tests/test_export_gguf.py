@@ -244,7 +244,8 @@ def test_slimlm_quantized_folder_is_dequantized(tiny_smol, tmp_path, scheme, tol
     """An int8/int4 folder from slimlm quantize exports as its dequantized weights: the F32 GGUF reads back as the
     quantized model computes (int4's CPU kernel takes bf16 activations, hence its looser `tol` of the logit range)."""
     import slimlm
-    from slimlm.quantize.model import quantize_model_, save_quantized
+    from slimlm.quantize.schemes import quantize_model_
+    from slimlm.checkpoint.quantized import save_quantized
 
     llm = slimlm.load(str(tiny_smol), dtype="fp32")
     quantize_model_(llm.model, scheme, 32)

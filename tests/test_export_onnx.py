@@ -11,10 +11,14 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from slimlm.export.onnx import METADATA_FILE, ONNX_FILE, export_onnx  # noqa: E402
-from slimlm.export.ort import OrtModel, graph_attention_mask, load_onnx_llm  # noqa: E402
+from slimlm.export.ort import OrtModel, graph_attention_mask  # noqa: E402
 from slimlm.generate import SamplingParams  # noqa: E402
 from slimlm.kv_cache import KVCache  # noqa: E402
-from slimlm.llm import LLM, load  # noqa: E402
+from slimlm.llm import (  # noqa: E402
+    LLM,
+    load,
+    load_onnx_llm,  # noqa: E402
+)
 
 
 @pytest.fixture(scope="module")

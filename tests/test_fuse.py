@@ -122,7 +122,7 @@ def test_tied_head_is_folded_only_when_untied_explicitly():
 
 
 def quantized(scheme: str, **kw) -> Transformer:
-    from slimlm.quantize.model import quantize_model_
+    from slimlm.quantize.schemes import quantize_model_
 
     return quantize_model_(tiny(), scheme, **kw)
 
@@ -140,8 +140,8 @@ def test_quantized_models_fuse_exactly(scheme):
 
 
 def test_int8_static_fuses_equal_input_scales_and_skips_different_ones():
-    from slimlm.quantize.model import quantize_model_
-    from slimlm.quantize.static import calibrate_input_scales
+    from slimlm.quantize.schemes import quantize_model_
+    from slimlm.compress.static_int8 import calibrate_input_scales
 
     base = tiny()
     scales = calibrate_input_scales(base, ids(4, 16, seed=1), dynamic_above=None)
@@ -216,7 +216,7 @@ def test_fused_model_saves_hf_names_and_reloads_identically(tmp_path):
 
 
 def test_fused_quantized_model_saves_and_reloads(tmp_path):
-    from slimlm.quantize.model import load_quantized, save_quantized
+    from slimlm.checkpoint.quantized import load_quantized, save_quantized
 
     fused = quantized("int4", group_size=32)
     fuse_model_(fused, "qkv,gate_up")
@@ -318,7 +318,7 @@ def test_cli_fuses_and_saves_a_model_that_reloads(tiny_llama, tmp_path, capsys):
 def test_quantizing_a_fused_model_is_refused(tiny_llama):
     """Fused projections are not among the layers quantize_model_ swaps: refuse instead of leaving them fp32."""
     from slimlm.llm import load
-    from slimlm.quantize.model import quantize_model_
+    from slimlm.quantize.schemes import quantize_model_
 
     llm = load(tiny_llama[0], dtype="fp32")
     fuse_model_(llm.model, "qkv")

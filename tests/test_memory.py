@@ -340,7 +340,7 @@ from torch.distributed.tensor import DTensor
 from slimlm.config import ModelConfig
 from slimlm.model import Transformer
 from slimlm.peft import apply_peft, make_config
-from slimlm.train.checkpoint import trainable_parameters
+from slimlm.train.resume import trainable_parameters
 from slimlm.train.distributed import dist_info, init_distributed, shutdown, wrap_model
 from slimlm.train.trainer import StepLoss, TrainConfig, accumulate_step, make_optimizer, optimizer_step
 

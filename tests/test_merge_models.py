@@ -11,7 +11,7 @@ import yaml
 
 from slimlm.checkpoint.hf import load_safetensors, safetensors_files
 from slimlm.merge import methods
-from slimlm.merge.recipe import from_mapping, load_merge_recipe
+from slimlm.merge.merge_config import from_mapping, load_merge_recipe
 from slimlm.merge.run import run_merge
 from slimlm.recipe import RecipeError
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import slimlm
 from slimlm.quantize.int4 import dequantize_int4, quantize_int4_weight
 from slimlm.quantize.int8 import Int8WeightOnlyLinear
-from slimlm.quantize.model import quantize_model_
-from slimlm.quantize.qat import (FakeQuantLinear, convert_qat_, fake_quant_int4, fake_quant_int8, prepare_qat_,
+from slimlm.quantize.schemes import quantize_model_
+from slimlm.compress.qat import (FakeQuantLinear, convert_qat_, fake_quant_int4, fake_quant_int8, prepare_qat_,
                                  qat_train_)
 
 
@@ -53,7 +53,7 @@ def test_prepare_train_convert(tiny_llama, tmp_path):
     qat_train_(model, ids, tmp_path / "qat", steps=30, lr=3e-3, batch_size=8, progress=False)
     trained_fake = _loss(model, ids)
     convert_qat_(model)
-    assert model.quantization["scheme"] == "int4" and not hasattr(model, "qat")
+    assert model.quantization["scheme"] == "int4" and model.qat is None
     assert _loss(model, ids) == pytest.approx(trained_fake, rel=2e-2)  # conversion keeps what training saw
     assert _loss(model, ids) < _loss(rtn, ids) - 0.5  # and training through the rounding helped
 

@@ -15,7 +15,8 @@ from slimlm.checkpoint.materialize import CheckpointError
 from slimlm.generate import SamplingParams, generate_tokens
 from slimlm.quantize.int4 import Int4WeightOnlyLinear, pack_int4, quantize_int4_weight, unpack_int4
 from slimlm.quantize.int8 import DynamicInt8Linear, Int8Embedding, Int8WeightOnlyLinear
-from slimlm.quantize.model import SCHEMES, quantize_model_, quantized_bytes, save_quantized
+from slimlm.quantize.schemes import SCHEMES, quantize_model_, quantized_bytes
+from slimlm.checkpoint.quantized import save_quantized
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -116,7 +117,7 @@ def test_transformers_refuses_a_packed_folder_and_slimlm_reads_it(tiny_llama, tm
     from transformers import AutoModelForCausalLM
 
     from slimlm.cli import main
-    from slimlm.quantize.model import QUANTIZED_MODEL_TYPE
+    from slimlm.checkpoint.hf import QUANTIZED_MODEL_TYPE
 
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize=scheme)
     folder = save_quantized(llm.model, tmp_path / scheme, llm.tokenizer)
@@ -195,7 +196,7 @@ def test_cli_quantize_then_generate(tiny_llama, tmp_path, capsys):
 
 def test_gptq_layer_beats_round_to_nearest_on_its_inputs():
     """On correlated inputs GPTQ's output error is lower than RTN's with the same grid and storage."""
-    from slimlm.quantize.gptq import gptq_int4_weight
+    from slimlm.compress.gptq import gptq_int4_weight
     from slimlm.quantize.int4 import dequantize_int4
 
     torch.manual_seed(0)
@@ -215,7 +216,7 @@ def test_gptq_layer_beats_round_to_nearest_on_its_inputs():
 
 
 def test_gptq_model_reloads_and_is_closer_than_rtn(tiny_llama, tmp_path):
-    from slimlm.quantize.gptq import gptq_quantize_model_
+    from slimlm.compress.gptq import gptq_quantize_model_
 
     ref = slimlm.load(str(tiny_llama[0]), dtype="fp32")
     calib = torch.randint(3, 380, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -263,7 +264,7 @@ def test_searched_int4_ranges_never_worse_than_full_range():
 
 
 def test_smoothing_is_exact_in_full_precision_and_helps_dynamic_int8(tiny_llama):
-    from slimlm.quantize.smooth import smooth_model_
+    from slimlm.compress.smoothquant import smooth_model_
 
     ref = slimlm.load(str(tiny_llama[0]), dtype="fp32")
     with torch.no_grad():  # give the first norm's output a few outlier channels, as real Llamas have
@@ -288,7 +289,7 @@ def test_smoothing_is_exact_in_full_precision_and_helps_dynamic_int8(tiny_llama)
 
 
 def test_percentile_observer_is_exact_and_minmax_is_the_max():
-    from slimlm.quantize.static import AbsObserver
+    from slimlm.compress.static_int8 import AbsObserver
 
     torch.manual_seed(0)
     batches = [torch.randn(3, 50, 16) * (1 + i) for i in range(4)]
@@ -318,7 +319,8 @@ def test_static_int8_layer_sqnr_and_clipping():
 
 
 def test_int8_static_model_calibrates_saves_and_reloads(tiny_llama, tmp_path):
-    from slimlm.quantize.static import calibrate_input_scales, named_quantizable_linears
+    from slimlm.compress.static_int8 import calibrate_input_scales
+    from slimlm.quantize.schemes import named_quantizable_linears
 
     ref = slimlm.load(str(tiny_llama[0]), dtype="fp32")
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32")
@@ -347,7 +349,7 @@ def test_int8_static_model_calibrates_saves_and_reloads(tiny_llama, tmp_path):
 
 def test_int8_static_hands_outlier_layers_to_dynamic_scales(tiny_llama, tmp_path):
     from slimlm.quantize.int8 import StaticInt8Linear
-    from slimlm.quantize.static import calibrate_input_scales
+    from slimlm.compress.static_int8 import calibrate_input_scales
 
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32")
     calib = torch.randint(3, 380, (8, 32), generator=torch.Generator().manual_seed(0))

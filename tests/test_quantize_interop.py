@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import slimlm
 from slimlm.checkpoint.materialize import CheckpointError
 from slimlm.quantize.int8 import DynamicInt8Linear, Int8WeightOnlyLinear, StaticInt8Linear
-from slimlm.quantize.model import save_quantized
+from slimlm.checkpoint.quantized import save_quantized
 
 
 def hf_load(folder):
@@ -94,8 +94,8 @@ def _with_ct_rounding(model) -> None:
 
 
 def _static_model(src):
-    from slimlm.quantize.model import quantize_model_
-    from slimlm.quantize.static import calibrate_input_scales
+    from slimlm.quantize.schemes import quantize_model_
+    from slimlm.compress.static_int8 import calibrate_input_scales
 
     llm = slimlm.load(str(src), dtype="fp32")
     calib = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -161,7 +161,7 @@ def test_api_keys_from_flag_environment_and_file(tiny_llama, tmp_path):
             assert httpx.get(url + "/version", headers=headers).status_code == status, key
         assert httpx.get(url + "/health").status_code == 200
     from slimlm.cli import build_parser
-    from slimlm.serve.commands import api_keys
+    from slimlm.serve.cli import api_keys
 
     args = build_parser().parse_args(["serve", "--api-key", "a", "--api-key", "b"])
     assert api_keys(args) == ["a", "b"]

@@ -231,7 +231,7 @@ def test_config_errors_say_what_to_fix(bases):
         tiny_config(a, max_models=-1).validate()
     with pytest.raises(ValueError, match="--load-timeout"):
         tiny_config(a, load_timeout_s=0).validate()
-    from slimlm.serve.commands import parse_size
+    from slimlm.serve.cli import parse_size
 
     assert parse_size("3GiB", "--memory-budget") == 3 * 2**30 and parse_size("800MB", "--memory-budget") == 8e8
     with pytest.raises(ValueError, match="send a size such as 3GiB"):

@@ -21,6 +21,7 @@ serve = pytest.importorskip("ray.serve")
 
 from serve_helpers import free_port, random_lora, running_server, tiny_config  # noqa: E402
 
+from slimlm.serve import cli as serve_cli  # noqa: E402
 from slimlm.serve import ray_serve  # noqa: E402
 from slimlm.serve.ray_serve import RayServeConfig, replica_counts  # noqa: E402
 
@@ -75,11 +76,11 @@ def test_config_is_validated_at_the_edge():
         RayServeConfig(look_back_period_s=1, metrics_interval_s=2).validate()
     assert RayServeConfig(min_replicas=0, max_replicas=3).autoscaling_config()["min_replicas"] == 0
     with pytest.raises(ValueError, match="unknown ray settings.*replicas"):
-        ray_serve.app_builder({"serve_args": "--model x", "ray": {"replicas": 2}})
+        serve_cli.ray_app_builder({"serve_args": "--model x", "ray": {"replicas": 2}})
     with pytest.raises(ValueError, match="--port: not used under Ray"):
-        ray_serve.serve_config_from_flags("--model x --port 9000")
+        serve_cli.serve_config_from_flags("--model x --port 9000")
     with pytest.raises(ValueError, match="serve_args: unrecognized arguments: --nope"):
-        ray_serve.serve_config_from_flags("--model x --nope")
+        serve_cli.serve_config_from_flags("--model x --nope")
 
 
 def deploy_ray(*flags) -> int:
@@ -118,7 +119,7 @@ def test_deploy_ray_config_scales_from_zero(ray_port, model, tmp_path, monkeypat
     assert "sekret" not in text and sorted(p.name for p in out.iterdir()) == ["README.md", "serve_config.yaml"]
     doc = yaml.safe_load(text)
     app = doc["applications"][0]
-    assert app["import_path"] == "slimlm.serve.ray_serve:app_builder" and app["args"]["serve"]["model"] == str(folder)
+    assert app["import_path"] == "slimlm.serve.cli:ray_app_builder" and app["args"]["serve"]["model"] == str(folder)
     assert app["deployments"][0]["autoscaling_config"]["min_replicas"] == 0
     # Edits an operator would make in the file: a route prefix, faster metrics, and the key in the workers' env.
     app["route_prefix"] = "/zero"

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from slimlm.serve import registry as reg_mod
 from slimlm.serve.registry import Registry, RegistryError, hash_artifact
-from slimlm.serve.registry_cli import add_registry_commands
+from slimlm.serve.cli import add_registry_commands
 
 
 def _model_folder(path: Path, seed: int = 0, quantized: bool = False) -> Path:

@@ -139,7 +139,7 @@ def test_onnx_export_matches_and_generates_the_same(llm, tmp_path):
     """SmolLM2 in ONNX Runtime: graph parity <= 1e-3 and the same greedy chat answer as PyTorch."""
     pytest.importorskip("onnxruntime")
     from slimlm.export.onnx import export_onnx
-    from slimlm.export.ort import load_onnx_llm
+    from slimlm.llm import load_onnx_llm
 
     meta = export_onnx(llm.model, llm.tokenizer, tmp_path / "onnx")
     assert meta["parity"]["max_logit_diff"] <= 1e-3

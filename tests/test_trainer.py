@@ -1,4 +1,4 @@
-"""train/trainer.py and train/checkpoint.py: the loop, its numerics, its logs, and resuming bit-identically."""
+"""train/trainer.py and train/resume.py: the loop, its numerics, its logs, and resuming bit-identically."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from slimlm.train.batch import IGNORE, Sample, collate
-from slimlm.train.checkpoint import ResumeError, list_checkpoints
+from slimlm.train.resume import ResumeError, list_checkpoints
 from slimlm.train.loss import chunked_cross_entropy
 from slimlm.train.trainer import (SampleStream, TrainConfig, TrainConfigError, accumulate_gradients, evaluate,
                                   lr_factor, make_optimizer, train)

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from slimlm.checkpoint.gguf import convert_gguf, gguf_cache_folder, load_gguf
-from slimlm.checkpoint.hf import load_hf_folder, save_hf_folder
+from slimlm.checkpoint.compressed_tensors import load_compressed_tensors
+from slimlm.checkpoint.hf import load_hf_folder, read_config_json, read_hf_config, save_hf_folder
+from slimlm.checkpoint.quantized import load_quantized
 from slimlm.checkpoint.materialize import CheckpointError
 from slimlm.config import ModelConfig
 from slimlm.model import Transformer
@@ -88,5 +90,24 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: t
     With gguf_cache=False a .gguf file is dequantized directly, without writing the converted folder.
     """
     path = model_folder(source, gguf_cache)
-    config, model = load_hf_folder(path, dtype, device) if path.is_dir() else load_gguf(path, dtype, device)
+    config, model = load_folder(path, dtype, device) if path.is_dir() else load_gguf(path, dtype, device)
     return path, config, model
+
+
+def load_folder(folder: Path, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> tuple[ModelConfig, Transformer]:
+    """An HF folder of plain weights, of slimlm's packed quantized weights, or compressed-tensors int8; its
+    config.json is read once and handed on."""
+    hf = read_config_json(folder)
+    config = read_hf_config(folder, hf)
+    quant = hf.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{folder / 'config.json'}: quantization_config must be an object, got {quant!r}")
+    if quant.get("quant_method") == "slimlm":  # packed int8/int4 weights written by save_quantized
+        return config, load_quantized(folder, quant, dtype, device, config=config)
+    if quant.get("quant_method") == "compressed-tensors":  # int8 folders: slimlm's own or llm-compressor's
+        return config, load_compressed_tensors(folder, quant, dtype, device, config=config)
+    if quant:
+        raise CheckpointError(f"{folder}: {quant.get('quant_method')!r}-quantized checkpoints are not supported; "
+                              "load the unquantized model and quantize it with slimlm (slimlm quantize)")
+    return load_hf_folder(folder, dtype, device, config=config)

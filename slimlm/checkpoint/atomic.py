@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from slimlm.errors import InputError
+
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one step
 _AT_FDCWD = -100
 OVERWRITE_HELP = "replace an existing non-empty output (an output inside an input is refused even so)"
@@ -39,15 +41,15 @@ def check_output(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Pat
             continue
         src = Path(given).expanduser().resolve()
         if real == src or real.is_relative_to(src) or src.is_relative_to(real):
-            raise ValueError(f"{flag} {out} would write into the input {given}: choose a {flag} outside it")
+            raise InputError(f"{flag} {out} would write into the input {given}: choose a {flag} outside it")
     if kind == "folder" and out.exists() and not out.is_dir():
-        raise ValueError(f"{flag} {out} is a file, not a folder: choose another {flag}")
+        raise InputError(f"{flag} {out} is a file, not a folder: choose another {flag}")
     if overwrite or not out.exists():
         return out
     if out.is_dir() and not any(out.iterdir()):
         return out
     what = "exists and is not empty" if out.is_dir() else "exists"
-    raise ValueError(f"{flag} {out} {what}; pass --overwrite to replace it, or choose another {flag}")
+    raise InputError(f"{flag} {out} {what}; pass --overwrite to replace it, or choose another {flag}")
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -7,7 +7,6 @@ one; `unpermute_qk` undoes it so the weights fit model.py. Qwen2 GGUF files are 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -17,9 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimlm.checkpoint.materialize import CheckpointError, build_model, check_layer_count
+from slimlm.checkpoint.materialize import (
+    CheckpointError,
+    build_model,
+    check_layer_count,
+)
 from slimlm.config import ConfigError, ModelConfig
 from slimlm.model import Transformer
+from slimlm.paths import cache_root
 
 GGUF_TO_SLIMLM = {
     "token_embd.weight": "embed_tokens.weight",
@@ -164,11 +168,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
         config.rope_scaling = llama3_scaling_from_rope_freqs(np.array(rope_freqs.data, dtype=np.float64), config,
                                                              int(old_len), path)
     return config, build_model(config, iter_gguf_tensors(reader, config, path, progress), dtype, device, str(path))
-
-
-def cache_root() -> Path:
-    """Where converted models live: $SLIMLM_CACHE, else ~/.cache/slimlm."""
-    return Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
 
 
 def gguf_cache_folder(path: str | Path) -> Path:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from slimlm.checkpoint.atomic import atomic_folder
 from slimlm.checkpoint.materialize import CheckpointError, build_model, check_layer_count
 from slimlm.config import ConfigError, ModelConfig
+from slimlm.jsonl import read_json_object
 from slimlm.model import Transformer
 
 # HF name pattern -> slimlm name pattern; {} is a layer index.
@@ -61,31 +62,35 @@ def slimlm_to_hf_name(name: str) -> str:
     return out
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold one object (config.json, adapter_config.json, an index); errors name the file."""
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                              "re-download or fix the file") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object {{...}}; "
-                              "re-download or fix the file")
-    return value
+# The config.json model_type of a packed folder: transformers prints it in its "does not recognize this architecture"
+# error, so it says what the folder is and what to do instead.
+QUANTIZED_MODEL_TYPE = ("slimlm-quantized: packed int8/int4 weights that only slimlm reads. Load this folder with "
+                        "slimlm.load() or `slimlm generate --model`; for transformers, llama.cpp or vLLM use the "
+                        "unquantized model it was made from (see `slimlm quantize --help`)")
 
 
-def read_hf_config(folder: Path) -> ModelConfig:
+def hf_config_of_quantized(hf: dict) -> dict:
+    """The config.json dict of a packed folder with its real model_type back (old folders pass through)."""
+    quant = hf.get("quantization_config")
+    if hf.get("model_type") == QUANTIZED_MODEL_TYPE and isinstance(quant, dict) and "model_type" in quant:
+        return {**hf, "model_type": quant["model_type"]}
+    return hf
+
+
+def read_config_json(folder: Path) -> dict:
+    """config.json of an HF folder as a dict (the one read of it per load)."""
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; point --model at an HF model folder")
-    from slimlm.quantize.model import hf_config_of_quantized  # packed folders hide model_type from transformers
+    return read_json_object(path)
 
+
+def read_hf_config(folder: Path, hf: dict | None = None) -> ModelConfig:
+    """The folder's ModelConfig (from `hf`, its config.json dict, when already read)."""
     try:
-        return ModelConfig.from_hf(hf_config_of_quantized(read_json_object(path)))
+        return ModelConfig.from_hf(hf_config_of_quantized(hf if hf is not None else read_config_json(folder)))
     except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -242,25 +247,12 @@ def _slimlm_name_in(f: Path, key: str) -> str:
         raise CheckpointError(f"{f}: {e}") from None
 
 
-def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str = "cpu") -> tuple[ModelConfig, Transformer]:
-    """Load config and weights from an HF model folder."""
+def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                   config: ModelConfig | None = None) -> tuple[ModelConfig, Transformer]:
+    """Load config and weights from an HF model folder of plain (unquantized) weights; `checkpoint.load_folder`
+    also reads quantized ones. `config`: the folder's, when the caller has read config.json already."""
     folder = Path(folder)
-    config = read_hf_config(folder)
-    quant = read_json_object(folder / "config.json").get("quantization_config") or {}
-    if not isinstance(quant, dict):
-        raise CheckpointError(f"{folder / 'config.json'}: quantization_config must be an object, got {quant!r}")
-    if quant.get("quant_method") == "slimlm":  # packed int8/int4 weights written by quantize.save_quantized
-        from slimlm.quantize.model import load_quantized
-
-        return config, load_quantized(folder, quant, dtype, device)
-    if quant.get("quant_method") == "compressed-tensors":  # int8 folders: slimlm's own or llm-compressor's
-        from slimlm.quantize.compressed_tensors import load_compressed_tensors
-
-        return config, load_compressed_tensors(folder, quant, dtype, device)
-    if quant:
-        raise CheckpointError(f"{folder}: {quant.get('quant_method')!r}-quantized checkpoints are not supported; "
-                              "load the unquantized model and quantize it with slimlm (slimlm quantize)")
+    config = config or read_hf_config(folder)
     files = safetensors_files(folder)
     check_layer_count(config, tensor_names(files), folder)
     return config, build_model(config, iter_hf_tensors(files), dtype, device, str(folder))

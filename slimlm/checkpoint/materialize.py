@@ -13,12 +13,8 @@ from pathlib import Path
 import torch
 
 from slimlm.config import ModelConfig
+from slimlm.errors import CheckpointError
 from slimlm.model import Transformer, rope_inv_freq
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder that cannot be loaded; the message says what is wrong and what to do."""
-
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")  # HF / slimlm `layers.N.`, GGUF `blk.N.`
 

@@ -1,4 +1,4 @@
-"""`slimlm compress RECIPE.yaml`: run a compression chain and print its ledger (see compress/recipe.py)."""
+"""`slimlm compress RECIPE.yaml`: run a compression chain and print its ledger (see compress/chain.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def add_compress_commands(sub) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from slimlm.compress.ledger import ledger_markdown
-    from slimlm.compress.recipe import load_compress_recipe
+    from slimlm.compress.chain import load_compress_recipe
     from slimlm.compress.run import compress
 
     recipe = load_compress_recipe(args.recipe)

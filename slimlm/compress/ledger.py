@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from slimlm.compress.recipe import MeasureConfig
+from slimlm.compress.chain import MeasureConfig
 
 
 def sparsity_of(model: torch.nn.Module) -> float:
@@ -44,7 +44,7 @@ def measure_model(model: torch.nn.Module, tokenizer: Any, folder: Path, m: Measu
                          max_tokens=m.ppl_tokens, progress=False)
         row["ppl"] = res["ppl"]
     if m.task:
-        from slimlm.eval.tasks import task_accuracy
+        from slimlm.eval.task_accuracy import task_accuracy
 
         row["accuracy"] = task_accuracy(model, tokenizer, m.task, m.task_metric, m.task_limit,
                                         m.max_new_tokens)["accuracy"]

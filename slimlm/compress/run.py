@@ -14,15 +14,15 @@ from typing import Any
 import torch.nn as nn
 
 from slimlm.compress.ledger import add_recovery, ledger_markdown, measure_model, write_ledger
-from slimlm.compress.recipe import CompressRecipe
+from slimlm.compress.chain import CompressRecipe
 from slimlm.compress.stages import STAGE_KINDS, StageContext, stage_name
 from slimlm.recipe import RecipeError, to_dict
 
 
 def save_stage_model(model: nn.Module, folder: Path, tokenizer: Any) -> Path:
     """Save any stage's model, quantized (packed) or not (HF folder), atomically."""
-    if getattr(model, "quantization", None):
-        from slimlm.quantize.model import save_quantized
+    if model.quantization:
+        from slimlm.checkpoint.quantized import save_quantized
 
         return save_quantized(model, folder, tokenizer.hf)
     from slimlm.checkpoint.hf import save_hf_folder

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from slimlm.quantize.recipe import QuantizeRecipe, quantize_by_recipe_
+from slimlm.prune.config import PruneConfig, prune_by_config
+from slimlm.compress.quantize_workflow import QuantizeConfig, quantize_by_recipe_
 from slimlm.train.distill import DistillConfig
 
 
@@ -34,51 +35,19 @@ class StageKind:
     run: Callable[[nn.Module, Any, StageContext], tuple[nn.Module, dict]]
 
 
-def run_quantize(model: nn.Module, spec: QuantizeRecipe, ctx: StageContext) -> tuple[nn.Module, dict]:
+def run_quantize(model: nn.Module, spec: QuantizeConfig, ctx: StageContext) -> tuple[nn.Module, dict]:
     """Quantize in place (rtn, gptq, qat, static or dynamic int8) as `slimlm quantize` does."""
     return model, quantize_by_recipe_(model, ctx.tokenizer, spec, progress=ctx.progress)
 
 
-@dataclass
-class PruneRecipe:
-    """The settings of `slimlm prune`, one field per flag (see `slimlm prune --help`)."""
-
-    method: str | None = None  # magnitude | wanda | 2:4 | 4:8 (zeros; no speed on dense kernels)
-    structured: str | None = None  # mlp | heads | layers (real removal)
-    sparsity: float = 0.5
-    scope: str = "layer"
-    nm_score: str = "wanda"
-    ratio: float = 0.25
-    non_uniform: bool = False
-    multiple_of: int = 8
-    n_drop: int = 4
-    calib_file: str | None = None
-    calib_samples: int = 32
-    calib_seq_len: int = 512
-
-    def validate(self) -> None:
-        from slimlm.prune.cli import METHODS, STRUCTURES, _check_args
-
-        if (self.method is None) == (self.structured is None):
-            raise ValueError("set exactly one of method (magnitude, wanda, 2:4, 4:8) and structured (mlp, heads, "
-                             "layers)")
-        if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.structured is not None and self.structured not in STRUCTURES:
-            raise ValueError(f"unknown structure {self.structured!r}; choose one of {', '.join(STRUCTURES)}")
-        _check_args(self)
-
-
-def run_prune(model: nn.Module, spec: PruneRecipe, ctx: StageContext) -> tuple[nn.Module, dict]:
+def run_prune(model: nn.Module, spec: PruneConfig, ctx: StageContext) -> tuple[nn.Module, dict]:
     """Prune in place as `slimlm prune` does (calibration text from the built-in split unless calib_file)."""
     from slimlm.eval.corpus import calibration_ids
-    from slimlm.prune.cli import _needs_calibration
-    from slimlm.prune.cli import run_prune as prune_by_flags
 
     calib = None
-    if _needs_calibration(spec):
+    if spec.needs_calibration:
         calib = calibration_ids(ctx.tokenizer, spec.calib_file, spec.calib_samples, spec.calib_seq_len)
-    return model, prune_by_flags(model, spec, calib)
+    return model, prune_by_config(model, spec, calib)
 
 
 def run_distill(model: nn.Module, spec: DistillConfig, ctx: StageContext) -> tuple[nn.Module, dict]:
@@ -98,9 +67,9 @@ def run_distill(model: nn.Module, spec: DistillConfig, ctx: StageContext) -> tup
 
 
 STAGE_KINDS: dict[str, StageKind] = {
-    "prune": StageKind(PruneRecipe, run_prune),
+    "prune": StageKind(PruneConfig, run_prune),
     "distill": StageKind(DistillConfig, run_distill),
-    "quantize": StageKind(QuantizeRecipe, run_quantize),
+    "quantize": StageKind(QuantizeConfig, run_quantize),
 }
 
 

@@ -11,6 +11,9 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimlm.errors import InputError
+from slimlm.version import installed_version
+
 TARGETS = ("docker", "k8s", "kserve")
 MODELS_DIR = "/models"  # where a baked or mounted model lives in the container
 KSERVE_MODEL_DIR = "/mnt/models"
@@ -24,7 +27,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 
 
-class DeployError(ValueError):
+class DeployError(InputError):
     """Bad `slimlm deploy` input; the message names every bad flag and what to pass instead."""
 
 
@@ -59,7 +62,7 @@ class DeployConfig:
         if self.min_replicas is None:
             self.min_replicas = 0 if self.target == "kserve" else 1
         if not self.image:
-            self.image = f"slimlm-serve:{_slimlm_version()}"
+            self.image = f"slimlm-serve:{installed_version()}"
 
     def validate(self) -> None:
         """Collect every problem and raise one DeployError naming the flags to fix."""
@@ -203,7 +206,7 @@ def _serve_parse_errors(argv: list[str]) -> list[str]:
     """Parse `argv` with `slimlm serve`'s own parser, so a typo fails now rather than in a crash-looping pod."""
     import argparse
 
-    from slimlm.serve.commands import add_serve_commands
+    from slimlm.serve.cli import add_serve_commands
 
     class _Raising(argparse.ArgumentParser):
         def error(self, message: str):  # argparse would print usage and exit
@@ -218,9 +221,3 @@ def _serve_parse_errors(argv: list[str]) -> list[str]:
     except DeployError as e:
         return [f"--serve-args: slimlm serve would refuse it: {e}"]
     return [f"--serve-args: slimlm serve has no flag {' '.join(extras)}"] if extras else []
-
-
-def _slimlm_version() -> str:
-    from slimlm.cli import _version
-
-    return _version()

@@ -1,7 +1,7 @@
 """`slimlm deploy ray`: a Ray Serve config file for slimlm's Ray Serve deployment, or the deployment run now.
 
 The file (`serve_config.yaml`) is Ray's own format: `serve deploy serve_config.yaml` puts it on a running Ray
-cluster, `serve run serve_config.yaml` on a local one. Its `import_path` is slimlm.serve.ray_serve:app_builder and
+cluster, `serve run serve_config.yaml` on a local one. Its `import_path` is slimlm.serve.cli:ray_app_builder and
 its `args` carry the `slimlm serve` flags; the `deployments` section holds the Ray knobs (autoscaling, concurrency,
 CPUs), under Ray's names, so they can be edited there without slimlm. `--run` deploys at once instead (on a local
 loopback Ray instance, or the cluster at --ray-address) and keeps it up until Ctrl-C.
@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
-
-from typing import TYPE_CHECKING
 
 from slimlm.checkpoint.atomic import atomic_folder, check_output
 from slimlm.deploy.config import SECRET_SERVE_FLAGS, DeployError, parse_serve_args
@@ -27,7 +26,7 @@ if TYPE_CHECKING:  # the serving stack (torch) is imported only when `deploy ray
     from slimlm.serve.ray_serve import RayServeConfig
     from slimlm.serve.state import ServeConfig
 
-IMPORT_PATH = "slimlm.serve.ray_serve:app_builder"
+IMPORT_PATH = "slimlm.serve.cli:ray_app_builder"
 CONFIG_FILE = "serve_config.yaml"
 
 
@@ -122,7 +121,8 @@ def readme(ray: RayServeConfig, doc: dict) -> str:
 
 def cmd_deploy_ray(args: argparse.Namespace) -> int:
     """`slimlm deploy ray`: write serve_config.yaml into --out, and/or (--run) deploy it now."""
-    from slimlm.serve.ray_serve import absolute_paths, serve_config_from_flags
+    from slimlm.serve.cli import serve_config_from_flags
+    from slimlm.serve.ray_serve import absolute_paths
 
     ray = ray_config(args)
     flags = serve_flags(args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from slimlm.errors import InputError
 from slimlm.kv_cache import heads_list, kv_heads_per_layer
 from slimlm.model import Transformer
 
@@ -30,10 +31,10 @@ def kv_cache_dtype(name: str, model: torch.nn.Module) -> torch.dtype:
     fp32 model stays exact, and an ONNX Runtime graph's cache inputs are typed."""
     if name == "auto":
         narrow = (isinstance(model, Transformer) and model.dtype == torch.float32 and model.device.type == "cpu"
-                  and bool(getattr(model, "quantization", None)))
+                  and bool(model.quantization))
         return torch.float16 if narrow else model.dtype
     if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+        raise InputError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
     return KV_CACHE_DTYPES[name]
 
 

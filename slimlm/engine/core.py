@@ -46,7 +46,9 @@ from slimlm.engine.prefix_cache import PrefixCache
 from slimlm.engine.sampling import SamplingParams, TokenCounts, sample_batch
 from slimlm.engine.speculative import ngram_propose, verify_greedy, verify_sampled
 from slimlm.engine.structured import GrammarCompiler, GrammarState, StructuredOutput, compiler_for, mask_logits_
+from slimlm.errors import InputError
 from slimlm.model import Transformer
+from slimlm.protocol import CausalLM
 from slimlm.tokenizer import StopStringText, StreamDecoder, Tokenizer
 
 log = logging.getLogger("slimlm.serve")
@@ -62,17 +64,25 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests beyond this are refused (HTTP 429)
     prefill_chunk: int = 256  # prompt tokens per engine step
     max_loras: int = 4  # adapters resident at once (LRU); 0 = no LoRA support
-    max_lora_rank: int = 64
-    prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before (automatic prefix caching)
+    max_lora_rank: int = 64  # the largest LoRA rank a served adapter may have
+    # reuse the KV of prompt prefixes seen before, e.g. a shared system prompt or chat history (automatic prefix
+    # caching; hit rate in /metrics)
+    prefix_cache: bool = field(default=True, metadata={"negatable": True})
     prefix_cache_tokens: int = 8192  # pool size in tokens (its memory: config.kv_cache_bytes_per_token each)
     prefix_block: int = 16  # tokens per cached block: prefixes are reused in whole blocks
-    speculative: str | None = None  # "ngram" (prompt lookup), "draft" (Engine(draft_model=...)) or None
-    num_speculative_tokens: int = 4  # k: guesses verified per step
+    # speculative decoding, guesses verified in one forward (greedy output unchanged, sampled output keeps its
+    # distribution): ngram = prompt lookup (guesses copied from the context; helps when outputs repeat the input);
+    # draft = a smaller model's greedy guesses (Engine(draft_model=...); slimlm serve: --draft-model); None: off
+    speculative: str | None = field(default=None, metadata={"choices": SPECULATIVE_METHODS})
+    num_speculative_tokens: int = 4  # k: guesses verified per step (ngram and draft)
     draft_vocab: int = 0  # speculative="draft": guess among token ids < N only (the draft's head cut; 0 = all)
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 1
     fused_decode: bool = True  # CPU fp32: decode steps run all layers in one C++ call where the model qualifies
-    kv_cache_dtype: str = "auto"  # auto (fp16 for a quantized fp32 model on a CPU, else the model's) | fp32 | fp16 | bf16
+    # element type of the KV cache: auto = fp16 for quantized weights with fp32 activations on a CPU (half the
+    # memory and the bytes each decode step reads, as llama.cpp's default; keys and values rounded to fp16), else
+    # the model's dtype; fp32 keeps them exact
+    kv_cache_dtype: str = field(default="auto", metadata={"choices": ("auto", *KV_CACHE_DTYPES)})
     request_timeout_s: float = 0.0  # a request older than this (queue time included) ends with an error; 0 = none
 
     def validate(self) -> None:
@@ -101,7 +111,7 @@ class EngineConfig:
         if not self.request_timeout_s >= 0:  # written so that NaN fails too
             bad.append(f"request_timeout_s must be >= 0 (0 = no limit), got {self.request_timeout_s}")
         if bad:
-            raise ValueError("invalid engine config: " + "; ".join(bad))
+            raise InputError("invalid engine config: " + "; ".join(bad))
 
 
 def auto_config(config: EngineConfig, model) -> EngineConfig:
@@ -156,7 +166,7 @@ class NotAccepting(RuntimeError):
     """The engine is draining or stopped (HTTP 503)."""
 
 
-class CacheAllocationError(ValueError):
+class CacheAllocationError(InputError):
     """The KV cache does not fit in memory: a user-fixable error (`slimlm serve` prints it as one line, exit 2)."""
 
 
@@ -231,7 +241,7 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
                  metrics=None, on_finish: Callable[[Request], None] | None = None,
                  draft_model: Transformer | None = None):
         """tokenizer None: token ids only (Output.text stays empty, no stop tokens or strings; eval/speed.py).
@@ -265,7 +275,7 @@ class Engine:
         self._stop = False
         self._ops: deque[Callable[[], None]] = deque()  # work other threads hand to the engine thread
 
-    def _allocate_caches(self, model: Transformer) -> tuple[SlotKVCache, PrefixCache | None]:
+    def _allocate_caches(self, model: CausalLM) -> tuple[SlotKVCache, PrefixCache | None]:
         """The slot KV cache and the prefix cache; CacheAllocationError naming the bytes and the knobs if they do
         not fit (a bare allocator error says neither)."""
         c = self.config
@@ -304,14 +314,14 @@ class Engine:
     def _check(self, req: Request) -> None:
         need = len(req.prompt_ids) + req.max_tokens
         if not req.prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         if need > self.max_seq_len:
-            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {need} exceeds "
+            raise InputError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {need} exceeds "
                              f"the context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
         if req.adapter is not None and self.lora is None:
-            raise ValueError("this server runs without LoRA support (max_loras=0)")
+            raise InputError("this server runs without LoRA support (max_loras=0)")
         if self.tokenizer is None and req.params.stop:
-            raise ValueError("stop strings need a tokenizer; this engine runs token ids only")
+            raise InputError("stop strings need a tokenizer; this engine runs token ids only")
         req.text = StopStringText(req.params.stop)
         req.decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         req.generator = req.params.make_generator(self.model.device)  # None unless seeded
@@ -321,7 +331,7 @@ class Engine:
     def grammar_compiler(self) -> GrammarCompiler:
         """The compiler of structured outputs for this engine's tokenizer and vocabulary (built once)."""
         if self.tokenizer is None:
-            raise ValueError("structured output needs a tokenizer; this engine runs token ids only")
+            raise InputError("structured output needs a tokenizer; this engine runs token ids only")
         if self._grammars is None:
             self._grammars = compiler_for(self.tokenizer, self.model.config.vocab_size, sorted(self.stop_ids))
         return self._grammars
@@ -390,7 +400,7 @@ class Engine:
         slot = None
         if adapter is not None:
             if self.lora is None:
-                raise ValueError("this server runs without LoRA support (max_loras=0)")
+                raise InputError("this server runs without LoRA support (max_loras=0)")
             slot = self.lru.acquire(adapter.key, lambda s, f=adapter.folder: self.lora.load(s, f))
         try:
             rows = self.lora.select([slot]) if self.lora is not None else contextlib.nullcontext()

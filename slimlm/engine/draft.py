@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from slimlm.engine.cache import SlotKVCache
 from slimlm.engine.fused_decode import FusedDecode
+from slimlm.errors import InputError
 from slimlm.model import Transformer
 from slimlm.quantize.int8 import Int8WeightOnlyLinear
 
@@ -51,13 +52,13 @@ def token_at(req: Request, pos: int) -> int:
 def check_draft(speculative: str | None, model: Transformer, draft: Transformer | None) -> None:
     """speculative="draft" needs a draft model with the target's vocabulary, on its device; no draft otherwise."""
     if speculative == "draft" and draft is None:
-        raise ValueError('speculative="draft" needs a draft model: pass Engine(..., draft_model=...) '
+        raise InputError('speculative="draft" needs a draft model: pass Engine(..., draft_model=...) '
                          "(slimlm.load(..., draft_model=PATH), slimlm serve --draft-model PATH), or use "
                          'speculative="ngram"')
     if draft is None:
         return
     if speculative != "draft":
-        raise ValueError(f"a draft model was given but speculative={speculative!r}; set "
+        raise InputError(f"a draft model was given but speculative={speculative!r}; set "
                          'EngineConfig(speculative="draft") to use it (slimlm serve: --speculative draft)')
     bad = []
     if draft.config.vocab_size != model.config.vocab_size:
@@ -66,7 +67,7 @@ def check_draft(speculative: str | None, model: Transformer, draft: Transformer 
     if draft.device != model.device:
         bad.append(f"it is on {draft.device}, the target on {model.device}; load both on one device")
     if bad:
-        raise ValueError("the draft model does not fit the target: " + "; ".join(bad))
+        raise InputError("the draft model does not fit the target: " + "; ".join(bad))
 
 
 def first_rows(head: nn.Module, n: int) -> nn.Module:
@@ -82,7 +83,7 @@ def first_rows(head: nn.Module, n: int) -> nn.Module:
         return cut
     if type(head) is Int8WeightOnlyLinear:
         return Int8WeightOnlyLinear(head.qweight[:n], head.scale[:n], None if head.bias is None else head.bias[:n])
-    raise ValueError(f"draft_vocab needs a plain or int8 weight-only LM head on the draft, not "
+    raise InputError(f"draft_vocab needs a plain or int8 weight-only LM head on the draft, not "
                      f"{type(head).__name__}; use draft_vocab=0")
 
 

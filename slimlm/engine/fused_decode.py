@@ -52,7 +52,7 @@ def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | str:
 def _lora_tensors(model: Transformer) -> list[torch.Tensor]:
     """A and B^T of every projection's LoRA slots, 14 per layer in decode.cpp's order (empty tensors where a
     projection has none); [] when the model has no slots attached."""
-    if getattr(model, "lora_slots", None) is None:
+    if model.lora_slots is None:
         return []
     out = []
     for layer in model.layers:

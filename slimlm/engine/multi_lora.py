@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.peft.common import (
     ALL_LINEARS, PEFT_PREFIX, PeftError, read_adapter_files, resolve_targets, target_linears,
 )
@@ -91,7 +92,7 @@ class LoraSlots:
         """Put a SlotLoRALinear in each target projection of `model`; returns the manager (also `model.lora_slots`)."""
         errors = [m for ok, m in ((n_slots >= 1, f"n_slots must be >= 1, got {n_slots}"),
                                   (max_rank >= 1, f"max_rank must be >= 1, got {max_rank}")) if not ok]
-        if getattr(model, "lora_slots", None) is not None:
+        if model.lora_slots is not None:
             errors.append("the model already has LoRA slots attached")
         if errors:
             raise PeftError("; ".join(errors))
@@ -225,7 +226,7 @@ class AdapterLRU:
 
     def __init__(self, capacity: int):
         if capacity < 1:
-            raise ValueError(f"AdapterLRU capacity must be >= 1 (the number of LoRA slots), got {capacity}")
+            raise InputError(f"AdapterLRU capacity must be >= 1 (the number of LoRA slots), got {capacity}")
         self.capacity = capacity
         self._entries: OrderedDict[Hashable, list[int]] = OrderedDict()  # key -> [slot, pin count], LRU first
 

@@ -22,6 +22,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from slimlm.engine.cache import SlotKVCache
+from slimlm.errors import InputError
 
 
 def block_hashes(tokens: Sequence[int], block_size: int, adapter: Hashable = None) -> list[int]:
@@ -38,7 +39,7 @@ class PrefixCache:
 
     def __init__(self, cache: SlotKVCache, n_blocks: int, block_size: int = 16):
         if n_blocks < 1 or block_size < 1:
-            raise ValueError(f"prefix cache needs n_blocks >= 1 and block_size >= 1, got {n_blocks}, {block_size}")
+            raise InputError(f"prefix cache needs n_blocks >= 1 and block_size >= 1, got {n_blocks}, {block_size}")
         self.block_size, self.n_blocks = block_size, n_blocks
         self.k = [torch.empty(n_blocks, t.shape[1], block_size, t.shape[3], dtype=t.dtype, device=t.device)
                   for t in cache.k]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimlm.engine.structured import StructuredOutput
+from slimlm.errors import InputError
 
 
 def _number(x: object) -> bool:
@@ -88,7 +89,7 @@ class SamplingParams:
         if not errors and self.min_new_tokens > self.max_new_tokens:
             errors.append(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if errors:
-            raise ValueError("invalid sampling parameters: " + "; ".join(errors))
+            raise InputError("invalid sampling parameters: " + "; ".join(errors))
 
     @property
     def greedy(self) -> bool:

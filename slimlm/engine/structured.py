@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from slimlm.errors import InputError
+
 if TYPE_CHECKING:
     from slimlm.tokenizer import Tokenizer
 
@@ -36,7 +38,7 @@ KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 CACHE_SIZE = 256  # compiled grammars kept per compiler (a small JSON schema takes ~10 ms to compile for SmolLM2)
 
 
-class StructuredOutputError(ValueError):
+class StructuredOutputError(InputError):
     """A structured-output request xgrammar cannot serve; `param` names the request field (for a 400's `param`)."""
 
     def __init__(self, message: str, param: str):

@@ -17,19 +17,18 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from slimlm.errors import USER_ERRORS, InputError, report_error
+
 BUILTIN = "builtin:heldout"
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    """The flags of `slimlm eval`."""
-    p.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
-    p.add_argument("--adapter", default=None, help="fine-tuned adapter folder to attach")
-    p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
-                   help="quantize the weights after loading (int4: --group-size)")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="time the torch.compile'd decode step in --speed")
+    """The flags of `slimlm eval`: the load flags (LoadConfig; --compile: time the compiled decode step in
+    --speed), then what to measure."""
+    from slimlm.load_config import EVAL_SKIP, LoadConfig
+    from slimlm.recipe import add_command_flags
+
+    add_command_flags(p, LoadConfig, skip=EVAL_SKIP)
     p.add_argument("--ppl", nargs="?", const=BUILTIN, default=None, metavar="FILE",
                    help="perplexity on FILE (UTF-8 text, or .jsonl with a 'text' field per line); "
                         "without FILE on the built-in held-out corpus")
@@ -70,9 +69,9 @@ def read_text(path: str | Path) -> str:
     texts = []
     for line in read_lines(path):  # blank lines skipped; bad bytes and bad JSON come back as line.error
         if line.error is not None:
-            raise ValueError(f"{path}:{line.number}: {line.error}")
+            raise InputError(f"{path}:{line.number}: {line.error}")
         if not isinstance(line.value, dict) or not isinstance(line.value.get("text"), str):
-            raise ValueError(f"{path}:{line.number}: each JSONL record needs a string 'text' field for --ppl")
+            raise InputError(f"{path}:{line.number}: each JSONL record needs a string 'text' field for --ppl")
         texts.append(line.value["text"])
     return "\n\n".join(texts)
 
@@ -81,7 +80,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """Fail on bad flags before the slow model load."""
     from slimlm.eval.perplexity import sliding_windows
     from slimlm.eval.speed import SpeedConfig
-    from slimlm.eval.tasks import task_metric_names
+    from slimlm.eval.task_accuracy import task_metric_names
 
     if args.ppl is None and args.task is None and not args.speed:
         args.ppl = BUILTIN
@@ -90,13 +89,13 @@ def _check_args(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{args.ppl}: no such text file for --ppl")
         sliding_windows(2, args.seq_len, args.stride or args.seq_len, args.ppl_tokens)  # validates the numbers
         if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+            raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.task is not None and not Path(args.task).is_file():
         raise FileNotFoundError(f"{args.task}: no such task file for --task")
     if args.task_metric is not None and args.task_metric not in task_metric_names():
-        raise ValueError(f"unknown --task-metric {args.task_metric!r}; bundled tasks: {', '.join(task_metric_names())}")
+        raise InputError(f"unknown --task-metric {args.task_metric!r}; bundled tasks: {', '.join(task_metric_names())}")
     if args.task_metric is not None and args.task is None:
-        raise ValueError("--task-metric needs --task FILE")
+        raise InputError("--task-metric needs --task FILE")
     if args.speed:
         SpeedConfig(args.speed_prompt, args.speed_new, repeats=args.speed_repeats).validate()
 
@@ -114,18 +113,21 @@ def _model_source(model: str, loaded_from: Path | None) -> Path | None:
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model once and run what the flags ask for; the JSON-ready results."""
+    import dataclasses
+
     import torch
 
     from slimlm.eval.speed import SpeedConfig, disk_size, measure_speed, memory_report
     from slimlm.llm import load
-    from slimlm.quantize.model import describe_quantization
+    from slimlm.load_config import LoadConfig
+    from slimlm.quantize.schemes import describe_quantization
+    from slimlm.recipe import config_from_flags
 
     _check_args(args)
     t0 = time.perf_counter()
-    llm = load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, adapter=args.adapter,
-               quantize=args.quantize, group_size=args.group_size)
+    llm = load(**dataclasses.asdict(config_from_flags(LoadConfig, args)))  # backend: torch (no --backend here)
     out: dict[str, Any] = {"model": args.model, "adapter": args.adapter,
-                           "quantization": describe_quantization(getattr(llm.model, "quantization", None)),
+                           "quantization": describe_quantization(llm.model.quantization),
                            "dtype": str(llm.model.dtype).removeprefix("torch."), "device": str(llm.model.device),
                            "parameters": sum(p.numel() for p in llm.model.parameters()),
                            "load_s": time.perf_counter() - t0, "python": platform.python_version(),
@@ -142,7 +144,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             res["corpus"] = corpus_info()
         out["perplexity"] = res
     if args.task is not None:
-        from slimlm.eval.tasks import task_accuracy
+        from slimlm.eval.task_accuracy import task_accuracy
 
         out["task"] = task_accuracy(llm.model, llm.tokenizer, args.task, args.task_metric, args.task_limit,
                                     args.max_new_tokens)
@@ -207,18 +209,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m slimlm.eval.cli ...` (the same flags as `slimlm eval`), for use before the command is wired in."""
-    from slimlm.checkpoint import CheckpointError
-    from slimlm.config import ConfigError
-
+    """`python -m slimlm.eval.cli ...` (the same flags as `slimlm eval`), for use before the command is wired in.
+    Errors as `slimlm eval`: one line for a SlimlmError or a bad path, a traceback for a bug."""
     parser = argparse.ArgumentParser(prog="slimlm eval", description=__doc__.split("\n\n")[0])
     add_eval_args(parser)
     args = parser.parse_args(argv)
     try:
         return cmd_eval(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"slimlm eval: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_error("eval", e)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from slimlm.errors import InputError
+
 STDLIB_MODULES = tuple(sorted("""
     abc argparse ast asyncio.events asyncio.futures asyncio.locks asyncio.queues asyncio.streams asyncio.tasks
     base64 bisect calendar cmd codecs collections collections.abc concurrent.futures configparser contextlib copy
@@ -133,7 +135,7 @@ def _build() -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
 def builtin_documents(split: str) -> list[str]:
     """The documents (cleaned docstrings) of one split, in corpus order."""
     if split not in SPLITS:
-        raise ValueError(f"unknown corpus split {split!r}; use one of {', '.join(SPLITS)}")
+        raise InputError(f"unknown corpus split {split!r}; use one of {', '.join(SPLITS)}")
     return list(_build()[0][split])
 
 
@@ -160,19 +162,11 @@ def calibration_ids(tokenizer, path: str | None, samples: int, seq_len: int):
     import torch  # here, so reading the corpus needs no torch
 
     if samples < 1 or seq_len < 2:
-        raise ValueError(f"--calib-samples must be >= 1 and --calib-seq-len >= 2, got {samples}, {seq_len}")
+        raise InputError(f"--calib-samples must be >= 1 and --calib-seq-len >= 2, got {samples}, {seq_len}")
     text = builtin_corpus("calibration") if path is None else Path(path).read_text(encoding="utf-8")
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     if len(ids) < samples * seq_len:
-        raise ValueError(f"the calibration text has {len(ids)} tokens; {samples} x {seq_len} are needed: use fewer "
+        raise InputError(f"the calibration text has {len(ids)} tokens; {samples} x {seq_len} are needed: use fewer "
                          "--calib-samples, a shorter --calib-seq-len, or a longer --calib-file")
     starts = torch.linspace(0, len(ids) - seq_len, samples).long()
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-
-
-def add_calibration_args(parser, used_by: str) -> None:
-    """--calib-file/--calib-samples/--calib-seq-len (for `calibration_ids`) on a command's parser."""
-    parser.add_argument("--calib-file", default=None, help=f"calibration text for {used_by} (default: the built-in "
-                                                           "corpus's calibration split, never the held-out one)")
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
-    parser.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")

@@ -33,6 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimlm.errors import InputError
+from slimlm.model import Transformer
+from slimlm.protocol import CausalLM
+
 
 @dataclass(frozen=True)
 class Window:
@@ -54,13 +58,13 @@ class Window:
 def sliding_windows(n_tokens: int, seq_len: int, stride: int, max_tokens: int | None = None) -> list[Window]:
     """The windows of the protocol (see the module docstring) over a stream of n_tokens tokens."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 (one token of context, one to score), got {seq_len}")
+        raise InputError(f"seq_len must be at least 2 (one token of context, one to score), got {seq_len}")
     if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be in [1, seq_len={seq_len}] (a larger stride would skip tokens), got {stride}")
+        raise InputError(f"stride must be in [1, seq_len={seq_len}] (a larger stride would skip tokens), got {stride}")
     if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
+        raise InputError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
     if n_tokens < 2:
-        raise ValueError(f"the text has {n_tokens} token(s); perplexity needs at least 2")
+        raise InputError(f"the text has {n_tokens} token(s); perplexity needs at least 2")
     windows, prev_end, scored = [], 0, 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + seq_len, n_tokens)
@@ -94,9 +98,17 @@ def _param(model: nn.Module) -> torch.Tensor:
     return p
 
 
+def _device_and_dtype(model: CausalLM | nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype a model runs: a CausalLM says so; any other nn.Module, its first parameter."""
+    if isinstance(model, CausalLM):
+        return model.device, model.dtype
+    p = _param(model)
+    return p.device, p.dtype
+
+
 def _features(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
     """(features [B, T, F], head) with head(features) = logits: hidden states and lm_head, or logits and Identity."""
-    if hasattr(model, "hidden") and isinstance(getattr(model, "lm_head", None), nn.Module):
+    if isinstance(model, Transformer):
         return model.hidden(ids), model.lm_head  # [B, T, D]
     return model(ids), nn.Identity()  # [B, T, V]
 
@@ -119,7 +131,7 @@ def _batch_nll(model: nn.Module, stream: torch.Tensor, batch: list[Window], pref
 
 
 @torch.no_grad()
-def perplexity_of_ids(model: nn.Module, ids: Sequence[int], *, seq_len: int = 512, stride: int = 512,
+def perplexity_of_ids(model: CausalLM | nn.Module, ids: Sequence[int], *, seq_len: int = 512, stride: int = 512,
                       max_tokens: int | None = None, batch_size: int = 4, chunk_size: int = 512,
                       progress: bool = True) -> dict[str, Any]:
     """Perplexity of a token stream under the protocol of the module docstring; see `perplexity` for the result."""
@@ -128,20 +140,20 @@ def perplexity_of_ids(model: nn.Module, ids: Sequence[int], *, seq_len: int = 51
     from slimlm.peft.prompt import input_prefix_ids
 
     if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}")
+        raise InputError(f"batch_size and chunk_size must be positive, got {batch_size} and {chunk_size}")
     windows = sliding_windows(len(ids), seq_len, stride, max_tokens)
-    prefix_ids = input_prefix_ids(model) if hasattr(model, "embed_tokens") else []
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_seq_len", None)
+    prefix_ids = input_prefix_ids(model)
+    config = model.config if isinstance(model, CausalLM) else None  # any other nn.Module: no sizes to check
+    limit = config.max_seq_len if config is not None else None
     if limit is not None and seq_len + len(prefix_ids) > limit:
-        raise ValueError(f"seq_len {seq_len} (+ {len(prefix_ids)} virtual tokens) exceeds the model's context of "
+        raise InputError(f"seq_len {seq_len} (+ {len(prefix_ids)} virtual tokens) exceeds the model's context of "
                          f"{limit} tokens; lower seq_len")
-    vocab = getattr(config, "vocab_size", None)
+    vocab = config.vocab_size if config is not None else None
     if vocab is not None and (max(ids) >= vocab or min(ids) < 0):
-        raise ValueError(f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}: wrong tokenizer?")
-    p = _param(model)
-    stream = torch.tensor(list(ids), dtype=torch.long, device=p.device)  # [N]
-    prefix = torch.tensor(prefix_ids, dtype=torch.long, device=p.device)  # [P]
+        raise InputError(f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}: wrong tokenizer?")
+    device, dtype = _device_and_dtype(model)
+    stream = torch.tensor(list(ids), dtype=torch.long, device=device)  # [N]
+    prefix = torch.tensor(prefix_ids, dtype=torch.long, device=device)  # [P]
     to_score = sum(w.scored for w in windows)
     was_training = model.training
     model.eval()
@@ -159,11 +171,11 @@ def perplexity_of_ids(model: nn.Module, ids: Sequence[int], *, seq_len: int = 51
     nll = nll_sum / n
     return {"ppl": math.exp(nll), "nll": nll, "tokens_scored": n, "tokens_total": len(ids), "windows": len(windows),
             "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size,
-            "dtype": str(p.dtype).removeprefix("torch."), "device": str(p.device), "virtual_tokens": len(prefix_ids),
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "virtual_tokens": len(prefix_ids),
             "seconds": seconds, "tokens_per_s": n / seconds if seconds > 0 else 0.0}
 
 
-def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 512, stride: int = 512,
+def perplexity(model: CausalLM | nn.Module, tokenizer: Any, text: str, *, seq_len: int = 512, stride: int = 512,
                max_tokens: int | None = None, batch_size: int = 4, add_special_tokens: bool = True,
                chunk_size: int = 512, progress: bool = True) -> dict[str, Any]:
     """Perplexity of `model` on `text` (protocol in the module docstring).
@@ -175,7 +187,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 51
     "add_special_tokens", "seconds", "tokens_per_s"}.
     """
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("the text to measure perplexity on is empty")
+        raise InputError("the text to measure perplexity on is empty")
     ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     out = perplexity_of_ids(model, ids, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                             batch_size=batch_size, chunk_size=chunk_size, progress=progress)

@@ -27,6 +27,7 @@ import torch
 
 from slimlm.engine.core import Engine, EngineConfig, Request
 from slimlm.engine.sampling import SamplingParams
+from slimlm.errors import InputError
 
 
 @dataclass
@@ -40,9 +41,9 @@ class SpeedConfig:
     def validate(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "repeats"):
             if getattr(self, name) < 1:
-                raise ValueError(f"speed {name} must be at least 1, got {getattr(self, name)}")
+                raise InputError(f"speed {name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
-            raise ValueError(f"speed warmup must be >= 0, got {self.warmup}")
+            raise InputError(f"speed warmup must be >= 0, got {self.warmup}")
 
 
 def _run_once(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -63,7 +64,7 @@ def measure_speed(model: torch.nn.Module, config: SpeedConfig | None = None) -> 
     cfg.validate()
     need = cfg.prompt_tokens + cfg.new_tokens + 1
     if need > model.config.max_seq_len:
-        raise ValueError(f"prompt_tokens + new_tokens + 1 = {need} exceeds the model's context of "
+        raise InputError(f"prompt_tokens + new_tokens + 1 = {need} exceeds the model's context of "
                          f"{model.config.max_seq_len} tokens")
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, model.config.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()

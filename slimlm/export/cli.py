@@ -6,6 +6,7 @@ import argparse
 import json
 
 from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
+from slimlm.errors import InputError
 
 
 def add_export_commands(sub) -> None:
@@ -85,7 +86,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         require_litert()
         if args.quantize:
-            raise ValueError("--quantize does not apply to tflite (LiteRT quantizes with its own tools)")
+            raise InputError("--quantize does not apply to tflite (LiteRT quantizes with its own tools)")
 
         def export(model, tokenizer, out, check):
             return export_tflite(model, tokenizer, out, args.prefill_len, args.max_len, check)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.kv_cache import kv_heads_per_layer
 from slimlm.model import Transformer, rope_cos_sin
 
@@ -37,11 +38,11 @@ class PastConcatCache:
 def check_exportable(model: Transformer) -> None:
     """Refuse what the exported layout cannot express, with what to do instead."""
     if model.config.sliding_window is not None:
-        raise ValueError("sliding-window attention (Mistral-style) is not supported by the export yet: its mask "
+        raise InputError("sliding-window attention (Mistral-style) is not supported by the export yet: its mask "
                          "differs per query over the past; export a model without sliding_window")
-    peft = getattr(model, "peft", None)
+    peft = model.peft
     if peft is not None:
-        raise ValueError(f"the model has an unmerged {peft.method} adapter: merge it first (export --adapter merges "
+        raise InputError(f"the model has an unmerged {peft.method} adapter: merge it first (export --adapter merges "
                          "LoRA/DoRA/QLoRA/BitFit adapters; prefix, prompt and bottleneck adapters cannot be merged "
                          "and are not exported)")
 

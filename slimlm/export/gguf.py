@@ -25,6 +25,7 @@ import torch
 
 from slimlm.checkpoint.gguf import GGUF_TO_SLIMLM
 from slimlm.config import ModelConfig
+from slimlm.errors import InputError
 
 # --type name -> (GGML tensor type name, gguf.LlamaFileType name)
 GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -35,7 +36,7 @@ SLIMLM_TO_GGUF = {v: k for k, v in GGUF_TO_SLIMLM.items()}
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(InputError):
     """A model or adapter that cannot be written as GGUF; the message says what to do."""
 
 
@@ -248,7 +249,7 @@ def lora_pairs(model: torch.nn.Module) -> list[tuple[str, np.ndarray, np.ndarray
     """(GGUF base tensor name, A [r, in], B [out, r], scaling) of the one LoRA adapter attached to `model`."""
     from slimlm.peft.lora import lora_layers, lora_selection
 
-    names = lora_selection(model).names if hasattr(model, "lora_selection") else set()
+    names = model.lora_selection.names if model.lora_selection is not None else set()
     if len(names) != 1:
         raise GGUFExportError(f"expected one LoRA adapter attached, found {len(names)}: gguf-lora writes LoRA "
                               "adapters only (DoRA, prefix, prompt, bottleneck and BitFit adapters: merge them with "

@@ -16,6 +16,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from slimlm.errors import InputError
+
 # llama.cpp's check string (convert_hf_to_gguf_update.py), verbatim: spaces, newlines, emoji, digits, CJK, Khmer,
 # Cyrillic, quotes and English contractions, so that pre-tokenizers that differ anywhere hash differently.
 CHECK_TEXT = (
@@ -39,7 +41,7 @@ PRE_TOKENIZER_HASHES = {
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType values
 
 
-class VocabError(ValueError):
+class VocabError(InputError):
     """A tokenizer that cannot be written as a GGUF vocabulary; the message says what to do."""
 
 

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from slimlm.errors import InputError
 from slimlm.export.decoder import ExportDecoder, example_inputs, io_names
+from slimlm.export.ort import METADATA_FILE, OrtSession, left_padded
 from slimlm.model import Transformer
 
 ONNX_FILE = "model.onnx"
-METADATA_FILE = "slimlm_export.json"
 LAYOUT = "hf-decoder-with-past"  # the input/output names and shapes of export/decoder.py
 PROBE = "ONNX Runtime runs the same decoder: the quick brown fox jumps over the lazy dog."
 
@@ -38,7 +39,7 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(mod)
     if missing:
-        raise ValueError(f"ONNX export needs {', '.join(missing)}: pip install 'slimlm[export]' "
+        raise InputError(f"ONNX export needs {', '.join(missing)}: pip install 'slimlm[export]' "
                          "(or pip install onnx onnxscript onnxruntime)")
 
 
@@ -79,7 +80,7 @@ def export_onnx(model: Transformer, tokenizer: Any, out: str | Path, check: bool
                                     output_names=outputs, dynamo=True, optimize=True, verbose=False,
                                     custom_translation_table=custom_translation_table())
     meta = {"format": "onnx", "layout": LAYOUT, "file": ONNX_FILE, "inputs": inputs, "outputs": outputs,
-            "quantization": getattr(model, "quantization", None), "swapped_layers": swapped,
+            "quantization": model.quantization, "swapped_layers": swapped,
             "int8_compute": bool(swapped) and int8_compute,
             "n_layers": form.config.n_layers, "export_s": 0.0}
     with atomic_folder(out) as tmp:
@@ -105,23 +106,19 @@ def write_export_files(model: Transformer, tokenizer: Any, folder: Path) -> None
 def check_parity(folder: str | Path, reference: Transformer, tokenizer: Any = None,
                  original: Transformer | None = None) -> dict[str, float]:
     """Max |logit difference| between ONNX Runtime and PyTorch over a prefill and two decode steps."""
-    from slimlm.export.ort import OrtSession
-
     session = OrtSession(folder)
     vocab = reference.config.vocab_size
     ids = tokenizer.encode(PROBE) if tokenizer is not None else list(range(1, 17))
     ids = [i % vocab for i in ids][:32]
     short = ids[: max(1, len(ids) // 2)]
     out = {"max_logit_diff": _rollout_diff(session, reference, [ids, short])}
-    if original is not None and getattr(original, "quantization", None):
+    if original is not None and original.quantization:
         out["max_logit_diff_vs_slimlm_kernels"] = _rollout_diff(session, original, [ids, short])
     return out
 
 
 def _rollout_diff(session, model: Transformer, prompts: list[list[int]], steps: int = 2) -> float:
     """Left-padded prefill, then greedy decode steps (tokens from ORT); max |Δ logit| vs ExportDecoder(model)."""
-    from slimlm.export.ort import left_padded
-
     reference = ExportDecoder(model)
     ids, mask = left_padded(prompts, pad_id=0)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)

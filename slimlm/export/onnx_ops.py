@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimlm.errors import InputError
 from slimlm.quantize.int4 import Int4WeightOnlyLinear, unpack_int4
 from slimlm.quantize.int8 import DynamicInt8Linear, Int8Embedding, Int8WeightOnlyLinear, StaticInt8Linear
 
@@ -117,7 +118,7 @@ class NBitsLinear(nn.Module):
 def int8_block_size(K: int) -> int:
     block = next((b for b in NBITS_BLOCKS if K % b == 0), None)
     if block is None:
-        raise ValueError(f"an int8 layer with {K} inputs cannot be written as MatMulNBits (needs a multiple of 16)")
+        raise InputError(f"an int8 layer with {K} inputs cannot be written as MatMulNBits (needs a multiple of 16)")
     return block
 
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from slimlm.config import ModelConfig
+from slimlm.errors import InputError
+
+METADATA_FILE = "slimlm_export.json"  # what every exporter writes beside its graph: layout, inputs, outputs
 
 
 def left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,12 +40,10 @@ class OrtSession:
     def __init__(self, folder: str | Path, threads: int = 0, provider: str = "cpu"):
         import onnxruntime as ort
 
-        from slimlm.export.onnx import METADATA_FILE
-
         folder = Path(folder)
         meta_path = folder / METADATA_FILE
         if not meta_path.is_file():
-            raise ValueError(f"{folder} is not an ONNX export of slimlm (no {METADATA_FILE}): "
+            raise InputError(f"{folder} is not an ONNX export of slimlm (no {METADATA_FILE}): "
                              "make one with `slimlm export onnx --model M --out DIR`")
         self.meta = json.loads(meta_path.read_text())
         opts = ort.SessionOptions()
@@ -51,7 +53,7 @@ class OrtSession:
         providers = ["CPUExecutionProvider"]
         if provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ValueError("--device cuda with onnxruntime needs the onnxruntime-gpu package and a CUDA GPU")
+                raise InputError("--device cuda with onnxruntime needs the onnxruntime-gpu package and a CUDA GPU")
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(folder / self.meta["file"]), opts, providers=providers)
         self.inputs, self.outputs = self.meta["inputs"], self.meta["outputs"]
@@ -72,12 +74,15 @@ class OrtSession:
 
 
 class OrtModel:
-    """An exported graph behind the Transformer's call signature (see the module docstring)."""
+    """An exported graph behind the Transformer's call signature (see the module docstring).
 
-    dtype = torch.float32
-    device = torch.device("cpu")
-    embed_tokens = None  # no prompt-tuning embedding (peft.prompt.input_prefix_ids looks for one)
-    peft = None
+    It satisfies slimlm.protocol.CausalLM, so generation, serving and evaluation run it as they run a Transformer.
+    """
+
+    dtype = torch.float32  # the graph computes and returns fp32 logits and keys/values
+    device = torch.device("cpu")  # tensors go in and out on the CPU (numpy), whatever runs the graph
+    peft = None  # an exported graph carries no adapter: export merges it (--adapter) or refuses
+    training = False  # a graph is inference-only: train(True) refuses
 
     def __init__(self, folder: str | Path, threads: int = 0):
         from slimlm.checkpoint.hf import read_hf_config
@@ -85,13 +90,8 @@ class OrtModel:
         self.folder = Path(folder)
         self.session = OrtSession(folder, threads)
         self.config: ModelConfig = read_hf_config(self.folder)
-        self.quantization = self.session.meta.get("quantization")
-
-    training = False
-
-    def parameters(self):
-        """One empty fp32 CPU tensor: code that reads a model's device and dtype from its parameters works."""
-        yield torch.zeros(0)
+        # The scheme the exported model was quantized with (export metadata); None: exported dense.
+        self.quantization: dict[str, Any] | None = self.session.meta.get("quantization")
 
     def eval(self) -> "OrtModel":
         return self
@@ -157,11 +157,3 @@ def graph_attention_mask(slots: torch.Tensor, mask4: torch.Tensor | None,
         new_visible = last.gather(1, slots)
     return torch.cat([past_visible, new_visible], dim=1).long(), P
 
-
-def load_onnx_llm(folder: str | Path, threads: int = 0):
-    """An LLM (slimlm.llm) whose model is the exported graph in `folder`, with the folder's tokenizer."""
-    from slimlm.llm import LLM
-    from slimlm.tokenizer import Tokenizer
-
-    model = OrtModel(folder, threads)
-    return LLM(model, Tokenizer.from_pretrained(folder), Path(folder))  # type: ignore[arg-type]

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from slimlm.errors import InputError, SlimlmError
+
 ENGINE_FILE = "model.plan"
 
 
@@ -26,7 +28,7 @@ def require_tensorrt():
     if trt is None or not torch.cuda.is_available():
         missing = " and ".join(m for m, ok in (("a CUDA GPU", torch.cuda.is_available()),
                                                ("the tensorrt package", trt is not None)) if not ok)
-        raise ValueError(f"TensorRT export requires CUDA + tensorrt: {missing} not found here. Export ONNX "
+        raise InputError(f"TensorRT export requires CUDA + tensorrt: {missing} not found here. Export ONNX "
                          "(slimlm export onnx) and build the engine on a machine with an NVIDIA GPU "
                          "(pip install tensorrt)")
     return trt
@@ -41,10 +43,10 @@ def build_tensorrt_engine(onnx_folder: str | Path, out: str | Path, max_batch: i
     onnx_folder = Path(onnx_folder)
     meta_path = onnx_folder / METADATA_FILE
     if not meta_path.is_file():
-        raise ValueError(f"{onnx_folder} is not a slimlm ONNX export (no {METADATA_FILE})")
+        raise InputError(f"{onnx_folder} is not a slimlm ONNX export (no {METADATA_FILE})")
     meta = json.loads(meta_path.read_text())
     if meta.get("quantization"):
-        raise ValueError("this ONNX export is quantized (MatMulNBits, an ONNX Runtime op TensorRT cannot parse): "
+        raise InputError("this ONNX export is quantized (MatMulNBits, an ONNX Runtime op TensorRT cannot parse): "
                          "build the engine from an unquantized export")
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -53,7 +55,7 @@ def build_tensorrt_engine(onnx_folder: str | Path, out: str | Path, max_batch: i
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_folder / meta["file"])):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ValueError(f"TensorRT could not parse {onnx_folder / meta['file']}: {errors}")
+        raise InputError(f"TensorRT could not parse {onnx_folder / meta['file']}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     if fp16:
@@ -61,7 +63,7 @@ def build_tensorrt_engine(onnx_folder: str | Path, out: str | Path, max_batch: i
     config.add_optimization_profile(_profile(builder, network, max_batch, max_len, opt_len))
     engine = builder.build_serialized_network(network, config)
     if engine is None:
-        raise ValueError("TensorRT failed to build the engine (see its log above)")
+        raise SlimlmError("TensorRT failed to build the engine (see its log above)")
     info = {"format": "tensorrt", "file": ENGINE_FILE, "from_onnx": str(onnx_folder), "fp16": fp16,
             "max_batch": max_batch, "max_len": max_len, "tensorrt": trt.__version__}
     with atomic_folder(out) as tmp:

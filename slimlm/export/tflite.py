@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.kv_cache import kv_heads_per_layer
 from slimlm.model import Transformer, rope_cos_sin
 
@@ -31,7 +32,7 @@ def require_litert():
     try:
         import litert_torch
     except ImportError:
-        raise ValueError("TFLite export needs litert-torch: pip install litert-torch (it brings the LiteRT "
+        raise InputError("TFLite export needs litert-torch: pip install litert-torch (it brings the LiteRT "
                          "interpreter, ai-edge-litert)") from None
     return litert_torch
 
@@ -85,11 +86,11 @@ def export_tflite(model: Transformer, tokenizer: Any, out: str | Path, prefill_l
     from slimlm.export.onnx import METADATA_FILE, write_export_files
 
     litert_torch = require_litert()
-    if getattr(model, "quantization", None):
-        raise ValueError("TFLite export takes an unquantized model (slimlm's int8/int4 kernels have no TFLite "
+    if model.quantization:
+        raise InputError("TFLite export takes an unquantized model (slimlm's int8/int4 kernels have no TFLite "
                          "lowering); quantize the .tflite with LiteRT's ai-edge-quantizer instead")
     if not 1 <= prefill_len < max_len <= model.config.max_seq_len:
-        raise ValueError(f"need 1 <= prefill_len ({prefill_len}) < max_len ({max_len}) <= the model's context "
+        raise InputError(f"need 1 <= prefill_len ({prefill_len}) < max_len ({max_len}) <= the model's context "
                          f"({model.config.max_seq_len})")
     check_exportable(model)
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ def export_torchscript(model: Transformer, tokenizer: Any, out: str | Path, chec
         traced = torch.jit.trace(decoder, example, check_trace=False)
     inputs, outputs = io_names(model.config.n_layers)
     meta = {"format": "torchscript", "layout": "hf-decoder-with-past", "file": TORCHSCRIPT_FILE, "inputs": inputs,
-            "outputs": outputs, "quantization": getattr(model, "quantization", None),
+            "outputs": outputs, "quantization": model.quantization,
             "dtype": str(model.dtype).removeprefix("torch.")}
     with atomic_folder(out) as tmp:
         traced.save(str(tmp / TORCHSCRIPT_FILE))

@@ -11,21 +11,22 @@ import argparse
 import json
 
 from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
+from slimlm.errors import InputError
 from slimlm.fuse.llama import FUSION_PASSES
+from slimlm.load_config import SAVE_SKIP, SaveLoadConfig
+from slimlm.recipe import add_command_flags
 
 
 def add_fuse_commands(sub) -> None:
     """Register `fuse` on the CLI's subparsers `sub`."""
     f = sub.add_parser("fuse", help="exact operator fusion: merge adapters, fold RMSNorm gains, fuse q/k/v and "
                                     "gate/up; save the model")
-    f.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
-    f.add_argument("--adapter", default=None, help="adapter folder to merge first (needs the merge pass)")
+    # --model, --adapter (merged first: needs the merge pass), --dtype (fp32: the passes are exact to fp32 round-off)
+    add_command_flags(f, SaveLoadConfig, skip=tuple(n for n in SAVE_SKIP if n != "adapter"))
     f.add_argument("--passes", default=",".join(FUSION_PASSES),
                    help=f"comma-separated, run in the order {','.join(FUSION_PASSES)} (default: all)")
     f.add_argument("--untie-head", action="store_true",
                    help="norms: give a tied LM head its own copy (vocab x dim more memory) so the final norm folds")
-    f.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="load, fuse and save in this dtype (fp32: the passes are exact to fp32 round-off)")
     f.add_argument("--out", required=True, help="output folder (written atomically)")
     f.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     f.add_argument("--json", action="store_true", help="print the reports and the drift as JSON")
@@ -38,9 +39,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
     passes = parse_passes(args.passes)
     if args.adapter and "merge" not in passes:
-        raise ValueError("--adapter needs the merge pass in --passes: a saved model folder holds no adapter")
+        raise InputError("--adapter needs the merge pass in --passes: a saved model folder holds no adapter")
     if args.untie_head and "norms" not in passes:
-        raise ValueError("--untie-head only matters with the norms pass in --passes")
+        raise InputError("--untie-head only matters with the norms pass in --passes")
     check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.adapter])
     return passes
 
@@ -53,7 +54,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from slimlm.llm import load
     from slimlm.peft import logit_drift
     from slimlm.peft.merge import PROBE
-    from slimlm.quantize.model import save_quantized
+    from slimlm.checkpoint.quantized import save_quantized
 
     passes = check_args(args)
     llm = load(args.model, dtype=args.dtype, adapter=args.adapter)
@@ -63,10 +64,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         before = model(ids)
         reports = fuse_model_(model, passes, args.untie_head)
         after = model(ids)
-    if getattr(model, "peft", None) is not None:
-        raise ValueError(f"the {model.peft.method} adapter cannot be merged ({reports.get('merge')}), so the "
+    if model.peft is not None:
+        raise InputError(f"the {model.peft.method} adapter cannot be merged ({reports.get('merge')}), so the "
                          "model cannot be saved as one folder; keep it as an adapter and load it with --adapter")
-    if getattr(model, "quantization", None):
+    if model.quantization:
         save_quantized(model, args.out, tokenizer.hf)
     else:
         save_hf_folder(model, args.out, tokenizer.hf, sorted(tokenizer.stop_token_ids))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from slimlm.errors import InputError
 from slimlm.fuse.report import FusionReport
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -51,7 +52,7 @@ def _check_eval(module: nn.Module) -> None:
     training = [name or type(module).__name__ for name, m in module.named_modules()
                 if isinstance(m, BATCHNORMS) and m.training]
     if training:
-        raise ValueError(f"BatchNorm {training[0]!r} is in training mode: it normalizes with each batch's own "
+        raise InputError(f"BatchNorm {training[0]!r} is in training mode: it normalizes with each batch's own "
                          "statistics, which no fixed weights reproduce; call module.eval() before folding")
 
 

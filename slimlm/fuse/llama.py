@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from slimlm.errors import InputError
 from slimlm.fuse.report import FusionReport
 from slimlm.fuse.rows import (
     NOT_CONCATENABLE,
@@ -156,7 +157,7 @@ def merge_adapters_(model: Transformer) -> FusionReport:
     from slimlm.peft.lora import lora_layers, lora_selection, merge_lora, unload_lora
 
     report = FusionReport()
-    state = getattr(model, "peft", None)
+    state = model.peft
     if state is None:
         names = sorted(lora_selection(model).names) if lora_layers(model) else []
         if len(names) > 1:  # attached with apply_lora for per-row serving; merging would add them all up
@@ -192,14 +193,14 @@ def parse_passes(passes: str | list[str] | tuple[str, ...]) -> list[str]:
     names = [p for p in names if p]
     unknown = [p for p in names if p not in FUSION_PASSES]
     if unknown or not names:
-        raise ValueError(f"unknown fusion pass(es) {unknown or names}; choose from {', '.join(FUSION_PASSES)}")
+        raise InputError(f"unknown fusion pass(es) {unknown or names}; choose from {', '.join(FUSION_PASSES)}")
     return [p for p in FUSION_PASSES if p in names]
 
 
 def fuse_model_(model: Transformer, passes: str | list[str] | tuple[str, ...] = tuple(FUSION_PASSES),
                 untie_head: bool = False) -> dict[str, FusionReport]:
     """Run the chosen passes in FUSION_PASSES order (whatever order they are given in); {pass: its report}."""
-    if not isinstance(getattr(model, "layers", None), nn.ModuleList) or not hasattr(model, "lm_head"):
+    if not isinstance(model, Transformer):
         raise TypeError(f"fuse_model_ works on slimlm.model.Transformer, not {type(model).__name__}; for other "
                         "modules use slimlm.fuse.fold_conv_bn_ / fold_linear_bn_")
     reports = {}

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from slimlm.paths import cache_root
+
 log = logging.getLogger("slimlm.kernels")
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int8_gemm.cpp", "decode.cpp")]
@@ -78,8 +80,6 @@ def build_key() -> str:
 
 
 def build_dir() -> Path:
-    from slimlm.checkpoint.gguf import cache_root  # lazy: only the first build needs it
-
     return cache_root() / "kernels" / f"slimlm-{build_key()}"
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from slimlm.errors import InputError
+
 MODES = ("train", "finetune", "infer")
 METHODS = ("full", "lora", "qlora", "adapter", "bitfit", "prefix", "prompt")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -21,7 +23,7 @@ LINEARS = ATTENTION + MLP
 ADAPTER_STYLES = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}  # as peft/adapter.py
 
 
-class MemoryQueryError(ValueError):
+class MemoryQueryError(InputError):
     """A MemoryQuery that cannot be estimated; the message names every bad field and what to use instead."""
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
+from slimlm.errors import InputError
 
 
 def add_merge_models_commands(sub) -> None:
@@ -26,12 +27,12 @@ def add_merge_models_commands(sub) -> None:
 
 
 def cmd_merge_models(args: argparse.Namespace) -> int:
-    from slimlm.merge.recipe import load_merge_recipe
+    from slimlm.merge.merge_config import load_merge_recipe
     from slimlm.merge.run import run_merge
 
     recipe = load_merge_recipe(args.recipe)  # validated before anything is read or written
     if args.shard_size_gb <= 0:
-        raise ValueError(f"--shard-size-gb must be > 0, got {args.shard_size_gb}")
+        raise InputError(f"--shard-size-gb must be > 0, got {args.shard_size_gb}")
     inputs = [recipe.base_model] + [m.model for m in recipe.models]
     check_output(args.out, overwrite=args.overwrite, inputs=inputs)
     t0 = time.perf_counter()

@@ -25,8 +25,9 @@ import torch
 
 from slimlm.checkpoint import CheckpointError, model_folder
 from slimlm.checkpoint.atomic import atomic_folder
-from slimlm.checkpoint.hf import read_json_object, read_safetensors_header, safetensors_files
-from slimlm.merge.recipe import DTYPES, MergeRecipe, resolve
+from slimlm.checkpoint.hf import read_safetensors_header, safetensors_files
+from slimlm.jsonl import read_json_object
+from slimlm.merge.merge_config import DTYPES, MergeRecipe, resolve
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",

@@ -112,7 +112,7 @@ def apply_peft(model: nn.Module, method: str, cfg: Any = None, tokenizer: Any = 
     nf4_base = nf4_base or method == "qlora"
     if nf4_base and method == "full":
         raise PeftError("full fine-tuning trains every weight, so it cannot use an NF4 (frozen 4-bit) base")
-    if getattr(model, "peft", None) is not None:
+    if model.peft is not None:
         raise PeftError(f"the model already has a {model.peft.method} adapter; load a fresh base model")
     if nf4_base:
         quantize_model_nf4_(model)
@@ -200,7 +200,7 @@ def _merge_lora(model: nn.Module) -> None:
 
 
 def _peft_state(model: nn.Module) -> PeftState:
-    state = getattr(model, "peft", None)
+    state = model.peft
     if state is None:
         raise PeftError("the model has no adapter applied")
     return state

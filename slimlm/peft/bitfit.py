@@ -74,7 +74,7 @@ def apply_bitfit(model: nn.Module, cfg: BitFitConfig, tokenizer=None) -> None:
 
 
 def _trained(model: nn.Module) -> dict[str, nn.Parameter]:
-    cfg = getattr(model, "bitfit_config", None)
+    cfg = model.bitfit_config
     if cfg is None:
         raise PeftError("the model has no BitFit applied; call apply_bitfit first")
     params = {f"{name}.bias": getattr(parent, attr).bias
@@ -125,5 +125,4 @@ def merge_bitfit(model: nn.Module) -> None:
     for _, parent, attr in target_linears(model, ALL_LINEARS):
         _add_bias(getattr(parent, attr), like)
     model.config = dataclasses.replace(config, attention_bias=True, mlp_bias=True, model_type="llama")
-    if hasattr(model, "bitfit_config"):
-        del model.bitfit_config
+    model.bitfit_config = None

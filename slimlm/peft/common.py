@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from slimlm.checkpoint.atomic import atomic_folder
+from slimlm.errors import InputError
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -26,7 +27,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class PeftError(ValueError):
+class PeftError(InputError):
     """A PEFT config, adapter folder or model that does not fit; the message says what to change."""
 
 
@@ -110,7 +111,8 @@ def read_adapter_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor
     Both files are checked before use (JSON object; safetensors header against the file), so a truncated or
     corrupt adapter gives one error naming the file.
     """
-    from slimlm.checkpoint.hf import load_safetensors, read_json_object
+    from slimlm.checkpoint.hf import load_safetensors
+    from slimlm.jsonl import read_json_object
 
     folder = Path(folder)
     cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS

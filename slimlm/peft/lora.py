@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimlm.peft.common import (
-    ALL_LINEARS, PEFT_PREFIX, PeftError, copy_checked, freeze, resolve_targets, target_linears, weight_of,
+    ALL_LINEARS,
+    PEFT_PREFIX,
+    PeftError,
+    copy_checked,
+    freeze,
+    resolve_targets,
+    target_linears,
+    weight_of,
 )
 
 # PEFT's adapter_config.json options that change what the adapter computes and that slimlm does not run.
@@ -133,9 +139,9 @@ def hf_module_name(name: str) -> str:
 
 @dataclass
 class AdapterSelection:
-    """Which adapters the LoRALinear layers of one model apply: `active` to every row, or per row (`rows`)."""
+    """Which adapters the LoRALinear layers of one model apply, to every row. (Serving mixes adapters per row
+    with engine/multi_lora.py's slots instead.)"""
     active: tuple[str, ...] = ("default",)
-    rows: list[tuple[str, torch.Tensor]] | None = None  # (adapter, row indices [n]) for each adapter in the batch
     names: set[str] = field(default_factory=set)  # every adapter attached to the model
     saved_modules: dict[str, list[str]] = field(default_factory=dict)  # adapter -> our names of modules_to_save
 
@@ -220,15 +226,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        sel = self.selection
-        if sel.rows is None:
-            for name in sel.active:
-                if name in self.adapters and not self._is_merged(name):
-                    y = self.adapters[name].add_to(x, self.base, y)
-            return y
-        for name, idx in sel.rows:  # x [B, ..., in]: each adapter's rows go through that adapter only
+        for name in self.selection.active:
             if name in self.adapters and not self._is_merged(name):
-                y = y.index_add(0, idx, self.adapters[name](x[idx], self.base, y[idx]))
+                y = self.adapters[name].add_to(x, self.base, y)
         return y
 
     def _is_merged(self, name: str) -> bool:
@@ -323,8 +323,8 @@ def _saved_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
 
 def _untie_saved(model: nn.Module, saved: list[str]) -> None:
     """A saved embed_tokens or lm_head of a tied model gets its own weight, as PEFT's copy of the module does."""
-    config = getattr(model, "config", None)
-    if config is None or not getattr(config, "tie_word_embeddings", False):
+    config = model.config
+    if not config.tie_word_embeddings:
         return
     if {"embed_tokens", "lm_head"} & set(saved):
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
@@ -332,7 +332,7 @@ def _untie_saved(model: nn.Module, saved: list[str]) -> None:
 
 
 def lora_selection(model: nn.Module) -> AdapterSelection:
-    if not hasattr(model, "lora_selection"):
+    if model.lora_selection is None:
         model.lora_selection = AdapterSelection(active=())
     return model.lora_selection
 
@@ -348,27 +348,7 @@ def set_active_adapters(model: nn.Module, names: str | list[str] | tuple[str, ..
     unknown = [n for n in names if n not in sel.names]
     if unknown:
         raise PeftError(f"no LoRA adapter named {unknown}; attached: {sorted(sel.names)}")
-    sel.active, sel.rows = names, None
-
-
-@contextmanager
-def adapter_rows(model: nn.Module, row_adapters: list[str | None]):
-    """Within the block, batch row b uses adapter row_adapters[b] (None: the base model alone)."""
-    sel = lora_selection(model)
-    unknown = sorted({n for n in row_adapters if n is not None and n not in sel.names})
-    if unknown:
-        raise PeftError(f"no LoRA adapter named {unknown}; attached: {sorted(sel.names)}")
-    device = next(model.parameters()).device
-    groups = {}
-    for b, n in enumerate(row_adapters):
-        if n is not None:
-            groups.setdefault(n, []).append(b)
-    previous = sel.rows
-    sel.rows = [(n, torch.tensor(rows, dtype=torch.long, device=device)) for n, rows in groups.items()]
-    try:
-        yield
-    finally:
-        sel.rows = previous
+    sel.active = names
 
 
 def _file_key(layer_name: str, part: str) -> str:
@@ -418,8 +398,7 @@ def _resize_vocab(model: nn.Module, tensors: dict[str, torch.Tensor], saved: lis
     n, w = rows["lm_head"], model.embed_tokens.weight
     model.embed_tokens = nn.Embedding(n, w.shape[1], device=w.device, dtype=w.dtype).requires_grad_(False)
     model.lm_head = nn.Linear(w.shape[1], n, bias=False, device=w.device, dtype=w.dtype).requires_grad_(False)
-    if hasattr(model, "config"):
-        model.config.vocab_size = n
+    model.config.vocab_size = n
 
 
 def lora_adapter_config(model: nn.Module, cfg: LoraConfig) -> dict:
@@ -486,5 +465,4 @@ def unload_lora(model: nn.Module) -> None:
     for lname, layer in lora_layers(model):
         parent = model.get_submodule(lname.rsplit(".", 1)[0])
         setattr(parent, lname.rsplit(".", 1)[1], layer.base)
-    if hasattr(model, "lora_selection"):
-        del model.lora_selection
+    model.lora_selection = None

@@ -136,7 +136,7 @@ class LayerPrefix(nn.Module):
 def apply_prefix(model: nn.Module, cfg: PrefixConfig, tokenizer=None) -> None:
     """Freeze the model and install trainable prefixes in every attention layer (in place)."""
     cfg.validate()
-    if getattr(model, "prefix_encoder", None) is not None:
+    if model.prefix_encoder is not None:
         raise PeftError("this model already has prefix tuning; load a fresh base model before applying again")
     freeze(model)
     c, w = model.config, model.embed_tokens.weight
@@ -150,7 +150,7 @@ def apply_prefix(model: nn.Module, cfg: PrefixConfig, tokenizer=None) -> None:
 
 
 def _encoder(model: nn.Module) -> PrefixEncoder:
-    encoder = getattr(model, "prefix_encoder", None)
+    encoder = model.prefix_encoder
     if encoder is None:
         raise PeftError("the model has no prefix tuning; call apply_prefix first")
     return encoder

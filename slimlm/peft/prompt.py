@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from slimlm.model import Transformer
 from slimlm.peft.common import PeftError, copy_checked, freeze, prompt_learning_config_errors
+from slimlm.protocol import CausalLM
 
 PEFT_TYPE = "PROMPT_TUNING"
 WEIGHTS_KEY = "prompt_embeddings"
@@ -89,8 +91,14 @@ class PromptEmbedding(nn.Module):
         return torch.where(virtual[..., None], soft, real)
 
 
-def input_prefix_ids(model: nn.Module) -> list[int]:
-    """The virtual token ids to put in front of every input sequence; [] when the model has no prompt tuning."""
+def input_prefix_ids(model: CausalLM | nn.Module) -> list[int]:
+    """The virtual token ids to put in front of every input sequence; [] when the model has no prompt tuning.
+
+    Only a slimlm Transformer can carry prompt tuning; for any other model (an ONNX graph: adapters are merged or
+    refused at export; a plain nn.Module) the answer is [].
+    """
+    if not isinstance(model, Transformer):
+        return []
     embed = model.embed_tokens
     return embed.virtual_ids() if isinstance(embed, PromptEmbedding) else []
 

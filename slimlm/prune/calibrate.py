@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.model import Transformer, rope_cos_sin
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -25,7 +26,7 @@ def linears_of_block(block: nn.Module) -> dict[str, nn.Linear]:
     out = {name: block.get_submodule(name) for name in LINEAR_NAMES}
     bad = [n for n, m in out.items() if type(m) is not nn.Linear]
     if bad:
-        raise ValueError(f"pruning needs plain nn.Linear layers, but {', '.join(bad)} are "
+        raise InputError(f"pruning needs plain nn.Linear layers, but {', '.join(bad)} are "
                          f"{type(out[bad[0]]).__name__}: merge adapters and prune before quantizing")
     return out
 
@@ -33,9 +34,9 @@ def linears_of_block(block: nn.Module) -> dict[str, nn.Linear]:
 def check_calib_ids(calib_ids: torch.Tensor | None, what: str) -> torch.Tensor:
     """calib_ids must be token ids [samples, tokens >= 2]; `what` names the method that needs them."""
     if calib_ids is None:
-        raise ValueError(f"{what} needs calibration token ids [samples, tokens] (slimlm.eval.corpus.calibration_ids)")
+        raise InputError(f"{what} needs calibration token ids [samples, tokens] (slimlm.eval.corpus.calibration_ids)")
     if calib_ids.ndim != 2 or calib_ids.shape[1] < 2 or calib_ids.dtype != torch.long:
-        raise ValueError(f"calibration ids must be a long tensor [samples, tokens >= 2], got "
+        raise InputError(f"calibration ids must be a long tensor [samples, tokens >= 2], got "
                          f"{calib_ids.dtype} {tuple(calib_ids.shape)}")
     return calib_ids
 

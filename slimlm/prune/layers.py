@@ -15,6 +15,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.model import Transformer
 from slimlm.prune.calibrate import calibration_pass, check_calib_ids, forward_hooks
 
@@ -23,7 +24,7 @@ def every_other_layer(n_layers: int, keep: int | None = None) -> list[int]:
     """Indices of `keep` layers (default half) spread evenly over 0..n_layers-1, always keeping the first and last."""
     keep = keep if keep is not None else (n_layers + 1) // 2
     if not 1 <= keep <= n_layers:
-        raise ValueError(f"cannot keep {keep} of {n_layers} layers; choose 1..{n_layers}")
+        raise InputError(f"cannot keep {keep} of {n_layers} layers; choose 1..{n_layers}")
     if keep == 1:
         return [0]
     return sorted({round(i * (n_layers - 1) / (keep - 1)) for i in range(keep)})
@@ -33,7 +34,7 @@ def _check_keep(model: Transformer, keep: list[int]) -> list[int]:
     n = model.config.n_layers
     bad = [i for i in keep if not (isinstance(i, int) and 0 <= i < n)]
     if bad or not keep or len(set(keep)) != len(keep):
-        raise ValueError(f"keep must list distinct layer indices in 0..{n - 1}, got {keep}")
+        raise InputError(f"keep must list distinct layer indices in 0..{n - 1}, got {keep}")
     return sorted(keep)
 
 
@@ -76,7 +77,7 @@ def prune_layers_(model: Transformer, n_drop: int, calib_ids: torch.Tensor, batc
     """Remove the n_drop layers of lowest block influence in place (calib_ids [samples, tokens]); returns a summary."""
     n = model.config.n_layers
     if not isinstance(n_drop, int) or not 0 <= n_drop < n:
-        raise ValueError(f"n_drop must be in 0..{n - 1} (the model has {n} layers and must keep one), got {n_drop!r}")
+        raise InputError(f"n_drop must be in 0..{n - 1} (the model has {n} layers and must keep one), got {n_drop!r}")
     params_before = sum(p.numel() for p in model.parameters())
     bi = layer_importance(model, calib_ids, batch_size)
     dropped = sorted(sorted(range(n), key=lambda i: bi[i])[:n_drop])

@@ -20,13 +20,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.model import Transformer
 from slimlm.prune.calibrate import calibration_pass, check_calib_ids, forward_hooks
 
 
 def check_ratio(ratio: float, what: str) -> None:
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio of {what} to remove must be in [0, 1) (1 would remove every one), got {ratio!r}")
+        raise InputError(f"ratio of {what} to remove must be in [0, 1) (1 would remove every one), got {ratio!r}")
 
 
 class _MeanAbsInput:
@@ -155,7 +156,7 @@ def prune_mlp_channels_(model: Transformer, ratio: float, calib_ids: torch.Tenso
     """
     check_ratio(ratio, "MLP channels")
     if multiple_of < 1:
-        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+        raise InputError(f"multiple_of must be >= 1, got {multiple_of}")
     params_before = sum(p.numel() for p in model.parameters())
     before = [b.mlp.down_proj.in_features for b in model.layers]
     kept = choose_kept(mlp_channel_scores(model, calib_ids, batch_size), ratio, uniform, multiple_of)

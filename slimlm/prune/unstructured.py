@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.model import Transformer
 from slimlm.prune.calibrate import BlockInputs, InputSqNorm, check_calib_ids, forward_hooks, linears_of_block
 from slimlm.prune.sparsity import sparsity_report
@@ -29,7 +30,7 @@ NM_PATTERNS = {"2:4": (2, 4), "4:8": (4, 8)}
 
 def check_sparsity(sparsity: float) -> None:
     if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
+        raise InputError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
 
 
 def lowest_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Bool mask (True = prune) of score [out, in]: in each group of m consecutive inputs the m - n lowest go."""
     out_f, in_f = score.shape
     if in_f % m:
-        raise ValueError(f"{n}:{m} sparsity needs in_features divisible by {m}, got {in_f}")
+        raise InputError(f"{n}:{m} sparsity needs in_features divisible by {m}, got {in_f}")
     groups = score.reshape(-1, m)  # [out * in/m, m]
     return lowest_mask(groups, m - n).reshape(out_f, in_f)
 
@@ -107,12 +108,12 @@ def prune_unstructured_(model: Transformer, method: str = "wanda", sparsity: flo
     """
     check_sparsity(sparsity)
     if method not in SCORES:
-        raise ValueError(f"unknown unstructured method {method!r}; use one of {', '.join(SCORES)} "
+        raise InputError(f"unknown unstructured method {method!r}; use one of {', '.join(SCORES)} "
                          f"(or prune_nm_ for {', '.join(NM_PATTERNS)})")
     if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; use 'layer' or 'global'")
+        raise InputError(f"unknown scope {scope!r}; use 'layer' or 'global'")
     if scope == "global" and method != "magnitude":
-        raise ValueError("scope 'global' is for magnitude: Wanda scores compare weights within one output row, "
+        raise InputError("scope 'global' is for magnitude: Wanda scores compare weights within one output row, "
                          "not across layers; use scope 'layer'")
     params_before = sum(p.numel() for p in model.parameters())
     if scope == "global":
@@ -131,13 +132,13 @@ def prune_nm_(model: Transformer, pattern: str = "2:4", method: str = "wanda",
     pattern: "2:4" or "4:8"; method: "magnitude" or "wanda" scores (Wanda needs calib_ids [samples, tokens]).
     """
     if pattern not in NM_PATTERNS:
-        raise ValueError(f"unknown N:M pattern {pattern!r}; use one of {', '.join(NM_PATTERNS)}")
+        raise InputError(f"unknown N:M pattern {pattern!r}; use one of {', '.join(NM_PATTERNS)}")
     if method not in SCORES:
-        raise ValueError(f"unknown N:M score {method!r}; use one of {', '.join(SCORES)}")
+        raise InputError(f"unknown N:M score {method!r}; use one of {', '.join(SCORES)}")
     n, m = NM_PATTERNS[pattern]
     bad = sorted({lin.in_features for b in model.layers for lin in linears_of_block(b).values() if lin.in_features % m})
     if bad:
-        raise ValueError(f"{pattern} sparsity needs every linear's in_features divisible by {m}, got {bad}")
+        raise InputError(f"{pattern} sparsity needs every linear's in_features divisible by {m}, got {bad}")
     params_before = sum(p.numel() for p in model.parameters())
     _prune_blocks_(model, method, lambda s: nm_mask(s, n, m), calib_ids, batch_size)
     return {"kind": "nm", "method": method, "pattern": pattern, "target_sparsity": 1 - n / m,

@@ -6,11 +6,10 @@ import argparse
 import time
 
 from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
-from slimlm.eval.corpus import add_calibration_args
+from slimlm.load_config import SAVE_SKIP, SaveLoadConfig
 from slimlm.quantize.compressed_tensors import FORMATS, check_ct_format, default_format
-from slimlm.quantize.model import SCHEMES
-from slimlm.quantize.recipe import METHODS, QuantizeRecipe
-from slimlm.quantize.static import OBSERVERS
+from slimlm.compress.quantize_workflow import QuantizeConfig
+from slimlm.recipe import add_command_flags, config_from_flags
 
 QUANTIZE_DESCRIPTION = (
     "Quantize a model and save it as a folder that slimlm reads back without re-quantizing: slimlm.load(), "
@@ -25,32 +24,11 @@ QUANTIZE_DESCRIPTION = (
 
 def add_quantize_commands(sub) -> None:
     """Register `quantize` on the CLI's subparsers `sub`."""
-    q = sub.add_parser("quantize", help="quantize a model's weights (int8, int8-dynamic, int8-static, int4) and save it packed",
+    q = sub.add_parser("quantize", help="quantize a model's weights (int8, int8-dynamic, int8-static, int4) and save "
+                                        "it packed",
                        description=QUANTIZE_DESCRIPTION)
-    q.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF hub id")
-    q.add_argument("--scheme", required=True, choices=SCHEMES,
-                   help="int8: weight-only per channel; int8-dynamic: + activations per token; int8-static: + one "
-                        "calibrated activation scale per layer; int4: grouped")
-    q.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64 or 128")
-    q.add_argument("--method", default="rtn", choices=METHODS,
-                   help="rtn = round to nearest; gptq (int4) = data-aware, uses calibration text; qat (int4, int8) = "
-                        "train through the rounding on calibration text, then convert")
-    q.add_argument("--qat-steps", type=int, default=100, help="qat: optimizer steps (batch --qat-batch)")
-    q.add_argument("--qat-lr", type=float, default=1e-5, help="qat: peak learning rate (warmup, cosine)")
-    q.add_argument("--qat-batch", type=int, default=4, help="qat: calibration windows per step")
-    q.add_argument("--qat-loss", default="kd", choices=["kd", "ce"],
-                   help="qat: kd = KL to the full-precision model (self-distillation); ce = next-token loss")
-    q.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
-                   help="SmoothQuant before quantizing (int8-dynamic/static; 0.5 is the paper's alpha); uses calibration text")
-    q.add_argument("--observer", default="minmax", choices=OBSERVERS,
-                   help="int8-static: activation range from the max |x| (minmax) or a percentile of |x|")
-    q.add_argument("--percentile", type=float, default=99.99,
-                   help="int8-static: the percentile of --observer percentile and of --dynamic-above")
-    q.add_argument("--dynamic-above", type=float, default=4.0,
-                   help="int8-static: layers whose max |x| exceeds this times the percentile run per-token dynamic "
-                        "(0: none)")
-    add_calibration_args(q, "gptq, int8-static and --smooth (qat: its training text)")
-    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of what stays unquantized (norms)")
+    add_command_flags(q, SaveLoadConfig, skip=SAVE_SKIP)  # --model, --dtype (fp32: of what stays unquantized)
+    add_command_flags(q, QuantizeConfig, required=("scheme",))
     q.add_argument("--format", default=None, choices=FORMATS,
                    help="compressed-tensors: read as quantized by transformers and vLLM (int8 schemes; their "
                         "default); slimlm: slimlm's packed layout (every scheme; the default for int4)")
@@ -62,11 +40,12 @@ def add_quantize_commands(sub) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from slimlm.checkpoint import model_folder
     from slimlm.llm import load
-    from slimlm.quantize.model import describe_quantization, quantized_bytes, save_quantized
-    from slimlm.quantize.recipe import quantize_by_recipe_
+    from slimlm.quantize.schemes import describe_quantization, quantized_bytes
+    from slimlm.checkpoint.quantized import save_quantized
+    from slimlm.compress.quantize_workflow import quantize_by_recipe_
 
-    recipe = QuantizeRecipe(**{f: getattr(args, f) for f in QuantizeRecipe.__dataclass_fields__})
-    recipe.dynamic_above = recipe.dynamic_above or None  # 0 on the command line: every layer static
+    # --dynamic-above 0 on the command line: every layer static
+    recipe = config_from_flags(QuantizeConfig, args, dynamic_above=args.dynamic_above or None)
     recipe.validate()  # before the slow load
     fmt = args.format or default_format(recipe.scheme)
     check_ct_format(recipe.scheme, fmt)

@@ -9,13 +9,15 @@ nibble, 2j+1 in the low one), scale and zero [out, in/g] bf16. For the matmul th
 CPU kernel's own layout (`torch._convert_weight_to_int4pack_for_cpu`) and multiplied by
 `torch._weight_int4pack_mm_for_cpu`, which takes bf16 activations; the dense weight is never rebuilt.
 
-`quantize_int4_weight` is round-to-nearest (RTN); quantize/gptq.py fills the same codes with a data-aware method.
+`quantize_int4_weight` is round-to-nearest (RTN); compress/gptq.py fills the same codes with a data-aware method.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from slimlm.errors import InputError
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -84,9 +86,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def check_int4_shape(out_features: int, in_features: int, group: int) -> None:
     if group not in GROUP_SIZES:
-        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group}")
+        raise InputError(f"int4 group size must be one of {GROUP_SIZES}, got {group}")
     if in_features % group:
-        raise ValueError(f"int4 with group {group} needs in_features divisible by {group}, got {in_features}")
+        raise InputError(f"int4 with group {group} needs in_features divisible by {group}, got {in_features}")
 
 
 def quantize_int4_weight(w: torch.Tensor, group: int = 64) -> dict[str, torch.Tensor]:

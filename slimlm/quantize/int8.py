@@ -12,7 +12,7 @@ Both store the weight the same way: int8 codes q [out, in] and one fp32 scale pe
 - `DynamicInt8Linear` also quantizes each activation row at run time (absmax / 127 per token) and multiplies int8 x
   int8 -> int32 with `torch._int_mm` (oneDNN/VNNI on CPU), then rescales: y = (xq @ q^T) * sx[:, None] * scale.
 - `StaticInt8Linear` is the same GEMM with one activation scale fixed ahead of time by calibration (buffer
-  `input_scale`, from quantize/static.py's observers): no per-token max at run time; values beyond the calibrated
+  `input_scale`, from compress/static_int8.py's observers): no per-token max at run time; values beyond the calibrated
   range clip.
 
 `Int8Embedding` is a per-row int8 embedding table; with tied embeddings the LM head shares its codes and scales

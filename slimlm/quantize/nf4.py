@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimlm.errors import InputError
+
 # The 16 NF4 levels, as in bitsandbytes / the QLoRA paper.
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -30,7 +32,7 @@ SCALE_GROUP = 256  # absmax values per double-quantization group
 def quantize_nf4(w: torch.Tensor, block_size: int = BLOCK_SIZE, group: int = SCALE_GROUP) -> dict[str, torch.Tensor]:
     """Quantize any tensor whose size is a multiple of 2*block_size; returns the packed state (see NF4Linear)."""
     if w.numel() % block_size or block_size % 2:
-        raise ValueError(f"NF4 needs a tensor size divisible by the block size {block_size}; got {tuple(w.shape)}")
+        raise InputError(f"NF4 needs a tensor size divisible by the block size {block_size}; got {tuple(w.shape)}")
     blocks = w.detach().float().reshape(-1, block_size)  # [nb, 64]
     absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)  # [nb]
     normed = blocks / absmax[:, None]  # in [-1, 1]

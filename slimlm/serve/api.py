@@ -19,21 +19,22 @@ import logging
 import time
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import slimlm
-from slimlm.serve import protocol as P
 from slimlm.engine.core import NotAccepting, Output, QueueFull, Request
 from slimlm.engine.multi_lora import SlotsBusy
-from slimlm.serve.protocol import APIError
 from slimlm.engine.sampling import SamplingParams
 from slimlm.engine.structured import StructuredOutputError
+from slimlm.serve import protocol as P
 from slimlm.serve.pool import PoolError
+from slimlm.serve.protocol import APIError
 from slimlm.serve.state import ServedModel, ServerState
+from slimlm.version import __version__
 
 log = logging.getLogger("slimlm.serve.requests")
 
@@ -119,7 +120,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/version")
     async def version():
-        return {"version": slimlm.__version__}
+        return {"version": __version__}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: P.LoadAdapter):

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimlm.errors import InputError
 from slimlm.jsonl import read_lines
 
 URLS = ("/v1/chat/completions", "/v1/completions")
@@ -44,11 +45,11 @@ def read_batch_file(path: str | Path) -> list[dict]:
             seen.add(line.value["custom_id"])
             lines.append(line.value)
     if len(errors) == 1:
-        raise ValueError(f"{path}: {errors[0]}")
+        raise InputError(f"{path}: {errors[0]}")
     if errors:
-        raise ValueError(f"{path}: {len(errors)} bad line(s):\n  " + "\n  ".join(errors[:20]))
+        raise InputError(f"{path}: {len(errors)} bad line(s):\n  " + "\n  ".join(errors[:20]))
     if not lines:
-        raise ValueError(f"{path} holds no requests")
+        raise InputError(f"{path} holds no requests")
     return lines
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import httpx
 
+from slimlm.errors import InputError
+
 # Common English words, each about one token in Llama-family vocabularies (with its leading space).
 WORDS = ("the of and to in is was for that with as on by at from his her they this which an be are had have not but "
          "one all were when we there can more if no out so said what up its about into than them time only new some "
@@ -86,7 +88,7 @@ class BenchConfig:
         if not self.url.startswith(("http://", "https://")):
             bad.append(f"--url must start with http:// or https://, got {self.url!r}")
         if bad:
-            raise ValueError("invalid bench config: " + "; ".join(bad))
+            raise InputError("invalid bench config: " + "; ".join(bad))
 
     def base_url(self) -> str:
         return self.url.rstrip("/").removesuffix("/v1")
@@ -137,13 +139,13 @@ def load_dataset(path: str | Path) -> list[dict]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--dataset {path}:{i}: not JSON ({e.msg})") from None
+            raise InputError(f"--dataset {path}:{i}: not JSON ({e.msg})") from None
         item = {"prompt": item} if isinstance(item, str) else item
         if not isinstance(item, dict) or not ({"prompt", "messages"} & item.keys()):
-            raise ValueError(f"--dataset {path}:{i}: expected a string or an object with 'prompt' or 'messages'")
+            raise InputError(f"--dataset {path}:{i}: expected a string or an object with 'prompt' or 'messages'")
         items.append(item)
     if not items:
-        raise ValueError(f"--dataset {path} holds no prompts")
+        raise InputError(f"--dataset {path} holds no prompts")
     return items
 
 
@@ -173,7 +175,7 @@ def request_bodies(cfg: BenchConfig, base: str, n: int, seed: int) -> list[dict]
         elif "prompt" in item:
             body["prompt"] = f"{system}\n\n{item['prompt']}" if system else item["prompt"]
         else:
-            raise ValueError("--endpoint completions needs 'prompt' in every dataset line, not 'messages'")
+            raise InputError("--endpoint completions needs 'prompt' in every dataset line, not 'messages'")
         if cfg.ignore_eos:
             body["ignore_eos"] = True
         bodies.append({**body, **cfg.extra_body})
@@ -282,7 +284,7 @@ async def first_model(client: httpx.AsyncClient) -> str:
     """The first model id of GET /v1/models (for a slimlm server: its base model)."""
     r = await client.get("/v1/models")
     if r.status_code != 200 or not r.json().get("data"):
-        raise ValueError(f"GET /v1/models answered {r.status_code}: {_error_message(r.content)}; pass --model NAME")
+        raise InputError(f"GET /v1/models answered {r.status_code}: {_error_message(r.content)}; pass --model NAME")
     return r.json()["data"][0]["id"]
 
 
@@ -449,7 +451,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     try:
         extra = json.loads(args.extra_body) if args.extra_body else {}
     except json.JSONDecodeError as e:
-        raise ValueError(f"--extra-body is not JSON: {e.msg}") from None
+        raise InputError(f"--extra-body is not JSON: {e.msg}") from None
     cfg = BenchConfig(url=args.url, model=args.model, endpoint=args.endpoint, concurrency=args.concurrency,
                       requests=args.requests, prompt_tokens=args.prompt_tokens,
                       system_prompt_tokens=args.system_prompt_tokens, max_tokens=args.max_tokens,
@@ -467,7 +469,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             wait_until_ready(cfg.url, args.wait, cfg.api_key)
         summary = run_bench(cfg)
     except (TimeoutError, httpx.TransportError) as e:  # only reaching /v1/models can raise; requests never do
-        raise ValueError(f"{cfg.url}: {str(e) or type(e).__name__}; is the server running? (--wait S waits for "
+        raise InputError(f"{cfg.url}: {str(e) or type(e).__name__}; is the server running? (--wait S waits for "
                          "it to load)") from None
     print(format_table(summary))
     if args.json:

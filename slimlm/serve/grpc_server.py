@@ -35,6 +35,7 @@ import numpy as np
 
 from slimlm.engine.core import NotAccepting, Output, QueueFull, Request
 from slimlm.engine.sampling import SamplingParams
+from slimlm.errors import SlimlmError
 from slimlm.serve.grpc_proto import pb, pb_grpc
 from slimlm.serve.pool import PoolError
 from slimlm.serve.protocol import APIError
@@ -222,7 +223,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):
-        from slimlm import __version__
+        from slimlm.version import __version__
 
         await self._authorize(context)
         return pb.ServerMetadataResponse(name="slimlm", version=__version__, extensions=[])
@@ -447,6 +448,6 @@ async def start_grpc_server(state: ServerState, host: str, port: int) -> grpc.ai
     try:
         server.add_insecure_port(address)
     except RuntimeError as e:
-        raise ValueError(f"cannot listen for gRPC on {address}: {e}; pick another --grpc-port") from None
+        raise SlimlmError(f"cannot listen for gRPC on {address}: {e}; pick another --grpc-port") from None
     await server.start()
     return server

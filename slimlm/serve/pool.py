@@ -24,6 +24,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from slimlm.errors import InputError
+
 log = logging.getLogger("slimlm.serve")
 
 
@@ -188,7 +190,7 @@ class ModelPool:
             model = self._load(slot.name)
             if self.memory_budget and model.resident_bytes > self.memory_budget:
                 model.stop()
-                raise ValueError(f"it takes {model.resident_bytes / 2**20:.0f} MiB resident, over the "
+                raise InputError(f"it takes {model.resident_bytes / 2**20:.0f} MiB resident, over the "
                                  f"--memory-budget of {self.memory_budget / 2**20:.0f} MiB: raise --memory-budget "
                                  "(or lower --max-batch / --max-seq-len for a smaller KV cache)")
         except Exception as e:  # noqa: BLE001 — handed to the requests that await this load

@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from slimlm.engine.structured import StructuredOutput, StructuredOutputError, one_of
+from slimlm.errors import InputError
 
 
 def _unicode(s: str) -> str:
@@ -29,7 +30,7 @@ def _unicode(s: str) -> str:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"text must be valid Unicode; it holds a lone surrogate at character {e.start}") from None
+        raise InputError(f"text must be valid Unicode; it holds a lone surrogate at character {e.start}") from None
     return s
 
 

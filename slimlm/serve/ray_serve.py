@@ -16,10 +16,10 @@ What this module is not: a cluster manager (Ray is), nor a second server (the re
 from __future__ import annotations
 
 import dataclasses
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimlm.errors import InputError
 from slimlm.serve.state import ServeConfig
 
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray's header name (ray.serve._private.constants)
@@ -77,7 +77,7 @@ class RayServeConfig:
         if not 0 < self.port <= 65535:
             errors.append(f"--port {self.port}: send a port in 1..65535")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise InputError("; ".join(errors))
 
     def autoscaling_config(self) -> dict:
         """Ray Serve's `autoscaling_config` (its field names; Ray validates them again)."""
@@ -201,56 +201,9 @@ def config_from_dict(d: dict) -> ServeConfig:
     fields = {f.name for f in dataclasses.fields(ServeConfig)} | {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted((set(d) | set(d.get("engine", {}))) - fields)
     if unknown:
-        raise ValueError(f"serve config fields {unknown} are unknown to this slimlm: install the driver's version "
+        raise InputError(f"serve config fields {unknown} are unknown to this slimlm: install the driver's version "
                          "of slimlm on the Ray workers")
     return ServeConfig(**{**d, "engine": EngineConfig(**d.get("engine", {}))})
-
-
-def app_builder(args: dict):
-    """Ray Serve application builder, the `import_path` of `serve run` / `serve deploy` config files
-    (`slimlm.serve.ray_serve:app_builder`). `args`: {"serve": ServeConfig fields (as `slimlm deploy ray` writes
-    them) or "serve_args": "`slimlm serve` flags", "ray": {RayServeConfig fields}}. API keys come from the
-    SLIMLM_API_KEY environment variable of the process that builds the app, never from the file."""
-    import os
-
-    unknown = set(args) - {"serve", "serve_args", "ray"}
-    if unknown or ("serve" in args) == ("serve_args" in args):
-        raise ValueError(f"the slimlm Ray app takes args serve (or serve_args) and ray; got {sorted(args)}")
-    fields = {f.name for f in dataclasses.fields(RayServeConfig)}
-    bad = set(args.get("ray", {})) - fields
-    if bad:
-        raise ValueError(f"unknown ray settings {sorted(bad)}; known: {sorted(fields)}")
-    if "serve_args" in args:  # the flags' parser reads SLIMLM_API_KEY itself
-        serve_config = serve_config_from_flags(args["serve_args"])
-    else:
-        serve_config = config_from_dict(args["serve"])
-        env_key = os.environ.get("SLIMLM_API_KEY", "").strip()
-        serve_config.api_keys = [*serve_config.api_keys, *([env_key] if env_key else [])]
-    return build_app(serve_config, RayServeConfig(**args.get("ray", {})))
-
-
-def serve_config_from_flags(flags: str | list[str]) -> ServeConfig:
-    """A ServeConfig from `slimlm serve`'s flags (the model, engine and API-key flags), parsed by its own parser."""
-    import argparse
-
-    from slimlm.serve.commands import add_serve_commands, api_keys, serve_config
-
-    class Raising(argparse.ArgumentParser):
-        def error(self, message: str):  # argparse would print usage and exit the replica
-            raise ValueError(f"serve_args: {message}")
-
-    argv = shlex.split(flags) if isinstance(flags, str) else list(flags)
-    parser = Raising(prog="slimlm")
-    add_serve_commands(parser.add_subparsers(dest="command", parser_class=Raising))
-    args = parser.parse_args(["serve", *argv])
-    ignored = [f for f in ("--host", "--port", "--grpc-port", "--drain-timeout") if any(
-        a == f or a.startswith(f + "=") for a in argv)]
-    if ignored:
-        raise ValueError(f"{', '.join(ignored)}: not used under Ray (the HTTP proxy's host and port are the Ray "
-                         "settings; Ray drains replicas itself)")
-    return serve_config(args, api_key_file=args.api_key_file, api_keys=api_keys(args),
-                        max_body_bytes=args.max_body_bytes, admin_key_file=args.admin_key_file,
-                        allow_runtime_lora=args.allow_runtime_lora, lora_roots=list(args.lora_root))
 
 
 def absolute_paths(config: ServeConfig) -> ServeConfig:

@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from slimlm.errors import InputError
+
 log = logging.getLogger("slimlm.registry")
 KINDS = ("model", "quantized", "adapter")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -45,7 +47,7 @@ CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, name TEXT NOT NULL, a
 """
 
 
-class RegistryError(ValueError):
+class RegistryError(InputError):
     """A bad name, reference or artifact, or a corrupt entry; the message says what to fix."""
 
 

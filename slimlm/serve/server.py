@@ -20,6 +20,7 @@ import time
 
 import uvicorn
 
+from slimlm.errors import SlimlmError
 from slimlm.serve.api import ADMIN_ROUTES, create_app
 from slimlm.serve.state import ServeConfig, ServerState
 
@@ -132,8 +133,9 @@ def setup_logging() -> None:
         lg.propagate = True
 
 
-class CannotListen(ValueError):
-    """The port cannot be bound (a user-fixable error: `slimlm serve` prints it as one line, exit 2)."""
+class CannotListen(SlimlmError, ValueError):
+    """The port cannot be bound: a runtime failure (`slimlm serve` prints it as one line, exit 1). Still a
+    ValueError, as it was before SlimlmError existed, for callers that catch it so."""
 
 
 def bind_socket(host: str, port: int, flag: str = "--port") -> socket.socket:
@@ -209,7 +211,7 @@ def serving_url(host: str, port: int) -> str:
 
 def log_serving(state: ServerState, url: str, grpc_url: str | None = None) -> None:
     """The start-up line an operator (or a script) waits for: the server is ready, at `url`, with these models."""
-    from slimlm import __version__
+    from slimlm.version import __version__
 
     models = [m["id"] for m in state.list_models()]
     routes = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/version",

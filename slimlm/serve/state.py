@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from slimlm.engine.core import AdapterRef, Engine, EngineConfig
+from slimlm.errors import InputError
 from slimlm.serve.metrics import ServeMetrics
 from slimlm.serve.pool import ModelPool
 from slimlm.serve.protocol import APIError
@@ -32,46 +33,69 @@ log = logging.getLogger("slimlm.serve")
 @dataclass
 class ServeConfig:
     model: str = "smollm2-135m"
-    served_name: str | None = None  # the base's name in the API (default: the --model value's last path part)
+    served_name: str | None = None  # the base model's name in the API; None: the --model value's last path part
     dtype: str = "auto"
     device: str = "cpu"
     quantize: str | None = None  # int8 | int8-dynamic | int4 | auto: quantize the base's weights after loading
     group_size: int = 64  # int4 group size
     backend: str = "torch"  # or onnxruntime: `model` is a folder from `slimlm export onnx`
-    adapters: list[str] = field(default_factory=list)  # adapter folders, as DIR or NAME=DIR
-    registry: str | None = None  # registry root: adapters pushed there are served by name
-    api_key_file: str | None = None  # one key per line; when set, /v1/* needs `Authorization: Bearer KEY`
-    api_keys: list[str] = field(default_factory=list)  # more keys (--api-key, SLIMLM_API_KEY), merged with the file's
-    admin_key_file: str | None = None  # keys for the admin routes (runtime LoRA load/unload); inference keys get 403
-    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (else 404)
-    lora_roots: list[str] = field(default_factory=list)  # runtime adapters load only from under these folders
-    max_body_bytes: int = 1 << 20
-    max_tokens_limit: int = 2048
-    drain_timeout_s: float = 30.0
-    draft_model: str | None = None  # with engine.speculative == "draft": the draft model to load (like `model`)
-    models: list[str] = field(default_factory=list)  # more bases as NAME=PATH, each loaded on its first request
-    max_models: int = 0  # bases resident at once (least recently used unloaded first); 0 = no limit
+    # The comments below are also `slimlm serve --help` (serve/cli.py makes the flags from these fields; the
+    # metadata gives a flag's spelling where it is not the field's name).
+
+    # LoRA adapter folders to serve, as DIR or NAME=DIR
+    adapters: list[str] = field(default_factory=list, metadata={"nargs": "*", "metavar": "[NAME=]DIR"})
+    registry: str | None = None  # registry root whose adapters are served by name[@version]
+    api_key_file: str | None = None  # file with one API key per line; /v1/* then needs one
+    # an API key /v1/* (and /tokenize, /detokenize, /version) then need, as 'Authorization: Bearer KEY'; repeatable;
+    # merged with --api-key-file and the SLIMLM_API_KEY environment variable (which keeps the key out of `ps`)
+    api_keys: list[str] = field(default_factory=list, metadata={"flag": "--api-key", "action": "append",
+                                                                "metavar": "KEY"})
+    # file with one admin key per line: the runtime LoRA routes then need one (inference keys get 403 there); admin
+    # keys also work on the inference routes
+    admin_key_file: str | None = None
+    # turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off: they answer 404); needs --lora-root, and
+    # --admin-key-file when API keys are set
+    allow_runtime_lora: bool = False
+    # with --allow-runtime-lora: runtime adapters load only from under this folder (symlinks resolved); repeatable
+    lora_roots: list[str] = field(default_factory=list, metadata={"flag": "--lora-root", "action": "append",
+                                                                  "metavar": "DIR"})
+    max_body_bytes: int = 1 << 20  # the largest request body accepted
+    max_tokens_limit: int = 2048  # largest max_tokens a request may ask
+    # seconds running requests get after SIGTERM
+    drain_timeout_s: float = field(default=30.0, metadata={"flag": "--drain-timeout"})
+    # with --speculative draft: the draft model (alias, HF folder, .gguf or hub id) — smaller, with the same
+    # tokenizer as --model (e.g. a student from `slimlm distill`); loaded with the same --dtype, --device and
+    # --quantize
+    draft_model: str | None = field(default=None, metadata={"metavar": "PATH"})
+    # more base models to serve besides --model (alias, HF folder, .gguf file or hub id), each named NAME in the API
+    # and loaded on its first request; base models pushed to --registry are served by name the same way
+    models: list[str] = field(default_factory=list, metadata={"nargs": "*", "metavar": "NAME=PATH"})
+    # base models resident at once: loading one more unloads the least recently used idle one (never one with a
+    # running request); 0 = all stay loaded
+    max_models: int = 0
     memory_budget: int = 0  # bytes of weights + KV caches of the resident bases; 0 = no limit
-    load_timeout_s: float = 120.0  # a request waits this long for its base to load, then gets 503
+    # how long a request waits for its base model to load (or for room to load it) before a 503 with Retry-After;
+    # the load goes on
+    load_timeout_s: float = field(default=120.0, metadata={"flag": "--load-timeout", "metavar": "SECONDS"})
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
         self.engine.validate()
         if self.quantize not in (None, "auto"):
-            from slimlm.quantize.model import check_scheme
+            from slimlm.quantize.schemes import check_scheme
 
             check_scheme(self.quantize, self.group_size)
         if self.backend == "onnxruntime" and (self.adapters or self.registry or self.quantize not in (None, "auto")):
-            raise ValueError("the onnxruntime backend serves the exported graph alone: no --adapters, --registry or "
+            raise InputError("the onnxruntime backend serves the exported graph alone: no --adapters, --registry or "
                              "--quantize (merge and quantize at export: slimlm export onnx --adapter/--quantize)")
         if self.engine.speculative == "draft" and not self.draft_model:
-            raise ValueError("--speculative draft needs --draft-model PATH (a smaller model with the same tokenizer)")
+            raise InputError("--speculative draft needs --draft-model PATH (a smaller model with the same tokenizer)")
         if self.draft_model and self.engine.speculative != "draft":
-            raise ValueError("--draft-model is used by draft-model speculation: add --speculative draft")
+            raise InputError("--draft-model is used by draft-model speculation: add --speculative draft")
         if self.draft_model and self.backend == "onnxruntime":
-            raise ValueError("--draft-model needs the torch backend (--backend torch)")
+            raise InputError("--draft-model needs the torch backend (--backend torch)")
         if self.max_body_bytes < 1024 or self.max_tokens_limit < 1 or self.drain_timeout_s < 0:
-            raise ValueError("max_body_bytes must be >= 1024, max_tokens_limit >= 1, drain_timeout_s >= 0")
+            raise InputError("max_body_bytes must be >= 1024, max_tokens_limit >= 1, drain_timeout_s >= 0")
         self._validate_pool()
         self._validate_admin()
 
@@ -96,23 +120,23 @@ class ServeConfig:
         if extra and self.backend == "onnxruntime":
             bad.append("--models needs the torch backend: the onnxruntime backend serves one exported graph")
         if bad:
-            raise ValueError("; ".join(bad))
+            raise InputError("; ".join(bad))
 
     def _validate_admin(self) -> None:
         """The runtime-LoRA flags come together: roots that exist, and an admin key wherever inference needs keys."""
         if not self.allow_runtime_lora:
             if self.lora_roots or self.admin_key_file:
-                raise ValueError("--lora-root and --admin-key-file apply to runtime LoRA loading: add "
+                raise InputError("--lora-root and --admin-key-file apply to runtime LoRA loading: add "
                                  "--allow-runtime-lora (or drop them)")
             return
         if not self.lora_roots:
-            raise ValueError("--allow-runtime-lora needs at least one --lora-root DIR: runtime adapters are loaded "
+            raise InputError("--allow-runtime-lora needs at least one --lora-root DIR: runtime adapters are loaded "
                              "only from under these folders")
         missing = [r for r in self.lora_roots if not Path(r).is_dir()]
         if missing:
-            raise ValueError(f"--lora-root {missing[0]}: no such folder")
+            raise InputError(f"--lora-root {missing[0]}: no such folder")
         if (self.api_key_file or self.api_keys) and not self.admin_key_file:
-            raise ValueError("--allow-runtime-lora with API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
+            raise InputError("--allow-runtime-lora with API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
                              "needs --admin-key-file: inference keys may not load adapters")
 
     def name(self) -> str:
@@ -127,13 +151,13 @@ def parse_model_args(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, source = item.partition("=")
         if not sep or not source:
-            raise ValueError(f"--models {item}: send NAME=PATH (e.g. small=HuggingFaceTB/SmolLM2-135M)")
+            raise InputError(f"--models {item}: send NAME=PATH (e.g. small=HuggingFaceTB/SmolLM2-135M)")
         try:
             check_name(name, "--models NAME")
         except RegistryError as e:
-            raise ValueError(str(e)) from None
+            raise InputError(str(e)) from None
         if name in out:
-            raise ValueError(f"--models: two bases are named {name!r}; give each its own NAME")
+            raise InputError(f"--models: two bases are named {name!r}; give each its own NAME")
         out[name] = source
     return out
 
@@ -145,9 +169,9 @@ def parse_adapter_args(items: list[str]) -> dict[str, Path]:
         name, _, folder = item.rpartition("=") if "=" in item else (Path(item.rstrip("/")).name, "", item)
         path = Path(folder)
         if not (path / "adapter_config.json").is_file():
-            raise ValueError(f"--adapters {item}: {path} has no adapter_config.json")
+            raise InputError(f"--adapters {item}: {path} has no adapter_config.json")
         if name in out:
-            raise ValueError(f"--adapters: two adapters are named {name!r}; use NAME=DIR to tell them apart")
+            raise InputError(f"--adapters: two adapters are named {name!r}; use NAME=DIR to tell them apart")
         out[name] = path
     return out
 
@@ -241,7 +265,7 @@ class ServerState:
         self.api_keys = list(dict.fromkeys(from_file + [k.strip() for k in config.api_keys if k.strip()]))
         self.admin_keys = _read_keys(config.admin_key_file, "--admin-key-file") if config.admin_key_file else []
         if set(self.admin_keys) & set(self.api_keys):
-            raise ValueError("--admin-key-file and the API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
+            raise InputError("--admin-key-file and the API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
                              "share a key: admin keys must differ")
         # Resolved once: a request's path is checked against the real folders (symlinks followed), see add_adapter.
         self.lora_roots = [Path(r).resolve() for r in config.lora_roots]
@@ -270,7 +294,7 @@ class ServerState:
             model = self._load_base(self.served_name)
             if self.config.memory_budget and model.resident_bytes > self.config.memory_budget:
                 model.stop()
-                raise ValueError(f"--memory-budget {self.config.memory_budget / 2**20:.0f} MiB is smaller than "
+                raise InputError(f"--memory-budget {self.config.memory_budget / 2**20:.0f} MiB is smaller than "
                                  f"{self.served_name} alone ({model.resident_bytes / 2**20:.0f} MiB of weights and "
                                  "KV cache): raise --memory-budget, or lower --max-batch / --max-seq-len")
             self.pool.add(self.served_name, model, time.perf_counter() - t0)
@@ -505,7 +529,7 @@ class ServerState:
 def _read_keys(path: str, flag: str) -> list[str]:
     keys = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     if not keys:
-        raise ValueError(f"{flag} {path} holds no keys (one per line)")
+        raise InputError(f"{flag} {path} holds no keys (one per line)")
     return keys
 
 

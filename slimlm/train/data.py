@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimlm.errors import InputError
 from slimlm.jsonl import read_lines
 from slimlm.tokenizer import Tokenizer
 from slimlm.train import sources
@@ -53,7 +54,7 @@ NO_TEMPLATE = ("this tokenizer has no chat template, so chat data cannot be rend
                "or text format, or a tokenizer that has one")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file or data config is invalid; the message lists every problem found and what to do."""
 
 

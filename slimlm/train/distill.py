@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from slimlm.checkpoint.atomic import write_text_atomic
+from slimlm.errors import InputError
 from slimlm.train.data import DataConfig, load_dataset, run_data_errors
 from slimlm.train.kd_loss import KL_DIRECTIONS, DenseTeacher, KDSettings, chunked_kd_loss, labelled_rows
 from slimlm.train.distributed import barrier, device_for, dist_info, full_state_dict, init_distributed
@@ -91,7 +92,7 @@ class DistillConfig:
             except ValueError as e:
                 errors.append(str(e))
         if errors:
-            raise ValueError("invalid distillation config:\n  - " + "\n  - ".join(errors))
+            raise InputError("invalid distillation config:\n  - " + "\n  - ".join(errors))
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -142,7 +143,7 @@ def make_student(cfg: DistillConfig, teacher: nn.Module, device: torch.device) -
     else:
         student = drop_layers(teacher, every_other_layer(teacher.config.n_layers, cfg.student_layers))
     if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's "
+        raise InputError(f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's "
                          f"({teacher.config.vocab_size}); distillation needs the same tokenizer")
     return student.train().requires_grad_(True)
 
@@ -185,7 +186,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult | None:
     Under torchrun every process calls it: the teacher is replicated on each rank, the top-k cache is built once by
     rank 0, rank 0 writes every output and gets the result (the other ranks get None)."""
     from slimlm.checkpoint.hf import save_hf_folder
-    from slimlm.llm import resolve_device
+    from slimlm.device import resolve_device
     from slimlm.recipe import to_dict
     from slimlm.tokenizer import Tokenizer
     from slimlm.train.finetune import _eval_data_config, _yaml
@@ -265,7 +266,7 @@ def _eval_records(cfg: DistillConfig) -> list:
 
 
 def _exact_match(model: nn.Module, tokenizer: Any, records: list, cfg: DistillConfig) -> dict[str, float]:
-    from slimlm.train.evaluate import generation_accuracy
+    from slimlm.eval.task_accuracy import generation_accuracy
 
     return generation_accuracy(model, tokenizer, records, cfg.task, cfg.eval_max_new_tokens) if records else {}
 

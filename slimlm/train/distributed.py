@@ -13,7 +13,7 @@ Strategies:
           group, as LoRA needs). Buffers are not sharded: an NF4 base (QLoRA) keeps its 4-bit weights as
           buffers, so they are REPLICATED on every rank; only the trainable and full-precision parameters shard.
 
-This module is not the training loop (train/trainer.py) and does not decide what to save (train/checkpoint.py);
+This module is not the training loop (train/trainer.py) and does not decide what to save (train/resume.py);
 it knows nothing of data formats or PEFT methods.
 """
 
@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from slimlm.errors import InputError
 
 STRATEGIES = ("ddp", "fsdp")
 DEFAULT_TIMEOUT_S = 300.0  # a collective waiting longer than this for a dead or stuck peer raises
@@ -127,7 +129,7 @@ def wrap_model(model: nn.Module, strategy: str) -> nn.Module:
     build the optimizer AFTER wrapping: the parameters become sharded DTensors.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if not (dist.is_available() and dist.is_initialized()):
         return model
     if strategy == "ddp":
@@ -224,7 +226,8 @@ def broadcast_object(obj: Any) -> Any:
 
 def on_rank0(fn: Any, *args: Any, **kwargs: Any) -> None:
     """fn(*args, **kwargs) on rank 0 only (e.g. a check of the output folder that may delete files); a ValueError
-    it raises is raised on every rank with the same message. In a single process, just fn."""
+    it raises is raised on every rank with the same message (an InputError stays one, so the CLI prints one line).
+    In a single process, just fn."""
     info = dist_info()
     if not info.distributed:
         fn(*args, **kwargs)
@@ -234,10 +237,11 @@ def on_rank0(fn: Any, *args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
         except ValueError as e:
-            error = str(e)
+            error = (isinstance(e, InputError), str(e))  # (user-facing?, message)
     error = broadcast_object(error)
     if error is not None:
-        raise ValueError(error)
+        user_facing, message = error
+        raise (InputError if user_facing else ValueError)(message)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from slimlm.checkpoint.atomic import write_text_atomic
+from slimlm.errors import InputError
 from slimlm.peft import PEFT_METHODS, apply_peft, save_adapter
 from slimlm.peft.adapter import AdapterConfig
 from slimlm.peft.bitfit import BitFitConfig
@@ -26,7 +27,7 @@ from slimlm.peft.prefix import PrefixConfig
 from slimlm.peft.prompt import PromptConfig, input_prefix_ids
 from slimlm.train.data import DataConfig, chat_prompts, load_dataset, run_data_errors
 from slimlm.train.distributed import barrier, device_for, full_state_dict, init_distributed
-from slimlm.train.evaluate import generation_accuracy
+from slimlm.eval.task_accuracy import generation_accuracy
 from slimlm.train.plot import plot_metrics
 from slimlm.train.trainer import TrainConfig, TrainResult, train
 
@@ -73,9 +74,9 @@ class FinetuneConfig:
             except ValueError as e:
                 errors.append(str(e))
         if len(errors) == 1:  # one problem, one line
-            raise ValueError(f"invalid fine-tuning config: {errors[0]}")
+            raise InputError(f"invalid fine-tuning config: {errors[0]}")
         if errors:
-            raise ValueError("invalid fine-tuning config:\n  - " + "\n  - ".join(errors))
+            raise InputError("invalid fine-tuning config:\n  - " + "\n  - ".join(errors))
 
     def method_config(self) -> Any:
         """The config section of the chosen method (qlora reads `lora`; full has none)."""
@@ -97,7 +98,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     """Run a whole fine-tuning job as configured; returns where the result is and what was measured."""
     from slimlm.checkpoint import load_model
     from slimlm.checkpoint.hf import save_hf_folder
-    from slimlm.llm import resolve_device
+    from slimlm.device import resolve_device
     from slimlm.recipe import to_dict
     from slimlm.tokenizer import Tokenizer
 
@@ -153,7 +154,7 @@ def _whole_model(cfg: FinetuneConfig, sharded: torch.nn.Module, tokenizer: Any, 
     (all of them for full fine-tuning) need gathering.
     """
     from slimlm.checkpoint import load_model
-    from slimlm.train.checkpoint import trainable_parameters
+    from slimlm.train.resume import trainable_parameters
 
     state = full_state_dict(sharded, set(trainable_parameters(sharded)), keep=is_main)
     if not is_main:
@@ -170,7 +171,7 @@ def _check_eval_lengths(records: list, tokenizer: Any, max_new_tokens: int, max_
     """Fail before training, not after it, if an eval prompt plus its answer cannot fit the model's context."""
     longest = max((len(tokenizer.prompt_ids(p, chat=True)) for p, _ in records), default=0)
     if longest + max_new_tokens > max_seq_len:
-        raise ValueError(f"an eval prompt has {longest} tokens; with eval_max_new_tokens={max_new_tokens} it exceeds "
+        raise InputError(f"an eval prompt has {longest} tokens; with eval_max_new_tokens={max_new_tokens} it exceeds "
                          f"the model's context of {max_seq_len}: lower --eval-max-new-tokens or --eval-generate")
 
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from slimlm.errors import InputError
 from slimlm.train.batch import IGNORE
 from slimlm.train.loss import saved_gradients
 
@@ -176,7 +177,7 @@ def chunked_kd_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modu
     holds one row per labelled position in the same (row-major) order. Returns (loss_sum fp32 scalar, n).
     """
     if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     h, y = labelled_rows(hidden, labels)  # [N, D], [N]
     n = h.shape[0]
     if len(teacher) != n:

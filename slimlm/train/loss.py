@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from slimlm.errors import InputError
 from slimlm.train.batch import IGNORE
 
 
@@ -29,7 +30,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: n
     With no labelled token it returns a zero that is still part of the graph (backward gives zero gradients).
     """
     if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        raise InputError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     h = hidden.reshape(-1, hidden.shape[-1])  # [B*T, D]
     y = labels.reshape(-1).to(h.device)  # [B*T]
     keep = (y != IGNORE).nonzero().squeeze(1)  # [N] positions that take a loss

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimlm.errors import InputError
+
 # Table files and the `datasets` builder that reads each; anything else given as a file is read as JSONL.
 TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
 DATA_SUFFIXES = (".jsonl", *TABLE_BUILDERS)  # the files a --data folder contributes
@@ -26,7 +28,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _KINDS = "give a file, a folder of data files, or a Hugging Face dataset name"
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A data source that cannot be read; one line saying which and what to do."""
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.train.batch import IGNORE, Sample, collate
 from slimlm.train.kd_loss import TopKTeacher, labelled_rows
 
 FORMAT = "slimlm-teacher-topk-v1"
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(InputError):
     """A cache file that does not belong to this teacher, data or top_k; the message says what to do."""
 
 

@@ -21,7 +21,7 @@ loss run as one module (StepLoss) wrapped in DDP or FSDP2 (cfg.strategy). Only r
 eval runs on every rank over the whole eval set (replicated, not split).
 
 This module is not a data pipeline (train/data.py makes Samples) and saves no final model: checkpoints here exist to
-resume (train/checkpoint.py); the caller saves the trained adapter or model when `train` returns.
+resume (train/resume.py); the caller saves the trained adapter or model when `train` returns.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from slimlm.errors import InputError
 from slimlm.train.batch import IGNORE, Sample, collate
-from slimlm.train.checkpoint import (ResumeError, checkpoint_folder, list_checkpoints, load_checkpoint,
+from slimlm.train.resume import (ResumeError, checkpoint_folder, list_checkpoints, load_checkpoint,
                                      remove_partial_checkpoints, rotate_checkpoints, save_checkpoint,
                                      trainable_parameters)
 from slimlm.train.distributed import (STRATEGIES, DistInfo, all_reduce_sum, broadcast_object, dist_info,
@@ -58,7 +59,7 @@ _BOOKKEEPING = ("eval_every", "save_every", "keep_checkpoints", "log_every", "te
 DEFAULT_MAX_STEPS = 100  # the run length when neither max_steps nor num_epochs is set
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(InputError):
     """Training settings that cannot work; the message lists every problem and what to change."""
 
 
@@ -266,8 +267,8 @@ def add_prefix(samples: list[Sample], prefix_ids: Sequence[int]) -> list[Sample]
     if not prefix_ids:
         return samples
     if any(s.segment_ids is not None for s in samples):
-        raise ValueError("packing with prompt tuning is unsupported: input_prefix_ids cannot be added to packed "
-                         "samples (segment_ids); build the data without packing")
+        raise TrainConfigError("packing with prompt tuning is unsupported: input_prefix_ids cannot be added to "
+                               "packed samples (segment_ids); build the data without packing")
     prefix = list(prefix_ids)
     return [Sample(prefix + s.input_ids, [IGNORE] * len(prefix) + s.labels) for s in samples]
 
@@ -289,7 +290,7 @@ def _check_inputs(params: dict[str, nn.Parameter], train_samples: list[Sample], 
         errors.append("packed samples (segment_ids) cannot take input_prefix_ids: packing with prompt tuning is "
                       "unsupported; build the data without packing")
     if errors:
-        raise ValueError("cannot train: " + "; ".join(errors))
+        raise TrainConfigError("cannot train: " + "; ".join(errors))
 
 
 # ---- one step ----------------------------------------------------------------------------------------------------
@@ -606,7 +607,7 @@ def _batches(picked: list[tuple[list[int], list[Sample]]], pad_id: int, with_ind
 @contextmanager
 def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
     """model.train() (dropout on) and the checkpointing switch for the run; the previous settings after it."""
-    was_training, was_checkpointing = model.training, getattr(model, "gradient_checkpointing", False)
+    was_training, was_checkpointing = model.training, model.gradient_checkpointing
     model.train()
     model.gradient_checkpointing = gradient_checkpointing
     try:

@@ -268,7 +268,7 @@ def test_request_timeout_frees_the_slot(tiny_llama, monkeypatch):
 
 def test_request_timeout_flag_and_validation():
     from slimlm.cli import build_parser
-    from slimlm.serve.commands import serve_config as from_args
+    from slimlm.serve.cli import serve_config as from_args
 
     args = build_parser().parse_args(["serve", "--model", "m", "--request-timeout", "7.5"])
     assert from_args(args).engine.request_timeout_s == 7.5

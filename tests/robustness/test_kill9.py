@@ -136,7 +136,8 @@ def _adapter_writer():
 
 def _quantized_writer():
     from slimlm.checkpoint import load_model
-    from slimlm.quantize.model import quantize_model_, save_quantized
+    from slimlm.quantize.schemes import quantize_model_
+    from slimlm.checkpoint.quantized import save_quantized
 
     models = []
     for seed in (1, 2):
@@ -177,7 +178,7 @@ def test_kill9_during_folder_save(point, tmp_path, record):
 # --- training checkpoints, with rotation ----------------------------------------------------------------------
 
 def test_kill9_during_checkpoint_save_and_rotation(tmp_path, record):
-    from slimlm.train.checkpoint import (checkpoint_folder, list_checkpoints, load_checkpoint,
+    from slimlm.train.resume import (checkpoint_folder, list_checkpoints, load_checkpoint,
                                          remove_partial_checkpoints, rotate_checkpoints, save_checkpoint)
 
     def parts(seed: int):

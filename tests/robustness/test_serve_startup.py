@@ -1,5 +1,6 @@
-"""`slimlm serve` start-up failures (issue 15) end with one clear line and exit 2 — a busy port, a KV cache that does
-not fit, runtime LoRA without a root — never a C++ `terminate` (exit 134) or a traceback."""
+"""`slimlm serve` start-up failures (issue 15) end with one clear line — exit 2 for bad input (a KV cache that does
+not fit, runtime LoRA without a root), exit 1 for a runtime failure (a busy port, issue 19) — never a C++ `terminate`
+(exit 134) or a traceback."""
 
 from __future__ import annotations
 
@@ -20,21 +21,22 @@ def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
-def one_error_line(p: subprocess.CompletedProcess) -> str:
-    assert p.returncode == 2, (p.returncode, p.stderr)
+def one_error_line(p: subprocess.CompletedProcess, status: int = 2) -> str:
+    assert p.returncode == status, (p.returncode, p.stderr)
     assert "Traceback" not in p.stderr and "terminate" not in p.stderr, p.stderr
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("slimlm serve: error: "), p.stderr
     return lines[-1]
 
 
-def test_busy_port_is_one_line_and_exit_2(tiny_llama):
+def test_busy_port_is_one_line_and_exit_1(tiny_llama):
     port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
         p = serve("--model", str(tiny_llama[0]), "--port", str(port))
-    assert one_error_line(p) == f"slimlm serve: error: port {port} on 127.0.0.1 is in use; pick another --port"
+    line = one_error_line(p, status=1)  # a runtime failure: the user fixes it outside the command
+    assert line == f"slimlm serve: error: port {port} on 127.0.0.1 is in use; pick another --port"
     assert '"event": "engine"' not in p.stderr  # refused before the model loaded
 
 

@@ -9,7 +9,7 @@ sequences; its scale is then s_x = range / 127 and `StaticInt8Linear` quantizes 
   number of values the layer will see, known ahead, only the top ceil(N * (1 - p/100)) + 1 values can decide it,
   so the observer keeps just those (a few thousand per layer).
 
-Llama activations have outlier channels that make any per-tensor scale coarse; run quantize/smooth.py first
+Llama activations have outlier channels that make any per-tensor scale coarse; run compress/smoothquant.py first
 (`slimlm quantize --scheme int8-static --smooth 0.65`). A few layers also see rare tokens far beyond the rest;
 `dynamic_above` hands those layers to per-token dynamic scales (see calibrate_input_scales). On SmolLM2-135M,
 clipping (percentile) measured worse than minmax: the rare large values carry meaning. The observed model must be
@@ -23,7 +23,9 @@ import math
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.model import Transformer
+from slimlm.quantize.schemes import named_quantizable_linears
 
 OBSERVERS = ("minmax", "percentile")
 
@@ -64,19 +66,6 @@ def _above(n: int, percentile: float) -> int:
     return math.ceil(round(n * (100 - percentile) / 100, 6))
 
 
-def named_quantizable_linears(model: Transformer) -> dict[str, nn.Linear]:
-    """Every nn.Linear a quantization scheme replaces: the decoder blocks' projections and the LM head."""
-    from slimlm.quantize.model import linears_of_block
-
-    out = {}
-    for i, block in enumerate(model.layers):
-        for parent, attr, layer in linears_of_block(block):
-            part = "self_attn" if parent is block.self_attn else "mlp"
-            out[f"layers.{i}.{part}.{attr}"] = layer
-    out["lm_head"] = model.lm_head
-    return out
-
-
 @torch.no_grad()
 def calibrate_input_scales(model: Transformer, calib_ids: torch.Tensor, observer: str = "minmax",
                            percentile: float = 99.99, dynamic_above: float | None = 4.0,
@@ -89,17 +78,17 @@ def calibrate_input_scales(model: Transformer, calib_ids: torch.Tensor, observer
     gives those layers per-token dynamic scales instead (same int8 GEMM). dynamic_above=None keeps every layer static.
     """
     if observer not in OBSERVERS:
-        raise ValueError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
+        raise InputError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
     if not 50.0 < percentile <= 100.0:
-        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        raise InputError(f"percentile must be in (50, 100], got {percentile}")
     if dynamic_above is not None and dynamic_above < 1:
-        raise ValueError(f"dynamic_above must be >= 1 (a ratio of max |x| to its percentile), got {dynamic_above}")
-    if getattr(model, "quantization", None):
-        raise ValueError("calibrate the full-precision model, before it is quantized")
+        raise InputError(f"dynamic_above must be >= 1 (a ratio of max |x| to its percentile), got {dynamic_above}")
+    if model.quantization:
+        raise InputError("calibrate the full-precision model, before it is quantized")
     layers = named_quantizable_linears(model)
     bad = [n for n, layer in layers.items() if not isinstance(layer, nn.Linear)]
     if bad:
-        raise ValueError(f"static calibration needs plain nn.Linear layers ({bad[0]} is not): merge adapters first")
+        raise InputError(f"static calibration needs plain nn.Linear layers ({bad[0]} is not): merge adapters first")
     observers = {n: AbsObserver(percentile, calib_ids.numel() * layer.in_features) for n, layer in layers.items()}
     hooks = [layers[n].register_forward_hook(obs) for n, obs in observers.items()]
     try:

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.model import Transformer, rope_cos_sin
 from slimlm.quantize.int4 import (Int4WeightOnlyLinear, check_int4_shape, int4_params, int4_params_searched,
                                   int4_round, int4_value, pack_int4)
@@ -98,12 +99,12 @@ def gptq_quantize_model_(model: Transformer, calib_ids: torch.Tensor, group_size
     """INT4 (grouped) by GPTQ on calibration token ids [n, T], in place; embeddings/head as in quantize_model_."""
     from tqdm.auto import tqdm
 
-    from slimlm.quantize.model import linears_of_block, quantize_embeddings_
+    from slimlm.quantize.schemes import linears_of_block, quantize_embeddings_
 
-    if getattr(model, "quantization", None):
-        raise ValueError(f"the model is already quantized ({model.quantization['scheme']})")
+    if model.quantization:
+        raise InputError(f"the model is already quantized ({model.quantization['scheme']})")
     if calib_ids.ndim != 2 or calib_ids.shape[1] < 2:
-        raise ValueError(f"calibration ids must be [samples, tokens >= 2], got {tuple(calib_ids.shape)}")
+        raise InputError(f"calibration ids must be [samples, tokens >= 2], got {tuple(calib_ids.shape)}")
     model.eval()
     n, T = calib_ids.shape
     positions = torch.arange(T).expand(1, T)
@@ -116,7 +117,7 @@ def gptq_quantize_model_(model: Transformer, calib_ids: torch.Tensor, group_size
     for i, block in enumerate(tqdm(model.layers, desc="gptq", disable=not progress)):
         targets = linears_of_block(block)
         if not all(isinstance(layer, nn.Linear) for _, _, layer in targets):
-            raise ValueError("GPTQ needs plain nn.Linear layers: merge or remove adapters first")
+            raise InputError("GPTQ needs plain nn.Linear layers: merge or remove adapters first")
         stats = [_InputHessian(layer.in_features) for _, _, layer in targets]
         hooks = [layer.register_forward_hook(s) for (_, _, layer), s in zip(targets, stats)]
         run_block(block, i)  # full-precision pass: the inputs every linear of this block sees

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from slimlm.errors import InputError
 from slimlm.model import Transformer
 
 
@@ -43,13 +44,13 @@ def _groups(block: nn.Module) -> list[tuple[torch.Tensor, list[nn.Linear]]]:
 def smooth_model_(model: Transformer, calib_ids: torch.Tensor, alpha: float = 0.5, batch_size: int = 4) -> dict:
     """Fold SmoothQuant scales into the norms and linear layers of `model` in place; returns a summary."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha}")
-    if getattr(model, "quantization", None):
-        raise ValueError("smooth the model before quantizing it")
+        raise InputError(f"smoothing alpha must be in [0, 1], got {alpha}")
+    if model.quantization:
+        raise InputError("smooth the model before quantizing it")
     groups = [g for block in model.layers for g in _groups(block)]
     for _, linears in groups:
         if not all(isinstance(lin, nn.Linear) for lin in linears):
-            raise ValueError("smoothing needs plain nn.Linear layers: merge or remove adapters first")
+            raise InputError("smoothing needs plain nn.Linear layers: merge or remove adapters first")
     # One calibration pass serves every group: each rescaling below leaves every layer's output unchanged.
     stats = [_ChannelMax() for _ in groups]
     hooks = [linears[0].register_forward_hook(s) for (_, linears), s in zip(groups, stats)]

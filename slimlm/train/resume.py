@@ -29,6 +29,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from slimlm.checkpoint.atomic import atomic_folder, check_output
+from slimlm.errors import InputError
 from slimlm.train.distributed import all_gather_object, dist_info, full_tensor, shard_like
 
 CHECKPOINTS = "checkpoints"  # sub-folder of out_dir
@@ -36,7 +37,7 @@ _STEP_FOLDER = re.compile(r"^step-(\d{6,})$")  # complete checkpoints only: temp
 _TMP_FOLDER = re.compile(r"^\.step-\d{6,}\.(tmp|old)-")  # left behind by a write that was killed
 
 
-class ResumeError(ValueError):
+class ResumeError(InputError):
     """A checkpoint that cannot be resumed into this model or run; the message says what differs."""
 
 
@@ -88,7 +89,7 @@ def check_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool, inpu
     found = list_checkpoints(out)
     what = (f"holds checkpoints of an earlier run (newest: {found[-1][1].name})" if found
             else "exists and is not empty")
-    raise ValueError(f"--out {out} {what}; pass --resume to continue the run, --overwrite to start over, or choose "
+    raise InputError(f"--out {out} {what}; pass --resume to continue the run, --overwrite to start over, or choose "
                      "another --out")
 
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimlm.errors import InputError
 from slimlm.model import Transformer
 from slimlm.quantize.int4 import check_int4_shape, int4_params, int4_round, int4_value
-from slimlm.quantize.model import linears_of_block, quantize_model_
+from slimlm.quantize.schemes import linears_of_block, quantize_model_
 
 QAT_SCHEMES = ("int4", "int8")
 
@@ -76,13 +77,13 @@ class FakeQuantLinear(nn.Module):
 def prepare_qat_(model: Transformer, scheme: str = "int4", group_size: int = 64) -> Transformer:
     """Swap the block linears for FakeQuantLinear in place; only they stay trainable. Returns the model."""
     if scheme not in QAT_SCHEMES:
-        raise ValueError(f"QAT supports the weight-only schemes {', '.join(QAT_SCHEMES)}, not {scheme!r}")
-    if getattr(model, "quantization", None):
-        raise ValueError("QAT starts from a full-precision model; this one is already quantized")
+        raise InputError(f"QAT supports the weight-only schemes {', '.join(QAT_SCHEMES)}, not {scheme!r}")
+    if model.quantization:
+        raise InputError("QAT starts from a full-precision model; this one is already quantized")
     targets = [t for block in model.layers for t in linears_of_block(block)]
     for _, attr, layer in targets:
         if not isinstance(layer, nn.Linear):
-            raise ValueError(f"QAT needs plain nn.Linear layers ({attr} is {type(layer).__name__}): merge adapters")
+            raise InputError(f"QAT needs plain nn.Linear layers ({attr} is {type(layer).__name__}): merge adapters")
         if scheme == "int4":
             check_int4_shape(layer.out_features, layer.in_features, group_size)
     model.requires_grad_(False)
@@ -97,13 +98,13 @@ def prepare_qat_(model: Transformer, scheme: str = "int4", group_size: int = 64)
 @torch.no_grad()
 def convert_qat_(model: Transformer) -> Transformer:
     """Replace the FakeQuantLinear layers by real quantized ones (the same grid); returns the quantized model."""
-    qat = getattr(model, "qat", None)
+    qat = model.qat
     if not qat:
         raise ValueError("the model was not prepared for QAT (prepare_qat_)")
     for block in model.layers:
         for parent, attr, layer in linears_of_block(block):
             setattr(parent, attr, layer.to_linear())
-    del model.qat
+    model.qat = None
     model.requires_grad_(False)
     return quantize_model_(model, qat["scheme"], qat["group_size"])
 
@@ -126,7 +127,7 @@ def qat_train_(model: Transformer, train_ids: torch.Tensor, out_dir: str | Path,
     """
     from slimlm.train.trainer import TrainConfig, train
 
-    if not getattr(model, "qat", None):
+    if not model.qat:
         raise ValueError("call prepare_qat_ before qat_train_")
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(steps // 10, 1),
                       min_lr_ratio=0.1, max_grad_norm=1.0)
