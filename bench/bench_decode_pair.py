@@ -7,7 +7,8 @@ ratios. Reproduce (issue 5's two targets):
 
     .venv/bin/python -m slimlm.cli prune --structured mlp --ratio 0.25 --out runs/prune_mlp25
     .venv/bin/python bench/bench_decode_pair.py --a smollm2-135m --b runs/prune_mlp25 --rounds 7
-    .venv/bin/python bench/bench_decode_pair.py --a runs/compress_half/0-base --b runs/compress_half/2-distill-alpha0.5 --rounds 7
+    .venv/bin/python bench/bench_decode_pair.py --a runs/compress_half/0-base \
+        --b runs/compress_half/2-distill-alpha0.5 --rounds 7
 """
 
 from __future__ import annotations
@@ -43,14 +44,20 @@ def main() -> None:
     for r in range(args.rounds):
         ra, rb = measure_speed(a, cfg), measure_speed(b, cfg)
         rows.append((ra, rb))
-        print(f"[{time.perf_counter() - t0:5.0f} s] round {r + 1}: decode {ra['decode_tokens_per_s']:.1f} vs "
-              f"{rb['decode_tokens_per_s']:.1f} tok/s ({rb['decode_tokens_per_s'] / ra['decode_tokens_per_s']:.2f}x), "
-              f"prefill {ra['prefill_tokens_per_s']:.0f} vs {rb['prefill_tokens_per_s']:.0f}", flush=True)
+        print(
+            f"[{time.perf_counter() - t0:5.0f} s] round {r + 1}: decode {ra['decode_tokens_per_s']:.1f} vs "
+            f"{rb['decode_tokens_per_s']:.1f} tok/s ({rb['decode_tokens_per_s'] / ra['decode_tokens_per_s']:.2f}x), "
+            f"prefill {ra['prefill_tokens_per_s']:.0f} vs {rb['prefill_tokens_per_s']:.0f}",
+            flush=True,
+        )
     out = {"a": args.a, "b": args.b, "args": vars(args)}
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
-        out[key] = {"a": statistics.median(x[key] for x, _ in rows), "b": statistics.median(y[key] for _, y in rows),
-                    "ratio": statistics.median(y[key] / x[key] for x, y in rows),
-                    "ratios": [round(y[key] / x[key], 3) for x, y in rows]}
+        out[key] = {
+            "a": statistics.median(x[key] for x, _ in rows),
+            "b": statistics.median(y[key] for _, y in rows),
+            "ratio": statistics.median(y[key] / x[key] for x, y in rows),
+            "ratios": [round(y[key] / x[key], 3) for x, y in rows],
+        }
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

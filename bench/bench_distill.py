@@ -23,10 +23,10 @@ import torch
 
 from slimlm.checkpoint import load_model
 from slimlm.eval.speed import SpeedConfig, measure_speed
+from slimlm.eval.task_accuracy import chat_eval_set, generation_accuracy
 from slimlm.tasks import extract_json
 from slimlm.tokenizer import Tokenizer
 from slimlm.train.distill import DistillConfig, distill, load_teacher
-from slimlm.eval.task_accuracy import chat_eval_set, generation_accuracy
 from slimlm.train.finetune import FinetuneConfig, finetune
 
 MODEL = "smollm2-135m"
@@ -37,20 +37,37 @@ def teacher_adapter(out: Path, splits: dict[str, Path], steps: int = 60) -> Path
     adapter = out / "teacher" / "adapter"
     if (adapter / "adapter_config.json").is_file():
         return adapter
-    cfg = FinetuneConfig(model=MODEL, method="lora", data=str(splits["train"]), eval_data=str(splits["val"]),
-                         out=str(out / "teacher"), task="extract_json")
+    cfg = FinetuneConfig(
+        model=MODEL,
+        method="lora",
+        data=str(splits["train"]),
+        eval_data=str(splits["val"]),
+        out=str(out / "teacher"),
+        task="extract_json",
+    )
     cfg.lora.r, cfg.lora.alpha = 16, 32.0
     cfg.dataset.max_seq_len = 256
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps = steps, 8, 1e-3, 5
     return finetune(cfg).output
 
 
-def student_config(args: argparse.Namespace, splits: dict[str, Path], adapter: Path, out: Path, alpha: float,
-                   steps: int, cache: str) -> DistillConfig:
-    cfg = DistillConfig(teacher=MODEL, teacher_adapter=str(adapter), student_layers=args.student_layers, alpha=alpha,
-                        temperature=args.temperature, kl=args.kl, teacher_cache=cache, top_k=args.top_k,
-                        teacher_cache_path=str(args.out / "teacher_topk.safetensors"), data=str(splits["train"]),
-                        eval_data=str(splits["val"]) if steps == args.steps else None, out=str(out))
+def student_config(
+    args: argparse.Namespace, splits: dict[str, Path], adapter: Path, out: Path, alpha: float, steps: int, cache: str
+) -> DistillConfig:
+    cfg = DistillConfig(
+        teacher=MODEL,
+        teacher_adapter=str(adapter),
+        student_layers=args.student_layers,
+        alpha=alpha,
+        temperature=args.temperature,
+        kl=args.kl,
+        teacher_cache=cache,
+        top_k=args.top_k,
+        teacher_cache_path=str(args.out / "teacher_topk.safetensors"),
+        data=str(splits["train"]),
+        eval_data=str(splits["val"]) if steps == args.steps else None,
+        out=str(out),
+    )
     cfg.dataset.max_seq_len = 256
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr = steps, 8, args.lr
     cfg.train.warmup_steps = min(args.warmup, steps)
@@ -95,14 +112,20 @@ def main() -> None:
     path, teacher = load_teacher(MODEL, str(adapter), torch.device("cpu"))
     tokenizer = Tokenizer.from_pretrained(path)
     runs, em, speed = {}, {}, {}
-    plan = (("distilled", args.alpha, args.steps, "topk"), ("hard_labels", 0.0, args.steps, "none"),
-            ("online_timing", args.alpha, args.timing_steps, "none"))
+    plan = (
+        ("distilled", args.alpha, args.steps, "topk"),
+        ("hard_labels", 0.0, args.steps, "none"),
+        ("online_timing", args.alpha, args.timing_steps, "none"),
+    )
     for name, alpha, steps, cache in plan:  # results are written after every stage (a long run can be cut short)
         t0 = time.perf_counter()
         res = distill(student_config(args, splits, adapter, out / name, alpha, steps, cache), progress=False)
         runs[name] = {"res": res, "wall_s": time.perf_counter() - t0, "step_s": step_seconds(res.train.metrics_path)}
-        print(f"{name}: {res.train.steps} steps, final loss {res.train.final_loss:.4f}, eval {res.train.eval_metrics}, "
-              f"{runs[name]['step_s']:.1f} s/step, {runs[name]['wall_s']:.0f} s wall", flush=True)
+        print(
+            f"{name}: {res.train.steps} steps, final loss {res.train.final_loss:.4f}, eval {res.train.eval_metrics}, "
+            f"{runs[name]['step_s']:.1f} s/step, {runs[name]['wall_s']:.0f} s wall",
+            flush=True,
+        )
         if name != "online_timing":
             em[name] = exact_match(res.output, tokenizer, test)
             print(f"{name}: exact match {100 * em[name]:.1f} % on {len(test)} test records", flush=True)
@@ -110,45 +133,79 @@ def main() -> None:
             em["teacher"] = exact_match(teacher, tokenizer, test)
             speed_cfg = SpeedConfig(prompt_tokens=128, new_tokens=32, warmup=1, repeats=3)
             student = load_model(runs["distilled"]["res"].output)[2]
-            speed = {"teacher": measure_speed(teacher, speed_cfg)["decode_tokens_per_s"],
-                     "student": measure_speed(student, speed_cfg)["decode_tokens_per_s"]}
+            speed = {
+                "teacher": measure_speed(teacher, speed_cfg)["decode_tokens_per_s"],
+                "student": measure_speed(student, speed_cfg)["decode_tokens_per_s"],
+            }
             print(f"teacher exact match {100 * em['teacher']:.1f} %; decode tok/s {speed}", flush=True)
         write_json(args, runs, em, speed, teacher_train_s)
     report(args, runs, em, speed, teacher_train_s)
 
 
 def write_json(args, runs, em, speed, teacher_train_s) -> None:
-    summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "exact_match": em, "decode_tokens_per_s": speed, "teacher_train_s": teacher_train_s,
-               "runs": {k: {"train_s": r["res"].train.elapsed_s, "wall_s": r["wall_s"], "step_s": r["step_s"],
-                            "final_loss": r["res"].train.final_loss, "val": r["res"].train.eval_metrics,
-                            "cache": r["res"].cache, "student_params": r["res"].student_params,
-                            "teacher_params": r["res"].teacher_params} for k, r in runs.items()}}
+    summary = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "exact_match": em,
+        "decode_tokens_per_s": speed,
+        "teacher_train_s": teacher_train_s,
+        "runs": {
+            k: {
+                "train_s": r["res"].train.elapsed_s,
+                "wall_s": r["wall_s"],
+                "step_s": r["step_s"],
+                "final_loss": r["res"].train.final_loss,
+                "val": r["res"].train.eval_metrics,
+                "cache": r["res"].cache,
+                "student_params": r["res"].student_params,
+                "teacher_params": r["res"].teacher_params,
+            }
+            for k, r in runs.items()
+        },
+    }
     (args.out / "bench_distill.json").write_text(json.dumps(summary, indent=2))
 
 
 def report(args, runs, em, speed, teacher_train_s) -> None:
     kd, hard, online = runs["distilled"], runs["hard_labels"], runs["online_timing"]
     cache = kd["res"].cache
-    rows = [("teacher (30 layers, LoRA merged)", em["teacher"], kd["res"].teacher_params, speed["teacher"], "-", "-"),
-            (f"distilled student ({args.student_layers} layers, α={args.alpha}, T={args.temperature}, {args.kl} KL, "
-             f"top-{args.top_k} cache)", em["distilled"], kd["res"].student_params, speed["student"],
-             f"{kd['res'].train.elapsed_s:.0f} s + cache {cache['build_s']:.0f} s", kd["res"].train.eval_metrics),
-            (f"hard-label student (α=0, {args.student_layers} layers)", em["hard_labels"], hard["res"].student_params,
-             speed["student"], f"{hard['res'].train.elapsed_s:.0f} s", hard["res"].train.eval_metrics)]
+    rows = [
+        ("teacher (30 layers, LoRA merged)", em["teacher"], kd["res"].teacher_params, speed["teacher"], "-", "-"),
+        (
+            f"distilled student ({args.student_layers} layers, α={args.alpha}, T={args.temperature}, {args.kl} KL, "
+            f"top-{args.top_k} cache)",
+            em["distilled"],
+            kd["res"].student_params,
+            speed["student"],
+            f"{kd['res'].train.elapsed_s:.0f} s + cache {cache['build_s']:.0f} s",
+            kd["res"].train.eval_metrics,
+        ),
+        (
+            f"hard-label student (α=0, {args.student_layers} layers)",
+            em["hard_labels"],
+            hard["res"].student_params,
+            speed["student"],
+            f"{hard['res'].train.elapsed_s:.0f} s",
+            hard["res"].train.eval_metrics,
+        ),
+    ]
     print(f"\nextract_json, {args.test} test records, {args.steps} steps × 8, lr {args.lr}")
     print("| model | exact match | params | decode tok/s (fp32, batch 1) | training | val |")
     print("|---|---:|---:|---:|---:|---|")
     for name, e, n, s, t, v in rows:
         print(f"| {name} | {100 * e:.1f} % | {n / 1e6:.1f} M | {s:.1f} | {t} | {v} |")
     saved = online["step_s"] - kd["step_s"]
-    print(f"\nteacher on the fly: {online['step_s']:.1f} s/step; cached top-{args.top_k}: {kd['step_s']:.1f} s/step "
-          f"(saves {saved:.1f} s/step); the cache pre-pass took {cache['build_s']:.0f} s for {cache['built_samples']} "
-          f"samples ({cache['build_s'] / max(args.steps, 1):.1f} s per step of this run); hard labels: "
-          f"{hard['step_s']:.1f} s/step")
+    print(
+        f"\nteacher on the fly: {online['step_s']:.1f} s/step; cached top-{args.top_k}: {kd['step_s']:.1f} s/step "
+        f"(saves {saved:.1f} s/step); the cache pre-pass took {cache['build_s']:.0f} s for {cache['built_samples']} "
+        f"samples ({cache['build_s'] / max(args.steps, 1):.1f} s per step of this run); hard labels: "
+        f"{hard['step_s']:.1f} s/step"
+    )
     ratio = em["distilled"] / max(em["teacher"], 1e-9)
-    print(f"targets: student EM / teacher EM = {100 * ratio:.0f} % (target ≥ 90 %), speed-up "
-          f"{speed['student'] / speed['teacher']:.2f}× (target ≥ 1.6×), distilled {'beats' if em['distilled'] > em['hard_labels'] else 'does NOT beat'} hard labels")
+    print(
+        f"targets: student EM / teacher EM = {100 * ratio:.0f} % (target ≥ 90 %), speed-up "
+        f"{speed['student'] / speed['teacher']:.2f}× (target ≥ 1.6×), "
+        f"distilled {'beats' if em['distilled'] > em['hard_labels'] else 'does NOT beat'} hard labels"
+    )
     print(f"wrote {args.out / 'bench_distill.json'}")
 
 

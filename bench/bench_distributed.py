@@ -34,15 +34,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the cat sat on the mat and ran to the big house while a quick brown fox jumps over the lazy dog near "
-         "the river under the moon").split()
+WORDS = (
+    "the cat sat on the mat and ran to the big house while a quick brown fox jumps over the lazy dog near "
+    "the river under the moon"
+).split()
 
 
 def cpu_flags() -> str:
     """Model name and the SIMD flags that decide CPU matmul speed."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                platform.processor())
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor()
+    )
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
     simd = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
     return f"{name}; {os.cpu_count()} cores; {' '.join(sorted(simd))}"
@@ -90,15 +93,39 @@ def _training_pids(root: int) -> dict[int, int]:
     return found
 
 
-def run(nproc: int, strategy: str, args: argparse.Namespace, data: Path, out: Path, threads: int | None = None
-        ) -> dict:
+def run(nproc: int, strategy: str, args: argparse.Namespace, data: Path, out: Path, threads: int | None = None) -> dict:
     """One `slimlm finetune` run; returns tokens/s, per-rank peak RSS and wall time. `threads` per rank (default:
     cores // nproc)."""
     cores = os.cpu_count() or 1
-    cmd = [sys.executable, "-m", "slimlm", "finetune", "--model", args.model, "--method", "lora", "--data", str(data),
-           "--out", str(out), "--train.max_steps", str(args.warmup + args.steps), "--train.batch_size",
-           str(args.batch), "--dataset.max_seq_len", str(args.seq_len), "--train.tensorboard", "false",
-           "--lora.r", "16", "--lora.alpha", "32", "--train.strategy", strategy, "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimlm",
+        "finetune",
+        "--model",
+        args.model,
+        "--method",
+        "lora",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--train.max_steps",
+        str(args.warmup + args.steps),
+        "--train.batch_size",
+        str(args.batch),
+        "--dataset.max_seq_len",
+        str(args.seq_len),
+        "--train.tensorboard",
+        "false",
+        "--lora.r",
+        "16",
+        "--lora.alpha",
+        "32",
+        "--train.strategy",
+        strategy,
+        "-q",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env["OMP_NUM_THREADS"] = str(threads or max(1, cores // nproc))
     if nproc > 1:
@@ -114,11 +141,17 @@ def run(nproc: int, strategy: str, args: argparse.Namespace, data: Path, out: Pa
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-4000:]}")
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    tok_s = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r][args.warmup:]
+    tok_s = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r][args.warmup :]
     losses = [r["loss"] for r in lines if "loss" in r]
-    return {"nproc": nproc, "strategy": strategy if nproc > 1 else "-", "threads_per_rank": env["OMP_NUM_THREADS"],
-            "tokens_per_s": statistics.median(tok_s), "peak_rss_mb_per_rank": [round(peaks[r]) for r in sorted(peaks)],
-            "wall_s": time.perf_counter() - t0, "losses": losses}
+    return {
+        "nproc": nproc,
+        "strategy": strategy if nproc > 1 else "-",
+        "threads_per_rank": env["OMP_NUM_THREADS"],
+        "tokens_per_s": statistics.median(tok_s),
+        "peak_rss_mb_per_rank": [round(peaks[r]) for r in sorted(peaks)],
+        "wall_s": time.perf_counter() - t0,
+        "losses": losses,
+    }
 
 
 def main() -> None:
@@ -143,18 +176,23 @@ def main() -> None:
         for i, (nproc, strategy, threads) in enumerate(plan):
             results.append(run(nproc, strategy, args, data, Path(tmp) / f"run{i}", threads))
             r = results[-1]
-            print(f"{nproc} proc {r['strategy']:>4}  {r['tokens_per_s']:8.0f} tokens/s  peak RSS per rank "
-                  f"{r['peak_rss_mb_per_rank']} MiB  ({r['threads_per_rank']} threads/rank, {r['wall_s']:.0f} s wall)",
-                  flush=True)
+            print(
+                f"{nproc} proc {r['strategy']:>4}  {r['tokens_per_s']:8.0f} tokens/s  peak RSS per rank "
+                f"{r['peak_rss_mb_per_rank']} MiB  ({r['threads_per_rank']} threads/rank, {r['wall_s']:.0f} s wall)",
+                flush=True,
+            )
     ref = results[0]["losses"]
     for r in results[1:]:  # the same global batch: the same optimisation, up to float reassociation
         r["max_loss_diff_vs_1proc"] = max(abs(a - b) for a, b in zip(ref, r["losses"]))
-        print(f"{r['nproc']} proc {r['strategy']}: max |loss - 1 proc loss| over the steps = "
-              f"{r['max_loss_diff_vs_1proc']:.2e}")
+        print(
+            f"{r['nproc']} proc {r['strategy']}: max |loss - 1 proc loss| over the steps = "
+            f"{r['max_loss_diff_vs_1proc']:.2e}"
+        )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_flags(), "args": vars(args), "results": results},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"cpu": cpu_flags(), "args": vars(args), "results": results}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

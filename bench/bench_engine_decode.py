@@ -21,8 +21,9 @@ from slimlm.engine.sampling import SamplingParams
 
 def step_ms(llm, rows: int, steps: int, max_batch: int, fused: bool = True) -> list[float]:
     """Milliseconds of each of `steps` decode steps with `rows` streams running (greedy, 158-token prompts)."""
-    engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=max_batch, max_seq_len=512, max_loras=0,
-                                                           fused_decode=fused))
+    engine = Engine(
+        llm.model, llm.tokenizer, EngineConfig(max_batch=max_batch, max_seq_len=512, max_loras=0, fused_decode=fused)
+    )
     for i in range(rows):
         ids = llm.tokenizer.prompt_ids(f"story {i} " + "the cat sat on the mat " * 20, chat=True)
         engine.submit(Request(ids, SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)))
@@ -51,8 +52,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = slimlm.load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
     rows = [int(r) for r in args.rows.split(",")]
-    print(f"{args.model} {args.dtype} {args.quantize or ''}, {args.threads} threads, {args.steps} decode steps per row count, "
-          f"fused decode {'off' if args.no_fused else 'on'}\n")
+    print(
+        f"{args.model} {args.dtype} {args.quantize or ''}, {args.threads} threads, "
+        f"{args.steps} decode steps per row count, "
+        f"fused decode {'off' if args.no_fused else 'on'}\n"
+    )
     print("| running streams | step ms (median [min–max]) | tokens/s |\n|---:|---:|---:|")
     for n in rows:
         t = step_ms(llm, n, args.steps, max(rows), fused=not args.no_fused)

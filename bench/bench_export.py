@@ -56,9 +56,12 @@ def compare(name: str, quantize: str | None, args, t0: float) -> dict:
         pt = measure_speed(llm.model, cfg)
         ort = measure_speed(ort_model, cfg)
         pairs.append((pt, ort))
-        log(f"{name} round {r + 1}: torch prefill {pt['prefill_tokens_per_s']:.0f} decode "
+        log(
+            f"{name} round {r + 1}: torch prefill {pt['prefill_tokens_per_s']:.0f} decode "
             f"{pt['decode_tokens_per_s']:.1f} | ort prefill {ort['prefill_tokens_per_s']:.0f} decode "
-            f"{ort['decode_tokens_per_s']:.1f} tok/s", t0)
+            f"{ort['decode_tokens_per_s']:.1f} tok/s",
+            t0,
+        )
 
     def med(i: int, key: str) -> float:
         return statistics.median(p[i][key] for p in pairs)
@@ -66,11 +69,18 @@ def compare(name: str, quantize: str | None, args, t0: float) -> dict:
     def ratio(key: str) -> float:
         return statistics.median(p[1][key] / p[0][key] for p in pairs)
 
-    return {"format": name, "torch_prefill": med(0, "prefill_tokens_per_s"), "ort_prefill": med(1, "prefill_tokens_per_s"),
-            "prefill_ratio": ratio("prefill_tokens_per_s"), "torch_decode": med(0, "decode_tokens_per_s"),
-            "ort_decode": med(1, "decode_tokens_per_s"), "decode_ratio": ratio("decode_tokens_per_s"),
-            "onnx_mib": (Path(args.export_dir) / name / ONNX_FILE).stat().st_size / 2**20,
-            "torch_weights_mib": quantized_bytes(llm.model) / 2**20, "parity": meta.get("parity")}
+    return {
+        "format": name,
+        "torch_prefill": med(0, "prefill_tokens_per_s"),
+        "ort_prefill": med(1, "prefill_tokens_per_s"),
+        "prefill_ratio": ratio("prefill_tokens_per_s"),
+        "torch_decode": med(0, "decode_tokens_per_s"),
+        "ort_decode": med(1, "decode_tokens_per_s"),
+        "decode_ratio": ratio("decode_tokens_per_s"),
+        "onnx_mib": (Path(args.export_dir) / name / ONNX_FILE).stat().st_size / 2**20,
+        "torch_weights_mib": quantized_bytes(llm.model) / 2**20,
+        "parity": meta.get("parity"),
+    }
 
 
 def main() -> None:
@@ -87,12 +97,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows = [compare(name, FORMATS[name], args, t0) for name in args.formats.split(",")]
-    print("\n| weights | prefill tok/s torch | ORT | ORT/torch | decode tok/s torch | ORT | ORT/torch | .onnx MiB | max Δ logit |")
+    print(
+        "\n| weights | prefill tok/s torch | ORT | ORT/torch "
+        "| decode tok/s torch | ORT | ORT/torch | .onnx MiB | max Δ logit |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['format']} | {r['torch_prefill']:.0f} | {r['ort_prefill']:.0f} | {r['prefill_ratio']:.2f} | "
-              f"{r['torch_decode']:.1f} | {r['ort_decode']:.1f} | {r['decode_ratio']:.2f} | {r['onnx_mib']:.1f} | "
-              f"{(r['parity'] or {}).get('max_logit_diff', float('nan')):.1e} |")
+        print(
+            f"| {r['format']} | {r['torch_prefill']:.0f} | {r['ort_prefill']:.0f} | {r['prefill_ratio']:.2f} | "
+            f"{r['torch_decode']:.1f} | {r['ort_decode']:.1f} | {r['decode_ratio']:.2f} | {r['onnx_mib']:.1f} | "
+            f"{(r['parity'] or {}).get('max_logit_diff', float('nan')):.1e} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
 

@@ -147,7 +147,7 @@ def bench_llm(args, dtype: torch.dtype) -> dict:
     if 1 not in prompts:
         prompts[1] = torch.randint(0, vocab, (1, args.prompt_tokens), generator=g).to(base.device)
     diffs = check_logits(models, prompts[1])
-    for n, model in models.items():  # warm-up: allocator, oneDNN kernel selection
+    for _n, model in models.items():  # warm-up: allocator, oneDNN kernel selection
         run_once(model, prompts, min(args.new_tokens, 4))
     rounds: list[dict[str, dict[str, float]]] = []
     for r in range(args.rounds):
@@ -163,8 +163,14 @@ def bench_llm(args, dtype: torch.dtype) -> dict:
             row[f"{metric}_tok_s"] = statistics.median(count / rd[n][metric] for rd in rounds)
             row[f"{metric}_ratio"] = statistics.median(rd[ref][metric] / rd[n][metric] for rd in rounds)
         rows[n] = row
-    return {"dtype": str(dtype).removeprefix("torch."), "variants": rows, "reports": reports,
-            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batches": sorted(prompts)}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "variants": rows,
+        "reports": reports,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "batches": sorted(prompts),
+    }
 
 
 @torch.no_grad()
@@ -184,9 +190,14 @@ def bench_cnn(args) -> dict:
             times[name].append((time.perf_counter() - t0) / args.cnn_iters)
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     ratio = statistics.median(u / f for u, f in zip(times["unfolded"], times["folded"]))
-    return {"model": f"SmallResNet(channels={args.cnn_channels}, blocks={args.cnn_blocks})",
-            "input": [args.cnn_batch, 3, 64, 64], "max_abs_diff": diff, "latency_ms": ms, "speedup": ratio,
-            "folded": conv_report.fused + linear_report.fused}
+    return {
+        "model": f"SmallResNet(channels={args.cnn_channels}, blocks={args.cnn_blocks})",
+        "input": [args.cnn_batch, 3, 64, 64],
+        "max_abs_diff": diff,
+        "latency_ms": ms,
+        "speedup": ratio,
+        "folded": conv_report.fused + linear_report.fused,
+    }
 
 
 def print_llm(res: dict) -> None:
@@ -231,9 +242,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    result = {"model": "tiny (random)" if args.tiny else args.model, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "rounds": args.rounds,
-              "llm": []}
+    result = {
+        "model": "tiny (random)" if args.tiny else args.model,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "rounds": args.rounds,
+        "llm": [],
+    }
     t0 = time.perf_counter()
     for d in args.dtypes.split(","):
         print(f"[{time.perf_counter() - t0:5.0f} s] {d}: building variants and measuring", flush=True)
@@ -241,9 +257,11 @@ def main() -> None:
         print_llm(result["llm"][-1])
     if not args.no_cnn:
         result["cnn"] = cnn = bench_cnn(args)
-        print(f"\nCNN {cnn['model']} batch {cnn['input']}: {cnn['latency_ms']['unfolded']:.2f} ms -> "
-              f"{cnn['latency_ms']['folded']:.2f} ms per forward ({cnn['speedup']:.3f}x), "
-              f"{len(cnn['folded'])} BatchNorms folded, max |Δ| {cnn['max_abs_diff']:.1e}")
+        print(
+            f"\nCNN {cnn['model']} batch {cnn['input']}: {cnn['latency_ms']['unfolded']:.2f} ms -> "
+            f"{cnn['latency_ms']['folded']:.2f} ms per forward ({cnn['speedup']:.3f}x), "
+            f"{len(cnn['folded'])} BatchNorms folded, max |Δ| {cnn['max_abs_diff']:.1e}"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json} ({time.perf_counter() - t0:.0f} s)")

@@ -60,9 +60,19 @@ drives out from the city, but the granite base has not moved an inch since the d
 the children of the town still like to say that they can hear a bell ringing somewhere out on the water.
 """
 
-ENGINES = ["slimlm-int8", "slimlm-fp32", "slimlm-bf16", "slimlm-bf16-compiled", "slimlm-fp32-compiled", "hf-fp32", "hf-bf16",
-           "llama.cpp"]
-OPTIONAL_ENGINES = ["hf-fp32-autocast-bf16"]  # HF fp32 weights under torch.autocast(bf16): for CPUs with AMX/AVX512-BF16
+ENGINES = [
+    "slimlm-int8",
+    "slimlm-fp32",
+    "slimlm-bf16",
+    "slimlm-bf16-compiled",
+    "slimlm-fp32-compiled",
+    "hf-fp32",
+    "hf-bf16",
+    "llama.cpp",
+]
+OPTIONAL_ENGINES = [
+    "hf-fp32-autocast-bf16"
+]  # HF fp32 weights under torch.autocast(bf16): for CPUs with AMX/AVX512-BF16
 PEERS = [("hf-bf16", "HF bf16"), ("hf-fp32", "HF fp32"), ("llama.cpp", "llama.cpp")]
 
 
@@ -91,7 +101,7 @@ class Engine:
     weights = ""
     compiled = False
 
-    def setup(self, ctx: "Context") -> None:
+    def setup(self, ctx: Context) -> None:
         raise NotImplementedError
 
     def run(self, ids: list[int], new_tokens: int) -> Run:
@@ -121,16 +131,21 @@ class SlimLM(Engine):
     def __init__(self, dtype: str, compiled: bool, quantize: str | None = None):
         self.dtype, self.compiled, self.quantize = dtype, compiled, quantize
         self.name = f"slimlm-{quantize or dtype}" + ("-compiled" if compiled else "")
-        self.settings = f"{dtype} activations, " + ("model forward torch.compile'd (inductor, freezing)"
-                                                    if compiled else "eager") + \
-            ", engine defaults (fused CPU decode step where the model qualifies)"
-        self.weights = f"{dtype} (dequantized from the GGUF)" if quantize is None else \
-            f"{quantize} weight-only, per-channel scales (re-quantized from the GGUF's dequantized weights)"
+        self.settings = (
+            f"{dtype} activations, "
+            + ("model forward torch.compile'd (inductor, freezing)" if compiled else "eager")
+            + ", engine defaults (fused CPU decode step where the model qualifies)"
+        )
+        self.weights = (
+            f"{dtype} (dequantized from the GGUF)"
+            if quantize is None
+            else f"{quantize} weight-only, per-channel scales (re-quantized from the GGUF's dequantized weights)"
+        )
 
     def setup(self, ctx: Context) -> None:
-        import slimlm
-
         import dataclasses
+
+        import slimlm
 
         self.llm = slimlm.load(MODEL, dtype=self.dtype, compile=self.compiled, quantize=self.quantize)
         # Every run prefills the same prompt from scratch, as llama.cpp does after reset(): no prefix cache.
@@ -165,8 +180,11 @@ class HF(Engine):
     def __init__(self, dtype: str, autocast: bool = False):
         self.dtype, self.autocast = dtype, autocast
         self.name = f"hf-{dtype}" + ("-autocast-bf16" if autocast else "")
-        self.settings = (f"transformers {dtype}" + (" + torch.autocast(bf16)" if autocast else "") +
-                         ", generate() greedy, min_new_tokens=max_new_tokens, DynamicCache, eager")
+        self.settings = (
+            f"transformers {dtype}"
+            + (" + torch.autocast(bf16)" if autocast else "")
+            + ", generate() greedy, min_new_tokens=max_new_tokens, DynamicCache, eager"
+        )
         self.weights = f"{dtype} (same HF folder as slimlm)"
 
     def setup(self, ctx: Context) -> None:
@@ -186,8 +204,15 @@ class HF(Engine):
         # plus generate()'s set-up and the first greedy pick), as slimlm's and llama.cpp's time to first token.
         timer = _Timer()
         input_ids = torch.tensor([ids])
-        kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                      do_sample=False, use_cache=True, streamer=timer, pad_token_id=self.eos)
+        kwargs = dict(
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            streamer=timer,
+            pad_token_id=self.eos,
+        )
         ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)
         with torch.inference_mode(), ac:
             t0 = time.perf_counter()
@@ -204,10 +229,19 @@ class LlamaCpp(Engine):
     def setup(self, ctx: Context) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(str(ctx.gguf), n_threads=ctx.threads, n_threads_batch=ctx.threads, n_ctx=ctx.n_ctx,
-                         n_batch=512, seed=0, verbose=False)
-        self.settings = (f"llama-cpp-python Llama.generate() greedy (temp=0), n_threads={ctx.threads}, "
-                         f"n_threads_batch={ctx.threads}, n_batch=512, n_ctx={ctx.n_ctx}")
+        self.llm = Llama(
+            str(ctx.gguf),
+            n_threads=ctx.threads,
+            n_threads_batch=ctx.threads,
+            n_ctx=ctx.n_ctx,
+            n_batch=512,
+            seed=0,
+            verbose=False,
+        )
+        self.settings = (
+            f"llama-cpp-python Llama.generate() greedy (temp=0), n_threads={ctx.threads}, "
+            f"n_threads_batch={ctx.threads}, n_batch=512, n_ctx={ctx.n_ctx}"
+        )
 
     def run(self, ids: list[int], new_tokens: int) -> Run:
         self.llm.reset()  # n_tokens = 0: no prompt-prefix reuse from the previous run
@@ -276,8 +310,13 @@ def versions() -> dict:
 
     import slimlm
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "numpy": numpy.__version__, "slimlm": slimlm.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "slimlm": slimlm.__version__,
+    }
     try:
         import llama_cpp
 
@@ -289,8 +328,9 @@ def versions() -> dict:
 
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "slimlm"], capture_output=True,
-                               text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "slimlm"], capture_output=True, text=True
+        )
         out["slimlm_git"] = sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         pass
@@ -328,16 +368,25 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", default=",".join(ENGINES),
-                    help=f"comma-separated subset of: {', '.join(ENGINES)} (default: all); also available: "
-                         f"{', '.join(OPTIONAL_ENGINES)}")
+    ap.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help=f"comma-separated subset of: {', '.join(ENGINES)} (default: all); also available: "
+        f"{', '.join(OPTIONAL_ENGINES)}",
+    )
     ap.add_argument("--reps", type=int, default=5, help="measured repetitions per engine (median reported; default 5)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode run (default 128)")
     ap.add_argument("--prompt-tokens", type=int, default=450, help="prompt length of the prefill runs (default 450)")
-    ap.add_argument("--decode-prompt-tokens", type=int, default=32, help="prompt length of the decode runs (default 32)")
-    ap.add_argument("--warmup-tokens", type=int, default=16,
-                    help="tokens of the warm-up decode of eager engines (compiled ones warm up with --new-tokens, so "
-                         "that the measured runs reuse the compiled graph; default 16)")
+    ap.add_argument(
+        "--decode-prompt-tokens", type=int, default=32, help="prompt length of the decode runs (default 32)"
+    )
+    ap.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=16,
+        help="tokens of the warm-up decode of eager engines (compiled ones warm up with --new-tokens, so "
+        "that the measured runs reuse the compiled graph; default 16)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (default 2)")
     ap.add_argument("--json", metavar="OUT", help="write all results (raw runs included) to this JSON file")
     args = ap.parse_args(argv)
@@ -346,7 +395,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--engines: give each engine once")
     unknown = [n for n in names if n not in ENGINES + OPTIONAL_ENGINES]
     if unknown:
-        raise SystemExit(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES + OPTIONAL_ENGINES)}")
+        raise SystemExit(
+            f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES + OPTIONAL_ENGINES)}"
+        )
     if args.reps < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.decode_prompt_tokens < 1:
         raise SystemExit("--reps >= 1, --new-tokens >= 2, --prompt-tokens >= 1, --decode-prompt-tokens >= 1")
 
@@ -354,10 +405,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     info, vers, cmd = machine_info(args.threads), versions(), command_line()
     print(f"command: {cmd}")
-    print(f"machine: {info['cpu']}, {info['usable_cpus']} usable / {info['logical_cpus']} logical CPUs, "
-          f"{args.threads} threads; flags: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpu_flags"].items())
-          + f"; oneDNN bf16: {'yes' if info['onednn_bf16_supported'] else 'no'}; load avg at start: "
-          + (", ".join(f"{x:.2f}" for x in info["loadavg_at_start"]) if info["loadavg_at_start"] else "?"))
+    print(
+        f"machine: {info['cpu']}, {info['usable_cpus']} usable / {info['logical_cpus']} logical CPUs, "
+        f"{args.threads} threads; flags: "
+        + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpu_flags"].items())
+        + f"; oneDNN bf16: {'yes' if info['onednn_bf16_supported'] else 'no'}; load avg at start: "
+        + (", ".join(f"{x:.2f}" for x in info["loadavg_at_start"]) if info["loadavg_at_start"] else "?")
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), flush=True)
 
     from slimlm.checkpoint import model_folder
@@ -368,8 +422,10 @@ def main(argv: list[str] | None = None) -> None:
     short_ids = prompt_ids(tok, args.decode_prompt_tokens)
     if len(long_ids) < args.prompt_tokens:
         raise SystemExit("could not build a prompt that long")
-    ctx = Context(args.threads, n_ctx=-(-max(args.prompt_tokens + 1, args.decode_prompt_tokens + args.new_tokens + 1)
-                                        // 256) * 256)
+    ctx = Context(
+        args.threads,
+        n_ctx=-(-max(args.prompt_tokens + 1, args.decode_prompt_tokens + args.new_tokens + 1) // 256) * 256,
+    )
 
     # Set up and warm up each engine (compiled ones compile here: the warm-up decode uses the measured shapes).
     engines: list[Engine] = []
@@ -386,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         warm_n = args.new_tokens if e.compiled else min(args.warmup_tokens, args.new_tokens)
         t_warm = time.perf_counter()
         first_s = prefill_warm_s = 0.0
-        for i in range(2 if e.compiled else 1):
+        for _i in range(2 if e.compiled else 1):
             t = time.perf_counter()
             e.run(short_ids, warm_n)
             first_s = first_s or time.perf_counter() - t
@@ -395,11 +451,20 @@ def main(argv: list[str] | None = None) -> None:
             prefill_warm_s = prefill_warm_s or time.perf_counter() - t
         warm_s = time.perf_counter() - t_warm
         graphs = _unique_graphs()
-        setup[name] = {"load_s": load_s, "first_decode_call_s": first_s, "first_prefill_call_s": prefill_warm_s,
-                       "warmup_s": warm_s, "warmup_tokens": warm_n, "graphs_compiled": graphs - graphs_before}
-        print(f"[setup] {name}: load {load_s:.1f} s, first decode call ({warm_n} tokens) {first_s:.1f} s, first "
-              f"prefill call {prefill_warm_s:.2f} s, warm-up in all {warm_s:.1f} s"
-              + (f", torch.compile graphs compiled: {graphs - graphs_before}" if e.compiled else ""), flush=True)
+        setup[name] = {
+            "load_s": load_s,
+            "first_decode_call_s": first_s,
+            "first_prefill_call_s": prefill_warm_s,
+            "warmup_s": warm_s,
+            "warmup_tokens": warm_n,
+            "graphs_compiled": graphs - graphs_before,
+        }
+        print(
+            f"[setup] {name}: load {load_s:.1f} s, first decode call ({warm_n} tokens) {first_s:.1f} s, first "
+            f"prefill call {prefill_warm_s:.2f} s, warm-up in all {warm_s:.1f} s"
+            + (f", torch.compile graphs compiled: {graphs - graphs_before}" if e.compiled else ""),
+            flush=True,
+        )
         graphs_before = graphs
         engines.append(e)
     graphs_after_warmup = _unique_graphs()
@@ -413,14 +478,22 @@ def main(argv: list[str] | None = None) -> None:
             decode[e.name].append(e.run(short_ids, args.new_tokens))
         for e in engines:
             prefill[e.name].append(e.run(long_ids, 1))
-        print(f"[rep {rep + 1}/{args.reps}] " + "; ".join(
-            f"{e.name} {decode[e.name][-1].decode_tps:.1f}/{prefill[e.name][-1].prefill_tps:.0f}" for e in engines)
-            + "  (decode/prefill tok/s)", flush=True)
+        print(
+            f"[rep {rep + 1}/{args.reps}] "
+            + "; ".join(
+                f"{e.name} {decode[e.name][-1].decode_tps:.1f}/{prefill[e.name][-1].prefill_tps:.0f}" for e in engines
+            )
+            + "  (decode/prefill tok/s)",
+            flush=True,
+        )
     measure_s = time.perf_counter() - t_start
     recompiled = _unique_graphs() - graphs_after_warmup
     if recompiled:
-        print(f"WARNING: torch.compile compiled {recompiled} new graph(s) during the measured runs; "
-              "compiled engines' numbers include compile time", flush=True)
+        print(
+            f"WARNING: torch.compile compiled {recompiled} new graph(s) during the measured runs; "
+            "compiled engines' numbers include compile time",
+            flush=True,
+        )
 
     # Summaries.
     dec = {n: [r.decode_tps for r in runs] for n, runs in decode.items()}
@@ -431,9 +504,13 @@ def main(argv: list[str] | None = None) -> None:
         steady = statistics.median(r.ttft_s + r.decode_s for r in decode[e.name])
         setup[e.name]["compile_s"] = setup[e.name]["first_decode_call_s"] - steady if e.compiled else None
         results[e.name] = {
-            "settings": e.settings, "weights": e.weights, "compiled": e.compiled,
-            "decode_tps_median": statistics.median(dec[e.name]), "decode_tps_runs": dec[e.name],
-            "prefill_tps_median": statistics.median(pre[e.name]), "prefill_tps_runs": pre[e.name],
+            "settings": e.settings,
+            "weights": e.weights,
+            "compiled": e.compiled,
+            "decode_tps_median": statistics.median(dec[e.name]),
+            "decode_tps_runs": dec[e.name],
+            "prefill_tps_median": statistics.median(pre[e.name]),
+            "prefill_tps_runs": pre[e.name],
             "decode_ttft_s_median": statistics.median(r.ttft_s for r in decode[e.name]),
             **setup[e.name],
         }
@@ -444,21 +521,28 @@ def main(argv: list[str] | None = None) -> None:
         ratios[e.name] = {}
         for peer, _ in PEERS:
             if peer in dec:
-                ratios[e.name][peer] = {"decode": paired_ratio(dec[e.name], dec[peer]),
-                                        "prefill": paired_ratio(pre[e.name], pre[peer])}
+                ratios[e.name][peer] = {
+                    "decode": paired_ratio(dec[e.name], dec[peer]),
+                    "prefill": paired_ratio(pre[e.name], pre[peer]),
+                }
 
     # Greedy outputs: how many leading tokens each engine shares with a reference (a cheap sanity check).
     refs = [n for n in ("hf-fp32", "hf-bf16", "slimlm-fp32") if n in decode][:2]
-    agree = {ref: {n: same_prefix(runs[0].token_ids, decode[ref][0].token_ids) for n, runs in decode.items()}
-             for ref in refs}
+    agree = {
+        ref: {n: same_prefix(runs[0].token_ids, decode[ref][0].token_ids) for n, runs in decode.items()} for ref in refs
+    }
 
     print()
-    print(f"### SmolLM2-135M, CPU, {args.threads} threads: decode and prefill tokens/s "
-          f"(median of {args.reps}, min–max in brackets)")
+    print(
+        f"### SmolLM2-135M, CPU, {args.threads} threads: decode and prefill tokens/s "
+        f"(median of {args.reps}, min–max in brackets)"
+    )
     print()
-    print(f"Decode: {args.decode_prompt_tokens}-token prompt, {args.new_tokens} new tokens forced, greedy, "
-          f"tok/s = (n − 1) / (t_last − t_first). Prefill: {args.prompt_tokens}-token prompt (same ids for every "
-          f"engine), tok/s = prompt tokens / time to first token.")
+    print(
+        f"Decode: {args.decode_prompt_tokens}-token prompt, {args.new_tokens} new tokens forced, greedy, "
+        f"tok/s = (n − 1) / (t_last − t_first). Prefill: {args.prompt_tokens}-token prompt (same ids for every "
+        f"engine), tok/s = prompt tokens / time to first token."
+    )
     print()
     print("| engine | settings | weights | decode tok/s | prefill tok/s | first decode call s (≈ compile s) |")
     print("|---|---|---|---:|---:|---:|")
@@ -466,47 +550,80 @@ def main(argv: list[str] | None = None) -> None:
         r = results[e.name]
         d, p = dec[e.name], pre[e.name]
         first = fmt(r["first_decode_call_s"]) + (f" ({fmt(r['compile_s'])})" if r["compile_s"] is not None else "")
-        print(f"| {e.name} | {e.settings} | {e.weights} | {fmt(r['decode_tps_median'])} [{fmt(min(d))}–{fmt(max(d))}] | "
-              f"{fmt(r['prefill_tps_median'], 0)} [{fmt(min(p), 0)}–{fmt(max(p), 0)}] | {first} |")
+        print(
+            f"| {e.name} | {e.settings} | {e.weights} | {fmt(r['decode_tps_median'])} [{fmt(min(d))}–{fmt(max(d))}] | "
+            f"{fmt(r['prefill_tps_median'], 0)} [{fmt(min(p), 0)}–{fmt(max(p), 0)}] | {first} |"
+        )
     print()
-    print("Time to first token, per engine: slimlm = Completion.prefill_s (from LLM.complete() on the token ids to the "
-          "first token); HF = from calling generate(max_new_tokens=1) to the first token its streamer receives (the "
-          "prompt's forward pass with use_cache=True, generate()'s set-up and the greedy pick); llama.cpp = from "
-          "Llama.generate() to its first token (prompt eval + greedy sample). Compile time ≈ first decode call minus "
-          "the median measured decode call of the same size.")
+    print(
+        "Time to first token, per engine: slimlm = Completion.prefill_s (from LLM.complete() on the token ids to the "
+        "first token); HF = from calling generate(max_new_tokens=1) to the first token its streamer receives (the "
+        "prompt's forward pass with use_cache=True, generate()'s set-up and the greedy pick); llama.cpp = from "
+        "Llama.generate() to its first token (prompt eval + greedy sample). Compile time ≈ first decode call minus "
+        "the median measured decode call of the same size."
+    )
     if ratios:
         peers = [(p, label) for p, label in PEERS if p in dec]
         if peers:
             print()
-            print("Ratios slimlm / peer (median of per-repetition paired ratios; > 1 means slimlm is faster). "
-                  "llama.cpp runs 4-bit Q4_1 weights, the others fp32/bf16.")
+            print(
+                "Ratios slimlm / peer (median of per-repetition paired ratios; > 1 means slimlm is faster). "
+                "llama.cpp runs 4-bit Q4_1 weights, the others fp32/bf16."
+            )
             print()
-            print("| slimlm engine | " + " | ".join(f"decode ×{label}" for _, label in peers) + " | "
-                  + " | ".join(f"prefill ×{label}" for _, label in peers) + " |")
+            print(
+                "| slimlm engine | "
+                + " | ".join(f"decode ×{label}" for _, label in peers)
+                + " | "
+                + " | ".join(f"prefill ×{label}" for _, label in peers)
+                + " |"
+            )
             print("|---|" + "---:|" * (2 * len(peers)))
             for n, rs in ratios.items():
-                print(f"| {n} | " + " | ".join(f"{rs[p]['decode']:.2f}" for p, _ in peers) + " | "
-                      + " | ".join(f"{rs[p]['prefill']:.2f}" for p, _ in peers) + " |")
+                print(
+                    f"| {n} | "
+                    + " | ".join(f"{rs[p]['decode']:.2f}" for p, _ in peers)
+                    + " | "
+                    + " | ".join(f"{rs[p]['prefill']:.2f}" for p, _ in peers)
+                    + " |"
+                )
     print()
     for ref, counts in agree.items():
-        print(f"Greedy output check: leading tokens identical to {ref}'s (of {args.new_tokens}): "
-              + ", ".join(f"{n} {k}" for n, k in counts.items() if n != ref))
-    print(f"Machine: {info['cpu']}; {args.threads} threads; AVX-512: {'yes' if info['cpu_flags']['avx512f'] else 'no'}, "
-          f"AVX512_BF16: {'yes' if info['cpu_flags']['avx512_bf16'] else 'no'}, "
-          f"AMX: {'yes' if info['cpu_flags']['amx_bf16'] else 'no'}, oneDNN bf16 supported: "
-          f"{'yes' if info['onednn_bf16_supported'] else 'no'}"
-          + ("" if info["onednn_bf16_supported"] else " (no native bf16: bf16 matmuls are emulated, expect slow eager bf16)"))
+        print(
+            f"Greedy output check: leading tokens identical to {ref}'s (of {args.new_tokens}): "
+            + ", ".join(f"{n} {k}" for n, k in counts.items() if n != ref)
+        )
+    print(
+        f"Machine: {info['cpu']}; {args.threads} threads; AVX-512: {'yes' if info['cpu_flags']['avx512f'] else 'no'}, "
+        f"AVX512_BF16: {'yes' if info['cpu_flags']['avx512_bf16'] else 'no'}, "
+        f"AMX: {'yes' if info['cpu_flags']['amx_bf16'] else 'no'}, oneDNN bf16 supported: "
+        f"{'yes' if info['onednn_bf16_supported'] else 'no'}"
+        + (
+            ""
+            if info["onednn_bf16_supported"]
+            else " (no native bf16: bf16 matmuls are emulated, expect slow eager bf16)"
+        )
+    )
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     print(f"Command: `{cmd}`")
-    print(f"Measured runs took {measure_s:.0f} s; load avg at end: "
-          + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"Measured runs took {measure_s:.0f} s; load avg at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
     if args.json:
-        out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": cmd, "machine": info, "versions": vers,
-               "args": vars(args), "results": results, "ratios": ratios, "greedy_agreement": agree,
-               "recompiled_graphs_during_measurement": recompiled, "measure_s": measure_s,
-               "runs": {n: {"decode": [vars(r) for r in decode[n]], "prefill": [vars(r) for r in prefill[n]]}
-                        for n in decode}}
+        out = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": cmd,
+            "machine": info,
+            "versions": vers,
+            "args": vars(args),
+            "results": results,
+            "ratios": ratios,
+            "greedy_agreement": agree,
+            "recompiled_graphs_during_measurement": recompiled,
+            "measure_s": measure_s,
+            "runs": {
+                n: {"decode": [vars(r) for r in decode[n]], "prefill": [vars(r) for r in prefill[n]]} for n in decode
+            },
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

@@ -34,8 +34,11 @@ SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)
 
 def cpu_summary() -> str:
     """Model name and the vector flags that matter for these kernels."""
-    name = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else "?"
+    name = (
+        next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+        if os.path.exists("/proc/cpuinfo")
+        else "?"
+    )
     flags = [f for f in kernels.cpu_flags() if f.startswith(("avx2", "avx512", "amx", "fma", "avx_vnni"))]
     return f"{name}; flags: {' '.join(flags) or 'none of avx2/avx512/amx'}; torch threads {torch.get_num_threads()}"
 
@@ -70,24 +73,31 @@ def bench_shape(K: int, N: int, M: int) -> dict[str, float]:
         xq, sx = quantize_int8_rows(x)
         return torch._int_mm(xq, qt).float() * sx * s
 
-    out = {"fp32": median_us(lambda: x @ w.T), "int8pack": median_us(lambda: torch._weight_int8pack_mm(xb, q, sb)),
-           "dyn": median_us(dyn, min_s=0.05, repeats=3)}  # slow on AVX2 (see the numbers): fewer repeats
+    out = {
+        "fp32": median_us(lambda: x @ w.T),
+        "int8pack": median_us(lambda: torch._weight_int8pack_mm(xb, q, sb)),
+        "dyn": median_us(dyn, min_s=0.05, repeats=3),
+    }  # slow on AVX2 (see the numbers): fewer repeats
     if kernels.load():
         out["slimlm"] = median_us(lambda: kernels.int8_linear(x, q, s))
     return out
 
 
 def microbench(shapes: list[tuple[int, int]], ms: list[int]) -> None:
-    print(f"{'K->N':>11} {'M':>3} | {'slimlm µs':>9} {'GB/s':>5} | {'int8pack µs':>11} {'GB/s':>5} | "
-          f"{'fp32 µs':>8} {'GB/s':>5} | {'dyn µs':>7} | {'vs int8pack':>11} {'vs fp32':>7}")
+    print(
+        f"{'K->N':>11} {'M':>3} | {'slimlm µs':>9} {'GB/s':>5} | {'int8pack µs':>11} {'GB/s':>5} | "
+        f"{'fp32 µs':>8} {'GB/s':>5} | {'dyn µs':>7} | {'vs int8pack':>11} {'vs fp32':>7}"
+    )
     for K, N in shapes:
         for M in ms:
             t = bench_shape(K, N, M)
             gbs = {k: (N * K * (4 if k == "fp32" else 1)) / (v * 1e-6) / 1e9 for k, v in t.items()}
             sl = t.get("slimlm", float("nan"))
-            print(f"{K:>5}->{N:<5} {M:>3} | {sl:9.1f} {gbs.get('slimlm', 0):5.1f} | {t['int8pack']:11.1f} "
-                  f"{gbs['int8pack']:5.1f} | {t['fp32']:8.1f} {gbs['fp32']:5.1f} | {t.get('dyn', float('nan')):7.1f} | "
-                  f"{t['int8pack'] / sl:10.1f}x {t['fp32'] / sl:6.1f}x")
+            print(
+                f"{K:>5}->{N:<5} {M:>3} | {sl:9.1f} {gbs.get('slimlm', 0):5.1f} | {t['int8pack']:11.1f} "
+                f"{gbs['int8pack']:5.1f} | {t['fp32']:8.1f} {gbs['fp32']:5.1f} | {t.get('dyn', float('nan')):7.1f} | "
+                f"{t['int8pack'] / sl:10.1f}x {t['fp32'] / sl:6.1f}x"
+            )
 
 
 def end_to_end(rounds: int, new_tokens: int) -> None:

@@ -57,19 +57,20 @@ CASES = {
     "load-bf16": "llm = slimlm.load({model!r}, dtype='bf16')\nm = llm.model",
     "load-fp32": "llm = slimlm.load({model!r}, dtype='fp32')\nm = llm.model",
     "load+gen-bf16": "llm = slimlm.load({model!r}, dtype='bf16')\nm = llm.model\n"
-                     "llm.complete(['Hello'], chat=False, max_new_tokens=4, ignore_eos=True)",
+    "llm.complete(['Hello'], chat=False, max_new_tokens=4, ignore_eos=True)",
     "load+gen-fp32": "llm = slimlm.load({model!r}, dtype='fp32')\nm = llm.model\n"
-                     "llm.complete(['Hello'], chat=False, max_new_tokens=4, ignore_eos=True)",
+    "llm.complete(['Hello'], chat=False, max_new_tokens=4, ignore_eos=True)",
     "weights-bf16": "from slimlm.checkpoint import load_model\n_, _, m = load_model({model!r}, torch.bfloat16)",
     "weights-fp32": "from slimlm.checkpoint import load_model\n_, _, m = load_model({model!r}, torch.float32)",
 }
-WEIGHTS = ("\nif 'm' in dir():\n    seen = {{}}\n    for p in list(m.parameters()) + list(m.buffers()):\n"
-           "        seen[p.data_ptr()] = p.numel() * p.element_size()\n    weights_mb = sum(seen.values()) / 2**20\n")
+WEIGHTS = (
+    "\nif 'm' in dir():\n    seen = {{}}\n    for p in list(m.parameters()) + list(m.buffers()):\n"
+    "        seen[p.data_ptr()] = p.numel() * p.element_size()\n    weights_mb = sum(seen.values()) / 2**20\n"
+)
 
 
 def child_source(case: str, threads: int) -> str:
-    return (PRELUDE.format(threads=threads) + CASES[case].format(model=MODEL) + WEIGHTS.format()
-            + EPILOGUE.format())
+    return PRELUDE.format(threads=threads) + CASES[case].format(model=MODEL) + WEIGHTS.format() + EPILOGUE.format()
 
 
 def run_case(case: str, threads: int) -> dict:
@@ -77,7 +78,7 @@ def run_case(case: str, threads: int) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"case {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def command_line() -> str:
@@ -107,11 +108,21 @@ def main(argv: list[str] | None = None) -> None:
     from slimlm.checkpoint import model_folder
 
     folder = model_folder(MODEL)  # convert the GGUF into the cache now, if needed, so no measured case does it
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     cmd = command_line()
-    vers = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "slimlm": slimlm.__version__}
+    vers = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "slimlm": slimlm.__version__,
+    }
     print(f"command: {cmd}")
     print(f"model folder: {folder}", flush=True)
 
@@ -119,32 +130,55 @@ def main(argv: list[str] | None = None) -> None:
     for rep in range(args.reps):  # alternate cases, as the speed benchmark alternates engines
         for c in cases:
             raw[c].append(run_case(c, args.threads))
-        print(f"[rep {rep + 1}/{args.reps}] " + ", ".join(f"{c} {raw[c][-1]['peak_rss_mb']:.0f} MB" for c in cases),
-              flush=True)
+        print(
+            f"[rep {rep + 1}/{args.reps}] " + ", ".join(f"{c} {raw[c][-1]['peak_rss_mb']:.0f} MB" for c in cases),
+            flush=True,
+        )
 
-    med = {c: {k: statistics.median(r[k] for r in raw[c]) if raw[c][0][k] is not None else None
-               for k in ("peak_rss_mb", "rss_now_mb", "rss_anon_now_mb", "rss_file_now_mb", "seconds", "weights_mb")} for c in cases}
+    med = {
+        c: {
+            k: statistics.median(r[k] for r in raw[c]) if raw[c][0][k] is not None else None
+            for k in ("peak_rss_mb", "rss_now_mb", "rss_anon_now_mb", "rss_file_now_mb", "seconds", "weights_mb")
+        }
+        for c in cases
+    }
     base = med["baseline"]["peak_rss_mb"]
     print()
     print(f"### Peak RSS of loading SmolLM2-135M with slimlm (median of {args.reps} fresh processes each)")
     print()
-    print("| case | peak RSS MB | minus baseline MB | RSS at end MB (anon + file-backed) | weights in memory MB "
-          "| seconds |")
+    print(
+        "| case | peak RSS MB | minus baseline MB | RSS at end MB (anon + file-backed) | weights in memory MB "
+        "| seconds |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for c in cases:
         m = med[c]
         w = f"{m['weights_mb']:.0f}" if m["weights_mb"] is not None else "–"
         delta = "–" if c == "baseline" else f"{m['peak_rss_mb'] - base:.0f}"
-        print(f"| {c} | {m['peak_rss_mb']:.0f} | {delta} | {m['rss_now_mb']:.0f} ({m['rss_anon_now_mb']:.0f} + {m['rss_file_now_mb']:.0f}) | {w} | {m['seconds']:.1f} |")
+        print(
+            f"| {c} | {m['peak_rss_mb']:.0f} | {delta} | {m['rss_now_mb']:.0f} "
+            f"({m['rss_anon_now_mb']:.0f} + {m['rss_file_now_mb']:.0f}) | {w} | {m['seconds']:.1f} |"
+        )
     print()
-    print("baseline = a fresh interpreter that imports torch and slimlm; MB = 2**20 bytes; 'weights in memory' counts "
-          "each distinct parameter/buffer storage once (tied embeddings once); file-backed RSS is mostly memory-mapped safetensors pages.")
+    print(
+        "baseline = a fresh interpreter that imports torch and slimlm; MB = 2**20 bytes; 'weights in memory' counts "
+        "each distinct parameter/buffer storage once (tied embeddings once); "
+        "file-backed RSS is mostly memory-mapped safetensors pages."
+    )
     print(f"Machine: {cpu}; torch threads {args.threads}")
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     print(f"Command: `{cmd}`")
     if args.json:
-        out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": cmd, "cpu": cpu, "versions": vers,
-               "args": vars(args), "median": med, "baseline_peak_rss_mb": base, "runs": raw}
+        out = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": cmd,
+            "cpu": cpu,
+            "versions": vers,
+            "args": vars(args),
+            "median": med,
+            "baseline_peak_rss_mb": base,
+            "runs": raw,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

@@ -59,12 +59,16 @@ NEW_TOKENS = 16
 # setting); inference loads the weights in bf16, what `slimlm.load` picks on this CPU (AVX512-BF16).
 MODES = {"infer": (None, "bf16"), "lora": ("lora", "fp32"), "qlora": ("qlora", "bf16"), "full": ("full", "fp32")}
 # distributed: per rank, smaller (every DDP rank holds a whole model, and the ranks share the machine's memory)
-SIZES = {"infer": [(1, 128), (4, 512), (8, 512)], "train": [(1, 128), (4, 256), (4, 512)],
-         "distributed": [(1, 128), (2, 256)]}
+SIZES = {
+    "infer": [(1, 128), (4, 512), (8, 512)],
+    "train": [(1, 128), (4, 256), (4, 512)],
+    "distributed": [(1, 128), (2, 256)],
+}
 TOLERANCE = 0.15
 
 
 # ---- child: one measurement ------------------------------------------------------------------------------------
+
 
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -126,8 +130,8 @@ def _prepare_distributed(model, dtype: str, batch: int, seq: int, strategy: str)
     """As train.trainer.train runs a step on several ranks: StepLoss wrapped in DDP / FSDP2, this rank's share."""
     import torch
 
-    from slimlm.train.resume import trainable_parameters
     from slimlm.train.distributed import dist_info, wrap_model
+    from slimlm.train.resume import trainable_parameters
     from slimlm.train.trainer import (
         StepLoss,
         TrainConfig,
@@ -147,8 +151,13 @@ def _prepare_distributed(model, dtype: str, batch: int, seq: int, strategy: str)
 
     def step(input_ids):
         with _training_mode(model, cfg.gradient_checkpointing):
-            accumulate_step(wrapped, [{"input_ids": input_ids, "labels": input_ids.clone()}], cfg,
-                            step_tokens=info.world_size * input_ids.numel(), world_size=info.world_size)
+            accumulate_step(
+                wrapped,
+                [{"input_ids": input_ids, "labels": input_ids.clone()}],
+                cfg,
+                step_tokens=info.world_size * input_ids.numel(),
+                world_size=info.world_size,
+            )
             optimizer_step(optimizer, scheduler, None, list(params.values()), cfg.max_grad_norm)
 
     step(ids[:1, :8])  # AdamW's states
@@ -194,8 +203,12 @@ def child(mode: str, batch: int, seq: int, device: str) -> dict:
     work()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
-    return {"baseline_bytes": base, "persistent_bytes": ready - base, "measured_bytes": peak - base,
-            "work_seconds": round(seconds, 2)}
+    return {
+        "baseline_bytes": base,
+        "persistent_bytes": ready - base,
+        "measured_bytes": peak - base,
+        "work_seconds": round(seconds, 2),
+    }
 
 
 def distributed_child(mode: str, batch: int, seq: int, strategy: str) -> dict:
@@ -224,11 +237,17 @@ def distributed_child(mode: str, batch: int, seq: int, strategy: str) -> dict:
     rank = dist_info().rank
     barrier()
     shutdown()
-    return {"rank": rank, "baseline_bytes": base, "persistent_bytes": ready - base, "measured_bytes": peak - base,
-            "work_seconds": round(seconds, 2)}
+    return {
+        "rank": rank,
+        "baseline_bytes": base,
+        "persistent_bytes": ready - base,
+        "measured_bytes": peak - base,
+        "work_seconds": round(seconds, 2),
+    }
 
 
 # ---- parent: predict, run children, report ---------------------------------------------------------------------
+
 
 def predict(config, mode: str, batch: int, seq: int, device: str, world_size: int = 1, strategy: str | None = None):
     """The estimate of one point; with several processes `batch` is per rank (the query's is over all ranks)."""
@@ -236,11 +255,20 @@ def predict(config, mode: str, batch: int, seq: int, device: str, world_size: in
 
     method, dtype = MODES[mode]
     if method is None:
-        q = MemoryQuery(mode="infer", dtype=dtype, batch=batch, seq=seq, kv_cache_tokens=seq + NEW_TOKENS,
-                        device=device)
+        q = MemoryQuery(
+            mode="infer", dtype=dtype, batch=batch, seq=seq, kv_cache_tokens=seq + NEW_TOKENS, device=device
+        )
     else:
-        q = MemoryQuery(mode="train" if method == "full" else "finetune", method=method, dtype=dtype,
-                        batch=batch * world_size, seq=seq, device=device, world_size=world_size, strategy=strategy)
+        q = MemoryQuery(
+            mode="train" if method == "full" else "finetune",
+            method=method,
+            dtype=dtype,
+            batch=batch * world_size,
+            seq=seq,
+            device=device,
+            world_size=world_size,
+            strategy=strategy,
+        )
     return estimate_memory(config, q)
 
 
@@ -253,22 +281,30 @@ def run_point(mode: str, batch: int, seq: int, device: str, env: dict[str, str])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{mode} {batch}x{seq} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="*", choices=list(MODES), default=None,
-                    help="modes (default: all; lora full with --world-size)")
+    ap.add_argument(
+        "--only", nargs="*", choices=list(MODES), default=None, help="modes (default: all; lora full with --world-size)"
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--world-size", type=int, default=1, help="processes per point (torchrun, gloo); default 1")
-    ap.add_argument("--strategy", nargs="*", choices=["ddp", "fsdp"], default=["ddp", "fsdp"],
-                    help="with --world-size > 1 (default: both)")
-    ap.add_argument("--json", default=None, help="default bench/results/memory.json (memory_distributed.json with "
-                                                 "--world-size > 1)")
+    ap.add_argument(
+        "--strategy",
+        nargs="*",
+        choices=["ddp", "fsdp"],
+        default=["ddp", "fsdp"],
+        help="with --world-size > 1 (default: both)",
+    )
+    ap.add_argument(
+        "--json", default=None, help="default bench/results/memory.json (memory_distributed.json with --world-size > 1)"
+    )
     ap.add_argument("--child", nargs=3, metavar=("MODE", "BATCH", "SEQ"), help=argparse.SUPPRESS)
-    ap.add_argument("--dist-child", nargs=5, metavar=("MODE", "BATCH", "SEQ", "STRATEGY", "OUT_DIR"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--dist-child", nargs=5, metavar=("MODE", "BATCH", "SEQ", "STRATEGY", "OUT_DIR"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args(argv)
     if args.child:
         mode, batch, seq = args.child[0], int(args.child[1]), int(args.child[2])
@@ -289,19 +325,36 @@ def main(argv: list[str] | None = None) -> int:
 
     config = read_hf_config(model_folder(MODEL))  # converts the GGUF once if needed; reads config.json only
     if distributed:
-        results = [r for mode in args.only or ["lora", "full"] for strategy in args.strategy
-                   for batch, seq in SIZES["distributed"]
-                   for r in measure_distributed(config, mode, batch, seq, args.world_size, strategy)]
+        results = [
+            r
+            for mode in args.only or ["lora", "full"]
+            for strategy in args.strategy
+            for batch, seq in SIZES["distributed"]
+            for r in measure_distributed(config, mode, batch, seq, args.world_size, strategy)
+        ]
     else:
-        results = [measure(config, mode, batch, seq, args.device) for mode in args.only or list(MODES)
-                   for batch, seq in SIZES["infer" if mode == "infer" else "train"]]
+        results = [
+            measure(config, mode, batch, seq, args.device)
+            for mode in args.only or list(MODES)
+            for batch, seq in SIZES["infer" if mode == "infer" else "train"]
+        ]
     worst = max(abs(r["error"]) for r in results)
     print(f"\nworst error {100 * worst:.1f} % (tolerance {100 * TOLERANCE:.0f} %)")
     out = Path(args.json or f"bench/results/memory{'_distributed' if distributed else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": MODEL, "device": args.device, "threads": 1, "python": platform.python_version(),
-            "machine": platform.machine(), "torch": _torch_version(), "date": time.strftime("%Y-%m-%d"),
-            "new_tokens": NEW_TOKENS, "tolerance": TOLERANCE, "pinned_env": PINNED, "world_size": args.world_size}
+    meta = {
+        "model": MODEL,
+        "device": args.device,
+        "threads": 1,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "torch": _torch_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "new_tokens": NEW_TOKENS,
+        "tolerance": TOLERANCE,
+        "pinned_env": PINNED,
+        "world_size": args.world_size,
+    }
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "points": results}, indent=2))
     tmp.replace(out)  # atomic: an interrupted run leaves the previous results
@@ -309,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if worst <= TOLERANCE else 1
 
 
-HEADER = ("| mode | dtype | batch x seq | predicted MiB | measured MiB (pinned) | error | measured MiB (glibc default) "
-          "| error | peak phase |\n|---|---|---|---:|---:|---:|---:|---:|---|")
+HEADER = (
+    "| mode | dtype | batch x seq | predicted MiB | measured MiB (pinned) | error | measured MiB (glibc default) "
+    "| error | peak phase |\n|---|---|---|---:|---:|---:|---:|---:|---|"
+)
 
 
 def measure(config, mode: str, batch: int, seq: int, device: str) -> dict:
@@ -323,13 +378,26 @@ def measure(config, mode: str, batch: int, seq: int, device: str) -> dict:
     default = run_point(mode, batch, seq, device, {}) if device == "cpu" else got
     err, err_default = (est.total / g["measured_bytes"] - 1 for g in (got, default))
     mib = 2**20
-    print(f"| {mode} | {MODES[mode][1]} | {batch} x {seq} | {est.total / mib:,.0f} | {got['measured_bytes'] / mib:,.0f} "
-          f"| {100 * err:+.1f} % | {default['measured_bytes'] / mib:,.0f} | {100 * err_default:+.1f} % "
-          f"| {est.peak_phase} |", flush=True)
-    return {"mode": mode, "method": MODES[mode][0], "dtype": MODES[mode][1], "batch": batch, "seq": seq,
-            "predicted_bytes": est.total, "error": round(err, 4), "error_glibc_default": round(err_default, 4),
-            "peak_phase": est.peak_phase, "measured": got, "measured_glibc_default": default,
-            "estimate": est.to_dict()}
+    print(
+        f"| {mode} | {MODES[mode][1]} | {batch} x {seq} | {est.total / mib:,.0f} | {got['measured_bytes'] / mib:,.0f} "
+        f"| {100 * err:+.1f} % | {default['measured_bytes'] / mib:,.0f} | {100 * err_default:+.1f} % "
+        f"| {est.peak_phase} |",
+        flush=True,
+    )
+    return {
+        "mode": mode,
+        "method": MODES[mode][0],
+        "dtype": MODES[mode][1],
+        "batch": batch,
+        "seq": seq,
+        "predicted_bytes": est.total,
+        "error": round(err, 4),
+        "error_glibc_default": round(err_default, 4),
+        "peak_phase": est.peak_phase,
+        "measured": got,
+        "measured_glibc_default": default,
+        "estimate": est.to_dict(),
+    }
 
 
 measure.printed = False
@@ -340,19 +408,35 @@ def run_distributed_point(mode: str, batch: int, seq: int, world_size: int, stra
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-               __file__, "--dist-child", mode, str(batch), str(seq), strategy, out]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={world_size}",
+            __file__,
+            "--dist-child",
+            mode,
+            str(batch),
+            str(seq),
+            strategy,
+            out,
+        ]
         env = {**os.environ, **PINNED, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
         files = sorted(Path(out).glob("rank*.json"))
         if proc.returncode != 0 or len(files) != world_size:
-            raise SystemExit(f"{strategy} {mode} {batch}x{seq} failed (exit {proc.returncode}, {len(files)} of "
-                             f"{world_size} ranks reported):\n{proc.stderr[-3000:]}")
+            raise SystemExit(
+                f"{strategy} {mode} {batch}x{seq} failed (exit {proc.returncode}, {len(files)} of "
+                f"{world_size} ranks reported):\n{proc.stderr[-3000:]}"
+            )
         return sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
 
 
-DIST_HEADER = ("| strategy | mode | batch x seq per rank | rank | predicted MiB per rank | measured MiB (pinned) | "
-               "error | peak phase |\n|---|---|---|---:|---:|---:|---:|---|")
+DIST_HEADER = (
+    "| strategy | mode | batch x seq per rank | rank | predicted MiB per rank | measured MiB (pinned) | "
+    "error | peak phase |\n|---|---|---|---:|---:|---:|---:|---|"
+)
 
 
 def measure_distributed(config, mode: str, batch: int, seq: int, world_size: int, strategy: str) -> list[dict]:
@@ -364,12 +448,28 @@ def measure_distributed(config, mode: str, batch: int, seq: int, world_size: int
     rows = []
     for got in run_distributed_point(mode, batch, seq, world_size, strategy):
         err = est.total / got["measured_bytes"] - 1
-        print(f"| {strategy} | {mode} | {batch} x {seq} | {got['rank']} | {est.total / 2**20:,.0f} "
-              f"| {got['measured_bytes'] / 2**20:,.0f} | {100 * err:+.1f} % | {est.peak_phase} |", flush=True)
-        rows.append({"strategy": strategy, "world_size": world_size, "mode": mode, "method": MODES[mode][0],
-                     "dtype": MODES[mode][1], "batch_per_rank": batch, "seq": seq, "rank": got["rank"],
-                     "predicted_bytes": est.total, "error": round(err, 4), "peak_phase": est.peak_phase,
-                     "measured": got, "estimate": est.to_dict()})
+        print(
+            f"| {strategy} | {mode} | {batch} x {seq} | {got['rank']} | {est.total / 2**20:,.0f} "
+            f"| {got['measured_bytes'] / 2**20:,.0f} | {100 * err:+.1f} % | {est.peak_phase} |",
+            flush=True,
+        )
+        rows.append(
+            {
+                "strategy": strategy,
+                "world_size": world_size,
+                "mode": mode,
+                "method": MODES[mode][0],
+                "dtype": MODES[mode][1],
+                "batch_per_rank": batch,
+                "seq": seq,
+                "rank": got["rank"],
+                "predicted_bytes": est.total,
+                "error": round(err, 4),
+                "peak_phase": est.peak_phase,
+                "measured": got,
+                "estimate": est.to_dict(),
+            }
+        )
     return rows
 
 

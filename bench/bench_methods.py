@@ -28,8 +28,11 @@ METHODS = {
     "adapter-pfeiffer": ("adapter", {"adapter": {"style": "pfeiffer", "bottleneck": 64}}, 1e-3),
     "bitfit": ("bitfit", {"bitfit": {"train_norms": True}}, 3e-3),
     "prefix": ("prefix", {"prefix": {"num_virtual_tokens": 20, "projection": False}}, 1e-2),
-    "prompt": ("prompt", {"prompt": {"num_virtual_tokens": 20,
-                                     "init_text": "Extract the fields as JSON: name, age, city, job."}}, 3e-2),
+    "prompt": (
+        "prompt",
+        {"prompt": {"num_virtual_tokens": 20, "init_text": "Extract the fields as JSON: name, age, city, job."}},
+        3e-2,
+    ),
 }
 
 
@@ -37,28 +40,45 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     """Child process: fine-tune one method, score the test split, report."""
     import torch
 
+    from slimlm.eval.task_accuracy import chat_eval_set, generation_accuracy
     from slimlm.peft.common import ADAPTER_WEIGHTS
     from slimlm.recipe import from_dict
-    from slimlm.eval.task_accuracy import chat_eval_set, generation_accuracy
     from slimlm.train.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(args.threads)
     method, sections, lr = METHODS[name]
     task = Path(args.out) / "task"
-    cfg = from_dict(FinetuneConfig, {
-        "model": args.model, "method": method, "data": str(task / "train.jsonl"), "out": str(Path(args.out) / name),
-        "task": "extract_json", "dataset": {"max_seq_len": 256},
-        "train": {"max_steps": args.steps, "batch_size": 8, "lr": lr, "warmup_steps": 3, "seed": 0}, **sections})
+    cfg = from_dict(
+        FinetuneConfig,
+        {
+            "model": args.model,
+            "method": method,
+            "data": str(task / "train.jsonl"),
+            "out": str(Path(args.out) / name),
+            "task": "extract_json",
+            "dataset": {"max_seq_len": 256},
+            "train": {"max_steps": args.steps, "batch_size": 8, "lr": lr, "warmup_steps": 3, "seed": 0},
+            **sections,
+        },
+    )
     res = finetune(cfg, progress=False)
     model = _load_result(args.model, res.output, method)
     test = chat_eval_set(task / "test.jsonl")[: args.test]
     score = generation_accuracy(model.model, model.tokenizer, test, "extract_json", max_new_tokens=48)
     size = (res.output / ADAPTER_WEIGHTS) if method != "full" else res.output / "model.safetensors"
-    return {"method": name, "trainable": res.trainable, "total": res.total,
-            "trainable_percent": 100 * res.trainable / res.total, "file_bytes": size.stat().st_size,
-            "exact_match": score["exact_match"], "test_records": score["n"], "tokens_per_s": res.train.tokens_per_s,
-            "train_s": res.train.elapsed_s, "final_loss": res.train.final_loss,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "method": name,
+        "trainable": res.trainable,
+        "total": res.total,
+        "trainable_percent": 100 * res.trainable / res.total,
+        "file_bytes": size.stat().st_size,
+        "exact_match": score["exact_match"],
+        "test_records": score["n"],
+        "tokens_per_s": res.train.tokens_per_s,
+        "train_s": res.train.elapsed_s,
+        "final_loss": res.train.final_loss,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _load_result(model: str, output: Path, method: str):
@@ -101,8 +121,10 @@ def main() -> None:
     print("| method | trainable % | adapter file | test exact match | train tokens/s | train s | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['method']} | {r['trainable_percent']:.3f} | {r['file_bytes'] / 2**20:.2f} MiB | "
-              f"{100 * r['exact_match']:.1f}% | {r['tokens_per_s']:.0f} | {r['train_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+        print(
+            f"| {r['method']} | {r['trainable_percent']:.3f} | {r['file_bytes'] / 2**20:.2f} MiB | "
+            f"{100 * r['exact_match']:.1f}% | {r['tokens_per_s']:.0f} | {r['train_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -52,8 +52,15 @@ def sweep(llm, base: dict, ids: list[int], calib: torch.Tensor, args, t0: float)
             info = prune_nm_(llm.model, pattern, score, calib)
         else:
             info = prune_unstructured_(llm.model, method, s, calib if method == "wanda" else None, "layer")
-        rows.append({"method": method, "target": info["target_sparsity"], "linear_sparsity": info["linear_sparsity"],
-                     "sparsity_all_params": info["sparsity"], "ppl": ppl(llm.model, ids, args)})
+        rows.append(
+            {
+                "method": method,
+                "target": info["target_sparsity"],
+                "linear_sparsity": info["linear_sparsity"],
+                "sparsity_all_params": info["sparsity"],
+                "ppl": ppl(llm.model, ids, args),
+            }
+        )
         log(f"{method:16s} {info['target_sparsity']:.2f} ppl {rows[-1]['ppl']:.2f}", t0)
     llm.model.load_state_dict(base)
     return rows
@@ -67,10 +74,14 @@ def speed_pair(base_model, model, args) -> dict:
         b.append(measure_speed(base_model, cfg))
         p.append(measure_speed(model, cfg))
     ratio = statistics.median(y["decode_tokens_per_s"] / x["decode_tokens_per_s"] for x, y in zip(b, p))
-    return {"decode_tps_base": statistics.median(x["decode_tokens_per_s"] for x in b),
-            "decode_tps": statistics.median(y["decode_tokens_per_s"] for y in p), "decode_speedup": ratio,
-            "prefill_speedup": statistics.median(y["prefill_tokens_per_s"] / x["prefill_tokens_per_s"]
-                                                 for x, y in zip(b, p))}
+    return {
+        "decode_tps_base": statistics.median(x["decode_tokens_per_s"] for x in b),
+        "decode_tps": statistics.median(y["decode_tokens_per_s"] for y in p),
+        "decode_speedup": ratio,
+        "prefill_speedup": statistics.median(
+            y["prefill_tokens_per_s"] / x["prefill_tokens_per_s"] for x, y in zip(b, p)
+        ),
+    }
 
 
 def structured(llm, ids: list[int], calib: torch.Tensor, args, t0: float) -> list[dict]:
@@ -93,10 +104,16 @@ def structured(llm, ids: list[int], calib: torch.Tensor, args, t0: float) -> lis
         with torch.no_grad():
             same = torch.equal(model(probe), again(probe))
         del model
-        row = {"variant": name, "params": info["params_after"], "params_base": info["params_before"],
-               "reload_identical": same, "uniform_config": again.config.layer_sizes is None,
-               "ppl": ppl(again, ids, args), **speed_pair(llm.model, again, args),
-               "detail": {k: v for k, v in info.items() if k in ("per_layer_after", "dropped")}}
+        row = {
+            "variant": name,
+            "params": info["params_after"],
+            "params_base": info["params_before"],
+            "reload_identical": same,
+            "uniform_config": again.config.layer_sizes is None,
+            "ppl": ppl(again, ids, args),
+            **speed_pair(llm.model, again, args),
+            "detail": {k: v for k, v in info.items() if k in ("per_layer_after", "dropped")},
+        }
         rows.append(row)
         log(f"{name:26s} ppl {row['ppl']:.2f} params {row['params']:,} decode x{row['decode_speedup']:.2f}", t0)
     return rows
@@ -104,6 +121,7 @@ def structured(llm, ids: list[int], calib: torch.Tensor, args, t0: float) -> lis
 
 def plot(rows: list[dict], base_ppl: float, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -113,10 +131,19 @@ def plot(rows: list[dict], base_ppl: float, path: str) -> None:
         ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style, label=f"{method} (per layer)")
     for r in rows:
         if ":" in r["method"]:
-            ax.plot(100 * r["target"] + (1 if "wanda" in r["method"] else -1), r["ppl"], "x" if "2:4" in r["method"]
-                    else "+", markersize=9, label=r["method"])
-    ax.set(yscale="log", xlabel="sparsity of block linears (%)", ylabel="held-out perplexity (log)",
-           title="SmolLM2-135M-Instruct: pruning")
+            ax.plot(
+                100 * r["target"] + (1 if "wanda" in r["method"] else -1),
+                r["ppl"],
+                "x" if "2:4" in r["method"] else "+",
+                markersize=9,
+                label=r["method"],
+            )
+    ax.set(
+        yscale="log",
+        xlabel="sparsity of block linears (%)",
+        ylabel="held-out perplexity (log)",
+        title="SmolLM2-135M-Instruct: pruning",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -64,8 +64,11 @@ def percentile(values: list[float], q: float) -> float:
 
 def chat(url: str, model: str, max_tokens: int) -> tuple[int, float]:
     t0 = time.perf_counter()
-    r = httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": max_tokens,
-                                                       "temperature": 0}, timeout=300)
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": model, "messages": CHAT, "max_tokens": max_tokens, "temperature": 0},
+        timeout=300,
+    )
     return r.status_code, time.perf_counter() - t0
 
 
@@ -90,9 +93,27 @@ def main() -> int:
         args.model = str(ALIASES["smollm2-135m"]())
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--model", args.model, "--served-name", "a",
-           "--models", f"b={args.model}", f"c={args.model}", "--max-models", "2", "--max-batch", "4",
-           "--max-seq-len", "512", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimlm.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--served-name",
+        "a",
+        "--models",
+        f"b={args.model}",
+        f"c={args.model}",
+        "--max-models",
+        "2",
+        "--max-batch",
+        "4",
+        "--max-seq-len",
+        "512",
+        "--port",
+        str(port),
+    ]
     print("server:", " ".join(cmd[1:]))
     log = open("/tmp/bench_serve_multimodel.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=log)
@@ -108,8 +129,10 @@ def main() -> int:
                 raise SystemExit(f"the server exited ({server.returncode}); see /tmp/bench_serve_multimodel.log")
             time.sleep(0.2)
         print(f"ready: RSS {rss_mib(server.pid):.0f} MiB, resident {resident(url)}")
-        print(f"{'request':>8} {'status':>6} {'e2e s':>7} {'load s':>7} {'resident':>10} {'models MiB':>10} "
-              f"{'RSS MiB':>8}")
+        print(
+            f"{'request':>8} {'status':>6} {'e2e s':>7} {'load s':>7} {'resident':>10} {'models MiB':>10} "
+            f"{'RSS MiB':>8}"
+        )
         seen = metrics(url)
         for model in ("a", "b", "c", "a", "b", "c"):
             status, e2e = chat(url, model, args.max_tokens)
@@ -117,8 +140,10 @@ def main() -> int:
             key = f'slimlm:model_load_seconds_sum{{model_name="{model}"}}'
             load = now.get(key, 0.0) - seen.get(key, 0.0)
             seen = now
-            print(f"{model:>8} {status:>6} {e2e:7.2f} {load:7.2f} {','.join(resident(url)):>10} "
-                  f"{resident_mib(url):10.0f} {rss_mib(server.pid):8.0f}")
+            print(
+                f"{model:>8} {status:>6} {e2e:7.2f} {load:7.2f} {','.join(resident(url)):>10} "
+                f"{resident_mib(url):10.0f} {rss_mib(server.pid):8.0f}"
+            )
         # Control: the same stream on c with nothing loading (the noise floor of a shared machine).
         control, started = [], threading.Event()
         stream_gaps(url, "c", args.stream_tokens, control, started)
@@ -138,22 +163,35 @@ def main() -> int:
         pairs = list(zip(times, times[1:]))
         during = [b - a for a, b in pairs if a < t1 and b > t0]
         outside = [b - a for a, b in pairs if not (a < t1 and b > t0)]  # the noise floor of a shared machine
-        print(f"stream on c while a loads ({r.status_code}, {t1 - t0:.2f} s; stream still running after the load: "
-              f"{alive}); resident after: {resident(url)}, RSS {rss_mib(server.pid):.0f} MiB")
+        print(
+            f"stream on c while a loads ({r.status_code}, {t1 - t0:.2f} s; stream still running after the load: "
+            f"{alive}); resident after: {resident(url)}, RSS {rss_mib(server.pid):.0f} MiB"
+        )
         worst = sorted(((b - a, a - t0) for a, b in pairs), reverse=True)[:4]
-        print("  largest gaps (ms, starting at s after the load began):",
-              [(round(g * 1e3), round(at, 2)) for g, at in worst], f"load ended at {t1 - t0:.2f} s")
+        print(
+            "  largest gaps (ms, starting at s after the load began):",
+            [(round(g * 1e3), round(at, 2)) for g, at in worst],
+            f"load ended at {t1 - t0:.2f} s",
+        )
         for label, gaps in (("during the load", during), ("outside it", outside), ("control, no load", control)):
-            print(f"  gaps {label:>16}: n {len(gaps):3d}  median {statistics.median(gaps) * 1e3:6.1f} ms  "
-                  f"p90 {percentile(gaps, 0.9) * 1e3:6.1f} ms  max {max(gaps) * 1e3:7.1f} ms")
+            print(
+                f"  gaps {label:>16}: n {len(gaps):3d}  median {statistics.median(gaps) * 1e3:6.1f} ms  "
+                f"p90 {percentile(gaps, 0.9) * 1e3:6.1f} ms  max {max(gaps) * 1e3:7.1f} ms"
+            )
         after, started = [], threading.Event()
         stream_gaps(url, "c", args.stream_tokens, after, started)
         after = [b - a for a, b in zip(after, after[1:])]
-        print(f"  gaps {'control, after':>16}: n {len(after):3d}  median {statistics.median(after) * 1e3:6.1f} ms  "
-              f"p90 {percentile(after, 0.9) * 1e3:6.1f} ms  max {max(after) * 1e3:7.1f} ms")
+        print(
+            f"  gaps {'control, after':>16}: n {len(after):3d}  median {statistics.median(after) * 1e3:6.1f} ms  "
+            f"p90 {percentile(after, 0.9) * 1e3:6.1f} ms  max {max(after) * 1e3:7.1f} ms"
+        )
         m = metrics(url)
-        print("loads:", int(sum(v for k, v in m.items() if k.startswith("slimlm:model_loads_total"))),
-              "unloads:", int(sum(v for k, v in m.items() if k.startswith("slimlm:model_unloads_total"))))
+        print(
+            "loads:",
+            int(sum(v for k, v in m.items() if k.startswith("slimlm:model_loads_total"))),
+            "unloads:",
+            int(sum(v for k, v in m.items() if k.startswith("slimlm:model_unloads_total"))),
+        )
     finally:
         server.terminate()
         server.wait(60)

@@ -53,8 +53,15 @@ def bench_layout(model: str, replicas: int, cpus: float, args: argparse.Namespac
     engine = EngineConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len)
     serve_cfg = ServeConfig(model=model, quantize="auto", engine=engine, max_tokens_limit=args.max_tokens)
     name = f"bench{replicas}x{cpus:g}".replace(".", "_")
-    ray_cfg = RayServeConfig(name=name, route_prefix=f"/{name}", min_replicas=replicas, max_replicas=replicas,
-                             num_cpus=cpus, port=port, max_ongoing_requests=args.max_batch)
+    ray_cfg = RayServeConfig(
+        name=name,
+        route_prefix=f"/{name}",
+        min_replicas=replicas,
+        max_replicas=replicas,
+        num_cpus=cpus,
+        port=port,
+        max_ongoing_requests=args.max_batch,
+    )
     t0 = time.monotonic()
     url = run(serve_cfg, ray_cfg)
     while replica_counts(name).get("RUNNING", 0) < replicas:
@@ -62,15 +69,28 @@ def bench_layout(model: str, replicas: int, cpus: float, args: argparse.Namespac
             raise RuntimeError(f"{name}: {replicas} replicas not running after 600 s: {replica_counts(name)}")
         time.sleep(0.5)
     started_s = time.monotonic() - t0
-    cfg = BenchConfig(url=url, concurrency=args.concurrency, requests=args.requests, prompt_tokens=args.prompt_tokens,
-                      max_tokens=args.max_tokens, ignore_eos=True, warmup=args.warmup, seed=0)
+    cfg = BenchConfig(
+        url=url,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        ignore_eos=True,
+        warmup=args.warmup,
+        seed=0,
+    )
     summary = run_bench(cfg)
     from ray import serve
 
     serve.delete(name)
     summary.pop("requests")
-    return {"layout": f"{replicas}x{cpus:g}", "replicas": replicas, "cpus_per_replica": cpus,
-            "deploy_s": round(started_s, 1), **summary}
+    return {
+        "layout": f"{replicas}x{cpus:g}",
+        "replicas": replicas,
+        "cpus_per_replica": cpus,
+        "deploy_s": round(started_s, 1),
+        **summary,
+    }
 
 
 def main() -> int:
@@ -101,9 +121,12 @@ def main() -> int:
                 r = rows[-1]
                 if not r["completed"]:
                     raise RuntimeError(f"{r['layout']}: every request failed: {r['errors']}")
-                print(f"{r['layout']:>5}  {r['request_throughput']:6.2f} req/s  {r['output_throughput']:7.1f} "
-                      f"tok/s  TTFT p50 {r['ttft_ms']['median']:7.0f} ms  TPOT p50 {r['tpot_ms']['median']:6.1f} ms  "
-                      f"failed {r['failed']}  (deploy {r['deploy_s']} s)", flush=True)
+                print(
+                    f"{r['layout']:>5}  {r['request_throughput']:6.2f} req/s  {r['output_throughput']:7.1f} "
+                    f"tok/s  TTFT p50 {r['ttft_ms']['median']:7.0f} ms  TPOT p50 {r['tpot_ms']['median']:6.1f} ms  "
+                    f"failed {r['failed']}  (deploy {r['deploy_s']} s)",
+                    flush=True,
+                )
         finally:
             serve.shutdown()
             import ray

@@ -51,8 +51,15 @@ def llama_cpp_answers(path: Path, records, max_new: int, threads: int) -> list[s
     try:
         out = []
         for messages, _ in records:
-            r = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                                           repeat_penalty=1.0, max_tokens=max_new)
+            r = llm.create_chat_completion(
+                messages=messages,
+                temperature=0.0,
+                top_k=1,
+                top_p=1.0,
+                min_p=0.0,
+                repeat_penalty=1.0,
+                max_tokens=max_new,
+            )
             out.append(r["choices"][0]["message"]["content"] or "")
         return out
     finally:
@@ -75,8 +82,9 @@ def main() -> int:
     ap.add_argument("--test", default="runs/demo/task/test.jsonl")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--types", default="q8_0,f16,q4_0")
-    ap.add_argument("--task", default="extract_json", help="bundled task whose metric scores answers ('' = exact "
-                    "string match)")
+    ap.add_argument(
+        "--task", default="extract_json", help="bundled task whose metric scores answers ('' = exact string match)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", default=None, help="folder to keep the GGUF files in (default: a temporary one)")
@@ -87,7 +95,7 @@ def main() -> int:
     from slimlm.eval.task_accuracy import chat_eval_set
 
     torch.set_num_threads(args.threads)
-    records = chat_eval_set(args.test)[:args.n]
+    records = chat_eval_set(args.test)[: args.n]
     task = args.task or None
     t0 = time.perf_counter()
     ours, our_answers = slimlm_scores(args.model, records, task, args.max_new_tokens)
@@ -104,8 +112,10 @@ def main() -> int:
             same = sum(a.strip() == b.strip() for a, b in zip(answers, our_answers)) / max(len(records), 1)
             rows.append((qtype, path.stat().st_size / 2**20, ours, theirs, same))
             print(f"{qtype}: llama.cpp EM {theirs:.1%} ({time.perf_counter() - t1:.0f} s)", file=sys.stderr)
-    print(f"\nmodel {args.model}, {len(records)} prompts of {args.test}, greedy, max {args.max_new_tokens} new tokens, "
-          f"metric: {task or 'exact string match'}; llama-cpp-python {llama_cpp.__version__}\n")
+    print(
+        f"\nmodel {args.model}, {len(records)} prompts of {args.test}, greedy, max {args.max_new_tokens} new tokens, "
+        f"metric: {task or 'exact string match'}; llama-cpp-python {llama_cpp.__version__}\n"
+    )
     print("| type | file MiB | slimlm EM | llama.cpp EM | diff | same answer as slimlm |")
     print("|---|---:|---:|---:|---:|---:|")
     for qtype, mib, a, b, same in rows:

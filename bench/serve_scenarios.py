@@ -1,15 +1,15 @@
 """Serving scenarios on SmolLM2-135M with a real `slimlm serve` process: multi-LoRA, overload, disconnects.
 
-  multi-lora  16 concurrent greedy requests spread over 4 LoRA adapters (r=16, all linear layers, seeded random
-              weights) vs the same 16 requests on the base model: aggregate output tokens/s and the ratio; then
-              every request again alone, and each batched answer compared with its alone answer.
-  overload    4x more concurrent clients than the server admits (--max-batch + --max-queue): how many got 429
-              and how fast, whether every admitted request completed with its full token count, any 5xx, and the
-              server's peak RSS before and after.
-  disconnect  50 streaming clients that drop after their first chunk; then /metrics must show no running or
-              waiting request and an empty KV cache.
+multi-lora  16 concurrent greedy requests spread over 4 LoRA adapters (r=16, all linear layers, seeded random
+            weights) vs the same 16 requests on the base model: aggregate output tokens/s and the ratio; then
+            every request again alone, and each batched answer compared with its alone answer.
+overload    4x more concurrent clients than the server admits (--max-batch + --max-queue): how many got 429
+            and how fast, whether every admitted request completed with its full token count, any 5xx, and the
+            server's peak RSS before and after.
+disconnect  50 streaming clients that drop after their first chunk; then /metrics must show no running or
+            waiting request and an empty KV cache.
 
-    .venv/bin/python bench/serve_scenarios.py --json bench/results/serve_scenarios.json
+  .venv/bin/python bench/serve_scenarios.py --json bench/results/serve_scenarios.json
 """
 
 from __future__ import annotations
@@ -28,9 +28,16 @@ from pathlib import Path
 import httpx
 
 MODEL = "smollm2-135m"
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.", "Describe a busy market.",
-           "Give advice to a new gardener.", "What makes a good friend?", "Tell me about the moon.",
-           "Describe your ideal weekend.", "How do bees make honey?"]
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rain forms.",
+    "Describe a busy market.",
+    "Give advice to a new gardener.",
+    "What makes a good friend?",
+    "Tell me about the moon.",
+    "Describe your ideal weekend.",
+    "How do bees make honey?",
+]
 
 
 def make_adapters(out: Path, n: int = 4) -> list[Path]:
@@ -65,11 +72,22 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "w")
-        cmd = [sys.executable, "-m", "slimlm.cli", "serve", "--model", MODEL, "--dtype", "fp32", "--port",
-               str(self.port), *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "slimlm.cli",
+            "serve",
+            "--model",
+            MODEL,
+            "--dtype",
+            "fp32",
+            "--port",
+            str(self.port),
+            *flags,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -96,9 +114,16 @@ class Server:
 
 async def chat(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
-    r = await client.post(url + "/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-        "temperature": 0, "ignore_eos": True})
+    r = await client.post(
+        url + "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     out = {"status": r.status_code, "s": time.perf_counter() - t0}
     if r.status_code == 200:
         body = r.json()
@@ -115,8 +140,16 @@ async def run_all(url: str, jobs: list[tuple[str, str]], max_tokens: int) -> tup
 
 def multi_lora(args, work: Path) -> dict:
     adapters = make_adapters(work)
-    flags = ["--adapters", *[f"a{i}={f}" for i, f in enumerate(adapters)], "--max-batch", "16", "--max-loras", "4",
-             "--max-lora-rank", "16"]
+    flags = [
+        "--adapters",
+        *[f"a{i}={f}" for i, f in enumerate(adapters)],
+        "--max-batch",
+        "16",
+        "--max-loras",
+        "4",
+        "--max-lora-rank",
+        "16",
+    ]
     n = 16
     base_jobs = [(MODEL, PROMPTS[i % len(PROMPTS)]) for i in range(n)]
     lora_jobs = [(f"{MODEL}:a{i % 4}", PROMPTS[i % len(PROMPTS)]) for i in range(n)]
@@ -127,9 +160,15 @@ def multi_lora(args, work: Path) -> dict:
         alone = [asyncio.run(run_all(srv.url, [job], args.max_tokens))[0][0] for job in lora_jobs]
     tok = lambda rs: sum(r.get("tokens", 0) for r in rs)  # noqa: E731
     same = sum(a.get("text") == b.get("text") for a, b in zip(lora, alone))
-    return {"requests": n, "max_tokens": args.max_tokens, "base_tok_s": tok(base) / base_s,
-            "lora_tok_s": tok(lora) / lora_s, "lora_vs_base": (tok(lora) / lora_s) / (tok(base) / base_s),
-            "identical_to_alone": same, "all_ok": all(r["status"] == 200 for r in base + lora + alone)}
+    return {
+        "requests": n,
+        "max_tokens": args.max_tokens,
+        "base_tok_s": tok(base) / base_s,
+        "lora_tok_s": tok(lora) / lora_s,
+        "lora_vs_base": (tok(lora) / lora_s) / (tok(base) / base_s),
+        "identical_to_alone": same,
+        "all_ok": all(r["status"] == 200 for r in base + lora + alone),
+    }
 
 
 def overload(args, work: Path) -> dict:
@@ -142,17 +181,31 @@ def overload(args, work: Path) -> dict:
         after = srv.rss_mib()
     ok = [r for r in res if r["status"] == 200]
     busy = [r for r in res if r["status"] == 429]
-    return {"clients": clients, "admitted_capacity": batch + queue, "ok": len(ok), "429": len(busy),
-            "5xx": sum(r["status"] >= 500 for r in res), "other": len(res) - len(ok) - len(busy),
-            "ok_full_length": all(r["tokens"] == 64 for r in ok),
-            "max_429_latency_s": max((r["s"] for r in busy), default=None),
-            "max_ok_latency_s": max(r["s"] for r in ok), "wall_s": wall,
-            "rss_mib_before": before[0], "rss_mib_after": after[0], "peak_rss_mib": after[1]}
+    return {
+        "clients": clients,
+        "admitted_capacity": batch + queue,
+        "ok": len(ok),
+        "429": len(busy),
+        "5xx": sum(r["status"] >= 500 for r in res),
+        "other": len(res) - len(ok) - len(busy),
+        "ok_full_length": all(r["tokens"] == 64 for r in ok),
+        "max_429_latency_s": max((r["s"] for r in busy), default=None),
+        "max_ok_latency_s": max(r["s"] for r in ok),
+        "wall_s": wall,
+        "rss_mib_before": before[0],
+        "rss_mib_after": after[0],
+        "peak_rss_mib": after[1],
+    }
 
 
 async def drop_after_first_chunk(client: httpx.AsyncClient, url: str, prompt: str) -> bool:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 256,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 256,
+        "ignore_eos": True,
+        "stream": True,
+    }
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return False
@@ -165,17 +218,27 @@ async def drop_after_first_chunk(client: httpx.AsyncClient, url: str, prompt: st
 def disconnect(args, work: Path) -> dict:
     n = 50
     with Server("--max-batch", "16", "--max-queue", "64", log=work / "disconnect.log") as srv:
+
         async def go():
             async with httpx.AsyncClient(timeout=600) as client:
-                return await asyncio.gather(*(drop_after_first_chunk(client, srv.url, PROMPTS[i % 8]) for i in range(n)))
+                return await asyncio.gather(
+                    *(drop_after_first_chunk(client, srv.url, PROMPTS[i % 8]) for i in range(n))
+                )
+
         started = asyncio.run(go())
         time.sleep(2.0)  # the engine notices within a step; give the last ones time to be reaped
         metrics = httpx.get(srv.url + "/metrics").text
-    gauges = {k: float(line.split()[-1]) for line in metrics.splitlines() for k in
-              ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-              if line.startswith(k + "{")}
-    aborted = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                  if line.startswith("vllm:request_success_total") and 'finished_reason="abort"' in line)
+    gauges = {
+        k: float(line.split()[-1])
+        for line in metrics.splitlines()
+        for k in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+        if line.startswith(k + "{")
+    }
+    aborted = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("vllm:request_success_total") and 'finished_reason="abort"' in line
+    )
     return {"clients": n, "got_first_chunk": sum(started), **gauges, "aborted": aborted}
 
 

@@ -7,5 +7,14 @@ from slimlm.llm import LLM, Completion, load
 from slimlm.model import Transformer
 from slimlm.version import __version__
 
-__all__ = ["LLM", "Completion", "InputError", "ModelConfig", "SamplingParams", "SlimlmError", "Transformer", "load",
-           "__version__"]
+__all__ = [
+    "LLM",
+    "Completion",
+    "InputError",
+    "ModelConfig",
+    "SamplingParams",
+    "SlimlmError",
+    "Transformer",
+    "load",
+    "__version__",
+]

@@ -1,5 +1,5 @@
-"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval, quantize,
-prune, distill, compress, fuse, export, estimate, deploy.
+"""The `slimlm` command line: generate, chat, info, finetune, merge, data, serve, batch, registry, bench, eval,
+quantize, prune, distill, compress, fuse, export, estimate, deploy.
 Thin: parses flags, calls the API, prints.
 
 Errors a user can fix (slimlm.errors.SlimlmError, and a missing or unreadable path) print one line on stderr and exit
@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from slimlm.checkpoint.atomic import OVERWRITE_HELP, atomic_folder, check_output
 from slimlm.errors import USER_ERRORS, InputError, report_error
@@ -42,9 +42,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _sampling(args: argparse.Namespace, **extra):
     from slimlm.engine.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=list(args.stop), **extra)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=list(args.stop),
+        **extra,
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -68,13 +76,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     chat = None if args.chat is None else args.chat
     if args.json:
         c = llm.complete([prompt], params, chat=chat)[0]
-        out = {"model": args.model, "text": c.text, "finish_reason": c.finish_reason,
-               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-               "load_s": round(load_s, 3), "prefill_s": round(c.prefill_s, 4), "decode_s": round(c.decode_s, 4),
-               "prefill_tokens_per_s": round(c.prefill_tokens_per_s, 2),
-               "decode_tokens_per_s": round(c.decode_tokens_per_s, 2),
-               "dtype": str(llm.model.dtype).removeprefix("torch."), "device": str(llm.model.device),
-               "compiled": args.compile}
+        out = {
+            "model": args.model,
+            "text": c.text,
+            "finish_reason": c.finish_reason,
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "load_s": round(load_s, 3),
+            "prefill_s": round(c.prefill_s, 4),
+            "decode_s": round(c.decode_s, 4),
+            "prefill_tokens_per_s": round(c.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(c.decode_tokens_per_s, 2),
+            "dtype": str(llm.model.dtype).removeprefix("torch."),
+            "device": str(llm.model.device),
+            "compiled": args.compile,
+        }
         print(json.dumps(out, ensure_ascii=False))
         return 0
     for _, piece, done in llm.stream_batch([prompt], params, chat=chat):
@@ -82,9 +98,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if done is not None:
             print()
             if args.verbose:
-                print(f"[{done.prompt_tokens} prompt tokens, {done.completion_tokens} generated, "
-                      f"prefill {done.prefill_tokens_per_s:.0f} tok/s, decode {done.decode_tokens_per_s:.1f} tok/s, "
-                      f"{done.finish_reason}]", file=sys.stderr)
+                print(
+                    f"[{done.prompt_tokens} prompt tokens, {done.completion_tokens} generated, "
+                    f"prefill {done.prefill_tokens_per_s:.0f} tok/s, decode {done.decode_tokens_per_s:.1f} tok/s, "
+                    f"{done.finish_reason}]",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -128,10 +147,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     n = config.num_params()
     bytes_per = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
     info = {
-        "model": args.model, "path": str(folder), "config": config.to_dict(), "parameters": n,
+        "model": args.model,
+        "path": str(folder),
+        "config": config.to_dict(),
+        "parameters": n,
         "weights_bytes": {k: int(n * b) for k, b in bytes_per.items()},
-        "kv_cache_bytes_per_token": {"fp32": config.kv_cache_bytes_per_token(4),
-                                     "bf16": config.kv_cache_bytes_per_token(2)},
+        "kv_cache_bytes_per_token": {
+            "fp32": config.kv_cache_bytes_per_token(4),
+            "bf16": config.kv_cache_bytes_per_token(2),
+        },
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -154,14 +178,23 @@ def _adapter_info(folder, as_json: bool) -> int:
     method, cfg, raw = read_adapter_config(folder)
     _, tensors = read_adapter_files(folder)
     n = sum(t.numel() for t in tensors.values())
-    notes = {"bitfit": "BitFit adds zero-initialised biases to the listed Llama projections (which have none) and "
-                       "trains only those (and RMSNorm gains if train_norms); merging gives a model with biases.",
-             "adapter": "bottleneck adapters are not linear in the base weights: they cannot be merged.",
-             "prefix": "prefixes are extra keys/values, not weights: they cannot be merged.",
-             "prompt": "soft prompts are extra input embeddings, not weights: they cannot be merged."}
-    info = {"adapter": str(folder), "method": method, "peft_type": raw.get("peft_type"),
-            "base_model": raw.get("base_model_name_or_path"), "config": to_dict(cfg), "parameters": n,
-            "tensors": len(tensors), "note": notes.get(method, "")}
+    notes = {
+        "bitfit": "BitFit adds zero-initialised biases to the listed Llama projections (which have none) and "
+        "trains only those (and RMSNorm gains if train_norms); merging gives a model with biases.",
+        "adapter": "bottleneck adapters are not linear in the base weights: they cannot be merged.",
+        "prefix": "prefixes are extra keys/values, not weights: they cannot be merged.",
+        "prompt": "soft prompts are extra input embeddings, not weights: they cannot be merged.",
+    }
+    info = {
+        "adapter": str(folder),
+        "method": method,
+        "peft_type": raw.get("peft_type"),
+        "base_model": raw.get("base_model_name_or_path"),
+        "config": to_dict(cfg),
+        "parameters": n,
+        "tensors": len(tensors),
+        "note": notes.get(method, ""),
+    }
     if as_json:
         print(json.dumps(info, indent=2))
         return 0
@@ -199,8 +232,7 @@ def cmd_data_task(args: argparse.Namespace) -> int:
         raise InputError(f"unknown task {args.task!r}; bundled tasks: {', '.join(TASKS)}")
     out = check_output(args.out, overwrite=args.overwrite)
     with atomic_folder(out) as tmp:  # like every output folder: replaced whole, never half-written
-        paths = TASKS[args.task].write_splits(tmp, n_train=args.train, n_val=args.val, n_test=args.test,
-                                              seed=args.seed)
+        paths = TASKS[args.task].write_splits(tmp, n_train=args.train, n_val=args.val, n_test=args.test, seed=args.seed)
     for split, path in paths.items():
         print(f"{split:<6} {out / path.name}")
     return 0
@@ -246,8 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     g.add_argument("--prompt", help="prompt text (default: read stdin)")
-    g.add_argument("--chat", dest="chat", action="store_true", default=None,
-                   help="wrap the prompt in the chat template (default when the tokenizer has one)")
+    g.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        default=None,
+        help="wrap the prompt in the chat template (default when the tokenizer has one)",
+    )
     g.add_argument("--raw", dest="chat", action="store_false", help="plain text continuation, no chat template")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past stop tokens (benchmarks)")
     g.add_argument("--json", action="store_true", help="print text, token counts and timings as JSON")
@@ -260,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_chat)
 
-    i = sub.add_parser("info", help="config, parameter count and memory per dtype (weights are not loaded); "
-                                    "or what an adapter folder holds")
+    i = sub.add_parser(
+        "info",
+        help="config, parameter count and memory per dtype (weights are not loaded); or what an adapter folder holds",
+    )
     i.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file, HF hub id or adapter folder")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)

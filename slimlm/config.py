@@ -18,8 +18,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_SIZE_KEYS = ("n_heads", "n_kv_heads", "intermediate_size")
 LAYER_SIZES_KEY = "slimlm_layer_sizes"  # config.json key of per-layer sizes (our own; transformers ignores it)
-NON_UNIFORM_NOTE = ("layers have different sizes (slimlm_layer_sizes, written by structured pruning): load this "
-                    "folder with slimlm.load; transformers cannot load it (its Llama layers are all one size)")
+NON_UNIFORM_NOTE = (
+    "layers have different sizes (slimlm_layer_sizes, written by structured pruning): load this "
+    "folder with slimlm.load; transformers cannot load it (its Llama layers are all one size)"
+)
 
 
 class ConfigError(InputError):
@@ -64,21 +66,35 @@ def hf_config_errors(hf: dict[str, Any]) -> list[str]:
         v = hf.get(k)
         if v is not None and (type(v) not in (int, float) or not math.isfinite(v) or v <= 0):
             errors.append(f'"{k}" must be a positive number, got {_json(v)}')
-    errors += [f'"{k}" must be true or false, got {_json(hf[k])}' for k in HF_BOOLS
-               if hf.get(k) is not None and type(hf[k]) is not bool]
-    errors += [f'"{k}" must be an object {{...}} or null, got {_json(hf[k])}' for k in HF_OBJECTS
-               if hf.get(k) is not None and not isinstance(hf[k], dict)]
-    errors += [f'"{k}.{key}" must be a positive number, got {_json(v)}' for k in HF_OBJECTS
-               if isinstance(hf.get(k), dict) for key, v in hf[k].items()
-               if key in HF_ROPE_NUMBERS and (type(v) not in (int, float) or not math.isfinite(v) or v <= 0)]
-    errors += [f'"{k}" must be a token id or a list of token ids, got {_json(hf[k])}'
-               for k in ("bos_token_id", "eos_token_id") if not _is_token_ids(hf.get(k))]
+    errors += [
+        f'"{k}" must be true or false, got {_json(hf[k])}'
+        for k in HF_BOOLS
+        if hf.get(k) is not None and type(hf[k]) is not bool
+    ]
+    errors += [
+        f'"{k}" must be an object {{...}} or null, got {_json(hf[k])}'
+        for k in HF_OBJECTS
+        if hf.get(k) is not None and not isinstance(hf[k], dict)
+    ]
+    errors += [
+        f'"{k}.{key}" must be a positive number, got {_json(v)}'
+        for k in HF_OBJECTS
+        if isinstance(hf.get(k), dict)
+        for key, v in hf[k].items()
+        if key in HF_ROPE_NUMBERS and (type(v) not in (int, float) or not math.isfinite(v) or v <= 0)
+    ]
+    errors += [
+        f'"{k}" must be a token id or a list of token ids, got {_json(hf[k])}'
+        for k in ("bos_token_id", "eos_token_id")
+        if not _is_token_ids(hf.get(k))
+    ]
     if errors:
         return errors
     hidden, heads, kv = hf["hidden_size"], hf["num_attention_heads"], hf.get("num_key_value_heads")
     if hf.get("head_dim") is None and hidden % heads:
-        errors.append(f'"hidden_size" ({hidden}) must be a multiple of "num_attention_heads" ({heads}), '
-                      'or "head_dim" must be set')
+        errors.append(
+            f'"hidden_size" ({hidden}) must be a multiple of "num_attention_heads" ({heads}), or "head_dim" must be set'
+        )
     if kv is not None and heads % kv:
         errors.append(f'"num_attention_heads" ({heads}) must be a multiple of "num_key_value_heads" ({kv})')
     return errors
@@ -128,7 +144,9 @@ class ModelConfig:
         if self.head_dim is not None and self.head_dim % 2 != 0:
             errors.append(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            errors.append(f"model_type {self.model_type!r} is not supported; slimlm builds {', '.join(SUPPORTED_MODEL_TYPES)}")
+            errors.append(
+                f"model_type {self.model_type!r} is not supported; slimlm builds {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in ROPE_TYPES:
@@ -153,8 +171,10 @@ class ModelConfig:
             elif any(not isinstance(s[k], int) or s[k] < 1 for k in LAYER_SIZE_KEYS):
                 errors.append(f"layer_sizes[{i}] sizes must be integers >= 1, got {s}")
             elif s["n_heads"] != ratio * s["n_kv_heads"]:
-                errors.append(f"layer_sizes[{i}]: n_heads ({s['n_heads']}) must be {ratio} x n_kv_heads "
-                              f"({s['n_kv_heads']}), the model's GQA ratio")
+                errors.append(
+                    f"layer_sizes[{i}]: n_heads ({s['n_heads']}) must be {ratio} x n_kv_heads "
+                    f"({s['n_kv_heads']}), the model's GQA ratio"
+                )
         return errors
 
     def layer_size(self, i: int) -> dict[str, int]:
@@ -163,7 +183,7 @@ class ModelConfig:
             return dict(self.layer_sizes[i])
         return {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "intermediate_size": self.intermediate_size}
 
-    def with_layer_sizes(self, sizes: list[dict[str, int]]) -> "ModelConfig":
+    def with_layer_sizes(self, sizes: list[dict[str, int]]) -> ModelConfig:
         """A copy with these per-layer sizes: a plain uniform config when all layers agree (transformers loads it),
         else layer_sizes set and the top-level sizes those of the largest layer."""
         sizes = [dict(s) for s in sizes]
@@ -203,14 +223,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_name(cls, name: str) -> "ModelConfig":
+    def from_name(cls, name: str) -> ModelConfig:
         """A named preset, e.g. `ModelConfig.from_name("smollm2-135m")`."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[name])
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Build from the dict of an HF `config.json` (llama, mistral and qwen2 model types)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -260,8 +280,11 @@ class ModelConfig:
         """The HF `config.json` dict that transformers loads as the same architecture."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         # rope_type from the property: a legacy {"type": ...} spelling must not leave "rope_type": "default" behind.
-        rope = {**{k: v for k, v in (self.rope_scaling or {}).items() if k != "type"},
-                "rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        rope = {
+            **{k: v for k, v in (self.rope_scaling or {}).items() if k != "type"},
+            "rope_type": self.rope_type,
+            "rope_theta": self.rope_theta,
+        }
         hf = {
             "architectures": [arch[self.model_type]],
             "model_type": self.model_type,
@@ -295,7 +318,7 @@ class ModelConfig:
         return hf
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any]) -> "ModelConfig":
+    def from_gguf(cls, meta: dict[str, Any]) -> ModelConfig:
         """Build from GGUF key/value metadata (as read by checkpoint.gguf.read_metadata)."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2"):
@@ -304,10 +327,15 @@ class ModelConfig:
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
 
-        missing = [k for k in ("block_count", "embedding_length", "attention.head_count", "feed_forward_length")
-                   if get(k) is None]
+        missing = [
+            k
+            for k in ("block_count", "embedding_length", "attention.head_count", "feed_forward_length")
+            if get(k) is None
+        ]
         if missing:
-            raise ConfigError(f"GGUF metadata lacks {', '.join(arch + '.' + k for k in missing)}; the file may be truncated")
+            raise ConfigError(
+                f"GGUF metadata lacks {', '.join(arch + '.' + k for k in missing)}; the file may be truncated"
+            )
         n_heads = int(get("attention.head_count"))
         dim = int(get("embedding_length"))
         rope_scaling = None
@@ -334,38 +362,162 @@ class ModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
-                         norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2),
-    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-                         intermediate_size=8192, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
-                         tie_word_embeddings=True,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "smollm2-360m": dict(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560,
-                         norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_word_embeddings=True),
-    "smollm2-1.7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192,
-                         norm_eps=1e-5, rope_theta=130000.0, max_seq_len=8192, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128,
-                         intermediate_size=8192, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
-                         tie_word_embeddings=True,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
-                       norm_eps=1e-5, max_seq_len=4096),
-    "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                       norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
-    "llama-2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, intermediate_size=13824,
-                        norm_eps=1e-5, max_seq_len=4096),
-    "llama-2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
-                        norm_eps=1e-5, max_seq_len=4096),
-    "llama-3-70b": dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
-                        norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
-    "mistral-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                       norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=32768, model_type="mistral"),
-    "qwen2-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
-                       norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, tie_word_embeddings=True,
-                       attention_bias=True, model_type="qwen2"),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        intermediate_size=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_seq_len=8192,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=131072,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "smollm2-360m": dict(
+        vocab_size=49152,
+        dim=960,
+        n_layers=32,
+        n_heads=15,
+        n_kv_heads=5,
+        intermediate_size=2560,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_seq_len=8192,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-1.7b": dict(
+        vocab_size=49152,
+        dim=2048,
+        n_layers=24,
+        n_heads=32,
+        n_kv_heads=32,
+        intermediate_size=8192,
+        norm_eps=1e-5,
+        rope_theta=130000.0,
+        max_seq_len=8192,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.2-3b": dict(
+        vocab_size=128256,
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        head_dim=128,
+        intermediate_size=8192,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=131072,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama-2-7b": dict(
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        intermediate_size=11008,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+    ),
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=14336,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
+    "llama-2-13b": dict(
+        vocab_size=32000,
+        dim=5120,
+        n_layers=40,
+        n_heads=40,
+        n_kv_heads=40,
+        intermediate_size=13824,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+    ),
+    "llama-2-70b": dict(
+        vocab_size=32000,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        intermediate_size=28672,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+    ),
+    "llama-3-70b": dict(
+        vocab_size=128256,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        intermediate_size=28672,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
+    "mistral-7b": dict(
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        intermediate_size=14336,
+        norm_eps=1e-5,
+        rope_theta=1000000.0,
+        max_seq_len=32768,
+        model_type="mistral",
+    ),
+    "qwen2-0.5b": dict(
+        vocab_size=151936,
+        dim=896,
+        n_layers=24,
+        n_heads=14,
+        n_kv_heads=2,
+        intermediate_size=4864,
+        norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_seq_len=32768,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        model_type="qwen2",
+    ),
     # Tiny shapes for tests and examples.
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, max_seq_len=256),
 }

@@ -10,7 +10,7 @@ SamplingParams (one class everywhere).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -57,16 +57,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        ids[i, T - len(p) :] = torch.tensor(p, dtype=torch.long)
     start = torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
     return ids.to(device), start.to(device)
 
 
 @torch.no_grad()
-def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                    stop_token_ids: set[int] | Sequence[int] = (), pad_id: int = 0,
-                    cache: KVCache | None = None, decode_fn: DecodeFn = decode_one_token,
-                    prefill_fn: DecodeFn = prefill) -> Iterator[list[int | None]]:
+def generate_tokens(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    stop_token_ids: set[int] | Sequence[int] = (),
+    pad_id: int = 0,
+    cache: KVCache | None = None,
+    decode_fn: DecodeFn = decode_one_token,
+    prefill_fn: DecodeFn = prefill,
+) -> Iterator[list[int | None]]:
     """Yield, per step, one new token per prompt (None for rows that have finished) until all rows finish.
 
     Rows stop at a stop token (unless params.ignore_eos) or after max_new_tokens. A given `cache` is reused when
@@ -79,8 +85,10 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], params: S
     T = input_ids.shape[1]
     need = T + params.max_new_tokens
     if need > model.config.max_seq_len:
-        raise InputError(f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
-                         f"context of {model.config.max_seq_len} tokens; shorten the prompt or lower max_new_tokens")
+        raise InputError(
+            f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+            f"context of {model.config.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
+        )
     if cache is None or cache.batch_size != B or cache.max_len < need:
         cache = KVCache.for_model(model, B, need)
     cache.reset(start)

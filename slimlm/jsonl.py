@@ -53,8 +53,11 @@ def read_lines(path: str | Path) -> Iterator[Line]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield Line(number, error=f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}, "
-                                         f"file offset {start + e.start}); save the file as UTF-8")
+                yield Line(
+                    number,
+                    error=f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}, "
+                    f"file offset {start + e.start}); save the file as UTF-8",
+                )
                 continue
             if text.strip():
                 yield _parse(number, text)
@@ -86,11 +89,13 @@ def read_json_object(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                              "re-download or fix the file") from None
+        raise CheckpointError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); re-download or fix the file"
+        ) from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix the file") from None
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object {{...}}; "
-                              "re-download or fix the file")
+        raise CheckpointError(
+            f"{path} holds a JSON {type(value).__name__}, not an object {{...}}; re-download or fix the file"
+        )
     return value

@@ -25,8 +25,16 @@ def heads_list(n_kv_heads: int | list[int], n_layers: int) -> list[int]:
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int | list[int], head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int | list[int],
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         # n_kv_heads: one count for every layer, or a list with each layer's (structurally pruned models).
         shapes = [(batch_size, h, max_len, head_dim) for h in heads_list(n_kv_heads, n_layers)]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
@@ -36,7 +44,7 @@ class KVCache:
         self.padded = False  # any row left-padded? (a Python bool, read only in eager mode)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "KVCache":
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> KVCache:
         c = model.config
         return cls(c.n_layers, batch_size, kv_heads_per_layer(c), c.head_dim, max_len, model.dtype, model.device)
 
@@ -53,7 +61,9 @@ class KVCache:
         self.start.copy_(start if start is not None else torch.zeros_like(self.start))
         self.padded = bool(self.start.any())
 
-    def update(self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, hd] into slots cache_pos [T]; return the whole layer cache [B, Hkv, S, hd]."""
         self.k[layer][:, :, cache_pos] = k
         self.v[layer][:, :, cache_pos] = v
@@ -67,8 +77,9 @@ class KVCache:
         """Slots [0, n) hold every key that queries in cache_pos [T] may see (eager attention slices to these)."""
         return int(cache_pos[-1]) + 1
 
-    def positions_and_mask(self, cache_pos: torch.Tensor, sliding_window: int | None = None,
-                           kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def positions_and_mask(
+        self, cache_pos: torch.Tensor, sliding_window: int | None = None, kv_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """RoPE positions [B, T] and the boolean attention mask [B, 1, T, S] for queries in slots cache_pos [T].
 
         With kv_len (eager mode) the mask covers slots [0, kv_len) only, and is None where SDPA needs none: one new

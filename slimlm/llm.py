@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from slimlm.tokenizer import Messages, Tokenizer
 Prompt = str | Messages | list[int]  # text, chat messages, or token ids as they are
 STRUCTURED_KWARGS = ("response_format", "json_schema", "regex", "grammar", "choice")
 CACHE_BUCKET = 256  # engine context lengths are multiples of this
+
 
 @dataclass
 class Completion:
@@ -53,16 +54,23 @@ class Completion:
 class LLM:
     """A model ready to generate: `.model` (nn.Module, ids [B,T] -> logits [B,T,V]), `.tokenizer`, `.config`."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, path: Path | None = None,
-                 engine_config: EngineConfig | None = None, draft_model: Transformer | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        path: Path | None = None,
+        engine_config: EngineConfig | None = None,
+        draft_model: Transformer | None = None,
+    ):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         # Offline defaults: no LoRA slots (adapters attach to the model itself), no queue limit, prompts prefilled
         # in chunks of up to 1024 tokens (no streams wait behind them, and fewer, larger matmuls run faster);
         # prefix caching and speculation as configured (EngineConfig(speculative="ngram") turns prompt lookup on;
         # a draft model turns on speculative="draft" unless engine_config says otherwise).
         self.draft_model = draft_model  # the smaller model that guesses tokens for speculative="draft"
-        self.engine_config = engine_config or EngineConfig(max_loras=0, prefill_chunk=1024,
-                                                           speculative="draft" if draft_model is not None else None)
+        self.engine_config = engine_config or EngineConfig(
+            max_loras=0, prefill_chunk=1024, speculative="draft" if draft_model is not None else None
+        )
         self._engine: Engine | None = None
         self.adapter: Path | None = None
 
@@ -79,7 +87,7 @@ class LLM:
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def compile(self) -> "LLM":
+    def compile(self) -> LLM:
         """torch.compile the model's forward for the engine's decode steps (inductor, frozen pre-packed weights).
 
         The first calls compile (a minute or more on 2 cores); shapes that change (batch rows, attended length)
@@ -97,8 +105,9 @@ class LLM:
         e = self._engine
         if e is None or e.config.max_batch < rows or e.max_seq_len < need or e.max_seq_len > 2 * need + CACHE_BUCKET:
             size = max(need, min(-(-need // CACHE_BUCKET) * CACHE_BUCKET, self.config.max_seq_len))
-            cfg = dataclasses.replace(self.engine_config, max_batch=max(rows, e.config.max_batch if e else 1),
-                                      max_seq_len=size)
+            cfg = dataclasses.replace(
+                self.engine_config, max_batch=max(rows, e.config.max_batch if e else 1), max_seq_len=size
+            )
             draft = self.draft_model if cfg.speculative == "draft" else None
             e = self._engine = Engine(self.model, self.tokenizer, cfg, draft_model=draft)
         return e
@@ -111,7 +120,9 @@ class LLM:
     def _user_ids(self, prompt: Prompt, chat: bool | None) -> list[int]:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
-                raise InputError(f"token ids must be in [0, {self.config.vocab_size}), got {min(prompt)}..{max(prompt)}")
+                raise InputError(
+                    f"token ids must be in [0, {self.config.vocab_size}), got {min(prompt)}..{max(prompt)}"
+                )
             return list(prompt)
         if chat is None:
             chat = self.tokenizer.has_chat_template
@@ -133,15 +144,18 @@ class LLM:
             raise InputError("the output constraint is given twice: in params.structured and as a keyword")
         return dataclasses.replace(params, structured=structured)
 
-    def stream_batch(self, prompts: Sequence[Prompt], params: SamplingParams, chat: bool | None = None
-                     ) -> Iterator[tuple[int, str, Completion | None]]:
+    def stream_batch(
+        self, prompts: Sequence[Prompt], params: SamplingParams, chat: bool | None = None
+    ) -> Iterator[tuple[int, str, Completion | None]]:
         """Yield (row, new text, None) as text is produced and (row, '', Completion) when a row finishes."""
         ids = [self._prompt_ids(p, chat) for p in prompts]
         need = max(len(i) for i in ids) + params.max_new_tokens
         if need > self.config.max_seq_len:
-            raise InputError(f"prompt ({need - params.max_new_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                             f"exceeds the model's context of {self.config.max_seq_len} tokens; shorten the prompt or "
-                             "lower max_new_tokens")
+            raise InputError(
+                f"prompt ({need - params.max_new_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the model's context of {self.config.max_seq_len} tokens; shorten the prompt or "
+                "lower max_new_tokens"
+            )
         engine = self.engine_for(min(len(ids), 64), need)
         reqs = [Request(i, params) for i in ids]
         row_of = {id(r): row for row, r in enumerate(reqs)}
@@ -157,11 +171,23 @@ class LLM:
                     raise RuntimeError(out.error)
                 t_first = req.t_first or time.perf_counter()
                 ids_out = [t for t in req.output_ids if not (t in engine.stop_ids and not params.ignore_eos)]
-                yield row, "", Completion(texts[row], len(req.prompt_ids), req.n_generated, out.finish_reason,
-                                          t_first - max(t0, req.t_arrival), (req.t_last or t_first) - t_first, ids_out)
+                yield (
+                    row,
+                    "",
+                    Completion(
+                        texts[row],
+                        len(req.prompt_ids),
+                        req.n_generated,
+                        out.finish_reason,
+                        t_first - max(t0, req.t_arrival),
+                        (req.t_last or t_first) - t_first,
+                        ids_out,
+                    ),
+                )
 
-    def generate(self, prompt: Prompt | list[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
-                 **kwargs) -> str | list[str]:
+    def generate(
+        self, prompt: Prompt | list[Prompt], params: SamplingParams | None = None, chat: bool | None = None, **kwargs
+    ) -> str | list[str]:
         """Text for one prompt (a string, chat messages or token ids), or a list of texts for a list of prompts.
 
         Keyword arguments are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
@@ -179,8 +205,9 @@ class LLM:
         out = self.complete(prompts, params, chat, **kwargs)
         return out[0].text if single else [c.text for c in out]
 
-    def complete(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None,
-                 **kwargs) -> list[Completion]:
+    def complete(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, chat: bool | None = None, **kwargs
+    ) -> list[Completion]:
         """Like generate for a list of prompts, returning Completions with token counts and timings."""
         params = self._params(params, kwargs)
         results: list[Completion | None] = [None] * len(prompts)
@@ -189,8 +216,9 @@ class LLM:
                 results[row] = done
         return results  # type: ignore[return-value]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None,
-               **kwargs) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool | None = None, **kwargs
+    ) -> Iterator[str]:
         """Yield pieces of text as they are generated for one prompt."""
         params = self._params(params, kwargs)
         for _, piece, _ in self.stream_batch([prompt], params, chat):
@@ -201,10 +229,18 @@ class LLM:
 BACKENDS = ("torch", "onnxruntime")
 
 
-def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-         compile: bool = False, adapter: str | Path | None = None, quantize: str | None = None,
-         group_size: int = 64, backend: str = "torch", draft_model: str | Path | None = None,
-         tokenizer: Tokenizer | None = None) -> LLM:
+def load(
+    model: str | Path = "smollm2-135m",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    compile: bool = False,
+    adapter: str | Path | None = None,
+    quantize: str | None = None,
+    group_size: int = 64,
+    backend: str = "torch",
+    draft_model: str | Path | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> LLM:
     """Load a model by alias (`smollm2-135m`), HF folder, .gguf file or HF hub id, with its tokenizer.
 
     dtype: auto | fp32 | bf16 | fp16. compile=True compiles the decode step (slower first call, faster decoding).
@@ -226,8 +262,10 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
             raise InputError("draft_model needs the torch backend; drop it for an onnxruntime model")
         return _load_onnxruntime(model, dtype, device, compile, adapter, quantize)
     if quantize == "int8-static":
-        raise InputError("int8-static needs calibration: write a quantized folder with `slimlm quantize --scheme "
-                         "int8-static --out DIR` and load that folder")
+        raise InputError(
+            "int8-static needs calibration: write a quantized folder with `slimlm quantize --scheme "
+            "int8-static --out DIR` and load that folder"
+        )
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path, net = _load_torch(model, dtype, device, quantize, group_size)
@@ -243,8 +281,9 @@ def load(model: str | Path = "smollm2-135m", dtype: str | torch.dtype = "auto", 
     return llm.compile() if compile else llm
 
 
-def _load_torch(source: str | Path, dtype: torch.dtype, device: torch.device, quantize: str | None,
-                group_size: int) -> tuple[Path, Transformer]:
+def _load_torch(
+    source: str | Path, dtype: torch.dtype, device: torch.device, quantize: str | None, group_size: int
+) -> tuple[Path, Transformer]:
     """(folder or file read, model) loaded and, if asked, quantized."""
     path, _, net = load_model(source, dtype, device)
     if quantize is not None:
@@ -262,19 +301,33 @@ def load_onnx_llm(folder: str | Path, threads: int = 0) -> LLM:
 
 
 def _load_onnxruntime(model, dtype, device, compile: bool, adapter, quantize) -> LLM:
-    settled = [flag for flag, used in (("--compile", compile), ("--adapter", adapter is not None),
-                                       ("--quantize", quantize is not None),
-                                       ("--dtype", str(dtype) not in ("auto", "fp32", "torch.float32")),
-                                       ("--device", str(device) != "cpu")) if used]
+    settled = [
+        flag
+        for flag, used in (
+            ("--compile", compile),
+            ("--adapter", adapter is not None),
+            ("--quantize", quantize is not None),
+            ("--dtype", str(dtype) not in ("auto", "fp32", "torch.float32")),
+            ("--device", str(device) != "cpu"),
+        )
+        if used
+    ]
     if settled:
-        raise InputError(f"{', '.join(settled)} cannot be used with the onnxruntime backend: the exported graph "
-                         "fixes them (merge adapters and quantize at export: slimlm export onnx --adapter/--quantize)")
+        raise InputError(
+            f"{', '.join(settled)} cannot be used with the onnxruntime backend: the exported graph "
+            "fixes them (merge adapters and quantize at export: slimlm export onnx --adapter/--quantize)"
+        )
     return load_onnx_llm(model)
 
 
 def _structured(kwargs: dict) -> StructuredOutput | None:
     """Pop the structured-output keywords from kwargs -> the one constraint they give (None: no keyword)."""
     given = {k: v for k in STRUCTURED_KWARGS if (v := kwargs.pop(k, None)) is not None}
-    make = {"response_format": StructuredOutput.from_response_format, "json_schema": StructuredOutput.json_schema,
-            "regex": StructuredOutput.regex, "grammar": StructuredOutput.grammar, "choice": StructuredOutput.choice}
+    make = {
+        "response_format": StructuredOutput.from_response_format,
+        "json_schema": StructuredOutput.json_schema,
+        "regex": StructuredOutput.regex,
+        "grammar": StructuredOutput.grammar,
+        "choice": StructuredOutput.choice,
+    }
     return one_of([make[k](v, param=k) for k, v in given.items()])

@@ -53,7 +53,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, T, head_dim] for positions [B, T]; computed in fp32 and cast like HF."""
     freqs = positions[..., None].float() * inv_freq.float()  # [B, T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # HF's half-split layout: [B, T, hd]
@@ -69,8 +71,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Grouped-query attention. The four projections are injected, so PEFT can put other layers in their slots."""
 
-    def __init__(self, q_proj: nn.Module | None, k_proj: nn.Module | None, v_proj: nn.Module | None,
-                 o_proj: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, qkv_proj: nn.Module | None = None):
+    def __init__(
+        self,
+        q_proj: nn.Module | None,
+        k_proj: nn.Module | None,
+        v_proj: nn.Module | None,
+        o_proj: nn.Module,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_proj: nn.Module | None = None,
+    ):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         # Fused alternative (fuse/llama.py): one projection whose output rows are [q | k | v], so x is read once by
@@ -80,9 +91,17 @@ class Attention(nn.Module):
         # Prefix-tuning slot (peft/prefix.py): a module (k, v, mask, T) -> (k, v, mask) prepending learned keys/values.
         self.prefix: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer_idx: int = 0, cache_pos: torch.Tensor | None = None,
-                kv_len: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+        cache_pos: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv_proj is not None:
             q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -101,16 +120,22 @@ class Attention(nn.Module):
                 k, v = k.to(q.dtype), v.to(q.dtype)
         if self.prefix is not None:
             k, v, mask = self.prefix(k, v, mask, T)  # T: a None mask means causal only when T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, gate_proj: nn.Module | None, up_proj: nn.Module | None, down_proj: nn.Module,
-                 gate_up_proj: nn.Module | None = None):
+    def __init__(
+        self,
+        gate_proj: nn.Module | None,
+        up_proj: nn.Module | None,
+        down_proj: nn.Module,
+        gate_up_proj: nn.Module | None = None,
+    ):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         # Fused alternative (fuse/llama.py): output rows [gate | up]; when set, gate_proj/up_proj are None.
@@ -130,9 +155,17 @@ class Block(nn.Module):
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer_idx: int, cache_pos: torch.Tensor | None,
-                kv_len: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer_idx: int,
+        cache_pos: torch.Tensor | None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, cache_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -147,7 +180,9 @@ def build_block(config: ModelConfig, i: int = 0) -> Block:
         k_proj=nn.Linear(d, hkv * hd, bias=ab),
         v_proj=nn.Linear(d, hkv * hd, bias=ab),
         o_proj=nn.Linear(h * hd, d, bias=ab and config.model_type == "llama"),  # Qwen2: q/k/v only
-        n_heads=h, n_kv_heads=hkv, head_dim=hd,
+        n_heads=h,
+        n_kv_heads=hkv,
+        head_dim=hd,
     )
     mlp = MLP(
         gate_proj=nn.Linear(d, ff, bias=mb),
@@ -176,7 +211,9 @@ class Transformer(nn.Module):
         # written to config.json's quantization_config ({"quant_method", "scheme", "group_size", ...}); None: dense.
         self.quantization: dict[str, Any] | None = None
         self.qat: dict[str, Any] | None = None  # compress.qat.prepare_qat_: {"scheme", "group_size"} until converted
-        self.smoothing: dict[str, Any] | None = None  # compress.smoothquant.smooth_model_: how activations were smoothed
+        self.smoothing: dict[str, Any] | None = (
+            None  # compress.smoothquant.smooth_model_: how activations were smoothed
+        )
         self.peft: Any = None  # peft.apply_peft: the peft.PeftState (method, config, nf4_base) of the adapter
         self.lora_selection: Any = None  # peft.lora: the AdapterSelection of attached LoRA adapters (None: none)
         self.bitfit_config: Any = None  # peft.bitfit.apply_bitfit: the BitFitConfig whose biases train
@@ -192,8 +229,14 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
-                logits_to_keep: int = 0, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        cache_pos: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]; see `hidden` for the arguments.
 
         `logits_to_keep=n` returns logits for the last n positions only (prefill needs just the last).
@@ -203,8 +246,13 @@ class Transformer(nn.Module):
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
 
-    def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
-               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        cache_pos: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final-normed hidden states [B, T, D] (training computes the loss from these in chunks).
 
         Without a cache the T tokens attend causally from position 0; `segment_ids` [B, T] marks packed samples,

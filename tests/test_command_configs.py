@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 
 from slimlm.cli import build_parser
+from slimlm.compress.quantize_workflow import QuantizeConfig
 from slimlm.engine.core import EngineConfig
 from slimlm.load_config import LoadConfig, SaveLoadConfig, ServeLoadConfig
 from slimlm.prune.config import PruneConfig
-from slimlm.compress.quantize_workflow import QuantizeConfig
 from slimlm.recipe import add_command_flags, config_from_flags, field_default, field_docs, load_recipe
 from slimlm.serve.cli import ListenConfig, ServeEngineConfig, ServerEngineConfig, serve_config
 from slimlm.serve.state import ServeConfig
@@ -49,19 +49,73 @@ COMMAND_CONFIGS = [
     ("merge", SaveLoadConfig, ("model", "dtype", "adapter")),
     ("fuse", SaveLoadConfig, ("model", "dtype", "adapter")),
     ("quantize", QuantizeConfig, None),
-    ("serve", ServerEngineConfig, ("max_batch", "max_seq_len", "max_queue", "prefill_chunk", "max_loras",
-                                   "max_lora_rank", "prefix_cache", "prefix_cache_tokens", "speculative",
-                                   "num_speculative_tokens", "draft_vocab", "kv_cache_dtype", "request_timeout_s")),
-    ("batch", ServeEngineConfig, ("max_batch", "max_seq_len", "max_queue", "prefill_chunk", "max_loras",
-                                  "max_lora_rank", "prefix_cache", "prefix_cache_tokens", "speculative",
-                                  "num_speculative_tokens", "draft_vocab", "kv_cache_dtype")),
+    (
+        "serve",
+        ServerEngineConfig,
+        (
+            "max_batch",
+            "max_seq_len",
+            "max_queue",
+            "prefill_chunk",
+            "max_loras",
+            "max_lora_rank",
+            "prefix_cache",
+            "prefix_cache_tokens",
+            "speculative",
+            "num_speculative_tokens",
+            "draft_vocab",
+            "kv_cache_dtype",
+            "request_timeout_s",
+        ),
+    ),
+    (
+        "batch",
+        ServeEngineConfig,
+        (
+            "max_batch",
+            "max_seq_len",
+            "max_queue",
+            "prefill_chunk",
+            "max_loras",
+            "max_lora_rank",
+            "prefix_cache",
+            "prefix_cache_tokens",
+            "speculative",
+            "num_speculative_tokens",
+            "draft_vocab",
+            "kv_cache_dtype",
+        ),
+    ),
     ("serve", ListenConfig, None),
-    ("serve", ServeConfig, ("served_name", "adapters", "registry", "draft_model", "max_tokens_limit",
-                            "api_key_file", "api_keys", "admin_key_file", "allow_runtime_lora", "lora_roots",
-                            "models", "max_models", "load_timeout_s", "max_body_bytes", "drain_timeout_s")),
+    (
+        "serve",
+        ServeConfig,
+        (
+            "served_name",
+            "adapters",
+            "registry",
+            "draft_model",
+            "max_tokens_limit",
+            "api_key_file",
+            "api_keys",
+            "admin_key_file",
+            "allow_runtime_lora",
+            "lora_roots",
+            "models",
+            "max_models",
+            "load_timeout_s",
+            "max_body_bytes",
+            "drain_timeout_s",
+        ),
+    ),
 ]
-SPELLING = {"api_keys": "api_key", "lora_roots": "lora_root", "drain_timeout_s": "drain_timeout",
-            "load_timeout_s": "load_timeout", "request_timeout_s": "request_timeout"}  # dest of a renamed flag
+SPELLING = {
+    "api_keys": "api_key",
+    "lora_roots": "lora_root",
+    "drain_timeout_s": "drain_timeout",
+    "load_timeout_s": "load_timeout",
+    "request_timeout_s": "request_timeout",
+}  # dest of a renamed flag
 
 
 @pytest.mark.parametrize("command,cls,names", COMMAND_CONFIGS, ids=lambda x: getattr(x, "__name__", str(x)))
@@ -96,8 +150,22 @@ def test_load_flag_defaults_per_command():
 
 
 def test_load_flags_and_recipe_build_the_same_config(tmp_path):
-    args = build_parser().parse_args(["generate", "--prompt", "hi", "--model", "m", "--dtype", "bf16", "--compile",
-                                      "--quantize", "int4", "--group-size", "32"])
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            "m",
+            "--dtype",
+            "bf16",
+            "--compile",
+            "--quantize",
+            "int4",
+            "--group-size",
+            "32",
+        ]
+    )
     from_flags = config_from_flags(LoadConfig, args)
     yaml = recipe(tmp_path, "model: m\ndtype: bf16\ncompile: true\nquantize: int4\ngroup_size: 32\n")
     assert from_flags == load_recipe(LoadConfig, yaml)
@@ -109,14 +177,33 @@ def test_prune_flags_and_recipe_build_the_same_config(tmp_path):
     from slimlm.compress.stages import STAGE_KINDS
     from slimlm.recipe import from_dict
 
-    args = build_parser().parse_args(["prune", "--structured", "mlp", "--ratio", "0.125", "--non-uniform",
-                                      "--multiple-of", "16", "--calib-samples", "8", "--out", "o"])
+    args = build_parser().parse_args(
+        [
+            "prune",
+            "--structured",
+            "mlp",
+            "--ratio",
+            "0.125",
+            "--non-uniform",
+            "--multiple-of",
+            "16",
+            "--calib-samples",
+            "8",
+            "--out",
+            "o",
+        ]
+    )
     from_flags = config_from_flags(PruneConfig, args)
     text = "structured: mlp\nratio: 0.125\nnon_uniform: true\nmultiple_of: 16\ncalib_samples: 8\n"
     assert from_flags == load_recipe(PruneConfig, recipe(tmp_path, text))
     assert STAGE_KINDS["prune"].config is PruneConfig  # the compress chain's prune stage reads the same class
-    assert from_dict(PruneConfig, {"structured": "mlp", "ratio": 0.125, "non_uniform": True, "multiple_of": 16,
-                                   "calib_samples": 8}) == from_flags
+    assert (
+        from_dict(
+            PruneConfig,
+            {"structured": "mlp", "ratio": 0.125, "non_uniform": True, "multiple_of": 16, "calib_samples": 8},
+        )
+        == from_flags
+    )
     assert from_flags.needs_calibration and from_flags.non_uniform is True
     bare = config_from_flags(PruneConfig, build_parser().parse_args(["prune", "--method", "magnitude", "--out", "o"]))
     assert bare == PruneConfig(method="magnitude") and not bare.needs_calibration
@@ -135,32 +222,87 @@ def test_prune_config_validates_flags_and_recipes_alike():
 def test_quantize_flags_and_recipe_build_the_same_config(tmp_path):
     from slimlm.compress.stages import STAGE_KINDS
 
-    args = build_parser().parse_args(["quantize", "--scheme", "int4", "--method", "qat", "--qat-steps", "7",
-                                      "--qat-loss", "ce", "--smooth", "0.5", "--out", "o"])
+    args = build_parser().parse_args(
+        [
+            "quantize",
+            "--scheme",
+            "int4",
+            "--method",
+            "qat",
+            "--qat-steps",
+            "7",
+            "--qat-loss",
+            "ce",
+            "--smooth",
+            "0.5",
+            "--out",
+            "o",
+        ]
+    )
     from_flags = config_from_flags(QuantizeConfig, args)
     text = "scheme: int4\nmethod: qat\nqat_steps: 7\nqat_loss: ce\nsmooth: 0.5\n"
     assert from_flags == load_recipe(QuantizeConfig, recipe(tmp_path, text))
     assert STAGE_KINDS["quantize"].config is QuantizeConfig
-    defaults = config_from_flags(QuantizeConfig, build_parser().parse_args(["quantize", "--scheme", "int8",
-                                                                            "--out", "o"]))
+    defaults = config_from_flags(
+        QuantizeConfig, build_parser().parse_args(["quantize", "--scheme", "int8", "--out", "o"])
+    )
     assert defaults == QuantizeConfig() and defaults.qat_steps == 100  # stated once, in the dataclass
 
 
 def test_serve_flags_and_recipe_build_the_same_config(tmp_path):
-    args = build_parser().parse_args(["batch", "in.jsonl", "out.jsonl", "--model", "m", "--quantize", "none",
-                                      "--max-batch", "4", "--no-prefix-cache", "--speculative", "ngram",
-                                      "--adapters", "a=x", "--max-tokens-limit", "99"])
+    args = build_parser().parse_args(
+        [
+            "batch",
+            "in.jsonl",
+            "out.jsonl",
+            "--model",
+            "m",
+            "--quantize",
+            "none",
+            "--max-batch",
+            "4",
+            "--no-prefix-cache",
+            "--speculative",
+            "ngram",
+            "--adapters",
+            "a=x",
+            "--max-tokens-limit",
+            "99",
+        ]
+    )
     from_flags = serve_config(args)
-    text = ("model: m\nquantize: null\nadapters: [a=x]\nmax_tokens_limit: 99\n"
-            "engine: {max_batch: 4, max_seq_len: 0, prefix_cache: false, speculative: ngram}\n")
+    text = (
+        "model: m\nquantize: null\nadapters: [a=x]\nmax_tokens_limit: 99\n"
+        "engine: {max_batch: 4, max_seq_len: 0, prefix_cache: false, speculative: ngram}\n"
+    )
     assert from_flags == load_recipe(ServeConfig, recipe(tmp_path, text))
     assert type(from_flags.engine) is EngineConfig  # the engine sees its plain config
 
 
 def test_serve_only_flags(tmp_path):
-    args = build_parser().parse_args(["serve", "--api-key", "a", "--api-key", "b", "--drain-timeout", "3",
-                                      "--load-timeout", "5", "--max-models", "2", "--memory-budget", "1KiB",
-                                      "--request-timeout", "7.5", "--models", "x=y", "--port", "9000"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--api-key",
+            "a",
+            "--api-key",
+            "b",
+            "--drain-timeout",
+            "3",
+            "--load-timeout",
+            "5",
+            "--max-models",
+            "2",
+            "--memory-budget",
+            "1KiB",
+            "--request-timeout",
+            "7.5",
+            "--models",
+            "x=y",
+            "--port",
+            "9000",
+        ]
+    )
     assert (args.api_key, args.drain_timeout, args.load_timeout, args.port) == (["a", "b"], 3.0, 5.0, 9000)
     cfg = serve_config(args, ("drain_timeout_s", "load_timeout_s", "max_models", "models"))
     assert (cfg.drain_timeout_s, cfg.load_timeout_s, cfg.max_models, cfg.models) == (3.0, 5.0, 2, ["x=y"])
@@ -187,8 +329,7 @@ def test_add_command_flags_metadata():
     parser = argparse.ArgumentParser()
     add_command_flags(parser, LoudSettings)
     args = parser.parse_args(["--wait", "2", "--tag", "p", "--tag", "q", "--no-fast", "--verbose"])
-    assert config_from_flags(LoudSettings, args) == LoudSettings(wait_s=2.0, tags=["p", "q"], fast=False,
-                                                                 verbose=True)
+    assert config_from_flags(LoudSettings, args) == LoudSettings(wait_s=2.0, tags=["p", "q"], fast=False, verbose=True)
     assert config_from_flags(LoudSettings, parser.parse_args([])) == LoudSettings()
     assert field_docs(LoudSettings)["name"] == "what to call it"  # a subclass keeps its base's comments
     helps = {a.dest: a.help for a in parser._actions}

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 import slimlm
-from slimlm.compress.ledger import ledger_markdown
 from slimlm.compress.chain import CompressRecipe, load_compress_recipe
+from slimlm.compress.ledger import ledger_markdown
 from slimlm.compress.run import compress
 from slimlm.recipe import RecipeError
 
@@ -18,8 +18,11 @@ MEASURE = {"ppl_tokens": 256, "ppl_seq_len": 64, "speed_prompt": 16, "speed_new"
 
 def _recipe(tmp_path, model, stages, **extra):
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"model": str(model), "out": str(tmp_path / "out"), "measure": MEASURE,
-                                    "stages": stages, **extra}))
+    path.write_text(
+        yaml.safe_dump(
+            {"model": str(model), "out": str(tmp_path / "out"), "measure": MEASURE, "stages": stages, **extra}
+        )
+    )
     return path
 
 
@@ -35,8 +38,13 @@ def test_recipe_errors_name_the_stage_and_key(tiny_llama, tmp_path):
     with pytest.raises(RecipeError, match="one key, the stage kind"):
         load_compress_recipe(_recipe(tmp_path, tiny_llama[0], [{"quantize": {}, "prune": {}}]))
     with pytest.raises(RecipeError, match=r"stages\[0\]: quantize must be the last stage"):
-        compress(CompressRecipe(model=str(tiny_llama[0]), out=str(tmp_path / "o"),
-                                stages=[{"quantize": {}}, {"quantize": {"scheme": "int4"}}]))
+        compress(
+            CompressRecipe(
+                model=str(tiny_llama[0]),
+                out=str(tmp_path / "o"),
+                stages=[{"quantize": {}}, {"quantize": {"scheme": "int4"}}],
+            )
+        )
 
 
 def test_chain_writes_ledger_and_loadable_stage_folders(tiny_llama, tmp_path, capsys):
@@ -62,8 +70,15 @@ def _chat_file(path, n, seed):
 
     rng = random.Random(seed)
     words = "the cat sat on mat and dog ran to house red blue".split()
-    recs = [{"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=4))},
-                          {"role": "assistant", "content": " ".join(rng.choices(words, k=3))}]} for _ in range(n)]
+    recs = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(words, k=4))},
+                {"role": "assistant", "content": " ".join(rng.choices(words, k=3))},
+            ]
+        }
+        for _ in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
 
@@ -71,11 +86,14 @@ def _chat_file(path, n, seed):
 def test_prune_distill_quantize_chain(tiny_llama, tmp_path):
     data = _chat_file(tmp_path / "train.jsonl", 16, 0)
     test = _chat_file(tmp_path / "test.jsonl", 4, 1)
-    stages = [{"prune": {"structured": "mlp", "ratio": 0.25, "calib_samples": 4, "calib_seq_len": 32}},
-              {"distill": {"data": str(data), "alpha": 0.5, "train": {"max_steps": 3, "batch_size": 4}}},
-              {"quantize": {"scheme": "int8"}}]
-    recipe = load_compress_recipe(_recipe(tmp_path, tiny_llama[0], stages,
-                                          measure={**MEASURE, "task": str(test), "task_limit": 4}))
+    stages = [
+        {"prune": {"structured": "mlp", "ratio": 0.25, "calib_samples": 4, "calib_seq_len": 32}},
+        {"distill": {"data": str(data), "alpha": 0.5, "train": {"max_steps": 3, "batch_size": 4}}},
+        {"quantize": {"scheme": "int8"}},
+    ]
+    recipe = load_compress_recipe(
+        _recipe(tmp_path, tiny_llama[0], stages, measure={**MEASURE, "task": str(test), "task_limit": 4})
+    )
     assert recipe.parsed_stages()[1][1].student == "previous"
     rows = compress(recipe, progress=False)
     assert [r["stage"] for r in rows] == ["0-base", "1-prune-mlp-0.25", "2-distill-alpha0.5", "3-quantize-int8"]
@@ -102,5 +120,5 @@ def test_bundled_compress_recipes_parse():
         recipe = from_dict(CompressRecipe, yaml.safe_load(path.read_text()), f"{path}: ")
         # Keys and types only: the data files they name are made by the benchmarks, so no validate() here.
         for i, stage in enumerate(recipe.stages):
-            (kind, settings), = stage.items()
+            ((kind, settings),) = stage.items()
             from_dict(STAGE_KINDS[kind].config, settings, f"{path}: stages[{i}].{kind}.")

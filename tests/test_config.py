@@ -8,34 +8,63 @@ import torch
 from slimlm.config import PRESETS, ConfigError, ModelConfig
 from slimlm.model import Transformer
 
-BASE_HF = {"vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 8,
-           "num_key_value_heads": 2, "intermediate_size": 160, "rms_norm_eps": 1e-6, "max_position_embeddings": 512}
+BASE_HF = {
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 160,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 512,
+}
 
 
 def test_from_hf_llama_transformers5_rope_parameters():
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    c = ModelConfig.from_hf({**BASE_HF, "model_type": "llama", "rope_parameters": rope, "tie_word_embeddings": True,
-                             "bos_token_id": 1, "eos_token_id": [2, 3]})
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    c = ModelConfig.from_hf(
+        {
+            **BASE_HF,
+            "model_type": "llama",
+            "rope_parameters": rope,
+            "tie_word_embeddings": True,
+            "bos_token_id": 1,
+            "eos_token_id": [2, 3],
+        }
+    )
     assert (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.n_kv_heads) == (320, 64, 3, 8, 2)
     assert c.head_dim == 8 and c.intermediate_size == 160 and c.norm_eps == 1e-6 and c.max_seq_len == 512
     assert c.rope_theta == 500000.0
     assert c.rope_type == "llama3"
-    assert c.rope_scaling == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 8192}  # rope_theta is not left inside
+    assert c.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }  # rope_theta is not left inside
     assert c.tie_word_embeddings and not c.attention_bias and c.sliding_window is None
     assert c.bos_token_id == 1 and c.eos_token_id == [2, 3]
 
 
 def test_from_hf_default_rope_parameters_means_no_scaling():
-    c = ModelConfig.from_hf({**BASE_HF, "model_type": "llama",
-                             "rope_parameters": {"rope_type": "default", "rope_theta": 1234.0}})
+    c = ModelConfig.from_hf(
+        {**BASE_HF, "model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 1234.0}}
+    )
     assert c.rope_theta == 1234.0 and c.rope_scaling is None and c.rope_type == "default"
 
 
 def test_from_hf_legacy_rope_theta_and_rope_scaling():
-    c = ModelConfig.from_hf({**BASE_HF, "model_type": "llama", "rope_theta": 250000.0,
-                             "rope_scaling": {"type": "linear", "factor": 4.0}})
+    c = ModelConfig.from_hf(
+        {**BASE_HF, "model_type": "llama", "rope_theta": 250000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}
+    )
     assert c.rope_theta == 250000.0 and c.rope_type == "linear" and c.rope_scaling["factor"] == 4.0
     c = ModelConfig.from_hf({**BASE_HF, "model_type": "llama", "rope_theta": 7.0, "rope_scaling": None})
     assert c.rope_theta == 7.0 and c.rope_scaling is None
@@ -69,10 +98,20 @@ def test_from_hf_qwen2_bias_and_sliding_window_switch():
 def test_from_hf_reads_transformers_own_config_dicts(arch):
     import transformers
 
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[arch]
-    hf = cls(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=8,
-             num_key_value_heads=2, rope_theta=4321.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
-             tie_word_embeddings=True).to_dict()
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[
+        arch
+    ]
+    hf = cls(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_theta=4321.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        tie_word_embeddings=True,
+    ).to_dict()
     c = ModelConfig.from_hf(hf)
     assert c.model_type == arch and (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == (64, 3, 8, 2, 8)
     assert c.rope_theta == 4321.0 and c.rope_type == "linear" and c.rope_scaling["factor"] == 2.0
@@ -95,7 +134,9 @@ def test_to_hf_normalises_legacy_rope_type_key():
 
 
 def test_from_hf_unknown_model_type():
-    with pytest.raises(ConfigError, match=r"model_type 'gpt2' \(architectures: GPT2LMHeadModel\).*slimlm supports llama"):
+    with pytest.raises(
+        ConfigError, match=r"model_type 'gpt2' \(architectures: GPT2LMHeadModel\).*slimlm supports llama"
+    ):
         ModelConfig.from_hf({**BASE_HF, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
 
 
@@ -123,8 +164,13 @@ def test_validation_bad_heads():
 
 def test_validation_collects_every_error_at_once():
     with pytest.raises(ConfigError, match="invalid model config") as info:
-        ModelConfig(vocab_size=0, n_heads=8, n_kv_heads=3, model_type="gpt2",
-                    rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+        ModelConfig(
+            vocab_size=0,
+            n_heads=8,
+            n_kv_heads=3,
+            model_type="gpt2",
+            rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+        )
     msg = str(info.value)
     assert "vocab_size must be a positive integer" in msg
     assert "model_type 'gpt2' is not supported" in msg

@@ -13,9 +13,13 @@ from slimlm.train.batch import IGNORE, collate
 from slimlm.train.data import DataConfig, DataError, check_file, load_dataset, pack, read_jsonl, render, to_sample
 
 SYSTEM = {"role": "system", "content": "tell me a story"}
-CHAT = [SYSTEM, {"role": "user", "content": "what is Paris?"},
-        {"role": "assistant", "content": "the capital of France"},
-        {"role": "user", "content": "and the moon?"}, {"role": "assistant", "content": "a big star, 42"}]
+CHAT = [
+    SYSTEM,
+    {"role": "user", "content": "what is Paris?"},
+    {"role": "assistant", "content": "the capital of France"},
+    {"role": "user", "content": "and the moon?"},
+    {"role": "assistant", "content": "a big star, 42"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +92,10 @@ def test_text_trains_everything_with_eos(tok):
 def test_alpaca_uses_the_chat_template_when_there_is_one(tok):
     record = {"instruction": "tell me a story", "input": "the red fox", "output": "the fox ran"}
     ids, trained = render(record, "alpaca", tok)
-    messages = [{"role": "user", "content": "tell me a story\n\nthe red fox"},
-                {"role": "assistant", "content": "the fox ran"}]
+    messages = [
+        {"role": "user", "content": "tell me a story\n\nthe red fox"},
+        {"role": "assistant", "content": "the fox ran"},
+    ]
     assert (ids, trained) == render({"messages": messages}, "chat", tok)
     assert trained_runs(tok, ids, trained) == ["the fox ran<|im_end|>"]
 
@@ -110,9 +116,14 @@ def test_train_on_prompt_trains_every_token(tok):
 
 def test_truncation_and_dropped_counts(tok, tmp_path):
     long = " ".join(["the cat sat on the mat"] * 20)
-    path = write_jsonl(tmp_path, [{"prompt": "hello", "completion": " world"},  # fits
-                                  {"prompt": "hello", "completion": long},  # cut, still trained
-                                  {"prompt": long, "completion": " world"}])  # cut inside the prompt: dropped
+    path = write_jsonl(
+        tmp_path,
+        [
+            {"prompt": "hello", "completion": " world"},  # fits
+            {"prompt": "hello", "completion": long},  # cut, still trained
+            {"prompt": long, "completion": " world"},
+        ],
+    )  # cut inside the prompt: dropped
     with pytest.warns(UserWarning, match="dropped 1 of 3 records"):
         samples, stats = load_dataset(path, tok, DataConfig(max_seq_len=16))
     assert (stats.records, stats.samples, stats.truncated, stats.dropped) == (3, 2, 2, 1)
@@ -146,40 +157,49 @@ def test_load_dataset_packs_when_asked(tok, tmp_path):
 
 
 def test_read_jsonl_lists_every_bad_line(tmp_path):
-    path = write_jsonl(tmp_path, [
-        {"messages": CHAT, "fields": {"extra": 1}},  # 1: fine, extra keys are ignored
-        "{not json",  # 2
-        "[1, 2]",  # 3
-        "   ",  # 4: blank, skipped
-        {"question": "q", "answer": "a"},  # 5
-        {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]},  # 6
-        {"messages": [{"role": "user", "content": "hi"}]},  # 7
-        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": 3}]},  # 8
-        {"prompt": "p", "text": "t"},  # 9
-    ])
+    path = write_jsonl(
+        tmp_path,
+        [
+            {"messages": CHAT, "fields": {"extra": 1}},  # 1: fine, extra keys are ignored
+            "{not json",  # 2
+            "[1, 2]",  # 3
+            "   ",  # 4: blank, skipped
+            {"question": "q", "answer": "a"},  # 5
+            {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]},  # 6
+            {"messages": [{"role": "user", "content": "hi"}]},  # 7
+            {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": 3}]},  # 8
+            {"prompt": "p", "text": "t"},  # 9
+        ],
+    )
     with pytest.raises(DataError, match=r"8 problem\(s\)") as e:
         read_jsonl(path)
     msg = str(e.value)
-    for expected in [f"{path}:2: invalid JSON", f"{path}:3: a list, not a JSON object",
-                     f"{path}:5: unknown record shape",
-                     f"{path}:6: messages[0].role is 'bot'; use one of system, user, assistant",
-                     f"{path}:7: no assistant turn", f"{path}:8: messages[0]: field 'content' is empty",
-                     f"{path}:8: messages[1]: field 'content' must be a string",
-                     f"{path}:9: ambiguous record: has keys of formats prompt_completion, text"]:
+    for expected in [
+        f"{path}:2: invalid JSON",
+        f"{path}:3: a list, not a JSON object",
+        f"{path}:5: unknown record shape",
+        f"{path}:6: messages[0].role is 'bot'; use one of system, user, assistant",
+        f"{path}:7: no assistant turn",
+        f"{path}:8: messages[0]: field 'content' is empty",
+        f"{path}:8: messages[1]: field 'content' must be a string",
+        f"{path}:9: ambiguous record: has keys of formats prompt_completion, text",
+    ]:
         assert expected in msg
     assert f"{path}:1:" not in msg and f"{path}:4:" not in msg
 
 
 def test_read_jsonl_rejects_mixed_formats_and_checks_forced_format(tmp_path):
-    path = write_jsonl(tmp_path, [{"messages": CHAT}, {"text": "a"}, {"messages": CHAT},
-                                  {"prompt": "p", "completion": "c"}])
+    path = write_jsonl(
+        tmp_path, [{"messages": CHAT}, {"text": "a"}, {"messages": CHAT}, {"prompt": "p", "completion": "c"}]
+    )
     with pytest.raises(DataError, match=rf"{path}:2: a text record, but line 1 is chat; put one format per file") as e:
         read_jsonl(path)
     assert f"{path}:4: a prompt_completion record" in str(e.value) and f"{path}:3" not in str(e.value)
     with pytest.raises(DataError, match=rf"{path}:1: missing field 'text'"):
         read_jsonl(path, format="text")
-    alpaca = write_jsonl(tmp_path, [{"instruction": "i", "output": "o"},
-                                    {"instruction": "i", "input": "", "output": "o"}])
+    alpaca = write_jsonl(
+        tmp_path, [{"instruction": "i", "output": "o"}, {"instruction": "i", "input": "", "output": "o"}]
+    )
     assert [(n, fmt) for n, _, fmt in read_jsonl(alpaca)] == [(1, "alpaca"), (2, "alpaca")]
 
 
@@ -215,8 +235,11 @@ def test_packed_logits_match_unpacked(tok, tiny_llama):
     from slimlm.checkpoint.hf import load_hf_folder
 
     _, model = load_hf_folder(tiny_llama[0])
-    records = [({"messages": CHAT[:3]}, "chat"), ({"text": "the quick brown fox"}, "text"),
-               ({"messages": CHAT}, "chat")]
+    records = [
+        ({"messages": CHAT[:3]}, "chat"),
+        ({"text": "the quick brown fox"}, "text"),
+        ({"messages": CHAT}, "chat"),
+    ]
     samples = [to_sample(*render(r, f, tok), 64) for r, f in records]
     (row,) = pack(samples, 128)
     batch = collate([row], tok.pad_id)
@@ -225,5 +248,5 @@ def test_packed_logits_match_unpacked(tok, tiny_llama):
         start = 0
         for s in samples:
             alone = model(torch.tensor([s.input_ids]))[0]
-            torch.testing.assert_close(packed[start:start + len(s.input_ids)], alone, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(packed[start : start + len(s.input_ids)], alone, atol=1e-4, rtol=1e-4)
             start += len(s.input_ids)

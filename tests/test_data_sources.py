@@ -40,7 +40,8 @@ def test_parquet_with_renamed_columns_equals_the_jsonl(tok, tmp_path):
     parquet = tmp_path / "data" / "qa.parquet"
     parquet.parent.mkdir()
     pd.DataFrame({"id": [1, 2, 3], "question": [q for q, _ in PAIRS], "answer": [a for _, a in PAIRS]}).to_parquet(
-        parquet)
+        parquet
+    )
     before = tree(parquet.parent)
     cfg = DataConfig(max_seq_len=64, columns={"prompt": "question", "completion": "answer"})
     samples, stats = load_dataset(parquet, tok, cfg)
@@ -71,9 +72,10 @@ def test_chat_messages_from_parquet_and_json(tok, tmp_path):
     for name in ("chat.parquet", "chat.json"):
         samples, stats = load_dataset(tmp_path / name, tok, DataConfig(max_seq_len=128))
         assert stats.format == "chat" and same_samples(samples, reference), name
-    assert chat_prompts(tmp_path / "chat.parquet", DataConfig()) == [(CHAT[:1], CHAT[1]["content"]),
-                                                                    ([{"role": "system", "content": "be brief"},
-                                                                      CHAT[0]], CHAT[1]["content"])]
+    assert chat_prompts(tmp_path / "chat.parquet", DataConfig()) == [
+        (CHAT[:1], CHAT[1]["content"]),
+        ([{"role": "system", "content": "be brief"}, CHAT[0]], CHAT[1]["content"]),
+    ]
 
 
 def test_a_table_without_known_columns_lists_the_columns_found(tmp_path):
@@ -87,12 +89,18 @@ def test_a_table_without_known_columns_lists_the_columns_found(tmp_path):
     with pytest.raises(DataError, match="columns of formats prompt_completion, text"):
         read_records(path, DataConfig())
     assert [fmt for _, _, fmt in read_records(path, DataConfig(format="text"))] == ["text"]
-    with pytest.raises(DataError, match=r"^.*qa\.parquet: alpaca records need column\(s\) 'instruction', 'output' "
-                                        r"\(columns: prompt, text\); rename one with dataset\.columns"):
+    with pytest.raises(
+        DataError,
+        match=r"^.*qa\.parquet: alpaca records need column\(s\) 'instruction', 'output' "
+        r"\(columns: prompt, text\); rename one with dataset\.columns",
+    ):
         read_records(path, DataConfig(format="alpaca"))
     pd.DataFrame({"prompt": ["q"], "reply": ["a"]}).to_parquet(path)
-    with pytest.raises(DataError, match=r"prompt_completion records need column\(s\) 'completion' \(columns: "
-                                        r"prompt, reply\); rename one with dataset\.columns, e\.g\. completion="):
+    with pytest.raises(
+        DataError,
+        match=r"prompt_completion records need column\(s\) 'completion' \(columns: "
+        r"prompt, reply\); rename one with dataset\.columns, e\.g\. completion=",
+    ):
         read_records(path, DataConfig())
     with pytest.raises(DataError, match=rf"^{tmp_path / 'missing.csv'} does not exist \(give a file"):
         read_records(tmp_path / "missing.csv", DataConfig())
@@ -131,13 +139,17 @@ def test_hub_names_and_missing_paths(tmp_path, monkeypatch):
     assert run_data_errors("HuggingFaceH4/no_robots", None, 0, None) == []
     assert run_data_errors(str(tmp_path / "x.parquet"), "nope.csv", 0, None) == [
         f"training data {tmp_path / 'x.parquet'} does not exist (give a file, a folder of data files, or a Hugging "
-        "Face dataset name)", "eval data nope.csv does not exist (give a file, a folder of data files, or a Hugging "
-        "Face dataset name)"]
+        "Face dataset name)",
+        "eval data nope.csv does not exist (give a file, a folder of data files, or a Hugging Face dataset name)",
+    ]
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as without a network, but at once
-    with pytest.raises(DataError, match=r"^someone/no_such_data: not a local file or folder, and the Hugging Face "
-                                        r"Hub cannot be reached \(.*\); connect to the network") as e:
+    with pytest.raises(
+        DataError,
+        match=r"^someone/no_such_data: not a local file or folder, and the Hugging Face "
+        r"Hub cannot be reached \(.*\); connect to the network",
+    ) as e:
         read_records("someone/no_such_data", DataConfig())
     assert "\n" not in str(e.value)
 
@@ -155,9 +167,29 @@ def test_finetune_on_parquet_for_epochs_logs_tensorboard(tiny_llama, tmp_path, c
     rows = [{"question": f"say {w}", "answer": w} for w in ("one", "two", "three", "four", "five")]
     pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
     out = tmp_path / "run"
-    assert main(["finetune", "--model", str(tiny_llama[0]), "--method", "lora", "--data",
-                 str(tmp_path / "train.parquet"), "--dataset.columns", "prompt=question,completion=answer",
-                 "--train.num_epochs", "2", "--train.batch_size", "2", "--out", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(tiny_llama[0]),
+                "--method",
+                "lora",
+                "--data",
+                str(tmp_path / "train.parquet"),
+                "--dataset.columns",
+                "prompt=question,completion=answer",
+                "--train.num_epochs",
+                "2",
+                "--train.batch_size",
+                "2",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # 3 micro-batches (2, 2, 1) per epoch
     assert [m["epoch"] for m in metrics] == [0.4, 0.8, 1.0, 1.4, 1.8, 2.0]
@@ -174,10 +206,17 @@ def _help(capsys) -> str:
 
 def test_finetune_help_says_what_data_takes(capsys):
     text = " ".join(_help(capsys).split())
-    assert "--data VALUE training data: a .jsonl, .parquet, .csv or .json file, a folder of them, or a Hugging " \
-           "Face dataset name" in text
-    for flag in ("--dataset.columns", "--dataset.split", "--dataset.subset", "--train.num_epochs",
-                 "--train.tensorboard"):
+    assert (
+        "--data VALUE training data: a .jsonl, .parquet, .csv or .json file, a folder of them, or a Hugging "
+        "Face dataset name" in text
+    )
+    for flag in (
+        "--dataset.columns",
+        "--dataset.split",
+        "--dataset.subset",
+        "--train.num_epochs",
+        "--train.tensorboard",
+    ):
         assert flag in text
 
 
@@ -185,16 +224,52 @@ def test_distill_on_parquet_for_epochs_caches_every_sample(tiny_llama, tmp_path)
     from slimlm.cli import main
 
     def chat(n: int) -> list[dict]:
-        return [{"messages": [{"role": "user", "content": f"count to {i}"},
-                              {"role": "assistant", "content": " ".join(map(str, range(i)))}]} for i in range(1, n + 1)]
+        return [
+            {
+                "messages": [
+                    {"role": "user", "content": f"count to {i}"},
+                    {"role": "assistant", "content": " ".join(map(str, range(i)))},
+                ]
+            }
+            for i in range(1, n + 1)
+        ]
 
     pd.DataFrame(chat(5)).to_parquet(tmp_path / "train.parquet")
     pd.DataFrame(chat(2)).to_parquet(tmp_path / "val.parquet")
     out = tmp_path / "run"
-    assert main(["distill", "--teacher", str(tiny_llama[0]), "--student-layers", "1", "--data",
-                 str(tmp_path / "train.parquet"), "--eval-data", str(tmp_path / "val.parquet"), "--eval-generate", "2",
-                 "--eval-max-new-tokens", "4", "--teacher-cache", "topk", "--top-k", "8", "--train.num_epochs", "2",
-                 "--train.batch_size", "2", "--dataset.max_seq_len", "64", "--out", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(tiny_llama[0]),
+                "--student-layers",
+                "1",
+                "--data",
+                str(tmp_path / "train.parquet"),
+                "--eval-data",
+                str(tmp_path / "val.parquet"),
+                "--eval-generate",
+                "2",
+                "--eval-max-new-tokens",
+                "4",
+                "--teacher-cache",
+                "topk",
+                "--top-k",
+                "8",
+                "--train.num_epochs",
+                "2",
+                "--train.batch_size",
+                "2",
+                "--dataset.max_seq_len",
+                "64",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["cache"]["built_samples"] == 5  # 2 epochs of 3 steps; all 5 cached
     assert summary["teacher_exact_match"]["n"] == 2  # the generation eval read its prompts from the parquet file
@@ -211,6 +286,7 @@ def test_demo_task_as_parquet_gives_the_jsonl_samples_with_the_real_tokenizer(tm
     pd.DataFrame([{"conversation": r["messages"]} for r in rows]).to_parquet(tmp_path / "test.parquet")
     cfg = DataConfig(max_seq_len=256)
     expected, _ = load_dataset(source, tok, cfg)
-    samples, stats = load_dataset(tmp_path / "test.parquet", tok, DataConfig(max_seq_len=256,
-                                                                          columns={"messages": "conversation"}))
+    samples, stats = load_dataset(
+        tmp_path / "test.parquet", tok, DataConfig(max_seq_len=256, columns={"messages": "conversation"})
+    )
     assert stats.records == len(rows) == 200 and same_samples(samples, expected)

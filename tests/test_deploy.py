@@ -59,8 +59,12 @@ def test_k8s_manifests_validate_against_kubernetes_schemas(tmp_path, model, extr
 
 def test_kubernetes_validate_rejects_what_it_should():
     """The validator used above can fail: an unknown field and a wrong type are errors (strict mode, offline)."""
-    good = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-            "spec": {"ports": [{"port": 80}], "selector": {"a": "b"}}}
+    good = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": 80}], "selector": {"a": "b"}},
+    }
     kubernetes_validate.validate(good, K8S_VERSION, strict=True)
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate({**good, "spec": {**good["spec"], "portz": 1}}, K8S_VERSION, strict=True)
@@ -70,12 +74,36 @@ def test_kubernetes_validate_rejects_what_it_should():
 
 def test_k8s_semantics(tmp_path, model):
     out = tmp_path / "k8s"
-    assert deploy("k8s", "--model", model, "--out", out, "--port", 9000, "--drain-timeout", 45,
-                  "--serve-args=--max-batch 8 --quantize int8", "--min-replicas", 2, "--max-replicas", 6,
-                  "--cpu-target", 60, "--cpu", "1500m", "--memory", "3Gi", "--api-key-secret", "slimlm-key") == 0
-    dep, = docs(out, "deployment.yaml")
+    assert (
+        deploy(
+            "k8s",
+            "--model",
+            model,
+            "--out",
+            out,
+            "--port",
+            9000,
+            "--drain-timeout",
+            45,
+            "--serve-args=--max-batch 8 --quantize int8",
+            "--min-replicas",
+            2,
+            "--max-replicas",
+            6,
+            "--cpu-target",
+            60,
+            "--cpu",
+            "1500m",
+            "--memory",
+            "3Gi",
+            "--api-key-secret",
+            "slimlm-key",
+        )
+        == 0
+    )
+    (dep,) = docs(out, "deployment.yaml")
     pod = dep["spec"]["template"]["spec"]
-    c, = pod["containers"]
+    (c,) = pod["containers"]
     port = c["ports"][0]
     assert port == {"name": "http", "containerPort": 9000, "protocol": "TCP"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
@@ -93,13 +121,16 @@ def test_k8s_semantics(tmp_path, model):
     assert {"/cache", "/tmp"} <= writable  # the read-only root needs these (GGUF cache, kernel build, tmp files)
     assert c["resources"]["requests"] == {"cpu": "1500m", "memory": "3Gi"} == c["resources"]["limits"]
     assert {"name": "OMP_NUM_THREADS", "value": "2"} in c["env"]
-    key, = [e for e in c["env"] if e["name"] == "SLIMLM_API_KEY"]
+    (key,) = [e for e in c["env"] if e["name"] == "SLIMLM_API_KEY"]
     assert key == {"name": "SLIMLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "slimlm-key", "key": "api-key"}}}
-    svc, = docs(out, "service.yaml")
-    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"][
-        "labels"]
+    (svc,) = docs(out, "service.yaml")
+    assert (
+        svc["spec"]["selector"]
+        == dep["spec"]["selector"]["matchLabels"]
+        == dep["spec"]["template"]["metadata"]["labels"]
+    )
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
-    hpa, = docs(out, "hpa.yaml")
+    (hpa,) = docs(out, "hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "slimlm"}
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     assert hpa["spec"]["metrics"][0]["resource"]["target"] == {"type": "Utilization", "averageUtilization": 60}
@@ -162,20 +193,24 @@ def test_kserve_validates_against_the_crd_schema(tmp_path, model, extra):
     out = tmp_path / "kserve"
     assert deploy("kserve", "--model", model, "--out", out, "--api-key-secret", "slimlm-key", *extra) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "inferenceservice.yaml"]
-    isvc, = docs(out, "inferenceservice.yaml")
+    (isvc,) = docs(out, "inferenceservice.yaml")
     assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     crd_validate(isvc)
     # The predictor inlines a core/v1 PodSpec: its containers and volumes as Kubernetes' own schema sees them.
     pred = isvc["spec"]["predictor"]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
-           "spec": {"containers": pred["containers"], "volumes": pred["volumes"]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": pred["containers"], "volumes": pred["volumes"]},
+    }
     kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
 
 def test_crd_schema_check_can_fail(tmp_path, model):
     out = tmp_path / "kserve"
     assert deploy("kserve", "--model", model, "--out", out) == 0
-    isvc, = docs(out, "inferenceservice.yaml")
+    (isvc,) = docs(out, "inferenceservice.yaml")
     bad_metric = json.loads(json.dumps(isvc))
     bad_metric["spec"]["predictor"]["scaleMetric"] = "gpu"
     typo = json.loads(json.dumps(isvc))
@@ -191,9 +226,10 @@ def test_kserve_semantics(tmp_path, model):
     pred = docs(out, "inferenceservice.yaml")[0]["spec"]["predictor"]
     assert pred["minReplicas"] == 0  # scale to zero by default
     assert (pred["scaleMetric"], pred["scaleTarget"]) == ("concurrency", 4)
-    c, = pred["containers"]
-    assert c["name"] == "kserve-container" and c["ports"] == [{"name": "http1", "containerPort": 8080,
-                                                                 "protocol": "TCP"}]
+    (c,) = pred["containers"]
+    assert c["name"] == "kserve-container" and c["ports"] == [
+        {"name": "http1", "containerPort": 8080, "protocol": "TCP"}
+    ]
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8080}
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": 8080}
     args = build_parser().parse_args([*c["command"][1:], *c["args"]])
@@ -206,8 +242,7 @@ def test_kserve_semantics(tmp_path, model):
 
 def test_kserve_mount_uses_storage_uri(tmp_path, model):
     out = tmp_path / "kserve"
-    assert deploy("kserve", "--model", model, "--mount", "--pvc", "models", "--pvc-subpath", "tiny", "--out",
-                  out) == 0
+    assert deploy("kserve", "--model", model, "--mount", "--pvc", "models", "--pvc-subpath", "tiny", "--out", out) == 0
     c = docs(out, "inferenceservice.yaml")[0]["spec"]["predictor"]["containers"][0]
     assert {"name": "STORAGE_URI", "value": "pvc://models/tiny"} in c["env"]
     assert c["args"][:2] == ["--model", "/mnt/models"]
@@ -225,8 +260,13 @@ def hadolint(path: Path) -> subprocess.CompletedProcess:
 def test_dockerfile_passes_hadolint(tmp_path, model, how):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")  # staged, never parsed
-    source = {"folder": [model], "gguf": [gguf], "alias": ["smollm2-135m"], "hub": ["org/name", "--revision", "v1"],
-              "mount": [model, "--mount"]}[how]
+    source = {
+        "folder": [model],
+        "gguf": [gguf],
+        "alias": ["smollm2-135m"],
+        "hub": ["org/name", "--revision", "v1"],
+        "mount": [model, "--mount"],
+    }[how]
     out = tmp_path / "image"
     assert deploy("docker", "--model", *source, "--out", out) == 0
     result = hadolint(out / "Dockerfile")
@@ -247,8 +287,22 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
 
 def test_docker_semantics(tmp_path, model):
     out = tmp_path / "image"
-    assert deploy("docker", "--model", model, "--out", out, "--port", 8123, "--drain-timeout", 20,
-                  "--serve-args", "--max-batch 4") == 0
+    assert (
+        deploy(
+            "docker",
+            "--model",
+            model,
+            "--out",
+            out,
+            "--port",
+            8123,
+            "--drain-timeout",
+            20,
+            "--serve-args",
+            "--max-batch 4",
+        )
+        == 0
+    )
     lines = (out / "Dockerfile").read_text().splitlines()
     instr = {}
     for line in lines:
@@ -260,8 +314,13 @@ def test_docker_semantics(tmp_path, model):
     assert any("--index-url https://download.pytorch.org/whl/cpu torch==" in r for r in instr["RUN"])
     cmd = json.loads(instr["CMD"][0])  # exec form
     args = build_parser().parse_args(cmd[1:])
-    assert (cmd[0], args.command, args.model, args.host, args.port) == ("slimlm", "serve", "/models/model",
-                                                                        "0.0.0.0", 8123)
+    assert (cmd[0], args.command, args.model, args.host, args.port) == (
+        "slimlm",
+        "serve",
+        "/models/model",
+        "0.0.0.0",
+        8123,
+    )
     assert (args.drain_timeout, args.max_batch) == (20.0, 4)
     # Every COPY source is in the context and not excluded by .dockerignore (an allow-list).
     allowed = {ln[1:] for ln in (out / ".dockerignore").read_text().splitlines() if ln.startswith("!")}
@@ -295,23 +354,29 @@ def test_output_is_deterministic(tmp_path, model):
             assert path.read_bytes() == (b / path.name).read_bytes(), path.name
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["helm"], "unknown target 'helm': choose one of docker, k8s, kserve"),
-    (["k8s", "--min-replicas", "3", "--max-replicas", "2"], "--max-replicas (2) must be >= 1 and >= --min-replicas"),
-    (["k8s", "--min-replicas", "0"], "--min-replicas must be >= 1 for k8s"),
-    (["kserve", "--min-replicas", "-1"], "--min-replicas must be >= 0 for kserve"),
-    (["k8s", "--cpu-target", "0"], "--cpu-target must be a percentage"),
-    (["k8s", "--cpu", "lots"], "--cpu 'lots' is not a CPU quantity"),
-    (["k8s", "--name", "Bad_Name"], "--name 'Bad_Name' must be lowercase"),
-    (["k8s", "--serve-args", "--api-key sk-1"], "--serve-args may not hold --api-key"),
-    (["k8s", "--serve-args", "--port 1"], "--serve-args may not hold --port"),
-    (["k8s", "--serve-args=--no-such-flag"], "slimlm serve has no flag --no-such-flag"),
-    (["k8s", "--serve-args", "--por 1"], "slimlm serve has no flag --por 1"),  # abbreviations cannot sneak past
-    (["k8s", "--serve-args", "--max-batch many"], "slimlm serve would refuse it"),
-    (["k8s", "--model", "/no/such/model"], "is not a folder, a .gguf file, an alias"),
-    (["k8s", "--mount", "--model", "/data/m"], "--mount on k8s/kserve needs --pvc"),
-    (["docker", "--mount"], "is an alias or hub id: drop --mount"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["helm"], "unknown target 'helm': choose one of docker, k8s, kserve"),
+        (
+            ["k8s", "--min-replicas", "3", "--max-replicas", "2"],
+            "--max-replicas (2) must be >= 1 and >= --min-replicas",
+        ),
+        (["k8s", "--min-replicas", "0"], "--min-replicas must be >= 1 for k8s"),
+        (["kserve", "--min-replicas", "-1"], "--min-replicas must be >= 0 for kserve"),
+        (["k8s", "--cpu-target", "0"], "--cpu-target must be a percentage"),
+        (["k8s", "--cpu", "lots"], "--cpu 'lots' is not a CPU quantity"),
+        (["k8s", "--name", "Bad_Name"], "--name 'Bad_Name' must be lowercase"),
+        (["k8s", "--serve-args", "--api-key sk-1"], "--serve-args may not hold --api-key"),
+        (["k8s", "--serve-args", "--port 1"], "--serve-args may not hold --port"),
+        (["k8s", "--serve-args=--no-such-flag"], "slimlm serve has no flag --no-such-flag"),
+        (["k8s", "--serve-args", "--por 1"], "slimlm serve has no flag --por 1"),  # abbreviations cannot sneak past
+        (["k8s", "--serve-args", "--max-batch many"], "slimlm serve would refuse it"),
+        (["k8s", "--model", "/no/such/model"], "is not a folder, a .gguf file, an alias"),
+        (["k8s", "--mount", "--model", "/data/m"], "--mount on k8s/kserve needs --pvc"),
+        (["docker", "--mount"], "is an alias or hub id: drop --mount"),
+    ],
+)
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     assert main(["deploy", *argv, "--out", str(out)]) == 2

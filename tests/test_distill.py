@@ -16,8 +16,14 @@ import torch
 from slimlm.cli import main
 from slimlm.train.batch import IGNORE, Sample
 from slimlm.train.distill import DistillConfig, make_student, online_loss, visited_samples
-from slimlm.train.kd_loss import (DenseTeacher, KDSettings, TopKTeacher, chunked_kd_loss, kd_loss_reference,
-                                  labelled_rows)
+from slimlm.train.kd_loss import (
+    DenseTeacher,
+    KDSettings,
+    TopKTeacher,
+    chunked_kd_loss,
+    kd_loss_reference,
+    labelled_rows,
+)
 from slimlm.train.loss import chunked_cross_entropy
 from slimlm.train.teacher_cache import TeacherCacheError, build_or_load, read_cache
 from slimlm.train.trainer import TrainConfig, train
@@ -59,8 +65,11 @@ def test_chunked_kd_loss_equals_direct_computation_with_gradients(kl, alpha, tem
 
 def test_reference_formula_matches_the_definition_and_temperature_squared():
     g = torch.Generator().manual_seed(1)
-    z, t, y = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g,
-                                                                                dtype=torch.float64), torch.arange(5)
+    z, t, y = (
+        torch.randn(5, 7, generator=g, dtype=torch.float64),
+        torch.randn(5, 7, generator=g, dtype=torch.float64),
+        torch.arange(5),
+    )
     for T in (1.0, 3.0):
         p, q = torch.softmax(z / T, -1), torch.softmax(t / T, -1)
         fwd = (q * (q.log() - p.log())).sum()
@@ -74,8 +83,9 @@ def test_gradcheck_of_the_fused_function():
     tr, _ = labelled_rows(th, y)
     for kl in ("forward", "reverse"):
         teacher, s = DenseTeacher(tr, thead), KDSettings(0.3, 1.7, kl)
-        assert torch.autograd.gradcheck(lambda hh, w: chunked_kd_loss(hh, y, _Head(w), teacher, s, 3)[0],
-                                        (h, head.weight))
+        assert torch.autograd.gradcheck(
+            lambda hh, w, teacher=teacher, s=s: chunked_kd_loss(hh, y, _Head(w), teacher, s, 3)[0], (h, head.weight)
+        )
 
 
 class _Head(torch.nn.Linear):
@@ -135,13 +145,14 @@ def test_teacher_rows_must_match_labelled_positions():
 
 # --- models, cache, trainer hook ----------------------------------------------------------------------------------
 
+
 def _samples(n: int, seed: int, vocab: int = 384) -> list[Sample]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         ids = [rng.randrange(3, vocab) for _ in range(rng.randint(6, 14))]
         p = rng.randint(2, len(ids) - 3)
-        out.append(Sample(ids, [IGNORE] * p + ids[p + 1:] + [IGNORE]))
+        out.append(Sample(ids, [IGNORE] * p + ids[p + 1 :] + [IGNORE]))
     return out
 
 
@@ -158,8 +169,7 @@ def _deeper_teacher(seed: int = 3):
     from slimlm.model import Transformer
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=384, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                      max_seq_len=64)
+    cfg = ModelConfig(vocab_size=384, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64)
     return Transformer(cfg).eval().requires_grad_(False)
 
 
@@ -218,8 +228,14 @@ def test_drop_layers_student_trains_and_loss_falls(tmp_path):
     student = make_student(_cfg(student_layers=2), teacher, torch.device("cpu"))
     assert student.config.n_layers == 2 and all(p.requires_grad for p in student.parameters())
     samples = _samples(4, 3)
-    res = train(student, samples, TrainConfig(max_steps=30, batch_size=4, lr=3e-3), tmp_path, progress=False,
-                loss_fn=online_loss(teacher, KDSettings(0.0, 1.0), 64))  # memorise the labels
+    res = train(
+        student,
+        samples,
+        TrainConfig(max_steps=30, batch_size=4, lr=3e-3),
+        tmp_path,
+        progress=False,
+        loss_fn=online_loss(teacher, KDSettings(0.0, 1.0), 64),
+    )  # memorise the labels
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
     assert res.steps == 30 and losses[-1] < 0.7 * losses[0]
 
@@ -261,26 +277,29 @@ def _random_student():
     from slimlm.model import Transformer
 
     torch.manual_seed(7)
-    cfg = ModelConfig(vocab_size=384, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=32,
-                      max_seq_len=64)
+    cfg = ModelConfig(vocab_size=384, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=32, max_seq_len=64)
     return Transformer(cfg).train()
 
 
 # --- config and CLI -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, match", [
-    ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
-    ({"temperature": 0}, "temperature must be > 0"),
-    ({"kl": "sideways"}, "kl must be one of forward, reverse"),
-    ({"teacher_cache": "disk"}, "teacher_cache must be one of none, topk"),
-    ({"top_k": 0}, "top_k must be a positive integer"),
-    ({"student": None, "student_layers": None}, "no student: pass --student"),
-    ({"student_layers": 0}, "student_layers must be a positive integer"),
-    ({"student": "some/folder", "student_layers": 3}, "student_layers applies to the teacher or a preset"),
-    ({"data": "missing.jsonl"}, "training data missing.jsonl does not exist"),
-    ({"eval_generate": 5}, "eval_generate needs --eval-data"),
-    ({"train": TrainConfig(lr=-1)}, "lr must be a positive number"),
-])
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
+        ({"temperature": 0}, "temperature must be > 0"),
+        ({"kl": "sideways"}, "kl must be one of forward, reverse"),
+        ({"teacher_cache": "disk"}, "teacher_cache must be one of none, topk"),
+        ({"top_k": 0}, "top_k must be a positive integer"),
+        ({"student": None, "student_layers": None}, "no student: pass --student"),
+        ({"student_layers": 0}, "student_layers must be a positive integer"),
+        ({"student": "some/folder", "student_layers": 3}, "student_layers applies to the teacher or a preset"),
+        ({"data": "missing.jsonl"}, "training data missing.jsonl does not exist"),
+        ({"eval_generate": 5}, "eval_generate needs --eval-data"),
+        ({"train": TrainConfig(lr=-1)}, "lr must be a positive number"),
+    ],
+)
 def test_bad_configs_raise(kw, match):
     cfg = _cfg(**{"student_layers": 1, **kw})
     with pytest.raises(ValueError, match=match):
@@ -289,8 +308,15 @@ def test_bad_configs_raise(kw, match):
 
 def _write_chat(path: Path, n: int, seed: int) -> Path:
     rng = random.Random(seed)
-    recs = [{"messages": [{"role": "user", "content": " ".join(rng.choices(SHORT, k=4))},
-                          {"role": "assistant", "content": " ".join(rng.choices(SHORT, k=5))}]} for _ in range(n)]
+    recs = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(SHORT, k=4))},
+                {"role": "assistant", "content": " ".join(rng.choices(SHORT, k=5))},
+            ]
+        }
+        for _ in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
 
@@ -301,10 +327,34 @@ def test_cli_end_to_end_writes_a_loadable_student(tiny_llama, tmp_path, cache):
 
     train_file, val_file = _write_chat(tmp_path / "train.jsonl", 8, 0), _write_chat(tmp_path / "val.jsonl", 3, 1)
     out = tmp_path / "run"
-    argv = ["distill", "--teacher", str(tiny_llama[0]), "--student-layers", "1", "--data", str(train_file),
-            "--eval-data", str(val_file), "--eval-generate", "2", "--eval-max-new-tokens", "8", "--out", str(out),
-            "--teacher-cache", cache, "--top-k", "32", "--train.max_steps", "3", "--train.batch_size", "4",
-            "--dataset.max_seq_len", "64", "-q"]
+    argv = [
+        "distill",
+        "--teacher",
+        str(tiny_llama[0]),
+        "--student-layers",
+        "1",
+        "--data",
+        str(train_file),
+        "--eval-data",
+        str(val_file),
+        "--eval-generate",
+        "2",
+        "--eval-max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+        "--teacher-cache",
+        cache,
+        "--top-k",
+        "32",
+        "--train.max_steps",
+        "3",
+        "--train.batch_size",
+        "4",
+        "--dataset.max_seq_len",
+        "64",
+        "-q",
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["student_params"] < summary["teacher_params"]
@@ -322,6 +372,22 @@ def test_cli_end_to_end_writes_a_loadable_student(tiny_llama, tmp_path, cache):
 
 def test_cli_bad_flag_exits_2(tiny_llama, tmp_path, capsys):
     train_file = _write_chat(tmp_path / "train.jsonl", 4, 0)
-    assert main(["distill", "--teacher", str(tiny_llama[0]), "--student-layers", "1", "--data", str(train_file),
-                 "--kl", "both", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(tiny_llama[0]),
+                "--student-layers",
+                "1",
+                "--data",
+                str(train_file),
+                "--kl",
+                "both",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "kl must be one of forward, reverse" in capsys.readouterr().err

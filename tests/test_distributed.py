@@ -28,27 +28,55 @@ SHORT = ["the", "cat", "sat", "on", "the", "mat", "and", "ran", "to", "the", "bi
 TOL = 1e-5  # fp32: 2 processes reassociate sums; nothing else differs
 # Global batch 4 x 2 = 8 samples per step; 13 records make micro-batches of 4, 4, 4 and 1 per epoch, so in every
 # second step one rank has no sample of the last micro-batch (the stand-in path) and the token counts differ.
-BASE = ["--train.max_steps", "4", "--train.batch_size", "4", "--train.grad_accum", "2", "--train.lr", "1e-3",
-        "--dataset.max_seq_len", "128", "--train.tensorboard", "false", "-q"]
+BASE = [
+    "--train.max_steps",
+    "4",
+    "--train.batch_size",
+    "4",
+    "--train.grad_accum",
+    "2",
+    "--train.lr",
+    "1e-3",
+    "--dataset.max_seq_len",
+    "128",
+    "--train.tensorboard",
+    "false",
+    "-q",
+]
 # (name, strategy, flags): the must-shows (LoRA and full on DDP and FSDP2), then every other method on DDP,
 # and QLoRA on FSDP2 (its NF4 base is buffers: replicated, not sharded).
-RUNS = [("lora-ddp", "ddp", ["--method", "lora"]), ("lora-fsdp", "fsdp", ["--method", "lora"]),
-        ("full-ddp", "ddp", ["--method", "full"]), ("full-fsdp", "fsdp", ["--method", "full"]),
-        ("dora-ddp", "ddp", ["--method", "lora", "--lora.use_dora", "true"]),
-        ("qlora-ddp", "ddp", ["--method", "qlora"]), ("qlora-fsdp", "fsdp", ["--method", "qlora"]),
-        ("adapter-ddp", "ddp", ["--method", "adapter"]), ("bitfit-ddp", "ddp", ["--method", "bitfit"]),
-        ("prefix-ddp", "ddp", ["--method", "prefix"]), ("prompt-ddp", "ddp", ["--method", "prompt"])]
+RUNS = [
+    ("lora-ddp", "ddp", ["--method", "lora"]),
+    ("lora-fsdp", "fsdp", ["--method", "lora"]),
+    ("full-ddp", "ddp", ["--method", "full"]),
+    ("full-fsdp", "fsdp", ["--method", "full"]),
+    ("dora-ddp", "ddp", ["--method", "lora", "--lora.use_dora", "true"]),
+    ("qlora-ddp", "ddp", ["--method", "qlora"]),
+    ("qlora-fsdp", "fsdp", ["--method", "qlora"]),
+    ("adapter-ddp", "ddp", ["--method", "adapter"]),
+    ("bitfit-ddp", "ddp", ["--method", "bitfit"]),
+    ("prefix-ddp", "ddp", ["--method", "prefix"]),
+    ("prompt-ddp", "ddp", ["--method", "prompt"]),
+]
 # Distillation: the teacher replicated on each rank; the top-k cache built by rank 0 and read by all (ddp), or
 # the teacher run on each rank's share of the batch (fsdp, teacher_cache none).
-DISTILL_RUNS = [("distill-topk-ddp", "ddp", ["--teacher-cache", "topk", "--top-k", "32"]),
-                ("distill-online-fsdp", "fsdp", ["--teacher-cache", "none"])]
+DISTILL_RUNS = [
+    ("distill-topk-ddp", "ddp", ["--teacher-cache", "topk", "--top-k", "32"]),
+    ("distill-online-fsdp", "fsdp", ["--teacher-cache", "none"]),
+]
 
 
 def _records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choices(SHORT, k=rng.randint(2, 6)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(SHORT, k=rng.randint(2, 8)))}]}
-            for _ in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(SHORT, k=rng.randint(2, 6)))},
+                {"role": "assistant", "content": " ".join(rng.choices(SHORT, k=rng.randint(2, 8)))},
+            ]
+        }
+        for _ in range(n)
+    ]
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -57,14 +85,43 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def _argv(model: Path, data: tuple[Path, Path], out: Path, flags: list[str], *extra: str) -> list[str]:
-    return ["finetune", "--model", str(model), "--data", str(data[0]), "--eval-data", str(data[1]),
-            "--out", str(out), *BASE, *flags, *extra]
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data[0]),
+        "--eval-data",
+        str(data[1]),
+        "--out",
+        str(out),
+        *BASE,
+        *flags,
+        *extra,
+    ]
 
 
 def _distill_argv(model: Path, data: tuple[Path, Path], out: Path, flags: list[str], *extra: str) -> list[str]:
-    return ["distill", "--teacher", str(model), "--student-layers", "1", "--data", str(data[0]), "--eval-data",
-            str(data[1]), "--eval-generate", "2", "--eval-max-new-tokens", "4", "--out", str(out), *BASE, *flags,
-            *extra]
+    return [
+        "distill",
+        "--teacher",
+        str(model),
+        "--student-layers",
+        "1",
+        "--data",
+        str(data[0]),
+        "--eval-data",
+        str(data[1]),
+        "--eval-generate",
+        "2",
+        "--eval-max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+        *BASE,
+        *flags,
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -94,6 +151,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 # --- the worker: run under torchrun ------------------------------------------------------------------------------
 
+
 def worker(spec_file: str) -> None:
     """Run every `slimlm finetune` argv of the spec in this process group (rank and world from torchrun)."""
     from slimlm.cli import main
@@ -105,6 +163,7 @@ def worker(spec_file: str) -> None:
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
@@ -147,6 +206,7 @@ def runs(tiny_llama, data, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 # --- 2 processes == 1 process ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", [r[0] for r in RUNS + DISTILL_RUNS])
 def test_two_processes_follow_one(runs, name):
     one, two = runs[name]
@@ -168,8 +228,9 @@ def test_adapter_loads_in_hf_peft_with_single_process_logits(runs, tiny_llama, n
     ids = torch.randint(3, 384, (2, 12), generator=torch.Generator().manual_seed(0))
     logits = []
     for out in (one, two):
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_llama[0]), dtype=torch.float32,
-                                                    attn_implementation="eager")
+        base = AutoModelForCausalLM.from_pretrained(
+            str(tiny_llama[0]), dtype=torch.float32, attn_implementation="eager"
+        )
         with torch.no_grad():
             logits.append(PeftModel.from_pretrained(base, str(out / "adapter")).eval()(ids).logits)
     assert (logits[0] - logits[1]).abs().max().item() < TOL
@@ -194,8 +255,9 @@ def test_only_rank0_writes_and_checkpoints_are_single_process_files(runs):
     assert len(extra["rng_ranks"]) == 2
     # Whole tensors, not shards: the same shapes one process saves.
     one_ckpt = runs["lora-ddp"][1] / "checkpoints" / "step-000002" / "trainable.safetensors"
-    assert {k: v.shape for k, v in load_file(str(ckpt / "trainable.safetensors")).items()} == \
-        {k: v.shape for k, v in load_file(str(one_ckpt)).items()}
+    assert {k: v.shape for k, v in load_file(str(ckpt / "trainable.safetensors")).items()} == {
+        k: v.shape for k, v in load_file(str(one_ckpt)).items()
+    }
     lines = (two / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 4]  # 4 steps + eval, written once
 
@@ -255,6 +317,7 @@ def test_nproc_strips_launch_flags():
 
 # --- a rank dies: the others stop, the last checkpoint resumes exactly -------------------------------------------
 
+
 def _descendants(pid: int) -> list[int]:
     """Every process under `pid`, read from /proc (Linux)."""
     children = []
@@ -281,13 +344,22 @@ def _workers(launcher: subprocess.Popen) -> dict[int, int]:
 
 
 def test_sigkill_one_rank_then_resume_is_bit_identical(tiny_llama, data, tmp_path):
-    steps = ["--train.max_steps", "60", "--train.save_every", "2", "--train.strategy", "fsdp", "--method", "lora",
-             "--lora.dropout", "0.1"]  # dropout: the resume must also restore every rank's RNG state
+    steps = [
+        "--train.max_steps",
+        "60",
+        "--train.save_every",
+        "2",
+        "--train.strategy",
+        "fsdp",
+        "--method",
+        "lora",
+        "--lora.dropout",
+        "0.1",
+    ]  # dropout: the resume must also restore every rank's RNG state
 
     def launch(out: Path, *extra: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "slimlm", *_argv(tiny_llama[0], data, out, steps, "--nproc", "2", *extra)]
-        return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     full, killed = tmp_path / "uninterrupted", tmp_path / "killed"
     ref = launch(full)

@@ -7,11 +7,10 @@ import torch
 from serve_helpers import random_lora
 
 import slimlm
-from slimlm.engine.sampling import SamplingParams
-from slimlm.generate import generate_tokens
 from slimlm.engine.cache import SlotKVCache
 from slimlm.engine.core import AdapterRef, Engine, EngineConfig, QueueFull, Request
-
+from slimlm.engine.sampling import SamplingParams
+from slimlm.generate import generate_tokens
 
 
 def greedy(n: int, **kw) -> SamplingParams:
@@ -41,6 +40,7 @@ def collect(req: Request) -> dict:
         out["text"] += o.text
         if o.finish_reason:
             out["reason"], out["n"], out["error"] = o.finish_reason, o.completion_tokens, o.error
+
     req.emit = emit
     return out
 
@@ -65,7 +65,7 @@ def test_slot_cache_matches_full_forward(llm, dtype, tol):
         for slot, ids in seqs.items():  # prefill in chunks of 5
             for a in range(0, len(ids), 5):
                 pos = torch.arange(a, min(a + 5, len(ids)))[None]
-                m(ids[a: a + 5][None], cache=cache.batch(pos, slot), cache_pos=pos)
+                m(ids[a : a + 5][None], cache=cache.batch(pos, slot), cache_pos=pos)
         pos = torch.tensor([[13], [0], [7]])
         idle = torch.tensor([False, True, False])  # slot 1 has no work
         before = [t.clone() for t in cache.k]
@@ -137,8 +137,9 @@ def test_seeded_sampling_independent_of_batch(llm):
     def sample_with(others: int) -> list[int]:
         engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=4, max_seq_len=96, max_loras=0))
         reqs = [Request(prompt(llm, 2), SamplingParams(10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True))]
-        reqs += [Request(prompt(llm, 3 + i), SamplingParams(10, temperature=1.0, ignore_eos=True))
-                 for i in range(others)]
+        reqs += [
+            Request(prompt(llm, 3 + i), SamplingParams(10, temperature=1.0, ignore_eos=True)) for i in range(others)
+        ]
         res = [collect(r) for r in reqs]
         for r in reversed(reqs):  # the seeded request lands in a different slot each time
             engine.submit(r)
@@ -150,13 +151,22 @@ def test_seeded_sampling_independent_of_batch(llm):
 
 def test_rows_with_different_adapters_match_each_alone(tiny_llama, tmp_path):
     """One batch: adapter a, base, adapter b (another rank); each row equals that adapter loaded on its own."""
-    folders = {name: random_lora(tiny_llama[0], tmp_path / name, seed, r) for name, r, seed in (("a", 4, 1), ("b", 8, 2))}
+    folders = {
+        name: random_lora(tiny_llama[0], tmp_path / name, seed, r) for name, r, seed in (("a", 4, 1), ("b", 8, 2))
+    }
     served = slimlm.load(str(tiny_llama[0]), dtype="fp32")
-    engine = Engine(served.model, served.tokenizer, EngineConfig(max_batch=4, max_seq_len=96, max_loras=2,
-                                                                 max_lora_rank=8))
+    engine = Engine(
+        served.model, served.tokenizer, EngineConfig(max_batch=4, max_seq_len=96, max_loras=2, max_lora_rank=8)
+    )
     plan = ["a", None, "b", "a"]
-    reqs = [Request(prompt(served, i), greedy(8, ignore_eos=True),
-                    adapter=None if n is None else AdapterRef((n, 1), folders[n], n)) for i, n in enumerate(plan)]
+    reqs = [
+        Request(
+            prompt(served, i),
+            greedy(8, ignore_eos=True),
+            adapter=None if n is None else AdapterRef((n, 1), folders[n], n),
+        )
+        for i, n in enumerate(plan)
+    ]
     res = [collect(r) for r in reqs]
     for r in reqs:
         engine.submit(r)
@@ -184,11 +194,16 @@ def test_bad_adapter_fails_only_its_request(llm, tmp_path):
 
 # --- prefix caching -------------------------------------------------------------------------------------------------
 
+
 def shared_prefix_prompts(llm, n: int) -> list[list[int]]:
     system = "You are a careful assistant. " + "Answer briefly. " * 2
-    return [llm.tokenizer.prompt_ids([{"role": "system", "content": system},
-                                      {"role": "user", "content": f"question {i}: what is {i} + {i}?"}], chat=True)
-            for i in range(n)]
+    return [
+        llm.tokenizer.prompt_ids(
+            [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}: what is {i} + {i}?"}],
+            chat=True,
+        )
+        for i in range(n)
+    ]
 
 
 def test_prefix_cache_hits_and_outputs_are_identical(llm):
@@ -211,8 +226,11 @@ def test_prefix_cache_hits_and_outputs_are_identical(llm):
 
 
 def test_prefix_cache_reuses_a_finished_chat_turn_and_evicts(llm):
-    engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, max_seq_len=128, max_loras=0, prefix_block=4,
-                                                           prefix_cache_tokens=32))
+    engine = Engine(
+        llm.model,
+        llm.tokenizer,
+        EngineConfig(max_batch=1, max_seq_len=128, max_loras=0, prefix_block=4, prefix_cache_tokens=32),
+    )
     first = prompt(llm, 1)
     a = Request(first, greedy(8, ignore_eos=True))
     collect(a)
@@ -229,8 +247,11 @@ def test_prefix_cache_reuses_a_finished_chat_turn_and_evicts(llm):
 def test_prefix_cache_is_per_adapter(tiny_llama, tmp_path):
     folder = random_lora(tiny_llama[0], tmp_path / "a", 1, 4)
     served = slimlm.load(str(tiny_llama[0]), dtype="fp32")
-    engine = Engine(served.model, served.tokenizer, EngineConfig(max_batch=2, max_seq_len=256, max_loras=1,
-                                                                 max_lora_rank=4, prefix_block=8))
+    engine = Engine(
+        served.model,
+        served.tokenizer,
+        EngineConfig(max_batch=2, max_seq_len=256, max_loras=1, max_lora_rank=4, prefix_block=8),
+    )
     p = shared_prefix_prompts(served, 1)[0]
     base = Request(p, greedy(5, ignore_eos=True))
     tuned = Request(p, greedy(5, ignore_eos=True), adapter=AdapterRef(("a", 1), folder, "a"))
@@ -243,6 +264,7 @@ def test_prefix_cache_is_per_adapter(tiny_llama, tmp_path):
 
 
 # --- speculative decoding -------------------------------------------------------------------------------------------
+
 
 def test_ngram_propose_finds_the_latest_match():
     from slimlm.engine.speculative import ngram_propose
@@ -257,8 +279,11 @@ def test_speculative_greedy_tokens_are_identical_and_some_guesses_land(llm):
     prompts = [llm.tokenizer.prompt_ids(text, chat=False), prompt(llm, 2)]
     outs = {}
     for spec in (None, "ngram"):
-        engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=2, max_seq_len=160, max_loras=0,
-                                                               speculative=spec, num_speculative_tokens=3))
+        engine = Engine(
+            llm.model,
+            llm.tokenizer,
+            EngineConfig(max_batch=2, max_seq_len=160, max_loras=0, speculative=spec, num_speculative_tokens=3),
+        )
         reqs = [Request(p, greedy(24, ignore_eos=True)) for p in prompts]
         outs[spec] = [collect(r) for r in reqs]
         list(engine.generate(reqs))
@@ -281,10 +306,11 @@ def test_speculative_sampling_keeps_the_distribution():
 
 # --- the offline front, min tokens, LoRA rows ------------------------------------------------------------------------
 
+
 def test_offline_generate_yields_outputs_and_cleans_up_on_break(llm):
     engine = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=2, max_seq_len=96, max_loras=0))
     reqs = [Request(prompt(llm, i), greedy(10, ignore_eos=True)) for i in range(3)]  # 3 requests, 2 slots
-    for req, out in engine.generate(reqs):
+    for _req, out in engine.generate(reqs):
         if out.completion_tokens == 3:
             break
     assert not engine.running and not engine.waiting and engine.cache.usage() == 0

@@ -41,19 +41,32 @@ def noisy_copy(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch
 
 
 def make_draft(kind: str, llm, other_folder, quantize: str | None = None) -> torch.nn.Module:
-    return {"self": lambda: llm.model, "noisy": lambda: noisy_copy(llm.model),
-            "other": lambda: load(other_folder, quantize).model}[kind]()
+    return {
+        "self": lambda: llm.model,
+        "noisy": lambda: noisy_copy(llm.model),
+        "other": lambda: load(other_folder, quantize).model,
+    }[kind]()
 
 
 def prompts(llm, n: int = 4) -> list[list[int]]:
     """Prompts of different lengths (about 12 to 40 tokens)."""
-    return [llm.tokenizer.prompt_ids(f"tell me story {i} " + "the cat sat on the mat " * (2 * i), chat=True)
-            for i in range(n)]
+    return [
+        llm.tokenizer.prompt_ids(f"tell me story {i} " + "the cat sat on the mat " * (2 * i), chat=True)
+        for i in range(n)
+    ]
 
 
 def engine(llm, draft=None, **kw) -> Engine:
-    cfg = EngineConfig(**{"max_batch": 4, "max_seq_len": 160, "max_loras": 0, "num_speculative_tokens": 3,
-                          "speculative": "draft" if draft is not None else None, **kw})
+    cfg = EngineConfig(
+        **{
+            "max_batch": 4,
+            "max_seq_len": 160,
+            "max_loras": 0,
+            "num_speculative_tokens": 3,
+            "speculative": "draft" if draft is not None else None,
+            **kw,
+        }
+    )
     return Engine(llm.model, llm.tokenizer, cfg, draft_model=draft)
 
 
@@ -63,8 +76,11 @@ def greedy_outputs(e: Engine, ps: list[list[int]], n: int = 20) -> list[list[int
     return [r.output_ids for r in reqs]
 
 
-PATHS = [pytest.param(True, None, id="fused-fp32"), pytest.param(True, "int8", id="fused-int8"),
-         pytest.param(False, None, id="forward-fp32")]
+PATHS = [
+    pytest.param(True, None, id="fused-fp32"),
+    pytest.param(True, "int8", id="fused-int8"),
+    pytest.param(False, None, id="forward-fp32"),
+]
 
 
 @pytest.mark.parametrize("fused,quantize", PATHS)
@@ -99,7 +115,8 @@ def test_draft_vocab_guesses_only_low_ids(tiny_llama, fused, quantize):
     guessed = []
     propose = e.draft.propose
     e.draft.propose = lambda rows: (lambda out: (guessed.extend(t for g in out.values() for t in g), out)[1])(
-        propose(rows))
+        propose(rows)
+    )
     assert greedy_outputs(e, ps) == want
     assert guessed and max(guessed) < 200
     assert e.draft.head.out_features == 200 and llm.model.lm_head.out_features == 384  # the model is not changed
@@ -145,7 +162,7 @@ def test_finished_cancelled_and_reused_slots(tiny_llama, fused):
     while e.has_work():
         e.step()
         check_draft_keys(e)
-    assert results[1]["reason"] == "abort" and reqs[1].output_ids == want[1][:len(reqs[1].output_ids)]
+    assert results[1]["reason"] == "abort" and reqs[1].output_ids == want[1][: len(reqs[1].output_ids)]
     for i in (0, 2, 3, 4):
         assert results[i]["reason"] == "length" and results[i]["ids"] == want[i], i
     assert e.spec_proposed > 0 and not e.draft.state and e.cache.usage() == 0
@@ -153,11 +170,13 @@ def test_finished_cancelled_and_reused_slots(tiny_llama, fused):
 
 def exact_pairs(llm, ids: list[int], top_k: int) -> dict[tuple[int, int], float]:
     """P(first two tokens = (a, b)) when sampling at temperature 1 from the target's top_k: {(a, b): p}."""
+
     def top(seq):
         with torch.no_grad():
             logits = llm.model(torch.tensor([seq]))[0, -1].float()
         v, i = torch.topk(logits, top_k)
         return dict(zip(i.tolist(), v.softmax(-1).tolist()))
+
     return {(a, b): pa * pb for a, pa in top(ids).items() for b, pb in top(ids + [a]).items()}
 
 
@@ -170,18 +189,27 @@ def test_sampling_keeps_the_distribution(tiny_llama, other_folder, kind):
     n, top_k = 1200, 3
     # A prefill chunk that runs every row's prompt through the draft at its first decode step: every second token
     # is then verified against a guess (with the default, rows past the chunk decode their first step plainly).
-    e = engine(llm, make_draft(kind, llm, other_folder), max_batch=48, max_seq_len=64, num_speculative_tokens=2,
-               prefill_chunk=1024)
-    reqs = [Request(p, SamplingParams(max_new_tokens=4, temperature=1.0, top_k=top_k, seed=s, ignore_eos=True))
-            for s in range(n)]
+    e = engine(
+        llm,
+        make_draft(kind, llm, other_folder),
+        max_batch=48,
+        max_seq_len=64,
+        num_speculative_tokens=2,
+        prefill_chunk=1024,
+    )
+    reqs = [
+        Request(p, SamplingParams(max_new_tokens=4, temperature=1.0, top_k=top_k, seed=s, ignore_eos=True))
+        for s in range(n)
+    ]
     list(e.generate(reqs))
     exact = exact_pairs(llm, p, top_k)
     got = {pair: 0.0 for pair in exact}
     for r in reqs:
         got[tuple(r.output_ids[:2])] += 1 / n  # a pair outside the top-3 x top-3 would be a KeyError
     keys = sorted(exact)
-    torch.testing.assert_close(torch.tensor([got[k] for k in keys]), torch.tensor([exact[k] for k in keys]),
-                               atol=0.035, rtol=0)  # accepting guesses 0.15 more often moves a cell by ~0.08
+    torch.testing.assert_close(
+        torch.tensor([got[k] for k in keys]), torch.tensor([exact[k] for k in keys]), atol=0.035, rtol=0
+    )  # accepting guesses 0.15 more often moves a cell by ~0.08
     assert e.spec_proposed >= 2 * n  # two guesses per row at its first decode step
     assert 0 < e.spec_accepted < e.spec_proposed  # both the accept and the reject branch ran
 
@@ -198,8 +226,7 @@ def test_config_errors(tiny_llama, make_model_folder):
         EngineConfig(speculative="draft", draft_vocab=-1).validate()
     wide = make_model_folder("llama", seed=3, vocab_size=512)[0]
     with pytest.raises(ValueError, match="vocab_size is 512, the target's is 384.*tokenizer"):
-        Engine(llm.model, llm.tokenizer, EngineConfig(max_loras=0, speculative="draft"),
-               draft_model=load(wide).model)
+        Engine(llm.model, llm.tokenizer, EngineConfig(max_loras=0, speculative="draft"), draft_model=load(wide).model)
     with pytest.raises(ValueError, match="vocab_size is 512"):  # slimlm.load checks at load time
         slimlm.load(str(tiny_llama[0]), dtype="fp32", draft_model=str(wide))
     with pytest.raises(ValueError, match="ngram, draft or None"):
@@ -211,8 +238,9 @@ def test_load_with_a_draft_model(tiny_llama, other_folder):
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", draft_model=str(other_folder))
     assert llm.engine_config.speculative == "draft" and llm.draft_model is not None
     texts = [f"story {i} the cat sat" for i in range(3)]
-    assert llm.generate(texts, max_new_tokens=12, ignore_eos=True) == \
-        plain.generate(texts, max_new_tokens=12, ignore_eos=True)
+    assert llm.generate(texts, max_new_tokens=12, ignore_eos=True) == plain.generate(
+        texts, max_new_tokens=12, ignore_eos=True
+    )
     assert llm._engine.draft is not None and llm._engine.spec_proposed > 0
 
 
@@ -232,14 +260,25 @@ def test_serve_flags(tiny_llama):
 def test_server_counts_draft_tokens_in_metrics(tiny_llama):
     """The target as its own draft through `slimlm serve`'s state: guesses verified, counted in /metrics."""
     engine_cfg = EngineConfig(max_batch=2, max_seq_len=120, max_loras=0, speculative="draft", num_speculative_tokens=3)
-    cfg = ServeConfig(model=str(tiny_llama[0]), served_name="tiny", dtype="fp32", max_tokens_limit=64,
-                      draft_model=str(tiny_llama[0]), engine=engine_cfg)
+    cfg = ServeConfig(
+        model=str(tiny_llama[0]),
+        served_name="tiny",
+        dtype="fp32",
+        max_tokens_limit=64,
+        draft_model=str(tiny_llama[0]),
+        engine=engine_cfg,
+    )
     with running_server(cfg) as (url, state):
-        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "the cat sat on", "max_tokens": 16,
-                                                      "temperature": 0, "ignore_eos": True}, timeout=30)
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": "tiny", "prompt": "the cat sat on", "max_tokens": 16, "temperature": 0, "ignore_eos": True},
+            timeout=30,
+        )
         assert r.status_code == 200, r.text
         text = httpx.get(url + "/metrics").text
-    counts = {name: float(v) for name, v in
-              re.findall(r'^vllm:spec_decode_num_(draft|accepted)_tokens_total\{[^}]*\} (\S+)$', text, re.M)}
+    counts = {
+        name: float(v)
+        for name, v in re.findall(r"^vllm:spec_decode_num_(draft|accepted)_tokens_total\{[^}]*\} (\S+)$", text, re.M)
+    }
     assert counts["draft"] > 0 and counts["accepted"] >= 0.9 * counts["draft"]
     assert counts["draft"] == state.engine.spec_proposed

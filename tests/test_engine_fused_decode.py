@@ -14,9 +14,9 @@ from slimlm.engine.cache import SlotKVCache
 from slimlm.engine.core import Engine, EngineConfig, Request
 from slimlm.engine.fused_decode import FusedDecode
 from slimlm.engine.multi_lora import LoraSlots
-from slimlm.peft.common import ALL_LINEARS, PEFT_PREFIX, target_linears
 from slimlm.engine.sampling import SamplingParams
 from slimlm.model import Transformer
+from slimlm.peft.common import ALL_LINEARS, PEFT_PREFIX, target_linears
 from slimlm.prune.structured import _sizes, remove_kv_groups_, remove_mlp_channels_
 from slimlm.quantize.schemes import quantize_model_
 
@@ -32,9 +32,16 @@ def tiny(seed: int = 0, **overrides) -> Transformer:
     return fuse_tiny(seed, **{"n_layers": 3, "intermediate_size": 96, **overrides})
 
 
-def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, atol: float = 1e-4,
-                rtol: float = 1e-4, cache_atol: float = 1e-5, cache_dtype: str = "fp32",
-                lora: dict[int, int] | None = None) -> None:
+def check_steps(
+    model: Transformer,
+    lengths: dict[int, int],
+    steps: int = 3,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    cache_atol: float = 1e-5,
+    cache_dtype: str = "fp32",
+    lora: dict[int, int] | None = None,
+) -> None:
     """Prefill rows (slot -> prompt length) with the model, then decode `steps` tokens per row both ways, both
     reading and writing caches of `cache_dtype`; lora: cache slot -> LoRA slot for rows that use an adapter."""
     lora = lora or {}
@@ -59,9 +66,9 @@ def check_steps(model: Transformer, lengths: dict[int, int], steps: int = 3, ato
         got = fused(tokens, slots, pos, cache.k, cache.v, rows if lora else None)  # [W, V]
         with torch.no_grad():
             for row, slot in enumerate(slots.tolist()):  # the model, one row at a time
-                p = pos[row:row + 1, None]
+                p = pos[row : row + 1, None]
                 with select([rows[row]]) if select else contextlib.nullcontext():
-                    want = model(tokens[row:row + 1, None], cache=ref_cache.batch(p, slot), cache_pos=p)[0, -1]
+                    want = model(tokens[row : row + 1, None], cache=ref_cache.batch(p, slot), cache_pos=p)[0, -1]
                 torch.testing.assert_close(got[row], want, atol=atol, rtol=rtol)
         for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):  # the same keys/values written
             torch.testing.assert_close(a.float(), b.float(), atol=cache_atol, rtol=rtol)
@@ -151,11 +158,17 @@ def test_engine_uses_it_and_keeps_greedy_tokens(tiny_llama):
     outs = []
     for fused in (True, False):
         llm = slimlm.load(str(tiny_llama[0]), dtype="fp32")
-        engine = Engine(llm.model, llm.tokenizer,
-                        EngineConfig(max_batch=3, max_seq_len=96, max_loras=1, fused_decode=fused))
+        engine = Engine(
+            llm.model, llm.tokenizer, EngineConfig(max_batch=3, max_seq_len=96, max_loras=1, fused_decode=fused)
+        )
         assert (engine.fused is not None) == fused
-        reqs = [Request(llm.tokenizer.prompt_ids(f"story {i} " + "the cat " * i, chat=True),
-                        SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)) for i in range(4)]
+        reqs = [
+            Request(
+                llm.tokenizer.prompt_ids(f"story {i} " + "the cat " * i, chat=True),
+                SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
+            )
+            for i in range(4)
+        ]
         assert list(engine.generate(reqs))
         outs.append([r.output_ids for r in reqs])
     assert outs[0] == outs[1]
@@ -166,8 +179,11 @@ def test_int8_tokens_same_alone_batched_and_speculative(tiny_llama):
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize="int8")
     prompts = [f"story {i} " + "the cat sat on the mat " * (i + 1) for i in range(3)]
     outs = {}
-    for name, cfg in {"batched": EngineConfig(max_loras=0), "alone": EngineConfig(max_loras=0, max_batch=1),
-                      "speculative": EngineConfig(max_loras=0, speculative="ngram")}.items():
+    for name, cfg in {
+        "batched": EngineConfig(max_loras=0),
+        "alone": EngineConfig(max_loras=0, max_batch=1),
+        "speculative": EngineConfig(max_loras=0, speculative="ngram"),
+    }.items():
         llm.engine_config, llm._engine = cfg, None
         batch = [prompts] if name != "alone" else [[p] for p in prompts]
         outs[name] = [t for b in batch for t in llm.generate(b, max_new_tokens=24, temperature=0.0, ignore_eos=True)]
@@ -185,8 +201,11 @@ def test_int8_prefill_runs_through_the_fused_step(tiny_llama):
     shared = "the cat sat on the mat and " * 6
     prompts = [llm.tokenizer.prompt_ids(shared + f"question {i}", chat=True) for i in range(3)]
     outs = {}
-    for name, cfg in {"chunk 7": dict(prefill_chunk=7, prefix_cache=False), "whole": dict(prefix_cache=False),
-                      "prefix cache": dict(prefix_cache=True, prefix_block=4)}.items():
+    for name, cfg in {
+        "chunk 7": dict(prefill_chunk=7, prefix_cache=False),
+        "whole": dict(prefix_cache=False),
+        "prefix cache": dict(prefix_cache=True, prefix_block=4),
+    }.items():
         e = Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=1, max_seq_len=160, max_loras=0, **cfg))
         reqs = [Request(p, SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)) for p in prompts]
         for r in reqs:  # one at a time, so that later prompts find the first one's blocks

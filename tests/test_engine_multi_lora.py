@@ -93,7 +93,7 @@ def test_kv_cache_decode_matches_full_forward(tiny_llama, adapters):
         full = model(x)
         steps = [model(x[:, :6], cache=cache, cache_pos=torch.arange(6))[:, -1]]
         for t in range(6, 10):  # T = 1 decode steps
-            steps.append(model(x[:, t:t + 1], cache=cache, cache_pos=torch.tensor([t]))[:, -1])
+            steps.append(model(x[:, t : t + 1], cache=cache, cache_pos=torch.tensor([t]))[:, -1])
     decoded = torch.stack(steps[1:], dim=1)  # logits of positions 6..9
     assert (decoded - full[:, 6:10]).abs().max().item() <= 1e-5
     assert (steps[0] - full[:, 5]).abs().max().item() <= 1e-5
@@ -163,6 +163,7 @@ def test_lru_eviction_pinning_reload_and_unload(tiny_llama, adapters):
         def load(slot):
             loads.append((name, slot))
             slots.load(slot, adapters / name)
+
         return load
 
     x = ids(1, 8, seed=3)

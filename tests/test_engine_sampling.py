@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimlm.engine.sampling import SamplingTensors, TokenCounts, apply_penalties, filter_probs, sample_batch
 from slimlm.generate import SamplingParams, apply_repetition_penalty, sample
-from slimlm.engine.sampling import (SamplingTensors, TokenCounts, apply_penalties, filter_probs,
-                                   sample_batch)
 
 V = 1000
 
@@ -30,25 +29,29 @@ def kept(logits: torch.Tensor, **kw) -> set[int]:
 
 # --- validation ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(temperature=-0.1), r"temperature must be a number >= 0 \(0 = greedy\), got -0.1"),
-    (dict(temperature=float("nan")), r"temperature must be a number >= 0"),
-    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\], got 0.0"),
-    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
-    (dict(top_k=-2), r"top_k must be an integer >= 1, or 0 or -1 for no limit, got -2"),
-    (dict(top_k=2.5), r"top_k must be an integer"),
-    (dict(top_k=True), r"top_k must be an integer"),
-    (dict(min_p=1.1), r"min_p must be a number in \[0, 1\], got 1.1"),
-    (dict(repetition_penalty=0), r"repetition_penalty must be a number > 0 \(1 = off\), got 0"),
-    (dict(presence_penalty=2.5), r"presence_penalty must be a number in \[-2, 2\], got 2.5"),
-    (dict(frequency_penalty=-3), r"frequency_penalty must be a number in \[-2, 2\], got -3"),
-    (dict(seed=-1), r"seed must be null or an integer in \[0, 2\*\*64\), got -1"),
-    (dict(seed="7"), r"seed must be null or an integer"),
-    (dict(logprobs=1), r"logprobs must be true or false, got 1"),
-    (dict(logprobs=True, top_logprobs=21), r"top_logprobs must be an integer in \[0, 20\], got 21"),
-    (dict(top_logprobs=3), r"top_logprobs=3 needs logprobs=true"),
-    (dict(temperature="hot"), r"temperature must be a number >= 0 \(0 = greedy\), got 'hot'"),
-])
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(temperature=-0.1), r"temperature must be a number >= 0 \(0 = greedy\), got -0.1"),
+        (dict(temperature=float("nan")), r"temperature must be a number >= 0"),
+        (dict(top_p=0.0), r"top_p must be a number in \(0, 1\], got 0.0"),
+        (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+        (dict(top_k=-2), r"top_k must be an integer >= 1, or 0 or -1 for no limit, got -2"),
+        (dict(top_k=2.5), r"top_k must be an integer"),
+        (dict(top_k=True), r"top_k must be an integer"),
+        (dict(min_p=1.1), r"min_p must be a number in \[0, 1\], got 1.1"),
+        (dict(repetition_penalty=0), r"repetition_penalty must be a number > 0 \(1 = off\), got 0"),
+        (dict(presence_penalty=2.5), r"presence_penalty must be a number in \[-2, 2\], got 2.5"),
+        (dict(frequency_penalty=-3), r"frequency_penalty must be a number in \[-2, 2\], got -3"),
+        (dict(seed=-1), r"seed must be null or an integer in \[0, 2\*\*64\), got -1"),
+        (dict(seed="7"), r"seed must be null or an integer"),
+        (dict(logprobs=1), r"logprobs must be true or false, got 1"),
+        (dict(logprobs=True, top_logprobs=21), r"top_logprobs must be an integer in \[0, 20\], got 21"),
+        (dict(top_logprobs=3), r"top_logprobs=3 needs logprobs=true"),
+        (dict(temperature="hot"), r"temperature must be a number >= 0 \(0 = greedy\), got 'hot'"),
+    ],
+)
 def test_validation_names_the_field_and_its_range(kw, match):
     with pytest.raises(ValueError, match=match):
         RS(**kw)
@@ -57,11 +60,21 @@ def test_validation_names_the_field_and_its_range(kw, match):
 def test_validation_collects_every_error_and_accepts_the_edges():
     with pytest.raises(ValueError, match=r"invalid sampling parameters: temperature .*; top_p .*; min_p"):
         RS(temperature=-1, top_p=2, min_p=-1)
-    RS(temperature=0, top_p=1, top_k=-1, min_p=1, presence_penalty=-2, frequency_penalty=2, seed=0,
-                    logprobs=True, top_logprobs=20)
+    RS(
+        temperature=0,
+        top_p=1,
+        top_k=-1,
+        min_p=1,
+        presence_penalty=-2,
+        frequency_penalty=2,
+        seed=0,
+        logprobs=True,
+        top_logprobs=20,
+    )
 
 
-# --- filters -----------------------------------------------------------------------------------------------------------
+# --- filters ----------------------------------------------------------------------------------------------------------
+
 
 def test_top_k_keeps_the_k_largest():
     logits = logits_for(1)[0]
@@ -74,7 +87,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = logits_for(1, seed=1)[0]
     probs, order = logits.softmax(-1).sort(descending=True)
     n = int((probs.cumsum(-1) < 0.8).sum()) + 1  # the first n most likely tokens reach 0.8
-    assert probs[:n].sum() >= 0.8 > probs[:n - 1].sum()
+    assert probs[:n].sum() >= 0.8 > probs[: n - 1].sum()
     assert kept(logits, top_p=0.8) == set(order[:n].tolist())
 
 
@@ -107,17 +120,25 @@ def test_filters_off_keep_everything_at_full_vocab():
 
 
 def test_each_row_is_filtered_as_if_alone():
-    params = [RS(top_k=5), RS(top_p=0.7), RS(min_p=0.1),
-              RS(top_k=50, top_p=0.9, min_p=0.02), RS()]
+    params = [RS(top_k=5), RS(top_p=0.7), RS(min_p=0.1), RS(top_k=50, top_p=0.9, min_p=0.02), RS()]
     logits = logits_for(len(params), seed=4)
     batch = filter_probs(logits, SamplingTensors.from_params(params))
     for i, p in enumerate(params):
-        assert torch.equal(batch[i:i + 1], filter_probs(logits[i:i + 1], SamplingTensors.from_params([p])))
+        assert torch.equal(batch[i : i + 1], filter_probs(logits[i : i + 1], SamplingTensors.from_params([p])))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(top_k=20), dict(top_p=0.85), dict(min_p=0.1),
-                                dict(top_k=40, top_p=0.9, min_p=0.05), dict(temperature=0.6, top_p=0.95),
-                                dict(repetition_penalty=1.3, top_k=30)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(top_k=20),
+        dict(top_p=0.85),
+        dict(min_p=0.1),
+        dict(top_k=40, top_p=0.9, min_p=0.05),
+        dict(temperature=0.6, top_p=0.95),
+        dict(repetition_penalty=1.3, top_k=30),
+    ],
+)
 def test_single_row_draws_equal_generate_sample(kw):
     """With the same generator, B=1 gives generate.sample's tokens step after step."""
     kw = {"temperature": 0.8, **kw}
@@ -141,7 +162,8 @@ def test_single_row_draws_equal_generate_sample(kw):
     assert len(set(ours)) > 10, "the draws should be random"
 
 
-# --- greedy and penalties ----------------------------------------------------------------------------------------------
+# --- greedy and penalties ---------------------------------------------------------------------------------------------
+
 
 def test_greedy_rows_take_the_argmax_of_the_penalised_logits():
     logits = logits_for(3, seed=6)
@@ -150,16 +172,18 @@ def test_greedy_rows_take_the_argmax_of_the_penalised_logits():
     for row in range(3):
         counts.add_row(row, [])
     counts.record([0, 1, 2], top)
-    params = [RS(temperature=0), RS(temperature=0, top_k=1, top_p=0.1),
-              RS(temperature=0, presence_penalty=2, frequency_penalty=2)]
+    params = [
+        RS(temperature=0),
+        RS(temperature=0, top_k=1, top_p=0.1),
+        RS(temperature=0, presence_penalty=2, frequency_penalty=2),
+    ]
     out = sample_batch(logits, params, counts)
     assert out.tokens[:2].tolist() == top[:2].tolist()
     penalised = logits[2].clone()
     penalised[top[2]] -= 4
     assert int(out.tokens[2]) == int(penalised.argmax())
     ref = sample(apply_repetition_penalty(logits, counts.counts > 0, 1.5), SamplingParams(temperature=0))
-    assert torch.equal(sample_batch(logits, [RS(temperature=0, repetition_penalty=1.5)] * 3,
-                                    counts).tokens, ref)
+    assert torch.equal(sample_batch(logits, [RS(temperature=0, repetition_penalty=1.5)] * 3, counts).tokens, ref)
 
 
 def test_presence_and_frequency_penalties_subtract_the_defined_amounts():
@@ -170,8 +194,7 @@ def test_presence_and_frequency_penalties_subtract_the_defined_amounts():
     counts.record([3, 1], [20, 30])
     counts.record([3, 1], [20, 31])
     counts.record([3, 1], [21, V + 7])  # an id >= V is ignored
-    params = [RS(presence_penalty=0.5, frequency_penalty=0.25),
-              RS(presence_penalty=-1.0, frequency_penalty=1.5)]
+    params = [RS(presence_penalty=0.5, frequency_penalty=0.25), RS(presence_penalty=-1.0, frequency_penalty=1.5)]
     t = SamplingTensors.from_params(params)
     rows = torch.tensor([3, 1])
     got = apply_penalties(logits, counts.prompt[rows], counts.counts[rows], t)
@@ -194,15 +217,16 @@ def test_repetition_penalty_matches_generate():
     seen = counts.prompt | (counts.counts > 0)
     assert seen.sum(-1).tolist() == [4, 2]
     for i, p in enumerate(params):
-        assert torch.equal(got[i], apply_repetition_penalty(logits[i:i + 1], seen[i:i + 1], p.repetition_penalty)[0])
+        assert torch.equal(
+            got[i], apply_repetition_penalty(logits[i : i + 1], seen[i : i + 1], p.repetition_penalty)[0]
+        )
 
 
 def test_repetition_comes_before_presence_and_frequency():
     logits = torch.tensor([[4.0, -4.0, 4.0, 1.0]])
     prompt = torch.tensor([[True, False, False, False]])
     counts = torch.tensor([[0, 2, 1, 0]], dtype=torch.int32)
-    t = SamplingTensors.from_params([RS(repetition_penalty=2.0, presence_penalty=0.5,
-                                                     frequency_penalty=0.25)])
+    t = SamplingTensors.from_params([RS(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)])
     expected = torch.tensor([[2.0, -8.0 - 0.5 - 0.5, 2.0 - 0.5 - 0.25, 1.0]])
     assert torch.equal(apply_penalties(logits, prompt, counts, t), expected)
 
@@ -212,14 +236,15 @@ def test_penalties_need_counts():
         sample_batch(logits_for(1), [RS(frequency_penalty=1.0)])
 
 
-# --- seeds, shared generator, logprobs, row reuse ----------------------------------------------------------------------
+# --- seeds, shared generator, logprobs, row reuse ---------------------------------------------------------------------
+
 
 def run_steps(requests: list[tuple[int, SamplingParams]], steps: int = 12, device: str = "cpu") -> list[list[int]]:
     """Decode `steps` steps of random logits keyed by each request's key (so a request sees the same logits in any
     batch), with penalty state in rows that are not 0..B-1; tokens per request."""
     params = [p for _, p in requests]
     counts = TokenCounts(len(params) + 2, V, device)
-    rows = list(range(len(params) + 2))[::-1][:len(params)]
+    rows = list(range(len(params) + 2))[::-1][: len(params)]
     for r in rows:
         counts.add_row(r, [7, 8, 9])
     gens = [p.make_generator(device) for p in params]
@@ -233,10 +258,12 @@ def run_steps(requests: list[tuple[int, SamplingParams]], steps: int = 12, devic
     return out
 
 
-SEEDED = (0, RS(temperature=0.9, top_k=100, top_p=0.95, frequency_penalty=0.5, repetition_penalty=1.1,
-                             seed=1234))
-OTHERS = [(1, RS(temperature=0)), (2, RS(temperature=1.2, min_p=0.05)),
-          (3, RS(temperature=0.7, seed=99, presence_penalty=1.0))]
+SEEDED = (0, RS(temperature=0.9, top_k=100, top_p=0.95, frequency_penalty=0.5, repetition_penalty=1.1, seed=1234))
+OTHERS = [
+    (1, RS(temperature=0)),
+    (2, RS(temperature=1.2, min_p=0.05)),
+    (3, RS(temperature=0.7, seed=99, presence_penalty=1.0)),
+]
 
 
 def test_a_seeded_request_gets_the_same_tokens_alone_or_in_any_batch():
@@ -268,9 +295,11 @@ def test_logprobs_are_the_raw_log_softmax_and_top_logprobs_are_sorted():
     counts = TokenCounts(3, V)
     for row in range(3):
         counts.add_row(row, [5, 6])
-    params = [RS(temperature=0.5, top_k=3, repetition_penalty=2.0, logprobs=True, top_logprobs=5),
-              RS(),
-              RS(temperature=0, presence_penalty=1.0, logprobs=True)]
+    params = [
+        RS(temperature=0.5, top_k=3, repetition_penalty=2.0, logprobs=True, top_logprobs=5),
+        RS(),
+        RS(temperature=0, presence_penalty=1.0, logprobs=True),
+    ]
     out = sample_batch(logits, params, counts)
     raw = logits.log_softmax(-1)
     for i in (0, 2):

@@ -21,8 +21,16 @@ from slimlm.errors import InputError, SlimlmError
 SLIMLM = Path(slimlm.__file__).parent
 
 # Exceptions that never leave a command: the server turns them into an HTTP/gRPC answer, or a pass into its report.
-INTERNAL_SIGNALS = {"PoolError", "APIError", "InferError", "_ReceiveError", "CannotFuse", "QueueFull", "NotAccepting",
-                    "SlotsBusy"}
+INTERNAL_SIGNALS = {
+    "PoolError",
+    "APIError",
+    "InferError",
+    "_ReceiveError",
+    "CannotFuse",
+    "QueueFull",
+    "NotAccepting",
+    "SlotsBusy",
+}
 
 
 def error_lines(err: str) -> list[str]:
@@ -78,12 +86,14 @@ def test_a_bug_is_not_swallowed(monkeypatch, capsys, bug):
 
 
 def test_a_bug_shows_its_traceback_and_exits_1():
-    code = ("import sys, slimlm.llm\n"
-            "def broken_load(*a, **k):\n"
-            "    raise ValueError('boom: a bad unpack')\n"
-            "slimlm.llm.load = broken_load\n"
-            "from slimlm.cli import main\n"
-            "sys.exit(main(['generate', '--prompt', 'hi', '--model', 'any']))\n")
+    code = (
+        "import sys, slimlm.llm\n"
+        "def broken_load(*a, **k):\n"
+        "    raise ValueError('boom: a bad unpack')\n"
+        "slimlm.llm.load = broken_load\n"
+        "from slimlm.cli import main\n"
+        "sys.exit(main(['generate', '--prompt', 'hi', '--model', 'any']))\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, (p.returncode, p.stderr)
     assert "Traceback" in p.stderr and "ValueError: boom: a bad unpack" in p.stderr, p.stderr
@@ -96,8 +106,9 @@ def exception_classes() -> list[tuple[str, str]]:
         module = ".".join(path.relative_to(SLIMLM.parent).with_suffix("").parts).removesuffix(".__init__")
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             bases = [ast.unparse(b).split(".")[-1] for b in getattr(node, "bases", [])]
-            if isinstance(node, ast.ClassDef) and any(b.endswith(("Error", "Exception")) or b == "CannotListen"
-                                                      for b in bases):
+            if isinstance(node, ast.ClassDef) and any(
+                b.endswith(("Error", "Exception")) or b == "CannotListen" for b in bases
+            ):
                 found.append((module, node.name))
     return found
 
@@ -126,6 +137,7 @@ def _on_rank0_worker(rank: int, init_file: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         for name, error in (("input", InputError("--out is taken")), ("bug", ValueError("boom"))):
+
             def fail(error=error):
                 raise error
 

@@ -19,13 +19,14 @@ from slimlm.eval import corpus
 from slimlm.eval.cli import add_eval_commands, format_table, main, read_text
 from slimlm.eval.perplexity import perplexity, perplexity_of_ids, sliding_windows
 from slimlm.eval.speed import SpeedConfig, disk_size, measure_speed, peak_rss_bytes
-from slimlm.eval.task_accuracy import task_accuracy
+from slimlm.eval.task_accuracy import chat_eval_set, generate_answers, task_accuracy
 from slimlm.tokenizer import Tokenizer
-from slimlm.eval.task_accuracy import chat_eval_set, generate_answers
 
-TEXT = ("the quick brown fox jumps over the lazy dog and the cat sat on the mat. tell me a story of the big red "
-        "house by the river, the sun and the moon and the star over the mountain. hello world, what is the capital "
-        "of France? Paris is a city. how and why did the small blue dog run to the green house?")
+TEXT = (
+    "the quick brown fox jumps over the lazy dog and the cat sat on the mat. tell me a story of the big red "
+    "house by the river, the sun and the moon and the star over the mountain. hello world, what is the capital "
+    "of France? Paris is a city. how and why did the small blue dog run to the green house?"
+)
 V = 384  # the tiny tokenizer's vocabulary
 
 
@@ -57,6 +58,7 @@ def reference_ppl(model: nn.Module, ids: list[int], seq_len: int, stride: int) -
 
 
 # --- corpus ------------------------------------------------------------------------------------------------------
+
 
 def test_corpus_is_deterministic_disjoint_and_large_enough():
     cal, held = corpus.builtin_corpus("calibration"), corpus.builtin_corpus("heldout")
@@ -96,6 +98,7 @@ def test_clean_docstring_keeps_prose_only():
 
 # --- windows -----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n,seq_len,stride", [(100, 16, 5), (100, 16, 16), (17, 16, 16), (16, 16, 1), (7, 16, 8)])
 def test_sliding_windows_score_each_token_at_most_once(n, seq_len, stride):
     windows = sliding_windows(n, seq_len, stride)
@@ -113,9 +116,12 @@ def test_sliding_windows_max_tokens_and_errors():
     for cap in (1, 7, 50, 99, 500):
         windows = sliding_windows(100, 16, 4, max_tokens=cap)
         assert sum(w.scored for w in windows) == min(cap, 99)
-    for kwargs, msg in [(dict(seq_len=1, stride=1), "seq_len must be at least 2"),
-                        (dict(seq_len=8, stride=9), "stride must be in"), (dict(seq_len=8, stride=0), "stride"),
-                        (dict(seq_len=8, stride=8, max_tokens=0), "max_tokens")]:
+    for kwargs, msg in [
+        (dict(seq_len=1, stride=1), "seq_len must be at least 2"),
+        (dict(seq_len=8, stride=9), "stride must be in"),
+        (dict(seq_len=8, stride=0), "stride"),
+        (dict(seq_len=8, stride=8, max_tokens=0), "max_tokens"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             sliding_windows(100, **kwargs)
     with pytest.raises(ValueError, match="at least 2"):
@@ -123,6 +129,7 @@ def test_sliding_windows_max_tokens_and_errors():
 
 
 # --- perplexity --------------------------------------------------------------------------------------------------
+
 
 def test_perplexity_equals_direct_reference(tiny):
     model, tok, _ = tiny
@@ -140,8 +147,16 @@ def test_perplexity_equals_direct_reference(tiny):
     for seq_len, stride in [(32, 8), (32, 32), (20, 7)]:
         want, n = reference_ppl(model, ids, seq_len, stride)
         for batch_size, chunk_size in [(1, 512), (3, 5)]:
-            got = perplexity(model, tok, TEXT, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                             chunk_size=chunk_size, progress=False)
+            got = perplexity(
+                model,
+                tok,
+                TEXT,
+                seq_len=seq_len,
+                stride=stride,
+                batch_size=batch_size,
+                chunk_size=chunk_size,
+                progress=False,
+            )
             assert got["tokens_scored"] == n and got["ppl"] == pytest.approx(want, rel=1e-5), (seq_len, stride)
     assert n == len(ids) - 1  # stride < seq_len: every token but the first scored once
 
@@ -202,6 +217,7 @@ def test_perplexity_bad_input_and_train_mode(tiny):
 
 # --- speed, tasks ------------------------------------------------------------------------------------------------
 
+
 def test_speed_and_footprint(tiny, tmp_path):
     model, _, folder = tiny
     res = measure_speed(model, SpeedConfig(prompt_tokens=8, new_tokens=4, warmup=1, repeats=2))
@@ -224,8 +240,11 @@ def _task_file(tiny, path):
     prompts = [[{"role": "user", "content": c}] for c in ("hello world", "tell me a story", "the cat", "what is")]
     answers = generate_answers(model, tok, prompts, max_new_tokens=4)
     refs = answers[:2] + [a + " not this" for a in answers[2:]]
-    path.write_text("".join(json.dumps({"messages": p + [{"role": "assistant", "content": r}]}) + "\n"
-                            for p, r in zip(prompts, refs)))
+    path.write_text(
+        "".join(
+            json.dumps({"messages": p + [{"role": "assistant", "content": r}]}) + "\n" for p, r in zip(prompts, refs)
+        )
+    )
     return path
 
 
@@ -248,16 +267,43 @@ def test_task_accuracy(tiny, tmp_path):
 
 # --- command line ------------------------------------------------------------------------------------------------
 
+
 def test_cli_end_to_end(tiny, tmp_path, capsys):
     model, tok, folder = tiny
     parser = argparse.ArgumentParser(prog="slimlm")
     add_eval_commands(parser.add_subparsers(dest="command", required=True))
     task = _task_file(tiny, tmp_path / "task.jsonl")
     out = tmp_path / "res" / "eval.json"
-    args = parser.parse_args(["eval", "--model", str(folder), "--dtype", "fp32", "--ppl", "--ppl-tokens", "150",
-                              "--seq-len", "64", "--stride", "32", "--task", str(task), "--max-new-tokens", "4",
-                              "--speed", "--speed-prompt", "8", "--speed-new", "4", "--speed-repeats", "1",
-                              "--json", str(out), "-q"])
+    args = parser.parse_args(
+        [
+            "eval",
+            "--model",
+            str(folder),
+            "--dtype",
+            "fp32",
+            "--ppl",
+            "--ppl-tokens",
+            "150",
+            "--seq-len",
+            "64",
+            "--stride",
+            "32",
+            "--task",
+            str(task),
+            "--max-new-tokens",
+            "4",
+            "--speed",
+            "--speed-prompt",
+            "8",
+            "--speed-new",
+            "4",
+            "--speed-repeats",
+            "1",
+            "--json",
+            str(out),
+            "-q",
+        ]
+    )
     assert args.func(args) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 3 and table[0].startswith("| model") and "ppl" in table[0] and "decode tok/s" in table[0]
@@ -265,8 +311,9 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     p = res["perplexity"]
     assert p["tokens_scored"] == 150 and (p["seq_len"], p["stride"]) == (64, 32) and p["text"] == "builtin:heldout"
     assert p["corpus"]["heldout"]["sha256"] == corpus.corpus_info()["heldout"]["sha256"]
-    want = perplexity(model, tok, corpus.builtin_corpus("heldout"), seq_len=64, stride=32, max_tokens=150,
-                      progress=False)
+    want = perplexity(
+        model, tok, corpus.builtin_corpus("heldout"), seq_len=64, stride=32, max_tokens=150, progress=False
+    )
     assert p["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
     assert res["task"]["accuracy"] == 0.5 and res["speed"]["decode_tokens_per_s"] > 0
     assert res["speed"]["model_bytes"] == disk_size(folder) and res["memory"]["peak_rss_bytes"] > 0
@@ -278,13 +325,29 @@ def test_cli_text_file_and_errors(tiny, tmp_path, capsys):
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n\n" + json.dumps({"text": TEXT}) + "\n")
     assert read_text(tmp_path / "t.jsonl") == "hello world\n\n" + TEXT
     (tmp_path / "t.txt").write_text(TEXT)
-    assert main(["--model", str(folder), "--ppl", str(tmp_path / "t.txt"), "--seq-len", "32", "-q",
-                 "--json", str(tmp_path / "o.json")]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(folder),
+                "--ppl",
+                str(tmp_path / "t.txt"),
+                "--seq-len",
+                "32",
+                "-q",
+                "--json",
+                str(tmp_path / "o.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "o.json").read_text())["perplexity"]["text"] == str(tmp_path / "t.txt")
     capsys.readouterr()
-    for argv, msg in [(["--ppl", str(tmp_path / "missing.txt")], "no such text file"),
-                      (["--ppl", "--seq-len", "1"], "seq_len must be at least 2"),
-                      (["--task", str(tmp_path / "t.jsonl"), "--task-metric", "nope"], "unknown --task-metric"),
-                      (["--ppl", str(tmp_path / "t.txt"), "--seq-len", "512"], "exceeds the model's context")]:
+    for argv, msg in [
+        (["--ppl", str(tmp_path / "missing.txt")], "no such text file"),
+        (["--ppl", "--seq-len", "1"], "seq_len must be at least 2"),
+        (["--task", str(tmp_path / "t.jsonl"), "--task-metric", "nope"], "unknown --task-metric"),
+        (["--ppl", str(tmp_path / "t.txt"), "--seq-len", "512"], "exceeds the model's context"),
+    ]:
         assert main(["--model", str(folder), "-q", *argv]) == 2, argv
         assert msg in capsys.readouterr().err

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_hf_model, save_hf_model
 
 pytest.importorskip("gguf")
@@ -25,8 +24,13 @@ for lib in sorted(glob.glob(str(REPO / "build/llama.cpp/*/llama.cpp/build/bin/li
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(Path(lib).parent))
 SMOLLM2_VOCAB = 49152
 PROMPT = "The quick brown fox jumps over the lazy dog, 12345 times: café 😀!"
-TOKENIZE_CHECKS = ["Hello world", "  two  spaces\n\tand a tab", "digits 3 33 333 3333 3.14159",
-                   "café naïve 日本語 😀🚀", "I've been 'told he's there"]
+TOKENIZE_CHECKS = [
+    "Hello world",
+    "  two  spaces\n\tand a tab",
+    "digits 3 33 333 3333 3.14159",
+    "café naïve 日本語 😀🚀",
+    "I've been 'told he's there",
+]
 
 
 def llama_cpp():
@@ -53,8 +57,17 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_smol(tmp_path_factory, smol_tokenizer_dir) -> Path:
     """A random 2-layer Llama (GQA, tied embeddings like SmolLM2) with SmolLM2's tokenizer."""
-    model = make_hf_model("llama", seed=3, vocab_size=SMOLLM2_VOCAB, tie_word_embeddings=True, bos_token_id=1,
-                          eos_token_id=2, pad_token_id=2, max_position_embeddings=256, rope_theta=100000.0)
+    model = make_hf_model(
+        "llama",
+        seed=3,
+        vocab_size=SMOLLM2_VOCAB,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        max_position_embeddings=256,
+        rope_theta=100000.0,
+    )
     return save_hf_model(model, tmp_path_factory.mktemp("tiny_smol"), smol_tokenizer_dir)
 
 
@@ -83,11 +96,17 @@ def slimlm_logits(model: str | Path, ids: list[int], adapter: Path | None = None
 
 
 def llama_cpp_logits(path: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
-    llm = llama_cpp().Llama(model_path=str(path), n_ctx=128, n_threads=1, logits_all=True, verbose=False,
-                            lora_path=str(lora) if lora else None)
+    llm = llama_cpp().Llama(
+        model_path=str(path),
+        n_ctx=128,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        lora_path=str(lora) if lora else None,
+    )
     try:
         llm.eval(ids)
-        return np.array(llm.scores[:len(ids)])
+        return np.array(llm.scores[: len(ids)])
     finally:
         llm.close()
 
@@ -119,8 +138,9 @@ def test_f32_export_matches_llama_cpp_logits_and_tokenizer(tiny_smol, tmp_path):
         for text in TOKENIZE_CHECKS:
             assert llm.tokenize(text.encode(), add_bos=True, special=False) == ours.encode(text), text
         chat = ours.apply_chat_template([{"role": "user", "content": "Hi there 42"}])
-        rendered = ours.hf.apply_chat_template([{"role": "user", "content": "Hi there 42"}], tokenize=False,
-                                               add_generation_prompt=True)
+        rendered = ours.hf.apply_chat_template(
+            [{"role": "user", "content": "Hi there 42"}], tokenize=False, add_generation_prompt=True
+        )
         assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == chat
     finally:
         llm.close()
@@ -140,7 +160,7 @@ def test_quantized_export_runs_in_llama_cpp_as_slimlm_reads_it(tiny_smol, tmp_pa
     # The weight rounding itself, as relative RMS logit error. Per weight, Q8_0 / Q4_0 round Gaussian weights by
     # ~0.5 % / ~8 % RMS; this random 2-layer net amplifies that ~4x at the logits (measured: 2 % / 35 %).
     rounding = {"f16": 5e-3, "q8_0": 5e-2, "q4_0": 0.4}[qtype]
-    rel_rms = np.sqrt(((read_back - original) ** 2).mean() / (original ** 2).mean())
+    rel_rms = np.sqrt(((read_back - original) ** 2).mean() / (original**2).mean())
     assert rel_rms < rounding
 
 
@@ -244,8 +264,8 @@ def test_slimlm_quantized_folder_is_dequantized(tiny_smol, tmp_path, scheme, tol
     """An int8/int4 folder from slimlm quantize exports as its dequantized weights: the F32 GGUF reads back as the
     quantized model computes (int4's CPU kernel takes bf16 activations, hence its looser `tol` of the logit range)."""
     import slimlm
-    from slimlm.quantize.schemes import quantize_model_
     from slimlm.checkpoint.quantized import save_quantized
+    from slimlm.quantize.schemes import quantize_model_
 
     llm = slimlm.load(str(tiny_smol), dtype="fp32")
     quantize_model_(llm.model, scheme, 32)

@@ -88,8 +88,11 @@ def test_quantized_export_keeps_low_bit_weights(tiny_llama, tmp_path, scheme):
     nbits = [n for n in g.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 * 7 + 1  # every block linear and the LM head
     assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == ({8} if scheme == "int8" else {4, 8})
-    big_float = [i.name for i in g.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and
-                 int(torch.tensor(i.dims).prod()) >= 64 * 64]
+    big_float = [
+        i.name
+        for i in g.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT and int(torch.tensor(i.dims).prod()) >= 64 * 64
+    ]
     assert big_float == []  # no weight matrix is stored in fp32
     assert meta["parity"]["max_logit_diff"] <= 1e-3  # same codes, fp32 arithmetic on both sides
     ort_llm = load_onnx_llm(tmp_path / scheme)
@@ -98,8 +101,13 @@ def test_quantized_export_keeps_low_bit_weights(tiny_llama, tmp_path, scheme):
     assert got.completion_tokens == 8
     # The default: ORT's int8-compute kernels (activations quantized per block): close, not exact.
     fast = export_onnx(llm.model, llm.tokenizer, tmp_path / f"{scheme}-fast")
-    levels = {a.i for n in onnx.load(str(tmp_path / f"{scheme}-fast" / ONNX_FILE)).graph.node
-              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    levels = {
+        a.i
+        for n in onnx.load(str(tmp_path / f"{scheme}-fast" / ONNX_FILE)).graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
     assert levels == {4} and fast["int8_compute"] and 0 < fast["parity"]["max_logit_diff"] <= 0.5
 
 
@@ -128,17 +136,21 @@ def test_served_by_onnxruntime_same_text_as_torch(tiny_llama, exported):
 
     def completions(config: ServeConfig) -> list[str]:
         with running_server(config) as (url, _):
+
             def one(p):
                 body = {"model": "tiny", "prompt": p, "max_tokens": 10, "ignore_eos": True, "temperature": 0}
                 return httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
             with ThreadPoolExecutor(4) as pool:
                 return list(pool.map(one, prompts))
 
     engine = dict(max_batch=4, max_seq_len=64, prefill_chunk=4)  # prompts take several chunks, rows interleave
-    want = completions(ServeConfig(model=str(tiny_llama[0]), served_name="tiny", dtype="fp32",
-                                   engine=EngineConfig(**engine)))
-    got = completions(ServeConfig(model=str(exported[0]), served_name="tiny", backend="onnxruntime",
-                                  engine=EngineConfig(**engine)))
+    want = completions(
+        ServeConfig(model=str(tiny_llama[0]), served_name="tiny", dtype="fp32", engine=EngineConfig(**engine))
+    )
+    got = completions(
+        ServeConfig(model=str(exported[0]), served_name="tiny", backend="onnxruntime", engine=EngineConfig(**engine))
+    )
     assert got == want
 
 

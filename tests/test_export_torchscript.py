@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from slimlm import kernels
 from slimlm.export.decoder import ExportDecoder, example_inputs
 from slimlm.export.torchscript import TORCHSCRIPT_FILE, export_torchscript
-from slimlm import kernels
 from slimlm.llm import load
 
 
@@ -36,10 +36,12 @@ def test_torchscript_file_runs_in_a_process_without_slimlm(tiny_llama, tmp_path)
     inputs = example_inputs(llm.model, 1, 5, 0)
     torch.save(list(inputs), tmp_path / "inputs.pt")
     want = ExportDecoder(llm.model)(*inputs)[0]
-    code = ("import sys, torch; sys.modules['slimlm'] = None; "  # importing slimlm would fail
-            f"m = torch.jit.load({str(tmp_path / 'ts' / TORCHSCRIPT_FILE)!r}); "
-            f"x = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True); "
-            f"torch.save(m(*x)[0], {str(tmp_path / 'out.pt')!r})")
+    code = (
+        "import sys, torch; sys.modules['slimlm'] = None; "  # importing slimlm would fail
+        f"m = torch.jit.load({str(tmp_path / 'ts' / TORCHSCRIPT_FILE)!r}); "
+        f"x = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True); "
+        f"torch.save(m(*x)[0], {str(tmp_path / 'out.pt')!r})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert (got - want).abs().max() <= 1e-5

@@ -29,14 +29,17 @@ SHORT = ["the", "cat", "sat", "on", "the", "mat", "and", "ran", "to", "the", "bi
 
 # --- shared data and runs ----------------------------------------------------------------------------------------
 
+
 def _chat_records(n: int, seed: int) -> list[dict]:
     """Short chat records in words the tiny tokenizer knows: nothing is truncated at max_seq_len 128."""
     rng = random.Random(seed)
     recs = []
     for i in range(n):
         msgs = [{"role": "system", "content": "be brief"}] if i % 3 == 0 else []
-        msgs += [{"role": "user", "content": " ".join(rng.choices(SHORT, k=rng.randint(2, 6)))},
-                 {"role": "assistant", "content": " ".join(rng.choices(SHORT, k=rng.randint(2, 8)))}]
+        msgs += [
+            {"role": "user", "content": " ".join(rng.choices(SHORT, k=rng.randint(2, 6)))},
+            {"role": "assistant", "content": " ".join(rng.choices(SHORT, k=rng.randint(2, 8)))},
+        ]
         recs.append({"messages": msgs})
     return recs
 
@@ -49,14 +52,34 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("chat_data")
-    return (_write_jsonl(folder / "train.jsonl", _chat_records(12, seed=0)),
-            _write_jsonl(folder / "val.jsonl", _chat_records(4, seed=1)))
+    return (
+        _write_jsonl(folder / "train.jsonl", _chat_records(12, seed=0)),
+        _write_jsonl(folder / "val.jsonl", _chat_records(4, seed=1)),
+    )
 
 
 def _finetune_argv(model: Path, method: str, data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
-    return ["finetune", "--model", str(model), "--method", method, "--data", str(data[0]), "--eval-data",
-            str(data[1]), "--out", str(out), "--train.max_steps", "3", "--train.batch_size", "2",
-            "--dataset.max_seq_len", "128", "-q", *extra]
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--method",
+        method,
+        "--data",
+        str(data[0]),
+        "--eval-data",
+        str(data[1]),
+        "--out",
+        str(out),
+        "--train.max_steps",
+        "3",
+        "--train.batch_size",
+        "2",
+        "--dataset.max_seq_len",
+        "128",
+        "-q",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +125,19 @@ def _hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
 # --- recipe.py ---------------------------------------------------------------------------------------------------
 
+
 def test_from_dict_nested_sections_and_defaults():
-    cfg = from_dict(FinetuneConfig, {"method": "qlora", "data": "d.jsonl",
-                                     "train": {"lr": 1e-3, "betas": [0.8, 0.99], "max_steps": 7},
-                                     "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-                                     "dataset": {"packing": True}, "prompt": None})
+    cfg = from_dict(
+        FinetuneConfig,
+        {
+            "method": "qlora",
+            "data": "d.jsonl",
+            "train": {"lr": 1e-3, "betas": [0.8, 0.99], "max_steps": 7},
+            "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+            "dataset": {"packing": True},
+            "prompt": None,
+        },
+    )
     assert cfg.method == "qlora" and cfg.data == "d.jsonl"
     assert cfg.train.lr == 1e-3 and cfg.train.betas == (0.8, 0.99) and cfg.train.max_steps == 7
     assert cfg.train.batch_size == TrainConfig().batch_size  # untouched keys keep their defaults
@@ -133,16 +164,19 @@ def test_unknown_keys_are_named_with_the_valid_ones(tmp_path):
         load_recipe(FinetuneConfig, recipe)
 
 
-@pytest.mark.parametrize("values, match", [
-    ({"train": {"max_steps": "many"}}, r"train\.max_steps: 'many' is not a valid int"),
-    ({"train": {"max_steps": 2.5}}, r"train\.max_steps: 2\.5 is not a valid int"),  # no silent truncation
-    ({"train": {"lr": True}}, r"train\.lr: True is not a valid float"),
-    ({"train": {"lr": "fast"}}, r"train\.lr: 'fast' is not a valid float"),
-    ({"resume": "maybe"}, r"resume: 'maybe' is not a valid bool"),
-    ({"train": {"betas": 0.9}}, r"train\.betas: 0\.9 is not a valid tuple"),
-    ({"train": "fast"}, r"train\.: expected a mapping, got str"),
-    (["lora"], r"recipe: expected a mapping, got list"),
-])
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"train": {"max_steps": "many"}}, r"train\.max_steps: 'many' is not a valid int"),
+        ({"train": {"max_steps": 2.5}}, r"train\.max_steps: 2\.5 is not a valid int"),  # no silent truncation
+        ({"train": {"lr": True}}, r"train\.lr: True is not a valid float"),
+        ({"train": {"lr": "fast"}}, r"train\.lr: 'fast' is not a valid float"),
+        ({"resume": "maybe"}, r"resume: 'maybe' is not a valid bool"),
+        ({"train": {"betas": 0.9}}, r"train\.betas: 0\.9 is not a valid tuple"),
+        ({"train": "fast"}, r"train\.: expected a mapping, got str"),
+        (["lora"], r"recipe: expected a mapping, got list"),
+    ],
+)
 def test_type_coercion_errors(values, match):
     with pytest.raises(RecipeError, match=match):
         from_dict(FinetuneConfig, values)
@@ -151,8 +185,9 @@ def test_type_coercion_errors(values, match):
 def test_yaml_values_are_coerced(tmp_path):
     recipe = tmp_path / "r.yaml"
     # PyYAML reads 1e-4 (no dot) as a string and yes/no as booleans; numbers given for strings become strings
-    recipe.write_text("model: 123\nresume: yes\nnf4_base: 'false'\ntrain:\n  lr: 1e-4\n  max_steps: 4.0\n"
-                      "  betas: [0.5, 0.9]\n")
+    recipe.write_text(
+        "model: 123\nresume: yes\nnf4_base: 'false'\ntrain:\n  lr: 1e-4\n  max_steps: 4.0\n  betas: [0.5, 0.9]\n"
+    )
     cfg = load_recipe(FinetuneConfig, recipe)
     assert cfg.model == "123" and cfg.resume is True and cfg.nf4_base is False
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
@@ -171,11 +206,27 @@ def _flags(*argv: str):
 
 def test_flags_override_the_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: base\ndata: t.jsonl\neval_data: a.jsonl\nnf4_base: true\nresume: false\n"
-                      "train:\n  lr: 1.0e-3\n  max_steps: 7\nlora:\n  r: 4\n  alpha: 8\n")
-    args = _flags(str(recipe), "--train.lr", "5e-4", "--lora.r", "8", "--eval-data", "v.jsonl", "--nf4-base",
-                  "false", "--train.betas", "0.8,0.95", "--lora.target_modules", "q_proj,v_proj",
-                  "--dataset.packing", "--resume")
+    recipe.write_text(
+        "model: base\ndata: t.jsonl\neval_data: a.jsonl\nnf4_base: true\nresume: false\n"
+        "train:\n  lr: 1.0e-3\n  max_steps: 7\nlora:\n  r: 4\n  alpha: 8\n"
+    )
+    args = _flags(
+        str(recipe),
+        "--train.lr",
+        "5e-4",
+        "--lora.r",
+        "8",
+        "--eval-data",
+        "v.jsonl",
+        "--nf4-base",
+        "false",
+        "--train.betas",
+        "0.8,0.95",
+        "--lora.target_modules",
+        "q_proj,v_proj",
+        "--dataset.packing",
+        "--resume",
+    )
     assert args.recipe == str(recipe)
     cfg = apply_flags(load_recipe(FinetuneConfig, args.recipe), args)
     assert cfg.train.lr == 5e-4 and cfg.lora.r == 8 and cfg.eval_data == "v.jsonl"
@@ -188,8 +239,9 @@ def test_flags_override_the_recipe(tmp_path):
     assert apply_flags(load_recipe(FinetuneConfig, recipe), _flags(str(recipe))) == load_recipe(FinetuneConfig, recipe)
     assert apply_flags(FinetuneConfig(), _flags("--nf4-base")).nf4_base is True
     # "none" un-sets an optional field the recipe set, so a step-based recipe can run by epochs
-    cfg = apply_flags(load_recipe(FinetuneConfig, recipe), _flags(str(recipe), "--train.max_steps", "none",
-                                                                  "--train.num_epochs", "2"))
+    cfg = apply_flags(
+        load_recipe(FinetuneConfig, recipe), _flags(str(recipe), "--train.max_steps", "none", "--train.num_epochs", "2")
+    )
     assert cfg.train.max_steps is None and cfg.train.num_epochs == 2
 
 
@@ -212,18 +264,26 @@ def test_every_generated_flag_has_help_from_its_field_comment(capsys):
     """Help comes from the comment after each dataclass field (recipe.field_docs), defaults appended."""
     from slimlm.peft import PEFT_METHODS
 
-    undocumented = [a.option_strings[0] for a in _finetune_parser()._actions
-                    if a.option_strings and (a.help or "").startswith("(default")]
+    undocumented = [
+        a.option_strings[0]
+        for a in _finetune_parser()._actions
+        if a.option_strings and (a.help or "").startswith("(default")
+    ]
     assert undocumented == []
     with pytest.raises(SystemExit) as e:
         main(["finetune", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     assert e.value.code == 0
-    for text in ("--train.lr X peak learning rate (AdamW) (default: 0.0002)", "--lora.r N rank of the update",
-                 "--data VALUE training data: a .jsonl, .parquet, .csv or .json file, a folder of them, or a Hugging "
-                     "Face dataset name",
-                 "--bitfit.targets VALUE Projections that get a trainable bias",  # a comment above the field
-                 'chat {"messages":', "slimlm data check FILE", "options --lora.*"):
+    for text in (
+        "--train.lr X peak learning rate (AdamW) (default: 0.0002)",
+        "--lora.r N rank of the update",
+        "--data VALUE training data: a .jsonl, .parquet, .csv or .json file, a folder of them, or a Hugging "
+        "Face dataset name",
+        "--bitfit.targets VALUE Projections that get a trainable bias",  # a comment above the field
+        'chat {"messages":',
+        "slimlm data check FILE",
+        "options --lora.*",
+    ):
         assert text in out, text
     methods = out.split("methods (--method):")[1]
     assert all(f" {name} " in methods for name in PEFT_METHODS)
@@ -240,9 +300,14 @@ def test_version(capsys):
     assert version("slimlm") == slimlm.__version__  # pyproject.toml and the package agree
 
 
-@pytest.mark.parametrize("argv, hint", [(["finetune", "--lr", "1e-4"], " (did you mean --train.lr?)"),
-                                        (["finetune", "--metod", "lora"], " (did you mean --method"),
-                                        (["export", "onnx", "--out", "x", "--bogus"], "")])
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["finetune", "--lr", "1e-4"], " (did you mean --train.lr?)"),
+        (["finetune", "--metod", "lora"], " (did you mean --method"),
+        (["export", "onnx", "--out", "x", "--bogus"], ""),
+    ],
+)
 def test_unknown_flag_prints_the_subcommands_usage(argv, hint, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -256,9 +321,15 @@ def test_unknown_flag_prints_the_subcommands_usage(argv, hint, capsys):
 def test_to_dict_round_trip(tmp_path):
     import yaml
 
-    cfg = FinetuneConfig(model="m", method="prefix", data="t.jsonl", eval_data="v.jsonl", resume=True,
-                         train=TrainConfig(max_steps=5, lr=3e-4, betas=(0.7, 0.9), precision="bf16"),
-                         dataset=DataConfig(max_seq_len=64, packing=True))
+    cfg = FinetuneConfig(
+        model="m",
+        method="prefix",
+        data="t.jsonl",
+        eval_data="v.jsonl",
+        resume=True,
+        train=TrainConfig(max_steps=5, lr=3e-4, betas=(0.7, 0.9), precision="bf16"),
+        dataset=DataConfig(max_seq_len=64, packing=True),
+    )
     cfg.lora.target_modules = ["q_proj", "o_proj"]
     cfg.prefix.encoder_hidden_size = 32
     d = to_dict(cfg)
@@ -271,10 +342,10 @@ def test_to_dict_round_trip(tmp_path):
 
 # --- slimlm data -------------------------------------------------------------------------------------------------
 
+
 def test_data_task_writes_three_splits(tmp_path, capsys):
     out = tmp_path / "task"
-    assert main(["data", "task", "extract_json", "--out", str(out), "--train", "40", "--val", "8",
-                 "--test", "8"]) == 0
+    assert main(["data", "task", "extract_json", "--out", str(out), "--train", "40", "--val", "8", "--test", "8"]) == 0
     printed = capsys.readouterr().out.split("\n")
     sizes = {"train": 40, "val": 8, "test": 8}
     for split, n in sizes.items():
@@ -310,9 +381,11 @@ def test_data_check_prints_report_with_marked_sample(tiny_llama, tmp_path, capsy
 
 def test_data_check_broken_file_names_the_lines(tiny_llama, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}]}\n'
-                   '{"messages": [{"role": "user", "content": "hi"\n'
-                   '{"messages": [{"role": "user", "content": "hello"}]}\n')
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"\n'
+        '{"messages": [{"role": "user", "content": "hello"}]}\n'
+    )
     assert main(["data", "check", str(bad), "--model", str(tiny_llama[0])]) == 2
     err = capsys.readouterr()
     assert err.out == ""
@@ -325,6 +398,7 @@ def test_data_check_broken_file_names_the_lines(tiny_llama, tmp_path, capsys):
 
 
 # --- slimlm finetune, every method -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_finetune_writes_outputs_and_recipe_round_trips(method, tiny_llama, chat_data, finetuned, tmp_path, capsys):
@@ -379,9 +453,24 @@ def test_finetune_with_generation_eval(tiny_llama, chat_data, tmp_path, capsys):
     """--eval-generate scores greedy answers to the eval prompts (here with the extract_json task's scorer; the
     task's own prompts are longer than the tiny model's 128-token context)."""
     out = tmp_path / "run"
-    argv = _finetune_argv(tiny_llama[0], "lora", chat_data, out, "--task", "extract_json", "--eval-generate", "2",
-                          "--eval-max-new-tokens", "4", "--train.max_steps", "1", "--lora.r", "2",
-                          "--base-name", "org/tiny-base")
+    argv = _finetune_argv(
+        tiny_llama[0],
+        "lora",
+        chat_data,
+        out,
+        "--task",
+        "extract_json",
+        "--eval-generate",
+        "2",
+        "--eval-max-new-tokens",
+        "4",
+        "--train.max_steps",
+        "1",
+        "--lora.r",
+        "2",
+        "--base-name",
+        "org/tiny-base",
+    )
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["n"] == 2 and summary["eval"]["exact_match"] == 0.0 and summary["eval"]["eval_loss"] > 0
@@ -393,6 +482,7 @@ def test_finetune_with_generation_eval(tiny_llama, chat_data, tmp_path, capsys):
 
 def test_adapter_init_follows_train_seed(tiny_llama, chat_data, tmp_path):
     """train.seed fixes the run, the adapter's random init included, whatever the global RNG was before."""
+
     def adapter_after(seed_before: int, out: Path, *extra: str) -> dict:
         torch.manual_seed(seed_before)
         assert main(_finetune_argv(tiny_llama[0], "lora", chat_data, out, "--train.max_steps", "1", *extra)) == 0
@@ -406,6 +496,7 @@ def test_adapter_init_follows_train_seed(tiny_llama, chat_data, tmp_path):
 
 # --- invalid configs ---------------------------------------------------------------------------------------------
 
+
 def _fails(capsys, *argv: str) -> str:
     assert main(["finetune", *argv]) == 2
     captured = capsys.readouterr()
@@ -415,14 +506,41 @@ def _fails(capsys, *argv: str) -> str:
 
 def test_invalid_config_names_every_problem(tiny_llama, chat_data, tmp_path, capsys):
     m, data, out = str(tiny_llama[0]), str(chat_data[0]), tmp_path / "out"
-    err = _fails(capsys, "--model", m, "--method", "lora", "--data", str(tmp_path / "missing.jsonl"), "--eval-data",
-                 str(tmp_path / "nope.jsonl"), "--out", str(out), "--lora.r", "0", "--lora.dropout", "1.5",
-                 "--train.max_steps", "0", "--dtype", "fp16", "--eval-generate", "2", "--task", "riddles")
+    err = _fails(
+        capsys,
+        "--model",
+        m,
+        "--method",
+        "lora",
+        "--data",
+        str(tmp_path / "missing.jsonl"),
+        "--eval-data",
+        str(tmp_path / "nope.jsonl"),
+        "--out",
+        str(out),
+        "--lora.r",
+        "0",
+        "--lora.dropout",
+        "1.5",
+        "--train.max_steps",
+        "0",
+        "--dtype",
+        "fp16",
+        "--eval-generate",
+        "2",
+        "--task",
+        "riddles",
+    )
     assert err.startswith("slimlm finetune: error: invalid fine-tuning config:")
-    for problem in (f"training data {tmp_path / 'missing.jsonl'} does not exist",
-                    f"eval data {tmp_path / 'nope.jsonl'} does not exist", "lora r must be >= 1, got 0",
-                    "lora dropout must be in [0, 1), got 1.5", "max_steps must be a positive integer, got 0",
-                    "dtype must be fp32 or bf16, got 'fp16'", "task 'riddles' is unknown"):
+    for problem in (
+        f"training data {tmp_path / 'missing.jsonl'} does not exist",
+        f"eval data {tmp_path / 'nope.jsonl'} does not exist",
+        "lora r must be >= 1, got 0",
+        "lora dropout must be in [0, 1), got 1.5",
+        "max_steps must be a positive integer, got 0",
+        "dtype must be fp32 or bf16, got 'fp16'",
+        "task 'riddles' is unknown",
+    ):
         assert problem in err, problem
     assert not out.exists()  # nothing is loaded or written before the config is valid
 
@@ -436,16 +554,20 @@ def test_invalid_config_names_every_problem(tiny_llama, chat_data, tmp_path, cap
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag, value, match", [
-    ("--train.lr", "abc", "train.lr: 'abc' is not a valid float"),
-    ("--train.max_steps", "2.5", "train.max_steps: '2.5' is not a valid int"),
-    ("--lora.r", "eight", "lora.r: 'eight' is not a valid int"),
-    ("--resume", "maybe", "resume: 'maybe' is not a valid bool"),
-    ("--dataset.max_seq_len", "1", "max_seq_len must be an integer >= 2"),
-])
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("--train.lr", "abc", "train.lr: 'abc' is not a valid float"),
+        ("--train.max_steps", "2.5", "train.max_steps: '2.5' is not a valid int"),
+        ("--lora.r", "eight", "lora.r: 'eight' is not a valid int"),
+        ("--resume", "maybe", "resume: 'maybe' is not a valid bool"),
+        ("--dataset.max_seq_len", "1", "max_seq_len must be an integer >= 2"),
+    ],
+)
 def test_bad_flag_values_exit_2(flag, value, match, tiny_llama, chat_data, tmp_path, capsys):
-    err = _fails(capsys, "--model", str(tiny_llama[0]), "--data", str(chat_data[0]), "--out", str(tmp_path / "o"),
-                 flag, value)
+    err = _fails(
+        capsys, "--model", str(tiny_llama[0]), "--data", str(chat_data[0]), "--out", str(tmp_path / "o"), flag, value
+    )
     assert err.startswith("slimlm finetune: error:") and match in err
     assert not (tmp_path / "o").exists()
 
@@ -460,12 +582,23 @@ def test_bad_recipe_exits_2(tmp_path, capsys):
 
 # --- generate --adapter ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["lora", "prompt"])
 def test_generate_with_adapter(method, tiny_llama, finetuned, capsys):
     adapter = finetuned(method) / "adapter"
     capsys.readouterr()
-    argv = ["generate", "--model", str(tiny_llama[0]), "--prompt", "hi", "--max-new-tokens", "5", "--json",
-            "--dtype", "fp32"]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_llama[0]),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "--dtype",
+        "fp32",
+    ]
     assert main(argv + ["--adapter", str(adapter)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["finish_reason"] in ("length", "stop") and 1 <= res["completion_tokens"] <= 5
@@ -480,6 +613,7 @@ def test_generate_with_adapter(method, tiny_llama, finetuned, capsys):
 
 
 # --- merge -------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "bitfit"])
 def test_merge_matches_base_plus_adapter(method, tiny_llama, finetuned, tmp_path, capsys):
@@ -531,6 +665,7 @@ def test_merge_refuses_methods_that_cannot_merge(method, tiny_llama, finetuned, 
 
 # --- info on an adapter folder -----------------------------------------------------------------------------------
 
+
 def test_info_on_adapters(tiny_llama, finetuned, capsys):
     adapter = finetuned("bitfit") / "adapter"
     capsys.readouterr()
@@ -550,6 +685,7 @@ def test_info_on_adapters(tiny_llama, finetuned, capsys):
 
 
 # --- resume through the CLI --------------------------------------------------------------------------------------
+
 
 def test_resume_a_finished_run_redoes_the_steps_after_the_last_checkpoint(tiny_llama, chat_data, tmp_path, capsys):
     """Checkpoints are written every save_every steps but not at the end (the adapter is the final save), so

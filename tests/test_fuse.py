@@ -34,8 +34,15 @@ ALL = tuple(FUSION_PASSES)
 
 def tiny(seed: int = 0, **overrides) -> Transformer:
     """A 2-layer GQA model (4 heads, 2 KV heads) with every weight random, norm gains far from 1 included."""
-    cfg = {"vocab_size": 256, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 128,
-           "max_seq_len": 64}
+    cfg = {
+        "vocab_size": 256,
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "intermediate_size": 128,
+        "max_seq_len": 64,
+    }
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(**{**cfg, **overrides}))
     g = torch.Generator().manual_seed(seed)
@@ -140,8 +147,8 @@ def test_quantized_models_fuse_exactly(scheme):
 
 
 def test_int8_static_fuses_equal_input_scales_and_skips_different_ones():
-    from slimlm.quantize.schemes import quantize_model_
     from slimlm.compress.static_int8 import calibrate_input_scales
+    from slimlm.quantize.schemes import quantize_model_
 
     base = tiny()
     scales = calibrate_input_scales(base, ids(4, 16, seed=1), dynamic_above=None)
@@ -165,9 +172,15 @@ def _randomize_adapters_(model: nn.Module, seed: int = 0) -> None:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("method,options", [("lora", {"r": 4, "alpha": 8}),
-                                            ("lora", {"r": 4, "alpha": 8, "use_dora": True}),
-                                            ("bitfit", {"train_norms": True})], ids=["lora", "dora", "bitfit"])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("lora", {"r": 4, "alpha": 8}),
+        ("lora", {"r": 4, "alpha": 8, "use_dora": True}),
+        ("bitfit", {"train_norms": True}),
+    ],
+    ids=["lora", "dora", "bitfit"],
+)
 def test_adapter_merged_then_fused_equals_adapter_model(method, options):
     from slimlm.peft import apply_peft, make_config
 
@@ -230,6 +243,7 @@ def test_fused_quantized_model_saves_and_reloads(tmp_path):
 
 # ---- generic BatchNorm folding ----
 
+
 def test_conv_bn_relu_and_linear_bn_fold_on_a_resnet():
     net = randomize_batchnorms_(SmallResNet(channels=8, blocks=2)).eval()
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -284,6 +298,7 @@ def test_untraceable_module_falls_back_to_sequential_pairs():
 
 
 # ---- CLI ----
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()

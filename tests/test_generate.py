@@ -39,9 +39,15 @@ def run(model, prompts, params, stops=(), pad_id=0, **kwargs) -> list[list[int]]
 
 def hf_generate(hf, prompt, max_new_tokens, eos, **kwargs) -> list[int]:
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=max_new_tokens, eos_token_id=list(eos), pad_token_id=0, **kwargs)
-    return out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(eos),
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("which", ["llama", "mistral"])
@@ -92,31 +98,38 @@ def test_custom_decode_fn_is_used(llama):
 
 # --- SamplingParams ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
-    (dict(max_new_tokens=2.5), "max_new_tokens must be a positive integer, got 2.5"),
-    (dict(temperature=-0.1), "temperature must be a number >= 0"),
-    (dict(top_k=-2), "top_k must be an integer >= 1, or 0 or -1"),
-    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
-    (dict(min_p=1.5), r"min_p must be a number in \[0, 1\]"),
-    (dict(min_p=-0.1), r"min_p must be a number in \[0, 1\]"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
-    (dict(min_new_tokens=5, max_new_tokens=4), r"min_new_tokens must be in \[0, max_new_tokens\], got 5"),
-    (dict(stop=["ok", ""]), "stop must be a list of non-empty strings"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be a positive integer, got 2.5"),
+        (dict(temperature=-0.1), "temperature must be a number >= 0"),
+        (dict(top_k=-2), "top_k must be an integer >= 1, or 0 or -1"),
+        (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+        (dict(min_p=1.5), r"min_p must be a number in \[0, 1\]"),
+        (dict(min_p=-0.1), r"min_p must be a number in \[0, 1\]"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
+        (dict(min_new_tokens=5, max_new_tokens=4), r"min_new_tokens must be in \[0, max_new_tokens\], got 5"),
+        (dict(stop=["ok", ""]), "stop must be a list of non-empty strings"),
+    ],
+)
 def test_sampling_params_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
 
 
 def test_sampling_params_collects_errors_and_wraps_stop_string():
-    with pytest.raises(ValueError, match="invalid sampling parameters: temperature must be a number >= 0.*; top_k must be an integer"):
+    with pytest.raises(
+        ValueError, match="invalid sampling parameters: temperature must be a number >= 0.*; top_k must be an integer"
+    ):
         SamplingParams(temperature=-1, top_k=-2)
     assert SamplingParams(stop="END").stop == ["END"]
 
 
 # --- sampling ---------------------------------------------------------------------------------------------------
+
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(llama):
     model, _ = llama
@@ -150,8 +163,12 @@ def sampled_counts(params: SamplingParams, probs: torch.Tensor = PROBS) -> torch
 
 def hf_kept(params: SamplingParams, probs: torch.Tensor = PROBS) -> set[int]:
     """The tokens transformers' warpers (temperature, top-k, top-p, min-p, in HF's order) leave sampleable."""
-    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     scores = probs.log()[None].clone()
     ids = torch.zeros(1, 1, dtype=torch.long)
@@ -165,16 +182,19 @@ def hf_kept(params: SamplingParams, probs: torch.Tensor = PROBS) -> set[int]:
     return set(torch.isfinite(scores[0]).nonzero().flatten().tolist())
 
 
-@pytest.mark.parametrize("kwargs,kept", [
-    (dict(), {0, 1, 2, 3, 4, 5}),
-    (dict(top_k=2), {0, 1}),
-    (dict(top_p=0.7), {0, 1, 2}),  # mass before token 2 is 0.65 < 0.7; before token 3 it is 0.8
-    (dict(top_p=0.6), {0, 1}),
-    (dict(min_p=0.3), {0, 1, 2}),  # threshold 0.12
-    (dict(min_p=0.2), {0, 1, 2, 3}),  # threshold 0.08
-    (dict(temperature=0.5, min_p=0.3), {0, 1}),  # min_p applies to the temperature-sharpened distribution
-    (dict(top_k=3, top_p=0.75), {0, 1}),  # top_p on the top-k renormalised mass (0.5, 0.3125, ...)
-])
+@pytest.mark.parametrize(
+    "kwargs,kept",
+    [
+        (dict(), {0, 1, 2, 3, 4, 5}),
+        (dict(top_k=2), {0, 1}),
+        (dict(top_p=0.7), {0, 1, 2}),  # mass before token 2 is 0.65 < 0.7; before token 3 it is 0.8
+        (dict(top_p=0.6), {0, 1}),
+        (dict(min_p=0.3), {0, 1, 2}),  # threshold 0.12
+        (dict(min_p=0.2), {0, 1, 2, 3}),  # threshold 0.08
+        (dict(temperature=0.5, min_p=0.3), {0, 1}),  # min_p applies to the temperature-sharpened distribution
+        (dict(top_k=3, top_p=0.75), {0, 1}),  # top_p on the top-k renormalised mass (0.5, 0.3125, ...)
+    ],
+)
 def test_sampling_filters(kwargs, kept):
     params = SamplingParams(**{"temperature": 1.0, **kwargs})
     assert hf_kept(params) == kept  # the expected sets agree with transformers' own warpers

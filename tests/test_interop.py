@@ -9,8 +9,7 @@ from conftest import nudge_trainables_
 
 from slimlm.tokenizer import TRANSFORMERS4_FAST_CLASSES, Tokenizer, save_tokenizer
 
-TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog 42", "café 日本語 😀",
-         "<|im_start|>user\nhi"]
+TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog 42", "café 日本語 😀", "<|im_start|>user\nhi"]
 
 
 def _assert_same_tokenizer(a, b) -> None:
@@ -70,9 +69,11 @@ def test_adapter_base_model_name_resolved_or_overridden(tiny_llama, tmp_path, mo
     assert base_model_name("org/some-model") == "org/some-model"  # hub id as is
     _, model = load_hf_folder(tiny_llama[0])
     apply_peft(model, "lora")
-    cases = {"rel": (tiny_llama[0].name, None, str(tiny_llama[0].resolve())),
-             "alias": ("smollm2-135m", None, "HuggingFaceTB/SmolLM2-135M-Instruct"),
-             "override": (tiny_llama[0].name, "me/my-base", "me/my-base")}
+    cases = {
+        "rel": (tiny_llama[0].name, None, str(tiny_llama[0].resolve())),
+        "alias": ("smollm2-135m", None, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        "override": (tiny_llama[0].name, "me/my-base", "me/my-base"),
+    }
     for folder, (source, override, expected) in cases.items():
         save_adapter(model, tmp_path / folder, base_model=source, base_name=override)
         assert PeftConfig.from_pretrained(str(tmp_path / folder)).base_model_name_or_path == expected

@@ -91,7 +91,7 @@ def test_int8_linear_rows_do_not_depend_on_the_batch(kernel):
         x = torch.randn(9, k) * torch.logspace(-3, 3, 9)[:, None]  # rows of very different scales
         batch = kernels.int8_linear(x, q, s)
         for i in range(9):
-            assert torch.equal(kernels.int8_linear(x[i:i + 1], q, s), batch[i:i + 1])
+            assert torch.equal(kernels.int8_linear(x[i : i + 1], q, s), batch[i : i + 1])
         assert rel_err(batch, reference(x, q, s)) < INT16_TOL * 1e3  # the rows differ in scale by 1e6
         for i in range(9):
             assert rel_err(batch[i], reference(x[i], q, s)) < INT16_TOL
@@ -109,8 +109,9 @@ def test_int8_linear_rejects_bad_inputs(kernel):
 
 def test_int8_linear_op_has_a_fake_impl(kernel):
     q, s = int8_weight(8, 64)
-    torch.library.opcheck(torch.ops.slimlm.int8_linear, (torch.randn(3, 64), q, s),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.slimlm.int8_linear, (torch.randn(3, 64), q, s), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 @pytest.mark.parametrize("bias", [False, True])

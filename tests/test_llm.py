@@ -37,6 +37,7 @@ def chatml(messages, generation_prompt=True) -> str:
 
 # --- tokenizer -------------------------------------------------------------------------------------------------
 
+
 def test_tokenizer_stop_ids_and_pad(tokenizer_dir, tiny_llama, hf_tokenizer, tmp_path):
     vocab = hf_tokenizer.get_vocab()
     tok = Tokenizer.from_pretrained(tokenizer_dir)  # no generation_config.json here
@@ -55,7 +56,9 @@ def test_tokenizer_chat_template(tokenizer_dir, hf_tokenizer):
     ids = tok.apply_chat_template(msgs)
     assert ids == hf_tokenizer.encode(chatml(msgs), add_special_tokens=False)
     assert ids.count(hf_tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
-    assert tok.prompt_ids("hello world", chat=True) == tok.apply_chat_template([{"role": "user", "content": "hello world"}])
+    assert tok.prompt_ids("hello world", chat=True) == tok.apply_chat_template(
+        [{"role": "user", "content": "hello world"}]
+    )
     assert tok.prompt_ids("hello world", chat=False) == hf_tokenizer.encode("hello world")
     assert tok.decode(ids, skip_special_tokens=False) == chatml(msgs)
 
@@ -87,8 +90,11 @@ def test_stream_decoder_multibyte_utf8(tokenizer_dir):
 
 def test_stream_decoder_skips_special_tokens(tokenizer_dir, hf_tokenizer):
     tok = Tokenizer.from_pretrained(tokenizer_dir)
-    ids = tok.encode("the cat", add_special_tokens=False) + [hf_tokenizer.convert_tokens_to_ids("<|im_end|>")] + \
-        tok.encode(" sat 日本", add_special_tokens=False)
+    ids = (
+        tok.encode("the cat", add_special_tokens=False)
+        + [hf_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        + tok.encode(" sat 日本", add_special_tokens=False)
+    )
     dec = StreamDecoder(tok)
     assert "".join(dec.push(i) for i in ids) == "the cat sat 日本"
     dec = StreamDecoder(tok, skip_special_tokens=False)
@@ -96,6 +102,7 @@ def test_stream_decoder_skips_special_tokens(tokenizer_dir, hf_tokenizer):
 
 
 # --- LLM -------------------------------------------------------------------------------------------------------
+
 
 def test_generate_matches_token_loop_and_tokenizer(llm, free_run):
     c, _ = free_run
@@ -106,7 +113,7 @@ def test_generate_matches_token_loop_and_tokenizer(llm, free_run):
     full = llm.tokenizer.decode(expected)
     # the streamed text is the tokenizer's decode, except that trailing bytes that do not form a character
     # (a random model emits some) are held back rather than shown as U+FFFD
-    assert full.startswith(c.text) and set(full[len(c.text):]) <= {"\ufffd"}
+    assert full.startswith(c.text) and set(full[len(c.text) :]) <= {"\ufffd"}
     assert "\ufffd" in c.text  # (complete but invalid sequences in the middle do decode to U+FFFD)
     assert llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True) == c.text
 
@@ -121,7 +128,7 @@ def test_stop_string_inside_one_piece(llm, free_run):
     c, pieces = free_run
     k = next(i for i, p in enumerate(pieces) if i > 2 and len(p.strip()) >= 3)
     stop = pieces[k].strip()[1:3]
-    expected = c.text[:c.text.find(stop)]
+    expected = c.text[: c.text.find(stop)]
     out = llm.complete([PROMPT], max_new_tokens=30, ignore_eos=True, stop=[stop])[0]
     assert out.text == expected and out.finish_reason == "stop"
     assert out.completion_tokens < 30
@@ -131,17 +138,17 @@ def test_stop_string_inside_one_piece(llm, free_run):
 def test_several_stop_strings_cut_at_the_first(llm, free_run):
     c, _ = free_run
     late, early = c.text[-4:], c.text[10:13]
-    expected = c.text[:min(c.text.find(late), c.text.find(early))]
+    expected = c.text[: min(c.text.find(late), c.text.find(early))]
     assert llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True, stop=[late, early]) == expected
 
 
 def test_stop_string_spanning_pieces(llm, free_run):
     c, pieces = free_run
     # a stop string that begins in one piece and ends in the next
-    offsets = [sum(len(p) for p in pieces[:i + 1]) for i in range(len(pieces))]
+    offsets = [sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))]
     b = next(o for o, p, q in zip(offsets, pieces, pieces[1:]) if o > 3 and len(p) >= 2 and len(q) >= 2)
-    stop = c.text[b - 2:b + 2]
-    expected = c.text[:c.text.find(stop)]
+    stop = c.text[b - 2 : b + 2]
+    expected = c.text[: c.text.find(stop)]
     assert "".join(llm.stream(PROMPT, max_new_tokens=30, ignore_eos=True, stop=[stop])) == expected
     assert llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True, stop=[stop]) == expected
 
@@ -172,8 +179,9 @@ def test_chat_messages_use_the_chat_template(llm, hf_tokenizer):
     assert llm.generate(msgs, max_new_tokens=5, ignore_eos=True) == c.text
     # a plain string is one user turn by default (the tokenizer has a template), raw text with chat=False
     user = llm.complete(["the cat sat"], max_new_tokens=1)[0]
-    assert user.prompt_tokens == len(hf_tokenizer.encode(chatml([{"role": "user", "content": "the cat sat"}]),
-                                                         add_special_tokens=False))
+    assert user.prompt_tokens == len(
+        hf_tokenizer.encode(chatml([{"role": "user", "content": "the cat sat"}]), add_special_tokens=False)
+    )
     raw = llm.complete(["the cat sat"], max_new_tokens=1, chat=False)[0]
     assert raw.prompt_tokens == len(hf_tokenizer.encode("the cat sat"))
 

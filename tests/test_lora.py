@@ -30,7 +30,7 @@ def randomize_lora_(model, seed=0, std=0.05):
     """Give LoRA B (and DoRA magnitudes) non-trivial values, as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(std * torch.randn(p.shape, generator=g))
 
@@ -54,11 +54,14 @@ def train_steps(model, steps=10, lr=1e-2):
     return losses
 
 
-@pytest.mark.parametrize("method,options", [
-    ("lora", dict(r=4, alpha=8)),
-    ("lora", dict(r=4, alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"])),
-    ("lora", dict(r=4, alpha=8, use_dora=True)),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("lora", dict(r=4, alpha=8)),
+        ("lora", dict(r=4, alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"])),
+        ("lora", dict(r=4, alpha=8, use_dora=True)),
+    ],
+)
 def test_starts_at_base_trains_and_counts(base, method, options):
     x = ids()
     ref = base(x)
@@ -66,7 +69,9 @@ def test_starts_at_base_trains_and_counts(base, method, options):
     assert torch.equal(base(x), ref)  # B = 0 (and DoRA magnitude = column norms): starts as the base model
     trainable = {n for n, p in base.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters.default." in n for n in trainable)
-    targets = options.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    targets = options.get(
+        "target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     per_layer = 3 if options.get("use_dora") else 2
     assert len(trainable) == per_layer * len(targets) * base.config.n_layers
     assert summary.trainable == sum(p.numel() for p in base.parameters() if p.requires_grad)
@@ -79,16 +84,21 @@ def test_starts_at_base_trains_and_counts(base, method, options):
 
 def _peft_model(hf_model, folder):
     from peft import PeftModel
+
     return PeftModel.from_pretrained(hf_model, str(folder)).eval()
 
 
-@pytest.mark.parametrize("options", [
-    dict(r=4, alpha=8),
-    dict(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"]),
-    dict(r=4, alpha=4, use_dora=True),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(r=4, alpha=8),
+        dict(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"]),
+        dict(r=4, alpha=4, use_dora=True),
+    ],
+)
 def test_hf_peft_loads_our_adapter_with_same_logits(tiny_llama, tmp_path, options):
     from conftest import make_hf_model  # the same random weights as the tiny_llama folder
+
     folder, _ = tiny_llama
     _, model = load_hf_folder(folder)
     apply_peft(model, "lora", make_config("lora", options))
@@ -105,8 +115,11 @@ def test_peft_trained_adapter_loads_here(tiny_llama, tmp_path):
     from conftest import make_hf_model
     from peft import LoraConfig as HFLoraConfig
     from peft import get_peft_model
-    hf = get_peft_model(make_hf_model("llama", seed=1), HFLoraConfig(r=4, lora_alpha=8, use_dora=True,
-                                                                     target_modules=["q_proj", "v_proj", "up_proj"]))
+
+    hf = get_peft_model(
+        make_hf_model("llama", seed=1),
+        HFLoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
+    )
     randomize_lora_(hf, seed=2)
     hf.save_pretrained(str(tmp_path / "hf_adapter"))
     _, model = load_hf_folder(tiny_llama[0])
@@ -177,6 +190,7 @@ def test_config_and_load_errors(base, tiny_llama, tmp_path):
     _, other = load_hf_folder(tiny_llama[0])
     apply_peft(other, "lora", make_config("lora", dict(r=8)))
     from slimlm.peft.lora import load_lora_state_dict
+
     with pytest.raises(PeftError, match="shape mismatch"):
         load_lora_state_dict(other, read_adapter_files(tmp_path / "r4")[1])
     with pytest.raises(PeftError, match="no adapter_config.json"):

@@ -27,13 +27,14 @@ from slimlm.model import Transformer
 from slimlm.peft import apply_peft, make_config
 
 # Sizes chosen so that every projection has a distinct width and NF4's 64-value blocks divide every weight.
-TINY = ModelConfig(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=192,
-                   max_seq_len=256)
+TINY = ModelConfig(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=192, max_seq_len=256)
 METHOD_OPTIONS = {  # the PEFT config each method gets in the model, and the same settings as MemoryQuery fields
     "full": ({}, {}),
     "lora": ({"r": 8}, {"lora_rank": 8}),
-    "qlora": ({"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-              {"lora_rank": 4, "lora_targets": ("q_proj", "v_proj", "down_proj")}),
+    "qlora": (
+        {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        {"lora_rank": 4, "lora_targets": ("q_proj", "v_proj", "down_proj")},
+    ),
     "adapter": ({"bottleneck": 16}, {"adapter_bottleneck": 16}),
     "bitfit": ({"train_norms": True}, {"bitfit_train_norms": True}),
     "prefix": ({"num_virtual_tokens": 5}, {"num_virtual_tokens": 5}),
@@ -55,6 +56,7 @@ def _query(method: str, **kw) -> MemoryQuery:
 
 # ---- published points --------------------------------------------------------------------------------------------
 
+
 def test_kv_cache_of_smollm2_135m_in_bf16_is_23040_bytes_per_token():
     config = preset_config("smollm2-135m")
     assert config.kv_cache_bytes_per_token(2) == 23_040  # 2 (k, v) x 30 layers x 3 KV heads x 64 x 2 bytes
@@ -73,12 +75,18 @@ def test_adam_full_training_bytes_per_param(dtype, weights, per_param):
 
 
 def test_presets_match_published_parameter_counts():
-    counts = {"7B": 6_738_415_616, "13B": 13_015_864_320, "70B": 68_976_648_192, "llama-3-8b": 8_030_261_248,
-              "135M": 134_515_008}
+    counts = {
+        "7B": 6_738_415_616,
+        "13B": 13_015_864_320,
+        "70B": 68_976_648_192,
+        "llama-3-8b": 8_030_261_248,
+        "135M": 134_515_008,
+    }
     assert {k: preset_config(k).num_params() for k in counts} == counts
 
 
 # ---- trainable parameters and weights vs the real methods ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
 def test_trainable_count_matches_the_applied_method(method):
@@ -92,8 +100,10 @@ def test_trainable_count_matches_the_applied_method(method):
 
 
 def test_adapter_pfeiffer_and_default_lora_counts():
-    for method, options, fields in [("adapter", {"style": "pfeiffer"}, {"adapter_style": "pfeiffer"}),
-                                    ("lora", {}, {})]:
+    for method, options, fields in [
+        ("adapter", {"style": "pfeiffer"}, {"adapter_style": "pfeiffer"}),
+        ("lora", {}, {}),
+    ]:
         model = Transformer(TINY)
         apply_peft(model, method, make_config(method, options))
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -107,12 +117,16 @@ def test_nf4_weight_bytes_are_what_the_model_stores():
     assert all(nf4_bytes(n) == nf4.nf4_bytes(n) for n in (4096, 64 * 256 * 3, 64 * 7))
     model = Transformer(TINY)
     nf4.quantize_model_nf4_(model)
-    stored = sum(t.numel() * t.element_size() for name, t in [*model.named_parameters(), *model.named_buffers()]
-                 if name != "inv_freq")
+    stored = sum(
+        t.numel() * t.element_size()
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if name != "inv_freq"
+    )
     assert weight_bytes(TINY, Plan(nf4=True), 4) == stored
 
 
 # ---- activations vs what autograd saves ------------------------------------------------------------------------
+
 
 def _saved_bytes(model: Transformer, ids: torch.Tensor, autocast: bool) -> int:
     """Bytes of every distinct non-parameter storage autograd saves during the forward (block activations, and
@@ -144,8 +158,13 @@ def test_activation_formula_equals_the_bytes_autograd_saves(method, precision):
         from slimlm.peft.prompt import input_prefix_ids
 
         ids[:, :6] = torch.tensor(input_prefix_ids(model))
-    q = _query(method, batch=batch, seq=seq, dtype="fp32" if precision == "fp32" else "bf16",
-               weights_dtype="bf16" if precision == "bf16" else "fp32")
+    q = _query(
+        method,
+        batch=batch,
+        seq=seq,
+        dtype="fp32" if precision == "fp32" else "bf16",
+        weights_dtype="bf16" if precision == "bf16" else "fp32",
+    )
     plan, p = make_plan(q), Precision.of(q)
     predicted = activations(TINY, q, plan, p, checkpointing=False)[0] + autocast_copies(TINY, q, plan, p, False)
     assert predicted == _saved_bytes(model, ids, autocast=precision == "autocast")
@@ -156,7 +175,8 @@ def test_checkpointing_keeps_block_inputs_and_one_block():
     est = estimate_memory(TINY, q)
     block = est.activations_per_layer
     assert est.activations_checkpointed == 2 * 64 * TINY.n_layers * TINY.dim * 4 + block + (
-        est.activations_full - TINY.n_layers * block)  # fixed terms (cos/sin, final norm, ids) are kept either way
+        est.activations_full - TINY.n_layers * block
+    )  # fixed terms (cos/sin, final norm, ids) are kept either way
     assert est.activations_checkpointed < est.activations_full
 
 
@@ -170,6 +190,7 @@ def test_the_total_is_persistent_rows_plus_the_larger_phase():
 
 
 # ---- validation and the command line -------------------------------------------------------------------------------
+
 
 def test_notes_follow_the_device():
     cpu = estimate_memory(TINY, MemoryQuery(mode="infer", batch=1, seq=8))
@@ -204,8 +225,23 @@ def _cli(*argv: str) -> argparse.Namespace:
 
 
 def test_cli_prints_a_table_and_json(capsys, tmp_path):
-    args = _cli("--params", "7B", "--mode", "finetune", "--method", "qlora", "--dtype", "bf16", "--device", "cuda",
-                "--batch", "2", "--seq", "1024", "--grad-checkpointing")
+    args = _cli(
+        "--params",
+        "7B",
+        "--mode",
+        "finetune",
+        "--method",
+        "qlora",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cuda",
+        "--batch",
+        "2",
+        "--seq",
+        "1024",
+        "--grad-checkpointing",
+    )
     assert args.func(args) == 0
     table = capsys.readouterr().out
     assert "total (peak)" in table and "CUDA context" in table and "NF4" in table
@@ -225,6 +261,7 @@ def test_cli_rejects_bad_numbers_before_reading_the_model():
 
 # ---- several processes: DDP and FSDP2, per rank ------------------------------------------------------------------
 
+
 def _ranks(method: str, world_size: int, strategy: str | None, batch: int = 4, **kw) -> MemoryQuery:
     return _query(method, batch=batch, seq=32, world_size=world_size, strategy=strategy, **kw)
 
@@ -237,7 +274,8 @@ def test_fsdp_keeps_one_shard_of_weights_gradients_and_optimizer_states(method, 
     for name in ("weights", "trainable params", "optimizer states", "gradients"):
         assert fsdp.row(name) == -(-one.row(name) // world_size), name  # padding ignored: rounded up only
     assert fsdp.row("activations") == estimate_memory(TINY, _query(method, batch=4 // world_size, seq=32)).row(
-        "activations")  # each rank runs its share of the micro-batch
+        "activations"
+    )  # each rank runs its share of the micro-batch
     assert fsdp.total < one.total and fsdp.total == fsdp.phase_total("persistent") + fsdp.phase_total(fsdp.peak_phase)
 
 
@@ -255,8 +293,9 @@ def test_fsdp_gathers_the_root_for_the_forward_and_holds_its_gradient_to_the_end
 
 
 def test_fsdp_counts_three_gathered_blocks_when_the_block_backward_holds_more_than_the_loss():
-    wide = ModelConfig(vocab_size=64, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=1024,
-                       max_seq_len=64)  # big blocks, a small vocabulary and 2 tokens per rank
+    wide = ModelConfig(
+        vocab_size=64, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=1024, max_seq_len=64
+    )  # big blocks, a small vocabulary and 2 tokens per rank
     est = estimate_memory(wide, MemoryQuery(mode="train", batch=2, seq=2, world_size=2, strategy="fsdp"))
     groups = fsdp_groups(wide, make_plan(MemoryQuery(mode="train")), wide.num_params())
     # root + 3 blocks + the root's gradient + the previous block's reduce-scatter input (full: a whole block)
@@ -300,14 +339,18 @@ def test_fsdp_groups_match_the_model_split_as_wrap_model_shards_it(method):
     assert groups.root == sum(p.numel() for p in root)
     assert groups.root_trainable == sum(p.numel() for p in root if p.requires_grad)
     assert groups.block == max(blocks)
-    assert groups.block_trainable == sum(p.numel() for m in model.modules() if isinstance(m, Block)
-                                         for p in m.parameters() if p.requires_grad)
+    assert groups.block_trainable == sum(
+        p.numel() for m in model.modules() if isinstance(m, Block) for p in m.parameters() if p.requires_grad
+    )
 
 
 def test_distributed_query_errors_say_what_to_change():
     assert MemoryQuery(batch=4, world_size=2).strategy == "ddp"  # the trainer's default
-    with pytest.raises(MemoryQueryError, match=r"strategy fsdp splits training over several processes; add "
-                                               r"world_size N > 1"):
+    with pytest.raises(
+        MemoryQueryError,
+        match=r"strategy fsdp splits training over several processes; add "
+        r"world_size N > 1",
+    ):
         MemoryQuery(strategy="fsdp")
     with pytest.raises(MemoryQueryError, match=r"strategy must be one of ddp, fsdp, got 'zero3'"):
         MemoryQuery(batch=2, world_size=2, strategy="zero3")
@@ -320,8 +363,9 @@ def test_distributed_query_errors_say_what_to_change():
 
 
 def test_cli_says_the_numbers_are_per_rank(capsys):
-    args = _cli("--params", "smollm2-135m", "--method", "full", "--batch", "4", "--world-size", "2",
-                "--strategy", "fsdp")
+    args = _cli(
+        "--params", "smollm2-135m", "--method", "full", "--batch", "4", "--world-size", "2", "--strategy", "fsdp"
+    )
     assert args.func(args) == 0
     table = capsys.readouterr().out
     assert "2 processes (fsdp), batch 2 each; numbers are per rank" in table
@@ -396,10 +440,17 @@ def test_per_rank_rows_match_what_ddp_and_fully_shard_keep_on_a_rank(tmp_path):
 
     script, out = tmp_path / "rank.py", tmp_path / "rank0.json"
     script.write_text(_RANK_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-           str(out), json.dumps(TINY.to_dict())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(script),
+        str(out),
+        json.dumps(TINY.to_dict()),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert len(results) == 4

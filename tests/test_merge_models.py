@@ -38,10 +38,14 @@ def slimlm_merge(cfg: dict, out: Path, **kw) -> dict[str, torch.Tensor]:
 
 def mergekit_merge(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
     mk_config = pytest.importorskip("mergekit.config")
-    from mergekit.merge import MergeOptions, run_merge as mk_run
+    from mergekit.merge import MergeOptions
+    from mergekit.merge import run_merge as mk_run
 
-    mk_run(mk_config.MergeConfiguration.model_validate(cfg), str(out),
-           options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
+    mk_run(
+        mk_config.MergeConfiguration.model_validate(cfg),
+        str(out),
+        options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0),
+    )
     return tensors(out)
 
 
@@ -54,18 +58,32 @@ def recipe(method: str, f: dict[str, Path], **extra) -> dict:
     """A mergekit-layout recipe over the tiny folders for `method`."""
     a, b, base = str(f["a"]), str(f["b"]), str(f["base"])
     if method == "linear":
-        cfg = {"models": [{"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.5}},
-                          {"model": base, "parameters": {"weight": 0.2}}], "parameters": {"normalize": True}}
+        cfg = {
+            "models": [
+                {"model": a, "parameters": {"weight": 0.3}},
+                {"model": b, "parameters": {"weight": 0.5}},
+                {"model": base, "parameters": {"weight": 0.2}},
+            ],
+            "parameters": {"normalize": True},
+        }
     elif method == "slerp":
         t = [{"filter": "self_attn", "value": [0.1, 0.9]}, {"filter": "mlp", "value": [0.8, 0.3]}, {"value": 0.4}]
         cfg = {"base_model": a, "models": [{"model": a}, {"model": b}], "parameters": {"t": t}}
     else:  # the task-vector family
-        p = {"task_arithmetic": {}, "ties": {"density": 0.4}, "dare_linear": {"density": 0.6},
-             "dare_ties": {"density": 0.6}}[method]
-        cfg = {"base_model": base,
-               "models": [{"model": a, "parameters": {"weight": 0.7, **p}},
-                          {"model": b, "parameters": {"weight": [0.2, 0.6], **p}}],  # a gradient over layers
-               "parameters": {"lambda": 0.9} if method == "task_arithmetic" else {}}
+        p = {
+            "task_arithmetic": {},
+            "ties": {"density": 0.4},
+            "dare_linear": {"density": 0.6},
+            "dare_ties": {"density": 0.6},
+        }[method]
+        cfg = {
+            "base_model": base,
+            "models": [
+                {"model": a, "parameters": {"weight": 0.7, **p}},
+                {"model": b, "parameters": {"weight": [0.2, 0.6], **p}},
+            ],  # a gradient over layers
+            "parameters": {"lambda": 0.9} if method == "task_arithmetic" else {},
+        }
     return {"merge_method": method, "dtype": "float32", **cfg, **extra}
 
 
@@ -99,8 +117,11 @@ def test_chat_vector_skip_embed(folders, tmp_path):
     cfg = yaml.safe_load((RECIPES / "chat_vector.yaml").read_text())
     cfg["base_model"] = str(folders["base"])
     cfg["models"][0]["model"], cfg["models"][1]["model"] = str(folders["a"]), str(folders["b"])
-    cfg["models"][1]["parameters"]["weight"] = [{"filter": "embed_tokens", "value": 0},
-                                                {"filter": "lm_head", "value": 0}, {"value": 0.5}]
+    cfg["models"][1]["parameters"]["weight"] = [
+        {"filter": "embed_tokens", "value": 0},
+        {"filter": "lm_head", "value": 0},
+        {"value": 0.5},
+    ]
     ours, theirs = slimlm_merge(cfg, tmp_path / "ours"), mergekit_merge(cfg, tmp_path / "mk")
     assert max_diff(ours, theirs) <= 1e-6
     target, chat, base = tensors(folders["a"]), tensors(folders["b"]), tensors(folders["base"])
@@ -121,8 +142,14 @@ def test_dare_matches_mergekit_with_one_seed(method):
     base = torch.randn(32, 48, generator=g)
     others = [base + 0.1 * torch.randn(32, 48, generator=g) for _ in range(3)]
     weights, densities = [0.5, 0.3, 0.8], [0.3, 0.6, 0.9]
-    params = {"weight": dict(enumerate(weights, 1)), "density": dict(enumerate(densities, 1)), "rescale": True,
-              "normalize": False, "lambda": 1.0, "int8_mask": False}
+    params = {
+        "weight": dict(enumerate(weights, 1)),
+        "density": dict(enumerate(densities, 1)),
+        "rescale": True,
+        "normalize": False,
+        "lambda": 1.0,
+        "int8_mask": False,
+    }
     torch.manual_seed(7)
     theirs = registry.get(method).merge_group(TensorGroup.from_tensors([base, *others], base_index=0), **params)
     torch.manual_seed(7)
@@ -143,10 +170,13 @@ def test_dare_drop_properties():
     assert len(scale) == 1 or (scale.max() - scale.min()) < 1e-4
     assert abs(scale[0].item() - 1 / 0.3) < 0.05
     base, others = torch.zeros(8, 8), [torch.randn(8, 8, generator=g) for _ in range(2)]
-    assert torch.allclose(methods.dare_linear(base, others, [0.4, 0.6], [1.0, 1.0]),
-                          methods.task_arithmetic(base, others, [0.4, 0.6]))
-    runs = [methods.dare_ties(base, others, [1, 1], [0.5, 0.5], generator=torch.Generator().manual_seed(3))
-            for _ in range(2)]
+    assert torch.allclose(
+        methods.dare_linear(base, others, [0.4, 0.6], [1.0, 1.0]), methods.task_arithmetic(base, others, [0.4, 0.6])
+    )
+    runs = [
+        methods.dare_ties(base, others, [1, 1], [0.5, 0.5], generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
     assert torch.equal(*runs)
 
 
@@ -187,15 +217,21 @@ def test_recipe_errors(tmp_path):
     with pytest.raises(RecipeError, match="'slices': layer slices"):
         from_mapping({"merge_method": "linear", "slices": []})
     with pytest.raises(RecipeError, match="unknown parameter 'densty'"):
-        from_mapping({"merge_method": "ties", "base_model": "b",
-                      "models": [{"model": "x", "parameters": {"weight": 1, "densty": 0.5}}]})
+        from_mapping(
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "x", "parameters": {"weight": 1, "densty": 0.5}}],
+            }
+        )
     with pytest.raises(RecipeError, match="exactly 1 other model"):
         from_mapping({"merge_method": "slerp", "base_model": "b", "models": ["x", "y"], "parameters": {"t": 0.5}})
     with pytest.raises(RecipeError, match="slerp needs parameters.t"):
         from_mapping({"merge_method": "slerp", "base_model": "b", "models": ["x"]})
     with pytest.raises(RecipeError, match="dtype 'int4' is not supported"):
-        from_mapping({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}],
-                      "dtype": "int4"})
+        from_mapping(
+            {"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}], "dtype": "int4"}
+        )
     bad = tmp_path / "r.yaml"
     bad.write_text("merge_method: [")
     with pytest.raises(RecipeError, match="not valid YAML"):
@@ -206,8 +242,11 @@ def test_recipe_errors(tmp_path):
 
 def test_incompatible_shapes_refused(folders, make_model_folder, tmp_path):
     wide, _ = make_model_folder("llama", seed=14, tokenizer=False, intermediate_size=96)
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(folders["base"]),
-           "models": [{"model": str(wide), "parameters": {"weight": 1.0}}]}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(folders["base"]),
+        "models": [{"model": str(wide), "parameters": {"weight": 1.0}}],
+    }
     with pytest.raises(ValueError, match=r"mlp.up_proj.weight: shape \[96, 64\]"):
         run_merge(from_mapping(cfg), tmp_path / "out")
     assert not (tmp_path / "out").exists()

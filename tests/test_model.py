@@ -9,18 +9,27 @@ from slimlm.checkpoint import load_model
 from slimlm.kv_cache import KVCache
 from slimlm.model import Transformer
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               # short enough that the tiny head_dim has high, medium (smoothed) and low frequencies
-               "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # short enough that the tiny head_dim has high, medium (smoothed) and low frequencies
+    "original_max_position_embeddings": 64,
+}
 
 # (id, HF architecture, config overrides); rope settings use the rope_theta + rope_scaling spelling, which both
 # transformers 4.x and 5.x accept in the constructor.
 PARITY_CASES = [
     pytest.param("llama", dict(), id="llama-gqa-untied"),
-    pytest.param("llama", dict(tie_word_embeddings=True, num_key_value_heads=4, head_dim=32), id="llama-tied-mha-headdim"),
+    pytest.param(
+        "llama", dict(tie_word_embeddings=True, num_key_value_heads=4, head_dim=32), id="llama-tied-mha-headdim"
+    ),
     pytest.param("qwen2", dict(), id="qwen2-qkv-bias"),
     pytest.param("llama", dict(rope_theta=10000.0, rope_scaling=LLAMA3_ROPE), id="llama3-rope"),
-    pytest.param("llama", dict(rope_theta=5000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}), id="linear-rope"),
+    pytest.param(
+        "llama", dict(rope_theta=5000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}), id="linear-rope"
+    ),
     pytest.param("mistral", dict(sliding_window=8), id="mistral-sliding-window"),
 ]
 TOL = 1e-4
@@ -60,7 +69,9 @@ def test_config_details_reach_the_model(make_model_folder):
     assert config.sliding_window == 8
 
 
-@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 8})], ids=["llama", "mistral"])
+@pytest.mark.parametrize(
+    "arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 8})], ids=["llama", "mistral"]
+)
 def test_kv_cache_prefill_then_decode_matches_full_forward(make_model_folder, arch, overrides):
     _, _, model = load_model(make_model_folder(arch, seed=4, tokenizer=False, **overrides)[0])
     ids = random_ids(2, 24, model.config.vocab_size, seed=1)
@@ -70,7 +81,7 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(make_model_folder, ar
         cache.reset()
         steps = [model(ids[:, :10], cache=cache, cache_pos=torch.arange(10))]
         for t in range(10, 24):
-            steps.append(model(ids[:, t:t + 1], cache=cache, cache_pos=torch.tensor([t])))
+            steps.append(model(ids[:, t : t + 1], cache=cache, cache_pos=torch.tensor([t])))
     assert max_diff(torch.cat(steps, dim=1), full) <= TOL
 
 
@@ -84,7 +95,9 @@ def test_prefill_logits_to_keep(tiny_llama):
     assert max_diff(last[:, 0], full[:, -1]) <= TOL
 
 
-@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 8})], ids=["llama", "mistral"])
+@pytest.mark.parametrize(
+    "arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 8})], ids=["llama", "mistral"]
+)
 def test_left_padded_batch_matches_each_row_alone(make_model_folder, arch, overrides):
     _, _, model = load_model(make_model_folder(arch, seed=5, tokenizer=False, **overrides)[0])
     V = model.config.vocab_size
@@ -93,7 +106,7 @@ def test_left_padded_batch_matches_each_row_alone(make_model_folder, arch, overr
     rows = [random_ids(1, n, V, seed=10 + i)[0] for i, n in enumerate(lengths)]
     ids = random_ids(len(rows), T, V, seed=99)  # padding filled with arbitrary tokens: they must be masked out
     for i, r in enumerate(rows):
-        ids[i, T - len(r):] = r
+        ids[i, T - len(r) :] = r
     start = torch.tensor([T - n for n in lengths])
     with torch.no_grad():
         cache = KVCache.for_model(model, batch_size=len(rows), max_len=T + 3)
@@ -104,7 +117,7 @@ def test_left_padded_batch_matches_each_row_alone(make_model_folder, arch, overr
         assert torch.isfinite(batch).all(), "padding queries must not produce NaN"
         for i, r in enumerate(rows):
             alone = model(r[None])
-            assert max_diff(batch[i, T - len(r):], alone[0]) <= TOL, f"row {i} prefill"
+            assert max_diff(batch[i, T - len(r) :], alone[0]) <= TOL, f"row {i} prefill"
             alone_next = model(torch.cat([r, nxt[i]])[None])[:, -1]
             assert max_diff(step[i, -1], alone_next[0]) <= TOL, f"row {i} decode step"
 

@@ -10,12 +10,31 @@ from slimlm.model import Transformer
 from slimlm.protocol import CausalLM
 
 # Attribute -> its value on a fresh model; each is set by the package named in model.py's comment.
-DECLARED = {"quantization": None, "qat": None, "smoothing": None, "peft": None, "lora_selection": None,
-            "bitfit_config": None, "prefix_encoder": None, "lora_slots": None, "gradient_checkpointing": False,
-            "position_offset": 0}
-PROJECTIONS = [f"layers.{i}.{p}" for i in range(2) for p in
-               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+DECLARED = {
+    "quantization": None,
+    "qat": None,
+    "smoothing": None,
+    "peft": None,
+    "lora_selection": None,
+    "bitfit_config": None,
+    "prefix_encoder": None,
+    "lora_slots": None,
+    "gradient_checkpointing": False,
+    "position_offset": 0,
+}
+PROJECTIONS = [
+    f"layers.{i}.{p}"
+    for i in range(2)
+    for p in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
 NORMS = [f"layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
 BASE_KEYS = {"embed_tokens.weight", "norm.weight", "lm_head.weight", *NORMS, *(f"{p}.weight" for p in PROJECTIONS)}
 NF4_BUFFERS = ("codes", "absmax_codes", "absmax_scale", "absmax_offset")
@@ -84,14 +103,17 @@ def test_bitfit_prompt_and_adapter_keys():
 
     model = tiny_model()
     apply_peft(model, "prompt")
-    assert set(model.state_dict()) == BASE_KEYS - {"embed_tokens.weight"} | {"embed_tokens.base.weight",
-                                                                              "embed_tokens.soft_prompt"}
+    assert set(model.state_dict()) == BASE_KEYS - {"embed_tokens.weight"} | {
+        "embed_tokens.base.weight",
+        "embed_tokens.soft_prompt",
+    }
     model = tiny_model()
     apply_peft(model, "adapter")
     wrapped = [p for p in PROJECTIONS if p.endswith(("o_proj", "down_proj"))]  # the bottleneck sits after these
     adapter_keys = {f"{p}.adapter.{d}.{w}" for p in wrapped for d in ("down", "up") for w in ("weight", "bias")}
     assert set(model.state_dict()) == (BASE_KEYS - {f"{p}.weight" for p in wrapped}) | adapter_keys | {
-        f"{p}.base.weight" for p in wrapped}
+        f"{p}.base.weight" for p in wrapped
+    }
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
@@ -101,8 +123,11 @@ def test_quantized_keys(scheme):
     model = tiny_model()
     quantize_model_(model, scheme, 32)
     quantized = ["embed_tokens", "lm_head", *PROJECTIONS]
-    assert set(model.state_dict()) == {"norm.weight", *NORMS, *(f"{m}.{b}" for m in quantized
-                                                                 for b in ("qweight", "scale"))}
+    assert set(model.state_dict()) == {
+        "norm.weight",
+        *NORMS,
+        *(f"{m}.{b}" for m in quantized for b in ("qweight", "scale")),
+    }
     assert model.quantization["scheme"] == scheme
 
 

@@ -33,8 +33,11 @@ METHODS = {
     "bitfit": (bitfit_mod, "bitfit", BitFitConfig()),
     "bitfit-norms": (bitfit_mod, "bitfit", BitFitConfig(targets=["q_proj", "down_proj"], train_norms=True)),
     "prefix": (prefix_mod, "prefix", PrefixConfig(num_virtual_tokens=P)),
-    "prefix-projection": (prefix_mod, "prefix", PrefixConfig(num_virtual_tokens=P, projection=True,
-                                                               encoder_hidden_size=16)),
+    "prefix-projection": (
+        prefix_mod,
+        "prefix",
+        PrefixConfig(num_virtual_tokens=P, projection=True, encoder_hidden_size=16),
+    ),
     "prompt": (prompt_mod, "prompt", PromptConfig(num_virtual_tokens=P)),
 }
 
@@ -59,13 +62,13 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     pre = input_prefix_ids(model)
     x = torch.cat([torch.tensor(pre, dtype=torch.long).expand(ids.shape[0], -1), ids], dim=1)
     with torch.no_grad():
-        return model(x)[:, len(pre):]
+        return model(x)[:, len(pre) :]
 
 
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     pre = input_prefix_ids(model)
     x = torch.cat([torch.tensor(pre, dtype=torch.long).expand(ids.shape[0], -1), ids], dim=1)
-    h = model.hidden(x)[:, len(pre):]
+    h = model.hidden(x)[:, len(pre) :]
     out = model.lm_head(h[:, :-1])
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
 
@@ -87,6 +90,7 @@ def max_diff(a, b) -> float:
 
 
 # ---- every method: training, save/load, config round trip, load errors ----
+
 
 @pytest.mark.parametrize("name", METHODS)
 def test_training_steps_lower_the_loss(tiny_llama, name):
@@ -188,22 +192,34 @@ def test_configs_collect_every_error():
     with pytest.raises(PeftError, match="num_virtual_tokens.*init_text"):
         PromptConfig(num_virtual_tokens=-2, init_text="  ").validate()
     with pytest.raises(PeftError, match="task_type.*num_transformer_submodules"):
-        prefix_mod.prefix_config_from_adapter({"peft_type": "PREFIX_TUNING", "task_type": "SEQ_2_SEQ_LM",
-                                               "num_transformer_submodules": 2, "num_virtual_tokens": 4})
+        prefix_mod.prefix_config_from_adapter(
+            {
+                "peft_type": "PREFIX_TUNING",
+                "task_type": "SEQ_2_SEQ_LM",
+                "num_transformer_submodules": 2,
+                "num_virtual_tokens": 4,
+            }
+        )
 
 
 # ---- bottleneck adapters ----
 
-@pytest.mark.parametrize("style,slots", [("houlsby", ("self_attn.o_proj", "mlp.down_proj")),
-                                         ("pfeiffer", ("mlp.down_proj",))])
+
+@pytest.mark.parametrize(
+    "style,slots", [("houlsby", ("self_attn.o_proj", "mlp.down_proj")), ("pfeiffer", ("mlp.down_proj",))]
+)
 def test_adapter_trainables_shapes_and_zero_start(tiny_llama, style, slots):
     model = base(tiny_llama[0])
     ids = random_ids(2, 10, model.config.vocab_size)
     before, total = logits(model, ids), trainable_summary(model).total
     apply_adapter(model, AdapterConfig(style=style, bottleneck=8))
     D, L = model.config.dim, model.config.n_layers
-    expected = {f"layers.{i}.{s}.adapter.{p}" for i in range(L) for s in slots
-                for p in ("down.weight", "down.bias", "up.weight", "up.bias")}
+    expected = {
+        f"layers.{i}.{s}.adapter.{p}"
+        for i in range(L)
+        for s in slots
+        for p in ("down.weight", "down.bias", "up.weight", "up.bias")
+    }
     assert trainable_names(model) == expected
     assert set(adapter_mod.adapter_state_dict(model)) == expected
     wrapped = model.layers[0].mlp.down_proj
@@ -217,15 +233,18 @@ def test_adapter_trainables_shapes_and_zero_start(tiny_llama, style, slots):
 
 # ---- BitFit ----
 
+
 def test_bitfit_adds_zero_biases_and_starts_at_base(tiny_llama):
     model = base(tiny_llama[0])
     ids = random_ids(2, 10, model.config.vocab_size)
     before, total = logits(model, ids), trainable_summary(model).total
     apply_bitfit(model, BitFitConfig(targets="q_proj,v_proj", train_norms=True))
     L = model.config.n_layers
-    expected = ({f"layers.{i}.self_attn.{m}_proj.bias" for i in range(L) for m in "qv"}
-                | {f"layers.{i}.{n}.weight" for i in range(L) for n in ("input_layernorm", "post_attention_layernorm")}
-                | {"norm.weight"})
+    expected = (
+        {f"layers.{i}.self_attn.{m}_proj.bias" for i in range(L) for m in "qv"}
+        | {f"layers.{i}.{n}.weight" for i in range(L) for n in ("input_layernorm", "post_attention_layernorm")}
+        | {"norm.weight"}
+    )
     assert trainable_names(model) == expected == set(bitfit_mod.bitfit_state_dict(model))
     q, v = model.layers[0].self_attn.q_proj, model.layers[0].self_attn.v_proj
     assert q.bias.shape == (q.out_features,) and not q.bias.any() and model.layers[0].self_attn.k_proj.bias is None
@@ -257,9 +276,15 @@ def test_bitfit_merge_then_hf_reload_matches(make_model_folder, tmp_path, arch):
     before = logits(model, ids)
     merge_bitfit(model)
     assert model.config.attention_bias and model.config.mlp_bias and model.config.model_type == "llama"
-    assert all(getattr(m, p).bias is not None for layer in model.layers
-               for m, ps in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                             (layer.mlp, ("gate_proj", "up_proj", "down_proj"))) for p in ps)
+    assert all(
+        getattr(m, p).bias is not None
+        for layer in model.layers
+        for m, ps in (
+            (layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (layer.mlp, ("gate_proj", "up_proj", "down_proj")),
+        )
+        for p in ps
+    )
     assert torch.equal(logits(model, ids), before)
     save_hf_folder(model, tmp_path / "merged")
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager").float().eval()
@@ -277,6 +302,7 @@ def test_bitfit_merge_refuses_a_sliding_window(make_model_folder):
 
 
 # ---- prefix tuning ----
+
 
 @pytest.mark.parametrize("projection", [False, True], ids=["table", "projection"])
 def test_prefix_trainables_and_shapes(tiny_llama, projection):
@@ -310,8 +336,9 @@ def test_prefix_matches_hf_peft(tiny_llama, tmp_path, projection):
     cfg = PrefixConfig(num_virtual_tokens=P, projection=projection, encoder_hidden_size=24 if projection else None)
     apply_prefix(model, cfg)
     randomize_trainables(model, seed=7)
-    save_adapter_files(tmp_path / "a", prefix_mod.prefix_adapter_config(model, cfg),
-                       prefix_mod.prefix_state_dict(model))
+    save_adapter_files(
+        tmp_path / "a", prefix_mod.prefix_adapter_config(model, cfg), prefix_mod.prefix_state_dict(model)
+    )
     hf = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").float().eval()
     peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "a")).eval()
     ids = random_ids(2, 11, model.config.vocab_size, seed=8)
@@ -335,7 +362,7 @@ def test_prefix_with_kv_cache_matches_full_forward(tiny_llama):
         cache.reset()
         steps = [model(ids[:, :7], cache=cache, cache_pos=torch.arange(7))]
         for t in range(7, 16):
-            steps.append(model(ids[:, t:t + 1], cache=cache, cache_pos=torch.tensor([t])))
+            steps.append(model(ids[:, t : t + 1], cache=cache, cache_pos=torch.tensor([t])))
     assert max_diff(torch.cat(steps, dim=1), full) <= 1e-5
 
 
@@ -355,7 +382,7 @@ def test_prefix_left_padded_batch_matches_each_prompt_alone(tiny_llama):
         step = model(nxt, cache=cache, cache_pos=torch.tensor([T]))
         for i, p in enumerate(prompts):
             alone = model(torch.tensor([p + [nxt[i, 0].item()]]))
-            assert max_diff(batch[i, T - len(p):], alone[0, :-1]) <= 1e-5, f"row {i} prefill"
+            assert max_diff(batch[i, T - len(p) :], alone[0, :-1]) <= 1e-5, f"row {i} prefill"
             assert max_diff(step[i, -1], alone[0, -1]) <= 1e-5, f"row {i} decode"
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     together = list(generate_tokens(model, prompts, params))
@@ -376,6 +403,7 @@ def test_prefix_trains_with_gradient_checkpointing(tiny_llama):
 
 
 # ---- prompt tuning ----
+
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_prompt_trainables_ids_and_embedding_access(make_model_folder, tied):
@@ -425,8 +453,9 @@ def test_prompt_matches_hf_peft(tiny_llama, tmp_path, hf_tokenizer, init_text):
     cfg = PromptConfig(num_virtual_tokens=P, init_text=init_text)
     apply_prompt(model, cfg, tokenizer=Tokenizer(hf_tokenizer))
     randomize_trainables(model, seed=6)
-    save_adapter_files(tmp_path / "a", prompt_mod.prompt_adapter_config(model, cfg),
-                       prompt_mod.prompt_state_dict(model))
+    save_adapter_files(
+        tmp_path / "a", prompt_mod.prompt_adapter_config(model, cfg), prompt_mod.prompt_state_dict(model)
+    )
     hf = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").float().eval()
     peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "a")).eval()
     ids = random_ids(2, 11, model.config.vocab_size, seed=8)
@@ -446,4 +475,4 @@ def test_prompt_generation_with_kv_cache_matches_full_forward(tiny_llama):
     with torch.no_grad():
         for _ in range(5):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]

@@ -33,9 +33,8 @@ def ids(vocab=384, seed=0):
 
 def peft_adapter(folder, arch="llama", seed=1, vocab=None, targets=TARGETS, **options):
     """An adapter trained (randomized) and saved by HF PEFT on the tiny HF model of `arch` and `seed`."""
-    from peft import LoraConfig, get_peft_model
-
     from conftest import make_hf_model
+    from peft import LoraConfig, get_peft_model
 
     base = make_hf_model(arch, seed=seed)
     if vocab is not None:  # tokens were added: PEFT users resize the base before training
@@ -63,14 +62,23 @@ def test_peft_adapter_with_option_loads_with_peft_logits(option, tiny_llama, tmp
 
 def test_slimlm_saves_options_peft_loads_them(tiny_llama, tmp_path):
     """The other direction: trained here with the options, saved, loaded by PEFT with the same logits."""
+    from conftest import make_hf_model
     from peft import PeftModel
 
-    from conftest import make_hf_model
-
     _, model = load_hf_folder(tiny_llama[0])
-    cfg = make_config("lora", dict(r=4, alpha=8, target_modules=TARGETS, rank_pattern={"q_proj": 2},
-                                   alpha_pattern={"v_proj": 3.0}, layers_to_transform=[0, 1], lora_bias=True,
-                                   modules_to_save=["lm_head"]))
+    cfg = make_config(
+        "lora",
+        dict(
+            r=4,
+            alpha=8,
+            target_modules=TARGETS,
+            rank_pattern={"q_proj": 2},
+            alpha_pattern={"v_proj": 3.0},
+            layers_to_transform=[0, 1],
+            lora_bias=True,
+            modules_to_save=["lm_head"],
+        ),
+    )
     apply_peft(model, "lora", cfg)
     g = torch.Generator().manual_seed(3)
     nudge_trainables_(model, g)
@@ -102,8 +110,14 @@ def test_slimlm_merge_of_option_adapter_loads_in_transformers(tiny_llama, tmp_pa
 
     from slimlm.peft.merge import merge_to_folder
 
-    hf = peft_adapter(tmp_path / "a", vocab=400, modules_to_save=["lm_head", "embed_tokens"], layers_to_transform=[0],
-                      rank_pattern={"up_proj": 2}, alpha_pattern={"q_proj": 16})
+    hf = peft_adapter(
+        tmp_path / "a",
+        vocab=400,
+        modules_to_save=["lm_head", "embed_tokens"],
+        layers_to_transform=[0],
+        rank_pattern={"up_proj": 2},
+        alpha_pattern={"q_proj": 16},
+    )
     report = merge_to_folder(tiny_llama[0], tmp_path / "a", tmp_path / "merged")
     assert report["drift_vs_unmerged"]["max_logit_diff"] < TOL
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).float().eval()
@@ -113,14 +127,14 @@ def test_slimlm_merge_of_option_adapter_loads_in_transformers(tiny_llama, tmp_pa
 
 
 def test_modules_to_save_on_a_tied_model_unties_it(make_model_folder, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     from conftest import make_hf_model
+    from peft import LoraConfig, get_peft_model
 
     folder, _ = make_model_folder("llama", seed=2, tie_word_embeddings=True)
     base = make_hf_model("llama", seed=2, tie_word_embeddings=True)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                 modules_to_save=["lm_head"]))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["lm_head"])
+    )
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -170,9 +184,22 @@ def test_options_are_finetune_flags():
     from slimlm.recipe import apply_flags
     from slimlm.train.finetune import FinetuneConfig
 
-    args = build_parser().parse_args(["finetune", "--lora.rank_pattern", "q_proj=2,up_proj=8", "--lora.alpha_pattern",
-                                      "v_proj=3", "--lora.layers_to_transform", "0,1", "--lora.lora_bias",
-                                      "--lora.modules_to_save", "lm_head,embed_tokens", "--base-name", "org/base"])
+    args = build_parser().parse_args(
+        [
+            "finetune",
+            "--lora.rank_pattern",
+            "q_proj=2,up_proj=8",
+            "--lora.alpha_pattern",
+            "v_proj=3",
+            "--lora.layers_to_transform",
+            "0,1",
+            "--lora.lora_bias",
+            "--lora.modules_to_save",
+            "lm_head,embed_tokens",
+            "--base-name",
+            "org/base",
+        ]
+    )
     cfg = apply_flags(FinetuneConfig(), args)
     cfg.lora.validate()
     assert cfg.lora.rank_pattern == {"q_proj": 2, "up_proj": 8} and cfg.lora.alpha_pattern == {"v_proj": 3.0}

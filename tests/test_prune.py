@@ -9,30 +9,45 @@ import re
 
 import pytest
 import torch
+from conftest import randomize_
 
 import slimlm
 from slimlm.checkpoint import load_model, save_hf_folder
 from slimlm.cli import main
 from slimlm.config import ConfigError, ModelConfig
+from slimlm.engine.cache import SlotKVCache
+from slimlm.engine.core import Engine, EngineConfig, Request
 from slimlm.generate import SamplingParams
 from slimlm.kv_cache import KVCache
 from slimlm.model import Transformer
-from slimlm.prune import (drop_layers, layer_importance, prune_heads_, prune_layers_, prune_mlp_channels_,
-                          prune_nm_, prune_unstructured_, sparsity_report)
+from slimlm.prune import (
+    drop_layers,
+    layer_importance,
+    prune_heads_,
+    prune_layers_,
+    prune_mlp_channels_,
+    prune_nm_,
+    prune_unstructured_,
+    sparsity_report,
+)
 from slimlm.prune.calibrate import linears_of_block
 from slimlm.prune.unstructured import lowest_mask
-from slimlm.engine.cache import SlotKVCache
-from slimlm.engine.core import Engine, EngineConfig, Request
-
-from conftest import randomize_
 
 TOL = 1e-4
 
 
 def tiny(seed: int = 0, **overrides) -> Transformer:
     """A random 3-layer tiny model (GQA 4/2, intermediate 128), fp32, eval."""
-    config = ModelConfig(**{**ModelConfig.from_name("tiny").to_dict(), "n_layers": 3, "vocab_size": 320,
-                            "bos_token_id": 1, "eos_token_id": 2, **overrides})
+    config = ModelConfig(
+        **{
+            **ModelConfig.from_name("tiny").to_dict(),
+            "n_layers": 3,
+            "vocab_size": 320,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            **overrides,
+        }
+    )
     torch.manual_seed(seed)
     return randomize_(Transformer(config), seed).eval()
 
@@ -50,6 +65,7 @@ def logits(model: Transformer, ids: torch.Tensor = IDS) -> torch.Tensor:
 
 
 # --- unstructured and N:M ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method,scope", [("magnitude", "layer"), ("wanda", "layer"), ("magnitude", "global")])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7])
@@ -114,9 +130,11 @@ def _rope(model: Transformer, ids: torch.Tensor):
 
 # --- structured: removal is exact ----------------------------------------------------------------------------
 
-STRUCT_CASES = [pytest.param({}, id="llama"),
-                pytest.param(dict(model_type="qwen2", attention_bias=True), id="qwen2-bias"),
-                pytest.param(dict(mlp_bias=True, attention_bias=True), id="llama-biases")]
+STRUCT_CASES = [
+    pytest.param({}, id="llama"),
+    pytest.param(dict(model_type="qwen2", attention_bias=True), id="qwen2-bias"),
+    pytest.param(dict(mlp_bias=True, attention_bias=True), id="llama-biases"),
+]
 
 
 def _zero_mlp_channels(model: Transformer, kept: list[list[int]]) -> None:
@@ -188,6 +206,7 @@ def test_layer_pruning_drops_lowest_block_influence():
 
 # --- non-uniform configs: save, reload, caches, serving, transformers ----------------------------------------
 
+
 def non_uniform(seed: int = 0) -> Transformer:
     model = tiny(seed, n_heads=8, n_kv_heads=4)
     prune_heads_(model, 0.5, calib(), uniform=False)
@@ -198,8 +217,10 @@ def non_uniform(seed: int = 0) -> Transformer:
 
 def test_layer_sizes_config_validation_and_sizes():
     ok = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64)
-    sizes = [{"n_heads": 4, "n_kv_heads": 2, "intermediate_size": 64}, {"n_heads": 2, "n_kv_heads": 1,
-                                                                        "intermediate_size": 24}]
+    sizes = [
+        {"n_heads": 4, "n_kv_heads": 2, "intermediate_size": 64},
+        {"n_heads": 2, "n_kv_heads": 1, "intermediate_size": 24},
+    ]
     c = ModelConfig(**ok, layer_sizes=sizes)
     assert c.layer_size(1) == sizes[1] and c.head_dim == 8
     assert c.kv_cache_bytes_per_token(2) == 2 * (2 + 1) * 8 * 2
@@ -234,7 +255,7 @@ def test_kv_cache_generation_on_non_uniform_model_matches_full_forward():
     with torch.no_grad():
         out = [model(ids[:, :8], cache=cache, cache_pos=torch.arange(8))[:, -1]]
         for t in range(8, 12):  # decode one token at a time
-            out.append(model(ids[:, t:t + 1], cache=cache, cache_pos=torch.tensor([t]))[:, -1])
+            out.append(model(ids[:, t : t + 1], cache=cache, cache_pos=torch.tensor([t]))[:, -1])
         full = model(ids)[:, 7:]
     assert (torch.cat(out) - full[0]).abs().max() <= 1e-5
 
@@ -277,6 +298,7 @@ def test_pruned_model_generates_and_serves(tiny_llama, tmp_path):
 
 # --- CLI and errors ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def calib_file(tmp_path):
     path = tmp_path / "calib.txt"
@@ -285,15 +307,27 @@ def calib_file(tmp_path):
 
 
 def test_cli_unstructured_and_structured(tiny_llama, tmp_path, calib_file, capsys):
-    common = ["--model", str(tiny_llama[0]), "--calib-file", calib_file, "--calib-samples", "2",
-              "--calib-seq-len", "16"]
+    common = [
+        "--model",
+        str(tiny_llama[0]),
+        "--calib-file",
+        calib_file,
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "16",
+    ]
     assert main(["prune", *common, "--method", "wanda", "--sparsity", "0.5", "--out", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out
     assert "50.00%" in out and "no faster" in out
     w = slimlm.load(str(tmp_path / "w"), dtype="fp32").model
     assert sparsity_report(w)["linear_sparsity"] == 0.5
-    assert main(["prune", *common, "--structured", "mlp", "--ratio", "0.25", "--non-uniform",
-                 "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            ["prune", *common, "--structured", "mlp", "--ratio", "0.25", "--non-uniform", "--out", str(tmp_path / "s")]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "MLP channels" in out and "parameters" in out
     s = slimlm.load(str(tmp_path / "s"), dtype="fp32").model
@@ -303,11 +337,14 @@ def test_cli_unstructured_and_structured(tiny_llama, tmp_path, calib_file, capsy
     assert slimlm.load(str(tmp_path / "l"), dtype="fp32").model.config.n_layers == 1
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "magnitude", "--sparsity", "1.0"], r"sparsity must be in \[0, 1\)"),
-    (["--method", "wanda", "--scope", "global"], "--scope global is for --method magnitude"),
-    (["--structured", "mlp", "--ratio", "1"], r"ratio of MLP channels to remove must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "magnitude", "--sparsity", "1.0"], r"sparsity must be in \[0, 1\)"),
+        (["--method", "wanda", "--scope", "global"], "--scope global is for --method magnitude"),
+        (["--structured", "mlp", "--ratio", "1"], r"ratio of MLP channels to remove must be in \[0, 1\)"),
+    ],
+)
 def test_cli_errors_name_the_flag(tiny_llama, tmp_path, capsys, argv, message):
     assert main(["prune", "--model", str(tiny_llama[0]), *argv, "--out", str(tmp_path / "x")]) == 2
     assert re.search(message, capsys.readouterr().err)

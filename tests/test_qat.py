@@ -8,11 +8,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import slimlm
+from slimlm.compress.qat import (
+    FakeQuantLinear,
+    convert_qat_,
+    fake_quant_int4,
+    fake_quant_int8,
+    prepare_qat_,
+    qat_train_,
+)
 from slimlm.quantize.int4 import dequantize_int4, quantize_int4_weight
 from slimlm.quantize.int8 import Int8WeightOnlyLinear
 from slimlm.quantize.schemes import quantize_model_
-from slimlm.compress.qat import (FakeQuantLinear, convert_qat_, fake_quant_int4, fake_quant_int8, prepare_qat_,
-                                 qat_train_)
 
 
 def test_fake_quant_grid_is_the_stored_grid():
@@ -73,14 +79,49 @@ def test_qat_errors(tiny_llama):
 def test_cli_quantize_qat(tiny_llama, tmp_path, capsys):
     from slimlm.cli import main
 
-    assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int4", "--group-size", "32", "--method",
-                 "qat", "--qat-steps", "3", "--calib-samples", "4", "--calib-seq-len", "32",
-                 "--out", str(tmp_path / "q")]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(tiny_llama[0]),
+                "--scheme",
+                "int4",
+                "--group-size",
+                "32",
+                "--method",
+                "qat",
+                "--qat-steps",
+                "3",
+                "--calib-samples",
+                "4",
+                "--calib-seq-len",
+                "32",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "QAT: 3 steps" in out and "(int4 g32, qat)" in out
     assert slimlm.load(str(tmp_path / "q")).model.quantization["scheme"] == "int4"
-    assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int8-dynamic", "--method", "qat",
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(tiny_llama[0]),
+                "--scheme",
+                "int8-dynamic",
+                "--method",
+                "qat",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "method qat is for the weight-only schemes int4 and int8" in capsys.readouterr().err
 
 

@@ -12,11 +12,11 @@ from serve_helpers import random_lora
 
 import slimlm
 from slimlm.checkpoint.materialize import CheckpointError
+from slimlm.checkpoint.quantized import save_quantized
 from slimlm.generate import SamplingParams, generate_tokens
 from slimlm.quantize.int4 import Int4WeightOnlyLinear, pack_int4, quantize_int4_weight, unpack_int4
 from slimlm.quantize.int8 import DynamicInt8Linear, Int8Embedding, Int8WeightOnlyLinear
 from slimlm.quantize.schemes import SCHEMES, quantize_model_, quantized_bytes
-from slimlm.checkpoint.quantized import save_quantized
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -116,13 +116,16 @@ def test_transformers_refuses_a_packed_folder_and_slimlm_reads_it(tiny_llama, tm
     """transformers skips an unknown quant_method and loads random weights; the folder's model_type makes it raise."""
     from transformers import AutoModelForCausalLM
 
-    from slimlm.cli import main
     from slimlm.checkpoint.hf import QUANTIZED_MODEL_TYPE
+    from slimlm.cli import main
 
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize=scheme)
     folder = save_quantized(llm.model, tmp_path / scheme, llm.tokenizer)
-    with pytest.raises(ValueError, match=r"only slimlm reads\. Load this folder with slimlm\.load\(\).*"
-                                         r"use the unquantized model"):
+    with pytest.raises(
+        ValueError,
+        match=r"only slimlm reads\. Load this folder with slimlm\.load\(\).*"
+        r"use the unquantized model",
+    ):
         AutoModelForCausalLM.from_pretrained(str(folder))
     ids = torch.randint(3, 300, (1, 12))
     cfg = json.loads((folder / "config.json").read_text())
@@ -161,8 +164,14 @@ def test_serving_engine_on_quantized_base_with_lora_rows(tiny_llama, tmp_path, s
         return outs
 
     prompt = llm.tokenizer.prompt_ids("tell me a story", chat=True)
-    make = lambda a: Request(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True),  # noqa: E731
-                             adapter=AdapterRef(("a", 1), adapter, "a") if a else None)
+
+    def make(a):
+        return Request(
+            prompt,
+            SamplingParams(max_new_tokens=8, ignore_eos=True),
+            adapter=AdapterRef(("a", 1), adapter, "a") if a else None,
+        )
+
     together = run([make(False), make(True)])
     alone = run([make(False)]) + run([make(True)])
     assert together == alone and together[0] != together[1]
@@ -184,13 +193,43 @@ def test_lora_adapter_on_quantized_base(tiny_llama, tmp_path):
 def test_cli_quantize_then_generate(tiny_llama, tmp_path, capsys):
     from slimlm.cli import main
 
-    assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int4", "--group-size", "32",
-                 "--out", str(tmp_path / "q")]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(tiny_llama[0]),
+                "--scheme",
+                "int4",
+                "--group-size",
+                "32",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 0
+    )
     assert "(int4 g32, rtn)" in capsys.readouterr().out
-    assert main(["generate", "--model", str(tmp_path / "q"), "--prompt", "hi", "--max-new-tokens", "3",
-                 "--ignore-eos"]) == 0
-    assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int4", "--group-size", "48",
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(["generate", "--model", str(tmp_path / "q"), "--prompt", "hi", "--max-new-tokens", "3", "--ignore-eos"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(tiny_llama[0]),
+                "--scheme",
+                "int4",
+                "--group-size",
+                "48",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "group_size must be one of" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
@@ -209,6 +248,7 @@ def test_gptq_layer_beats_round_to_nearest_on_its_inputs():
 
     def err(q):
         return (ref - x @ dequantize_int4(q["qweight"], q["scale"], q["zero"]).T).pow(2).mean().item()
+
     for act_order in (False, True):
         gptq = gptq_int4_weight(lin.weight, H, group=64, act_order=act_order)
         assert gptq["qweight"].shape == rtn["qweight"].shape and gptq["scale"].dtype == torch.bfloat16
@@ -221,8 +261,9 @@ def test_gptq_model_reloads_and_is_closer_than_rtn(tiny_llama, tmp_path):
     ref = slimlm.load(str(tiny_llama[0]), dtype="fp32")
     calib = torch.randint(3, 380, (8, 32), generator=torch.Generator().manual_seed(0))
     test = torch.randint(3, 380, (4, 32), generator=torch.Generator().manual_seed(1))
-    gptq = gptq_quantize_model_(slimlm.load(str(tiny_llama[0]), dtype="fp32").model, calib, group_size=32,
-                                progress=False)
+    gptq = gptq_quantize_model_(
+        slimlm.load(str(tiny_llama[0]), dtype="fp32").model, calib, group_size=32, progress=False
+    )
     rtn = slimlm.load(str(tiny_llama[0]), dtype="fp32", quantize="int4", group_size=32).model
     with torch.no_grad():
         expected = ref.model(test)
@@ -235,14 +276,52 @@ def test_gptq_model_reloads_and_is_closer_than_rtn(tiny_llama, tmp_path):
 def test_cli_gptq(tiny_llama, tmp_path, capsys):
     from slimlm.cli import main
 
-    assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int4", "--method", "gptq", "--group-size",
-                 "32", "--calib-samples", "4", "--calib-seq-len", "16", "--out", str(tmp_path / "g")]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(tiny_llama[0]),
+                "--scheme",
+                "int4",
+                "--method",
+                "gptq",
+                "--group-size",
+                "32",
+                "--calib-samples",
+                "4",
+                "--calib-seq-len",
+                "16",
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 0
+    )
     assert "(int4 g32, gptq)" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
-    assert cfg["method"] == "gptq" and cfg["calibration"] == {"samples": 4, "tokens": 16, "damp": 0.01,
-                                                           "act_order": True}
-    assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int8", "--method", "gptq",
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert cfg["method"] == "gptq" and cfg["calibration"] == {
+        "samples": 4,
+        "tokens": 16,
+        "damp": 0.01,
+        "act_order": True,
+    }
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(tiny_llama[0]),
+                "--scheme",
+                "int8",
+                "--method",
+                "gptq",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "method gptq is for scheme int4" in capsys.readouterr().err
 
 
@@ -259,6 +338,7 @@ def test_searched_int4_ranges_never_worse_than_full_range():
         g = w.shape[1] // s.shape[1]
         deq = (q - 8) * s.repeat_interleave(g, 1) + z.repeat_interleave(g, 1)
         return (((deq - w) ** 2) * imp).sum().item()
+
     full, searched = err(*int4_params(w, 64)), err(*int4_params_searched(w, 64, importance=imp))
     assert searched < full
 
@@ -277,8 +357,7 @@ def test_smoothing_is_exact_in_full_precision_and_helps_dynamic_int8(tiny_llama)
     with torch.no_grad():
         expected = ref.model(test)
         plain = quantize_model_(slimlm.load(str(tiny_llama[0]), dtype="fp32").model, "int8-dynamic")
-        plain.load_state_dict({k: v for k, v in state.items() if "layernorm" in k or k == "norm.weight"},
-                              strict=False)
+        plain.load_state_dict({k: v for k, v in state.items() if "layernorm" in k or k == "norm.weight"}, strict=False)
         info = smooth_model_(ref.model, calib, alpha=0.5)
         assert info["groups"] == 3 * len(ref.model.layers)
         torch.testing.assert_close(ref.model(test), expected, atol=1e-4, rtol=1e-4)  # same function
@@ -348,8 +427,8 @@ def test_int8_static_model_calibrates_saves_and_reloads(tiny_llama, tmp_path):
 
 
 def test_int8_static_hands_outlier_layers_to_dynamic_scales(tiny_llama, tmp_path):
-    from slimlm.quantize.int8 import StaticInt8Linear
     from slimlm.compress.static_int8 import calibrate_input_scales
+    from slimlm.quantize.int8 import StaticInt8Linear
 
     llm = slimlm.load(str(tiny_llama[0]), dtype="fp32")
     calib = torch.randint(3, 380, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -378,8 +457,19 @@ def test_int8_static_hands_outlier_layers_to_dynamic_scales(tiny_llama, tmp_path
 def test_cli_quantize_int8_static(tiny_llama, tmp_path, capsys):
     from slimlm.cli import main
 
-    args = ["quantize", "--model", str(tiny_llama[0]), "--scheme", "int8-static", "--calib-samples", "4",
-            "--calib-seq-len", "64", "--out", str(tmp_path / "q")]
+    args = [
+        "quantize",
+        "--model",
+        str(tiny_llama[0]),
+        "--scheme",
+        "int8-static",
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "64",
+        "--out",
+        str(tmp_path / "q"),
+    ]
     assert main(args + ["--observer", "minmax", "--smooth", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "activation scales (minmax)" in out and "smoothed 6 input groups" in out

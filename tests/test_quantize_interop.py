@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import slimlm
 from slimlm.checkpoint.materialize import CheckpointError
-from slimlm.quantize.int8 import DynamicInt8Linear, Int8WeightOnlyLinear, StaticInt8Linear
 from slimlm.checkpoint.quantized import save_quantized
+from slimlm.quantize.int8 import DynamicInt8Linear, Int8WeightOnlyLinear, StaticInt8Linear
 
 
 def hf_load(folder):
@@ -52,8 +52,13 @@ def test_int8_folder_loads_quantized_in_transformers_and_back_in_slimlm(tiny_lla
     cfg = ct_config(folder)
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     assert cfg["ignore"] == ["lm_head"] and cfg["config_groups"]["group_0"]["targets"] == ["Linear"]
-    assert cfg["config_groups"]["group_0"]["weights"] == {"num_bits": 8, "type": "int", "symmetric": True,
-                                                         "strategy": "channel", "dynamic": False}
+    assert cfg["config_groups"]["group_0"]["weights"] == {
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "channel",
+        "dynamic": False,
+    }
     hf = hf_load(folder)
     q = hf.model.layers[1].mlp.down_proj
     # Loaded as quantized: the quantizer attached the scheme and the layer holds the packed int8 codes, not a weight.
@@ -75,6 +80,7 @@ def test_int8_folder_loads_quantized_in_transformers_and_back_in_slimlm(tiny_lla
 
 def _with_ct_rounding(model) -> None:
     """Run `model`'s int8 layers as compressed-tensors' fake quantization does (module docstring), head dense."""
+
     def rows(x):  # [M, in] -> fake-quantized per token, scale absmax / 127.5, codes -128..127
         s = (x.abs().amax(dim=1, keepdim=True) / 127.5).clamp(min=1e-12)
         return torch.round(x / s).clamp(-128, 127) * s
@@ -94,8 +100,8 @@ def _with_ct_rounding(model) -> None:
 
 
 def _static_model(src):
-    from slimlm.quantize.schemes import quantize_model_
     from slimlm.compress.static_int8 import calibrate_input_scales
+    from slimlm.quantize.schemes import quantize_model_
 
     llm = slimlm.load(str(src), dtype="fp32")
     calib = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -143,11 +149,12 @@ def test_folder_written_by_compressed_tensors_loads_in_slimlm(tmp_path, tokenize
     from conftest import make_hf_model, save_hf_model
 
     hf = make_hf_model("llama", seed=5)
-    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("W8A8", ["Linear"])},
-                                ignore=["lm_head"])
+    config = QuantizationConfig(
+        config_groups={"group_0": preset_name_to_scheme("W8A8", ["Linear"])}, ignore=["lm_head"]
+    )
     apply_quantization_config(hf, config)
     with torch.no_grad():
-        for name, m in hf.named_modules():
+        for _name, m in hf.named_modules():
             if hasattr(m, "weight_scale"):  # the observer's job in llm-compressor: absmax / 127.5 per channel
                 m.weight_scale.copy_(m.weight.abs().amax(dim=1, keepdim=True) / 127.5)
     ids = torch.randint(3, 300, (2, 16))
@@ -163,8 +170,10 @@ def test_folder_written_by_compressed_tensors_loads_in_slimlm(tmp_path, tokenize
     assert isinstance(layer, DynamicInt8Linear) and llm.model.quantization["scheme"] == "int8-dynamic"
     # slimlm runs the stored codes and scales of every layer (codes -128 included: compressed-tensors' grid has it)
     for i, block in enumerate(llm.model.layers):
-        for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                            ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+        for part, names in (
+            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+            ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        ):
             for n in names:
                 ours, theirs = getattr(getattr(block, part), n), getattr(getattr(hf.model.layers[i], part), n)
                 assert torch.equal(ours.qweight, theirs.weight)
@@ -202,8 +211,10 @@ def test_unfit_models_refuse_compressed_tensors_and_int4_stays_loud_in_transform
     assert main(["quantize", "--model", str(tiny_llama[0]), "--scheme", "int8", "--out", str(tmp_path / "q8")]) == 0
     assert "as compressed-tensors" in capsys.readouterr().out  # default for int8
     assert ct_config(tmp_path / "q8")["quant_method"] == "compressed-tensors"
-    assert main(["generate", "--model", str(tmp_path / "q8"), "--prompt", "hi", "--max-new-tokens", "3",
-                 "--ignore-eos"]) == 0
+    assert (
+        main(["generate", "--model", str(tmp_path / "q8"), "--prompt", "hi", "--max-new-tokens", "3", "--ignore-eos"])
+        == 0
+    )
 
 
 def test_compressed_tensors_schemes_without_slimlm_kernel_are_refused(tiny_llama, tmp_path):
@@ -213,8 +224,11 @@ def test_compressed_tensors_schemes_without_slimlm_kernel_are_refused(tiny_llama
     weights = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
     weights.update(strategy="group", group_size=32)  # llm-compressor's W8A16 preset: grouped int8
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"layer model\.layers\.0\.self_attn\.q_proj has a compressed-tensors "
-                                              r"scheme slimlm has no kernel for .*'strategy': 'group'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"layer model\.layers\.0\.self_attn\.q_proj has a compressed-tensors "
+        r"scheme slimlm has no kernel for .*'strategy': 'group'",
+    ):
         slimlm.load(str(folder))
     cfg["quantization_config"]["ignore"].append("re:.*q_proj")
     weights.update(strategy="channel")

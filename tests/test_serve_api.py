@@ -10,11 +10,12 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import post, random_lora, running_server, sse_events, tiny_config as config
+from serve_helpers import post, random_lora, running_server, sse_events
+from serve_helpers import tiny_config as config
 
 import slimlm
-from slimlm.generate import SamplingParams
 from slimlm.engine.core import EngineConfig
+from slimlm.generate import SamplingParams
 from slimlm.serve.state import ServeConfig, ServerState
 
 CHAT = [{"role": "user", "content": "tell me a story about the red fox"}]
@@ -33,8 +34,12 @@ def reference(tiny_llama):
 
 def test_chat_matches_generate_and_has_openai_shape(server, reference):
     url, _ = server
-    r = post(url, "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 12, "temperature": 0,
-                                           "ignore_eos": True}, headers={"X-Request-Id": "abc-1"})
+    r = post(
+        url,
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "max_tokens": 12, "temperature": 0, "ignore_eos": True},
+        headers={"X-Request-Id": "abc-1"},
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-1"
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "tiny"
@@ -42,16 +47,23 @@ def test_chat_matches_generate_and_has_openai_shape(server, reference):
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
     ref = reference.complete([CHAT], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
     assert choice["message"]["content"] == ref.text
-    assert body["usage"] == {"prompt_tokens": ref.prompt_tokens, "completion_tokens": 12,
-                             "total_tokens": ref.prompt_tokens + 12}
+    assert body["usage"] == {
+        "prompt_tokens": ref.prompt_tokens,
+        "completion_tokens": 12,
+        "total_tokens": ref.prompt_tokens + 12,
+    }
 
 
 def test_stream_equals_blocking_and_ends_with_done(server):
     url, _ = server
     req = {"model": "tiny", "messages": CHAT, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
     whole = post(url, "/v1/chat/completions", req).json()["choices"][0]["message"]["content"]
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
-                      json={**req, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        timeout=30,
+        json={**req, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -64,8 +76,18 @@ def test_stream_equals_blocking_and_ends_with_done(server):
 
 def test_completions_with_logprobs(server, reference):
     url, _ = server
-    r = post(url, "/v1/completions", {"model": "tiny", "prompt": "the cat sat on", "max_tokens": 5, "temperature": 0,
-                                      "logprobs": 3, "ignore_eos": True})
+    r = post(
+        url,
+        "/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": "the cat sat on",
+            "max_tokens": 5,
+            "temperature": 0,
+            "logprobs": 3,
+            "ignore_eos": True,
+        },
+    )
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
     assert len(lp["token_logprobs"]) == 5 and all(len(t) == 3 for t in lp["top_logprobs"])
@@ -75,17 +97,20 @@ def test_completions_with_logprobs(server, reference):
     assert choice["text"] == reference.generate(ids, max_new_tokens=5, ignore_eos=True)
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"model": "nope", "prompt": "hi"}, 404, "model"),  # OpenAI: 404 invalid_request_error model_not_found
-    ({"model": "other:x", "prompt": "hi"}, 404, "model"),
-    ({"model": "tiny", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "the cat " * 80, "max_tokens": 16}, 400, "prompt"),
-    ({"model": "tiny", "prompt": "the cat " * 30, "max_tokens": 64}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature"),
-    ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n"),
-    ({"model": "tiny", "prompt": [1, 999999]}, 400, "prompt"),
-    ({"prompt": "hi"}, 400, "model"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"model": "nope", "prompt": "hi"}, 404, "model"),  # OpenAI: 404 invalid_request_error model_not_found
+        ({"model": "other:x", "prompt": "hi"}, 404, "model"),
+        ({"model": "tiny", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "the cat " * 80, "max_tokens": 16}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "the cat " * 30, "max_tokens": 64}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "hi", "temperature": 5}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n"),
+        ({"model": "tiny", "prompt": [1, 999999]}, 400, "prompt"),
+        ({"prompt": "hi"}, 400, "model"),
+    ],
+)
 def test_bad_requests_get_openai_errors(server, body, status, param):
     url, _ = server
     r = post(url, "/v1/completions", body)
@@ -96,8 +121,12 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 
 def test_malformed_json_and_oversized_body(server):
     url, state = server
-    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', timeout=10,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [',
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     big = {"model": "tiny", "prompt": "x" * (state.config.max_body_bytes + 10)}
     r = post(url, "/v1/completions", big)
@@ -111,10 +140,16 @@ def test_models_health_ready_metrics(server):
     assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["tiny"]
     post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 3})
     text = httpx.get(url + "/metrics").text
-    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-                 "vllm:e2e_request_latency_seconds_count", "vllm:num_requests_running",
-                 "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:generation_tokens_total",
-                 "vllm:prompt_tokens_total"):
+    for name in (
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens_total",
+        "vllm:prompt_tokens_total",
+    ):
         assert name in text, name
     assert 'model_name="tiny"' in text
 
@@ -158,8 +193,9 @@ def test_api_keys_under_a_mounted_prefix(tiny_llama, tmp_path):
 
         async def ask(headers):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=mounted), base_url="http://t") as c:
-                return await c.post("/v1/completions", headers=headers,
-                                    json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+                return await c.post(
+                    "/v1/completions", headers=headers, json={"model": "tiny", "prompt": "hi", "max_tokens": 2}
+                )
 
         assert asyncio.run(ask({})).status_code == 401
         assert asyncio.run(ask({"Authorization": "Bearer k1"})).status_code == 200
@@ -172,8 +208,9 @@ def test_full_queue_gets_429_with_retry_after(tiny_llama):
     with running_server(config(tiny_llama[0], engine=engine)) as (url, _):
         body = {"model": "tiny", "prompt": "the cat", "max_tokens": 60, "ignore_eos": True}
         results = []
-        threads = [threading.Thread(target=lambda: results.append(post(url, "/v1/completions", body)))
-                   for _ in range(5)]
+        threads = [
+            threading.Thread(target=lambda: results.append(post(url, "/v1/completions", body))) for _ in range(5)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -203,8 +240,11 @@ def _lora(tiny_llama, folder, seed: int, r: int = 4):
 
 
 def _greedy(url, model, n=8):
-    r = post(url, "/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": n, "temperature": 0,
-                                           "ignore_eos": True})
+    r = post(
+        url,
+        "/v1/chat/completions",
+        {"model": model, "messages": CHAT, "max_tokens": n, "temperature": 0, "ignore_eos": True},
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 
@@ -260,24 +300,40 @@ def test_corrupt_and_oversized_adapters_refused(tiny_llama, tmp_path):
 def test_batch_job(tiny_llama, tmp_path, reference):
     from slimlm.serve.batch import read_batch_file, run_batch
 
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": "tiny", "messages": [{"role": "user", "content": f"story {i}"}], "max_tokens": 6,
-                       "temperature": 0, "ignore_eos": True}} for i in range(5)]
-    lines.append({"custom_id": "bad-model", "method": "POST", "url": "/v1/completions",
-                  "body": {"model": "nope", "prompt": "x"}})
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": f"story {i}"}],
+                "max_tokens": 6,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        }
+        for i in range(5)
+    ]
+    lines.append(
+        {"custom_id": "bad-model", "method": "POST", "url": "/v1/completions", "body": {"model": "nope", "prompt": "x"}}
+    )
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
     summary = run_batch(config(tiny_llama[0]), src, tmp_path / "out.jsonl", progress=False)
     assert (summary.total, summary.succeeded, summary.failed) == (6, 5, 1)
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["custom_id"] for o in out] == [x["custom_id"] for x in lines]
-    want = reference.complete([[{"role": "user", "content": "story 3"}]],
-                              SamplingParams(max_new_tokens=6, ignore_eos=True))[0].text
+    want = reference.complete(
+        [[{"role": "user", "content": "story 3"}]], SamplingParams(max_new_tokens=6, ignore_eos=True)
+    )[0].text
     assert out[3]["response"]["body"]["choices"][0]["message"]["content"] == want
     assert out[5]["response"]["status_code"] == 404
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"custom_id": "a", "url": "/v1/chat/completions", "body": {}}\nnot json\n'
-                   '{"custom_id": "a", "url": "/v1/embeddings", "body": {}}\n')
+    bad.write_text(
+        '{"custom_id": "a", "url": "/v1/chat/completions", "body": {}}\nnot json\n'
+        '{"custom_id": "a", "url": "/v1/embeddings", "body": {}}\n'
+    )
     with pytest.raises(ValueError, match=r"line 2: invalid JSON.*\n.*line 3: custom_id 'a' is used twice"):
         read_batch_file(bad)
 
@@ -308,11 +364,19 @@ def test_official_openai_client(server, reference):
     url, _ = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     want = reference.complete([CHAT], SamplingParams(max_new_tokens=9, ignore_eos=True))[0].text
-    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=9, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=9, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].message.content == want and r.usage.completion_tokens == 9
-    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=9, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        max_tokens=9,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from serve_helpers import free_port, random_lora, running_server
 
-from slimlm.serve.bench import BenchConfig, add_bench_commands, percentile, run_bench, run_bench_async
 from slimlm.engine.core import EngineConfig
+from slimlm.serve.bench import BenchConfig, add_bench_commands, percentile, run_bench, run_bench_async
 from slimlm.serve.state import ServeConfig
 
 
@@ -33,8 +33,9 @@ def check_ordered(stats: dict) -> None:
 
 def test_bench_against_slimlm_server(server):
     url, _ = server
-    s = run_bench(BenchConfig(url=url, concurrency=3, requests=6, prompt_tokens=8, max_tokens=6, ignore_eos=True,
-                              warmup=1))
+    s = run_bench(
+        BenchConfig(url=url, concurrency=3, requests=6, prompt_tokens=8, max_tokens=6, ignore_eos=True, warmup=1)
+    )
     assert s["model"] == "tiny" and s["completed"] == 6 and s["failed"] == 0
     assert s["total_output_tokens"] == 36 and s["output_tokens_from"] == {"usage": 6}
     reqs = s["requests"]
@@ -53,8 +54,15 @@ def test_bench_against_slimlm_server(server):
 
 def test_completions_endpoint_and_same_prompts_for_same_seed(server):
     url, _ = server
-    cfg = dict(url=url + "/v1", endpoint="completions", concurrency=2, requests=2, prompt_tokens=5, max_tokens=4,
-               ignore_eos=True)
+    cfg = dict(
+        url=url + "/v1",
+        endpoint="completions",
+        concurrency=2,
+        requests=2,
+        prompt_tokens=5,
+        max_tokens=4,
+        ignore_eos=True,
+    )
     a, b = run_bench(BenchConfig(**cfg)), run_bench(BenchConfig(**cfg))
     assert a["completed"] == 2 and a["total_output_tokens"] == 8
     assert [r["prompt_tokens"] for r in a["requests"]] == [r["prompt_tokens"] for r in b["requests"]]
@@ -63,8 +71,7 @@ def test_completions_endpoint_and_same_prompts_for_same_seed(server):
 def test_overloaded_server_429s_are_counted_not_fatal(tiny_llama):
     engine = EngineConfig(max_batch=1, max_queue=1, max_seq_len=120, max_loras=0)
     with running_server(serve_config(tiny_llama[0], engine=engine)) as (url, _):
-        s = run_bench(BenchConfig(url=url, concurrency=6, requests=6, prompt_tokens=8, max_tokens=40,
-                                  ignore_eos=True))
+        s = run_bench(BenchConfig(url=url, concurrency=6, requests=6, prompt_tokens=8, max_tokens=40, ignore_eos=True))
     assert s["completed"] + s["failed"] == 6 and s["completed"] >= 2
     assert s["failed_429"] >= 1 and s["failed_by_status"] == {"429": s["failed"]}
     assert s["total_output_tokens"] == 40 * s["completed"]
@@ -76,9 +83,29 @@ def test_cli_cycles_adapters_and_writes_json(tiny_llama, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_bench_commands(parser.add_subparsers(dest="command"))
     with running_server(serve_config(tiny_llama[0], adapters=[f"fox={fox}"])) as (url, _):
-        args = parser.parse_args(["bench", "serve", "--url", url, "--adapters", "tiny,fox,nope", "--requests", "6",
-                                  "--concurrency", "2", "--prompt-tokens", "6", "--max-tokens", "3", "--ignore-eos",
-                                  "--wait", "10", "--json", str(tmp_path / "out.json")])
+        args = parser.parse_args(
+            [
+                "bench",
+                "serve",
+                "--url",
+                url,
+                "--adapters",
+                "tiny,fox,nope",
+                "--requests",
+                "6",
+                "--concurrency",
+                "2",
+                "--prompt-tokens",
+                "6",
+                "--max-tokens",
+                "3",
+                "--ignore-eos",
+                "--wait",
+                "10",
+                "--json",
+                str(tmp_path / "out.json"),
+            ]
+        )
         assert args.func(args) == 0
     s = json.loads((tmp_path / "out.json").read_text())
     assert s["requests_per_model"] == {"tiny:tiny": 2, "tiny:fox": 2, "tiny:nope": 2}
@@ -94,6 +121,7 @@ def _sse(*events) -> bytes:
 
 def test_servers_without_usage_are_counted_from_finish_reason_or_chunks(tmp_path):
     """llama-cpp-python streams no usage: 'length' means max_tokens exactly, otherwise the text chunks count."""
+
     def piece(text, finish=None):
         return {"choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
 
@@ -103,8 +131,9 @@ def test_servers_without_usage_are_counted_from_finish_reason_or_chunks(tmp_path
         body = json.loads(request.content)
         assert body["stream"] and body["min_tokens"] == 5 and body["model"] == "peer"
         if body["messages"][0]["content"] == "stop early":  # a role-only chunk, a ping comment, then 2 tokens
-            return httpx.Response(200, content=_sse(piece("")) + b": ping\n\n" + _sse(piece("a"), piece("b", "stop"),
-                                                                                       b"[DONE]"))
+            return httpx.Response(
+                200, content=_sse(piece("")) + b": ping\n\n" + _sse(piece("a"), piece("b", "stop"), b"[DONE]")
+            )
         return httpx.Response(200, content=_sse(piece("x"), piece("y"), piece(None, "length"), b"[DONE]"))
 
     mock = httpx.MockTransport(handler)
@@ -124,16 +153,22 @@ def test_stream_errors_and_dead_servers_are_failures():
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=_sse({"error": {"message": "engine blew up"}}))
 
-    s = asyncio.run(run_bench_async(BenchConfig(url="http://x", model="m", requests=2, concurrency=2),
-                                    transport=httpx.MockTransport(handler)))
+    s = asyncio.run(
+        run_bench_async(
+            BenchConfig(url="http://x", model="m", requests=2, concurrency=2), transport=httpx.MockTransport(handler)
+        )
+    )
     assert s["completed"] == 0 and s["failed_by_status"] == {"200": 2} and s["errors"] == ["engine blew up"]
     assert s["ttft_ms"] is None and s["request_throughput"] == 0
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused")
 
-    s = asyncio.run(run_bench_async(BenchConfig(url="http://x", model="m", requests=3, concurrency=1),
-                                    transport=httpx.MockTransport(refuse)))
+    s = asyncio.run(
+        run_bench_async(
+            BenchConfig(url="http://x", model="m", requests=3, concurrency=1), transport=httpx.MockTransport(refuse)
+        )
+    )
     assert s["failed_by_status"] == {"no_response": 3} and "ConnectError" in s["errors"][0]
 
 
@@ -165,11 +200,14 @@ def test_shared_system_prompt_is_the_same_in_every_body():
     bodies = request_bodies(cfg, "m", 3, seed=0)
     system = system_prompt(30)
     assert len(system.split()) == 30 and system == system_prompt(30)
-    assert all(b["messages"][0] == {"role": "system", "content": system} and b["messages"][1]["role"] == "user"
-               for b in bodies)
+    assert all(
+        b["messages"][0] == {"role": "system", "content": system} and b["messages"][1]["role"] == "user" for b in bodies
+    )
     assert len({b["messages"][1]["content"] for b in bodies}) == 3  # the user prompts still differ
-    assert request_bodies(BenchConfig(system_prompt_tokens=30, seed=7), "m", 1, seed=7)[0]["messages"][0]["content"] \
-        == system  # the same system prompt for any seed
+    assert (
+        request_bodies(BenchConfig(system_prompt_tokens=30, seed=7), "m", 1, seed=7)[0]["messages"][0]["content"]
+        == system
+    )  # the same system prompt for any seed
     done = request_bodies(BenchConfig(endpoint="completions", prompt_tokens=4, system_prompt_tokens=30), "m", 1, 0)
     assert done[0]["prompt"].startswith(system + "\n\n")
     assert "messages" not in done[0] and request_bodies(BenchConfig(), "m", 1, 0)[0]["messages"][0]["role"] == "user"

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 import serve_helpers
-from serve_helpers import running_server, tiny_config as config
+import torch
+from serve_helpers import running_server
+from serve_helpers import tiny_config as config
 
 import slimlm
 
@@ -34,15 +35,21 @@ def test_unknown_model_is_openai_404(server):
     assert r.status_code == 404
     assert r.json()["error"]["message"].startswith("The model `nope` does not exist")
     assert {k: v for k, v in r.json()["error"].items() if k != "message"} == {
-        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
 
 
 def test_echo_logprobs_without_generation_score_the_prompt(server, reference):
     """lm-evaluation-harness's loglikelihood request: the prompt's token logprobs from the model's own forward."""
     url, _ = server
     ids = reference.tokenizer.encode("the cat sat on the mat")
-    r = post(url, "/v1/completions", {"model": "tiny", "prompt": [ids], "max_tokens": 0, "echo": True,
-                                      "logprobs": 1, "temperature": 0})
+    r = post(
+        url,
+        "/v1/completions",
+        {"model": "tiny", "prompt": [ids], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
@@ -86,8 +93,15 @@ def test_streamed_echo_sends_the_prompt_first(server):
     from serve_helpers import sse_events
 
     url, _ = server
-    body = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 4, "temperature": 0, "ignore_eos": True,
-            "echo": True, "logprobs": 1}
+    body = {
+        "model": "tiny",
+        "prompt": "the cat sat",
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        "echo": True,
+        "logprobs": 1,
+    }
     whole = post(url, "/v1/completions", body).json()["choices"][0]
     with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
         assert r.status_code == 200
@@ -114,14 +128,17 @@ def test_a_list_of_prompts_gets_one_choice_each_in_order(server):
     assert body["usage"]["completion_tokens"] == 15
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 0, "echo": True}, "max_tokens"),  # scoring needs logprobs
-    ({"prompt": ["a", "b"], "stream": True}, "stream"),
-    ({"prompt": "hi", "stream": True, "echo": True, "logprobs": 1, "max_tokens": 0}, "stream"),
-    ({"prompt": [[1, 2], [3, 999999]]}, "prompt"),
-    ({"prompt": []}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0, "echo": True}, "max_tokens"),  # scoring needs logprobs
+        ({"prompt": ["a", "b"], "stream": True}, "stream"),
+        ({"prompt": "hi", "stream": True, "echo": True, "logprobs": 1, "max_tokens": 0}, "stream"),
+        ({"prompt": [[1, 2], [3, 999999]]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+    ],
+)
 def test_unsupported_combinations_are_400(server, body, param):
     url, _ = server
     r = post(url, "/v1/completions", {"model": "tiny", **body})
@@ -134,8 +151,11 @@ def test_tokenize_detokenize_version(server, reference):
     tok = reference.tokenizer
     r = post(url, "/tokenize", {"model": "tiny", "prompt": "the cat sat"})
     assert r.status_code == 200, r.text
-    assert r.json() == {"count": len(tok.encode("the cat sat")), "max_model_len": state.engine.max_seq_len,
-                        "tokens": tok.encode("the cat sat")}
+    assert r.json() == {
+        "count": len(tok.encode("the cat sat")),
+        "max_model_len": state.engine.max_seq_len,
+        "tokens": tok.encode("the cat sat"),
+    }
     raw = post(url, "/tokenize", {"prompt": "the cat sat", "add_special_tokens": False}).json()["tokens"]
     assert raw == tok.encode("the cat sat", add_special_tokens=False)
     chat = [{"role": "user", "content": "hello"}]
@@ -178,8 +198,15 @@ def test_admin_key_must_differ_from_flag_keys(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="needs --admin-key-file"):
         config(tiny_llama[0], allow_runtime_lora=True, lora_roots=[str(tmp_path)], api_keys=["k"]).validate()
     with pytest.raises(ValueError, match="share a key"):
-        ServerState(config(tiny_llama[0], allow_runtime_lora=True, lora_roots=[str(tmp_path)], api_keys=["k"],
-                           admin_key_file=str(admin)))
+        ServerState(
+            config(
+                tiny_llama[0],
+                allow_runtime_lora=True,
+                lora_roots=[str(tmp_path)],
+                api_keys=["k"],
+                admin_key_file=str(admin),
+            )
+        )
 
 
 def test_every_stderr_line_is_json_with_a_serving_line(tiny_llama, tmp_path):
@@ -198,18 +225,41 @@ def test_every_stderr_line_is_json_with_a_serving_line(tiny_llama, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     err = open(tmp_path / "stderr.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "slimlm.cli", "serve", "--model", str(tiny_llama[0]),
-                             "--served-name", "tiny", "--dtype", "fp32", "--port", str(port), "--max-seq-len", "64",
-                             "--api-key", "k1"], stdout=subprocess.DEVNULL, stderr=err,
-                            env={**os.environ, "SLIMLM_API_KEY": "k2", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slimlm.cli",
+            "serve",
+            "--model",
+            str(tiny_llama[0]),
+            "--served-name",
+            "tiny",
+            "--dtype",
+            "fp32",
+            "--port",
+            str(port),
+            "--max-seq-len",
+            "64",
+            "--api-key",
+            "k1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        env={**os.environ, "SLIMLM_API_KEY": "k2", "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 90
         while '"event": "serving"' not in (tmp_path / "stderr.log").read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, (tmp_path / "stderr.log").read_text()
             time.sleep(0.1)
         for key in ("k1", "k2"):
-            r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
-                           headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            r = httpx.post(
+                url + "/v1/completions",
+                json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
             assert r.status_code == 200, r.text
         assert httpx.get(url + "/version", timeout=5).status_code == 401
         proc.send_signal(signal.SIGTERM)

@@ -9,7 +9,6 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from functools import partial
 
 import grpc
 import httpx
@@ -36,8 +35,9 @@ def running_grpc_server(config):
     state = ServerState(config)
     state.load()
     port, grpc_port = free_port(), free_port()
-    server = DrainingServer(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"),
-                            state, grpc_port)
+    server = DrainingServer(
+        uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"), state, grpc_port
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url, address = f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
@@ -84,16 +84,22 @@ def stub(server):
 
 def triton_inputs(prompt=PROMPT, max_tokens=8, stream=None, **extra):
     """tritonclient InferInputs as Triton's LLM backends take them (raw contents, shape [1])."""
-    arrays = {"text_input": np.array([prompt.encode()], dtype=np.object_),
-              "max_tokens": np.array([max_tokens], dtype=np.int32),
-              "temperature": np.array([0.0], dtype=np.float32), "ignore_eos": np.array([True])}
+    arrays = {
+        "text_input": np.array([prompt.encode()], dtype=np.object_),
+        "max_tokens": np.array([max_tokens], dtype=np.int32),
+        "temperature": np.array([0.0], dtype=np.float32),
+        "ignore_eos": np.array([True]),
+    }
     if stream is not None:
         arrays["stream"] = np.array([stream])
     arrays.update(extra)
     out = []
     for name, a in arrays.items():
-        i = tritonclient.InferInput(name, list(a.shape), {np.object_: "BYTES", np.int32: "INT32",
-                                                          np.float32: "FP32", np.bool_: "BOOL"}[a.dtype.type])
+        i = tritonclient.InferInput(
+            name,
+            list(a.shape),
+            {np.object_: "BYTES", np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL"}[a.dtype.type],
+        )
         i.set_data_from_numpy(a)
         out.append(i)
     return out
@@ -110,9 +116,12 @@ def raw_request(model="tiny", prompt=PROMPT, max_tokens=8, **kw):
 
 
 def http_completion(url, model="tiny", max_tokens=8, prompt=PROMPT, **headers):
-    r = httpx.post(url + "/v1/completions", timeout=30, headers=headers,
-                   json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                         "ignore_eos": True})
+    r = httpx.post(
+        url + "/v1/completions",
+        timeout=30,
+        headers=headers,
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
 
@@ -150,8 +159,9 @@ def test_health_and_metadata(client, stub):
 def test_infer_equals_http_completion_both_clients(server, client, stub):
     url = server[0]
     want = http_completion(url)
-    result = client.infer("tiny", triton_inputs(), request_id="r-1",
-                          outputs=[tritonclient.InferRequestedOutput("text_output")])
+    result = client.infer(
+        "tiny", triton_inputs(), request_id="r-1", outputs=[tritonclient.InferRequestedOutput("text_output")]
+    )
     assert result.as_numpy("text_output")[0].decode() == want and len(want) > 0
     assert result.get_response().id == "r-1"
     assert text_of(stub.ModelInfer(raw_request())) == want
@@ -269,22 +279,32 @@ MALFORMED = {
     "missing text_input": (lambda r: _without(r, "text_input"), "'text_input'.*missing"),
     "text_input as INT32": (lambda r: _set(r, "text_input", datatype="INT32"), "datatype INT32; send BYTES"),
     "text_input shape [2]": (lambda r: _set(r, "text_input", shape=[2]), r"shape \[2\] but 1 elements"),
-    "max_tokens shape [1, 2]": (lambda r: _set(_with(_without(r, "max_tokens"), "max_tokens", "INT32", [1, 2],
-                                                     "int_contents", [3, 4]), "max_tokens"),
-                                r"shape \[1, 2\]; send shape \[1\]"),
-    "max_tokens 0": (lambda r: _with(_without(r, "max_tokens"), "max_tokens", "INT32", [1], "int_contents", [0]),
-                     "'max_tokens' is 0; send at least 1"),
-    "max_tokens over the limit": (lambda r: _with(_without(r, "max_tokens"), "max_tokens", "INT32", [1],
-                                                  "int_contents", [10_000]), "at most 64"),
-    "negative temperature": (lambda r: _with(_without(r, "temperature"), "temperature", "FP32", [1],
-                                             "fp32_contents", [-1.0]), "'temperature' is -1.0"),
+    "max_tokens shape [1, 2]": (
+        lambda r: _set(
+            _with(_without(r, "max_tokens"), "max_tokens", "INT32", [1, 2], "int_contents", [3, 4]), "max_tokens"
+        ),
+        r"shape \[1, 2\]; send shape \[1\]",
+    ),
+    "max_tokens 0": (
+        lambda r: _with(_without(r, "max_tokens"), "max_tokens", "INT32", [1], "int_contents", [0]),
+        "'max_tokens' is 0; send at least 1",
+    ),
+    "max_tokens over the limit": (
+        lambda r: _with(_without(r, "max_tokens"), "max_tokens", "INT32", [1], "int_contents", [10_000]),
+        "at most 64",
+    ),
+    "negative temperature": (
+        lambda r: _with(_without(r, "temperature"), "temperature", "FP32", [1], "fp32_contents", [-1.0]),
+        "'temperature' is -1.0",
+    ),
     "top_p 0": (lambda r: _with(r, "top_p", "FP32", [1], "fp32_contents", [0.0]), r"top_p.*\(0, 1\]"),
     "unknown input": (lambda r: _with(r, "prompt", "BYTES", [1], "bytes_contents", [b"x"]), "unknown input 'prompt'"),
     "unknown output": (lambda r: (r.outputs.add(name="logits"), r)[1], "unknown output 'logits'"),
-    "not UTF-8": (lambda r: _with(_without(r, "text_input"), "text_input", "BYTES", [1], "bytes_contents",
-                                  [b"\xff\xfe"]), "not UTF-8"),
-    "stream on the unary RPC": (lambda r: _with(r, "stream", "BOOL", [1], "bool_contents", [True]),
-                                "ModelStreamInfer"),
+    "not UTF-8": (
+        lambda r: _with(_without(r, "text_input"), "text_input", "BYTES", [1], "bytes_contents", [b"\xff\xfe"]),
+        "not UTF-8",
+    ),
+    "stream on the unary RPC": (lambda r: _with(r, "stream", "BOOL", [1], "bool_contents", [True]), "ModelStreamInfer"),
     "raw buffers miscounted": (lambda r: (r.raw_input_contents.append(b"\x00"), r)[1], "one per input"),
 }
 
@@ -333,6 +353,7 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_the_slot(tiny_llama):
         def slow_step():  # 30 ms a step: the 60-token stream is surely still running when the test looks
             time.sleep(0.03)
             real_step()
+
         state.engine.step = slow_step
         with grpc.insecure_channel(address) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
@@ -370,10 +391,30 @@ def test_serve_process_grpc_port_drains_on_sigterm(tiny_llama, tmp_path):
 
     port, grpc_port = free_port(), free_port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "slimlm.cli", "serve", "--model", str(tiny_llama[0]),
-                             "--served-name", "tiny", "--dtype", "fp32", "--port", str(port), "--max-seq-len", "128",
-                             "--grpc-port", str(grpc_port), "--drain-timeout", "20"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slimlm.cli",
+            "serve",
+            "--model",
+            str(tiny_llama[0]),
+            "--served-name",
+            "tiny",
+            "--dtype",
+            "fp32",
+            "--port",
+            str(port),
+            "--max-seq-len",
+            "128",
+            "--grpc-port",
+            str(grpc_port),
+            "--drain-timeout",
+            "20",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     client = tritonclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     try:
         deadline = time.monotonic() + 60

@@ -50,8 +50,11 @@ def closing():
 
 
 def greedy(url: str, model: str, n: int = 8) -> httpx.Response:
-    return post(url, "/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": n, "temperature": 0,
-                                              "ignore_eos": True})
+    return post(
+        url,
+        "/v1/chat/completions",
+        {"model": model, "messages": CHAT, "max_tokens": n, "temperature": 0, "ignore_eos": True},
+    )
 
 
 def loaded(url: str) -> set[str]:
@@ -100,8 +103,16 @@ def stream_tokens(url: str, model: str, n: int, out: list, started: threading.Ev
     ("usage", completion tokens, None). The output is held to lowercase letters (a regex, which cannot be complete
     within n tokens, so no stop token ends it) so that every token is whole characters and arrives as a chunk of its
     own (a random model's bytes are often partial characters)."""
-    body = {"model": model, "prompt": "the cat", "max_tokens": n, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}, "guided_regex": "[a-z]{500}"}
+    body = {
+        "model": model,
+        "prompt": "the cat",
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "guided_regex": "[a-z]{500}",
+    }
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -223,8 +234,12 @@ def test_registry_bases_and_adapter_scoping(bases, references, tmp_path, closing
 
 def test_config_errors_say_what_to_fix(bases):
     a = str(bases["a"])
-    for models, match in ((["b"], "send NAME=PATH"), ([f"b={a}", f"b={a}"], "two bases are named 'b'"),
-                          ([f"x/y={a}"], "invalid --models NAME"), ([f"tiny={a}"], "the name of --model")):
+    for models, match in (
+        (["b"], "send NAME=PATH"),
+        ([f"b={a}", f"b={a}"], "two bases are named 'b'"),
+        ([f"x/y={a}"], "invalid --models NAME"),
+        ([f"tiny={a}"], "the name of --model"),
+    ):
         with pytest.raises(ValueError, match=match):
             tiny_config(a, models=models).validate()
     with pytest.raises(ValueError, match="--max-models -1"):
@@ -259,8 +274,11 @@ def test_grpc_lazy_base(bases, references, closing):
         eos = tritonclient.InferInput("ignore_eos", [1], "BOOL")
         eos.set_data_from_numpy(np.array([True]))
         got = client.infer("c", [inp, mt, temp, eos]).as_numpy("text_output")[0]
-        want = post(url, "/v1/completions", {"model": "c", "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
-                                             "ignore_eos": True}).json()["choices"][0]["text"]
+        want = post(
+            url,
+            "/v1/completions",
+            {"model": "c", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True},
+        ).json()["choices"][0]["text"]
         assert got.decode() == want and len(got) > 0 and loaded(url) == {"a", "c"}
         with pytest.raises(Exception, match="does not exist"):
             client.infer("nope", [inp])
@@ -272,8 +290,15 @@ def test_loading_one_base_barely_stalls_anothers_stream(make_model_folder, bases
     i.e. the load does not hold the GIL or the engine for long. Best of three loads (three names for the big
     folder): a stall that every load causes (a gc.collect() of the heap was 0.55 s) fails all three, while an
     unlucky moment of the shared machine does not fail the test."""
-    big, _ = make_model_folder("llama", seed=24, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                               num_attention_heads=8, num_key_value_heads=4)
+    big, _ = make_model_folder(
+        "llama",
+        seed=24,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     cfg = tiny_config(bases["a"], models=[f"big{i}={big}" for i in range(3)])
     cfg.served_name = "a"
     tries = []
@@ -299,7 +324,9 @@ def test_loading_one_base_barely_stalls_anothers_stream(make_model_folder, bases
             tries.append((t1 - t0, statistics.median(gaps), max(during)))
             if max(during) < 2 * statistics.median(gaps) + 0.05:
                 break
-    print("loads (s, median gap ms, max gap during the load ms):",
-          [(round(s, 3), round(m * 1e3, 1), round(g * 1e3, 1)) for s, m, g in tries])
+    print(
+        "loads (s, median gap ms, max gap during the load ms):",
+        [(round(s, 3), round(m * 1e3, 1), round(g * 1e3, 1)) for s, m, g in tries],
+    )
     load_s, median, worst = tries[-1]
     assert worst < 2 * median + 0.05, tries

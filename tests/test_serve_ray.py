@@ -112,9 +112,29 @@ def test_deploy_ray_config_scales_from_zero(ray_port, model, tmp_path, monkeypat
     folder, adapter = model
     out = tmp_path / "ray"
     engine = "--max-batch 4 --max-seq-len 120 --max-loras 2 --max-lora-rank 8 --kv-cache-dtype fp32"
-    assert deploy_ray("--model", folder, "--out", out, "--name", "zero", "--port", ray_port, "--min-replicas", 0,
-                      "--max-replicas", 1, "--upscale-delay", 1, "--downscale-delay", 2, "--serve-args",
-                      f"--served-name tiny --adapters a={adapter} --dtype fp32 --quantize none {engine}") == 0
+    assert (
+        deploy_ray(
+            "--model",
+            folder,
+            "--out",
+            out,
+            "--name",
+            "zero",
+            "--port",
+            ray_port,
+            "--min-replicas",
+            0,
+            "--max-replicas",
+            1,
+            "--upscale-delay",
+            1,
+            "--downscale-delay",
+            2,
+            "--serve-args",
+            f"--served-name tiny --adapters a={adapter} --dtype fp32 --quantize none {engine}",
+        )
+        == 0
+    )
     text = (out / "serve_config.yaml").read_text()
     assert "sekret" not in text and sorted(p.name for p in out.iterdir()) == ["README.md", "serve_config.yaml"]
     doc = yaml.safe_load(text)
@@ -126,13 +146,20 @@ def test_deploy_ray_config_scales_from_zero(ray_port, model, tmp_path, monkeypat
     app["deployments"][0]["autoscaling_config"].update(metrics_interval_s=0.5, look_back_period_s=1.0)
     app["runtime_env"] = {"env_vars": {"SLIMLM_API_KEY": "sekret"}}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=False)
-    wait_for(lambda: getattr(serve.status().applications.get("zero"), "status", None) == "RUNNING", 60,
-             "the app deployed from the file")
+    wait_for(
+        lambda: getattr(serve.status().applications.get("zero"), "status", None) == "RUNNING",
+        60,
+        "the app deployed from the file",
+    )
     assert replica_counts("zero").get("RUNNING", 0) == 0
     url = f"http://127.0.0.1:{ray_port}/zero"
     t0 = time.monotonic()
-    r = httpx.post(url + "/v1/completions", json={"model": "tiny:a", "prompt": "the cat", "max_tokens": 5},
-                   headers={"Authorization": "Bearer sekret"}, timeout=60)
+    r = httpx.post(
+        url + "/v1/completions",
+        json={"model": "tiny:a", "prompt": "the cat", "max_tokens": 5},
+        headers={"Authorization": "Bearer sekret"},
+        timeout=60,
+    )
     cold_s = time.monotonic() - t0
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
@@ -147,8 +174,16 @@ def test_deploy_ray_config_scales_from_zero(ray_port, model, tmp_path, monkeypat
 def app(ray_port, model):
     """The main app: 1..2 replicas, 1 CPU and 1 torch thread each, scaling when more than 2 requests per replica
     are in flight; each replica takes at most 2 at a time (the rest wait at Ray's proxy)."""
-    url = deploy(model, ray_port, "tiny", min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-                 max_ongoing_requests=2, **FAST)
+    url = deploy(
+        model,
+        ray_port,
+        "tiny",
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=2,
+        max_ongoing_requests=2,
+        **FAST,
+    )
     yield url
     serve.delete("tiny")
 
@@ -159,14 +194,25 @@ def test_openai_client_unchanged(app, tiny_llama):
     import slimlm
     from slimlm.engine.sampling import SamplingParams
 
-    want = slimlm.load(str(tiny_llama[0]), dtype="fp32").complete(
-        [CHAT], SamplingParams(max_new_tokens=9, ignore_eos=True))[0].text
+    want = (
+        slimlm.load(str(tiny_llama[0]), dtype="fp32")
+        .complete([CHAT], SamplingParams(max_new_tokens=9, ignore_eos=True))[0]
+        .text
+    )
     client = openai.OpenAI(base_url=app + "/v1", api_key="unused", max_retries=0)
-    r = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=9, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=9, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].message.content == want and r.usage.completion_tokens == 9
-    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=9, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=CHAT,
+        max_tokens=9,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert len(chunks) > 2 and "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     c = client.completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0)
@@ -192,12 +238,20 @@ def test_adapter_routed_by_multiplex_header(app):
     base's; a header naming nothing leaves the request to slimlm's 404."""
     body = {"prompt": "the cat sat", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     base = httpx.post(app + "/v1/completions", json={**body, "model": "tiny"}, timeout=30).json()
-    tuned = httpx.post(app + "/v1/completions", json={**body, "model": "tiny:a"},
-                       headers={ray_serve.MULTIPLEX_HEADER: "tiny:a"}, timeout=30)
+    tuned = httpx.post(
+        app + "/v1/completions",
+        json={**body, "model": "tiny:a"},
+        headers={ray_serve.MULTIPLEX_HEADER: "tiny:a"},
+        timeout=30,
+    )
     assert tuned.status_code == 200, tuned.text
     assert tuned.json()["choices"][0]["text"] != base["choices"][0]["text"]
-    r = httpx.post(app + "/v1/completions", json={**body, "model": "tiny:zz"},
-                   headers={ray_serve.MULTIPLEX_HEADER: "tiny:zz"}, timeout=30)
+    r = httpx.post(
+        app + "/v1/completions",
+        json={**body, "model": "tiny:zz"},
+        headers={ray_serve.MULTIPLEX_HEADER: "tiny:zz"},
+        timeout=30,
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
@@ -215,8 +269,13 @@ class Load:
         with httpx.Client(timeout=120) as client:
             while not self.done.is_set():
                 t0 = time.monotonic()
-                body = {"model": "tiny", "messages": CHAT, "max_tokens": self.max_tokens, "stream": True,
-                        "ignore_eos": True}
+                body = {
+                    "model": "tiny",
+                    "messages": CHAT,
+                    "max_tokens": self.max_tokens,
+                    "stream": True,
+                    "ignore_eos": True,
+                }
                 try:
                     with client.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
                         text = "".join(r.iter_lines())
@@ -245,8 +304,9 @@ def test_autoscale_up_under_burst_and_back(app):
 
 def replica_pids(name: str) -> list[int]:
     """The process ids of the app `name`'s replica actors."""
-    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
-              if a["name"].startswith(f"SERVE_REPLICA::{name}#")]
+    actors = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::{name}#")
+    ]
     handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in actors]
     return ray.get([h.__ray_call__.remote(lambda self: os.getpid()) for h in handles], timeout=30)
 
@@ -274,5 +334,8 @@ def test_killed_replica_under_load(app):
     assert len(failed) <= 4, failed
     assert all(r[1] <= killed_at + 1.0 for r in failed), "requests failed long after the kill"
     assert after and all(r[2] == 200 for r in after)
-    wait_for(lambda: replica_counts("tiny").get("RUNNING", 0) >= 1 and pids[0] not in replica_pids("tiny"), 60,
-             "the dead replica replaced or removed")
+    wait_for(
+        lambda: replica_counts("tiny").get("RUNNING", 0) >= 1 and pids[0] not in replica_pids("tiny"),
+        60,
+        "the dead replica replaced or removed",
+    )

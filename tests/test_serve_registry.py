@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from slimlm.serve import registry as reg_mod
-from slimlm.serve.registry import Registry, RegistryError, hash_artifact
 from slimlm.serve.cli import add_registry_commands
+from slimlm.serve.registry import Registry, RegistryError, hash_artifact
 
 
 def _model_folder(path: Path, seed: int = 0, quantized: bool = False) -> Path:
@@ -31,11 +31,23 @@ def _model_folder(path: Path, seed: int = 0, quantized: bool = False) -> Path:
 def _adapter_folder(path: Path, base: str = "tiny-base") -> Path:
     """A hand-written HF PEFT LoRA folder (what slimlm.peft.save_adapter writes, minus the real weights)."""
     path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "lora_dropout": 0.0,
-         "base_model_name_or_path": base}))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 8)},
-              str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["q_proj"],
+                "lora_dropout": 0.0,
+                "base_model_name_or_path": base,
+            }
+        )
+    )
+    save_file(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 8)},
+        str(path / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (path / "summary.json").write_text(json.dumps({"final_loss": 0.5, "eval": {"accuracy": 0.9}}))
     return path
 

@@ -16,9 +16,28 @@ def test_sigterm_drains_then_exits(tiny_llama, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "slimlm.cli", "serve", "--model", str(tiny_llama[0]),
-                             "--served-name", "tiny", "--dtype", "fp32", "--port", str(port), "--max-seq-len", "128",
-                             "--drain-timeout", "20"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slimlm.cli",
+            "serve",
+            "--model",
+            str(tiny_llama[0]),
+            "--served-name",
+            "tiny",
+            "--dtype",
+            "fp32",
+            "--port",
+            str(port),
+            "--max-seq-len",
+            "128",
+            "--drain-timeout",
+            "20",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

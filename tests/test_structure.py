@@ -17,8 +17,20 @@ ROOT = Path(__file__).resolve().parents[1] / "slimlm"
 # Low to high: a module may import its own layer and the layers before it, never one after it. The command code
 # (slimlm/cli.py, every `<area>/cli.py`, `python -m slimlm`, the package's public __init__) is the top layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("slimlm.errors", "slimlm.config", "slimlm.recipe", "slimlm.jsonl", "slimlm.paths", "slimlm.device",
-              "slimlm.version", "slimlm.load_config", "slimlm.kernels")),
+    (
+        "base",
+        (
+            "slimlm.errors",
+            "slimlm.config",
+            "slimlm.recipe",
+            "slimlm.jsonl",
+            "slimlm.paths",
+            "slimlm.device",
+            "slimlm.version",
+            "slimlm.load_config",
+            "slimlm.kernels",
+        ),
+    ),
     ("model", ("slimlm.model", "slimlm.protocol", "slimlm.kv_cache", "slimlm.tokenizer")),
     ("layer formats", ("slimlm.quantize",)),
     ("checkpoint", ("slimlm.checkpoint",)),
@@ -109,7 +121,7 @@ def find_cycle() -> list[str] | None:
         path.append(v)
         for w in sorted(GRAPH[v]):
             if state.get(w) == 1:
-                return path[path.index(w):] + [w]
+                return path[path.index(w) :] + [w]
             if w not in state and (cycle := visit(w)):
                 return cycle
         path.pop()
@@ -153,8 +165,12 @@ PROBE = re.compile(r"\b(getattr|hasattr)\((self\.)?(model|llm\.model|student|tea
 
 def test_model_state_is_declared_not_probed():
     """Model attributes are declared on Transformer (or the CausalLM protocol): code reads them, never probes."""
-    probes = [f"{p.relative_to(ROOT.parent)}:{i}: {line.strip()}" for p in MODULES.values()
-              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if PROBE.search(line)]
+    probes = [
+        f"{p.relative_to(ROOT.parent)}:{i}: {line.strip()}"
+        for p in MODULES.values()
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if PROBE.search(line)
+    ]
     assert not probes, "getattr/hasattr probes of model state:\n" + "\n".join(probes)
 
 
@@ -167,6 +183,9 @@ def test_layer_formats_import_no_training_or_files(name):
             if dep not in reach:
                 reach.add(dep)
                 todo.append(dep)
-    heavy = sorted(m for m in reach if m.startswith(("slimlm.train", "slimlm.checkpoint", "slimlm.eval",
-                                                      "slimlm.llm", "slimlm.compress")))
+    heavy = sorted(
+        m
+        for m in reach
+        if m.startswith(("slimlm.train", "slimlm.checkpoint", "slimlm.eval", "slimlm.llm", "slimlm.compress"))
+    )
     assert not heavy, f"{name} reaches {heavy}"

@@ -59,11 +59,16 @@ def _complete(llm: LLM, prompts=PROMPTS, **kw):
     return llm.complete(prompts, chat=False, **{"max_new_tokens": 100, **kw})
 
 
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 3},
-                                      {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 5,
-                                       "repetition_penalty": 1.3},
-                                      # Degenerate numbers (inf/NaN logits after the penalty) must still parse.
-                                      {"temperature": 1.0, "seed": 2, "repetition_penalty": 5e-324}])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {},
+        {"temperature": 1.0, "seed": 3},
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 5, "repetition_penalty": 1.3},
+        # Degenerate numbers (inf/NaN logits after the penalty) must still parse.
+        {"temperature": 1.0, "seed": 2, "repetition_penalty": 5e-324},
+    ],
+)
 def test_json_schema_outputs_parse_and_validate(llm, sampling):
     for c in _complete(llm, json_schema=SCHEMA, **sampling):
         assert c.finish_reason == "stop", c
@@ -86,22 +91,36 @@ def test_json_object_regex_choice_and_grammar(llm):
 
 
 def test_pydantic_class_as_json_schema_or_response_format(llm):
-    for kw in ({"json_schema": Person}, {"response_format": Person},
-               {"response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "p", "schema": Person.model_json_schema()}}}):
+    for kw in (
+        {"json_schema": Person},
+        {"response_format": Person},
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "p", "schema": Person.model_json_schema()},
+            }
+        },
+    ):
         out = llm.generate(["hello", "the cat"], chat=False, max_new_tokens=80, temperature=1.0, seed=1, **kw)
         assert [Person.model_validate_json(t) for t in out]
     # With the params object too, and text mode means no constraint.
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    assert llm.generate("hello", params, chat=False, response_format={"type": "text"}) == \
-        llm.generate("hello", params, chat=False)
+    assert llm.generate("hello", params, chat=False, response_format={"type": "text"}) == llm.generate(
+        "hello", params, chat=False
+    )
 
 
 def test_logprobs_see_the_mask(llm):
     """Logprobs come from the masked logits: at each step the allowed tokens (a few prefixes of the one choice,
     all within the top 20) hold the whole probability mass, and the chosen token is one of them."""
-    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=0, logprobs=True, top_logprobs=20,
-                            structured=StructuredOutput.choice(["dog cat fox"]))
+    params = SamplingParams(
+        max_new_tokens=30,
+        temperature=1.0,
+        seed=0,
+        logprobs=True,
+        top_logprobs=20,
+        structured=StructuredOutput.choice(["dog cat fox"]),
+    )
     req = Request(llm._prompt_ids("hello", False), params)
     steps = [lp for _, out in llm.engine_for(1, 64).generate([req]) for lp in out.logprobs]
     assert req.finish_reason == "stop" and steps
@@ -124,11 +143,14 @@ def test_mask_only_touches_structured_rows(llm):
     assert compiler.hits >= 1  # compiled once, then served from the cache
 
 
-@pytest.mark.parametrize("engine", [
-    EngineConfig(max_loras=0, fused_decode=False),
-    EngineConfig(max_loras=0, speculative="ngram", num_speculative_tokens=3),
-    EngineConfig(max_loras=0, speculative="draft", num_speculative_tokens=3),
-])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        EngineConfig(max_loras=0, fused_decode=False),
+        EngineConfig(max_loras=0, speculative="ngram", num_speculative_tokens=3),
+        EngineConfig(max_loras=0, speculative="draft", num_speculative_tokens=3),
+    ],
+)
 def test_other_decode_paths_mask_too_and_leave_plain_rows(llm, engine):
     """The unfused decode path and speculative decoding (prompt lookup; a draft model, here the model itself):
     structured rows still follow the grammar, plain rows in the same batch still give their greedy output (they
@@ -140,8 +162,9 @@ def test_other_decode_paths_mask_too_and_leave_plain_rows(llm, engine):
     want = [c.text for c in other.complete(PROMPTS[:2], plain, chat=False)]  # alone, on this engine
     structured = SamplingParams(max_new_tokens=100, structured=StructuredOutput.json_schema(SCHEMA))
     engine_ = other.engine_for(4, 128)
-    reqs = [Request(other._prompt_ids(p, False), plain) for p in PROMPTS[:2]] + \
-        [Request(other._prompt_ids(p, False), structured) for p in PROMPTS[2:]]
+    reqs = [Request(other._prompt_ids(p, False), plain) for p in PROMPTS[:2]] + [
+        Request(other._prompt_ids(p, False), structured) for p in PROMPTS[2:]
+    ]
     texts = {id(r): "" for r in reqs}
     for r, out in engine_.generate(reqs):
         texts[id(r)] += out.text
@@ -167,10 +190,17 @@ def test_bad_constraints_are_one_line_errors(llm):
 
 # ---- the server ----
 
+
 def _server_config(folder, adapters=()) -> ServeConfig:
     engine = EngineConfig(max_batch=8, max_seq_len=128, max_loras=2, max_lora_rank=8, kv_cache_dtype="fp32")
-    return ServeConfig(model=str(folder), served_name="tiny", dtype="fp32", max_tokens_limit=100, engine=engine,
-                       adapters=list(adapters))
+    return ServeConfig(
+        model=str(folder),
+        served_name="tiny",
+        dtype="fp32",
+        max_tokens_limit=100,
+        engine=engine,
+        adapters=list(adapters),
+    )
 
 
 def _post(url, path, body):
@@ -199,8 +229,11 @@ def _mixed_requests() -> list[tuple[str, dict, str]]:
         ("/v1/completions", {**comp, "structured_outputs": {"regex": REGEX}, "temperature": 1.0}, "regex"),
         ("/v1/chat/completions", {**chat, "max_tokens": 24, "temperature": 0, "ignore_eos": True}, "plain"),
         ("/v1/completions", {**comp, "max_tokens": 24, "temperature": 0, "ignore_eos": True}, "plain"),
-        ("/v1/chat/completions", {**chat, "model": "fox", "max_tokens": 24, "temperature": 0, "ignore_eos": True},
-         "plain"),
+        (
+            "/v1/chat/completions",
+            {**chat, "model": "fox", "max_tokens": 24, "temperature": 0, "ignore_eos": True},
+            "plain",
+        ),
         ("/v1/chat/completions", {**chat, "model": "fox", "guided_json": SCHEMA, "temperature": 1.0}, "schema"),
     ]
 
@@ -216,6 +249,7 @@ def test_server_mixed_batch_of_8_concurrent_clients(tiny_llama, tmp_path):
         def client(i: int) -> None:
             start.wait()
             results[i] = _post(url, requests[i][0], requests[i][1])
+
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
         for t in threads:
             t.start()
@@ -244,9 +278,20 @@ def test_server_json_object_choice_grammar_and_stream(server):
     url, _ = server
     chat = {"model": "tiny", "messages": MSGS, "max_tokens": 90, "temperature": 1.0, "seed": 9}
     # A seeded row that closes its unbounded key and string (the random model does not always: see the LLM test).
-    text, finish = _text(_post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 90,
-                                                        "temperature": 0.7, "seed": 1,
-                                                        "response_format": {"type": "json_object"}}))
+    text, finish = _text(
+        _post(
+            url,
+            "/v1/completions",
+            {
+                "model": "tiny",
+                "prompt": "hi",
+                "max_tokens": 90,
+                "temperature": 0.7,
+                "seed": 1,
+                "response_format": {"type": "json_object"},
+            },
+        )
+    )
     assert finish == "stop" and isinstance(json.loads(text), dict)
     text, _ = _text(_post(url, "/v1/chat/completions", {**chat, "guided_choice": CHOICES}))
     assert text in CHOICES
@@ -255,25 +300,32 @@ def test_server_json_object_choice_grammar_and_stream(server):
     assert text in CHOICES
     text, finish = _text(_post(url, "/v1/completions", {**comp, "guided_grammar": EBNF}))
     assert finish == "stop" and text.startswith("(") and text.endswith(")")
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
-                      json={**chat, "stream": True, "guided_json": SCHEMA}) as r:
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", timeout=60, json={**chat, "stream": True, "guided_json": SCHEMA}
+    ) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
     jsonschema.validate(json.loads(streamed), SCHEMA)
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize("extra, param, words", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
-     "response_format", "cannot compile this JSON schema"),
-    ({"guided_regex": "(ab"}, "guided_regex", "cannot compile this regex"),
-    ({"structured_outputs": {"regex": "[z-a]"}}, "structured_outputs.regex", "cannot compile this regex"),
-    ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar", "cannot compile this EBNF grammar"),
-    ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
-    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "both constrain the output"),
-    ({"response_format": {"type": "json_schema"}}, "response_format", "needs"),
-    ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
-])
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+            "response_format",
+            "cannot compile this JSON schema",
+        ),
+        ({"guided_regex": "(ab"}, "guided_regex", "cannot compile this regex"),
+        ({"structured_outputs": {"regex": "[z-a]"}}, "structured_outputs.regex", "cannot compile this regex"),
+        ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar", "cannot compile this EBNF grammar"),
+        ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "both constrain the output"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "needs"),
+        ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+    ],
+)
 def test_server_bad_constraints_get_400_naming_the_field(server, extra, param, words):
     url, state = server
     r = _post(url, "/v1/chat/completions", {"model": "tiny", "messages": MSGS, "max_tokens": 5, **extra})
@@ -286,10 +338,22 @@ def test_server_bad_constraints_get_400_naming_the_field(server, extra, param, w
 def test_batch_job_gets_structured_output(tiny_llama, tmp_path):
     from slimlm.serve.batch import run_batch
 
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": "tiny", "messages": MSGS, "max_tokens": 90, "temperature": 1.0, "seed": i,
-                       "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}}}}
-             for i in range(3)]
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "tiny",
+                "messages": MSGS,
+                "max_tokens": 90,
+                "temperature": 1.0,
+                "seed": i,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}},
+            },
+        }
+        for i in range(3)
+    ]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
     summary = run_batch(_server_config(tiny_llama[0]), src, dst, progress=False)
@@ -301,13 +365,26 @@ def test_batch_job_gets_structured_output(tiny_llama, tmp_path):
 
 # ---- the real model ----
 
-PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
-                                                  "age": {"type": "integer", "minimum": 0, "maximum": 150},
-                                                  "city": {"type": "string", "maxLength": 40}},
-                 "required": ["name", "age", "city"], "additionalProperties": False}
-PEOPLE = ["Alice is 31 and lives in Paris.", "Bob, 45, moved to Berlin last year.", "Chen (27) works in Shanghai.",
-          "Dana lives in Austin; she turned 52 in May.", "Erik is a 19-year-old student in Oslo.",
-          "Fatima, aged 38, is from Cairo.", "Giulia is 64 and retired to Rome.", "Hiro, 23, codes in Tokyo."]
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "city": {"type": "string", "maxLength": 40},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+PEOPLE = [
+    "Alice is 31 and lives in Paris.",
+    "Bob, 45, moved to Berlin last year.",
+    "Chen (27) works in Shanghai.",
+    "Dana lives in Austin; she turned 52 in May.",
+    "Erik is a 19-year-old student in Oslo.",
+    "Fatima, aged 38, is from Cairo.",
+    "Giulia is 64 and retired to Rome.",
+    "Hiro, 23, codes in Tokyo.",
+]
 
 
 @pytest.mark.slow
@@ -317,10 +394,15 @@ def test_smollm2_eight_concurrent_json_schema_requests():
     rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
     results: dict[int, httpx.Response] = {}
     with running_server(config) as (url, _):
+
         def client(i: int) -> None:
             msgs = [{"role": "user", "content": f"Extract the person as JSON (name, age, city): {PEOPLE[i]}"}]
-            results[i] = _post(url, "/v1/chat/completions", {"model": "smol", "messages": msgs, "max_tokens": 128,
-                                                             "temperature": 0, "response_format": rf})
+            results[i] = _post(
+                url,
+                "/v1/chat/completions",
+                {"model": "smol", "messages": msgs, "max_tokens": 128, "temperature": 0, "response_format": rf},
+            )
+
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PEOPLE))]
         for t in threads:
@@ -336,6 +418,8 @@ def test_smollm2_eight_concurrent_json_schema_requests():
         assert body["choices"][0]["finish_reason"] == "stop"
         jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), PERSON_SCHEMA)
         parsed += 1
-    print(f"\nsmollm2-135m: {parsed}/{len(PEOPLE)} parsed and valid; {tokens} tokens in {seconds:.1f} s "
-          f"({tokens / seconds:.1f} tokens/s); e.g. {results[0].json()['choices'][0]['message']['content']}")
+    print(
+        f"\nsmollm2-135m: {parsed}/{len(PEOPLE)} parsed and valid; {tokens} tokens in {seconds:.1f} s "
+        f"({tokens / seconds:.1f} tokens/s); e.g. {results[0].json()['choices'][0]['message']['content']}"
+    )
     assert parsed == len(PEOPLE)

@@ -36,26 +36,32 @@ def test_splits_are_disjoint_and_load_as_chat(tmp_path):
     assert {k: len(v) for k, v in loaded.items()} == {"train": 60, "val": 10, "test": 20}
     assert all(fmt == "chat" for records in loaded.values() for _, _, fmt in records)  # "fields" is ignored
     sentences = {split: {sentence(r) for _, r, _ in records} for split, records in loaded.items()}
-    assert not (sentences["train"] & sentences["val"] or sentences["train"] & sentences["test"]
-                or sentences["val"] & sentences["test"])
+    assert not (
+        sentences["train"] & sentences["val"]
+        or sentences["train"] & sentences["test"]
+        or sentences["val"] & sentences["test"]
+    )
     assert ej.write_splits(tmp_path / "again", 60, 10, 20, seed=1)["test"].read_text() == paths["test"].read_text()
 
 
 REF = '{"name": "Maria Lopez", "age": 34, "city": "Lisbon", "job": "nurse"}'
 
 
-@pytest.mark.parametrize("prediction,expected", [
-    (REF, True),
-    ('  {"age": 34, "name": "Maria Lopez", "job": "nurse", "city": "Lisbon"}\n', True),  # key order, whitespace
-    ('{"name":"Maria Lopez","age":34,"city":"Lisbon","job":"nurse"}', True),  # compact separators
-    ('{"name": "Maria Lopez", "age": "34", "city": "Lisbon", "job": "nurse"}', False),  # age as a string
-    ('{"name": "Maria", "age": 34, "city": "Lisbon", "job": "nurse"}', False),
-    ('{"name": "Maria Lopez", "age": 34, "city": "Lisbon"}', False),  # a field missing
-    ("```json\n" + REF + "\n```", False),  # fences are not forgiven
-    ("Here is the JSON: " + REF, False),
-    ("[" + REF + "]", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "prediction,expected",
+    [
+        (REF, True),
+        ('  {"age": 34, "name": "Maria Lopez", "job": "nurse", "city": "Lisbon"}\n', True),  # key order, whitespace
+        ('{"name":"Maria Lopez","age":34,"city":"Lisbon","job":"nurse"}', True),  # compact separators
+        ('{"name": "Maria Lopez", "age": "34", "city": "Lisbon", "job": "nurse"}', False),  # age as a string
+        ('{"name": "Maria", "age": 34, "city": "Lisbon", "job": "nurse"}', False),
+        ('{"name": "Maria Lopez", "age": 34, "city": "Lisbon"}', False),  # a field missing
+        ("```json\n" + REF + "\n```", False),  # fences are not forgiven
+        ("Here is the JSON: " + REF, False),
+        ("[" + REF + "]", False),
+        ("", False),
+    ],
+)
 def test_exact_match(prediction, expected):
     assert ej.exact_match(prediction, REF) is expected
 

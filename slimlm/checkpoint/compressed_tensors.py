@@ -69,8 +69,11 @@ def save_compressed_tensors(model: Transformer, folder: str | Path, tokenizer: A
     check_ct_format(model.quantization["scheme"], CT_METHOD)
     config = ct_quantization_config(model)
     state = ct_state_dict(model)
-    metadata = {"format": "pt", "slimlm_quantization": json.dumps(model.quantization),
-                "slimlm_head": json.dumps(head_metadata(model))}
+    metadata = {
+        "format": "pt",
+        "slimlm_quantization": json.dumps(model.quantization),
+        "slimlm_head": json.dumps(head_metadata(model)),
+    }
     with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
         torch_dtype = str(model.embed_tokens.dtype).removeprefix("torch.")
@@ -86,8 +89,13 @@ def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, meta
 
 
-def load_compressed_tensors(folder: str | Path, quant: dict[str, Any], dtype: torch.dtype = torch.float32,
-                            device: torch.device | str = "cpu", config: ModelConfig | None = None) -> Transformer:
+def load_compressed_tensors(
+    folder: str | Path,
+    quant: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    config: ModelConfig | None = None,
+) -> Transformer:
     """A compressed-tensors int8 folder as a slimlm quantized model (int8 layers; embedding and head per-row int8)."""
     folder = Path(folder)
     where = str(folder / "config.json")
@@ -103,8 +111,10 @@ def load_compressed_tensors(folder: str | Path, quant: dict[str, Any], dtype: to
             name = f"model.layers.{i}.{part}.{attr}"
             scheme = scheme_of(ct, name)
             if scheme is None:
-                raise CheckpointError(f"{where}: layer {name} is not quantized; slimlm reads folders whose every "
-                                      "decoder projection is int8")
+                raise CheckpointError(
+                    f"{where}: layer {name} is not quantized; slimlm reads folders whose every "
+                    "decoder projection is int8"
+                )
             layers[name] = build_layer(tensors, scheme, scheme.format or ct.format, name, where, dtype)
             setattr(parent, attr, layers[name])
     scheme_name, dynamic = model_scheme(layers, where)
@@ -141,8 +151,10 @@ def _load_dense_(model: Transformer, tensors: dict[str, torch.Tensor], where: st
         expected.discard("lm_head.weight")
     missing, unexpected = sorted(expected - set(dense)), sorted(set(dense) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{where}: the folder's dense tensors do not fit this config (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{where}: the folder's dense tensors do not fit this config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     model.load_state_dict(dense, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -52,8 +52,9 @@ def _open(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({_one_line(e)}); it may be truncated, "
-                              "download it again") from None
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({_one_line(e)}); it may be truncated, download it again"
+        ) from None
 
 
 def _one_line(e: Exception) -> str:
@@ -65,7 +66,12 @@ def read_metadata(reader) -> dict[str, Any]:
     """GGUF key/values as plain Python values; tokenizer vocab arrays are skipped except their length."""
     meta = {}
     for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores",
+        ):
             meta[key] = range(len(field.data))  # only the length is needed here
             continue
         try:
@@ -80,8 +86,9 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama3_scaling_from_rope_freqs(factors: np.ndarray, config: ModelConfig, old_len: int,
-                                   path: Path) -> dict[str, Any] | None:
+def llama3_scaling_from_rope_freqs(
+    factors: np.ndarray, config: ModelConfig, old_len: int, path: Path
+) -> dict[str, Any] | None:
     """Recover HF's llama3 `rope_scaling` from llama.cpp's per-frequency divisors (`rope_freqs.weight`).
 
     llama.cpp stores f_i = 1 (high frequencies), `factor` (low ones) or 1 / ((1 - s) / factor + s) in between, with
@@ -101,34 +108,50 @@ def llama3_scaling_from_rope_freqs(factors: np.ndarray, config: ModelConfig, old
         width = old_len / slope
         low = -intercept * width
         high = low + width
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
-               "high_freq_factor": float(high), "original_max_position_embeddings": old_len}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": float(low),
+        "high_freq_factor": float(high),
+        "original_max_position_embeddings": old_len,
+    }
     from slimlm.model import rope_inv_freq
 
     trial = ModelConfig(**{**config.to_dict(), "rope_scaling": scaling})
     if not np.allclose(rope_inv_freq(trial).double().numpy(), inv / factors, rtol=1e-3):
-        raise CheckpointError(f"{path}: rope_freqs.weight does not follow Llama-3 RoPE scaling; "
-                              "slimlm cannot reproduce this file's rotary frequencies")
+        raise CheckpointError(
+            f"{path}: rope_freqs.weight does not follow Llama-3 RoPE scaling; "
+            "slimlm cannot reproduce this file's rotary frequencies"
+        )
     return scaling
 
 
 def slimlm_name(gguf_name: str) -> str:
     m = _LAYER.match(gguf_name)
-    pattern = "blk.{}." + gguf_name[m.end():] if m else gguf_name
+    pattern = "blk.{}." + gguf_name[m.end() :] if m else gguf_name
     target = GGUF_TO_SLIMLM.get(pattern)
     if target is None:
-        raise CheckpointError(f"unknown tensor {gguf_name!r} in GGUF file; slimlm reads Llama/Qwen2 decoder tensors only")
+        raise CheckpointError(
+            f"unknown tensor {gguf_name!r} in GGUF file; slimlm reads Llama/Qwen2 decoder tensors only"
+        )
     return target.format(m.group(1)) if m else target
 
 
-def iter_gguf_tensors(reader, config: ModelConfig, path: Path,
-                      progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(
+    reader, config: ModelConfig, path: Path, progress: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(slimlm name, fp32 tensor) for each tensor, dequantized one at a time (a tqdm bar on stderr if `progress`)."""
     from gguf.quants import dequantize
     from tqdm import tqdm
 
-    for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", file=sys.stderr,
-                  disable=not progress, leave=False):
+    for t in tqdm(
+        reader.tensors,
+        desc=f"dequantizing {path.name}",
+        unit="tensor",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    ):
         if t.name in IGNORED_GGUF_KEYS:
             continue
         try:
@@ -138,7 +161,9 @@ def iter_gguf_tensors(reader, config: ModelConfig, path: Path,
         try:
             w = dequantize(t.data, t.tensor_type)
         except Exception as e:
-            raise CheckpointError(f"{path}: tensor {t.name!r} of type {t.tensor_type.name} cannot be dequantized ({e})") from None
+            raise CheckpointError(
+                f"{path}: tensor {t.name!r} of type {t.tensor_type.name} cannot be dequantized ({e})"
+            ) from None
         # copy=True: F32 tensors come straight from a read-only memmap that torch must not alias.
         w = np.array(w, dtype=np.float32, copy=True).reshape([int(d) for d in reversed(t.shape)])
         if config.model_type == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
@@ -146,8 +171,9 @@ def iter_gguf_tensors(reader, config: ModelConfig, path: Path,
         yield name, torch.from_numpy(np.ascontiguousarray(w))
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-              progress: bool = False) -> tuple[ModelConfig, Transformer]:
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", progress: bool = False
+) -> tuple[ModelConfig, Transformer]:
     """Load a GGUF file as a Transformer with dequantized weights in `dtype` (`progress`: a bar on stderr)."""
     path = Path(path)
     if not path.is_file():
@@ -165,8 +191,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
     if rope_freqs is not None:
         meta = read_metadata(reader)
         old_len = meta.get(f"{config.model_type}.rope.scaling.original_context_length", 8192)
-        config.rope_scaling = llama3_scaling_from_rope_freqs(np.array(rope_freqs.data, dtype=np.float64), config,
-                                                             int(old_len), path)
+        config.rope_scaling = llama3_scaling_from_rope_freqs(
+            np.array(rope_freqs.data, dtype=np.float64), config, int(old_len), path
+        )
     return config, build_model(config, iter_gguf_tensors(reader, config, path, progress), dtype, device, str(path))
 
 
@@ -197,8 +224,10 @@ def convert_gguf(path: str | Path, out: str | Path, progress: bool | None = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # transformers raises many types here (ValueError, KeyError, IndexError, ...)
-        raise CheckpointError(f"{path}: its tokenizer cannot be read ({type(e).__name__}: {_one_line(e)}); slimlm "
-                              "needs a GGUF file with an embedded tokenizer (tokenizer.ggml.*)") from None
+        raise CheckpointError(
+            f"{path}: its tokenizer cannot be read ({type(e).__name__}: {_one_line(e)}); slimlm "
+            "needs a GGUF file with an embedded tokenizer (tokenizer.ggml.*)"
+        ) from None
     _note(progress, f"writing {out}")
     return save_hf_folder(model, out, tokenizer=tokenizer)
 

@@ -27,10 +27,19 @@ HF_TO_SLIMLM = {
     "model.embed_tokens.weight": "embed_tokens.weight",
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
-    **{f"model.layers.{{}}.{m}.{p}": f"layers.{{}}.{m}.{p}"
-       for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-       for p in ("weight", "bias")},
+    **{
+        f"model.layers.{{}}.{m}.{p}": f"layers.{{}}.{m}.{p}"
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+        for p in ("weight", "bias")
+    },
     "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
 }
@@ -41,7 +50,7 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 def _convert(name: str, table: dict[str, str]) -> str | None:
     m = _LAYER.search(name)
-    pattern = name[:m.start()] + ".{}." + name[m.end():] if m else name
+    pattern = name[: m.start()] + ".{}." + name[m.end() :] if m else name
     target = table.get(pattern)
     return target.format(m.group(1)) if (target and m) else target
 
@@ -50,8 +59,10 @@ def hf_to_slimlm_name(name: str) -> str:
     """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.self_attn.q_proj.weight`; unknown names raise."""
     out = _convert(name, HF_TO_SLIMLM)
     if out is None:
-        raise CheckpointError(f"unknown tensor {name!r} in HF checkpoint; slimlm maps only Llama-family "
-                              "decoder weights (embed, q/k/v/o, gate/up/down, norms, lm_head)")
+        raise CheckpointError(
+            f"unknown tensor {name!r} in HF checkpoint; slimlm maps only Llama-family "
+            "decoder weights (embed, q/k/v/o, gate/up/down, norms, lm_head)"
+        )
     return out
 
 
@@ -64,9 +75,11 @@ def slimlm_to_hf_name(name: str) -> str:
 
 # The config.json model_type of a packed folder: transformers prints it in its "does not recognize this architecture"
 # error, so it says what the folder is and what to do instead.
-QUANTIZED_MODEL_TYPE = ("slimlm-quantized: packed int8/int4 weights that only slimlm reads. Load this folder with "
-                        "slimlm.load() or `slimlm generate --model`; for transformers, llama.cpp or vLLM use the "
-                        "unquantized model it was made from (see `slimlm quantize --help`)")
+QUANTIZED_MODEL_TYPE = (
+    "slimlm-quantized: packed int8/int4 weights that only slimlm reads. Load this folder with "
+    "slimlm.load() or `slimlm generate --model`; for transformers, llama.cpp or vLLM use the "
+    "unquantized model it was made from (see `slimlm quantize --help`)"
+)
 
 
 def hf_config_of_quantized(hf: dict) -> dict:
@@ -99,27 +112,43 @@ def safetensors_files(folder: Path) -> list[Path]:
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index} has no valid weight_map (tensor name -> shard file); "
-                                  "re-download the model folder")
+            raise CheckpointError(
+                f"{index} has no valid weight_map (tensor name -> shard file); re-download the model folder"
+            )
         names = sorted(set(weight_map.values()))
         files = [folder / n for n in names]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
-            raise CheckpointError(f"{folder}: shards {', '.join(absent)} named in {index.name} are missing; "
-                                  "download the whole model folder")
+            raise CheckpointError(
+                f"{folder}: shards {', '.join(absent)} named in {index.name} are missing; "
+                "download the whole model folder"
+            )
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
-        hint = " (it has pickled .bin/.pt weights, which slimlm does not unpickle: convert them to safetensors)" if bins else ""
+        hint = (
+            " (it has pickled .bin/.pt weights, which slimlm does not unpickle: convert them to safetensors)"
+            if bins
+            else ""
+        )
         raise CheckpointError(f"{folder} has no *.safetensors weights{hint}")
     return files
 
 
 MAX_HEADER_BYTES = 100 * 2**20  # the reference reader's limit: a larger length prefix is corruption, not a header
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _tensor_spec_error(key: str, info: Any) -> str | None:
@@ -131,8 +160,12 @@ def _tensor_spec_error(key: str, info: Any) -> str | None:
         return f"tensor {key!r} has unsupported dtype {dtype!r}"
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         return f"tensor {key!r} has an invalid shape {shape!r}"
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         return f"tensor {key!r} has invalid data_offsets {offsets!r}"
     nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != nbytes:
@@ -173,7 +206,9 @@ def _parse_safetensors_header(f: Path, handle) -> tuple[dict[str, Any], int]:
     raw = handle.read(8)
     n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
     if n < 2 or 8 + n > size or n > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{f} has no valid safetensors header; the file is truncated or corrupt, download it again")
+        raise CheckpointError(
+            f"{f} has no valid safetensors header; the file is truncated or corrupt, download it again"
+        )
     try:
         header = json.loads(handle.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -247,8 +282,12 @@ def _slimlm_name_in(f: Path, key: str) -> str:
         raise CheckpointError(f"{f}: {e}") from None
 
 
-def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                   config: ModelConfig | None = None) -> tuple[ModelConfig, Transformer]:
+def load_hf_folder(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    config: ModelConfig | None = None,
+) -> tuple[ModelConfig, Transformer]:
     """Load config and weights from an HF model folder of plain (unquantized) weights; `checkpoint.load_folder`
     also reads quantized ones. `config`: the folder's, when the caller has read config.json already."""
     folder = Path(folder)
@@ -271,8 +310,9 @@ def _stop_ids(eos: Any) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def write_model_files(folder: Path, config: ModelConfig, tokenizer: Any = None, eos_token_ids: list[int] | None = None,
-                      **extra: Any) -> None:
+def write_model_files(
+    folder: Path, config: ModelConfig, tokenizer: Any = None, eos_token_ids: list[int] | None = None, **extra: Any
+) -> None:
     """config.json (HF keys + `extra`), generation_config.json and the tokenizer files (an HF tokenizer object)."""
     hf_config = {**config.to_hf(), **extra}
     eos = eos_token_ids or _stop_ids(config.eos_token_id)
@@ -281,15 +321,22 @@ def write_model_files(folder: Path, config: ModelConfig, tokenizer: Any = None, 
         hf_config["eos_token_id"] = eos_value
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos_value if eos else None}
-    (folder / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+    (folder / "generation_config.json").write_text(
+        json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2)
+    )
     if tokenizer is not None:
         from slimlm.tokenizer import save_tokenizer
 
         save_tokenizer(tokenizer, folder)  # readable by transformers 4.x too
 
 
-def save_hf_folder(model: Transformer, folder: str | Path, tokenizer: Any = None,
-                   eos_token_ids: list[int] | None = None, dtype: torch.dtype | None = None) -> Path:
+def save_hf_folder(
+    model: Transformer,
+    folder: str | Path,
+    tokenizer: Any = None,
+    eos_token_ids: list[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write config.json, model.safetensors, generation_config.json (and the tokenizer) to `folder`, atomically.
 
     Everything is written to a temporary sibling folder first and renamed into place, so a crash leaves either the

@@ -16,5 +16,7 @@ def download(repo_id: str, revision: str | None = None, cache_dir: str | None = 
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:
-        raise CheckpointError(f"cannot fetch {repo_id!r} from the HF hub ({type(e).__name__}: {e}); "
-                              "check the id and your network, or pass a local folder or .gguf file") from None
+        raise CheckpointError(
+            f"cannot fetch {repo_id!r} from the HF hub ({type(e).__name__}: {e}); "
+            "check the id and your network, or pass a local folder or .gguf file"
+        ) from None

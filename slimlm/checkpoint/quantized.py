@@ -67,8 +67,13 @@ def save_quantized(model: Transformer, folder: str | Path, tokenizer=None, forma
     return Path(folder)
 
 
-def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str = "cpu", config: ModelConfig | None = None) -> Transformer:
+def load_quantized(
+    folder: str | Path,
+    quantization: dict,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    config: ModelConfig | None = None,
+) -> Transformer:
     """Rebuild a model saved by save_quantized: the layers are created empty (quantize/) and filled with the stored
     codes. `config`: the folder's, when the caller has read config.json already."""
     folder = Path(folder)
@@ -91,13 +96,20 @@ def load_quantized(folder: str | Path, quantization: dict, dtype: torch.dtype = 
         state.update(load_safetensors(f, device=str(device)))  # header checked first: a corrupt file is refused
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: a {scheme} checkpoint of this config needs other tensors "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{folder}: a {scheme} checkpoint of this config needs other tensors "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for name, t in state.items():
-        if tuple(t.shape) != tuple(expected[name].shape) or t.dtype != expected[name].dtype and \
-                not t.is_floating_point():
-            raise CheckpointError(f"{folder}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, expected "
-                                  f"{tuple(expected[name].shape)} {expected[name].dtype}")
+        if (
+            tuple(t.shape) != tuple(expected[name].shape)
+            or t.dtype != expected[name].dtype
+            and not t.is_floating_point()
+        ):
+            raise CheckpointError(
+                f"{folder}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, expected "
+                f"{tuple(expected[name].shape)} {expected[name].dtype}"
+            )
         if t.is_floating_point() and name.split(".")[-1] not in ("scale", "zero", "input_scale"):
             state[name] = t.to(dtype)  # norms and biases follow the requested dtype; scales keep theirs
         else:

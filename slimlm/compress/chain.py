@@ -56,9 +56,11 @@ class CompressRecipe:
         out = []
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, dict) or len(stage) != 1:
-                raise RecipeError(f"stages[{i}]: each stage is a mapping with one key, the stage kind "
-                                  f"({', '.join(STAGE_KINDS)}), e.g. '- quantize: {{scheme: int8}}'")
-            (kind, settings), = stage.items()
+                raise RecipeError(
+                    f"stages[{i}]: each stage is a mapping with one key, the stage kind "
+                    f"({', '.join(STAGE_KINDS)}), e.g. '- quantize: {{scheme: int8}}'"
+                )
+            ((kind, settings),) = stage.items()
             if kind not in STAGE_KINDS:
                 raise RecipeError(f"stages[{i}]: unknown stage kind {kind!r}; choose one of {', '.join(STAGE_KINDS)}")
             spec = from_dict(STAGE_KINDS[kind].config, settings or {}, f"stages[{i}].{kind}.")

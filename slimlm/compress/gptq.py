@@ -19,12 +19,25 @@ import torch.nn as nn
 
 from slimlm.errors import InputError
 from slimlm.model import Transformer, rope_cos_sin
-from slimlm.quantize.int4 import (Int4WeightOnlyLinear, check_int4_shape, int4_params, int4_params_searched,
-                                  int4_round, int4_value, pack_int4)
+from slimlm.quantize.int4 import (
+    Int4WeightOnlyLinear,
+    check_int4_shape,
+    int4_params,
+    int4_params_searched,
+    int4_round,
+    int4_value,
+    pack_int4,
+)
 
 
-def gptq_int4_weight(w: torch.Tensor, H: torch.Tensor, group: int = 64, damp: float = 0.01,
-                     block_size: int = 128, act_order: bool = False) -> dict[str, torch.Tensor]:
+def gptq_int4_weight(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    group: int = 64,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> dict[str, torch.Tensor]:
     """Quantize w [out, in] given H [in, in]; returns int4 storage (see quantize_int4_weight) of the same layout.
 
     Without act_order the columns are visited in order and each group's scale/zero is taken from the
@@ -56,7 +69,7 @@ def gptq_int4_weight(w: torch.Tensor, H: torch.Tensor, group: int = 64, damp: fl
         for i in range(b1 - b0):
             col, g = b0 + i, int(group_of[b0 + i])
             if not act_order and col % group == 0:  # this group's range from the error-corrected weights
-                s, z = int4_params(W1[:, i:i + group], group)
+                s, z = int4_params(W1[:, i : i + group], group)
                 scales[:, g], zeros[:, g] = s[:, 0].bfloat16(), z[:, 0].bfloat16()
             s, z = scales[:, g].float(), zeros[:, g].float()
             q = int4_round(W1[:, i], s, z)
@@ -94,8 +107,15 @@ class _InputHessian:
 
 
 @torch.no_grad()
-def gptq_quantize_model_(model: Transformer, calib_ids: torch.Tensor, group_size: int = 64, damp: float = 0.01,
-                         act_order: bool = True, batch_size: int = 4, progress: bool = True) -> Transformer:
+def gptq_quantize_model_(
+    model: Transformer,
+    calib_ids: torch.Tensor,
+    group_size: int = 64,
+    damp: float = 0.01,
+    act_order: bool = True,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Transformer:
     """INT4 (grouped) by GPTQ on calibration token ids [n, T], in place; embeddings/head as in quantize_model_."""
     from tqdm.auto import tqdm
 
@@ -109,7 +129,7 @@ def gptq_quantize_model_(model: Transformer, calib_ids: torch.Tensor, group_size
     n, T = calib_ids.shape
     positions = torch.arange(T).expand(1, T)
     cos, sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # [1, 1, T, hd], shared by every sample
-    xs = [model.embed_tokens(calib_ids[i:i + batch_size]) for i in range(0, n, batch_size)]  # [b, T, D] each
+    xs = [model.embed_tokens(calib_ids[i : i + batch_size]) for i in range(0, n, batch_size)]  # [b, T, D] each
 
     def run_block(block: nn.Module, i: int) -> list[torch.Tensor]:
         return [block(x, cos, sin, None, None, i, None) for x in xs]
@@ -128,6 +148,11 @@ def gptq_quantize_model_(model: Transformer, calib_ids: torch.Tensor, group_size
             setattr(parent, attr, Int4WeightOnlyLinear(**q, bias=layer.bias))
         xs = run_block(block, i)  # the quantized block's output feeds the next block
     quantize_embeddings_(model, "int4")
-    model.quantization = {"quant_method": "slimlm", "scheme": "int4", "group_size": group_size, "method": "gptq",
-                          "calibration": {"samples": n, "tokens": T, "damp": damp, "act_order": act_order}}
+    model.quantization = {
+        "quant_method": "slimlm",
+        "scheme": "int4",
+        "group_size": group_size,
+        "method": "gptq",
+        "calibration": {"samples": n, "tokens": T, "damp": damp, "act_order": act_order},
+    }
     return model

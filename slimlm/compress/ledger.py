@@ -33,21 +33,33 @@ def measure_model(model: torch.nn.Module, tokenizer: Any, folder: Path, m: Measu
     from slimlm.eval.speed import SpeedConfig, disk_size, measure_speed
 
     # Parameters from the shapes: quantized layers hold buffers, not parameters.
-    row: dict[str, Any] = {"folder": str(folder), "size_bytes": disk_size(folder),
-                           "parameters": model.config.num_params(), "sparsity": sparsity_of(model),
-                           "layers": model.config.n_layers}
+    row: dict[str, Any] = {
+        "folder": str(folder),
+        "size_bytes": disk_size(folder),
+        "parameters": model.config.num_params(),
+        "sparsity": sparsity_of(model),
+        "layers": model.config.n_layers,
+    }
     if m.ppl_tokens:
         from slimlm.eval.corpus import builtin_corpus
         from slimlm.eval.perplexity import perplexity
 
-        res = perplexity(model, tokenizer, builtin_corpus("heldout"), seq_len=m.ppl_seq_len, stride=m.ppl_seq_len,
-                         max_tokens=m.ppl_tokens, progress=False)
+        res = perplexity(
+            model,
+            tokenizer,
+            builtin_corpus("heldout"),
+            seq_len=m.ppl_seq_len,
+            stride=m.ppl_seq_len,
+            max_tokens=m.ppl_tokens,
+            progress=False,
+        )
         row["ppl"] = res["ppl"]
     if m.task:
         from slimlm.eval.task_accuracy import task_accuracy
 
-        row["accuracy"] = task_accuracy(model, tokenizer, m.task, m.task_metric, m.task_limit,
-                                        m.max_new_tokens)["accuracy"]
+        row["accuracy"] = task_accuracy(model, tokenizer, m.task, m.task_metric, m.task_limit, m.max_new_tokens)[
+            "accuracy"
+        ]
     if m.speed:
         s = measure_speed(model, SpeedConfig(m.speed_prompt, m.speed_new, repeats=m.speed_repeats))
         row["prefill_tokens_per_s"], row["decode_tokens_per_s"] = s["prefill_tokens_per_s"], s["decode_tokens_per_s"]
@@ -68,11 +80,18 @@ def add_recovery(rows: list[dict[str, Any]]) -> None:
 
 
 COLUMNS = [  # (key, header, format)
-    ("stage", "stage", "{}"), ("ppl", "ppl", "{:.3f}"), ("ppl_recovery_pct", "ppl rec.", "{:.1f}%"),
-    ("accuracy", "accuracy", "{:.1%}"), ("accuracy_recovery_pct", "acc. rec.", "{:.1f}%"),
-    ("size_bytes", "size MiB", "{}"), ("size_ratio", "smaller", "{:.2f}x"), ("parameters", "params M", "{}"),
-    ("sparsity", "sparsity", "{:.1%}"), ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),
-    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"), ("decode_speedup", "decode x", "{:.2f}x"),
+    ("stage", "stage", "{}"),
+    ("ppl", "ppl", "{:.3f}"),
+    ("ppl_recovery_pct", "ppl rec.", "{:.1f}%"),
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("accuracy_recovery_pct", "acc. rec.", "{:.1f}%"),
+    ("size_bytes", "size MiB", "{}"),
+    ("size_ratio", "smaller", "{:.2f}x"),
+    ("parameters", "params M", "{}"),
+    ("sparsity", "sparsity", "{:.1%}"),
+    ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("decode_speedup", "decode x", "{:.2f}x"),
     ("seconds", "stage s", "{:.0f}"),
 ]
 
@@ -118,9 +137,16 @@ def plot_ledger(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["stage"] for r in rows]
-    panels = [(k, t) for k, t in [("ppl", "perplexity (held-out)"), ("accuracy", "task accuracy"),
-                                  ("size_bytes", "size on disk (MiB)"), ("decode_tokens_per_s", "decode tokens/s")]
-              if all(k in r for r in rows)]
+    panels = [
+        (k, t)
+        for k, t in [
+            ("ppl", "perplexity (held-out)"),
+            ("accuracy", "task accuracy"),
+            ("size_bytes", "size on disk (MiB)"),
+            ("decode_tokens_per_s", "decode tokens/s"),
+        ]
+        if all(k in r for r in rows)
+    ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.6))
     for ax, (key, title) in zip(axes, panels):
         vals = [r[key] / 2**20 if key == "size_bytes" else r[key] for r in rows]

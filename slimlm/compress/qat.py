@@ -56,16 +56,22 @@ class FakeQuantLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         with torch.no_grad():
-            wq = fake_quant_int4(self.weight, self.group_size) if self.scheme == "int4" else \
-                fake_quant_int8(self.weight)
+            wq = (
+                fake_quant_int4(self.weight, self.group_size) if self.scheme == "int4" else fake_quant_int8(self.weight)
+            )
         return self.weight + (wq - self.weight).detach()  # value of wq, gradient of the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
     def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         lin.weight, lin.bias = self.weight, self.bias
         return lin
 
@@ -116,8 +122,16 @@ def text_samples(ids: torch.Tensor) -> list:
     return [Sample(input_ids=row[:-1].tolist(), labels=row[1:].tolist()) for row in ids]
 
 
-def qat_train_(model: Transformer, train_ids: torch.Tensor, out_dir: str | Path, steps: int = 100,
-               lr: float = 1e-5, batch_size: int = 4, teacher: nn.Module | None = None, progress: bool = True):
+def qat_train_(
+    model: Transformer,
+    train_ids: torch.Tensor,
+    out_dir: str | Path,
+    steps: int = 100,
+    lr: float = 1e-5,
+    batch_size: int = 4,
+    teacher: nn.Module | None = None,
+    progress: bool = True,
+):
     """Train a prepare_qat_-ed model on windows train_ids [N, T + 1] of text for `steps` AdamW steps.
 
     With `teacher` (the full-precision model before prepare_qat_) the loss is KL(teacher ‖ model) on every position
@@ -129,8 +143,14 @@ def qat_train_(model: Transformer, train_ids: torch.Tensor, out_dir: str | Path,
 
     if not model.qat:
         raise ValueError("call prepare_qat_ before qat_train_")
-    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(steps // 10, 1),
-                      min_lr_ratio=0.1, max_grad_norm=1.0)
+    cfg = TrainConfig(
+        max_steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=max(steps // 10, 1),
+        min_lr_ratio=0.1,
+        max_grad_norm=1.0,
+    )
     loss_fn = None
     if teacher is not None:
         from slimlm.train.distill import online_loss

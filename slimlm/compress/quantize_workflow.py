@@ -11,10 +11,10 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimlm.compress.static_int8 import OBSERVERS
 from slimlm.errors import InputError
 from slimlm.model import Transformer
 from slimlm.quantize.schemes import SCHEMES, check_scheme, quantize_model_
-from slimlm.compress.static_int8 import OBSERVERS
 
 METHODS = ("rtn", "gptq", "qat")
 
@@ -79,8 +79,9 @@ class QuantizeConfig:
         return self.smooth is not None or self.method != "rtn" or self.scheme == "int8-static"
 
 
-def quantize_by_recipe_(model: Transformer, tokenizer: Any, recipe: QuantizeConfig,
-                        progress: bool = True) -> dict[str, Any]:
+def quantize_by_recipe_(
+    model: Transformer, tokenizer: Any, recipe: QuantizeConfig, progress: bool = True
+) -> dict[str, Any]:
     """Quantize `model` in place as the recipe says; returns what was done (for logs and ledgers)."""
     from slimlm.eval.corpus import calibration_ids
 
@@ -104,8 +105,16 @@ def quantize_by_recipe_(model: Transformer, tokenizer: Any, recipe: QuantizeConf
         teacher = copy.deepcopy(model).eval() if recipe.qat_loss == "kd" else None
         prepare_qat_(model, recipe.scheme, recipe.group_size)
         with tempfile.TemporaryDirectory(prefix="slimlm-qat-") as tmp:  # the trainer's metrics; nothing to keep
-            res = qat_train_(model, calib, tmp, steps=recipe.qat_steps, lr=recipe.qat_lr,
-                             batch_size=recipe.qat_batch, teacher=teacher, progress=progress)
+            res = qat_train_(
+                model,
+                calib,
+                tmp,
+                steps=recipe.qat_steps,
+                lr=recipe.qat_lr,
+                batch_size=recipe.qat_batch,
+                teacher=teacher,
+                progress=progress,
+            )
         del teacher
         info["qat"] = {"steps": res.steps, "final_loss": res.final_loss, "tokens_per_s": res.tokens_per_s}
         convert_qat_(model)
@@ -114,8 +123,12 @@ def quantize_by_recipe_(model: Transformer, tokenizer: Any, recipe: QuantizeConf
 
         scales = calibrate_input_scales(model, calib, recipe.observer, recipe.percentile, recipe.dynamic_above)
         quantize_model_(model, recipe.scheme, input_scales=scales)
-        info["static"] = {"observer": recipe.observer, "layers": len(scales), "percentile": recipe.percentile,
-                          "dynamic_layers": [n for n, s in scales.items() if s is None]}
+        info["static"] = {
+            "observer": recipe.observer,
+            "layers": len(scales),
+            "percentile": recipe.percentile,
+            "dynamic_layers": [n for n, s in scales.items() if s is None],
+        }
     else:
         quantize_model_(model, recipe.scheme, recipe.group_size)
     return info

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimlm.compress.ledger import add_recovery, ledger_markdown, measure_model, write_ledger
 from slimlm.compress.chain import CompressRecipe
+from slimlm.compress.ledger import add_recovery, ledger_markdown, measure_model, write_ledger
 from slimlm.compress.stages import STAGE_KINDS, StageContext, stage_name
 from slimlm.recipe import RecipeError, to_dict
 
@@ -52,8 +52,9 @@ def compress(recipe: CompressRecipe, progress: bool = True) -> list[dict[str, An
     stages = recipe.parsed_stages()
     quantized_at = [i for i, (kind, _) in enumerate(stages) if kind == "quantize"]
     if quantized_at and quantized_at[0] != len(stages) - 1:
-        raise RecipeError(f"stages[{quantized_at[0]}]: quantize must be the last stage (the others need "
-                          "full-precision weights)")
+        raise RecipeError(
+            f"stages[{quantized_at[0]}]: quantize must be the last stage (the others need full-precision weights)"
+        )
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -72,8 +73,9 @@ def compress(recipe: CompressRecipe, progress: bool = True) -> list[dict[str, An
         model, info = STAGE_KINDS[kind].run(model, spec, ctx)
         seconds = time.perf_counter() - t0
         prev = save_stage_model(model.eval(), out / name, tokenizer)
-        rows.append({"stage": name, **measure_model(model, tokenizer, prev, recipe.measure), "seconds": seconds,
-                     "info": info})
+        rows.append(
+            {"stage": name, **measure_model(model, tokenizer, prev, recipe.measure), "seconds": seconds, "info": info}
+        )
         add_recovery(rows)
         write_ledger(out, rows, to_dict(recipe))
         print(ledger_markdown(rows[-1:]).splitlines()[-1], flush=True)

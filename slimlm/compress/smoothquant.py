@@ -35,9 +35,11 @@ class _ChannelMax:
 def _groups(block: nn.Module) -> list[tuple[torch.Tensor, list[nn.Linear]]]:
     """(the tensor whose last dim absorbs 1/s, the linear layers whose input columns take s) per smoothable input."""
     attn, mlp = block.self_attn, block.mlp
-    return [(block.input_layernorm.weight, [attn.q_proj, attn.k_proj, attn.v_proj]),
-            (block.post_attention_layernorm.weight, [mlp.gate_proj, mlp.up_proj]),
-            (mlp.up_proj.weight.T, [mlp.down_proj])]  # up_proj rows = columns of its transpose (a view)
+    return [
+        (block.input_layernorm.weight, [attn.q_proj, attn.k_proj, attn.v_proj]),
+        (block.post_attention_layernorm.weight, [mlp.gate_proj, mlp.up_proj]),
+        (mlp.up_proj.weight.T, [mlp.down_proj]),
+    ]  # up_proj rows = columns of its transpose (a view)
 
 
 @torch.no_grad()
@@ -57,7 +59,7 @@ def smooth_model_(model: Transformer, calib_ids: torch.Tensor, alpha: float = 0.
     try:
         model.eval()
         for i in range(0, calib_ids.shape[0], batch_size):
-            model.hidden(calib_ids[i:i + batch_size])
+            model.hidden(calib_ids[i : i + batch_size])
     finally:
         for h in hooks:
             h.remove()
@@ -69,6 +71,10 @@ def smooth_model_(model: Transformer, calib_ids: torch.Tensor, alpha: float = 0.
         for lin in linears:
             lin.weight.mul_(scale.to(lin.weight.dtype)[None, :])
         ratios.append((s.max / s.max.median()).max().item())
-    model.smoothing = {"method": "smoothquant", "alpha": alpha, "samples": int(calib_ids.shape[0]),
-                       "tokens": int(calib_ids.shape[1])}
+    model.smoothing = {
+        "method": "smoothquant",
+        "alpha": alpha,
+        "samples": int(calib_ids.shape[0]),
+        "tokens": int(calib_ids.shape[1]),
+    }
     return {"groups": len(groups), "max_outlier_ratio_before": max(ratios)}

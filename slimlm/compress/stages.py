@@ -8,14 +8,15 @@ stages never measure.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 
-from slimlm.prune.config import PruneConfig, prune_by_config
 from slimlm.compress.quantize_workflow import QuantizeConfig, quantize_by_recipe_
+from slimlm.prune.config import PruneConfig, prune_by_config
 from slimlm.train.distill import DistillConfig
 
 
@@ -60,9 +61,15 @@ def run_distill(model: nn.Module, spec: DistillConfig, ctx: StageContext) -> tup
         cfg.student = str(ctx.prev_folder)
     res = distill(cfg, progress=ctx.progress)
     student = load(str(res.output), dtype=ctx.dtype).model
-    info = {"student": cfg.student or f"{cfg.student_layers} layers of stage 0", "steps": res.train.steps,
-            "final_loss": res.train.final_loss, "tokens_per_s": res.train.tokens_per_s,
-            "alpha": cfg.alpha, "temperature": cfg.temperature, "kl": cfg.kl}
+    info = {
+        "student": cfg.student or f"{cfg.student_layers} layers of stage 0",
+        "steps": res.train.steps,
+        "final_loss": res.train.final_loss,
+        "tokens_per_s": res.train.tokens_per_s,
+        "alpha": cfg.alpha,
+        "temperature": cfg.temperature,
+        "kl": cfg.kl,
+    }
     return student, info
 
 
@@ -79,10 +86,17 @@ def stage_name(index: int, kind: str, spec: Any) -> str:
     if kind == "quantize":
         detail = fields["scheme"] + ("" if fields["method"] == "rtn" else f"-{fields['method']}")
     elif kind == "prune" and fields["method"]:
-        detail = fields["method"].replace(":", "of") + (f"-{fields['sparsity']:g}" if ":" not in fields["method"] else "")
+        detail = fields["method"].replace(":", "of") + (
+            f"-{fields['sparsity']:g}" if ":" not in fields["method"] else ""
+        )
     elif kind == "prune":
-        detail = fields["structured"] + (f"-{fields['n_drop']}" if fields["structured"] == "layers" else
-                                         f"-{fields['ratio']:g}")
+        detail = fields["structured"] + (
+            f"-{fields['n_drop']}" if fields["structured"] == "layers" else f"-{fields['ratio']:g}"
+        )
     else:
-        detail = "alpha" + f"{fields['alpha']:g}" + (f"-{fields['student_layers']}layers" if fields["student_layers"] else "")
+        detail = (
+            "alpha"
+            + f"{fields['alpha']:g}"
+            + (f"-{fields['student_layers']}layers" if fields["student_layers"] else "")
+        )
     return f"{index}-{kind}" + (f"-{detail}" if detail else "")

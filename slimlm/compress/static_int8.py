@@ -67,9 +67,14 @@ def _above(n: int, percentile: float) -> int:
 
 
 @torch.no_grad()
-def calibrate_input_scales(model: Transformer, calib_ids: torch.Tensor, observer: str = "minmax",
-                           percentile: float = 99.99, dynamic_above: float | None = 4.0,
-                           batch_size: int = 4) -> dict[str, float | None]:
+def calibrate_input_scales(
+    model: Transformer,
+    calib_ids: torch.Tensor,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    dynamic_above: float | None = 4.0,
+    batch_size: int = 4,
+) -> dict[str, float | None]:
     """{linear name: input scale (range / 127), or None} from running `model` over calib_ids [N, T].
 
     None marks a layer whose largest |x| is more than `dynamic_above` times the `percentile` of |x|: a few rare
@@ -94,7 +99,7 @@ def calibrate_input_scales(model: Transformer, calib_ids: torch.Tensor, observer
     try:
         model.eval()
         for i in range(0, calib_ids.shape[0], batch_size):
-            model(calib_ids[i:i + batch_size])
+            model(calib_ids[i : i + batch_size])
     finally:
         for h in hooks:
             h.remove()

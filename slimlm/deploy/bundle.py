@@ -18,9 +18,11 @@ from slimlm.deploy.k8s import k8s_manifests
 from slimlm.deploy.kserve import kserve_manifests
 from slimlm.deploy.resources import memory_quantity
 
-NOT_RUN = ("Nothing here was built or run by `slimlm deploy`: no image was built, no container started and no "
-           "cluster contacted. slimlm's tests check files written this way offline only (Kubernetes OpenAPI "
-           "schemas, the KServe CRD schema, hadolint).")
+NOT_RUN = (
+    "Nothing here was built or run by `slimlm deploy`: no image was built, no container started and no "
+    "cluster contacted. slimlm's tests check files written this way offline only (Kubernetes OpenAPI "
+    "schemas, the KServe CRD schema, hadolint)."
+)
 
 
 def render_yaml(docs: list[dict[str, Any]]) -> str:
@@ -54,20 +56,33 @@ def write_bundle(cfg: DeployConfig, out: str | Path) -> list[str]:
 
 def readme(cfg: DeployConfig, names: list[str]) -> str:
     """README.md: what the folder holds, that nothing was run, and the commands to build / apply it."""
-    lines = [f"# slimlm serve: {cfg.target} deployment of `{cfg.model}`", "", NOT_RUN, "",
-             f"Files: {', '.join(f'`{n}`' for n in names)}.", "",
-             f"The container runs `{' '.join(cfg.serve_command())}`: `/health` answers once the process is up, "
-             f"`/ready` once the model is loaded (503 while loading and while draining after SIGTERM, "
-             f"--drain-timeout {cfg.drain_timeout:g} s).", ""]
+    lines = [
+        f"# slimlm serve: {cfg.target} deployment of `{cfg.model}`",
+        "",
+        NOT_RUN,
+        "",
+        f"Files: {', '.join(f'`{n}`' for n in names)}.",
+        "",
+        f"The container runs `{' '.join(cfg.serve_command())}`: `/health` answers once the process is up, "
+        f"`/ready` once the model is loaded (503 while loading and while draining after SIGTERM, "
+        f"--drain-timeout {cfg.drain_timeout:g} s).",
+        "",
+    ]
     lines += {"docker": _docker_usage, "k8s": _k8s_usage, "kserve": _kserve_usage}[cfg.target](cfg)
     return "\n".join(lines) + "\n"
 
 
 def _build_hint(cfg: DeployConfig) -> list[str]:
     mount = " --mount" if cfg.mount else ""
-    return ["Build the image first (the same --model gives the same paths inside it):", "", "```sh",
-            f"slimlm deploy docker --model {cfg.model}{mount} --port {cfg.port} --image {cfg.image} --out image/",
-            f"docker build -t {cfg.image} image/ && docker push {cfg.image}", "```", ""]
+    return [
+        "Build the image first (the same --model gives the same paths inside it):",
+        "",
+        "```sh",
+        f"slimlm deploy docker --model {cfg.model}{mount} --port {cfg.port} --image {cfg.image} --out image/",
+        f"docker build -t {cfg.image} image/ && docker push {cfg.image}",
+        "```",
+        "",
+    ]
 
 
 def _docker_usage(cfg: DeployConfig) -> list[str]:
@@ -77,12 +92,16 @@ def _docker_usage(cfg: DeployConfig) -> list[str]:
         local = Path(cfg.model).expanduser()
         host = local.resolve() if local.exists() else "/path/to/model"
         volume = f" -v {host}:{cfg.container_model()}:ro"
-    lines = ["```sh", f"docker build -t {cfg.image} .",
-             f"docker run --rm -p {cfg.port}:{cfg.port} --stop-timeout {stop}{volume} "
-             f"-e SLIMLM_API_KEY {cfg.image}",
-             f"curl -s localhost:{cfg.port}/ready", "```", "",
-             "`-e SLIMLM_API_KEY` passes the key from your shell's environment (drop it to serve without a key); "
-             "no key is written into the image. `--stop-timeout` lets the drain finish before Docker's SIGKILL."]
+    lines = [
+        "```sh",
+        f"docker build -t {cfg.image} .",
+        f"docker run --rm -p {cfg.port}:{cfg.port} --stop-timeout {stop}{volume} -e SLIMLM_API_KEY {cfg.image}",
+        f"curl -s localhost:{cfg.port}/ready",
+        "```",
+        "",
+        "`-e SLIMLM_API_KEY` passes the key from your shell's environment (drop it to serve without a key); "
+        "no key is written into the image. `--stop-timeout` lets the drain finish before Docker's SIGKILL.",
+    ]
     if cfg.model_kind() == "hub" and cfg.revision is None:
         lines += ["", f"The build downloads the latest `{cfg.model}`; pass --revision COMMIT for a reproducible image."]
     return lines
@@ -91,30 +110,55 @@ def _docker_usage(cfg: DeployConfig) -> list[str]:
 def _k8s_usage(cfg: DeployConfig) -> list[str]:
     lines = _build_hint(cfg)
     if cfg.api_key_secret:
-        lines += ["The API key is read from a Secret that you create (its value is never written here):", "",
-                  "```sh", f"kubectl create secret generic {cfg.api_key_secret} "
-                  f"--from-literal={cfg.api_key_secret_key}=\"$SLIMLM_API_KEY\"", "```", ""]
+        lines += [
+            "The API key is read from a Secret that you create (its value is never written here):",
+            "",
+            "```sh",
+            f"kubectl create secret generic {cfg.api_key_secret} "
+            f'--from-literal={cfg.api_key_secret_key}="$SLIMLM_API_KEY"',
+            "```",
+            "",
+        ]
     if cfg.mount:
-        lines += [f"The model is read from the PersistentVolumeClaim `{cfg.pvc}` (path `{cfg.pvc_subpath or '/'}`), "
-                  f"mounted read-only at `{cfg.container_model()}`.", ""]
-    return lines + ["```sh", "kubectl apply -f deployment.yaml -f service.yaml -f hpa.yaml",
-                    f"kubectl rollout status deployment/{cfg.name}",
-                    f"kubectl port-forward service/{cfg.name} 8080:80   # then: curl localhost:8080/ready", "```", "",
-                    f"The HPA keeps {cfg.min_replicas}-{cfg.max_replicas} replicas at {cfg.cpu_target}% of the CPU "
-                    "request (it needs metrics-server). Memory request and limit: the estimate of "
-                    "`slimlm.memory` for this model (fp32 load, 16 sequences, fp16 KV cache) plus the runtime, "
-                    "unless --memory was given."]
+        lines += [
+            f"The model is read from the PersistentVolumeClaim `{cfg.pvc}` (path `{cfg.pvc_subpath or '/'}`), "
+            f"mounted read-only at `{cfg.container_model()}`.",
+            "",
+        ]
+    return lines + [
+        "```sh",
+        "kubectl apply -f deployment.yaml -f service.yaml -f hpa.yaml",
+        f"kubectl rollout status deployment/{cfg.name}",
+        f"kubectl port-forward service/{cfg.name} 8080:80   # then: curl localhost:8080/ready",
+        "```",
+        "",
+        f"The HPA keeps {cfg.min_replicas}-{cfg.max_replicas} replicas at {cfg.cpu_target}% of the CPU "
+        "request (it needs metrics-server). Memory request and limit: the estimate of "
+        "`slimlm.memory` for this model (fp32 load, 16 sequences, fp16 KV cache) plus the runtime, "
+        "unless --memory was given.",
+    ]
 
 
 def _kserve_usage(cfg: DeployConfig) -> list[str]:
     lines = _build_hint(cfg)
     if cfg.api_key_secret:
-        lines += ["Create the Secret holding the API key first (never written here):", "", "```sh",
-                  f"kubectl create secret generic {cfg.api_key_secret} "
-                  f"--from-literal={cfg.api_key_secret_key}=\"$SLIMLM_API_KEY\"", "```", ""]
-    return lines + ["```sh", "kubectl apply -f inferenceservice.yaml",
-                    f"kubectl get inferenceservice {cfg.name}", "```", "",
-                    f"Serverless mode (Knative): {cfg.min_replicas}-{cfg.max_replicas} replicas, "
-                    f"{cfg.scale_target} concurrent requests per replica; with minReplicas 0 the first request "
-                    "after idling waits for a pod to load the model. --mount uses KServe's storage initializer "
-                    "(STORAGE_URI pvc://...) mounted at /mnt/models."]
+        lines += [
+            "Create the Secret holding the API key first (never written here):",
+            "",
+            "```sh",
+            f"kubectl create secret generic {cfg.api_key_secret} "
+            f'--from-literal={cfg.api_key_secret_key}="$SLIMLM_API_KEY"',
+            "```",
+            "",
+        ]
+    return lines + [
+        "```sh",
+        "kubectl apply -f inferenceservice.yaml",
+        f"kubectl get inferenceservice {cfg.name}",
+        "```",
+        "",
+        f"Serverless mode (Knative): {cfg.min_replicas}-{cfg.max_replicas} replicas, "
+        f"{cfg.scale_target} concurrent requests per replica; with minReplicas 0 the first request "
+        "after idling waits for a pod to load the model. --mount uses KServe's storage initializer "
+        "(STORAGE_URI pvc://...) mounted at /mnt/models.",
+    ]

@@ -66,8 +66,19 @@ class DeployConfig:
 
     def validate(self) -> None:
         """Collect every problem and raise one DeployError naming the flags to fix."""
-        errors = [e for e in (self._target_error(), self._name_error(), self._model_error(), *self._number_errors(),
-                              *self._resource_errors(), *self._serve_arg_errors(), self._mount_error()) if e]
+        errors = [
+            e
+            for e in (
+                self._target_error(),
+                self._name_error(),
+                self._model_error(),
+                *self._number_errors(),
+                *self._resource_errors(),
+                *self._serve_arg_errors(),
+                self._mount_error(),
+            )
+            if e
+        ]
         if errors:
             raise DeployError("; ".join(errors))
 
@@ -100,8 +111,9 @@ class DeployConfig:
         if self.min_replicas < low:
             errors.append(f"--min-replicas must be >= {low} for {self.target}, got {self.min_replicas}")
         if self.max_replicas < max(1, self.min_replicas):
-            errors.append(f"--max-replicas ({self.max_replicas}) must be >= 1 and >= --min-replicas "
-                          f"({self.min_replicas})")
+            errors.append(
+                f"--max-replicas ({self.max_replicas}) must be >= 1 and >= --min-replicas ({self.min_replicas})"
+            )
         if not 1 <= self.cpu_target <= 100:
             errors.append(f"--cpu-target must be a percentage in 1..100, got {self.cpu_target}")
         if self.scale_target < 1:
@@ -121,8 +133,10 @@ class DeployConfig:
         for token in self.serve_args:
             flag = token.split("=")[0]
             if flag in SECRET_SERVE_FLAGS:
-                errors.append(f"--serve-args may not hold {flag} (it would write a secret into the files): use "
-                              "--api-key-secret NAME, a Kubernetes Secret read into SLIMLM_API_KEY")
+                errors.append(
+                    f"--serve-args may not hold {flag} (it would write a secret into the files): use "
+                    "--api-key-secret NAME, a Kubernetes Secret read into SLIMLM_API_KEY"
+                )
             elif flag in OWN_SERVE_FLAGS:
                 errors.append(f"--serve-args may not hold {flag}: pass it to `slimlm deploy` directly")
         if not errors:  # parsed with a stand-in --model "m": a bad --model is reported by _model_error
@@ -142,13 +156,18 @@ class DeployConfig:
 
         path = Path(self.model).expanduser()
         if self.mount:
-            if self.model in ALIASES or (not path.exists() and _HUB_ID.match(self.model)
-                                         and not self.model.startswith((".", "/"))):
-                raise DeployError(f"--mount serves a model folder or .gguf file from a volume; --model "
-                                  f"{self.model!r} is an alias or hub id: drop --mount to bake it into the image")
+            if self.model in ALIASES or (
+                not path.exists() and _HUB_ID.match(self.model) and not self.model.startswith((".", "/"))
+            ):
+                raise DeployError(
+                    f"--mount serves a model folder or .gguf file from a volume; --model "
+                    f"{self.model!r} is an alias or hub id: drop --mount to bake it into the image"
+                )
             if path.suffix == ".gguf" and self.target == "kserve":
-                raise DeployError("kserve --mount serves a model folder (KServe mounts it at /mnt/models): "
-                                  "convert the .gguf with `slimlm export` or drop --mount to bake it in")
+                raise DeployError(
+                    "kserve --mount serves a model folder (KServe mounts it at /mnt/models): "
+                    "convert the .gguf with `slimlm export` or drop --mount to bake it in"
+                )
             return "gguf" if path.suffix == ".gguf" else "folder"
         if self.model in ALIASES:
             return "alias"
@@ -162,8 +181,10 @@ class DeployConfig:
             return "gguf"
         if _HUB_ID.match(self.model) and not self.model.startswith((".", "/")):
             return "hub"
-        raise DeployError(f"--model {self.model!r} is not a folder, a .gguf file, an alias ({', '.join(ALIASES)}) "
-                          "or an HF hub id (org/name)")
+        raise DeployError(
+            f"--model {self.model!r} is not a folder, a .gguf file, an alias ({', '.join(ALIASES)}) "
+            "or an HF hub id (org/name)"
+        )
 
     def container_model(self) -> str:
         """What `slimlm serve --model` gets inside the container."""
@@ -176,8 +197,19 @@ class DeployConfig:
 
     def serve_command(self) -> list[str]:
         """The container's command line: `slimlm serve` listening on all interfaces on `port`."""
-        return ["slimlm", "serve", "--model", self.container_model(), "--host", "0.0.0.0", "--port", str(self.port),
-                "--drain-timeout", f"{self.drain_timeout:g}", *self.serve_args]
+        return [
+            "slimlm",
+            "serve",
+            "--model",
+            self.container_model(),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(self.port),
+            "--drain-timeout",
+            f"{self.drain_timeout:g}",
+            *self.serve_args,
+        ]
 
     def grace_period_s(self) -> int:
         """Pod terminationGracePeriodSeconds: the drain, the preStop pause and uvicorn's own close must fit in it."""

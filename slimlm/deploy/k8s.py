@@ -23,23 +23,37 @@ def labels(cfg: DeployConfig) -> dict[str, str]:
 
 def http_probe(path: str, port: int | str, period: int, failures: int, timeout: int = 3) -> Manifest:
     """An HTTP GET probe of `path` on the container port (by name or number)."""
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": timeout,
-            "failureThreshold": failures}
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
 
 
 def env(cfg: DeployConfig) -> list[Manifest]:
     """OMP threads from the CPU request; the API key, when wanted, only as a reference to a Secret."""
     out: list[Manifest] = [{"name": "OMP_NUM_THREADS", "value": str(cfg.threads())}]
     if cfg.api_key_secret:
-        out.append({"name": "SLIMLM_API_KEY",  # slimlm serve reads it (keeps the key out of `ps` and the args)
-                    "valueFrom": {"secretKeyRef": {"name": cfg.api_key_secret, "key": cfg.api_key_secret_key}}})
+        out.append(
+            {
+                "name": "SLIMLM_API_KEY",  # slimlm serve reads it (keeps the key out of `ps` and the args)
+                "valueFrom": {"secretKeyRef": {"name": cfg.api_key_secret, "key": cfg.api_key_secret_key}},
+            }
+        )
     return out
 
 
 def container_security() -> Manifest:
     """Non-root (the image's numeric user), no privilege escalation, no capabilities, read-only root."""
-    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def container(cfg: DeployConfig, memory: str, *, name: str = "slimlm") -> Manifest:
@@ -76,8 +90,10 @@ def volume_mounts(cfg: DeployConfig) -> list[Manifest]:
 
 def volumes(cfg: DeployConfig) -> list[Manifest]:
     """Writable emptyDirs for the caches (converted GGUF, compiled kernel, HF files) and /tmp; the model's PVC."""
-    out: list[Manifest] = [{"name": "cache", "emptyDir": {"sizeLimit": "4Gi"}},
-                           {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    out: list[Manifest] = [
+        {"name": "cache", "emptyDir": {"sizeLimit": "4Gi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
     if cfg.mount and cfg.target == "k8s":
         out.append({"name": "model", "persistentVolumeClaim": {"claimName": cfg.pvc, "readOnly": True}})
     return out
@@ -92,8 +108,13 @@ def deployment(cfg: DeployConfig, memory: str) -> Manifest:
     pod = {
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": cfg.grace_period_s(),
-        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [c],
         "volumes": volumes(cfg),
     }
@@ -116,8 +137,11 @@ def service(cfg: DeployConfig) -> Manifest:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": cfg.name, "labels": labels(cfg)},
-        "spec": {"type": "ClusterIP", "selector": labels(cfg),
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": labels(cfg),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
     }
 
 
@@ -131,8 +155,15 @@ def hpa(cfg: DeployConfig) -> Manifest:
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": cfg.name},
             "minReplicas": cfg.min_replicas,
             "maxReplicas": cfg.max_replicas,
-            "metrics": [{"type": "Resource", "resource": {
-                "name": "cpu", "target": {"type": "Utilization", "averageUtilization": cfg.cpu_target}}}],
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": cfg.cpu_target},
+                    },
+                }
+            ],
         },
     }
 

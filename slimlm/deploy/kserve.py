@@ -26,18 +26,25 @@ def inference_service(cfg: DeployConfig, memory: str) -> Manifest:
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
-        "metadata": {"name": cfg.name, "labels": labels(cfg),
-                     "annotations": {"serving.kserve.io/deploymentMode": "Serverless"}},
-        "spec": {"predictor": {
-            "minReplicas": cfg.min_replicas,
-            "maxReplicas": cfg.max_replicas,
-            "scaleMetric": "concurrency",
-            "scaleTarget": cfg.scale_target,
-            "automountServiceAccountToken": False,
-            "containers": [c],
-            "volumes": [{"name": "cache", "emptyDir": {"sizeLimit": "4Gi"}},
-                        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
-        }},
+        "metadata": {
+            "name": cfg.name,
+            "labels": labels(cfg),
+            "annotations": {"serving.kserve.io/deploymentMode": "Serverless"},
+        },
+        "spec": {
+            "predictor": {
+                "minReplicas": cfg.min_replicas,
+                "maxReplicas": cfg.max_replicas,
+                "scaleMetric": "concurrency",
+                "scaleTarget": cfg.scale_target,
+                "automountServiceAccountToken": False,
+                "containers": [c],
+                "volumes": [
+                    {"name": "cache", "emptyDir": {"sizeLimit": "4Gi"}},
+                    {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+                ],
+            }
+        },
     }
 
 

@@ -33,32 +33,57 @@ CONFIG_FILE = "serve_config.yaml"
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     """The flags only `deploy ray` reads (the shared ones — --model, --serve-args, --min/max-replicas,
     --scale-target, --cpu, --port, --name, --drain-timeout — mean the same as for the other targets)."""
-    p.add_argument("--run", action="store_true",
-                   help="ray: deploy now; on a local Ray instance (no --ray-address) it serves until Ctrl-C, on a "
-                        "cluster the application stays up after the command returns (`serve shutdown` removes it)")
-    p.add_argument("--ray-address", default=None,
-                   help="ray --run: the cluster to deploy on ('auto': the one `ray start` made here); default: start "
-                        "a local loopback instance")
-    p.add_argument("--ray-cpus", type=int, default=None,
-                   help="ray --run, local instance: CPUs it may use (default: all the machine's)")
+    p.add_argument(
+        "--run",
+        action="store_true",
+        help="ray: deploy now; on a local Ray instance (no --ray-address) it serves until Ctrl-C, on a "
+        "cluster the application stays up after the command returns (`serve shutdown` removes it)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="ray --run: the cluster to deploy on ('auto': the one `ray start` made here); default: start "
+        "a local loopback instance",
+    )
+    p.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=None,
+        help="ray --run, local instance: CPUs it may use (default: all the machine's)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="ray: the address Ray's HTTP proxy listens on")
-    p.add_argument("--max-ongoing-requests", type=int, default=0,
-                   help="ray: requests one replica runs at once, the rest wait at Ray's proxy (default: the "
-                        "engine's --max-batch)")
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=0,
+        help="ray: requests one replica runs at once, the rest wait at Ray's proxy (default: the engine's --max-batch)",
+    )
     p.add_argument("--upscale-delay", type=float, default=30.0, help="ray: seconds of high load before scaling up")
-    p.add_argument("--downscale-delay", type=float, default=600.0,
-                   help="ray: seconds of low load before scaling down (and to zero with --min-replicas 0)")
+    p.add_argument(
+        "--downscale-delay",
+        type=float,
+        default=600.0,
+        help="ray: seconds of low load before scaling down (and to zero with --min-replicas 0)",
+    )
 
 
 def ray_config(args: argparse.Namespace) -> RayServeConfig:
     """The validated RayServeConfig of the parsed `deploy` flags (ValueError, one line, naming the flags)."""
     from slimlm.serve.ray_serve import RayServeConfig
 
-    cfg = RayServeConfig(name=args.name, min_replicas=1 if args.min_replicas is None else args.min_replicas,
-                         max_replicas=args.max_replicas, target_ongoing_requests=args.scale_target,
-                         max_ongoing_requests=args.max_ongoing_requests, upscale_delay_s=args.upscale_delay,
-                         downscale_delay_s=args.downscale_delay, num_cpus=cpus(args.cpu or "1"),
-                         graceful_shutdown_timeout_s=args.drain_timeout, host=args.host, port=args.port or 8000)
+    cfg = RayServeConfig(
+        name=args.name,
+        min_replicas=1 if args.min_replicas is None else args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.scale_target,
+        max_ongoing_requests=args.max_ongoing_requests,
+        upscale_delay_s=args.upscale_delay,
+        downscale_delay_s=args.downscale_delay,
+        num_cpus=cpus(args.cpu or "1"),
+        graceful_shutdown_timeout_s=args.drain_timeout,
+        host=args.host,
+        port=args.port or 8000,
+    )
     cfg.validate()
     return cfg
 
@@ -77,8 +102,10 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
     extra = parse_serve_args(args.serve_args)
     secret = [a for a in extra if a.split("=")[0] in SECRET_SERVE_FLAGS]
     if secret:
-        raise DeployError(f"--serve-args {secret[0]}: keys would be written into the file; set SLIMLM_API_KEY in "
-                          "the Ray workers' environment instead")
+        raise DeployError(
+            f"--serve-args {secret[0]}: keys would be written into the file; set SLIMLM_API_KEY in "
+            "the Ray workers' environment instead"
+        )
     if "--model" in extra or any(a.startswith("--model=") for a in extra):
         raise DeployError("--serve-args --model: pass the model as deploy's own --model")
     return ["--model", args.model, *extra]
@@ -90,33 +117,53 @@ def serve_config_doc(serve: ServeConfig, ray: RayServeConfig) -> dict:
     options = ray.deployment_options(serve)
     deployment = {"name": options.pop("name"), **options}
     settings = {**dataclasses.asdict(serve), "api_keys": []}
-    return {"proxy_location": "EveryNode",
-            "http_options": {"host": ray.host, "port": ray.port},
-            "applications": [{"name": ray.name, "route_prefix": ray.route_prefix, "import_path": IMPORT_PATH,
-                              "args": {"serve": settings, "ray": {"name": ray.name, "torch_threads": ray.threads()}},
-                              "deployments": [deployment]}]}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": ray.host, "port": ray.port},
+        "applications": [
+            {
+                "name": ray.name,
+                "route_prefix": ray.route_prefix,
+                "import_path": IMPORT_PATH,
+                "args": {"serve": settings, "ray": {"name": ray.name, "torch_threads": ray.threads()}},
+                "deployments": [deployment],
+            }
+        ],
+    }
 
 
 def readme(ray: RayServeConfig, doc: dict) -> str:
     """README.md: what the file is, that nothing was started, and the commands that start it."""
     a = doc["applications"][0]
-    floor = ("scale to zero when idle: the first request then waits while a replica loads" if ray.min_replicas == 0
-             else "never fewer than min_replicas")
-    return "\n".join([
-        f"# slimlm on Ray Serve: `{a['args']['serve']['model']}`", "",
-        f"`{CONFIG_FILE}` is a Ray Serve config file. Nothing was started by `slimlm deploy ray`.", "",
-        f"- on a running Ray cluster (`ray start --head` here): `serve deploy {CONFIG_FILE}`",
-        f"- on a local Ray instance, in the foreground: `serve run {CONFIG_FILE}`",
-        f"- then: `serve status`; the OpenAI API is at http://{ray.host}:{ray.port}{ray.route_prefix.rstrip('/')}/v1",
-        "", f"Replicas scale between {ray.min_replicas} and {ray.max_replicas} to keep about "
+    floor = (
+        "scale to zero when idle: the first request then waits while a replica loads"
+        if ray.min_replicas == 0
+        else "never fewer than min_replicas"
+    )
+    return "\n".join(
+        [
+            f"# slimlm on Ray Serve: `{a['args']['serve']['model']}`",
+            "",
+            f"`{CONFIG_FILE}` is a Ray Serve config file. Nothing was started by `slimlm deploy ray`.",
+            "",
+            f"- on a running Ray cluster (`ray start --head` here): `serve deploy {CONFIG_FILE}`",
+            f"- on a local Ray instance, in the foreground: `serve run {CONFIG_FILE}`",
+            f"- then: `serve status`; the OpenAI API is at http://{ray.host}:{ray.port}{ray.route_prefix.rstrip('/')}/v1",
+            "",
+            f"Replicas scale between {ray.min_replicas} and {ray.max_replicas} to keep about "
             f"{ray.target_ongoing_requests:g} requests running on each ({floor}). The `deployments` section uses "
             "Ray's own field names and takes precedence over the app's code.",
-        "", "Every Ray worker needs slimlm and `ray[serve]` installed, and the model and adapter folders at the "
+            "",
+            "Every Ray worker needs slimlm and `ray[serve]` installed, and the model and adapter folders at the "
             "paths written here (or an alias / hub id it can download). API keys: set SLIMLM_API_KEY in the "
             "workers' environment (e.g. `ray start` in a shell that exports it); no key is written here.",
-        "", "Adapter-aware routing: send the header `serve_multiplexed_model_id: <the request's model>` (e.g. "
+            "",
+            "Adapter-aware routing: send the header `serve_multiplexed_model_id: <the request's model>` (e.g. "
             "`tiny:support@prod`; openai client: `default_headers=`) and Ray routes the request to a replica that "
-            "served that adapter recently.", ""])
+            "served that adapter recently.",
+            "",
+        ]
+    )
 
 
 def cmd_deploy_ray(args: argparse.Namespace) -> int:

@@ -37,8 +37,9 @@ def estimated_bytes(cfg: DeployConfig) -> int | None:
     if kind == "hub" or (cfg.mount and not _exists(cfg.model)):
         return None
     config = model_config(cfg.model)
-    est = estimate_memory(config, MemoryQuery(mode="infer", dtype="fp32", batch=CPU_MAX_BATCH, seq=256,
-                                              kv_cache_tokens=KV_TOKENS))
+    est = estimate_memory(
+        config, MemoryQuery(mode="infer", dtype="fp32", batch=CPU_MAX_BATCH, seq=256, kv_cache_tokens=KV_TOKENS)
+    )
     kv_fp16_saving = est.row("KV cache") // 2  # serve's --kv-cache-dtype auto is fp16 under int8 weights on a CPU
     return int((est.total - kv_fp16_saving + RUNTIME_BYTES) * MARGIN)
 

@@ -30,8 +30,12 @@ def kv_cache_dtype(name: str, model: torch.nn.Module) -> torch.dtype:
     llama.cpp's default cache; the model's attention upcasts what it reads), else the model's dtype — an unquantized
     fp32 model stays exact, and an ONNX Runtime graph's cache inputs are typed."""
     if name == "auto":
-        narrow = (isinstance(model, Transformer) and model.dtype == torch.float32 and model.device.type == "cpu"
-                  and bool(model.quantization))
+        narrow = (
+            isinstance(model, Transformer)
+            and model.dtype == torch.float32
+            and model.device.type == "cpu"
+            and bool(model.quantization)
+        )
         return torch.float16 if narrow else model.dtype
     if name not in KV_CACHE_DTYPES:
         raise InputError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
@@ -39,8 +43,16 @@ def kv_cache_dtype(name: str, model: torch.nn.Module) -> torch.dtype:
 
 
 class SlotKVCache:
-    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int | list[int], head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        n_slots: int,
+        n_kv_heads: int | list[int],
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         # n_kv_heads: one count for every layer, or a list with each layer's (structurally pruned models).
         shapes = [(n_slots, h, max_len, head_dim) for h in heads_list(n_kv_heads, n_layers)]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
@@ -49,11 +61,12 @@ class SlotKVCache:
         self.free = list(range(n_slots))
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype: str = "auto") -> "SlotKVCache":
+    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype: str = "auto") -> SlotKVCache:
         """A cache for `model`, its elements `dtype` (see kv_cache_dtype)."""
         c = model.config
-        return cls(c.n_layers, n_slots, kv_heads_per_layer(c), c.head_dim, max_len, kv_cache_dtype(dtype, model),
-                   model.device)
+        return cls(
+            c.n_layers, n_slots, kv_heads_per_layer(c), c.head_dim, max_len, kv_cache_dtype(dtype, model), model.device
+        )
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -74,7 +87,7 @@ class SlotKVCache:
         """Fraction of slots in use (vllm:kv_cache_usage_perc)."""
         return 1.0 - len(self.free) / self.n_slots
 
-    def batch(self, positions: torch.Tensor, row_offset: int = 0, idle: torch.Tensor | None = None) -> "SlotBatch":
+    def batch(self, positions: torch.Tensor, row_offset: int = 0, idle: torch.Tensor | None = None) -> SlotBatch:
         """A view for one forward over slots [row_offset, row_offset + B) with tokens at positions [B, T].
 
         idle [B] bool marks rows with no work this step (None: every row works).
@@ -110,8 +123,9 @@ class SlotBatch:
     def filled_len(self, cache_pos: torch.Tensor) -> int:
         return self._kv_len
 
-    def positions_and_mask(self, cache_pos: torch.Tensor, sliding_window: int | None = None,
-                           kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def positions_and_mask(
+        self, cache_pos: torch.Tensor, sliding_window: int | None = None, kv_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """RoPE positions [B, T] (idle rows: 0) and the mask [B, 1, T, S] (None where SDPA needs none)."""
         if kv_len is not None and self._maskless and sliding_window is None:
             return cache_pos, None
@@ -127,16 +141,17 @@ class SlotBatch:
         mask = torch.where(idle, k == 0, mask)  # an idle query sees position 0 only: finite, and thrown away
         return torch.where(self.idle[:, None], 0, cache_pos), mask[:, None]
 
-    def update(self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write working rows' k, v [B, Hkv, T, hd] at their positions; return the rows' caches [B, Hkv, S, hd]."""
         K, V = self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
         k, v = k.to(K.dtype), v.to(V.dtype)  # rounded to the cache's type (no copy when they match)
         if self.idle is None:
             p = self._same_pos
             if p is not None:  # every row writes the same single position: a plain slice, no index_put
-                K[:, :, p:p + 1] = k
-                V[:, :, p:p + 1] = v
+                K[:, :, p : p + 1] = k
+                V[:, :, p : p + 1] = v
                 return K, V
             b = torch.arange(K.shape[0], device=k.device)[:, None]  # [B, 1], broadcast against cache_pos [B, T]
             # Advanced indices on dims 0 and 2 put the indexed dims first: the target is [B, T, Hkv, hd].

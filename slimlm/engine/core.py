@@ -30,11 +30,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -86,26 +85,43 @@ class EngineConfig:
     request_timeout_s: float = 0.0  # a request older than this (queue time included) ends with an error; 0 = none
 
     def validate(self) -> None:
-        bad = [f"{k} must be >= 0 (0 = auto), got {getattr(self, k)}" for k in ("max_batch", "max_seq_len")
-               if getattr(self, k) < 0]
-        bad += [f"{k} must be >= 1, got {getattr(self, k)}" for k in
-                ("max_queue", "prefill_chunk", "max_lora_rank", "prefix_block",
-                 "num_speculative_tokens", "ngram_min") if getattr(self, k) < 1]
+        bad = [
+            f"{k} must be >= 0 (0 = auto), got {getattr(self, k)}"
+            for k in ("max_batch", "max_seq_len")
+            if getattr(self, k) < 0
+        ]
+        bad += [
+            f"{k} must be >= 1, got {getattr(self, k)}"
+            for k in (
+                "max_queue",
+                "prefill_chunk",
+                "max_lora_rank",
+                "prefix_block",
+                "num_speculative_tokens",
+                "ngram_min",
+            )
+            if getattr(self, k) < 1
+        ]
         if self.draft_vocab < 0:
             bad.append(f"draft_vocab must be >= 0 (0 = the draft's whole vocabulary), got {self.draft_vocab}")
         if self.draft_vocab and self.speculative != "draft":
-            bad.append('draft_vocab applies to draft-model speculation: set speculative="draft" (slimlm serve: '
-                       "--speculative draft) or draft_vocab=0")
+            bad.append(
+                'draft_vocab applies to draft-model speculation: set speculative="draft" (slimlm serve: '
+                "--speculative draft) or draft_vocab=0"
+            )
         if self.max_loras < 0:
             bad.append(f"max_loras must be >= 0, got {self.max_loras}")
         if self.prefix_cache and self.prefix_cache_tokens < self.prefix_block:
-            bad.append(f"prefix_cache_tokens must be >= prefix_block ({self.prefix_block}), got "
-                       f"{self.prefix_cache_tokens}; or turn the prefix cache off")
+            bad.append(
+                f"prefix_cache_tokens must be >= prefix_block ({self.prefix_block}), got "
+                f"{self.prefix_cache_tokens}; or turn the prefix cache off"
+            )
         if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
             bad.append(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)} or None, got {self.speculative!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            bad.append(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got "
-                       f"{self.kv_cache_dtype!r}")
+            bad.append(
+                f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.ngram_max < self.ngram_min:
             bad.append(f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})")
         if not self.request_timeout_s >= 0:  # written so that NaN fails too
@@ -173,6 +189,7 @@ class CacheAllocationError(InputError):
 @dataclass
 class AdapterRef:
     """Which LoRA adapter a request uses: a cache key (name, version) and the folder to load it from."""
+
     key: tuple
     folder: Path
     name: str = ""
@@ -181,6 +198,7 @@ class AdapterRef:
 @dataclass
 class Output:
     """What a request gets after each step: new text and tokens, and at the end the finish reason and usage."""
+
     text: str
     token_ids: list[int]
     logprobs: list[dict] = field(default_factory=list)  # per new token: {"token", "logprob", "top": [(id, lp)]}
@@ -241,9 +259,15 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
-                 metrics=None, on_finish: Callable[[Request], None] | None = None,
-                 draft_model: Transformer | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig | None = None,
+        metrics=None,
+        on_finish: Callable[[Request], None] | None = None,
+        draft_model: Transformer | None = None,
+    ):
         """tokenizer None: token ids only (Output.text stays empty, no stop tokens or strings; eval/speed.py).
         draft_model: the smaller model (same tokenizer) that speculative="draft" guesses with (engine/draft.py)."""
         self.config = config or EngineConfig()
@@ -253,8 +277,9 @@ class Engine:
         self.model, self.tokenizer, self.metrics, self.on_finish = model.eval(), tokenizer, metrics, on_finish
         self.max_seq_len = min(self.config.max_seq_len, model.config.max_seq_len)
         self.cache, self.prefix_cache = self._allocate_caches(model)
-        self.lora = LoraSlots.attach(model, self.config.max_loras, self.config.max_lora_rank) \
-            if self.config.max_loras else None
+        self.lora = (
+            LoraSlots.attach(model, self.config.max_loras, self.config.max_lora_rank) if self.config.max_loras else None
+        )
         self.lru = AdapterLRU(self.config.max_loras) if self.lora else None
         # After the LoRA slots are attached, so that it reads their base layers.
         self.fused = FusedDecode.for_model(model) if self.config.fused_decode else None
@@ -262,9 +287,19 @@ class Engine:
         self.stop_ids = set(tokenizer.stop_token_ids) if tokenizer is not None else set()
         self._stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=model.device)
         self.spec_proposed = self.spec_accepted = 0  # speculative tokens guessed / kept
-        self.draft = None if draft_model is None else DraftModel(
-            draft_model, self.config.max_batch, self.max_seq_len, self.config.fused_decode, self.config.prefill_chunk,
-            self.config.kv_cache_dtype, self.config.draft_vocab)
+        self.draft = (
+            None
+            if draft_model is None
+            else DraftModel(
+                draft_model,
+                self.config.max_batch,
+                self.max_seq_len,
+                self.config.fused_decode,
+                self.config.prefill_chunk,
+                self.config.kv_cache_dtype,
+                self.config.draft_vocab,
+            )
+        )
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -281,22 +316,27 @@ class Engine:
         c = self.config
         try:
             cache = SlotKVCache.for_model(model, c.max_batch, self.max_seq_len, c.kv_cache_dtype)
-            prefix = PrefixCache(cache, c.prefix_cache_tokens // c.prefix_block, c.prefix_block) \
-                if c.prefix_cache else None
+            prefix = (
+                PrefixCache(cache, c.prefix_cache_tokens // c.prefix_block, c.prefix_block) if c.prefix_cache else None
+            )
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
             dtype = kv_cache_dtype(c.kv_cache_dtype, model)
             size = torch.tensor([], dtype=dtype).element_size()
             per_token = model.config.kv_cache_bytes_per_token(size)
             tokens = c.max_batch * self.max_seq_len + (c.prefix_cache_tokens if c.prefix_cache else 0)
             pool = f" + {c.prefix_cache_tokens} prefix-cache tokens" if c.prefix_cache else ""
-            knobs = "lower --max-batch or --max-seq-len" + (", use --kv-cache-dtype fp16" if size > 2 else "") + \
-                (", or shrink --prefix-cache-tokens" if c.prefix_cache else "")
+            knobs = (
+                "lower --max-batch or --max-seq-len"
+                + (", use --kv-cache-dtype fp16" if size > 2 else "")
+                + (", or shrink --prefix-cache-tokens" if c.prefix_cache else "")
+            )
             why = str(e).splitlines()[0][:200] if str(e) else "out of memory"
             raise CacheAllocationError(
                 f"cannot allocate the KV cache on {model.device}: {tokens * per_token} bytes "
                 f"({tokens * per_token / 2**30:.2f} GiB: {c.max_batch} slots x {self.max_seq_len} tokens{pool}, "
                 f"{per_token} bytes per token in {str(dtype).removeprefix('torch.')}); {knobs} "
-                f"({type(e).__name__}: {why})") from None
+                f"({type(e).__name__}: {why})"
+            ) from None
         return cache, prefix
 
     # ---- called from other threads ----
@@ -316,8 +356,10 @@ class Engine:
         if not req.prompt_ids:
             raise InputError("the prompt is empty")
         if need > self.max_seq_len:
-            raise InputError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {need} exceeds "
-                             f"the context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+            raise InputError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {need} exceeds "
+                f"the context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens"
+            )
         if req.adapter is not None and self.lora is None:
             raise InputError("this server runs without LoRA support (max_loras=0)")
         if self.tokenizer is None and req.params.stop:
@@ -346,7 +388,7 @@ class Engine:
         req.cancelled = True
         self._wake.set()
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="slimlm-engine", daemon=True)
         self._thread.start()
         return self
@@ -364,9 +406,11 @@ class Engine:
 
     def unload_adapter(self, key: tuple) -> None:
         """Free the LoRA slot of adapter `key` before the next step (if no running request uses it)."""
+
         def unload() -> None:
             if self.lru is not None and self.lru.slot_of(key) is not None and self.lru.pins(key) == 0:
                 self.lora.clear(self.lru.unload(key))
+
         self._ops.append(unload)
         self._wake.set()
 
@@ -388,6 +432,7 @@ class Engine:
                 future.set_result(self._score(prompt_ids, adapter, top))
             except Exception as e:  # noqa: BLE001 — the caller's error (a bad adapter, SlotsBusy), not the engine's
                 future.set_exception(e)
+
         if self._thread is None:
             op()
         else:
@@ -433,8 +478,9 @@ class Engine:
             except Exception:  # a bug must not hang every client: fail what is running, keep serving
                 log.exception("engine step failed; aborting the running requests")
                 for req in list(self.running.values()):
-                    self._finish(req, "error", error="internal error in the engine (see the server log)",
-                                 error_type="internal")
+                    self._finish(
+                        req, "error", error="internal error in the engine (see the server log)", error_type="internal"
+                    )
 
     # ---- the offline front ----
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Output]]:
@@ -484,22 +530,29 @@ class Engine:
             if req.cancelled:
                 self._finish(req, "abort")
             elif timeout and now - req.t_arrival > timeout:
-                self._finish(req, "error", error=f"the request took longer than the server's request timeout "
-                                                 f"({timeout:g} s)", error_type="timeout")
+                self._finish(
+                    req,
+                    "error",
+                    error=f"the request took longer than the server's request timeout ({timeout:g} s)",
+                    error_type="timeout",
+                )
 
     def _admit(self) -> None:
         while self.waiting and self.cache.free:
             req = self.waiting[0]
             if req.adapter is not None:
                 try:
-                    req.lora_slot = self.lru.acquire(req.adapter.key, lambda s, f=req.adapter.folder: self.lora.load(s, f))
+                    req.lora_slot = self.lru.acquire(
+                        req.adapter.key, lambda s, f=req.adapter.folder: self.lora.load(s, f)
+                    )
                 except SlotsBusy:  # every LoRA slot is pinned by running requests: wait for one to finish
                     return
                 except (ValueError, OSError) as e:
                     with self._lock:
                         self.waiting.popleft()
-                    self._finish(req, "error", error=f"adapter {req.adapter.name or req.adapter.key}: {e}",
-                                 error_type="adapter")
+                    self._finish(
+                        req, "error", error=f"adapter {req.adapter.name or req.adapter.key}: {e}", error_type="adapter"
+                    )
                     continue
             with self._lock:
                 self.waiting.popleft()
@@ -514,8 +567,15 @@ class Engine:
             rows[r.slot - row_offset] = r.lora_slot
         return rows
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, row_offset: int, reqs: list[Request],
-                 idle: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        row_offset: int,
+        reqs: list[Request],
+        idle: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
         """tokens, positions [B, T] for slots [row_offset, row_offset + B) -> float logits [B, T', V]."""
         batch = self.cache.batch(positions, row_offset, idle)
         if self.lora is not None:
@@ -532,13 +592,20 @@ class Engine:
             blocks = self.prefix_cache.lookup(req.prompt_ids, req.adapter_key)
             req.n_prefilled = req.n_cached = self.prefix_cache.load(blocks, self.cache, req.slot)
         a = req.n_prefilled
-        ids = req.prompt_ids[a: a + budget]
+        ids = req.prompt_ids[a : a + budget]
         dev = self.model.device
         if self.fused is not None and self.fused.prefills:  # each prompt token a row: decoding's own arithmetic
             n = len(ids)
             rows = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-            logits = self.fused(rows(ids), rows([req.slot] * n), rows(range(a, a + n)), self.cache.k, self.cache.v,
-                                [req.lora_slot] * n, logits_rows=rows([n - 1]))  # [1, V]
+            logits = self.fused(
+                rows(ids),
+                rows([req.slot] * n),
+                rows(range(a, a + n)),
+                self.cache.k,
+                self.cache.v,
+                [req.lora_slot] * n,
+                logits_rows=rows([n - 1]),
+            )  # [1, V]
         else:
             tokens = torch.tensor([ids], dtype=torch.long, device=dev)  # [1, C]
             positions = torch.arange(a, a + len(ids), device=dev)[None]  # [1, C]
@@ -590,8 +657,9 @@ class Engine:
             positions[r.slot] = [min(r.position + j, self.max_seq_len - 1) for j in range(T)]
             idle[r.slot] = False
         as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=dev)  # noqa: E731 (one copy per input)
-        logits = self._forward(as_tensor(tokens, torch.long), as_tensor(positions, torch.long), 0, reqs,
-                               as_tensor(idle, torch.bool))  # [n, T, V]
+        logits = self._forward(
+            as_tensor(tokens, torch.long), as_tensor(positions, torch.long), 0, reqs, as_tensor(idle, torch.bool)
+        )  # [n, T, V]
         plain = [r for r in reqs if r.slot not in guesses]
         if plain:
             self._sample(plain, logits[torch.tensor([r.slot for r in plain], device=dev), 0])
@@ -611,18 +679,19 @@ class Engine:
             positions += range(r.position, r.position + len(row))
             loras += [r.lora_slot] * len(row)
         ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.model.device)  # noqa: E731
-        logits = self.fused(ids(tokens), ids(slots), ids(positions), self.cache.k, self.cache.v,
-                            loras)  # [len(tokens), V]
+        logits = self.fused(
+            ids(tokens), ids(slots), ids(positions), self.cache.k, self.cache.v, loras
+        )  # [len(tokens), V]
         plain = [(r, a) for r, (a, n) in zip(reqs, spans) if n == 1]
         if plain:
             self._sample([r for r, _ in plain], logits[torch.tensor([a for _, a in plain], device=logits.device)])
         for r, (a, n) in zip(reqs, spans):
             if n > 1 and r.finish_reason is None:
-                self._accept_guesses(r, logits[a:a + n], guesses[r.slot])
+                self._accept_guesses(r, logits[a : a + n], guesses[r.slot])
 
     def _accept_guesses(self, req: Request, logits: torch.Tensor, guess: list[int]) -> None:
         """Verify a row's guesses on its logits [T, V]; emit the accepted tokens one by one."""
-        logits = logits[:len(guess) + 1]
+        logits = logits[: len(guess) + 1]
         if not bool(torch.isfinite(logits.sum())):  # one reduction, as in _sample
             self._fail(req, NAN_LOGITS)
             return
@@ -674,7 +743,7 @@ class Engine:
             # Which row raised is unknown: sample the rows one by one, so that only the faulty ones fail. (A seeded
             # row that drew before the fault draws again: its output may differ from an undisturbed run.)
             for i, req in enumerate(reqs):
-                self._sample([req], logits[i:i + 1])
+                self._sample([req], logits[i : i + 1])
             return
         for i, (req, tok) in enumerate(zip(reqs, out.tokens.tolist())):
             lp = {"token": tok, "logprob": out.logprobs[i], "top": out.top_logprobs[i]} if req.params.logprobs else None
@@ -703,11 +772,14 @@ class Engine:
     def _fail(self, req: Request, message: str | None = None, exc: bool = False) -> None:
         """End one request with an internal error (exc: log the exception being handled, with its request id)."""
         if exc:
-            log.exception("request %s failed in sampling or detokenization; the other requests go on",
-                          req.request_id)
+            log.exception("request %s failed in sampling or detokenization; the other requests go on", req.request_id)
         if req.finish_reason is None:
-            self._finish(req, "error", error=message or "internal error while sampling or detokenizing this "
-                                                        "request (see the server log)", error_type="internal")
+            self._finish(
+                req,
+                "error",
+                error=message or "internal error while sampling or detokenizing this request (see the server log)",
+                error_type="internal",
+            )
 
     def _emit(self, req: Request, tok: int, logprob: dict | None) -> bool:
         """Hand one new token to its request; finish the request if it is done (returns True then)."""
@@ -720,14 +792,22 @@ class Engine:
         if req.grammar is not None:
             req.grammar.accept(tok)
         # A structured row ends when its grammar does (complete, then a stop token), even with ignore_eos.
-        stop = (tok in self.stop_ids and not req.params.ignore_eos) or (req.grammar is not None
-                                                                         and req.grammar.terminated)
+        stop = (tok in self.stop_ids and not req.params.ignore_eos) or (
+            req.grammar is not None and req.grammar.terminated
+        )
         piece, hit = ("", False) if stop or req.decoder is None else req.text.add(req.decoder.push(tok))
         reason = "stop" if stop or hit else "length" if req.n_generated >= req.max_tokens else None
         if reason:
             piece += req.text.flush()
-        req.emit(Output(piece, [] if stop else [tok], [logprob] if logprob else [],
-                        prompt_tokens=len(req.prompt_ids), completion_tokens=req.n_generated))
+        req.emit(
+            Output(
+                piece,
+                [] if stop else [tok],
+                [logprob] if logprob else [],
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=req.n_generated,
+            )
+        )
         req.pending = tok
         if reason:
             self._finish(req, reason)
@@ -736,8 +816,12 @@ class Engine:
     def _finish(self, req: Request, reason: str, error: str | None = None, error_type: str | None = None) -> None:
         req.finish_reason = reason
         if req.slot is not None and self.running.get(req.slot) is req:
-            if (self.prefix_cache is not None and req.n_prefilled == len(req.prompt_ids) and req.output_ids
-                    and reason != "error"):  # a failed request's keys may be what failed it (NaN): not reused
+            if (
+                self.prefix_cache is not None
+                and req.n_prefilled == len(req.prompt_ids)
+                and req.output_ids
+                and reason != "error"
+            ):  # a failed request's keys may be what failed it (NaN): not reused
                 # The cache holds the prompt and every output token but the last: a next chat turn can reuse it.
                 self.prefix_cache.store(req.prompt_ids + req.output_ids[:-1], self.cache, req.slot, req.adapter_key)
             del self.running[req.slot]
@@ -755,8 +839,17 @@ class Engine:
         if self.metrics is not None:
             self.metrics.on_finish(req, time.perf_counter())
         try:
-            req.emit(Output("", [], finish_reason=reason, error=error, error_type=error_type,
-                            prompt_tokens=len(req.prompt_ids), completion_tokens=req.n_generated))
+            req.emit(
+                Output(
+                    "",
+                    [],
+                    finish_reason=reason,
+                    error=error,
+                    error_type=error_type,
+                    prompt_tokens=len(req.prompt_ids),
+                    completion_tokens=req.n_generated,
+                )
+            )
         except Exception:  # noqa: BLE001 — the slot is already free; a failing callback must not stop the step
             log.exception("request %s: its output callback failed", req.request_id)
         if self.on_finish is not None:

@@ -3,9 +3,9 @@
 `DraftModel` owns the draft `Transformer`, its own slot KV cache (same slot numbers as the engine's cache) and,
 where the draft qualifies, its own fused CPU decode step. Each engine step, `propose` brings every row's draft
 cache up to the row's pending token (catch-up: usually 1 or 2 tokens, batched over the rows in one call; the
-prompt runs through the draft beside the target's prefill chunks, `prefill`) and then takes k - 1 more greedy steps, batched over the rows. The
-guesses are the draft's argmax tokens: point-mass proposals, so engine/speculative.py's `verify_greedy` and
-`verify_sampled` keep both greedy and sampled outputs exactly the target model's.
+prompt runs through the draft beside the target's prefill chunks, `prefill`) and then takes k - 1 more greedy steps,
+batched over the rows. The guesses are the draft's argmax tokens: point-mass proposals, so engine/speculative.py's
+`verify_greedy` and `verify_sampled` keep both greedy and sampled outputs exactly the target model's.
 
 Which draft keys stay valid is read off the tokens, not told by the verifier: the draft cache of a slot holds
 `length` positions of known tokens plus the guesses it fed after them (g_1 .. g_{m-1}); at the next step the fed
@@ -38,6 +38,7 @@ CATCH_UP_ROWS = 8  # catch-ups of up to this many tokens join the batched step; 
 @dataclass
 class _SlotState:
     """What the draft cache of one slot holds: `length` known tokens, then the guesses it fed after them."""
+
     seq: int  # the request's Request.seq (a new request on the slot starts from nothing)
     length: int = 0
     fed: list[int] = field(default_factory=list)  # guesses at positions length, length + 1, ...
@@ -52,18 +53,24 @@ def token_at(req: Request, pos: int) -> int:
 def check_draft(speculative: str | None, model: Transformer, draft: Transformer | None) -> None:
     """speculative="draft" needs a draft model with the target's vocabulary, on its device; no draft otherwise."""
     if speculative == "draft" and draft is None:
-        raise InputError('speculative="draft" needs a draft model: pass Engine(..., draft_model=...) '
-                         "(slimlm.load(..., draft_model=PATH), slimlm serve --draft-model PATH), or use "
-                         'speculative="ngram"')
+        raise InputError(
+            'speculative="draft" needs a draft model: pass Engine(..., draft_model=...) '
+            "(slimlm.load(..., draft_model=PATH), slimlm serve --draft-model PATH), or use "
+            'speculative="ngram"'
+        )
     if draft is None:
         return
     if speculative != "draft":
-        raise InputError(f"a draft model was given but speculative={speculative!r}; set "
-                         'EngineConfig(speculative="draft") to use it (slimlm serve: --speculative draft)')
+        raise InputError(
+            f"a draft model was given but speculative={speculative!r}; set "
+            'EngineConfig(speculative="draft") to use it (slimlm serve: --speculative draft)'
+        )
     bad = []
     if draft.config.vocab_size != model.config.vocab_size:
-        bad.append(f"its vocab_size is {draft.config.vocab_size}, the target's is {model.config.vocab_size}: the "
-                   "draft must use the target's tokenizer (e.g. a student from `slimlm distill`)")
+        bad.append(
+            f"its vocab_size is {draft.config.vocab_size}, the target's is {model.config.vocab_size}: the "
+            "draft must use the target's tokenizer (e.g. a student from `slimlm distill`)"
+        )
     if draft.device != model.device:
         bad.append(f"it is on {draft.device}, the target on {model.device}; load both on one device")
     if bad:
@@ -75,16 +82,19 @@ def first_rows(head: nn.Module, n: int) -> nn.Module:
     if n >= head.out_features:
         return head
     if type(head) is nn.Linear:
-        cut = nn.Linear(head.in_features, n, bias=head.bias is not None, device=head.weight.device,
-                        dtype=head.weight.dtype)
+        cut = nn.Linear(
+            head.in_features, n, bias=head.bias is not None, device=head.weight.device, dtype=head.weight.dtype
+        )
         cut.weight = nn.Parameter(head.weight[:n], requires_grad=False)
         if head.bias is not None:
             cut.bias = nn.Parameter(head.bias[:n], requires_grad=False)
         return cut
     if type(head) is Int8WeightOnlyLinear:
         return Int8WeightOnlyLinear(head.qweight[:n], head.scale[:n], None if head.bias is None else head.bias[:n])
-    raise InputError(f"draft_vocab needs a plain or int8 weight-only LM head on the draft, not "
-                     f"{type(head).__name__}; use draft_vocab=0")
+    raise InputError(
+        f"draft_vocab needs a plain or int8 weight-only LM head on the draft, not "
+        f"{type(head).__name__}; use draft_vocab=0"
+    )
 
 
 class DraftModel:
@@ -96,8 +106,16 @@ class DraftModel:
     guessed, but is still produced by the target: outputs stay exactly the target's.
     """
 
-    def __init__(self, model: Transformer, n_slots: int, max_len: int, fused_decode: bool = True,
-                 prefill_chunk: int = 256, kv_cache_dtype: str = "auto", vocab: int = 0):
+    def __init__(
+        self,
+        model: Transformer,
+        n_slots: int,
+        max_len: int,
+        fused_decode: bool = True,
+        prefill_chunk: int = 256,
+        kv_cache_dtype: str = "auto",
+        vocab: int = 0,
+    ):
         self.model = model.eval()
         self.head = first_rows(model.lm_head, vocab) if vocab else model.lm_head
         self.cache = SlotKVCache.for_model(model, n_slots, max_len, kv_cache_dtype)  # as the engine's cache
@@ -155,7 +173,7 @@ class DraftModel:
             return
         dev = self.model.device
         positions = torch.arange(st.length, upto, device=dev)[None]  # [1, C]
-        ids = torch.tensor([req.prompt_ids[st.length:upto]], device=dev)
+        ids = torch.tensor([req.prompt_ids[st.length : upto]], device=dev)
         self.model.hidden(ids, cache=self.cache.batch(positions, req.slot), cache_pos=positions)
         st.length = upto
 
@@ -184,8 +202,9 @@ class DraftModel:
         ids = [token_at(req, p) for p in range(a, b)]
         dev = self.model.device
         positions = torch.arange(a, b, device=dev)[None]  # [1, C]
-        hidden = self.model.hidden(torch.tensor([ids], device=dev), cache=self.cache.batch(positions, req.slot),
-                                   cache_pos=positions)  # [1, C, D]
+        hidden = self.model.hidden(
+            torch.tensor([ids], device=dev), cache=self.cache.batch(positions, req.slot), cache_pos=positions
+        )  # [1, C, D]
         logits = self.head(hidden[:, -1:])  # [1, 1, V]
         st.length = b
         if b == req.position + 1:
@@ -237,8 +256,9 @@ class DraftModel:
         dev = self.model.device
         positions_t = torch.tensor(pos, dtype=torch.long, device=dev)  # [n, T]
         batch = self.cache.batch(positions_t, 0, torch.tensor(idle, device=dev))
-        hidden = self.model.hidden(torch.tensor(tok, dtype=torch.long, device=dev), cache=batch,
-                                   cache_pos=positions_t)  # [n, T, D]
+        hidden = self.model.hidden(
+            torch.tensor(tok, dtype=torch.long, device=dev), cache=batch, cache_pos=positions_t
+        )  # [n, T, D]
         picks = self.head(hidden).argmax(-1).tolist()  # [n][T]
         out = [0] * len(tokens)
         for s, items in per_slot.items():

@@ -56,8 +56,15 @@ def _lora_tensors(model: Transformer) -> list[torch.Tensor]:
         return []
     out = []
     for layer in model.layers:
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+        for proj in (
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+            layer.mlp.down_proj,
+        ):
             out += [proj.A, proj.B] if isinstance(proj, SlotLoRALinear) else [_NO_SCALE, _NO_SCALE]
     return out
 
@@ -105,7 +112,7 @@ class FusedDecode:
         self.eps, self.window = model.config.norm_eps, model.config.sliding_window or 0
 
     @classmethod
-    def for_model(cls, model: Transformer) -> "FusedDecode | None":
+    def for_model(cls, model: Transformer) -> FusedDecode | None:
         """The fast step for this model, or None (with the reason logged at debug level) where it does not apply."""
         why = None
         if not isinstance(model, Transformer):
@@ -126,9 +133,16 @@ class FusedDecode:
         return None
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
-                 lora_rows: list[int | None] | None = None, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        k_cache: list[torch.Tensor],
+        v_cache: list[torch.Tensor],
+        lora_rows: list[int | None] | None = None,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Write each row's key/value at (slot, position) in k_cache/v_cache [n_slots, Hkv, S, hd] per layer.
 
         lora_rows: each row's LoRA slot (engine/multi_lora.py) or None; None or all-None: no row uses an adapter.
@@ -141,8 +155,9 @@ class FusedDecode:
             if not lora:
                 raise ValueError("rows select LoRA slots, but the model had no slots when FusedDecode was made")
             rows = torch.tensor([-1 if r is None else r for r in lora_rows], dtype=torch.long)
-        x = torch.ops.slimlm.decode_layers(x, slots, positions, self.inv_freq, self.layer_tensors, k_cache, v_cache,
-                                           self.eps, self.window, lora, rows)
+        x = torch.ops.slimlm.decode_layers(
+            x, slots, positions, self.inv_freq, self.layer_tensors, k_cache, v_cache, self.eps, self.window, lora, rows
+        )
         if logits_rows is not None:
             x = x[logits_rows]
         return self.lm_head(m.norm(x)).float()  # [W or len(logits_rows), V] (V: the head's outputs)

@@ -6,9 +6,10 @@ the extra last slot always zero for rows without an adapter). A step runs every 
 (one GEMM), zeroes all but each row's own slot with a one-hot row mask, and adds the result times all slots' B
 (a second GEMM) — no merging, no adapter-after-adapter loop; rows without an adapter are left out of both GEMMs.
 This reads each slot's weights once per step, where gathering A and B per row would copy them once per row: with 16
-rows over 4 adapters, 4x less memory traffic. Loading writes into the slot buffers in place, so adapters come and go between engine steps. `AdapterLRU` decides which adapter sits in
-which slot. This module does not schedule requests or read files other than HF PEFT LoRA adapter folders;
-DoRA and other PEFT methods are refused (merge them and serve the merged model).
+rows over 4 adapters, 4x less memory traffic. Loading writes into the slot buffers in place, so adapters come and go
+between engine steps. `AdapterLRU` decides which adapter sits in which slot. This module does not schedule requests or
+read files other than HF PEFT LoRA adapter folders; DoRA and other PEFT methods are refused (merge them and serve the
+merged model).
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ import torch.nn as nn
 
 from slimlm.errors import InputError
 from slimlm.peft.common import (
-    ALL_LINEARS, PEFT_PREFIX, PeftError, read_adapter_files, resolve_targets, target_linears,
+    ALL_LINEARS,
+    PEFT_PREFIX,
+    PeftError,
+    read_adapter_files,
+    resolve_targets,
+    target_linears,
 )
 from slimlm.peft.lora import lora_config_from_adapter
 
@@ -32,6 +38,7 @@ from slimlm.peft.lora import lora_config_from_adapter
 @dataclass
 class SlotSelection:
     """Per-row slots shared by every SlotLoRALinear of a model; index None = no adapter in this step."""
+
     rows: torch.Tensor | None = None  # [B] slot per row, -1 = none
     index: torch.Tensor | None = None  # [B] the same with -1 mapped to the zero slot
     onehot: torch.Tensor | None = None  # [R, n_slots + 1] 1.0 at each adapter row's slot (forward multiplies by it)
@@ -41,17 +48,26 @@ class SlotSelection:
 class SlotLoRALinear(nn.Module):
     """A frozen base projection plus `n_slots` LoRA slots; the rows' slots are read from the shared selection."""
 
-    def __init__(self, base: nn.Module, selection: SlotSelection, n_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        base: nn.Module,
+        selection: SlotSelection,
+        n_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__()
         self.base, self.selection = base, selection
         # Not persistent: the model's state dict stays the base model's; slots are filled by LoraSlots.load.
-        self.register_buffer("A", torch.zeros(n_slots + 1, max_rank, base.in_features, dtype=dtype, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "A", torch.zeros(n_slots + 1, max_rank, base.in_features, dtype=dtype, device=device), persistent=False
+        )
         # B is stored transposed, [slots, r, out]: all slots' B^T is one [slots * r, out] matrix without a copy, and
         # the fused CPU decode step (kernels/decode.cpp) adds h_j * B^T[slot, j, :] over contiguous output columns.
-        self.register_buffer("B", torch.zeros(n_slots + 1, max_rank, base.out_features, dtype=dtype, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "B", torch.zeros(n_slots + 1, max_rank, base.out_features, dtype=dtype, device=device), persistent=False
+        )
 
     @property
     def in_features(self) -> int:
@@ -87,11 +103,18 @@ class LoraSlots:
         self.occupied: set[int] = set()
 
     @classmethod
-    def attach(cls, model: nn.Module, n_slots: int, max_rank: int,
-               targets: str | tuple[str, ...] = ALL_LINEARS) -> LoraSlots:
+    def attach(
+        cls, model: nn.Module, n_slots: int, max_rank: int, targets: str | tuple[str, ...] = ALL_LINEARS
+    ) -> LoraSlots:
         """Put a SlotLoRALinear in each target projection of `model`; returns the manager (also `model.lora_slots`)."""
-        errors = [m for ok, m in ((n_slots >= 1, f"n_slots must be >= 1, got {n_slots}"),
-                                  (max_rank >= 1, f"max_rank must be >= 1, got {max_rank}")) if not ok]
+        errors = [
+            m
+            for ok, m in (
+                (n_slots >= 1, f"n_slots must be >= 1, got {n_slots}"),
+                (max_rank >= 1, f"max_rank must be >= 1, got {max_rank}"),
+            )
+            if not ok
+        ]
         if model.lora_slots is not None:
             errors.append("the model already has LoRA slots attached")
         if errors:
@@ -117,16 +140,22 @@ class LoraSlots:
             raise PeftError(f"{what}: peft_type {raw.get('peft_type')!r}; only LoRA adapters can be served from slots")
         cfg = lora_config_from_adapter(raw)
         if cfg.use_dora:
-            raise PeftError(f"{what} is a DoRA adapter, which slots cannot run (its magnitude rescales the base "
-                            "output); fold it into the base with `slimlm merge` and serve the merged model")
+            raise PeftError(
+                f"{what} is a DoRA adapter, which slots cannot run (its magnitude rescales the base "
+                "output); fold it into the base with `slimlm merge` and serve the merged model"
+            )
         options = [o for o in ("rank_pattern", "alpha_pattern", "lora_bias", "modules_to_save") if getattr(cfg, o)]
         if options:  # slots hold one rank and scaling per adapter and only A/B matrices
-            raise PeftError(f"{what} uses {', '.join(options)}, which slots cannot run (per-module rank/scaling, "
-                            "a bias on B, whole replaced modules); fold it into the base with `slimlm merge` and "
-                            "serve the merged model (generate, chat and eval run it as is with --adapter)")
+            raise PeftError(
+                f"{what} uses {', '.join(options)}, which slots cannot run (per-module rank/scaling, "
+                "a bias on B, whole replaced modules); fold it into the base with `slimlm merge` and "
+                "serve the merged model (generate, chat and eval run it as is with --adapter)"
+            )
         if cfg.r > self.max_rank:
-            raise PeftError(f"{what} has rank {cfg.r} but the slots' max_rank is {self.max_rank}; "
-                            f"attach the slots with max_rank >= {cfg.r}")
+            raise PeftError(
+                f"{what} has rank {cfg.r} but the slots' max_rank is {self.max_rank}; "
+                f"attach the slots with max_rank >= {cfg.r}"
+            )
         pairs = self._pairs(what, tensors, cfg.r)
         with torch.no_grad():
             for name, layer in self.layers.items():
@@ -134,11 +163,13 @@ class LoraSlots:
                 layer.B[slot].zero_()
                 if name in pairs:
                     a, b = pairs[name]
-                    layer.A[slot, :cfg.r].copy_(a)
-                    layer.B[slot, :cfg.r].copy_(b.float().T * cfg.scaling)  # copy_ casts to the slot dtype
+                    layer.A[slot, : cfg.r].copy_(a)
+                    layer.B[slot, : cfg.r].copy_(b.float().T * cfg.scaling)  # copy_ casts to the slot dtype
         self.occupied.add(slot)
 
-    def _pairs(self, what: str, tensors: dict[str, torch.Tensor], r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _pairs(
+        self, what: str, tensors: dict[str, torch.Tensor], r: int
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{layer name: (A [r, in], B [out, r])} from PEFT keys, collecting every unknown key and bad shape."""
         found, unknown, bad = {}, [], []
         for key, t in tensors.items():
@@ -154,14 +185,18 @@ class LoraSlots:
                 continue
             a, b = ab["A"], ab["B"]
             if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-                bad.append(f"{name} expects in={layer.in_features}, out={layer.out_features}, "
-                           f"got in={a.shape[1]}, out={b.shape[0]}")
+                bad.append(
+                    f"{name} expects in={layer.in_features}, out={layer.out_features}, "
+                    f"got in={a.shape[1]}, out={b.shape[0]}"
+                )
             if a.shape[0] != r or b.shape[1] != r:
                 bad.append(f"{name} has rank {a.shape[0]}/{b.shape[1]} but adapter_config.json says r={r}")
         errors = []
         if unknown:
-            errors.append(f"unknown keys {sorted(unknown)[:4]} (+{max(len(unknown) - 4, 0)} more); the slots hold "
-                          f"lora_A/lora_B of {sorted({n.rsplit('.', 1)[1] for n in self.layers})} only")
+            errors.append(
+                f"unknown keys {sorted(unknown)[:4]} (+{max(len(unknown) - 4, 0)} more); the slots hold "
+                f"lora_A/lora_B of {sorted({n.rsplit('.', 1)[1] for n in self.layers})} only"
+            )
         if bad:
             errors.append("adapter was trained for a different base model: " + "; ".join(bad[:4]))
         if errors:
@@ -184,8 +219,10 @@ class LoraSlots:
             return
         empty = sorted({r for r in rows if r is not None and r not in self.occupied})
         if empty:
-            raise PeftError(f"rows select slots {empty}, which hold no adapter; load one first "
-                            f"(loaded slots: {sorted(self.occupied)})")
+            raise PeftError(
+                f"rows select slots {empty}, which hold no adapter; load one first "
+                f"(loaded slots: {sorted(self.occupied)})"
+            )
         device = next(iter(self.layers.values())).A.device
         t = torch.tensor([-1 if r is None else r for r in rows], dtype=torch.long)
         self.selection.rows = t.to(device)
@@ -242,8 +279,10 @@ class AdapterLRU:
         else:
             victim = next((k for k, (_, pins) in self._entries.items() if pins == 0), None)
             if victim is None:
-                raise SlotsBusy(f"all {self.capacity} LoRA slots hold adapters in use ({list(self._entries)}); "
-                                f"keep the request for {key!r} waiting until one is released")
+                raise SlotsBusy(
+                    f"all {self.capacity} LoRA slots hold adapters in use ({list(self._entries)}); "
+                    f"keep the request for {key!r} waiting until one is released"
+                )
             slot = self._entries.pop(victim)[0]
         loader(slot)  # if it raises, the slot simply stays free
         self._entries[key] = [slot, 1]

@@ -29,7 +29,7 @@ def block_hashes(tokens: Sequence[int], block_size: int, adapter: Hashable = Non
     """Chained hashes of every full block of `tokens` (a partial last block has none)."""
     hashes, h = [], hash(("slimlm-prefix", adapter))
     for i in range(0, len(tokens) - block_size + 1, block_size):
-        h = hash((h, tuple(tokens[i:i + block_size])))
+        h = hash((h, tuple(tokens[i : i + block_size])))
         hashes.append(h)
     return hashes
 
@@ -41,8 +41,9 @@ class PrefixCache:
         if n_blocks < 1 or block_size < 1:
             raise InputError(f"prefix cache needs n_blocks >= 1 and block_size >= 1, got {n_blocks}, {block_size}")
         self.block_size, self.n_blocks = block_size, n_blocks
-        self.k = [torch.empty(n_blocks, t.shape[1], block_size, t.shape[3], dtype=t.dtype, device=t.device)
-                  for t in cache.k]
+        self.k = [
+            torch.empty(n_blocks, t.shape[1], block_size, t.shape[3], dtype=t.dtype, device=t.device) for t in cache.k
+        ]
         self.v = [torch.empty_like(t) for t in self.k]
         self.index: OrderedDict[int, int] = OrderedDict()  # block hash -> pool block, least recently used first
         self.free = list(range(n_blocks))
@@ -55,7 +56,7 @@ class PrefixCache:
         """Pool blocks holding the longest cached prefix of `tokens`, leaving at least the last token to compute."""
         usable = (len(tokens) - 1) // self.block_size
         found = []
-        for h in block_hashes(tokens[:usable * self.block_size], self.block_size, adapter):
+        for h in block_hashes(tokens[: usable * self.block_size], self.block_size, adapter):
             block = self.index.get(h)
             if block is None:
                 break
@@ -87,7 +88,7 @@ class PrefixCache:
             a = i * self.block_size
             for pool, rows in ((self.k, cache.k), (self.v, cache.v)):
                 for p, r in zip(pool, rows):
-                    p[block] = r[slot, :, a:a + self.block_size]
+                    p[block] = r[slot, :, a : a + self.block_size]
             self.index[h] = block
 
     def _take_block(self) -> int:

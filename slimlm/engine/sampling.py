@@ -66,22 +66,40 @@ class SamplingParams:
             ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("top_k", _integer(self.top_k) and self.top_k >= -1, "an integer >= 1, or 0 or -1 for no limit"),
             ("min_p", _number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
-            ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0,
-             "a number > 0 (1 = off)"),
-            ("presence_penalty", _number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-             "a number in [-2, 2]"),
-            ("frequency_penalty", _number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-             "a number in [-2, 2]"),
-            ("seed", self.seed is None or (_integer(self.seed) and 0 <= self.seed < 2**64),
-             "null or an integer in [0, 2**64)"),
-            ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
-             "a list of non-empty strings"),
+            (
+                "repetition_penalty",
+                _number(self.repetition_penalty) and self.repetition_penalty > 0,
+                "a number > 0 (1 = off)",
+            ),
+            (
+                "presence_penalty",
+                _number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                "a number in [-2, 2]",
+            ),
+            (
+                "frequency_penalty",
+                _number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                "a number in [-2, 2]",
+            ),
+            (
+                "seed",
+                self.seed is None or (_integer(self.seed) and 0 <= self.seed < 2**64),
+                "null or an integer in [0, 2**64)",
+            ),
+            (
+                "stop",
+                isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+                "a list of non-empty strings",
+            ),
             ("min_new_tokens", _integer(self.min_new_tokens) and self.min_new_tokens >= 0, "an integer >= 0"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
             ("logprobs", isinstance(self.logprobs, bool), "true or false"),
             ("top_logprobs", _integer(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "an integer in [0, 20]"),
-            ("structured", self.structured is None or isinstance(self.structured, StructuredOutput),
-             "None or a StructuredOutput (slimlm.engine.structured)"),
+            (
+                "structured",
+                self.structured is None or isinstance(self.structured, StructuredOutput),
+                "None or a StructuredOutput (slimlm.engine.structured)",
+            ),
         ]
         errors = [f"{name} must be {allowed}, got {getattr(self, name)!r}" for name, ok, allowed in checks if not ok]
         if not errors and self.top_logprobs > 0 and not self.logprobs:
@@ -170,20 +188,25 @@ class SamplingTensors:
         def col(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        return cls(temperature=col([p.temperature or 1.0 for p in params])[:, None],
-                   top_k=col([max(p.top_k, 0) for p in params], torch.long), top_p=col([p.top_p for p in params]),
-                   min_p=col([p.min_p for p in params]),
-                   # A penalty below float32's range (5e-324) would become 0, and a masked logit (-inf) x 0 is NaN.
-                   repetition=col([p.repetition_penalty for p in params]).clamp(min=torch.finfo(torch.float32).tiny),
-                   presence=col([p.presence_penalty for p in params]),
-                   frequency=col([p.frequency_penalty for p in params]),
-                   use_top_k=any(p.top_k > 0 for p in params), use_top_p=any(p.top_p < 1 for p in params),
-                   use_repetition=any(p.repetition_penalty != 1 for p in params),
-                   use_presence_frequency=any(p.presence_penalty or p.frequency_penalty for p in params))
+        return cls(
+            temperature=col([p.temperature or 1.0 for p in params])[:, None],
+            top_k=col([max(p.top_k, 0) for p in params], torch.long),
+            top_p=col([p.top_p for p in params]),
+            min_p=col([p.min_p for p in params]),
+            # A penalty below float32's range (5e-324) would become 0, and a masked logit (-inf) x 0 is NaN.
+            repetition=col([p.repetition_penalty for p in params]).clamp(min=torch.finfo(torch.float32).tiny),
+            presence=col([p.presence_penalty for p in params]),
+            frequency=col([p.frequency_penalty for p in params]),
+            use_top_k=any(p.top_k > 0 for p in params),
+            use_top_p=any(p.top_p < 1 for p in params),
+            use_repetition=any(p.repetition_penalty != 1 for p in params),
+            use_presence_frequency=any(p.presence_penalty or p.frequency_penalty for p in params),
+        )
 
 
-def apply_penalties(logits: torch.Tensor, prompt: torch.Tensor, counts: torch.Tensor,
-                    t: SamplingTensors) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, prompt: torch.Tensor, counts: torch.Tensor, t: SamplingTensors
+) -> torch.Tensor:
     """logits [B, V]; prompt [B, V] bool; counts [B, V] int32 of generated tokens. vLLM's order: repetition first
     (over prompt + generated tokens), then logit -= presence * (count > 0) + frequency * count."""
     generated = counts > 0
@@ -238,10 +261,14 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]] | None]  # (token id, logprob), most likely first; None likewise
 
 
-def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], counts: TokenCounts | None = None,
-                 rows: torch.Tensor | Sequence[int] | None = None,
-                 generators: Sequence[torch.Generator | None] | None = None,
-                 default_generator: torch.Generator | None = None) -> SampleOutput:
+def sample_batch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    counts: TokenCounts | None = None,
+    rows: torch.Tensor | Sequence[int] | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
+    default_generator: torch.Generator | None = None,
+) -> SampleOutput:
     """One token per row of logits [B, V], row i following params[i].
 
     counts/rows: the penalty state and which of its rows each logits row is (default 0..B-1); needed only when a
@@ -274,14 +301,19 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], counts:
             drawn[shared] = draw(probs[shared], default_generator)
         for j, i in enumerate(rand):  # seeded rows one at a time: their draws must not depend on the batch
             if gens[i] is not None:
-                drawn[j] = draw(probs[j:j + 1], gens[i])[0]
+                drawn[j] = draw(probs[j : j + 1], gens[i])[0]
         tokens[rand] = drawn
     return SampleOutput(tokens, *_logprobs(raw, tokens, params))
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
-    return (p.temperature == 0 and not p.logprobs and p.repetition_penalty == 1 and not p.presence_penalty
-            and not p.frequency_penalty)
+    return (
+        p.temperature == 0
+        and not p.logprobs
+        and p.repetition_penalty == 1
+        and not p.presence_penalty
+        and not p.frequency_penalty
+    )
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[list, list]:

@@ -32,10 +32,10 @@ def ngram_propose(tokens: Sequence[int], k: int, max_n: int = 3, min_n: int = 1)
     if k < 1:
         return []
     for n in range(min(max_n, L - 1), min_n - 1, -1):
-        tail = list(tokens[L - n:])
+        tail = list(tokens[L - n :])
         for start in range(L - n - 1, -1, -1):  # most recent first; the match must end before the tail starts
-            if list(tokens[start:start + n]) == tail:
-                return list(tokens[start + n:start + n + k])
+            if list(tokens[start : start + n]) == tail:
+                return list(tokens[start + n : start + n + k])
     return []
 
 
@@ -51,8 +51,9 @@ def verify_greedy(logits: torch.Tensor, drafts: Sequence[int]) -> list[int]:
     return out
 
 
-def verify_sampled(logits: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
-                   generator: torch.Generator | None) -> list[int]:
+def verify_sampled(
+    logits: torch.Tensor, drafts: Sequence[int], params: SamplingParams, generator: torch.Generator | None
+) -> list[int]:
     """The rejection rule for point-mass drafts on logits [k + 1, V] (temperature and top-k/p/min-p applied)."""
     t = SamplingTensors.from_params([params] * logits.shape[0], logits.device)
     probs = filter_probs(logits.float() / t.temperature, t)  # [k + 1, V], rows unnormalised
@@ -63,9 +64,9 @@ def verify_sampled(logits: torch.Tensor, drafts: Sequence[int], params: Sampling
         if bool(u < probs[j, d]):
             out.append(d)
             continue
-        residual = probs[j:j + 1].clone()
+        residual = probs[j : j + 1].clone()
         residual[0, d] = 0.0  # max(0, p - q) for q = one-hot(d)
         out.append(int(draw(residual, generator)[0]))
         return out
-    out.append(int(draw(probs[len(drafts):], generator)[0]))
+    out.append(int(draw(probs[len(drafts) :], generator)[0]))
     return out

@@ -24,8 +24,9 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,14 +59,19 @@ class StructuredOutput:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise StructuredOutputError(f"{self.param}: the kind must be one of {', '.join(KINDS)}, got "
-                                        f"{self.kind!r}", self.param)
-        ok = {"json_object": self.value is None, "choice": isinstance(self.value, tuple) and bool(self.value)
-              and all(isinstance(c, str) and c for c in self.value)}.get(self.kind, isinstance(self.value, str)
-                                                                         and bool(self.value))
+            raise StructuredOutputError(
+                f"{self.param}: the kind must be one of {', '.join(KINDS)}, got {self.kind!r}", self.param
+            )
+        ok = {
+            "json_object": self.value is None,
+            "choice": isinstance(self.value, tuple)
+            and bool(self.value)
+            and all(isinstance(c, str) and c for c in self.value),
+        }.get(self.kind, isinstance(self.value, str) and bool(self.value))
         if not ok:
             need = {"json_object": "no value", "choice": "a non-empty list of non-empty strings"}.get(
-                self.kind, "a non-empty string")
+                self.kind, "a non-empty string"
+            )
             raise StructuredOutputError(f"{self.param}: {self.kind} needs {need}, got {self.value!r}", self.param)
 
     @classmethod
@@ -79,8 +85,10 @@ class StructuredOutput:
             except ValueError as e:
                 raise StructuredOutputError(f"{param}: the schema is not valid JSON ({e})", param) from None
         if not isinstance(schema, (dict, bool)):
-            raise StructuredOutputError(f"{param}: a JSON schema must be an object (or a pydantic model class), "
-                                        f"got {type(schema).__name__}", param)
+            raise StructuredOutputError(
+                f"{param}: a JSON schema must be an object (or a pydantic model class), got {type(schema).__name__}",
+                param,
+            )
         return cls("json_schema", json.dumps(schema, ensure_ascii=False), param)
 
     @classmethod
@@ -102,8 +110,9 @@ class StructuredOutput:
         return cls("choice", tuple(choices), param)
 
     @classmethod
-    def from_response_format(cls, response_format: dict | type | None,
-                             param: str = "response_format") -> StructuredOutput | None:
+    def from_response_format(
+        cls, response_format: dict | type | None, param: str = "response_format"
+    ) -> StructuredOutput | None:
         """OpenAI's response_format ({"type": "text" | "json_object" | "json_schema", "json_schema": {"schema":
         ...}}) or a pydantic model class; None for "text" (no constraint)."""
         if response_format is None:
@@ -118,19 +127,24 @@ class StructuredOutput:
         if kind == "json_schema":
             spec = response_format.get("json_schema")
             if not isinstance(spec, dict) or "schema" not in spec:
-                raise StructuredOutputError(f'{param}: type "json_schema" needs "json_schema": {{"name": ..., '
-                                            f'"schema": {{...}}}}', param)
+                raise StructuredOutputError(
+                    f'{param}: type "json_schema" needs "json_schema": {{"name": ..., "schema": {{...}}}}', param
+                )
             return cls.json_schema(spec["schema"], param)
-        raise StructuredOutputError(f'{param}: "type" must be "text", "json_object" or "json_schema" (or pass a '
-                                    f"pydantic model class), got {response_format!r}"[:300], param)
+        raise StructuredOutputError(
+            f'{param}: "type" must be "text", "json_object" or "json_schema" (or pass a '
+            f"pydantic model class), got {response_format!r}"[:300],
+            param,
+        )
 
 
 def one_of(specs: Sequence[StructuredOutput | None]) -> StructuredOutput | None:
     """The one constraint a request gave (None if none); StructuredOutputError naming both if it gave two."""
     given = [s for s in specs if s is not None]
     if len(given) > 1:
-        raise StructuredOutputError(f"{given[0].param} and {given[1].param} both constrain the output: give one",
-                                    given[1].param)
+        raise StructuredOutputError(
+            f"{given[0].param} and {given[1].param} both constrain the output: give one", given[1].param
+        )
     return given[0] if given else None
 
 
@@ -143,8 +157,8 @@ def choice_grammar(choices: Sequence[str]) -> str:
 # strings (maxLength / minLength) [^"\\\r\n] lets raw control characters U+0000..U+001F through (json.loads refuses
 # them), and both that class and the unbounded strings' [^\0-\x1f"\\\r\n] take UTF-8-encoded surrogates (bytes
 # ED A0..BF xx, invalid UTF-8: the text decodes to U+FFFD and breaks maxLength). We swap in a class without either.
-_STRING_CHARS = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
-_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n\ud800-\udfff]'
+_STRING_CHARS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n\ud800-\udfff]"
 
 
 def json_grammar(spec: StructuredOutput) -> Any:
@@ -175,8 +189,9 @@ class GrammarCompiler:
         # vocab_size is the model's (its embedding may be larger than the tokenizer's vocabulary): ids past the
         # tokenizer's are never allowed in a structured row.
         self.vocab_size = vocab_size
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer.hf, vocab_size=vocab_size,
-                                                       stop_token_ids=sorted(stop_token_ids) or None)
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer.hf, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids) or None
+        )
         self._xgr = xgr.GrammarCompiler(self.info, cache_enabled=False)  # our LRU is the cache
         self._cache: OrderedDict[StructuredOutput, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -209,8 +224,7 @@ class GrammarCompiler:
         except Exception as e:  # noqa: BLE001 — xgrammar raises RuntimeError for all of them; the client's input
             why = _XGR_PREFIX.sub("", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
             what = {"json_schema": "JSON schema", "grammar": "EBNF grammar"}.get(spec.kind, spec.kind)
-            raise StructuredOutputError(f"{spec.param}: cannot compile this {what}: {why[:300]}", spec.param) \
-                from None
+            raise StructuredOutputError(f"{spec.param}: cannot compile this {what}: {why[:300]}", spec.param) from None
 
     def state(self, spec: StructuredOutput) -> GrammarState:
         """A fresh matcher for one sequence following spec."""

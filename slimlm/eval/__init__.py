@@ -12,5 +12,17 @@ from slimlm.eval.perplexity import perplexity, perplexity_of_ids, sliding_window
 from slimlm.eval.speed import SpeedConfig, disk_size, measure_speed, memory_report, peak_rss_bytes
 from slimlm.eval.task_accuracy import task_accuracy
 
-__all__ = ["SpeedConfig", "builtin_corpus", "builtin_documents", "corpus_info", "disk_size", "measure_speed",
-           "memory_report", "peak_rss_bytes", "perplexity", "perplexity_of_ids", "sliding_windows", "task_accuracy"]
+__all__ = [
+    "SpeedConfig",
+    "builtin_corpus",
+    "builtin_documents",
+    "corpus_info",
+    "disk_size",
+    "measure_speed",
+    "memory_report",
+    "peak_rss_bytes",
+    "perplexity",
+    "perplexity_of_ids",
+    "sliding_windows",
+    "task_accuracy",
+]

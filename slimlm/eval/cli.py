@@ -14,8 +14,9 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from slimlm.errors import USER_ERRORS, InputError, report_error
 
@@ -29,13 +30,23 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     from slimlm.recipe import add_command_flags
 
     add_command_flags(p, LoadConfig, skip=EVAL_SKIP)
-    p.add_argument("--ppl", nargs="?", const=BUILTIN, default=None, metavar="FILE",
-                   help="perplexity on FILE (UTF-8 text, or .jsonl with a 'text' field per line); "
-                        "without FILE on the built-in held-out corpus")
+    p.add_argument(
+        "--ppl",
+        nargs="?",
+        const=BUILTIN,
+        default=None,
+        metavar="FILE",
+        help="perplexity on FILE (UTF-8 text, or .jsonl with a 'text' field per line); "
+        "without FILE on the built-in held-out corpus",
+    )
     p.add_argument("--ppl-tokens", type=int, default=None, metavar="N", help="score at most N tokens (default: all)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens (default 512)")
-    p.add_argument("--stride", type=int, default=None,
-                   help="window step; < seq-len scores each token once with overlap as context (default: seq-len)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="window step; < seq-len scores each token once with overlap as context (default: seq-len)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward pass")
     p.add_argument("--task", default=None, metavar="FILE", help="JSONL chat records: greedy answers, exact match")
     p.add_argument("--task-metric", default=None, metavar="NAME", help="a bundled task's scorer (e.g. extract_json)")
@@ -51,8 +62,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def add_eval_commands(sub) -> None:
     """Register `eval` on the subparsers `sub` of the slimlm command line."""
-    e = sub.add_parser("eval", help="perplexity, task accuracy and speed of a model (Markdown table + JSON)",
-                       description=__doc__.split("\n\n")[0])
+    e = sub.add_parser(
+        "eval",
+        help="perplexity, task accuracy and speed of a model (Markdown table + JSON)",
+        description=__doc__.split("\n\n")[0],
+    )
     add_eval_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -126,19 +140,32 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     _check_args(args)
     t0 = time.perf_counter()
     llm = load(**dataclasses.asdict(config_from_flags(LoadConfig, args)))  # backend: torch (no --backend here)
-    out: dict[str, Any] = {"model": args.model, "adapter": args.adapter,
-                           "quantization": describe_quantization(llm.model.quantization),
-                           "dtype": str(llm.model.dtype).removeprefix("torch."), "device": str(llm.model.device),
-                           "parameters": sum(p.numel() for p in llm.model.parameters()),
-                           "load_s": time.perf_counter() - t0, "python": platform.python_version(),
-                           "torch": torch.__version__}
+    out: dict[str, Any] = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "quantization": describe_quantization(llm.model.quantization),
+        "dtype": str(llm.model.dtype).removeprefix("torch."),
+        "device": str(llm.model.device),
+        "parameters": sum(p.numel() for p in llm.model.parameters()),
+        "load_s": time.perf_counter() - t0,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if args.ppl is not None:
         from slimlm.eval.corpus import builtin_corpus, corpus_info
         from slimlm.eval.perplexity import perplexity
 
         text = builtin_corpus("heldout") if args.ppl == BUILTIN else read_text(args.ppl)
-        res = perplexity(llm.model, llm.tokenizer, text, seq_len=args.seq_len, stride=args.stride or args.seq_len,
-                         max_tokens=args.ppl_tokens, batch_size=args.batch_size, progress=not args.quiet)
+        res = perplexity(
+            llm.model,
+            llm.tokenizer,
+            text,
+            seq_len=args.seq_len,
+            stride=args.stride or args.seq_len,
+            max_tokens=args.ppl_tokens,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
         res["text"] = args.ppl
         if args.ppl == BUILTIN:
             res["corpus"] = corpus_info()
@@ -146,8 +173,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.task is not None:
         from slimlm.eval.task_accuracy import task_accuracy
 
-        out["task"] = task_accuracy(llm.model, llm.tokenizer, args.task, args.task_metric, args.task_limit,
-                                    args.max_new_tokens)
+        out["task"] = task_accuracy(
+            llm.model, llm.tokenizer, args.task, args.task_metric, args.task_limit, args.max_new_tokens
+        )
     if args.speed:
         cfg = SpeedConfig(args.speed_prompt, args.speed_new, repeats=args.speed_repeats)
         out["speed"] = measure_speed(llm.model, cfg)
@@ -169,20 +197,30 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def format_table(res: dict[str, Any]) -> str:
     """One Markdown table with one row: the columns of what was measured."""
-    cols = [("model", res["model"] + (f" + {res['adapter']}" if res.get("adapter") else "")), ("dtype", res["dtype"]),
-            ("weights", res.get("quantization") or res["dtype"])]
+    cols = [
+        ("model", res["model"] + (f" + {res['adapter']}" if res.get("adapter") else "")),
+        ("dtype", res["dtype"]),
+        ("weights", res.get("quantization") or res["dtype"]),
+    ]
     if "perplexity" in res:
         p = res["perplexity"]
-        cols += [("ppl", _fmt(p["ppl"], 3)), ("nll", _fmt(p["nll"], 4)), ("tokens", _fmt(p["tokens_scored"])),
-                 ("seq_len/stride", f"{p['seq_len']}/{p['stride']}")]
+        cols += [
+            ("ppl", _fmt(p["ppl"], 3)),
+            ("nll", _fmt(p["nll"], 4)),
+            ("tokens", _fmt(p["tokens_scored"])),
+            ("seq_len/stride", f"{p['seq_len']}/{p['stride']}"),
+        ]
     if "task" in res:
         t = res["task"]
         cols += [(f"acc ({t['metric']})", f"{t['accuracy']:.3f}"), ("n", _fmt(t["n"]))]
     if "speed" in res:
         s = res["speed"]
         mib = None if s.get("model_bytes") is None else s["model_bytes"] / 2**20
-        cols += [("prefill tok/s", _fmt(s["prefill_tokens_per_s"], 1)),
-                 ("decode tok/s", _fmt(s["decode_tokens_per_s"], 1)), ("disk MiB", _fmt(mib, 1))]
+        cols += [
+            ("prefill tok/s", _fmt(s["prefill_tokens_per_s"], 1)),
+            ("decode tok/s", _fmt(s["decode_tokens_per_s"], 1)),
+            ("disk MiB", _fmt(mib, 1)),
+        ]
     cols.append(("peak RSS MiB", _fmt(res["memory"]["peak_rss_bytes"] / 2**20, 1)))
     head = "| " + " | ".join(c for c, _ in cols) + " |"
     rule = "|" + "|".join("-" * (len(c) + 2) for c, _ in cols) + "|"
@@ -195,8 +233,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.json:  # a report is regenerated freely, but never written over what it measures
         ppl = args.ppl if args.ppl not in (None, BUILTIN) else None
-        check_output(args.json, overwrite=True, inputs=[args.model, args.adapter, args.task, ppl], flag="--json",
-                     kind="file")
+        check_output(
+            args.json, overwrite=True, inputs=[args.model, args.adapter, args.task, ppl], flag="--json", kind="file"
+        )
     res = run_eval(args)
     print(format_table(res))
     if args.json:

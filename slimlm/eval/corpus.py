@@ -40,7 +40,9 @@ from pathlib import Path
 
 from slimlm.errors import InputError
 
-STDLIB_MODULES = tuple(sorted("""
+STDLIB_MODULES = tuple(
+    sorted(
+        """
     abc argparse ast asyncio.events asyncio.futures asyncio.locks asyncio.queues asyncio.streams asyncio.tasks
     base64 bisect calendar cmd codecs collections collections.abc concurrent.futures configparser contextlib copy
     csv dataclasses datetime difflib dis doctest email.message email.parser email.utils enum fileinput fnmatch
@@ -50,7 +52,9 @@ STDLIB_MODULES = tuple(sorted("""
     reprlib sched secrets selectors shelve shlex shutil smtplib socketserver statistics string struct subprocess
     tarfile tempfile textwrap threading timeit tokenize trace traceback types typing unittest.case unittest.mock
     urllib.parse urllib.request uuid warnings weakref xml.dom.minidom xml.etree.ElementTree zipfile zipimport
-""".split()))
+""".split()
+    )
+)
 SPLITS = ("calibration", "heldout")
 SPLIT_SALT = "slimlm-eval-corpus-v1\0"
 HELDOUT_EVERY = 4
@@ -111,8 +115,10 @@ def split_of(document: str) -> str:
 def _build() -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
     """({split: documents}, modules that could not be imported); computed once per process."""
     if sys.flags.optimize >= 2:
-        raise RuntimeError("Python runs with -OO, which strips docstrings: the built-in corpus is empty; "
-                           "run without -OO or pass a text file")
+        raise RuntimeError(
+            "Python runs with -OO, which strips docstrings: the built-in corpus is empty; "
+            "run without -OO or pass a text file"
+        )
     seen: set[str] = set()
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     missing = []
@@ -147,13 +153,21 @@ def builtin_corpus(split: str) -> str:
 def corpus_info() -> dict:
     """Python version, module count, and per split: documents, characters and the sha256 of the text."""
     splits, missing = _build()
-    info = {"source": "Python standard library docstrings", "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-            "python_full": sys.version.split()[0], "modules": len(STDLIB_MODULES) - len(missing),
-            "missing_modules": list(missing), "rule": f"heldout if sha256(salt + text) % {HELDOUT_EVERY} == 0"}
+    info = {
+        "source": "Python standard library docstrings",
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "python_full": sys.version.split()[0],
+        "modules": len(STDLIB_MODULES) - len(missing),
+        "missing_modules": list(missing),
+        "rule": f"heldout if sha256(salt + text) % {HELDOUT_EVERY} == 0",
+    }
     for split in SPLITS:
         text = builtin_corpus(split)
-        info[split] = {"documents": len(splits[split]), "characters": len(text),
-                       "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+        info[split] = {
+            "documents": len(splits[split]),
+            "characters": len(text),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        }
     return info
 
 
@@ -166,7 +180,9 @@ def calibration_ids(tokenizer, path: str | None, samples: int, seq_len: int):
     text = builtin_corpus("calibration") if path is None else Path(path).read_text(encoding="utf-8")
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     if len(ids) < samples * seq_len:
-        raise InputError(f"the calibration text has {len(ids)} tokens; {samples} x {seq_len} are needed: use fewer "
-                         "--calib-samples, a shorter --calib-seq-len, or a longer --calib-file")
+        raise InputError(
+            f"the calibration text has {len(ids)} tokens; {samples} x {seq_len} are needed: use fewer "
+            "--calib-samples, a shorter --calib-seq-len, or a longer --calib-file"
+        )
     starts = torch.linspace(0, len(ids) - seq_len, samples).long()
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

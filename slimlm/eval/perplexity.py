@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -113,27 +114,38 @@ def _features(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, nn.Mod
     return model(ids), nn.Identity()  # [B, T, V]
 
 
-def _batch_nll(model: nn.Module, stream: torch.Tensor, batch: list[Window], prefix: torch.Tensor,
-               chunk_size: int) -> tuple[float, int]:
+def _batch_nll(
+    model: nn.Module, stream: torch.Tensor, batch: list[Window], prefix: torch.Tensor, chunk_size: int
+) -> tuple[float, int]:
     """Summed NLL (fp64) and count of the targets of one batch of equal-length windows."""
     P = prefix.numel()
-    ids = torch.stack([torch.cat([prefix, stream[w.begin:w.end]]) for w in batch])  # [B, P + L]
+    ids = torch.stack([torch.cat([prefix, stream[w.begin : w.end]]) for w in batch])  # [B, P + L]
     feats, head = _features(model, ids)  # [B, P + L, F]
     # Target token at window offset j is predicted by the features at offset j - 1.
-    sel = torch.cat([feats[r, P + w.score_from - w.begin - 1:P + w.length - 1] for r, w in enumerate(batch)])  # [N, F]
-    targets = torch.cat([stream[w.score_from:w.end] for w in batch])  # [N]
+    sel = torch.cat(
+        [feats[r, P + w.score_from - w.begin - 1 : P + w.length - 1] for r, w in enumerate(batch)]
+    )  # [N, F]
+    targets = torch.cat([stream[w.score_from : w.end] for w in batch])  # [N]
     total = 0.0
     for start in range(0, sel.shape[0], chunk_size):
-        logits = head(sel[start:start + chunk_size]).float()  # [n, V], fp32 for the log-softmax
-        nll = F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none")  # [n]
+        logits = head(sel[start : start + chunk_size]).float()  # [n, V], fp32 for the log-softmax
+        nll = F.cross_entropy(logits, targets[start : start + chunk_size], reduction="none")  # [n]
         total += float(nll.double().sum())
     return total, int(targets.numel())
 
 
 @torch.no_grad()
-def perplexity_of_ids(model: CausalLM | nn.Module, ids: Sequence[int], *, seq_len: int = 512, stride: int = 512,
-                      max_tokens: int | None = None, batch_size: int = 4, chunk_size: int = 512,
-                      progress: bool = True) -> dict[str, Any]:
+def perplexity_of_ids(
+    model: CausalLM | nn.Module,
+    ids: Sequence[int],
+    *,
+    seq_len: int = 512,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    chunk_size: int = 512,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Perplexity of a token stream under the protocol of the module docstring; see `perplexity` for the result."""
     from tqdm.auto import tqdm
 
@@ -146,8 +158,10 @@ def perplexity_of_ids(model: CausalLM | nn.Module, ids: Sequence[int], *, seq_le
     config = model.config if isinstance(model, CausalLM) else None  # any other nn.Module: no sizes to check
     limit = config.max_seq_len if config is not None else None
     if limit is not None and seq_len + len(prefix_ids) > limit:
-        raise InputError(f"seq_len {seq_len} (+ {len(prefix_ids)} virtual tokens) exceeds the model's context of "
-                         f"{limit} tokens; lower seq_len")
+        raise InputError(
+            f"seq_len {seq_len} (+ {len(prefix_ids)} virtual tokens) exceeds the model's context of "
+            f"{limit} tokens; lower seq_len"
+        )
     vocab = config.vocab_size if config is not None else None
     if vocab is not None and (max(ids) >= vocab or min(ids) < 0):
         raise InputError(f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}: wrong tokenizer?")
@@ -169,15 +183,37 @@ def perplexity_of_ids(model: CausalLM | nn.Module, ids: Sequence[int], *, seq_le
         model.train(was_training)
     seconds = time.perf_counter() - t0
     nll = nll_sum / n
-    return {"ppl": math.exp(nll), "nll": nll, "tokens_scored": n, "tokens_total": len(ids), "windows": len(windows),
-            "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size,
-            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "virtual_tokens": len(prefix_ids),
-            "seconds": seconds, "tokens_per_s": n / seconds if seconds > 0 else 0.0}
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "tokens_scored": n,
+        "tokens_total": len(ids),
+        "windows": len(windows),
+        "seq_len": seq_len,
+        "stride": stride,
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "virtual_tokens": len(prefix_ids),
+        "seconds": seconds,
+        "tokens_per_s": n / seconds if seconds > 0 else 0.0,
+    }
 
 
-def perplexity(model: CausalLM | nn.Module, tokenizer: Any, text: str, *, seq_len: int = 512, stride: int = 512,
-               max_tokens: int | None = None, batch_size: int = 4, add_special_tokens: bool = True,
-               chunk_size: int = 512, progress: bool = True) -> dict[str, Any]:
+def perplexity(
+    model: CausalLM | nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    seq_len: int = 512,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    add_special_tokens: bool = True,
+    chunk_size: int = 512,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Perplexity of `model` on `text` (protocol in the module docstring).
 
     model: slimlm.model.Transformer (or any module mapping ids [B, T] to logits [B, T, V]); tokenizer: anything
@@ -189,7 +225,15 @@ def perplexity(model: CausalLM | nn.Module, tokenizer: Any, text: str, *, seq_le
     if not isinstance(text, str) or not text.strip():
         raise InputError("the text to measure perplexity on is empty")
     ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    out = perplexity_of_ids(model, ids, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-                            batch_size=batch_size, chunk_size=chunk_size, progress=progress)
+    out = perplexity_of_ids(
+        model,
+        ids,
+        seq_len=seq_len,
+        stride=stride,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
     out["add_special_tokens"] = add_special_tokens
     return out

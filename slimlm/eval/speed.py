@@ -19,7 +19,6 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,13 +63,19 @@ def measure_speed(model: torch.nn.Module, config: SpeedConfig | None = None) -> 
     cfg.validate()
     need = cfg.prompt_tokens + cfg.new_tokens + 1
     if need > model.config.max_seq_len:
-        raise InputError(f"prompt_tokens + new_tokens + 1 = {need} exceeds the model's context of "
-                         f"{model.config.max_seq_len} tokens")
+        raise InputError(
+            f"prompt_tokens + new_tokens + 1 = {need} exceeds the model's context of {model.config.max_seq_len} tokens"
+        )
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, model.config.vocab_size, (cfg.prompt_tokens,), generator=g).tolist()
     was_training = model.training
-    engine = Engine(model, None, EngineConfig(max_batch=1, max_seq_len=need, max_loras=0, prefix_cache=False,
-                                              prefill_chunk=max(cfg.prompt_tokens, 1)))
+    engine = Engine(
+        model,
+        None,
+        EngineConfig(
+            max_batch=1, max_seq_len=need, max_loras=0, prefix_cache=False, prefill_chunk=max(cfg.prompt_tokens, 1)
+        ),
+    )
     try:
         for _ in range(cfg.warmup):
             _run_once(engine, prompt, cfg.new_tokens)
@@ -79,10 +84,17 @@ def measure_speed(model: torch.nn.Module, config: SpeedConfig | None = None) -> 
         model.train(was_training)
     prefill_s = statistics.median(r[0] for r in runs)
     decode_s = statistics.median(r[1] for r in runs)
-    return {"prefill_tokens_per_s": cfg.prompt_tokens / prefill_s, "decode_tokens_per_s": cfg.new_tokens / decode_s,
-            "prefill_s": prefill_s, "decode_s": decode_s, **asdict(cfg),
-            "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "threads": torch.get_num_threads(), "fused_decode": engine.fused is not None}
+    return {
+        "prefill_tokens_per_s": cfg.prompt_tokens / prefill_s,
+        "decode_tokens_per_s": cfg.new_tokens / decode_s,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        **asdict(cfg),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "threads": torch.get_num_threads(),
+        "fused_decode": engine.fused is not None,
+    }
 
 
 def disk_size(path: str | Path) -> int:

@@ -40,8 +40,9 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 @torch.no_grad()
-def generate_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[Messages], max_new_tokens: int = 64,
-                     batch_size: int = 16) -> list[str]:
+def generate_answers(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[Messages], max_new_tokens: int = 64, batch_size: int = 16
+) -> list[str]:
     """Greedy answers to chat prompts (in eval mode; the model's train/eval mode is restored afterwards)."""
     was_training = model.training
     model.eval()
@@ -50,18 +51,24 @@ def generate_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[Messa
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         answers = []
         for i in range(0, len(prompts), batch_size):
-            answers += [c.text for c in llm.complete(prompts[i:i + batch_size], params, chat=True)]
+            answers += [c.text for c in llm.complete(prompts[i : i + batch_size], params, chat=True)]
         return answers
     finally:
         model.train(was_training)
 
 
-def generation_accuracy(model: torch.nn.Module, tokenizer: Any, records: list[tuple[Messages, str]],
-                        task: str | None = None, max_new_tokens: int = 64) -> dict[str, float]:
+def generation_accuracy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: list[tuple[Messages, str]],
+    task: str | None = None,
+    max_new_tokens: int = 64,
+) -> dict[str, float]:
     """{"exact_match": fraction of records answered exactly right, "n": count}."""
     score = exact_match
     if task is not None:
         from slimlm.tasks import TASKS
+
         score = TASKS[task].exact_match
     answers = generate_answers(model, tokenizer, [p for p, _ in records], max_new_tokens)
     hits = sum(score(a, ref) for a, (_, ref) in zip(answers, records))
@@ -75,8 +82,14 @@ def task_metric_names() -> list[str]:
     return sorted(TASKS)
 
 
-def task_accuracy(model: torch.nn.Module, tokenizer: Any, path: str | Path, metric: str | None = None,
-                  limit: int | None = None, max_new_tokens: int = 64) -> dict[str, Any]:
+def task_accuracy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    path: str | Path,
+    metric: str | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
     """{"accuracy", "n", "metric", "file", "seconds"}: the fraction of the first `limit` records answered right."""
     path = Path(path)
     if not path.is_file():
@@ -90,5 +103,11 @@ def task_accuracy(model: torch.nn.Module, tokenizer: Any, path: str | Path, metr
         raise InputError(f"{path}: no chat record ending with an assistant message to score")
     t0 = time.perf_counter()
     res = generation_accuracy(model, tokenizer, records, task=metric, max_new_tokens=max_new_tokens)
-    return {"accuracy": res["exact_match"], "n": res["n"], "metric": metric or "exact_match", "file": str(path),
-            "max_new_tokens": max_new_tokens, "seconds": time.perf_counter() - t0}
+    return {
+        "accuracy": res["exact_match"],
+        "n": res["n"],
+        "metric": metric or "exact_match",
+        "file": str(path),
+        "max_new_tokens": max_new_tokens,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -13,22 +13,33 @@ def add_export_commands(sub) -> None:
     """Register `export` and its formats on the CLI's subparsers `sub`."""
     e = sub.add_parser("export", help="export a model: onnx (+ onnxruntime), torchscript, tflite, tensorrt, gguf")
     fmt = e.add_subparsers(dest="format", required=True)
-    for name, help_ in (("onnx", "ONNX decoder graph with KV-cache inputs/outputs (int8/int4 stay low-bit)"),
-                        ("torchscript", "traced TorchScript decoder (.pt) that runs without slimlm"),
-                        ("tflite", "LiteRT/TFLite model with prefill and decode signatures (needs litert-torch)")):
+    for name, help_ in (
+        ("onnx", "ONNX decoder graph with KV-cache inputs/outputs (int8/int4 stay low-bit)"),
+        ("torchscript", "traced TorchScript decoder (.pt) that runs without slimlm"),
+        ("tflite", "LiteRT/TFLite model with prefill and decode signatures (needs litert-torch)"),
+    ):
         p = fmt.add_parser(name, help=help_)
-        p.add_argument("--model", default="smollm2-135m", help="alias, HF folder (plain or slimlm-quantized), .gguf or hub id")
+        p.add_argument(
+            "--model", default="smollm2-135m", help="alias, HF folder (plain or slimlm-quantized), .gguf or hub id"
+        )
         p.add_argument("--adapter", default=None, help="LoRA/DoRA/QLoRA/BitFit adapter to merge before export")
-        p.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "int4"],
-                       help="quantize after loading (onnx, torchscript); or pass a folder from slimlm quantize")
+        p.add_argument(
+            "--quantize",
+            default=None,
+            choices=["int8", "int8-dynamic", "int4"],
+            help="quantize after loading (onnx, torchscript); or pass a folder from slimlm quantize",
+        )
         p.add_argument("--group-size", type=int, default=64, help="int4 group size")
         p.add_argument("--out", required=True, help="output folder (written atomically)")
         p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         p.add_argument("--no-check", action="store_true", help="skip the parity check after export")
         if name == "onnx":
-            p.add_argument("--exact", action="store_true",
-                           help="quantized models: fp32 arithmetic on the stored codes in ONNX Runtime (exact, slow "
-                                "on CPU) instead of its int8-compute kernels (fast, activations quantized per block)")
+            p.add_argument(
+                "--exact",
+                action="store_true",
+                help="quantized models: fp32 arithmetic on the stored codes in ONNX Runtime (exact, slow "
+                "on CPU) instead of its int8-compute kernels (fast, activations quantized per block)",
+            )
         p.add_argument("--json", action="store_true", help="print the export metadata as JSON")
         if name == "tflite":
             p.add_argument("--prefill-len", type=int, default=64, help="fixed prompt length of the prefill signature")
@@ -50,13 +61,25 @@ def add_gguf_commands(fmt) -> None:
     from slimlm.export.gguf import GGUF_TYPES
 
     g = fmt.add_parser("gguf", help="GGUF file for llama.cpp / Ollama (f32, f16, bf16, q8_0, q4_0, ...)")
-    g.add_argument("--model", default="smollm2-135m", help="alias, HF folder (plain or slimlm-quantized: dequantized "
-                   "and requantized), .gguf or hub id")
+    g.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="alias, HF folder (plain or slimlm-quantized: dequantized and requantized), .gguf or hub id",
+    )
     g.add_argument("--adapter", default=None, help="adapter to merge into the weights before export")
-    g.add_argument("--type", default="f16", help=f"tensor type: {', '.join(GGUF_TYPES)}; norms stay f32, q4/q5 "
-                   "keep the token embedding at q8_0 (K-quants such as q4_k are refused: the gguf package cannot write them; run llama.cpp's llama-quantize on an f16 export)")
-    g.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); default: "
-                   "carried over from a .gguf --model, else detected from the tokenizer as llama.cpp's converter does")
+    g.add_argument(
+        "--type",
+        default="f16",
+        help=f"tensor type: {', '.join(GGUF_TYPES)}; norms stay f32, q4/q5 "
+        "keep the token embedding at q8_0 (K-quants such as q4_k are refused: the gguf package cannot write them; "
+        "run llama.cpp's llama-quantize on an f16 export)",
+    )
+    g.add_argument(
+        "--tokenizer-pre",
+        default=None,
+        help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); default: "
+        "carried over from a .gguf --model, else detected from the tokenizer as llama.cpp's converter does",
+    )
     g.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     g.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     g.add_argument("--json", action="store_true", help="print the export metadata as JSON")
@@ -76,7 +99,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_output(args.out, overwrite=args.overwrite, inputs=[args.model, args.adapter])
     if args.format == "onnx":
-        from slimlm.export.onnx import export_onnx as export, require_onnx
+        from slimlm.export.onnx import export_onnx as export
+        from slimlm.export.onnx import require_onnx
 
         require_onnx()  # before the slow load
     elif args.format == "torchscript":
@@ -90,6 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         def export(model, tokenizer, out, check):
             return export_tflite(model, tokenizer, out, args.prefill_len, args.max_len, check)
+
     llm = load(args.model, dtype="fp32", quantize=args.quantize, group_size=args.group_size)
     if args.adapter:
         from slimlm.peft import merge_adapter
@@ -102,8 +127,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(json.dumps(meta, indent=2))
         return 0
     size = meta.get("onnx_bytes") or meta.get("tflite_bytes")
-    print(f"wrote {args.out} ({args.format}{', ' + format(size / 2**20, '.1f') + ' MiB' if size else ''}, "
-          f"{meta.get('export_s', 0):.0f} s)")
+    print(
+        f"wrote {args.out} ({args.format}{', ' + format(size / 2**20, '.1f') + ' MiB' if size else ''}, "
+        f"{meta.get('export_s', 0):.0f} s)"
+    )
     if meta.get("swapped_layers"):
         print("quantized layers kept low-bit: " + ", ".join(f"{n} {k}" for k, n in meta["swapped_layers"].items()))
     for k, v in (meta.get("parity") or {}).items():
@@ -133,14 +160,24 @@ def cmd_gguf(args: argparse.Namespace) -> int:
 
         llm.load_adapter(args.adapter)
         merge_adapter(llm.model)
-    meta = export_gguf(llm.model, llm.tokenizer.hf, llm.path, args.out, qtype, pre=args.tokenizer_pre,
-                       source=resolve(args.model), name=str(args.model))
+    meta = export_gguf(
+        llm.model,
+        llm.tokenizer.hf,
+        llm.path,
+        args.out,
+        qtype,
+        pre=args.tokenizer_pre,
+        source=resolve(args.model),
+        name=str(args.model),
+    )
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
     types = ", ".join(f"{n} {t}" for t, n in meta["tensor_types"].items())
-    print(f"wrote {args.out} ({meta['arch']}, {qtype}, {meta['bytes'] / 2**20:.1f} MiB, tensors: {types}; "
-          f"tokenizer.ggml.pre={meta['tokenizer_pre']}, {meta['export_s']:.0f} s)")
+    print(
+        f"wrote {args.out} ({meta['arch']}, {qtype}, {meta['bytes'] / 2**20:.1f} MiB, tensors: {types}; "
+        f"tokenizer.ggml.pre={meta['tokenizer_pre']}, {meta['export_s']:.0f} s)"
+    )
     return 0
 
 
@@ -155,7 +192,9 @@ def cmd_gguf_lora(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
-    print(f"wrote {args.out} (llama.cpp LoRA, {meta['layers']} layers, alpha {meta['alpha']:g}, "
-          f"{meta['bytes'] / 2**20:.1f} MiB); load it with the base model's GGUF, e.g. llama-cli -m BASE.gguf "
-          f"--lora {args.out}")
+    print(
+        f"wrote {args.out} (llama.cpp LoRA, {meta['layers']} layers, alpha {meta['alpha']:g}, "
+        f"{meta['bytes'] / 2**20:.1f} MiB); load it with the base model's GGUF, e.g. llama-cli -m BASE.gguf "
+        f"--lora {args.out}"
+    )
     return 0

@@ -38,13 +38,17 @@ class PastConcatCache:
 def check_exportable(model: Transformer) -> None:
     """Refuse what the exported layout cannot express, with what to do instead."""
     if model.config.sliding_window is not None:
-        raise InputError("sliding-window attention (Mistral-style) is not supported by the export yet: its mask "
-                         "differs per query over the past; export a model without sliding_window")
+        raise InputError(
+            "sliding-window attention (Mistral-style) is not supported by the export yet: its mask "
+            "differs per query over the past; export a model without sliding_window"
+        )
     peft = model.peft
     if peft is not None:
-        raise InputError(f"the model has an unmerged {peft.method} adapter: merge it first (export --adapter merges "
-                         "LoRA/DoRA/QLoRA/BitFit adapters; prefix, prompt and bottleneck adapters cannot be merged "
-                         "and are not exported)")
+        raise InputError(
+            f"the model has an unmerged {peft.method} adapter: merge it first (export --adapter merges "
+            "LoRA/DoRA/QLoRA/BitFit adapters; prefix, prompt and bottleneck adapters cannot be merged "
+            "and are not exported)"
+        )
 
 
 class ExportDecoder(nn.Module):
@@ -55,8 +59,9 @@ class ExportDecoder(nn.Module):
         check_exportable(model)
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         m = self.model
         T, S = input_ids.shape[1], attention_mask.shape[1]  # S = P + T
         q_slot = torch.arange(T, device=input_ids.device) + (S - T)  # [T] where each new token sits among the keys
@@ -76,8 +81,10 @@ class ExportDecoder(nn.Module):
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     """Input and output names of the exported graph, in order."""
     kv = [f"{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
-    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
-            ["logits"] + [f"present.{n}" for n in kv])
+    return (
+        ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
+        ["logits"] + [f"present.{n}" for n in kv],
+    )
 
 
 def example_inputs(model: Transformer, batch: int = 2, seq: int = 3, past: int = 2) -> tuple[torch.Tensor, ...]:

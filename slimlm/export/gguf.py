@@ -28,9 +28,16 @@ from slimlm.config import ModelConfig
 from slimlm.errors import InputError
 
 # --type name -> (GGML tensor type name, gguf.LlamaFileType name)
-GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-              "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
-              "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1")}
+GGUF_TYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+}
 READ_ONLY_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")
 SLIMLM_TO_GGUF = {v: k for k, v in GGUF_TO_SLIMLM.items()}
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -44,8 +51,10 @@ def check_type(name: str) -> str:
     """The --type value, lower-cased, or a GGUFExportError naming the choices."""
     t = name.lower()
     if t in READ_ONLY_TYPES:
-        raise GGUFExportError(f"--type {name}: the gguf package can read K-quants but not write them; export f16 and "
-                              f"run llama.cpp's llama-quantize, or choose one of {', '.join(GGUF_TYPES)}")
+        raise GGUFExportError(
+            f"--type {name}: the gguf package can read K-quants but not write them; export f16 and "
+            f"run llama.cpp's llama-quantize, or choose one of {', '.join(GGUF_TYPES)}"
+        )
     if t not in GGUF_TYPES:
         raise GGUFExportError(f"unknown --type {name!r}; choose one of {', '.join(GGUF_TYPES)}")
     return t
@@ -90,8 +99,9 @@ def model_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             raise GGUFExportError("the model has fused projections (qkv_proj/gate_up_proj): export it unfused")
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out.append((f"layers.{i}.{norm}.weight", getattr(layer, norm).weight.float()))
-        for part, proj in [("self_attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-                          [("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")]:
+        for part, proj in [("self_attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+            ("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")
+        ]:
             module = getattr(getattr(layer, part), proj)
             out.append((f"layers.{i}.{part}.{proj}.weight", dense_weight(module)))
             if getattr(module, "bias", None) is not None:
@@ -207,9 +217,17 @@ def write_atomic(writer: Any, out: Path) -> None:
         raise
 
 
-def export_gguf(model: torch.nn.Module, hf_tokenizer: Any, tokenizer_folder: str | Path, out: str | Path,
-                qtype: str = "f16", pre: str | None = None, source: str | Path | None = None,
-                name: str = "slimlm export", progress: bool = True) -> dict[str, Any]:
+def export_gguf(
+    model: torch.nn.Module,
+    hf_tokenizer: Any,
+    tokenizer_folder: str | Path,
+    out: str | Path,
+    qtype: str = "f16",
+    pre: str | None = None,
+    source: str | Path | None = None,
+    name: str = "slimlm export",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write `model` (+ its HF tokenizer, read from `tokenizer_folder`) as a GGUF file of type `qtype`.
 
     pre: llama.cpp's pre-tokenizer name; None finds it (carried over from `source` if that is a .gguf file, else by
@@ -232,8 +250,14 @@ def export_gguf(model: torch.nn.Module, hf_tokenizer: Any, tokenizer_folder: str
     if factors is not None:
         writer.add_tensor("rope_freqs.weight", factors)
     with torch.no_grad():
-        for sname, w in tqdm(model_tensors(model), desc=f"writing {out.name} ({qtype})", unit="tensor",
-                             file=sys.stderr, disable=not progress, leave=False):
+        for sname, w in tqdm(
+            model_tensors(model),
+            desc=f"writing {out.name} ({qtype})",
+            unit="tensor",
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        ):
             gname = gguf_name(sname)
             a = gguf_array(gname, w, config)
             ggml = tensor_type(gname, a, qtype)
@@ -241,8 +265,15 @@ def export_gguf(model: torch.nn.Module, hf_tokenizer: Any, tokenizer_folder: str
             counts[ggml] = counts.get(ggml, 0) + 1
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(writer, out)
-    return {"path": str(out), "bytes": out.stat().st_size, "type": qtype, "arch": arch, "tokenizer_pre": pre,
-            "tensor_types": counts, "export_s": time.perf_counter() - t0}
+    return {
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "type": qtype,
+        "arch": arch,
+        "tokenizer_pre": pre,
+        "tensor_types": counts,
+        "export_s": time.perf_counter() - t0,
+    }
 
 
 def lora_pairs(model: torch.nn.Module) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
@@ -251,20 +282,32 @@ def lora_pairs(model: torch.nn.Module) -> list[tuple[str, np.ndarray, np.ndarray
 
     names = model.lora_selection.names if model.lora_selection is not None else set()
     if len(names) != 1:
-        raise GGUFExportError(f"expected one LoRA adapter attached, found {len(names)}: gguf-lora writes LoRA "
-                              "adapters only (DoRA, prefix, prompt, bottleneck and BitFit adapters: merge them with "
-                              "`slimlm export gguf --adapter` instead)")
+        raise GGUFExportError(
+            f"expected one LoRA adapter attached, found {len(names)}: gguf-lora writes LoRA "
+            "adapters only (DoRA, prefix, prompt, bottleneck and BitFit adapters: merge them with "
+            "`slimlm export gguf --adapter` instead)"
+        )
     if lora_selection(model).saved_modules.get(next(iter(names))):
-        raise GGUFExportError("the adapter saves whole modules (modules_to_save); llama.cpp LoRA files cannot hold "
-                              "them: merge it with `slimlm export gguf --adapter` instead")
+        raise GGUFExportError(
+            "the adapter saves whole modules (modules_to_save); llama.cpp LoRA files cannot hold "
+            "them: merge it with `slimlm export gguf --adapter` instead"
+        )
     pairs = []
     for lname, layer in lora_layers(model):
         for a in layer.adapters.values():
             if a.magnitude is not None or a.lora_B.bias is not None:
-                raise GGUFExportError("DoRA and lora_bias adapters have no llama.cpp LoRA form: merge them with "
-                                      "`slimlm export gguf --adapter` instead")
-            pairs.append((gguf_name(lname + ".weight"), a.lora_A.weight.detach().float().numpy(),
-                          a.lora_B.weight.detach().float().numpy(), float(a.scaling)))
+                raise GGUFExportError(
+                    "DoRA and lora_bias adapters have no llama.cpp LoRA form: merge them with "
+                    "`slimlm export gguf --adapter` instead"
+                )
+            pairs.append(
+                (
+                    gguf_name(lname + ".weight"),
+                    a.lora_A.weight.detach().float().numpy(),
+                    a.lora_B.weight.detach().float().numpy(),
+                    float(a.scaling),
+                )
+            )
     if not pairs:
         raise GGUFExportError("the adapter has no LoRA layers to write")
     return pairs
@@ -277,8 +320,9 @@ def lora_alpha(pairs: list[tuple[str, np.ndarray, np.ndarray, float]]) -> float:
     return alphas[0] if all(math.isclose(x, alphas[0], rel_tol=1e-6) for x in alphas) else 0.0
 
 
-def export_gguf_lora(model: torch.nn.Module, out: str | Path, qtype: str = "f32", name: str = "slimlm LoRA",
-                     progress: bool = True) -> dict[str, Any]:
+def export_gguf_lora(
+    model: torch.nn.Module, out: str | Path, qtype: str = "f32", name: str = "slimlm LoRA", progress: bool = True
+) -> dict[str, Any]:
     """Write the LoRA adapter attached to `model` as a llama.cpp LoRA GGUF (what convert_lora_to_gguf.py writes).
 
     Tensors `blk.N.attn_q.weight.lora_a` [r, in] and `.lora_b` [out, r] (q/k rows of B permuted like the base
@@ -298,8 +342,9 @@ def export_gguf_lora(model: torch.nn.Module, out: str | Path, qtype: str = "f32"
     writer.add_name(name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    for base, a, b, scaling in tqdm(pairs, desc=f"writing {out.name}", unit="layer", file=sys.stderr,
-                                    disable=not progress, leave=False):
+    for base, a, b, scaling in tqdm(
+        pairs, desc=f"writing {out.name}", unit="layer", file=sys.stderr, disable=not progress, leave=False
+    ):
         if alpha == 0.0:
             b = b * scaling
         if config.model_type != "qwen2" and base.split(".")[-2] in ("attn_q", "attn_k"):
@@ -309,5 +354,11 @@ def export_gguf_lora(model: torch.nn.Module, out: str | Path, qtype: str = "f32"
         writer.add_tensor(base + ".lora_b", np.ascontiguousarray(b, dtype=dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(writer, out)
-    return {"path": str(out), "bytes": out.stat().st_size, "type": qtype, "arch": arch, "alpha": alpha,
-            "layers": len(pairs)}
+    return {
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "type": qtype,
+        "arch": arch,
+        "alpha": alpha,
+        "layers": len(pairs),
+    }

@@ -21,11 +21,11 @@ from slimlm.errors import InputError
 # llama.cpp's check string (convert_hf_to_gguf_update.py), verbatim: spaces, newlines, emoji, digits, CJK, Khmer,
 # Cyrillic, quotes and English contractions, so that pre-tokenizers that differ anywhere hash differently.
 CHECK_TEXT = (
-    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concate'
-    'nated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在app'
-    'le工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve '
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concate"
+    "nated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在app"
+    "le工作1314151天～ ------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've "
     "been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'l"
-    'L'
+    "L"
 )
 
 # sha256(str(tokenizer.encode(CHECK_TEXT))) -> tokenizer.ggml.pre, copied from llama.cpp's get_vocab_base_pre.
@@ -53,9 +53,11 @@ def pre_tokenizer_name(hf_tokenizer: Any, source: str | Path | None = None) -> s
             return carried
     digest = sha256(str(hf_tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
     if digest not in PRE_TOKENIZER_HASHES:
-        raise VocabError(f"unknown pre-tokenizer (check-string hash {digest[:16]}...): llama.cpp would split text "
-                         "differently from this tokenizer; if you know which llama.cpp pre-tokenizer it uses, pass "
-                         "--tokenizer-pre NAME (e.g. llama-bpe, smollm, qwen2, gpt-2)")
+        raise VocabError(
+            f"unknown pre-tokenizer (check-string hash {digest[:16]}...): llama.cpp would split text "
+            "differently from this tokenizer; if you know which llama.cpp pre-tokenizer it uses, pass "
+            "--tokenizer-pre NAME (e.g. llama-bpe, smollm, qwen2, gpt-2)"
+        )
     return PRE_TOKENIZER_HASHES[digest]
 
 
@@ -75,8 +77,10 @@ def bpe_tokens(hf_tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]
     reverse = {i: t for t, i in hf_tokenizer.get_vocab().items()}
     added = hf_tokenizer.added_tokens_decoder  # {id: AddedToken}
     if max(reverse) >= vocab_size:
-        raise VocabError(f"the tokenizer has ids up to {max(reverse)} but the model's vocabulary is {vocab_size}: "
-                         "pass the model's own tokenizer")
+        raise VocabError(
+            f"the tokenizer has ids up to {max(reverse)} but the model's vocabulary is {vocab_size}: "
+            "pass the model's own tokenizer"
+        )
     tokens, types = [], []
     for i in range(vocab_size):
         token = reverse.get(i)
@@ -102,8 +106,10 @@ def add_tokenizer(writer: Any, hf_tokenizer: Any, folder: Path, vocab_size: int,
         raise VocabError(f"{folder} has no tokenizer.json; GGUF export needs a fast (tokenizers) BPE tokenizer")
     model_type = _tokenizer_model_type(tok_json)
     if model_type != "BPE":
-        raise VocabError(f"{folder}: tokenizer model {model_type!r} is not supported; GGUF export writes byte-level "
-                         "BPE tokenizers (Llama 3, SmolLM, Qwen2), not SentencePiece/Unigram ones")
+        raise VocabError(
+            f"{folder}: tokenizer model {model_type!r} is not supported; GGUF export writes byte-level "
+            "BPE tokenizers (Llama 3, SmolLM, Qwen2), not SentencePiece/Unigram ones"
+        )
     tokens, types = bpe_tokens(hf_tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre(pre)

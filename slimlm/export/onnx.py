@@ -39,8 +39,10 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(mod)
     if missing:
-        raise InputError(f"ONNX export needs {', '.join(missing)}: pip install 'slimlm[export]' "
-                         "(or pip install onnx onnxscript onnxruntime)")
+        raise InputError(
+            f"ONNX export needs {', '.join(missing)}: pip install 'slimlm[export]' "
+            "(or pip install onnx onnxscript onnxruntime)"
+        )
 
 
 def export_form(model: Transformer, int8_compute: bool = True) -> tuple[Transformer, dict[str, int]]:
@@ -52,8 +54,9 @@ def export_form(model: Transformer, int8_compute: bool = True) -> tuple[Transfor
     return m.float(), counts
 
 
-def export_onnx(model: Transformer, tokenizer: Any, out: str | Path, check: bool = True,
-                int8_compute: bool = True) -> dict[str, Any]:
+def export_onnx(
+    model: Transformer, tokenizer: Any, out: str | Path, check: bool = True, int8_compute: bool = True
+) -> dict[str, Any]:
     """Write `model` (plain or quantized by slimlm, fp32 activations) as an ONNX folder; returns the metadata.
 
     int8_compute (quantized models): MatMulNBits nodes get accuracy_level 4, ORT's fast CPU path, which quantizes
@@ -73,16 +76,36 @@ def export_onnx(model: Transformer, tokenizer: Any, out: str | Path, check: bool
     inputs, outputs = io_names(form.config.n_layers)
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     total = torch.export.Dim("total")
-    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-              "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in inputs[3:])}
+    shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past} for _ in inputs[3:]),
+    }
     with torch.no_grad():
-        program = torch.onnx.export(decoder, example_inputs(form), dynamic_shapes=shapes, input_names=inputs,
-                                    output_names=outputs, dynamo=True, optimize=True, verbose=False,
-                                    custom_translation_table=custom_translation_table())
-    meta = {"format": "onnx", "layout": LAYOUT, "file": ONNX_FILE, "inputs": inputs, "outputs": outputs,
-            "quantization": model.quantization, "swapped_layers": swapped,
-            "int8_compute": bool(swapped) and int8_compute,
-            "n_layers": form.config.n_layers, "export_s": 0.0}
+        program = torch.onnx.export(
+            decoder,
+            example_inputs(form),
+            dynamic_shapes=shapes,
+            input_names=inputs,
+            output_names=outputs,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+            custom_translation_table=custom_translation_table(),
+        )
+    meta = {
+        "format": "onnx",
+        "layout": LAYOUT,
+        "file": ONNX_FILE,
+        "inputs": inputs,
+        "outputs": outputs,
+        "quantization": model.quantization,
+        "swapped_layers": swapped,
+        "int8_compute": bool(swapped) and int8_compute,
+        "n_layers": form.config.n_layers,
+        "export_s": 0.0,
+    }
     with atomic_folder(out) as tmp:
         program.save(str(tmp / ONNX_FILE), external_data=False)
         write_export_files(form, tokenizer, tmp)
@@ -103,8 +126,9 @@ def write_export_files(model: Transformer, tokenizer: Any, folder: Path) -> None
 
 
 @torch.no_grad()
-def check_parity(folder: str | Path, reference: Transformer, tokenizer: Any = None,
-                 original: Transformer | None = None) -> dict[str, float]:
+def check_parity(
+    folder: str | Path, reference: Transformer, tokenizer: Any = None, original: Transformer | None = None
+) -> dict[str, float]:
     """Max |logit difference| between ONNX Runtime and PyTorch over a prefill and two decode steps."""
     session = OrtSession(folder)
     vocab = reference.config.vocab_size

@@ -27,8 +27,16 @@ NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits block sizes: powers of two >= 16
 
 
 @torch.library.custom_op("slimlm::matmul_nbits", mutates_args=())
-def matmul_nbits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, K: int, N: int, bits: int,
-                 block_size: int, accuracy_level: int) -> torch.Tensor:
+def matmul_nbits(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    K: int,
+    N: int,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+) -> torch.Tensor:
     """x [..., K] @ dequant(qweight)^T -> [..., N], MatMulNBits' arithmetic (default zero point) in fp32."""
     return x @ nbits_dequantize(qweight, scales, K, N, bits, block_size).t().to(x.dtype)
 
@@ -38,8 +46,9 @@ def _(x, qweight, scales, K, N, bits, block_size, accuracy_level):
     return x.new_empty(*x.shape[:-1], N)
 
 
-def nbits_dequantize(qweight: torch.Tensor, scales: torch.Tensor, K: int, N: int, bits: int,
-                     block_size: int) -> torch.Tensor:
+def nbits_dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, K: int, N: int, bits: int, block_size: int
+) -> torch.Tensor:
     """The dense [N, K] fp32 weight of a MatMulNBits node without zero points: (q - 2^(bits-1)) * scale."""
     nb = K // block_size
     if bits == 8:
@@ -60,12 +69,16 @@ def _onnx_matmul_nbits():
         p = OpSchema.FormalParameter
         opt = OpSchema.FormalParameterOption.Optional
         schema = OpSchema(
-            "MatMulNBits", "com.microsoft", 1,
+            "MatMulNBits",
+            "com.microsoft",
+            1,
             inputs=[p("A", "T1"), p("B", "T2"), p("scales", "T1"), p("zero_points", "T3", param_option=opt)],
             outputs=[p("Y", "T1")],
-            type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                              ("T2", ["tensor(uint8)"], ""),
-                              ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+            type_constraints=[
+                ("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                ("T2", ["tensor(uint8)"], ""),
+                ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+            ],
             attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in ("K", "N", "bits", "block_size")]
             + [OpSchema.Attribute("accuracy_level", OpSchema.AttrType.INT, "", required=False)],
         )
@@ -90,9 +103,18 @@ class NBitsLinear(nn.Module):
     kernel, exactly: x · (z broadcast over each group) = (x summed per group) @ z^T, a [.., K/g] x [K/g, N] matmul.
     """
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, K: int, N: int, bits: int, block_size: int,
-                 group_offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 accuracy_level: int = 0):
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        K: int,
+        N: int,
+        bits: int,
+        block_size: int,
+        group_offset: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        accuracy_level: int = 0,
+    ):
         super().__init__()
         self.register_buffer("qweight", qweight)  # [N, K/block, block*bits/8] uint8
         self.register_buffer("scales", scales)  # [N, K/block] fp32
@@ -101,8 +123,7 @@ class NBitsLinear(nn.Module):
         self.K, self.N, self.bits, self.block_size, self.accuracy_level = K, N, bits, block_size, accuracy_level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul_nbits(x, self.qweight, self.scales, self.K, self.N, self.bits, self.block_size,
-                         self.accuracy_level)
+        y = matmul_nbits(x, self.qweight, self.scales, self.K, self.N, self.bits, self.block_size, self.accuracy_level)
         if self.group_offset is not None:
             sums = x.reshape(*x.shape[:-1], self.K // self.block_size, self.block_size).sum(-1)  # [.., K/g]
             y = y + sums @ self.group_offset.t()
@@ -138,8 +159,17 @@ def nbits_from_int4(layer: Int4WeightOnlyLinear, accuracy_level: int = 0) -> NBi
     N, K, g = layer.out_features, layer.in_features, layer.group_size
     codes = unpack_int4(layer.qweight)  # [N, K] uint8 0..15
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(N, K // g, g // 2)
-    return NBitsLinear(packed.contiguous(), layer.scale.float().contiguous(), K, N, 4, g,
-                       group_offset=layer.zero.float().contiguous(), bias=layer.bias, accuracy_level=accuracy_level)
+    return NBitsLinear(
+        packed.contiguous(),
+        layer.scale.float().contiguous(),
+        K,
+        N,
+        4,
+        g,
+        group_offset=layer.zero.float().contiguous(),
+        bias=layer.bias,
+        accuracy_level=accuracy_level,
+    )
 
 
 class Int8GatherEmbedding(nn.Module):

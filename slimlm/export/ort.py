@@ -29,8 +29,8 @@ def left_padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        mask[i, T - len(p):] = 1
+        ids[i, T - len(p) :] = torch.tensor(p)
+        mask[i, T - len(p) :] = 1
     return ids, mask
 
 
@@ -43,8 +43,10 @@ class OrtSession:
         folder = Path(folder)
         meta_path = folder / METADATA_FILE
         if not meta_path.is_file():
-            raise InputError(f"{folder} is not an ONNX export of slimlm (no {METADATA_FILE}): "
-                             "make one with `slimlm export onnx --model M --out DIR`")
+            raise InputError(
+                f"{folder} is not an ONNX export of slimlm (no {METADATA_FILE}): "
+                "make one with `slimlm export onnx --model M --out DIR`"
+            )
         self.meta = json.loads(meta_path.read_text())
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -63,11 +65,15 @@ class OrtSession:
         """Zero-length past keys/values for a prefill."""
         return [np.zeros((batch, s[1], 0, s[3]), dtype=np.float32) for s in self.past_shapes]
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            past: list[np.ndarray]) -> tuple[torch.Tensor, list[np.ndarray]]:
+    def run(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, past: list[np.ndarray]
+    ) -> tuple[torch.Tensor, list[np.ndarray]]:
         """-> logits [B, T, V] (torch, fp32) and present keys/values [B, Hkv, P+T, hd] (numpy)."""
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
-                "position_ids": position_ids.numpy()}
+        feed = {
+            "input_ids": input_ids.numpy(),
+            "attention_mask": attention_mask.numpy(),
+            "position_ids": position_ids.numpy(),
+        }
         feed.update(zip(self.inputs[3:], past))
         logits, *present = self.session.run(None, feed)
         return torch.from_numpy(logits), present
@@ -93,16 +99,22 @@ class OrtModel:
         # The scheme the exported model was quantized with (export metadata); None: exported dense.
         self.quantization: dict[str, Any] | None = self.session.meta.get("quantization")
 
-    def eval(self) -> "OrtModel":
+    def eval(self) -> OrtModel:
         return self
 
-    def train(self, mode: bool = True) -> "OrtModel":
+    def train(self, mode: bool = True) -> OrtModel:
         if mode:
             raise ValueError("an ONNX Runtime model cannot train")
         return self
 
-    def __call__(self, input_ids: torch.Tensor, cache=None, cache_pos: torch.Tensor | None = None,
-                 logits_to_keep: int = 0, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        cache=None,
+        cache_pos: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (the last logits_to_keep positions), reading/writing `cache`."""
         if segment_ids is not None:
             raise ValueError("the onnxruntime backend does not take packed segments")
@@ -127,7 +139,10 @@ class OrtModel:
         past = []
         for i in range(self.config.n_layers):
             k, v = cache.layer(i)  # [B, Hkv, S, hd]
-            past += [k[:, :, :P].contiguous().numpy(), v[:, :, :P].contiguous().numpy()]  # fp32: the cache has the model dtype
+            past += [
+                k[:, :, :P].contiguous().numpy(),
+                v[:, :, :P].contiguous().numpy(),
+            ]  # fp32: the cache has the model dtype
         logits, present = self.session.run(input_ids, attention_mask, positions.contiguous(), past)
         for i in range(self.config.n_layers):  # present = past + the T new entries
             k_new = torch.from_numpy(present[2 * i][:, :, P:])
@@ -136,8 +151,9 @@ class OrtModel:
         return logits
 
 
-def graph_attention_mask(slots: torch.Tensor, mask4: torch.Tensor | None,
-                         idle: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def graph_attention_mask(
+    slots: torch.Tensor, mask4: torch.Tensor | None, idle: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """The graph's attention_mask [B, P+T] and P, for new tokens going to cache slots [B, T].
 
     The past handed to the graph is cache slots [0, P), P = the first new slot of the furthest busy row; a row sees
@@ -156,4 +172,3 @@ def graph_attention_mask(slots: torch.Tensor, mask4: torch.Tensor | None,
         past_visible &= last[:, :P]
         new_visible = last.gather(1, slots)
     return torch.cat([past_visible, new_visible], dim=1).long(), P
-

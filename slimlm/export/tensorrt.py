@@ -26,16 +26,28 @@ def require_tensorrt():
     except ImportError:
         trt = None
     if trt is None or not torch.cuda.is_available():
-        missing = " and ".join(m for m, ok in (("a CUDA GPU", torch.cuda.is_available()),
-                                               ("the tensorrt package", trt is not None)) if not ok)
-        raise InputError(f"TensorRT export requires CUDA + tensorrt: {missing} not found here. Export ONNX "
-                         "(slimlm export onnx) and build the engine on a machine with an NVIDIA GPU "
-                         "(pip install tensorrt)")
+        missing = " and ".join(
+            m
+            for m, ok in (("a CUDA GPU", torch.cuda.is_available()), ("the tensorrt package", trt is not None))
+            if not ok
+        )
+        raise InputError(
+            f"TensorRT export requires CUDA + tensorrt: {missing} not found here. Export ONNX "
+            "(slimlm export onnx) and build the engine on a machine with an NVIDIA GPU "
+            "(pip install tensorrt)"
+        )
     return trt
 
 
-def build_tensorrt_engine(onnx_folder: str | Path, out: str | Path, max_batch: int = 8, max_len: int = 2048,
-                          opt_len: int = 128, fp16: bool = True, workspace_gib: float = 4.0) -> dict[str, Any]:
+def build_tensorrt_engine(
+    onnx_folder: str | Path,
+    out: str | Path,
+    max_batch: int = 8,
+    max_len: int = 2048,
+    opt_len: int = 128,
+    fp16: bool = True,
+    workspace_gib: float = 4.0,
+) -> dict[str, Any]:
     """Parse onnx_folder/model.onnx, build a serialized engine into out/model.plan (atomically); returns metadata."""
     from slimlm.checkpoint.atomic import atomic_folder
     from slimlm.export.onnx import METADATA_FILE
@@ -46,8 +58,10 @@ def build_tensorrt_engine(onnx_folder: str | Path, out: str | Path, max_batch: i
         raise InputError(f"{onnx_folder} is not a slimlm ONNX export (no {METADATA_FILE})")
     meta = json.loads(meta_path.read_text())
     if meta.get("quantization"):
-        raise InputError("this ONNX export is quantized (MatMulNBits, an ONNX Runtime op TensorRT cannot parse): "
-                         "build the engine from an unquantized export")
+        raise InputError(
+            "this ONNX export is quantized (MatMulNBits, an ONNX Runtime op TensorRT cannot parse): "
+            "build the engine from an unquantized export"
+        )
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -64,8 +78,15 @@ def build_tensorrt_engine(onnx_folder: str | Path, out: str | Path, max_batch: i
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise SlimlmError("TensorRT failed to build the engine (see its log above)")
-    info = {"format": "tensorrt", "file": ENGINE_FILE, "from_onnx": str(onnx_folder), "fp16": fp16,
-            "max_batch": max_batch, "max_len": max_len, "tensorrt": trt.__version__}
+    info = {
+        "format": "tensorrt",
+        "file": ENGINE_FILE,
+        "from_onnx": str(onnx_folder),
+        "fp16": fp16,
+        "max_batch": max_batch,
+        "max_len": max_len,
+        "tensorrt": trt.__version__,
+    }
     with atomic_folder(out) as tmp:
         (tmp / ENGINE_FILE).write_bytes(bytes(engine))
         (tmp / METADATA_FILE).write_text(json.dumps({**meta, **info}, indent=2))

@@ -32,8 +32,10 @@ def require_litert():
     try:
         import litert_torch
     except ImportError:
-        raise InputError("TFLite export needs litert-torch: pip install litert-torch (it brings the LiteRT "
-                         "interpreter, ai-edge-litert)") from None
+        raise InputError(
+            "TFLite export needs litert-torch: pip install litert-torch (it brings the LiteRT "
+            "interpreter, ai-edge-litert)"
+        ) from None
     return litert_torch
 
 
@@ -78,8 +80,9 @@ def static_inputs(model: Transformer, T: int, max_len: int, start: int = 0) -> t
 
 
 @torch.no_grad()
-def export_tflite(model: Transformer, tokenizer: Any, out: str | Path, prefill_len: int = 64,
-                  max_len: int = 256, check: bool = True) -> dict[str, Any]:
+def export_tflite(
+    model: Transformer, tokenizer: Any, out: str | Path, prefill_len: int = 64, max_len: int = 256, check: bool = True
+) -> dict[str, Any]:
     """Write out/model.tflite (prefill + decode signatures), config and tokenizer; returns the metadata."""
     from slimlm.checkpoint.atomic import atomic_folder
     from slimlm.export.decoder import check_exportable
@@ -87,19 +90,31 @@ def export_tflite(model: Transformer, tokenizer: Any, out: str | Path, prefill_l
 
     litert_torch = require_litert()
     if model.quantization:
-        raise InputError("TFLite export takes an unquantized model (slimlm's int8/int4 kernels have no TFLite "
-                         "lowering); quantize the .tflite with LiteRT's ai-edge-quantizer instead")
+        raise InputError(
+            "TFLite export takes an unquantized model (slimlm's int8/int4 kernels have no TFLite "
+            "lowering); quantize the .tflite with LiteRT's ai-edge-quantizer instead"
+        )
     if not 1 <= prefill_len < max_len <= model.config.max_seq_len:
-        raise InputError(f"need 1 <= prefill_len ({prefill_len}) < max_len ({max_len}) <= the model's context "
-                         f"({model.config.max_seq_len})")
+        raise InputError(
+            f"need 1 <= prefill_len ({prefill_len}) < max_len ({max_len}) <= the model's context "
+            f"({model.config.max_seq_len})"
+        )
     check_exportable(model)
     t0 = time.perf_counter()
     decoder = StaticCacheDecoder(copy.deepcopy(model).float().eval()).eval()
-    edge = (litert_torch.signature("prefill", decoder, static_inputs(model, prefill_len, max_len))
-            .signature("decode", decoder, static_inputs(model, 1, max_len, prefill_len))
-            .convert())
-    meta = {"format": "tflite", "file": TFLITE_FILE, "signatures": ["prefill", "decode"],
-            "prefill_len": prefill_len, "max_len": max_len, "batch": 1}
+    edge = (
+        litert_torch.signature("prefill", decoder, static_inputs(model, prefill_len, max_len))
+        .signature("decode", decoder, static_inputs(model, 1, max_len, prefill_len))
+        .convert()
+    )
+    meta = {
+        "format": "tflite",
+        "file": TFLITE_FILE,
+        "signatures": ["prefill", "decode"],
+        "prefill_len": prefill_len,
+        "max_len": max_len,
+        "batch": 1,
+    }
     with atomic_folder(out) as tmp:
         edge.export(str(tmp / TFLITE_FILE))
         write_export_files(model, tokenizer, tmp)
@@ -122,8 +137,11 @@ def check_tflite(edge, decoder: StaticCacheDecoder, prefill_len: int, max_len: i
     for name in ("prefill", "decode", "decode"):
         want = decoder(*inputs)
         got = edge(*[t.numpy() for t in inputs], signature_name=name)
-        got = [torch.from_numpy(got[k]) for k in sorted(got, key=_output_index)] if isinstance(got, dict) else \
-            [torch.as_tensor(t) for t in got]
+        got = (
+            [torch.from_numpy(got[k]) for k in sorted(got, key=_output_index)]
+            if isinstance(got, dict)
+            else [torch.as_tensor(t) for t in got]
+        )
         worst = max(worst, float((got[0] - want[0]).abs().max()))
         token = want[0][:, -1].argmax(-1, keepdim=True).to(torch.int32)
         inputs = [token, torch.tensor([pos], dtype=torch.int32), *want[1:]]

@@ -38,9 +38,15 @@ def export_torchscript(model: Transformer, tokenizer: Any, out: str | Path, chec
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice and tracer warnings about shape ints
         traced = torch.jit.trace(decoder, example, check_trace=False)
     inputs, outputs = io_names(model.config.n_layers)
-    meta = {"format": "torchscript", "layout": "hf-decoder-with-past", "file": TORCHSCRIPT_FILE, "inputs": inputs,
-            "outputs": outputs, "quantization": model.quantization,
-            "dtype": str(model.dtype).removeprefix("torch.")}
+    meta = {
+        "format": "torchscript",
+        "layout": "hf-decoder-with-past",
+        "file": TORCHSCRIPT_FILE,
+        "inputs": inputs,
+        "outputs": outputs,
+        "quantization": model.quantization,
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
     with atomic_folder(out) as tmp:
         traced.save(str(tmp / TORCHSCRIPT_FILE))
         write_export_files(model, tokenizer, tmp)

@@ -21,5 +21,15 @@ from slimlm.fuse.llama import (
 )
 from slimlm.fuse.report import FusionReport
 
-__all__ = ["FUSION_PASSES", "FusionReport", "fold_conv_bn_", "fold_linear_bn_", "fold_norms_", "fuse_gate_up_",
-           "fuse_model_", "fuse_qkv_", "merge_adapters_", "parse_passes"]
+__all__ = [
+    "FUSION_PASSES",
+    "FusionReport",
+    "fold_conv_bn_",
+    "fold_linear_bn_",
+    "fold_norms_",
+    "fuse_gate_up_",
+    "fuse_model_",
+    "fuse_qkv_",
+    "merge_adapters_",
+    "parse_passes",
+]

@@ -19,14 +19,21 @@ from slimlm.recipe import add_command_flags
 
 def add_fuse_commands(sub) -> None:
     """Register `fuse` on the CLI's subparsers `sub`."""
-    f = sub.add_parser("fuse", help="exact operator fusion: merge adapters, fold RMSNorm gains, fuse q/k/v and "
-                                    "gate/up; save the model")
+    f = sub.add_parser(
+        "fuse", help="exact operator fusion: merge adapters, fold RMSNorm gains, fuse q/k/v and gate/up; save the model"
+    )
     # --model, --adapter (merged first: needs the merge pass), --dtype (fp32: the passes are exact to fp32 round-off)
     add_command_flags(f, SaveLoadConfig, skip=tuple(n for n in SAVE_SKIP if n != "adapter"))
-    f.add_argument("--passes", default=",".join(FUSION_PASSES),
-                   help=f"comma-separated, run in the order {','.join(FUSION_PASSES)} (default: all)")
-    f.add_argument("--untie-head", action="store_true",
-                   help="norms: give a tied LM head its own copy (vocab x dim more memory) so the final norm folds")
+    f.add_argument(
+        "--passes",
+        default=",".join(FUSION_PASSES),
+        help=f"comma-separated, run in the order {','.join(FUSION_PASSES)} (default: all)",
+    )
+    f.add_argument(
+        "--untie-head",
+        action="store_true",
+        help="norms: give a tied LM head its own copy (vocab x dim more memory) so the final norm folds",
+    )
     f.add_argument("--out", required=True, help="output folder (written atomically)")
     f.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     f.add_argument("--json", action="store_true", help="print the reports and the drift as JSON")
@@ -50,11 +57,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     import torch
 
     from slimlm.checkpoint.hf import save_hf_folder
+    from slimlm.checkpoint.quantized import save_quantized
     from slimlm.fuse.llama import fuse_model_
     from slimlm.llm import load
     from slimlm.peft import logit_drift
     from slimlm.peft.merge import PROBE
-    from slimlm.checkpoint.quantized import save_quantized
 
     passes = check_args(args)
     llm = load(args.model, dtype=args.dtype, adapter=args.adapter)
@@ -65,16 +72,21 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         reports = fuse_model_(model, passes, args.untie_head)
         after = model(ids)
     if model.peft is not None:
-        raise InputError(f"the {model.peft.method} adapter cannot be merged ({reports.get('merge')}), so the "
-                         "model cannot be saved as one folder; keep it as an adapter and load it with --adapter")
+        raise InputError(
+            f"the {model.peft.method} adapter cannot be merged ({reports.get('merge')}), so the "
+            "model cannot be saved as one folder; keep it as an adapter and load it with --adapter"
+        )
     if model.quantization:
         save_quantized(model, args.out, tokenizer.hf)
     else:
         save_hf_folder(model, args.out, tokenizer.hf, sorted(tokenizer.stop_token_ids))
     drift = logit_drift(before, after)
     if args.json:
-        print(json.dumps({"out": args.out, "passes": {k: r.to_dict() for k, r in reports.items()},
-                          "drift": drift}, indent=2))
+        print(
+            json.dumps(
+                {"out": args.out, "passes": {k: r.to_dict() for k, r in reports.items()}, "drift": drift}, indent=2
+            )
+        )
         return 0
     for name, r in reports.items():
         print(f"{name}: {r.summary()}")

@@ -27,12 +27,14 @@ class ResidualBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """Stem (conv-bn-relu, stride 2) -> `blocks` residual blocks -> global average pool -> Linear-BN1d-ReLU -> Linear."""
+    """Stem (conv-bn-relu, stride 2) -> `blocks` residual blocks -> global average pool -> Linear-BN1d-ReLU
+    -> Linear."""
 
     def __init__(self, channels: int = 32, blocks: int = 2, n_classes: int = 10, hidden: int = 64):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
         self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
         self.fc = nn.Linear(channels, hidden)
         self.bn_fc = nn.BatchNorm1d(hidden)

@@ -49,11 +49,14 @@ def fold_linear_bn_(module: nn.Module, example_inputs: Sequence[torch.Tensor] | 
 
 
 def _check_eval(module: nn.Module) -> None:
-    training = [name or type(module).__name__ for name, m in module.named_modules()
-                if isinstance(m, BATCHNORMS) and m.training]
+    training = [
+        name or type(module).__name__ for name, m in module.named_modules() if isinstance(m, BATCHNORMS) and m.training
+    ]
     if training:
-        raise InputError(f"BatchNorm {training[0]!r} is in training mode: it normalizes with each batch's own "
-                         "statistics, which no fixed weights reproduce; call module.eval() before folding")
+        raise InputError(
+            f"BatchNorm {training[0]!r} is in training mode: it normalizes with each batch's own "
+            "statistics, which no fixed weights reproduce; call module.eval() before folding"
+        )
 
 
 def _fx_pairs(module: nn.Module, kinds: tuple[type, ...], report: FusionReport) -> list[tuple[str, str, bool]]:
@@ -65,8 +68,11 @@ def _fx_pairs(module: nn.Module, kinds: tuple[type, ...], report: FusionReport) 
         if node.op != "call_module" or not isinstance(module.get_submodule(node.target), BATCHNORMS):
             continue
         src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if not (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(module.get_submodule(src.target), kinds)):
+        if not (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(module.get_submodule(src.target), kinds)
+        ):
             report.skipped[node.target] = f"its input is not the output of a {'/'.join(k.__name__ for k in kinds)}"
         elif len(src.users) > 1:
             report.skipped[node.target] = f"{src.target}'s output is also used elsewhere, which needs it unnormalized"
@@ -101,8 +107,10 @@ def _sequential_pairs(module: nn.Module, kinds: tuple[type, ...]) -> list[tuple[
 def _output_dims(module: nn.Module, names: list[str], example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
     """{layer name: ndim of its output} from one forward pass over example_inputs."""
     dims: dict[str, int] = {}
-    hooks = [module.get_submodule(n).register_forward_hook(
-        lambda m, args, out, n=n: dims.__setitem__(n, out.dim())) for n in names]
+    hooks = [
+        module.get_submodule(n).register_forward_hook(lambda m, args, out, n=n: dims.__setitem__(n, out.dim()))
+        for n in names
+    ]
     try:
         with torch.no_grad():
             module(*example_inputs)
@@ -124,8 +132,10 @@ def _fold_bn_(module: nn.Module, kinds: tuple[type, ...], fuse_fn, example_input
         pairs = _fx_pairs(module, kinds, report)
     except Exception as e:  # noqa: BLE001 - fx raises TraceError, TypeError, ...: any failure means "untraceable"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        report.notes.append(f"torch.fx could not trace {type(module).__name__} ({reason}); only pairs adjacent "
-                            "inside nn.Sequential containers were considered")
+        report.notes.append(
+            f"torch.fx could not trace {type(module).__name__} ({reason}); only pairs adjacent "
+            "inside nn.Sequential containers were considered"
+        )
         pairs = _sequential_pairs(module, kinds)
     if kinds == (nn.Linear,) and pairs:
         if example_inputs is None:
@@ -133,14 +143,18 @@ def _fold_bn_(module: nn.Module, kinds: tuple[type, ...], fuse_fn, example_input
         else:
             dims = _output_dims(module, [p for p, _, _ in pairs], example_inputs)
             for p, bn, _ in [t for t in pairs if dims.get(t[0]) != 2]:
-                report.skipped[bn] = f"{p}'s output has {dims.get(p)} dims, so BatchNorm1d does not normalize its features"
+                report.skipped[bn] = (
+                    f"{p}'s output has {dims.get(p)} dims, so BatchNorm1d does not normalize its features"
+                )
             pairs = [t for t in pairs if dims.get(t[0]) == 2]
     for prod_name, bn_name, then_relu in pairs:
         prod, bn = module.get_submodule(prod_name), module.get_submodule(bn_name)
         out = prod.out_channels if isinstance(prod, CONVS) else prod.out_features
         if bn.running_mean is None:
-            report.skipped[bn_name] = "it keeps no running statistics (track_running_stats=False), so even in eval " \
-                                      "mode it normalizes with batch statistics"
+            report.skipped[bn_name] = (
+                "it keeps no running statistics (track_running_stats=False), so even in eval "
+                "mode it normalizes with batch statistics"
+            )
         elif bn.num_features != out:
             report.skipped[bn_name] = f"it has {bn.num_features} features, {prod_name} makes {out}"
         else:

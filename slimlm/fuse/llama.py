@@ -84,8 +84,10 @@ def _cannot_fold(readers: list[tuple[str, nn.Module]]) -> str | None:
         if type(lin) is nn.Linear:
             continue
         if hasattr(lin, "qweight"):
-            return (f"{name} is quantized ({kind}): folding the gain would need re-quantizing W·diag(g), which "
-                    "changes the rounding; fold norms before quantizing")
+            return (
+                f"{name} is quantized ({kind}): folding the gain would need re-quantizing W·diag(g), which "
+                "changes the rounding; fold norms before quantizing"
+            )
         return f"{name} is a {kind}: " + NOT_CONCATENABLE.get(kind, "only plain nn.Linear readers are folded")
     return None
 
@@ -124,15 +126,25 @@ def fold_norms_(model: Transformer, untie_head: bool = False) -> FusionReport:
     """
     report = FusionReport()
     for i, block in enumerate(model.layers):
-        _fold(block.input_layernorm, _readers(block.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
-              f"layers.{i}.input_layernorm", report)
-        _fold(block.post_attention_layernorm, _readers(block.mlp, "gate_up_proj", ("gate_proj", "up_proj")),
-              f"layers.{i}.post_attention_layernorm", report)
+        _fold(
+            block.input_layernorm,
+            _readers(block.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            f"layers.{i}.input_layernorm",
+            report,
+        )
+        _fold(
+            block.post_attention_layernorm,
+            _readers(block.mlp, "gate_up_proj", ("gate_proj", "up_proj")),
+            f"layers.{i}.post_attention_layernorm",
+            report,
+        )
     _fold_final_norm(model, untie_head, report)
     dtype = model.layers[0].input_layernorm.weight.dtype if len(model.layers) else torch.float32
     if report.fused and dtype != torch.float32:
-        report.notes.append(f"weights are {str(dtype).removeprefix('torch.')}: the folded W·diag(g) was rounded to "
-                            "that dtype, so the result is exact to its round-off, not fp32's")
+        report.notes.append(
+            f"weights are {str(dtype).removeprefix('torch.')}: the folded W·diag(g) was rounded to "
+            "that dtype, so the result is exact to its round-off, not fp32's"
+        )
     return report
 
 
@@ -142,8 +154,10 @@ def _fold_final_norm(model: Transformer, untie_head: bool, report: FusionReport)
     if tied and _cannot_fold([("lm_head", head)]) is None and not bool((model.norm.weight == 1).all()):
         mib = head.weight.numel() * head.weight.element_size() / 2**20
         if not untie_head:
-            report.skipped["norm"] = (f"lm_head is tied to the embedding; untie_head=True (CLI --untie-head) folds "
-                                      f"the gain into an own copy of the head, costing vocab x dim = {mib:,.1f} MiB")
+            report.skipped["norm"] = (
+                f"lm_head is tied to the embedding; untie_head=True (CLI --untie-head) folds "
+                f"the gain into an own copy of the head, costing vocab x dim = {mib:,.1f} MiB"
+            )
             return
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
@@ -161,8 +175,10 @@ def merge_adapters_(model: Transformer) -> FusionReport:
     if state is None:
         names = sorted(lora_selection(model).names) if lora_layers(model) else []
         if len(names) > 1:  # attached with apply_lora for per-row serving; merging would add them all up
-            report.skipped["lora"] = f"{len(names)} LoRA adapters are attached ({', '.join(names)}); merging " \
-                                     "would sum them: unload all but one first"
+            report.skipped["lora"] = (
+                f"{len(names)} LoRA adapters are attached ({', '.join(names)}); merging "
+                "would sum them: unload all but one first"
+            )
         elif names:
             merge_lora(model, names)
             unload_lora(model)
@@ -183,7 +199,10 @@ def merge_adapters_(model: Transformer) -> FusionReport:
 
 # Name -> pass, in the order fuse_model_ runs them (merge first; norms before or after qkv/gate_up is the same).
 FUSION_PASSES: dict[str, Callable[[Transformer], FusionReport]] = {
-    "merge": merge_adapters_, "norms": fold_norms_, "qkv": fuse_qkv_, "gate_up": fuse_gate_up_,
+    "merge": merge_adapters_,
+    "norms": fold_norms_,
+    "qkv": fuse_qkv_,
+    "gate_up": fuse_gate_up_,
 }
 
 
@@ -197,12 +216,15 @@ def parse_passes(passes: str | list[str] | tuple[str, ...]) -> list[str]:
     return [p for p in FUSION_PASSES if p in names]
 
 
-def fuse_model_(model: Transformer, passes: str | list[str] | tuple[str, ...] = tuple(FUSION_PASSES),
-                untie_head: bool = False) -> dict[str, FusionReport]:
+def fuse_model_(
+    model: Transformer, passes: str | list[str] | tuple[str, ...] = tuple(FUSION_PASSES), untie_head: bool = False
+) -> dict[str, FusionReport]:
     """Run the chosen passes in FUSION_PASSES order (whatever order they are given in); {pass: its report}."""
     if not isinstance(model, Transformer):
-        raise TypeError(f"fuse_model_ works on slimlm.model.Transformer, not {type(model).__name__}; for other "
-                        "modules use slimlm.fuse.fold_conv_bn_ / fold_linear_bn_")
+        raise TypeError(
+            f"fuse_model_ works on slimlm.model.Transformer, not {type(model).__name__}; for other "
+            "modules use slimlm.fuse.fold_conv_bn_ / fold_linear_bn_"
+        )
     reports = {}
     for name in parse_passes(passes):
         reports[name] = fold_norms_(model, untie_head) if name == "norms" else FUSION_PASSES[name](model)

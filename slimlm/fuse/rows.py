@@ -37,7 +37,7 @@ from slimlm.quantize.int8 import (
 NOT_CONCATENABLE = {
     "LoRALinear": "a LoRA/DoRA adapter is attached (its A/B path is separate): run the 'merge' pass first",
     "NF4Linear": "NF4 double-quantizes block absmaxes around one per-tensor mean, so concatenated rows would be "
-                 "stored differently: fuse before quantizing to NF4, or merge (which dequantizes) first",
+    "stored differently: fuse before quantizing to NF4, or merge (which dequantizes) first",
     "AdapterOut": "a bottleneck adapter wraps this projection (not mergeable)",
 }
 
@@ -51,8 +51,9 @@ def _cat_bias(layers: list[nn.Module]) -> torch.Tensor | None:
     if all(getattr(lin, "bias", None) is None for lin in layers):
         return None
     like = next(lin.bias for lin in layers if lin.bias is not None)
-    return torch.cat([lin.bias.detach() if lin.bias is not None else like.new_zeros(lin.out_features)
-                      for lin in layers])
+    return torch.cat(
+        [lin.bias.detach() if lin.bias is not None else like.new_zeros(lin.out_features) for lin in layers]
+    )
 
 
 def _cat_linear(layers: list[nn.Linear]) -> nn.Linear:
@@ -74,24 +75,38 @@ def _cat_int8(layers: list[nn.Module]) -> nn.Module:
 def _cat_int8_static(layers: list[StaticInt8Linear]) -> StaticInt8Linear:
     scales = [float(lin.input_scale) for lin in layers]
     if len(set(scales)) > 1:
-        raise CannotFuse(f"calibrated input scales differ ({', '.join(f'{s:.4g}' for s in scales)}) and one GEMM "
-                         "quantizes its input with one scale")
-    return StaticInt8Linear(torch.cat([lin.qweight for lin in layers]), torch.cat([lin.scale for lin in layers]),
-                            _cat_bias(layers), layers[0].input_scale.clone())
+        raise CannotFuse(
+            f"calibrated input scales differ ({', '.join(f'{s:.4g}' for s in scales)}) and one GEMM "
+            "quantizes its input with one scale"
+        )
+    return StaticInt8Linear(
+        torch.cat([lin.qweight for lin in layers]),
+        torch.cat([lin.scale for lin in layers]),
+        _cat_bias(layers),
+        layers[0].input_scale.clone(),
+    )
 
 
 def _cat_int4(layers: list[Int4WeightOnlyLinear]) -> Int4WeightOnlyLinear:
     groups = sorted({lin.group_size for lin in layers})
     if len(groups) > 1:
         raise CannotFuse(f"int4 group sizes differ ({groups}); the kernel takes one group size")
-    return Int4WeightOnlyLinear(torch.cat([lin.qweight for lin in layers]),  # [sum out, in/2] uint8
-                                torch.cat([lin.scale for lin in layers]),  # [sum out, in/g] bf16
-                                torch.cat([lin.zero for lin in layers]), _cat_bias(layers))
+    return Int4WeightOnlyLinear(
+        torch.cat([lin.qweight for lin in layers]),  # [sum out, in/2] uint8
+        torch.cat([lin.scale for lin in layers]),  # [sum out, in/g] bf16
+        torch.cat([lin.zero for lin in layers]),
+        _cat_bias(layers),
+    )
 
 
 # Exact type -> how to concatenate rows. A subclass is not assumed to keep its parent's layout.
-ROW_CONCAT = {nn.Linear: _cat_linear, Int8WeightOnlyLinear: _cat_int8, DynamicInt8Linear: _cat_int8,
-              StaticInt8Linear: _cat_int8_static, Int4WeightOnlyLinear: _cat_int4}
+ROW_CONCAT = {
+    nn.Linear: _cat_linear,
+    Int8WeightOnlyLinear: _cat_int8,
+    DynamicInt8Linear: _cat_int8,
+    StaticInt8Linear: _cat_int8_static,
+    Int4WeightOnlyLinear: _cat_int4,
+}
 
 
 @torch.no_grad()
@@ -102,9 +117,14 @@ def concat_rows(layers: list[nn.Module]) -> nn.Module:
         raise CannotFuse(f"the projections are of different kinds ({', '.join(kinds)})")
     kind = type(layers[0])
     if kind not in ROW_CONCAT:
-        raise CannotFuse(NOT_CONCATENABLE.get(kind.__name__, f"{kind.__name__} has no known row layout to "
-                                                             "concatenate (supported: "
-                                                             f"{', '.join(k.__name__ for k in ROW_CONCAT)})"))
+        raise CannotFuse(
+            NOT_CONCATENABLE.get(
+                kind.__name__,
+                f"{kind.__name__} has no known row layout to "
+                "concatenate (supported: "
+                f"{', '.join(k.__name__ for k in ROW_CONCAT)})",
+            )
+        )
     if len({lin.in_features for lin in layers}) > 1:
         raise CannotFuse(f"input sizes differ ({[lin.in_features for lin in layers]})")
     return ROW_CONCAT[kind](layers)
@@ -122,20 +142,32 @@ def keep_unfused_names(parent: nn.Module, fused: str, parts: list[tuple[str, int
     parent.register_load_state_dict_pre_hook(partial(_join_state, fused=fused, parts=parts))
 
 
-def _split_state(module: nn.Module, state: dict, prefix: str, local_metadata: dict, *,
-                 fused: str, parts: list[tuple[str, int]]) -> None:
+def _split_state(
+    module: nn.Module, state: dict, prefix: str, local_metadata: dict, *, fused: str, parts: list[tuple[str, int]]
+) -> None:
     head, rows = f"{prefix}{fused}.", [r for _, r in parts]
     for key in [k for k in state if k.startswith(head)]:
-        t, leaf = state.pop(key).detach(), key[len(head):]
+        t, leaf = state.pop(key).detach(), key[len(head) :]
         pieces = t.split(rows) if t.dim() and t.shape[0] == sum(rows) else [t] * len(parts)
         for (name, _), piece in zip(parts, pieces):
             state[f"{prefix}{name}.{leaf}"] = piece.clone()
 
 
-def _join_state(module: nn.Module, state: dict, prefix: str, local_metadata: dict, strict: bool,
-                missing: list, unexpected: list, errors: list, *, fused: str, parts: list[tuple[str, int]]) -> None:
+def _join_state(
+    module: nn.Module,
+    state: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing: list,
+    unexpected: list,
+    errors: list,
+    *,
+    fused: str,
+    parts: list[tuple[str, int]],
+) -> None:
     first = f"{prefix}{parts[0][0]}."
-    for leaf in [k[len(first):] for k in state if k.startswith(first)]:
+    for leaf in [k[len(first) :] for k in state if k.startswith(first)]:
         keys = [f"{prefix}{name}.{leaf}" for name, _ in parts]
         if not all(k in state for k in keys):
             continue  # load_state_dict then names what is missing and unexpected

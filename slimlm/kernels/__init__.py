@@ -92,8 +92,15 @@ def _build() -> None:
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     # cpp_extension takes a file lock in the folder, so concurrent processes build once and share it.
-    cpp_extension.load(name="slimlm_kernels", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                       build_directory=str(folder), is_python_module=False, verbose=False)
+    cpp_extension.load(
+        name="slimlm_kernels",
+        sources=[str(p) for p in SOURCES],
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
+        build_directory=str(folder),
+        is_python_module=False,
+        verbose=False,
+    )
 
     @torch.library.register_fake("slimlm::int8_linear")
     def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -108,8 +115,11 @@ def load() -> bool:
             _build()
             _loaded = True
         except Exception as e:  # no compiler, no ninja, read-only cache, ...: never fatal
-            log.warning("slimlm CPU kernels unavailable, using torch's int8 kernels instead (%s: %s)",
-                        type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+            log.warning(
+                "slimlm CPU kernels unavailable, using torch's int8 kernels instead (%s: %s)",
+                type(e).__name__,
+                str(e).strip().splitlines()[-1] if str(e).strip() else "",
+            )
             _loaded = False
     return _loaded
 

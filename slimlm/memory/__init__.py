@@ -1,8 +1,8 @@
 """Memory estimator: how many bytes inference, fine-tuning or training of a Llama-family model needs, from its config.
 
 `estimate_memory(config, MemoryQuery(...))` returns a MemoryEstimate: named rows (bytes) and the peak. It reads no
-weights (this module imports only slimlm.config), so it answers for a 70B model as fast as for a 135M one. The formulas model slimlm's
-own code paths, term by term: what `slimlm.model` blocks keep for backward, the trainer's chunked fused
+weights (this module imports only slimlm.config), so it answers for a 70B model as fast as for a 135M one. The formulas
+model slimlm's own code paths, term by term: what `slimlm.model` blocks keep for backward, the trainer's chunked fused
 cross-entropy (train/loss.py), torch's AdamW, the NF4 storage of quantize/nf4.py, the static KV cache.
 
 The peak is not the sum of everything: a training step has phases. Persistent rows (weights, trainable params,
@@ -30,10 +30,10 @@ This module is arithmetic on a ModelConfig; it is not a profiler and it does not
 batch is assumed to take a loss; SFT that masks the prompt has smaller logits buffers).
 """
 
-# query.py: MemoryQuery and its validation; presets.py: --params sizes (the configs are config.py's presets); plan.py: what trains, parameter and
-# weight bytes, Precision; activations.py: what the forward keeps for backward; distributed.py: per-rank terms of DDP
-# and FSDP2 (world_size > 1); estimate.py: the other terms, the rows and the peak; cli.py: `slimlm estimate` (not
-# imported here).
+# query.py: MemoryQuery and its validation; presets.py: --params sizes (the configs are config.py's presets);
+# plan.py: what trains, parameter and weight bytes, Precision; activations.py: what the forward keeps for backward;
+# distributed.py: per-rank terms of DDP and FSDP2 (world_size > 1); estimate.py: the other terms, the rows and the
+# peak; cli.py: `slimlm estimate` (not imported here).
 from slimlm.memory.estimate import MemoryEstimate, MemoryRow, estimate_memory
 from slimlm.memory.presets import PRESETS, SIZE_PRESETS, preset_config
 from slimlm.memory.query import (
@@ -48,6 +48,20 @@ from slimlm.memory.query import (
     MemoryQueryError,
 )
 
-__all__ = ["DEVICES", "DTYPE_BYTES", "LINEARS", "METHODS", "MODES", "OPTIMIZERS", "PRESETS", "SIZE_PRESETS",
-           "STRATEGIES", "MemoryEstimate", "MemoryQuery", "MemoryQueryError", "MemoryRow", "estimate_memory",
-           "preset_config"]
+__all__ = [
+    "DEVICES",
+    "DTYPE_BYTES",
+    "LINEARS",
+    "METHODS",
+    "MODES",
+    "OPTIMIZERS",
+    "PRESETS",
+    "SIZE_PRESETS",
+    "STRATEGIES",
+    "MemoryEstimate",
+    "MemoryQuery",
+    "MemoryQueryError",
+    "MemoryRow",
+    "estimate_memory",
+    "preset_config",
+]

@@ -14,6 +14,7 @@ from slimlm.config import ModelConfig
 from slimlm.memory.plan import Plan, Precision, projection_shapes
 from slimlm.memory.query import ATTENTION, MLP, MemoryQuery
 
+
 def _norm_saved(dim: int, grad_in: bool, gain_trains: bool, p: Precision) -> int:
     """RMSNorm (model.py) per token: pow keeps x in fp32 [D] and rsqrt its result [1] when x needs a gradient;
     `weight * x_normed` keeps x_normed [D] (stream dtype) only when the gain trains."""
@@ -59,8 +60,9 @@ class Saved:
             self.trained_copies += 2 * dim * plan.bottleneck * (1 + grad_y)
 
 
-def _attention_saved(s: Saved, shapes: dict, heads: int, plan: Plan, p: Precision, grad_in: bool, seq: int,
-                     batch: int) -> bool:
+def _attention_saved(
+    s: Saved, shapes: dict, heads: int, plan: Plan, p: Precision, grad_in: bool, seq: int, batch: int
+) -> bool:
     """Per token: q/k/v inputs, LoRA A outputs [r], SDPA's q, k, v, out [heads*hd] and logsumexp [heads] (fp32),
     and a prefix's extra key/value slots and float mask. Returns whether the attention output needs a gradient."""
     d, q, kv = shapes["o_proj"][1], shapes["q_proj"][1], shapes["k_proj"][1]
@@ -103,8 +105,9 @@ def _mlp_saved(s: Saved, shapes: dict, plan: Plan, p: Precision, grad_in: bool) 
     return out_grad
 
 
-def block_saved(config: ModelConfig, i: int, plan: Plan, p: Precision, grad_in: bool, seq: int,
-                batch: int) -> tuple[Saved, bool]:
+def block_saved(
+    config: ModelConfig, i: int, plan: Plan, p: Precision, grad_in: bool, seq: int, batch: int
+) -> tuple[Saved, bool]:
     """What block i keeps for backward, and whether its output needs a gradient.
 
     The block is x + attn(norm(x)), then x + mlp(norm(x)): residual adds keep nothing, RoPE keeps cos/sin (shared
@@ -128,8 +131,7 @@ def _blocks(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precision) -> tu
     return blocks, grad
 
 
-def activations(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precision,
-                checkpointing: bool) -> tuple[int, int]:
+def activations(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precision, checkpointing: bool) -> tuple[int, int]:
     """(bytes the forward keeps for backward, bytes of the largest block), for the whole micro-batch.
 
     With gradient checkpointing each block keeps only its input x [D] (torch.utils.checkpoint holds it); the

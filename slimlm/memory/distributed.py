@@ -64,8 +64,13 @@ def fsdp_groups(config: ModelConfig, plan: Plan, trainable: int) -> Groups:
             base -= sum(a * b for a, b in projection_shapes(config, i).values())
         blocks.append(base + layer_added_params(config, plan, i))
     block_trainable = trainable - root_trainable
-    return Groups(root=root, root_trainable=root_trainable, block=max(blocks), block_trainable=block_trainable,
-                  block_grad=max(blocks) if plan.base_trains else -(-block_trainable // config.n_layers))
+    return Groups(
+        root=root,
+        root_trainable=root_trainable,
+        block=max(blocks),
+        block_trainable=block_trainable,
+        block_grad=max(blocks) if plan.base_trains else -(-block_trainable // config.n_layers),
+    )
 
 
 def shard(n: int, world_size: int) -> int:
@@ -86,8 +91,7 @@ def ddp_bucket_bytes(trainable: int, grad_w: int) -> int:
     return trainable * grad_w
 
 
-def fsdp_block_moment(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precision,
-                      groups: Groups) -> dict[str, int]:
+def fsdp_block_moment(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precision, groups: Groups) -> dict[str, int]:
     """Bytes at a block's backward: activations (+ the recomputed block with checkpointing), the gradient flowing
     into the final norm and the last block [tokens, D] twice (the norm's input and output gradients), and the
     gathered parameters: root + its unsharded gradient + three blocks + the previous block's reduce-scatter input
@@ -95,13 +99,17 @@ def fsdp_block_moment(config: ModelConfig, q: MemoryQuery, plan: Plan, p: Precis
     local = q.per_rank()
     kept, block = activations(config, local, plan, p, q.grad_checkpointing)
     grad_w = 4 if plan.nf4 else p.w
-    return {"activations": kept + (block if q.grad_checkpointing else 0),
-            "loss": 2 * local.batch * local.seq * config.dim * p.s,
-            "gathered": (groups.root + 3 * groups.block) * p.w + (groups.root_trainable + groups.block_grad) * grad_w}
+    return {
+        "activations": kept + (block if q.grad_checkpointing else 0),
+        "loss": 2 * local.batch * local.seq * config.dim * p.s,
+        "gathered": (groups.root + 3 * groups.block) * p.w + (groups.root_trainable + groups.block_grad) * grad_w,
+    }
 
 
 def fsdp_backward_end(groups: Groups, p: Precision, grad_w: int, world_size: int) -> tuple[int, int]:
     """(the blocks' sharded gradients + the first block's reduce-scatter input, still held; the gathered root + its
     gradient twice) at the embedding's backward, the end of the backward."""
-    return (shard(groups.block_trainable * grad_w, world_size) + groups.block_grad * grad_w,
-            groups.root * p.w + 2 * groups.root_trainable * grad_w)
+    return (
+        shard(groups.block_trainable * grad_w, world_size) + groups.block_grad * grad_w,
+        groups.root * p.w + 2 * groups.root_trainable * grad_w,
+    )

@@ -17,6 +17,7 @@ NF4_BLOCK, NF4_GROUP = 64, 256  # quantize/nf4.py: BLOCK_SIZE, SCALE_GROUP (test
 
 # ---- what trains -------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Plan:
     """Which tensors of the model train or are added, as the query's PEFT method sets them up (slimlm/peft)."""
@@ -62,8 +63,15 @@ def projection_shapes(config: ModelConfig, i: int) -> dict[str, tuple[int, int]]
     """(in, out) features of every projection of layer i."""
     s, d, hd = config.layer_size(i), config.dim, config.head_dim
     q, kv, ff = s["n_heads"] * hd, s["n_kv_heads"] * hd, s["intermediate_size"]
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}
+    return {
+        "q_proj": (d, q),
+        "k_proj": (d, kv),
+        "v_proj": (d, kv),
+        "o_proj": (q, d),
+        "gate_proj": (d, ff),
+        "up_proj": (d, ff),
+        "down_proj": (ff, d),
+    }
 
 
 def all_projections(config: ModelConfig) -> list[tuple[int, int]]:
@@ -119,6 +127,7 @@ def weight_bytes(config: ModelConfig, plan: Plan, w: int) -> int:
 
 # ---- precision ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Precision:
     """Element sizes (bytes) of the tensors a step makes."""
@@ -133,4 +142,3 @@ class Precision:
         w, c = DTYPE_BYTES[q.weights_dtype], DTYPE_BYTES[q.dtype]
         autocast = q.training and q.weights_dtype != q.dtype  # slimlm's mixed precision: fp32 weights + autocast
         return cls(w=w, s=w, c=c, autocast=autocast)
-

@@ -9,9 +9,17 @@ from __future__ import annotations
 from slimlm.config import PRESETS, ConfigError, ModelConfig
 from slimlm.memory.query import MemoryQueryError
 
-SIZE_PRESETS = {"135M": "smollm2-135m", "360M": "smollm2-360m", "1B": "llama-3.2-1b", "1.7B": "smollm2-1.7b",
-                "3B": "llama-3.2-3b", "7B": "llama-2-7b", "8B": "llama-3-8b", "13B": "llama-2-13b",
-                "70B": "llama-2-70b"}
+SIZE_PRESETS = {
+    "135M": "smollm2-135m",
+    "360M": "smollm2-360m",
+    "1B": "llama-3.2-1b",
+    "1.7B": "smollm2-1.7b",
+    "3B": "llama-3.2-3b",
+    "7B": "llama-2-7b",
+    "8B": "llama-3-8b",
+    "13B": "llama-2-13b",
+    "70B": "llama-2-70b",
+}
 
 
 def preset_config(name: str) -> ModelConfig:
@@ -20,5 +28,6 @@ def preset_config(name: str) -> ModelConfig:
     try:
         return ModelConfig.from_name(key)
     except ConfigError:
-        raise MemoryQueryError(f"unknown preset {name!r}; sizes: {', '.join(SIZE_PRESETS)}; "
-                               f"names: {', '.join(PRESETS)}") from None
+        raise MemoryQueryError(
+            f"unknown preset {name!r}; sizes: {', '.join(SIZE_PRESETS)}; names: {', '.join(PRESETS)}"
+        ) from None

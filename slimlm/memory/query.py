@@ -53,8 +53,11 @@ class MemoryQuery:
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
-            self.lora_targets = LINEARS if self.lora_targets == "all-linear" else tuple(
-                t.strip() for t in self.lora_targets.split(",") if t.strip())
+            self.lora_targets = (
+                LINEARS
+                if self.lora_targets == "all-linear"
+                else tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+            )
         if self.method is None:
             self.method = {"train": "full", "finetune": "lora"}.get(self.mode)
         if self.weights_dtype is None:
@@ -83,30 +86,49 @@ class MemoryQuery:
 
 
 def _choice_errors(q: MemoryQuery) -> list[str]:
-    checks = [("mode", q.mode, MODES), ("dtype", q.dtype, tuple(DTYPE_BYTES)),
-              ("weights_dtype", q.weights_dtype, tuple(DTYPE_BYTES)), ("optimizer", q.optimizer, OPTIMIZERS),
-              ("device", q.device, DEVICES), ("adapter_style", q.adapter_style, tuple(ADAPTER_STYLES))]
+    checks = [
+        ("mode", q.mode, MODES),
+        ("dtype", q.dtype, tuple(DTYPE_BYTES)),
+        ("weights_dtype", q.weights_dtype, tuple(DTYPE_BYTES)),
+        ("optimizer", q.optimizer, OPTIMIZERS),
+        ("device", q.device, DEVICES),
+        ("adapter_style", q.adapter_style, tuple(ADAPTER_STYLES)),
+    ]
     if q.strategy is not None:
         checks.append(("strategy", q.strategy, STRATEGIES))
     if q.method is not None:
         checks.append(("method", q.method, METHODS))
-    errors = [f"{name} must be one of {', '.join(options)}, got {value!r}" for name, value, options in checks
-              if value not in options]
+    errors = [
+        f"{name} must be one of {', '.join(options)}, got {value!r}"
+        for name, value, options in checks
+        if value not in options
+    ]
     bad = [t for t in q.lora_targets if t not in LINEARS]
     if bad or not q.lora_targets:
-        errors.append(f"lora_targets {list(bad or q.lora_targets)} are not projections; use names from "
-                      f"{', '.join(LINEARS)} or 'all-linear'")
+        errors.append(
+            f"lora_targets {list(bad or q.lora_targets)} are not projections; use names from "
+            f"{', '.join(LINEARS)} or 'all-linear'"
+        )
     return errors
 
 
 def _number_errors(q: MemoryQuery) -> list[str]:
-    numbers = {"batch": q.batch, "seq": q.seq, "loss_chunk_size": q.loss_chunk_size, "lora_rank": q.lora_rank,
-               "adapter_bottleneck": q.adapter_bottleneck, "num_virtual_tokens": q.num_virtual_tokens,
-               "world_size": q.world_size}
+    numbers = {
+        "batch": q.batch,
+        "seq": q.seq,
+        "loss_chunk_size": q.loss_chunk_size,
+        "lora_rank": q.lora_rank,
+        "adapter_bottleneck": q.adapter_bottleneck,
+        "num_virtual_tokens": q.num_virtual_tokens,
+        "world_size": q.world_size,
+    }
     if q.kv_cache_tokens is not None:
         numbers["kv_cache_tokens"] = q.kv_cache_tokens
-    return [f"{name} must be a positive integer, got {value!r}" for name, value in numbers.items()
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1]
+    return [
+        f"{name} must be a positive integer, got {value!r}"
+        for name, value in numbers.items()
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1
+    ]
 
 
 def _combination_errors(q: MemoryQuery) -> list[str]:
@@ -120,14 +142,17 @@ def _combination_errors(q: MemoryQuery) -> list[str]:
     if q.mode == "infer" and q.weights_dtype != q.dtype:
         errors.append(f"for mode infer the weights are held in dtype ({q.dtype}); drop weights_dtype")
     elif q.weights_dtype not in ("fp32", q.dtype) and q.weights_dtype in DTYPE_BYTES:
-        errors.append(f"weights_dtype {q.weights_dtype} needs dtype {q.weights_dtype} (low-precision weights "
-                      "compute in their own dtype); or keep fp32 weights for mixed precision")
+        errors.append(
+            f"weights_dtype {q.weights_dtype} needs dtype {q.weights_dtype} (low-precision weights "
+            "compute in their own dtype); or keep fp32 weights for mixed precision"
+        )
     errors += _distributed_errors(q)
     if q.training and q.dtype == "fp16" and q.device == "cpu":
-        errors.append("fp16 training needs device cuda (slimlm's trainer uses a GradScaler only CUDA has); "
-                      "use dtype bf16 or fp32 on cpu")
+        errors.append(
+            "fp16 training needs device cuda (slimlm's trainer uses a GradScaler only CUDA has); "
+            "use dtype bf16 or fp32 on cpu"
+        )
     return errors
-
 
 
 def _distributed_errors(q: MemoryQuery) -> list[str]:
@@ -135,11 +160,15 @@ def _distributed_errors(q: MemoryQuery) -> list[str]:
         return []  # reported by _number_errors
     errors = []
     if q.world_size == 1 and q.strategy is not None:
-        errors.append(f"strategy {q.strategy} splits training over several processes; add world_size N > 1 "
-                      "(--world-size), or drop strategy for one process")
+        errors.append(
+            f"strategy {q.strategy} splits training over several processes; add world_size N > 1 "
+            "(--world-size), or drop strategy for one process"
+        )
     if q.world_size > 1 and q.mode == "infer":
         errors.append("world_size applies to training (one process serves a model); drop it for mode infer")
     elif q.batch % q.world_size:
-        errors.append(f"batch ({q.batch}) is the micro-batch over all {q.world_size} processes, as the trainer's "
-                      f"batch_size: make it a multiple of {q.world_size} (each rank runs batch / world_size)")
+        errors.append(
+            f"batch ({q.batch}) is the micro-batch over all {q.world_size} processes, as the trainer's "
+            f"batch_size: make it a multiple of {q.world_size} (each rank runs batch / world_size)"
+        )
     return errors

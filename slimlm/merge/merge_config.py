@@ -27,8 +27,14 @@ from typing import Any
 
 from slimlm.recipe import RecipeError, read_yaml
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 UNSUPPORTED = {
     "slices": "layer slices (frankenmerges) are not supported: merge whole models with 'models:'",
     "modules": "per-module definitions are not supported: list whole models under 'models:'",
@@ -86,23 +92,27 @@ def _check(r: MergeRecipe) -> list[str]:
         errors.append("linear has no base: list the model under 'models:' with a weight instead of 'base_model:'")
     others = r.non_base()
     if method.n_models is not None and r.base_model and len(others) != method.n_models:
-        errors.append(f"{r.merge_method} merges the base with exactly {method.n_models} other model(s); "
-                      f"the recipe has {len(others)}")
+        errors.append(
+            f"{r.merge_method} merges the base with exactly {method.n_models} other model(s); "
+            f"the recipe has {len(others)}"
+        )
     known = set(method.per_model) | set(method.shared)
-    for where, params in [("parameters", r.parameters)] + [(f"models[{i}].parameters", m.parameters)
-                                                           for i, m in enumerate(r.models)]:
+    for where, params in [("parameters", r.parameters)] + [
+        (f"models[{i}].parameters", m.parameters) for i, m in enumerate(r.models)
+    ]:
         for name in sorted(set(params) - known):
-            errors.append(f"{where}: unknown parameter {name!r} for {r.merge_method}; "
-                          f"valid: {', '.join(sorted(known)) or 'none'}")
+            errors.append(
+                f"{where}: unknown parameter {name!r} for {r.merge_method}; valid: {', '.join(sorted(known)) or 'none'}"
+            )
     for name, default in method.per_model.items():
-        missing = [m.model for m in others if default is None and name not in m.parameters
-                   and name not in r.parameters]
+        missing = [m.model for m in others if default is None and name not in m.parameters and name not in r.parameters]
         if missing:
             errors.append(f"models {missing} need parameters.{name} (or set it for all under top-level parameters)")
     for name, default in method.shared.items():
         if default is None and name not in r.parameters:
-            errors.append(f"{r.merge_method} needs parameters.{name} at the top level (e.g. 'parameters: "
-                          f"{{{name}: 0.5}}')")
+            errors.append(
+                f"{r.merge_method} needs parameters.{name} at the top level (e.g. 'parameters: {{{name}: 0.5}}')"
+            )
     for d in ("dtype", "out_dtype"):
         if getattr(r, d) is not None and getattr(r, d) not in DTYPES:
             errors.append(f"{d} {getattr(r, d)!r} is not supported; choose float32, bfloat16 or float16")
@@ -143,8 +153,10 @@ def resolve(name: str, scopes: list[dict[str, Any]], default: Any, tensor_name: 
             if value is not None:
                 return value
     if default is None:
-        raise RecipeError(f"parameter {name!r} has no value for tensor {tensor_name} (its filters match none): "
-                          "add an entry without 'filter:' as a catch-all")
+        raise RecipeError(
+            f"parameter {name!r} has no value for tensor {tensor_name} (its filters match none): "
+            "add an entry without 'filter:' as a catch-all"
+        )
     return default
 
 
@@ -174,8 +186,10 @@ def from_mapping(values: Any, source: str = "recipe") -> MergeRecipe:
     if not isinstance(values, dict):
         raise RecipeError(f"{source}: expected a mapping with merge_method and models, got {type(values).__name__}")
     errors = [f"'{k}': {why}" for k, why in UNSUPPORTED.items() if k in values]
-    errors += [f"unknown key {k!r}; valid keys: {', '.join(sorted(KNOWN))}" for k in sorted(set(values) - KNOWN
-                                                                                            - set(UNSUPPORTED))]
+    errors += [
+        f"unknown key {k!r}; valid keys: {', '.join(sorted(KNOWN))}"
+        for k in sorted(set(values) - KNOWN - set(UNSUPPORTED))
+    ]
     if "merge_method" not in values:
         errors.append("missing 'merge_method:' (linear, task_arithmetic, ties, dare_linear, dare_ties or slerp)")
     models = []
@@ -199,10 +213,15 @@ def from_mapping(values: Any, source: str = "recipe") -> MergeRecipe:
     if errors:
         raise RecipeError(f"{source}: " + "; ".join(errors))
     base = values.get("base_model")
-    recipe = MergeRecipe(merge_method=str(values["merge_method"]), models=models,
-                         base_model=None if base is None else str(base), parameters=dict(params),
-                         dtype=values.get("dtype"), out_dtype=values.get("out_dtype"),
-                         tokenizer_source=values.get("tokenizer_source"))
+    recipe = MergeRecipe(
+        merge_method=str(values["merge_method"]),
+        models=models,
+        base_model=None if base is None else str(base),
+        parameters=dict(params),
+        dtype=values.get("dtype"),
+        out_dtype=values.get("out_dtype"),
+        tokenizer_source=values.get("tokenizer_source"),
+    )
     errors = _check(recipe)
     if errors:
         raise RecipeError(f"{source}: " + "; ".join(errors))

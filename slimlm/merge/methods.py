@@ -22,8 +22,9 @@ Chat vector (Huang et al. 2310.04799) is task arithmetic with two task vectors: 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,11 +47,21 @@ def linear(tensors: list[Tensor], weights: list[float], normalize: bool = True) 
     return result
 
 
-def task_arithmetic(base: Tensor, tensors: list[Tensor], weights: list[float], normalize: bool = False,
-                    lambda_: float = 1.0) -> Tensor:
+def task_arithmetic(
+    base: Tensor, tensors: list[Tensor], weights: list[float], normalize: bool = False, lambda_: float = 1.0
+) -> Tensor:
     """θ_base + λ * Σ_i w_i (θ_i - θ_base), divided by Σ_i w_i first if normalize."""
-    return _generalized(base, tensors, weights, [1.0] * len(tensors), mask_fn=None, consensus=False,
-                        normalize=normalize, rescale=False, lambda_=lambda_)
+    return _generalized(
+        base,
+        tensors,
+        weights,
+        [1.0] * len(tensors),
+        mask_fn=None,
+        consensus=False,
+        normalize=normalize,
+        rescale=False,
+        lambda_=lambda_,
+    )
 
 
 def chat_vector(target: Tensor, chat: Tensor, base: Tensor, ratio: float = 1.0) -> Tensor:
@@ -81,32 +92,80 @@ def chat_vector(target: Tensor, chat: Tensor, base: Tensor, ratio: float = 1.0) 
     return t + ratio * (c - b)
 
 
-def ties(base: Tensor, tensors: list[Tensor], weights: list[float], densities: list[float], normalize: bool = True,
-         lambda_: float = 1.0, rescale: bool = False) -> Tensor:
+def ties(
+    base: Tensor,
+    tensors: list[Tensor],
+    weights: list[float],
+    densities: list[float],
+    normalize: bool = True,
+    lambda_: float = 1.0,
+    rescale: bool = False,
+) -> Tensor:
     """TIES: keep each task vector's top-`density` magnitudes, elect a sign per entry by the sum of the weighted
     vectors, and average (normalize) or sum the entries that agree with it. rescale: as in `sparsify`."""
-    return _generalized(base, tensors, weights, densities, mask_fn=magnitude_mask, consensus=True,
-                        normalize=normalize, rescale=rescale, lambda_=lambda_)
+    return _generalized(
+        base,
+        tensors,
+        weights,
+        densities,
+        mask_fn=magnitude_mask,
+        consensus=True,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+    )
 
 
-def dare_linear(base: Tensor, tensors: list[Tensor], weights: list[float], densities: list[float],
-                rescale: bool = True, normalize: bool = False, lambda_: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
+def dare_linear(
+    base: Tensor,
+    tensors: list[Tensor],
+    weights: list[float],
+    densities: list[float],
+    rescale: bool = True,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """DARE + task arithmetic: each task-vector entry is kept with probability `density`, then rescaled (see
     `bernoulli_mask`), and the weighted vectors are summed. `generator` None uses torch's global RNG (as mergekit
     does: the same `torch.manual_seed` gives the same masks)."""
     drop = _bernoulli_with(generator)
-    return _generalized(base, tensors, weights, densities, mask_fn=drop, consensus=False,
-                        normalize=normalize, rescale=rescale, lambda_=lambda_)
+    return _generalized(
+        base,
+        tensors,
+        weights,
+        densities,
+        mask_fn=drop,
+        consensus=False,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+    )
 
 
-def dare_ties(base: Tensor, tensors: list[Tensor], weights: list[float], densities: list[float],
-              rescale: bool = True, normalize: bool = False, lambda_: float = 1.0,
-              generator: torch.Generator | None = None) -> Tensor:
+def dare_ties(
+    base: Tensor,
+    tensors: list[Tensor],
+    weights: list[float],
+    densities: list[float],
+    rescale: bool = True,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """DARE's random drop and rescale, then TIES' sign election and disjoint merge."""
     drop = _bernoulli_with(generator)
-    return _generalized(base, tensors, weights, densities, mask_fn=drop, consensus=True,
-                        normalize=normalize, rescale=rescale, lambda_=lambda_)
+    return _generalized(
+        base,
+        tensors,
+        weights,
+        densities,
+        mask_fn=drop,
+        consensus=True,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+    )
 
 
 def magnitude_mask(delta: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
@@ -152,9 +211,17 @@ def sign_agreement(deltas: Tensor) -> Tensor:
     return deltas.sign() == majority
 
 
-def _generalized(base: Tensor, tensors: list[Tensor], weights: list[float], densities: list[float],
-                 mask_fn: Callable[..., Tensor] | None, consensus: bool, normalize: bool, rescale: bool,
-                 lambda_: float) -> Tensor:
+def _generalized(
+    base: Tensor,
+    tensors: list[Tensor],
+    weights: list[float],
+    densities: list[float],
+    mask_fn: Callable[..., Tensor] | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+) -> Tensor:
     """The task-vector family (mergekit's GeneralizedTaskArithmeticMerge): sparsify, weight, elect, combine."""
     base = _work(base)
     if not tensors:
@@ -209,6 +276,7 @@ def slerp(base: Tensor, other: Tensor, t: float, dot_threshold: float = 0.9995, 
 
 # ---- registry: how run.py calls each method with one tensor's resolved parameters ----
 
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A merge method as recipes name it.
@@ -217,6 +285,7 @@ class MergeMethod:
     (every listed model's, base included, for methods with needs_base=False), `per_model` their resolved
     parameters and `shared` the method-wide ones (defaults filled in).
     """
+
     merge: Callable[..., Tensor]
     needs_base: bool
     per_model: dict[str, Any]  # parameter -> default (None: required)
@@ -232,8 +301,15 @@ def _ta_family(fn: Callable[..., Tensor], density: bool, extra: tuple[str, ...] 
             kwargs["densities"] = [p["density"] for p in per_model]
         if random:
             kwargs["generator"] = generator
-        return fn(base, tensors, [p["weight"] for p in per_model], normalize=shared["normalize"],
-                  lambda_=shared["lambda"], **kwargs)
+        return fn(
+            base,
+            tensors,
+            [p["weight"] for p in per_model],
+            normalize=shared["normalize"],
+            lambda_=shared["lambda"],
+            **kwargs,
+        )
+
     return merge
 
 
@@ -241,17 +317,38 @@ _TA_SHARED = {"normalize": False, "lambda": 1.0, "int8_mask": False}  # int8_mas
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": MergeMethod(
         lambda base, tensors, per_model, shared, generator=None: linear(
-            tensors, [p["weight"] for p in per_model], shared["normalize"]),
-        needs_base=False, per_model={"weight": None}, shared={"normalize": True}),
-    "task_arithmetic": MergeMethod(_ta_family(task_arithmetic, density=False), True,
-                                   {"weight": None}, _TA_SHARED),
-    "ties": MergeMethod(_ta_family(ties, True, ("rescale",)), True, {"weight": None, "density": 1.0},
-                        {**_TA_SHARED, "normalize": True, "rescale": False}),
-    "dare_linear": MergeMethod(_ta_family(dare_linear, True, ("rescale",), random=True), True,
-                               {"weight": None, "density": 1.0}, {**_TA_SHARED, "rescale": True}, random=True),
-    "dare_ties": MergeMethod(_ta_family(dare_ties, True, ("rescale",), random=True), True,
-                             {"weight": None, "density": 1.0}, {**_TA_SHARED, "rescale": True}, random=True),
+            tensors, [p["weight"] for p in per_model], shared["normalize"]
+        ),
+        needs_base=False,
+        per_model={"weight": None},
+        shared={"normalize": True},
+    ),
+    "task_arithmetic": MergeMethod(_ta_family(task_arithmetic, density=False), True, {"weight": None}, _TA_SHARED),
+    "ties": MergeMethod(
+        _ta_family(ties, True, ("rescale",)),
+        True,
+        {"weight": None, "density": 1.0},
+        {**_TA_SHARED, "normalize": True, "rescale": False},
+    ),
+    "dare_linear": MergeMethod(
+        _ta_family(dare_linear, True, ("rescale",), random=True),
+        True,
+        {"weight": None, "density": 1.0},
+        {**_TA_SHARED, "rescale": True},
+        random=True,
+    ),
+    "dare_ties": MergeMethod(
+        _ta_family(dare_ties, True, ("rescale",), random=True),
+        True,
+        {"weight": None, "density": 1.0},
+        {**_TA_SHARED, "rescale": True},
+        random=True,
+    ),
     "slerp": MergeMethod(
         lambda base, tensors, per_model, shared, generator=None: slerp(base, tensors[0], shared["t"]),
-        needs_base=True, per_model={}, shared={"t": None}, n_models=1),
+        needs_base=True,
+        per_model={},
+        shared={"t": None},
+        n_models=1,
+    ),
 }

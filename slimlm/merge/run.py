@@ -29,15 +29,25 @@ from slimlm.checkpoint.hf import read_safetensors_header, safetensors_files
 from slimlm.jsonl import read_json_object
 from slimlm.merge.merge_config import DTYPES, MergeRecipe, resolve
 
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass
 class Source:
     """One input model: its folder, config.json and where each tensor lives (name -> (file, shape, dtype))."""
+
     name: str  # as the recipe wrote it
     folder: Path
     config: dict[str, Any]
@@ -70,11 +80,14 @@ def check_compatible(sources: list[Source]) -> None:
         if missing or extra:
             errors.append(f"{s.name} lacks tensors {missing[:5]} and has extra {extra[:5]} compared with {ref.name}")
         shapes = [k for k in ref.tensors if k in s.tensors and s.tensors[k][1] != ref.tensors[k][1]]
-        errors += [f"{k}: shape {s.tensors[k][1]} in {s.name} but {ref.tensors[k][1]} in {ref.name}"
-                   for k in shapes[:5]]
+        errors += [
+            f"{k}: shape {s.tensors[k][1]} in {s.name} but {ref.tensors[k][1]} in {ref.name}" for k in shapes[:5]
+        ]
     if errors:
-        raise CheckpointError("models cannot be merged tensor by tensor (same architecture, names and shapes "
-                              "needed; vocabulary merging is not supported): " + "; ".join(errors))
+        raise CheckpointError(
+            "models cannot be merged tensor by tensor (same architecture, names and shapes "
+            "needed; vocabulary merging is not supported): " + "; ".join(errors)
+        )
 
 
 def layer_fraction(tensor_name: str, n_layers: int) -> float:
@@ -85,18 +98,27 @@ def layer_fraction(tensor_name: str, n_layers: int) -> float:
     return int(m.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
 
 
-def merge_tensor(recipe: MergeRecipe, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor],
-                 t: float, generator: torch.Generator | None) -> torch.Tensor:
+def merge_tensor(
+    recipe: MergeRecipe,
+    name: str,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    t: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Resolve this tensor's parameters (per-model over top-level, filters and gradients) and apply the method."""
     method, others = recipe.method(), recipe.non_base()
-    per_model = [{k: resolve(k, [m.parameters, recipe.parameters], d, name, t) for k, d in method.per_model.items()}
-                 for m in others]
+    per_model = [
+        {k: resolve(k, [m.parameters, recipe.parameters], d, name, t) for k, d in method.per_model.items()}
+        for m in others
+    ]
     shared = {k: resolve(k, [recipe.parameters], d, name, t) for k, d in method.shared.items()}
     return method.merge(base, tensors, per_model, shared, generator)
 
 
-def run_merge(recipe: MergeRecipe, out: str | Path, *, seed: int = 0, shard_bytes: int = 5 * 2**30,
-              recipe_text: str | None = None) -> dict[str, Any]:
+def run_merge(
+    recipe: MergeRecipe, out: str | Path, *, seed: int = 0, shard_bytes: int = 5 * 2**30, recipe_text: str | None = None
+) -> dict[str, Any]:
     """Merge the recipe's models into the HF folder `out` (written atomically); returns a summary dict."""
     names = list(dict.fromkeys(([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]))
     sources = {n: open_source(n) for n in names}
@@ -129,13 +151,19 @@ def run_merge(recipe: MergeRecipe, out: str | Path, *, seed: int = 0, shard_byte
                 writer.add(key, first)
                 continue
             base = read(base_src, key) if base_src is not None else None
-            merged = merge_tensor(recipe, key, base, [read(s, key) for s in inputs],
-                                  layer_fraction(key, n_layers), generator)
+            merged = merge_tensor(
+                recipe, key, base, [read(s, key) for s in inputs], layer_fraction(key, n_layers), generator
+            )
             writer.add(key, merged.to(out_dtype or first.dtype).contiguous())
         n_shards = writer.finish()
         _write_side_files(tmp, donor, out_name or _dtype_name(donor), recipe_text)
-    return {"method": recipe.merge_method, "models": names, "tensors": len(donor.tensors), "shards": n_shards,
-            "out": str(out)}
+    return {
+        "method": recipe.merge_method,
+        "models": names,
+        "tensors": len(donor.tensors),
+        "shards": n_shards,
+        "out": str(out),
+    }
 
 
 def _dtype_name(src: Source) -> str:

@@ -12,16 +12,22 @@ are not linear in the base weights) and stay attached.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from slimlm.peft import adapter, bitfit, lora, prefix, prompt
 from slimlm.peft.common import (
-    PeftError, TrainableSummary, read_adapter_files, read_adapter_metadata, save_adapter_files, trainable_summary,
+    PeftError,
+    TrainableSummary,
+    read_adapter_files,
+    read_adapter_metadata,
+    save_adapter_files,
+    trainable_summary,
 )
 from slimlm.quantize.nf4 import quantize_model_nf4_
 
@@ -51,34 +57,72 @@ class PeftMethod:
     peft_type: str = ""  # adapter_config.json "peft_type" this method writes and reads
 
 
-_LORA = dict(config_cls=lora.LoraConfig, apply=lora.apply_lora, state_dict=lora.lora_state_dict,
-             adapter_config=lora.lora_adapter_config, config_from_adapter=lora.lora_config_from_adapter,
-             load_state_dict=lora.load_lora_state_dict, merge=lambda m: _merge_lora(m), peft_type="LORA")  # lambda: defined below
+_LORA = dict(
+    config_cls=lora.LoraConfig,
+    apply=lora.apply_lora,
+    state_dict=lora.lora_state_dict,
+    adapter_config=lora.lora_adapter_config,
+    config_from_adapter=lora.lora_config_from_adapter,
+    load_state_dict=lora.load_lora_state_dict,
+    merge=lambda m: _merge_lora(m),
+    peft_type="LORA",
+)  # lambda: defined below
 
 PEFT_METHODS: dict[str, PeftMethod] = {
     "full": PeftMethod(FullConfig, apply_full),
     "lora": PeftMethod(**_LORA),
     "qlora": PeftMethod(**_LORA),  # = lora on an NF4 base
-    "adapter": PeftMethod(adapter.AdapterConfig, adapter.apply_adapter, adapter.adapter_state_dict,
-                          adapter.adapter_adapter_config, adapter.adapter_config_from_adapter,
-                          adapter.load_adapter_state_dict, peft_type="SLIMLM_BOTTLENECK_ADAPTER"),
-    "bitfit": PeftMethod(bitfit.BitFitConfig, bitfit.apply_bitfit, bitfit.bitfit_state_dict,
-                         bitfit.bitfit_adapter_config, bitfit.bitfit_config_from_adapter,
-                         bitfit.load_bitfit_state_dict, bitfit.merge_bitfit, peft_type="SLIMLM_BITFIT"),
-    "prefix": PeftMethod(prefix.PrefixConfig, prefix.apply_prefix, prefix.prefix_state_dict,
-                         prefix.prefix_adapter_config, prefix.prefix_config_from_adapter,
-                         prefix.load_prefix_state_dict, peft_type="PREFIX_TUNING"),
-    "prompt": PeftMethod(prompt.PromptConfig, prompt.apply_prompt, prompt.prompt_state_dict,
-                         prompt.prompt_adapter_config, prompt.prompt_config_from_adapter,
-                         prompt.load_prompt_state_dict, peft_type="PROMPT_TUNING"),
+    "adapter": PeftMethod(
+        adapter.AdapterConfig,
+        adapter.apply_adapter,
+        adapter.adapter_state_dict,
+        adapter.adapter_adapter_config,
+        adapter.adapter_config_from_adapter,
+        adapter.load_adapter_state_dict,
+        peft_type="SLIMLM_BOTTLENECK_ADAPTER",
+    ),
+    "bitfit": PeftMethod(
+        bitfit.BitFitConfig,
+        bitfit.apply_bitfit,
+        bitfit.bitfit_state_dict,
+        bitfit.bitfit_adapter_config,
+        bitfit.bitfit_config_from_adapter,
+        bitfit.load_bitfit_state_dict,
+        bitfit.merge_bitfit,
+        peft_type="SLIMLM_BITFIT",
+    ),
+    "prefix": PeftMethod(
+        prefix.PrefixConfig,
+        prefix.apply_prefix,
+        prefix.prefix_state_dict,
+        prefix.prefix_adapter_config,
+        prefix.prefix_config_from_adapter,
+        prefix.load_prefix_state_dict,
+        peft_type="PREFIX_TUNING",
+    ),
+    "prompt": PeftMethod(
+        prompt.PromptConfig,
+        prompt.apply_prompt,
+        prompt.prompt_state_dict,
+        prompt.prompt_adapter_config,
+        prompt.prompt_config_from_adapter,
+        prompt.load_prompt_state_dict,
+        peft_type="PROMPT_TUNING",
+    ),
 }
-METHOD_OF_PEFT_TYPE = {"LORA": "lora", "SLIMLM_BOTTLENECK_ADAPTER": "adapter", "SLIMLM_BITFIT": "bitfit",
-                       "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+METHOD_OF_PEFT_TYPE = {
+    "LORA": "lora",
+    "SLIMLM_BOTTLENECK_ADAPTER": "adapter",
+    "SLIMLM_BITFIT": "bitfit",
+    "PREFIX_TUNING": "prefix",
+    "PROMPT_TUNING": "prompt",
+}
 
 
 @dataclass
 class PeftState:
     """What was applied to a model, kept on it as `model.peft`."""
+
     method: str
     config: Any
     nf4_base: bool = False
@@ -103,8 +147,9 @@ def make_config(method: str, values: dict[str, Any] | None = None) -> Any:
     return cfg
 
 
-def apply_peft(model: nn.Module, method: str, cfg: Any = None, tokenizer: Any = None,
-               nf4_base: bool = False) -> TrainableSummary:
+def apply_peft(
+    model: nn.Module, method: str, cfg: Any = None, tokenizer: Any = None, nf4_base: bool = False
+) -> TrainableSummary:
     """Prepare `model` for fine-tuning with `method`; returns the trainable-parameter summary."""
     m = get_method(method)
     cfg = cfg if cfg is not None else make_config(method)
@@ -121,8 +166,13 @@ def apply_peft(model: nn.Module, method: str, cfg: Any = None, tokenizer: Any = 
     return trainable_summary(model)
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model: str | Path | None = None, tokenizer: Any = None,
-                 base_name: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    folder: str | Path,
+    base_model: str | Path | None = None,
+    tokenizer: Any = None,
+    base_name: str | None = None,
+) -> Path:
     """Write the model's adapter as adapter_config.json + adapter_model.safetensors (+ tokenizer), atomically.
 
     base_model is what the model was loaded from; adapter_config.json's base_model_name_or_path gets its resolved
@@ -146,8 +196,9 @@ def read_adapter_config(folder: str | Path) -> tuple[str, Any, dict]:
     raw, _ = read_adapter_files(folder)
     peft_type = raw.get("peft_type")
     if peft_type not in METHOD_OF_PEFT_TYPE:
-        raise PeftError(f"{folder}: adapter peft_type {peft_type!r} is not one slimlm loads "
-                        f"({', '.join(METHOD_OF_PEFT_TYPE)})")
+        raise PeftError(
+            f"{folder}: adapter peft_type {peft_type!r} is not one slimlm loads ({', '.join(METHOD_OF_PEFT_TYPE)})"
+        )
     method = read_adapter_metadata(folder).get("slimlm_method") or METHOD_OF_PEFT_TYPE[peft_type]
     where = Path(folder) / "adapter_config.json"
     try:
@@ -188,8 +239,10 @@ def merge_adapter(model: nn.Module) -> None:
     state = _peft_state(model)
     m = get_method(state.method)
     if m.merge is None:
-        raise PeftError(f"{state.method} cannot be merged into the base weights (it is not a change of the "
-                        "linear weights); keep it as an adapter and load it with --adapter")
+        raise PeftError(
+            f"{state.method} cannot be merged into the base weights (it is not a change of the "
+            "linear weights); keep it as an adapter and load it with --adapter"
+        )
     m.merge(model)
     model.peft = None
 
@@ -214,6 +267,19 @@ def logit_drift(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
     return {"max_logit_diff": (before.float() - after.float()).abs().max().item(), "kl": kl}
 
 
-__all__ = ["PEFT_METHODS", "PeftError", "PeftMethod", "PeftState", "TrainableSummary", "apply_peft", "get_method",
-           "load_adapter", "logit_drift", "make_config", "merge_adapter", "read_adapter_config", "save_adapter",
-           "trainable_summary"]
+__all__ = [
+    "PEFT_METHODS",
+    "PeftError",
+    "PeftMethod",
+    "PeftState",
+    "TrainableSummary",
+    "apply_peft",
+    "get_method",
+    "load_adapter",
+    "logit_drift",
+    "make_config",
+    "merge_adapter",
+    "read_adapter_config",
+    "save_adapter",
+    "trainable_summary",
+]

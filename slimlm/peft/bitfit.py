@@ -77,8 +77,10 @@ def _trained(model: nn.Module) -> dict[str, nn.Parameter]:
     cfg = model.bitfit_config
     if cfg is None:
         raise PeftError("the model has no BitFit applied; call apply_bitfit first")
-    params = {f"{name}.bias": getattr(parent, attr).bias
-              for name, parent, attr in target_linears(model, resolve_targets(cfg.targets))}
+    params = {
+        f"{name}.bias": getattr(parent, attr).bias
+        for name, parent, attr in target_linears(model, resolve_targets(cfg.targets))
+    }
     if cfg.train_norms:
         params.update(_norms(model))
     return params
@@ -118,9 +120,11 @@ def merge_bitfit(model: nn.Module) -> None:
     """
     config = model.config
     if config.model_type != "llama" and config.sliding_window is not None:
-        raise PeftError(f"cannot merge BitFit into a {config.model_type} model with a sliding window: only HF's "
-                        "Llama class holds biases on every projection, and it has no sliding window; "
-                        "keep the BitFit adapter separate instead")
+        raise PeftError(
+            f"cannot merge BitFit into a {config.model_type} model with a sliding window: only HF's "
+            "Llama class holds biases on every projection, and it has no sliding window; "
+            "keep the BitFit adapter separate instead"
+        )
     like = model.embed_tokens.weight
     for _, parent, attr in target_linears(model, ALL_LINEARS):
         _add_bias(getattr(parent, attr), like)

@@ -39,7 +39,9 @@ def resolve_targets(targets: str | list[str] | tuple[str, ...]) -> tuple[str, ..
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in ALL_LINEARS]
     if unknown or not targets:
-        raise PeftError(f"unknown target modules {unknown or targets}; choose from {', '.join(ALL_LINEARS)} or 'all-linear'")
+        raise PeftError(
+            f"unknown target modules {unknown or targets}; choose from {', '.join(ALL_LINEARS)} or 'all-linear'"
+        )
     return tuple(targets)
 
 
@@ -87,8 +89,13 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     return TrainableSummary(trainable, total)
 
 
-def save_adapter_files(folder: str | Path, adapter_config: dict, tensors: dict[str, torch.Tensor],
-                       metadata: dict[str, str] | None = None, tokenizer=None) -> Path:
+def save_adapter_files(
+    folder: str | Path,
+    adapter_config: dict,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    tokenizer=None,
+) -> Path:
     """Write adapter_config.json + adapter_model.safetensors atomically.
 
     `metadata` (strings) goes into the safetensors header rather than adapter_config.json, whose unknown keys
@@ -117,7 +124,11 @@ def read_adapter_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor
     folder = Path(folder)
     cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not cfg_path.is_file():
-        hint = " (pickled adapter_model.bin is not loaded; re-save it as safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        hint = (
+            " (pickled adapter_model.bin is not loaded; re-save it as safetensors)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise PeftError(f"{folder}: no {ADAPTER_CONFIG}; is this an adapter folder?{hint}")
     if not w_path.is_file():
         raise PeftError(f"{folder}: no {ADAPTER_WEIGHTS}")
@@ -144,8 +155,11 @@ def copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
     """
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
-    mismatched = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(params[k].shape)}"
-                  for k in sorted(set(params) & set(tensors)) if tensors[k].shape != params[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(params[k].shape)}"
+        for k in sorted(set(params) & set(tensors))
+        if tensors[k].shape != params[k].shape
+    ]
     errors = []
     if missing:
         errors.append(f"missing {_some(missing)}")
@@ -155,8 +169,11 @@ def copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
         errors.append(f"shape mismatch {_some(mismatched)}")
     if errors:
         why = _base_mismatch(params, tensors, bool(mismatched))
-        raise PeftError(f"{method} weights do not fit this model{why}: " + "; ".join(errors) +
-                        "; check that the adapter was trained on this base model with the same config")
+        raise PeftError(
+            f"{method} weights do not fit this model{why}: "
+            + "; ".join(errors)
+            + "; check that the adapter was trained on this base model with the same config"
+        )
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[k].to(p.dtype))
@@ -193,6 +210,8 @@ def prompt_learning_config_errors(d: dict, peft_type: str, what: str) -> list[st
     if d.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
         errors.append(f"task_type is {d.get('task_type')!r}; slimlm runs CAUSAL_LM adapters only")
     if d.get("num_transformer_submodules") not in (None, 1):
-        errors.append(f"num_transformer_submodules is {d.get('num_transformer_submodules')}; "
-                      f"encoder-decoder {what} (2) do not fit a decoder-only model")
+        errors.append(
+            f"num_transformer_submodules is {d.get('num_transformer_submodules')}; "
+            f"encoder-decoder {what} (2) do not fit a decoder-only model"
+        )
     return errors

@@ -38,8 +38,14 @@ from slimlm.peft.common import (
 )
 
 # PEFT's adapter_config.json options that change what the adapter computes and that slimlm does not run.
-UNSUPPORTED_PEFT_OPTIONS = ("exclude_modules", "trainable_token_indices", "layer_replication", "target_parameters",
-                            "alora_invocation_tokens", "use_qalora")
+UNSUPPORTED_PEFT_OPTIONS = (
+    "exclude_modules",
+    "trainable_token_indices",
+    "layer_replication",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "use_qalora",
+)
 
 
 @dataclass
@@ -76,8 +82,10 @@ class LoraConfig:
 
     def _option_errors(self) -> list[str]:
         errors = []
-        for what, pattern, ok in (("rank_pattern", self.rank_pattern, lambda v: type(v) is int and v >= 1),
-                                  ("alpha_pattern", self.alpha_pattern, lambda v: type(v) in (int, float) and v > 0)):
+        for what, pattern, ok in (
+            ("rank_pattern", self.rank_pattern, lambda v: type(v) is int and v >= 1),
+            ("alpha_pattern", self.alpha_pattern, lambda v: type(v) in (int, float) and v > 0),
+        ):
             if not isinstance(pattern, dict):
                 errors.append(f"lora {what} must be a mapping of module-name regex to value, got {pattern!r}")
                 continue
@@ -107,8 +115,10 @@ class LoraConfig:
     def rank_alpha(self, hf_name: str) -> tuple[int, float]:
         """(r, alpha) of the module with this HF name: the first pattern key that matches its end, as PEFT's
         get_pattern_key does, else the defaults."""
-        return (next((v for k, v in self.rank_pattern.items() if _ends_with(hf_name, k)), self.r),
-                next((v for k, v in self.alpha_pattern.items() if _ends_with(hf_name, k)), self.alpha))
+        return (
+            next((v for k, v in self.rank_pattern.items() if _ends_with(hf_name, k)), self.r),
+            next((v for k, v in self.alpha_pattern.items() if _ends_with(hf_name, k)), self.alpha),
+        )
 
     def transforms_layer(self, hf_name: str) -> bool:
         """Whether layers_to_transform (+ layers_pattern) selects this module (PEFT's check_target_module_exists)."""
@@ -141,6 +151,7 @@ def hf_module_name(name: str) -> str:
 class AdapterSelection:
     """Which adapters the LoRALinear layers of one model apply, to every row. (Serving mixes adapters per row
     with engine/multi_lora.py's slots instead.)"""
+
     active: tuple[str, ...] = ("default",)
     names: set[str] = field(default_factory=set)  # every adapter attached to the model
     saved_modules: dict[str, list[str]] = field(default_factory=dict)  # adapter -> our names of modules_to_save
@@ -187,8 +198,12 @@ class LoRAAdapter(nn.Module):
         if self.magnitude is not None:
             return base_out + self._dora(x, base, base_out)
         a = self.lora_A(self.dropout(x))  # [..., r]
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), a.reshape(-1, a.shape[-1]),
-                          self.lora_B.weight.T.to(a.dtype), alpha=self.scaling).view(base_out.shape)
+        out = torch.addmm(
+            base_out.reshape(-1, base_out.shape[-1]),
+            a.reshape(-1, a.shape[-1]),
+            self.lora_B.weight.T.to(a.dtype),
+            alpha=self.scaling,
+        ).view(base_out.shape)
         return out if self.lora_B.bias is None else out + self.delta_bias().to(out.dtype)
 
     def _dora(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
@@ -284,8 +299,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, tokenizer=None, name: str = "d
     if name in sel.names:
         raise PeftError(f"the model already has a LoRA adapter named {name!r}")
     if sel.saved_modules or (cfg.modules_to_save and sel.names):
-        raise PeftError("an adapter with modules_to_save replaces whole base modules for every row, so it cannot "
-                        "share a model with other adapters; load it on a fresh base (or merge it first)")
+        raise PeftError(
+            "an adapter with modules_to_save replaces whole base modules for every row, so it cannot "
+            "share a model with other adapters; load it on a fresh base (or merge it first)"
+        )
     saved = _saved_modules(model, cfg)
     if not sel.names:
         freeze(model)
@@ -311,12 +328,17 @@ def _saved_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Our names of the modules modules_to_save names; every entry must match a module with weights."""
     if not cfg.modules_to_save:
         return []
-    found = [n for n, m in model.named_modules() if n and cfg.saves_module(hf_module_name(n))
-             and any(True for _ in m.parameters())]
+    found = [
+        n
+        for n, m in model.named_modules()
+        if n and cfg.saves_module(hf_module_name(n)) and any(True for _ in m.parameters())
+    ]
     unmatched = [m for m in cfg.modules_to_save if not any(hf_module_name(n).endswith(m) for n in found)]
     if unmatched:
-        raise PeftError(f"modules_to_save {unmatched} match no module with weights in this model (HF names such as "
-                        "lm_head, model.embed_tokens, model.norm)")
+        raise PeftError(
+            f"modules_to_save {unmatched} match no module with weights in this model (HF names such as "
+            "lm_head, model.embed_tokens, model.norm)"
+        )
     nested = [n for n in found if any(n != o and n.startswith(o + ".") for o in found)]
     return [n for n in found if n not in nested]
 
@@ -385,16 +407,22 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], nam
 
 
 def _resize_vocab(model: nn.Module, tensors: dict[str, torch.Tensor], saved: list[str]) -> None:
-    rows = {m: tensors[k].shape[0] for m in ("embed_tokens", "lm_head") if m in saved
-            and (k := f"base_model.model.{hf_module_name(m)}.weight") in tensors
-            and tensors[k].shape[1:] == model.get_submodule(m).weight.shape[1:]}
+    rows = {
+        m: tensors[k].shape[0]
+        for m in ("embed_tokens", "lm_head")
+        if m in saved
+        and (k := f"base_model.model.{hf_module_name(m)}.weight") in tensors
+        and tensors[k].shape[1:] == model.get_submodule(m).weight.shape[1:]
+    }
     vocab = model.embed_tokens.weight.shape[0]
     if all(n == vocab for n in rows.values()):
         return
     if set(rows) != {"embed_tokens", "lm_head"} or len(set(rows.values())) != 1:
-        raise PeftError(f"the adapter's modules_to_save resize the vocabulary ({rows} rows; the model has {vocab}) "
-                        "but not both embed_tokens and lm_head to the same size, so the other one's new rows are "
-                        "not in the file; train with modules_to_save=['lm_head', 'embed_tokens']")
+        raise PeftError(
+            f"the adapter's modules_to_save resize the vocabulary ({rows} rows; the model has {vocab}) "
+            "but not both embed_tokens and lm_head to the same size, so the other one's new rows are "
+            "not in the file; train with modules_to_save=['lm_head', 'embed_tokens']"
+        )
     n, w = rows["lm_head"], model.embed_tokens.weight
     model.embed_tokens = nn.Embedding(n, w.shape[1], device=w.device, dtype=w.dtype).requires_grad_(False)
     model.lm_head = nn.Linear(w.shape[1], n, bias=False, device=w.device, dtype=w.dtype).requires_grad_(False)
@@ -404,12 +432,23 @@ def _resize_vocab(model: nn.Module, tensors: dict[str, torch.Tensor], saved: lis
 def lora_adapter_config(model: nn.Module, cfg: LoraConfig) -> dict:
     """adapter_config.json fields as HF PEFT writes them for a LoRA/DoRA adapter."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout, "target_modules": sorted(resolve_targets(cfg.target_modules)),
-        "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": cfg.modules_to_save or None,
-        "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
-        "layers_to_transform": cfg.layers_to_transform, "layers_pattern": cfg.layers_pattern,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(resolve_targets(cfg.target_modules)),
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": cfg.modules_to_save or None,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,
         "lora_bias": cfg.lora_bias,
     }
 
@@ -432,23 +471,37 @@ def lora_config_from_adapter(d: dict) -> LoraConfig:
             raise PeftError(f"adapter targets {targets}; slimlm's LoRA covers {', '.join(ALL_LINEARS)}")
     layers = d.get("layers_to_transform")
     pattern = d.get("layers_pattern")
-    return LoraConfig(r=d["r"], alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-                      target_modules=targets, use_rslora=bool(d.get("use_rslora")), use_dora=bool(d.get("use_dora")),
-                      rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}),
-                      layers_to_transform=[layers] if type(layers) is int else layers or None,
-                      layers_pattern=pattern[0] if isinstance(pattern, list) and len(pattern) == 1 else pattern or None,
-                      lora_bias=bool(d.get("lora_bias")), modules_to_save=list(d.get("modules_to_save") or []) or None)
+    return LoraConfig(
+        r=d["r"],
+        alpha=d.get("lora_alpha", 8),
+        dropout=d.get("lora_dropout", 0.0),
+        target_modules=targets,
+        use_rslora=bool(d.get("use_rslora")),
+        use_dora=bool(d.get("use_dora")),
+        rank_pattern=dict(d.get("rank_pattern") or {}),
+        alpha_pattern=dict(d.get("alpha_pattern") or {}),
+        layers_to_transform=[layers] if type(layers) is int else layers or None,
+        layers_pattern=pattern[0] if isinstance(pattern, list) and len(pattern) == 1 else pattern or None,
+        lora_bias=bool(d.get("lora_bias")),
+        modules_to_save=list(d.get("modules_to_save") or []) or None,
+    )
 
 
 def merge_lora(model: nn.Module, names: list[str] | None = None) -> None:
     """Fold adapters (default: the active ones) into the base weights; forward stays the same up to rounding."""
     names = list(names if names is not None else lora_selection(model).active)
-    no_bias = [lname for lname, layer in lora_layers(model) if layer.base.bias is None
-               and any(n in layer.adapters and layer.adapters[n].lora_B.bias is not None for n in names)]
+    no_bias = [
+        lname
+        for lname, layer in lora_layers(model)
+        if layer.base.bias is None
+        and any(n in layer.adapters and layer.adapters[n].lora_B.bias is not None for n in names)
+    ]
     if no_bias:  # checked before any layer changes, so a refused merge leaves the model as it was
-        raise PeftError(f"cannot merge lora_bias into {no_bias[:3]} (+{max(len(no_bias) - 3, 0)} more): those base "
-                        "projections have no bias to fold it into, and a Llama-family HF config cannot give them one "
-                        "alone (HF PEFT refuses this merge too); keep it as an adapter and load it with --adapter")
+        raise PeftError(
+            f"cannot merge lora_bias into {no_bias[:3]} (+{max(len(no_bias) - 3, 0)} more): those base "
+            "projections have no bias to fold it into, and a Llama-family HF config cannot give them one "
+            "alone (HF PEFT refuses this merge too); keep it as an adapter and load it with --adapter"
+        )
     for _, layer in lora_layers(model):
         for n in names:
             if n in layer.adapters:

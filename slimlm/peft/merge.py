@@ -42,8 +42,7 @@ def merge_to_folder(model: str | Path, adapter: str | Path, out: str | Path, dty
     save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     after = net.to(save_dtype)(ids).float()
     save_hf_folder(net, out, tokenizer.hf, sorted(tokenizer.stop_token_ids), dtype=save_dtype)
-    report = {"method": method, "out": str(out), "nf4_base": nf4,
-              "drift_vs_unmerged": logit_drift(before, after)}
+    report = {"method": method, "out": str(out), "nf4_base": nf4, "drift_vs_unmerged": logit_drift(before, after)}
     if reference_fp is not None:
         report["drift_vs_full_precision_base"] = logit_drift(reference_fp, after)
     return report

@@ -63,8 +63,15 @@ def _positive_int(x) -> bool:
 class PrefixEncoder(nn.Module):
     """The learned key/value table, directly or through an MLP; parameter names follow PEFT's PrefixEncoder."""
 
-    def __init__(self, num_virtual_tokens: int, num_layers: int, n_kv_heads: int, head_dim: int,
-                 projection: bool = False, encoder_hidden_size: int | None = None):
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        num_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        projection: bool = False,
+        encoder_hidden_size: int | None = None,
+    ):
         super().__init__()
         self.num_virtual_tokens, self.num_layers = num_virtual_tokens, num_layers
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
@@ -74,8 +81,9 @@ class PrefixEncoder(nn.Module):
         if projection:
             hidden = encoder_hidden_size or token_dim
             self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
-            self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(),
-                                           nn.Linear(hidden, num_layers * 2 * token_dim))
+            self.transform = nn.Sequential(
+                nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, num_layers * 2 * token_dim)
+            )
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, num_layers * 2 * token_dim)
 
@@ -115,8 +123,9 @@ class LayerPrefix(nn.Module):
         object.__setattr__(self, "encoder", encoder)
         self.layer = layer
 
-    def forward(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         B, S = k.shape[0], k.shape[2]
         pk, pv = self.encoder.layer_kv(self.layer)  # [Hkv, P, hd]
         P = pk.shape[1]
@@ -140,8 +149,9 @@ def apply_prefix(model: nn.Module, cfg: PrefixConfig, tokenizer=None) -> None:
         raise PeftError("this model already has prefix tuning; load a fresh base model before applying again")
     freeze(model)
     c, w = model.config, model.embed_tokens.weight
-    encoder = PrefixEncoder(cfg.num_virtual_tokens, c.n_layers, c.n_kv_heads, c.head_dim, cfg.projection,
-                            cfg.encoder_hidden_size).to(w.device, w.dtype)
+    encoder = PrefixEncoder(
+        cfg.num_virtual_tokens, c.n_layers, c.n_kv_heads, c.head_dim, cfg.projection, cfg.encoder_hidden_size
+    ).to(w.device, w.dtype)
     model.prefix_encoder = encoder
     for i, layer in enumerate(model.layers):
         layer.self_attn.prefix = LayerPrefix(encoder, i)
@@ -167,9 +177,14 @@ def prefix_adapter_config(model: nn.Module, cfg: PrefixConfig) -> dict:
     c = model.config
     token_dim = c.n_kv_heads * c.head_dim
     return {
-        "peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "inference_mode": True,
-        "num_virtual_tokens": cfg.num_virtual_tokens, "num_layers": c.n_layers,
-        "num_attention_heads": c.n_kv_heads, "token_dim": token_dim, "num_transformer_submodules": 1,
+        "peft_type": PEFT_TYPE,
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "num_layers": c.n_layers,
+        "num_attention_heads": c.n_kv_heads,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
         "prefix_projection": cfg.projection,
         "encoder_hidden_size": (cfg.encoder_hidden_size or token_dim) if cfg.projection else token_dim,
     }
@@ -193,6 +208,8 @@ def load_prefix_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -
     """Copy a saved `prompt_embeddings` table into a model prepared by apply_prefix(projection=False)."""
     encoder = _encoder(model)
     if encoder.projection:
-        raise PeftError("a saved prefix is the key/value table, which cannot be loaded into a projection encoder; "
-                        "apply the config from prefix_config_from_adapter (projection=False) instead")
+        raise PeftError(
+            "a saved prefix is the key/value table, which cannot be loaded into a projection encoder; "
+            "apply the config from prefix_config_from_adapter (projection=False) instead"
+        )
     copy_checked({WEIGHTS_KEY: encoder.embedding.weight}, tensors, "prefix-tuning")

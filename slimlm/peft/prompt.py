@@ -118,8 +118,10 @@ def apply_prompt(model: nn.Module, cfg: PromptConfig, tokenizer=None) -> None:
     if isinstance(base, PromptEmbedding):
         raise PeftError("this model already has prompt tuning; load a fresh base model before applying again")
     if cfg.init_text is not None and tokenizer is None:
-        raise PeftError("prompt tuning with init_text needs the tokenizer (apply_prompt(..., tokenizer=...)); "
-                        "set init_text to null for a random init")
+        raise PeftError(
+            "prompt tuning with init_text needs the tokenizer (apply_prompt(..., tokenizer=...)); "
+            "set init_text to null for a random init"
+        )
     freeze(model)
     P, w = cfg.num_virtual_tokens, base.weight
     if cfg.init_text is None:
@@ -128,8 +130,10 @@ def apply_prompt(model: nn.Module, cfg: PromptConfig, tokenizer=None) -> None:
         ids = torch.tensor(_init_ids(cfg.init_text, tokenizer, P), device=w.device)
         bad = ids[ids >= w.shape[0]]
         if len(bad):
-            raise PeftError(f"init_text token ids {bad.tolist()} are outside the model's vocabulary of "
-                            f"{w.shape[0]}; is the tokenizer the model's own?")
+            raise PeftError(
+                f"init_text token ids {bad.tolist()} are outside the model's vocabulary of "
+                f"{w.shape[0]}; is the tokenizer the model's own?"
+            )
         soft = w.detach()[ids].clone()
     embed = PromptEmbedding(base, soft)
     embed.init_text = cfg.init_text
@@ -156,10 +160,16 @@ def prompt_adapter_config(model: nn.Module, cfg: PromptConfig) -> dict:
     # text init whose tokenizer has no known path is recorded as RANDOM (the text is kept for the record).
     text = cfg.init_text is not None and embed.tokenizer_name_or_path is not None
     return {
-        "peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "inference_mode": True,
-        "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": c.dim, "num_transformer_submodules": 1,
-        "num_attention_heads": c.n_heads, "num_layers": c.n_layers,
-        "prompt_tuning_init": "TEXT" if text else "RANDOM", "prompt_tuning_init_text": cfg.init_text,
+        "peft_type": PEFT_TYPE,
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "token_dim": c.dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": c.n_heads,
+        "num_layers": c.n_layers,
+        "prompt_tuning_init": "TEXT" if text else "RANDOM",
+        "prompt_tuning_init_text": cfg.init_text,
         "tokenizer_name_or_path": embed.tokenizer_name_or_path,
     }
 

@@ -10,6 +10,18 @@ from slimlm.prune.sparsity import sparsity_report
 from slimlm.prune.structured import kv_group_scores, mlp_channel_scores, prune_heads_, prune_mlp_channels_
 from slimlm.prune.unstructured import NM_PATTERNS, SCORES, prune_nm_, prune_unstructured_
 
-__all__ = ["NM_PATTERNS", "SCORES", "drop_layers", "every_other_layer", "kv_group_scores", "layer_importance",
-           "mlp_channel_scores", "prune_heads_", "prune_layers_", "prune_mlp_channels_", "prune_nm_",
-           "prune_unstructured_", "sparsity_report"]
+__all__ = [
+    "NM_PATTERNS",
+    "SCORES",
+    "drop_layers",
+    "every_other_layer",
+    "kv_group_scores",
+    "layer_importance",
+    "mlp_channel_scores",
+    "prune_heads_",
+    "prune_layers_",
+    "prune_mlp_channels_",
+    "prune_nm_",
+    "prune_unstructured_",
+    "sparsity_report",
+]

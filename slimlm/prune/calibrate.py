@@ -17,8 +17,15 @@ import torch.nn as nn
 from slimlm.errors import InputError
 from slimlm.model import Transformer, rope_cos_sin
 
-LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEAR_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def linears_of_block(block: nn.Module) -> dict[str, nn.Linear]:
@@ -26,8 +33,10 @@ def linears_of_block(block: nn.Module) -> dict[str, nn.Linear]:
     out = {name: block.get_submodule(name) for name in LINEAR_NAMES}
     bad = [n for n, m in out.items() if type(m) is not nn.Linear]
     if bad:
-        raise InputError(f"pruning needs plain nn.Linear layers, but {', '.join(bad)} are "
-                         f"{type(out[bad[0]]).__name__}: merge adapters and prune before quantizing")
+        raise InputError(
+            f"pruning needs plain nn.Linear layers, but {', '.join(bad)} are "
+            f"{type(out[bad[0]]).__name__}: merge adapters and prune before quantizing"
+        )
     return out
 
 
@@ -36,8 +45,10 @@ def check_calib_ids(calib_ids: torch.Tensor | None, what: str) -> torch.Tensor:
     if calib_ids is None:
         raise InputError(f"{what} needs calibration token ids [samples, tokens] (slimlm.eval.corpus.calibration_ids)")
     if calib_ids.ndim != 2 or calib_ids.shape[1] < 2 or calib_ids.dtype != torch.long:
-        raise InputError(f"calibration ids must be a long tensor [samples, tokens >= 2], got "
-                         f"{calib_ids.dtype} {tuple(calib_ids.shape)}")
+        raise InputError(
+            f"calibration ids must be a long tensor [samples, tokens >= 2], got "
+            f"{calib_ids.dtype} {tuple(calib_ids.shape)}"
+        )
     return calib_ids
 
 
@@ -57,7 +68,7 @@ def calibration_pass(model: Transformer, calib_ids: torch.Tensor, batch_size: in
     """Run the model's blocks over calibration ids [n, T] (hooks registered by the caller see every batch)."""
     model.eval()
     for i in range(0, calib_ids.shape[0], batch_size):
-        model.hidden(calib_ids[i:i + batch_size].to(model.device))
+        model.hidden(calib_ids[i : i + batch_size].to(model.device))
 
 
 class InputSqNorm:
@@ -85,7 +96,7 @@ class BlockInputs:
         self.cos, self.sin = rope_cos_sin(model.inv_freq, positions, model.dtype)  # [1, 1, T, hd], shared
         ids = calib_ids.to(model.device)
         with torch.no_grad():
-            self.xs = [model.embed_tokens(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
+            self.xs = [model.embed_tokens(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
 
     @torch.no_grad()
     def run(self, block: nn.Module, i: int) -> list[torch.Tensor]:

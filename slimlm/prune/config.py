@@ -45,8 +45,9 @@ class PruneConfig:
         from slimlm.prune.unstructured import check_sparsity
 
         if (self.method is None) == (self.structured is None):
-            raise InputError("set exactly one of method (magnitude, wanda, 2:4, 4:8) and structured (mlp, heads, "
-                             "layers)")
+            raise InputError(
+                "set exactly one of method (magnitude, wanda, 2:4, 4:8) and structured (mlp, heads, layers)"
+            )
         if self.method is not None and self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.structured is not None and self.structured not in STRUCTURES:

@@ -83,6 +83,13 @@ def prune_layers_(model: Transformer, n_drop: int, calib_ids: torch.Tensor, batc
     dropped = sorted(sorted(range(n), key=lambda i: bi[i])[:n_drop])
     _keep_layers_(model, [i for i in range(n) if i not in dropped])
     params = sum(p.numel() for p in model.parameters())
-    return {"kind": "layers", "dropped": dropped, "block_influence": bi, "n_layers_before": n,
-            "n_layers_after": n - n_drop, "params_before": params_before, "params_after": params,
-            "param_reduction": 1 - params / params_before}
+    return {
+        "kind": "layers",
+        "dropped": dropped,
+        "block_influence": bi,
+        "n_layers_before": n,
+        "n_layers_after": n - n_drop,
+        "params_before": params_before,
+        "params_after": params,
+        "param_reduction": 1 - params / params_before,
+    }

@@ -23,5 +23,11 @@ def sparsity_report(model: Transformer) -> dict[str, float | int]:
             lp += lin.weight.numel()
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     params = sum(p.numel() for p in model.parameters())
-    return {"linear_zeros": lz, "linear_params": lp, "linear_sparsity": lz / max(lp, 1),
-            "zeros": zeros, "params": params, "sparsity": zeros / max(params, 1)}
+    return {
+        "linear_zeros": lz,
+        "linear_params": lp,
+        "linear_sparsity": lz / max(lp, 1),
+        "zeros": zeros,
+        "params": params,
+        "sparsity": zeros / max(params, 1),
+    }

@@ -10,9 +10,10 @@ A `ratio` of all units goes. uniform=True removes the same count from every laye
 uniform=False ranks all layers' scores together, each divided by its layer's mean score, so layers
 lose different counts: a layer with a long tail of weak units loses more. (Raw scores are not comparable across
 layers: the residual stream grows with depth, so ranking them raw strips the early layers, which costs SmolLM2-135M
-two orders of magnitude in perplexity at 25 % of MLP channels.) Kept MLP channel counts are rounded to a multiple of `multiple_of` (kernel-friendly shapes),
-and every layer keeps at least one unit. The model changes in place; its config records the new sizes: plain and
-uniform when every layer has the same sizes (transformers loads the saved folder), else per-layer `layer_sizes`.
+two orders of magnitude in perplexity at 25 % of MLP channels.) Kept MLP channel counts are rounded to a multiple
+of `multiple_of` (kernel-friendly shapes), and every layer keeps at least one unit. The model changes in place; its
+config records the new sizes: plain and uniform when every layer has the same sizes (transformers loads the saved
+folder), else per-layer `layer_sizes`.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def mlp_channel_scores(model: Transformer, calib_ids: torch.Tensor, batch_size: 
     stats = [_MeanAbsInput(b.mlp.down_proj.in_features) for b in model.layers]
     with forward_hooks([(b.mlp.down_proj, s) for b, s in zip(model.layers, stats)]):
         calibration_pass(model, check_calib_ids(calib_ids, "MLP channel pruning"), batch_size)
-    return [s.sum / s.n * b.mlp.down_proj.weight.detach().float().norm(dim=0).cpu()
-            for b, s in zip(model.layers, stats)]
+    return [
+        s.sum / s.n * b.mlp.down_proj.weight.detach().float().norm(dim=0).cpu() for b, s in zip(model.layers, stats)
+    ]
 
 
 def kv_group_scores(model: Transformer, calib_ids: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
@@ -128,26 +130,48 @@ def remove_kv_groups_(block: nn.Module, keep: torch.Tensor) -> None:
 
 
 def _sizes(model: Transformer) -> list[dict[str, int]]:
-    return [{"n_heads": b.self_attn.n_heads, "n_kv_heads": b.self_attn.n_kv_heads,
-             "intermediate_size": b.mlp.down_proj.in_features} for b in model.layers]
+    return [
+        {
+            "n_heads": b.self_attn.n_heads,
+            "n_kv_heads": b.self_attn.n_kv_heads,
+            "intermediate_size": b.mlp.down_proj.in_features,
+        }
+        for b in model.layers
+    ]
 
 
-def _finish(model: Transformer, kind: str, before: list[int], kept: list[torch.Tensor], params_before: int,
-            **extra) -> dict:
+def _finish(
+    model: Transformer, kind: str, before: list[int], kept: list[torch.Tensor], params_before: int, **extra
+) -> dict:
     """Record the new per-layer sizes in model.config and summarise what went (kept: each layer's kept units)."""
     model.config = model.config.with_layer_sizes(_sizes(model))
     key = "intermediate_size" if kind == "mlp" else "n_kv_heads"
     after = [model.config.layer_size(i)[key] for i in range(model.config.n_layers)]
     params = sum(p.numel() for p in model.parameters())
     assert params == model.config.num_params(), "config sizes disagree with the pruned weights"
-    return {"kind": kind, **extra, "per_layer_before": before, "per_layer_after": after,
-            "removed": sum(before) - sum(after), "total_before": sum(before),
-            "kept": [k.tolist() for k in kept], "uniform": model.config.layer_sizes is None,
-            "params_before": params_before, "params_after": params, "param_reduction": 1 - params / params_before}
+    return {
+        "kind": kind,
+        **extra,
+        "per_layer_before": before,
+        "per_layer_after": after,
+        "removed": sum(before) - sum(after),
+        "total_before": sum(before),
+        "kept": [k.tolist() for k in kept],
+        "uniform": model.config.layer_sizes is None,
+        "params_before": params_before,
+        "params_after": params,
+        "param_reduction": 1 - params / params_before,
+    }
 
 
-def prune_mlp_channels_(model: Transformer, ratio: float, calib_ids: torch.Tensor, uniform: bool = True,
-                        multiple_of: int = 8, batch_size: int = 4) -> dict:
+def prune_mlp_channels_(
+    model: Transformer,
+    ratio: float,
+    calib_ids: torch.Tensor,
+    uniform: bool = True,
+    multiple_of: int = 8,
+    batch_size: int = 4,
+) -> dict:
     """Remove a `ratio` of all MLP channels in place, chosen by activation importance (module docstring).
 
     calib_ids [samples, tokens]: calibration token ids. uniform: same count per layer, else ranked over all layers.
@@ -165,8 +189,9 @@ def prune_mlp_channels_(model: Transformer, ratio: float, calib_ids: torch.Tenso
     return _finish(model, "mlp", before, kept, params_before, ratio=ratio, multiple_of=multiple_of)
 
 
-def prune_heads_(model: Transformer, ratio: float, calib_ids: torch.Tensor, uniform: bool = True,
-                 batch_size: int = 4) -> dict:
+def prune_heads_(
+    model: Transformer, ratio: float, calib_ids: torch.Tensor, uniform: bool = True, batch_size: int = 4
+) -> dict:
     """Remove a `ratio` of all KV groups (each: 1 k/v head + its query heads) in place, by importance.
 
     calib_ids [samples, tokens]: calibration token ids. uniform: same count per layer, else ranked over all layers.
@@ -179,4 +204,3 @@ def prune_heads_(model: Transformer, ratio: float, calib_ids: torch.Tensor, unif
     for block, keep in zip(model.layers, kept):
         remove_kv_groups_(block, keep)
     return _finish(model, "heads", before, kept, params_before, ratio=ratio)
-

@@ -72,15 +72,20 @@ def _global_magnitude_(model: Transformer, sparsity: float) -> None:
     left = k - sum(int((s < thr).sum()) for s in scores)  # how many ties at thr still go
     for lin, s in zip(lins, scores):
         prune = s < thr
-        ties = (s == thr).nonzero().flatten()[:max(left, 0)]
+        ties = (s == thr).nonzero().flatten()[: max(left, 0)]
         prune[ties] = True
         left -= len(ties)
         _apply_(lin, prune.view_as(lin.weight))
 
 
 @torch.no_grad()
-def _prune_blocks_(model: Transformer, score_fn: str, mask_fn: Callable[[torch.Tensor], torch.Tensor],
-                   calib_ids: torch.Tensor | None, batch_size: int) -> None:
+def _prune_blocks_(
+    model: Transformer,
+    score_fn: str,
+    mask_fn: Callable[[torch.Tensor], torch.Tensor],
+    calib_ids: torch.Tensor | None,
+    batch_size: int,
+) -> None:
     """Prune each block's linears with mask_fn(score); Wanda scores from block-sequential calibration inputs."""
     inputs = BlockInputs(model, check_calib_ids(calib_ids, "wanda"), batch_size) if score_fn == "wanda" else None
     for i, block in enumerate(model.layers):
@@ -98,8 +103,14 @@ def _prune_blocks_(model: Transformer, score_fn: str, mask_fn: Callable[[torch.T
             inputs.advance(block, i)
 
 
-def prune_unstructured_(model: Transformer, method: str = "wanda", sparsity: float = 0.5,
-                        calib_ids: torch.Tensor | None = None, scope: str = "layer", batch_size: int = 4) -> dict:
+def prune_unstructured_(
+    model: Transformer,
+    method: str = "wanda",
+    sparsity: float = 0.5,
+    calib_ids: torch.Tensor | None = None,
+    scope: str = "layer",
+    batch_size: int = 4,
+) -> dict:
     """Zero a `sparsity` fraction of the block linears' weights in place by magnitude or Wanda scores.
 
     calib_ids [samples, tokens]: calibration token ids (Wanda only). scope: "layer" (every linear pruned to the
@@ -108,25 +119,41 @@ def prune_unstructured_(model: Transformer, method: str = "wanda", sparsity: flo
     """
     check_sparsity(sparsity)
     if method not in SCORES:
-        raise InputError(f"unknown unstructured method {method!r}; use one of {', '.join(SCORES)} "
-                         f"(or prune_nm_ for {', '.join(NM_PATTERNS)})")
+        raise InputError(
+            f"unknown unstructured method {method!r}; use one of {', '.join(SCORES)} "
+            f"(or prune_nm_ for {', '.join(NM_PATTERNS)})"
+        )
     if scope not in SCOPES:
         raise InputError(f"unknown scope {scope!r}; use 'layer' or 'global'")
     if scope == "global" and method != "magnitude":
-        raise InputError("scope 'global' is for magnitude: Wanda scores compare weights within one output row, "
-                         "not across layers; use scope 'layer'")
+        raise InputError(
+            "scope 'global' is for magnitude: Wanda scores compare weights within one output row, "
+            "not across layers; use scope 'layer'"
+        )
     params_before = sum(p.numel() for p in model.parameters())
     if scope == "global":
         _global_magnitude_(model, sparsity)
     else:
-        _prune_blocks_(model, method, lambda s: _layer_mask(s, sparsity, per_row=method == "wanda"),
-                       calib_ids, batch_size)
-    return {"kind": "unstructured", "method": method, "scope": scope, "target_sparsity": sparsity,
-            "params_before": params_before, **sparsity_report(model)}
+        _prune_blocks_(
+            model, method, lambda s: _layer_mask(s, sparsity, per_row=method == "wanda"), calib_ids, batch_size
+        )
+    return {
+        "kind": "unstructured",
+        "method": method,
+        "scope": scope,
+        "target_sparsity": sparsity,
+        "params_before": params_before,
+        **sparsity_report(model),
+    }
 
 
-def prune_nm_(model: Transformer, pattern: str = "2:4", method: str = "wanda",
-              calib_ids: torch.Tensor | None = None, batch_size: int = 4) -> dict:
+def prune_nm_(
+    model: Transformer,
+    pattern: str = "2:4",
+    method: str = "wanda",
+    calib_ids: torch.Tensor | None = None,
+    batch_size: int = 4,
+) -> dict:
     """N:M semi-structured sparsity in place: keep the N best of every M consecutive inputs of each row.
 
     pattern: "2:4" or "4:8"; method: "magnitude" or "wanda" scores (Wanda needs calib_ids [samples, tokens]).
@@ -141,5 +168,11 @@ def prune_nm_(model: Transformer, pattern: str = "2:4", method: str = "wanda",
         raise InputError(f"{pattern} sparsity needs every linear's in_features divisible by {m}, got {bad}")
     params_before = sum(p.numel() for p in model.parameters())
     _prune_blocks_(model, method, lambda s: nm_mask(s, n, m), calib_ids, batch_size)
-    return {"kind": "nm", "method": method, "pattern": pattern, "target_sparsity": 1 - n / m,
-            "params_before": params_before, **sparsity_report(model)}
+    return {
+        "kind": "nm",
+        "method": method,
+        "pattern": pattern,
+        "target_sparsity": 1 - n / m,
+        "params_before": params_before,
+        **sparsity_report(model),
+    }

@@ -47,12 +47,17 @@ from slimlm.quantize.schemes import named_quantizable_linears
 FORMATS = ("compressed-tensors", "slimlm")
 CT_METHOD = "compressed-tensors"
 # slimlm layer class -> compressed-tensors storage format of its weights.
-CT_FORMAT_OF_LAYER = {Int8WeightOnlyLinear: "pack-quantized", DynamicInt8Linear: "int-quantized",
-                      StaticInt8Linear: "int-quantized"}
+CT_FORMAT_OF_LAYER = {
+    Int8WeightOnlyLinear: "pack-quantized",
+    DynamicInt8Linear: "int-quantized",
+    StaticInt8Linear: "int-quantized",
+}
 CT_SCHEMES = ("int8", "int8-dynamic", "int8-static")
-INT4_UNFIT = ("slimlm's int4 (rtn, gptq and qat alike) stores a float zero point per group, w = (q - 8) * scale + "
-              "zero, and compressed-tensors' int4 only integer zero points, w = (q - zp) * scale: the weights would "
-              "change. Use --format slimlm (slimlm reads it; transformers and vLLM refuse it loudly) or an int8 scheme")
+INT4_UNFIT = (
+    "slimlm's int4 (rtn, gptq and qat alike) stores a float zero point per group, w = (q - 8) * scale + "
+    "zero, and compressed-tensors' int4 only integer zero points, w = (q - zp) * scale: the weights would "
+    "change. Use --format slimlm (slimlm reads it; transformers and vLLM refuse it loudly) or an int8 scheme"
+)
 
 
 def default_format(scheme: str) -> str:
@@ -71,6 +76,7 @@ def check_ct_format(scheme: str, fmt: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- writing
 
+
 def _layer_args(layer: nn.Module) -> dict[str, Any]:
     """The compressed-tensors QuantizationScheme fields (weights, input_activations) of one slimlm int8 layer."""
     from compressed_tensors.quantization import QuantizationArgs
@@ -79,8 +85,9 @@ def _layer_args(layer: nn.Module) -> dict[str, Any]:
     if isinstance(layer, Int8WeightOnlyLinear):
         return {"weights": weights, "input_activations": None}
     dynamic = isinstance(layer, DynamicInt8Linear)
-    acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=dynamic,
-                            strategy="token" if dynamic else "tensor")
+    acts = QuantizationArgs(
+        num_bits=8, type="int", symmetric=True, dynamic=dynamic, strategy="token" if dynamic else "tensor"
+    )
     return {"weights": weights, "input_activations": acts}
 
 
@@ -98,10 +105,14 @@ def ct_quantization_config(model: Transformer) -> dict[str, Any]:
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    if any(getattr(b.self_attn, "qkv_proj", None) is not None or getattr(b.mlp, "gate_up_proj", None) is not None
-           for b in model.layers):
-        raise InputError("the model has fused q/k/v or gate/up projections: save it before fusing (compressed-"
-                         "tensors stores each projection by its own name; vLLM and slimlm.fuse fuse at load)")
+    if any(
+        getattr(b.self_attn, "qkv_proj", None) is not None or getattr(b.mlp, "gate_up_proj", None) is not None
+        for b in model.layers
+    ):
+        raise InputError(
+            "the model has fused q/k/v or gate/up projections: save it before fusing (compressed-"
+            "tensors stores each projection by its own name; vLLM and slimlm.fuse fuse at load)"
+        )
     layers = block_layers(model)
     bad = sorted({type(layer).__name__ for layer in layers.values() if type(layer) not in CT_FORMAT_OF_LAYER})
     if bad:
@@ -112,12 +123,17 @@ def ct_quantization_config(model: Transformer) -> dict[str, Any]:
     groups = {}
     for i, (cls, names) in enumerate(kinds.items()):
         targets = ["Linear"] if len(kinds) == 1 else names
-        groups[f"group_{i}"] = QuantizationScheme(targets=targets, format=CT_FORMAT_OF_LAYER[cls],
-                                                  **_layer_args(layers[names[0]]))
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=targets, format=CT_FORMAT_OF_LAYER[cls], **_layer_args(layers[names[0]])
+        )
     formats = {CT_FORMAT_OF_LAYER[cls] for cls in kinds}
-    config = QuantizationConfig(config_groups=groups, quant_method=CT_METHOD, ignore=["lm_head"],
-                                format=formats.pop() if len(formats) == 1 else "mixed-precision",
-                                quantization_status="compressed")
+    config = QuantizationConfig(
+        config_groups=groups,
+        quant_method=CT_METHOD,
+        ignore=["lm_head"],
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
+    )
     return {"version": compressed_tensors.__version__, **config.model_dump(exclude_none=True)}
 
 
@@ -148,20 +164,22 @@ def head_metadata(model: Transformer) -> dict[str, Any]:
     return meta
 
 
-
 def parse_ct_config(quant: dict[str, Any], where: str):
     """compressed-tensors' QuantizationConfig of a config.json dict; CheckpointError naming the file if invalid."""
     from compressed_tensors.quantization import QuantizationConfig
 
     fields = {k: v for k, v in quant.items() if k not in ("version", "sparsity_config", "transform_config")}
     if quant.get("sparsity_config") or quant.get("transform_config"):
-        raise CheckpointError(f"{where}: compressed-tensors sparsity / transforms are not supported by slimlm; "
-                              "load the dense model and quantize it with slimlm")
+        raise CheckpointError(
+            f"{where}: compressed-tensors sparsity / transforms are not supported by slimlm; "
+            "load the dense model and quantize it with slimlm"
+        )
     try:
         return QuantizationConfig.model_validate(fields)
     except Exception as e:  # pydantic's ValidationError: a many-line message, cut to its first line
-        raise CheckpointError(f"{where}: invalid compressed-tensors quantization_config "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{where}: invalid compressed-tensors quantization_config ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def scheme_of(config, name: str):
@@ -184,8 +202,15 @@ def scheme_of(config, name: str):
 def _layer_class(scheme, name: str, where: str) -> type:
     """slimlm's int8 layer class for a compressed-tensors scheme; CheckpointError for schemes with no slimlm kernel."""
     w, a = scheme.weights, scheme.input_activations
-    ok_w = (w is not None and w.type == "int" and w.num_bits == 8 and w.symmetric and w.strategy == "channel"
-            and not w.dynamic and scheme.output_activations is None)
+    ok_w = (
+        w is not None
+        and w.type == "int"
+        and w.num_bits == 8
+        and w.symmetric
+        and w.strategy == "channel"
+        and not w.dynamic
+        and scheme.output_activations is None
+    )
     if ok_w and a is None:
         return Int8WeightOnlyLinear
     if ok_w and a.type == "int" and a.num_bits == 8 and a.symmetric:
@@ -193,11 +218,15 @@ def _layer_class(scheme, name: str, where: str) -> type:
             return DynamicInt8Linear
         if a.strategy == "tensor" and a.dynamic is False:
             return StaticInt8Linear
-    got = f"weights {w.model_dump(exclude_none=True) if w else None}, input_activations " \
-          f"{a.model_dump(exclude_none=True) if a else None}"
-    raise CheckpointError(f"{where}: layer {name} has a compressed-tensors scheme slimlm has no kernel for ({got}); "
-                          "slimlm reads int8 symmetric per-channel weights, with no, per-token dynamic or per-tensor "
-                          "static int8 activations. Load the dense model and quantize it with slimlm")
+    got = (
+        f"weights {w.model_dump(exclude_none=True) if w else None}, input_activations "
+        f"{a.model_dump(exclude_none=True) if a else None}"
+    )
+    raise CheckpointError(
+        f"{where}: layer {name} has a compressed-tensors scheme slimlm has no kernel for ({got}); "
+        "slimlm reads int8 symmetric per-channel weights, with no, per-token dynamic or per-tensor "
+        "static int8 activations. Load the dense model and quantize it with slimlm"
+    )
 
 
 def _codes(tensors: dict[str, torch.Tensor], fmt: str, name: str, where: str) -> torch.Tensor:
@@ -207,26 +236,32 @@ def _codes(tensors: dict[str, torch.Tensor], fmt: str, name: str, where: str) ->
     if fmt == "pack-quantized" and f"{name}.weight_packed" in tensors:
         shape = torch.Size(tensors[f"{name}.weight_shape"].tolist())
         return unpack_from_int32(tensors[f"{name}.weight_packed"], 8, shape)
-    if fmt in ("int-quantized", "naive-quantized") and tensors.get(f"{name}.weight") is not None \
-            and tensors[f"{name}.weight"].dtype == torch.int8:
+    if (
+        fmt in ("int-quantized", "naive-quantized")
+        and tensors.get(f"{name}.weight") is not None
+        and tensors[f"{name}.weight"].dtype == torch.int8
+    ):
         return tensors[f"{name}.weight"]
-    raise CheckpointError(f"{where}: layer {name} ({fmt}) lacks its int8 weight tensors "
-                          f"({name}.weight_packed or an int8 {name}.weight); the folder is incomplete")
+    raise CheckpointError(
+        f"{where}: layer {name} ({fmt}) lacks its int8 weight tensors "
+        f"({name}.weight_packed or an int8 {name}.weight); the folder is incomplete"
+    )
 
 
-def build_layer(tensors: dict[str, torch.Tensor], scheme, fmt: str, name: str, where: str,
-                 dtype: torch.dtype) -> nn.Module:
+def build_layer(
+    tensors: dict[str, torch.Tensor], scheme, fmt: str, name: str, where: str, dtype: torch.dtype
+) -> nn.Module:
     """slimlm's int8 layer for module `name` from its stored tensors (fmt: the scheme's or the folder's format)."""
     cls = _layer_class(scheme, name, where)
     codes = _codes(tensors, fmt, name, where)
     scale = tensors.get(f"{name}.weight_scale")
     if scale is None or scale.numel() != codes.shape[0]:
-        raise CheckpointError(f"{where}: layer {name} needs a weight_scale of {codes.shape[0]} values (one per "
-                              "output channel)")
+        raise CheckpointError(
+            f"{where}: layer {name} needs a weight_scale of {codes.shape[0]} values (one per output channel)"
+        )
     bias = tensors.get(f"{name}.bias")
     # Fresh aligned copies (see load_quantized: the int8 CPU kernels use aligned vector loads).
-    args = (codes.to(torch.int8).clone(), scale.float().reshape(-1).clone(),
-            None if bias is None else bias.to(dtype))
+    args = (codes.to(torch.int8).clone(), scale.float().reshape(-1).clone(), None if bias is None else bias.to(dtype))
     if cls is StaticInt8Linear:
         if f"{name}.input_scale" not in tensors:
             raise CheckpointError(f"{where}: static layer {name} has no input_scale")
@@ -242,10 +277,12 @@ def model_scheme(layers: dict[str, nn.Module], where: str) -> tuple[str, list[st
     if kinds == {DynamicInt8Linear}:
         return "int8-dynamic", []
     if kinds <= {StaticInt8Linear, DynamicInt8Linear}:
-        return "int8-static", sorted(n.removeprefix("model.") for n, layer in layers.items()
-                                     if isinstance(layer, DynamicInt8Linear))
-    raise CheckpointError(f"{where}: mixes weight-only and activation-quantized int8 layers; a slimlm model runs "
-                          "one scheme")
+        return "int8-static", sorted(
+            n.removeprefix("model.") for n, layer in layers.items() if isinstance(layer, DynamicInt8Linear)
+        )
+    raise CheckpointError(
+        f"{where}: mixes weight-only and activation-quantized int8 layers; a slimlm model runs one scheme"
+    )
 
 
 def saved_head(meta: dict[str, str], where: str) -> dict[str, Any]:
@@ -253,8 +290,7 @@ def saved_head(meta: dict[str, str], where: str) -> dict[str, Any]:
     to the dense head that transformers and vLLM run)."""
     head = json.loads(meta.get("slimlm_head", '{"scheme": "int8"}'))
     if head.get("scheme") not in CT_SCHEMES or (head["scheme"] == "int8-static") != ("input_scale" in head):
-        raise CheckpointError(f"{where}: the safetensors metadata slimlm_head is invalid ({head}); "
-                              "save the folder again")
+        raise CheckpointError(
+            f"{where}: the safetensors metadata slimlm_head is invalid ({head}); save the folder again"
+        )
     return head
-
-

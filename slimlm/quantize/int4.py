@@ -41,8 +41,12 @@ def int4_params(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return scale, lo + 8 * scale  # zero = value of code 8
 
 
-def int4_params_searched(w: torch.Tensor, group: int, importance: torch.Tensor | None = None,
-                         shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)) -> tuple[torch.Tensor, torch.Tensor]:
+def int4_params_searched(
+    w: torch.Tensor,
+    group: int,
+    importance: torch.Tensor | None = None,
+    shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, zero) whose range [lo, hi] * p, p in `shrink`, minimises the group's rounding error.
 
     Clipping a group's extremes trades their error for finer steps everywhere else. importance [in] weighs each
@@ -100,8 +104,9 @@ def quantize_int4_weight(w: torch.Tensor, group: int = 64) -> dict[str, torch.Te
     return {"qweight": pack_int4(codes), "scale": scale, "zero": zero}
 
 
-def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The dense weight [out, in] of stored int4 codes."""
     codes = unpack_int4(qweight).to(dtype)
     group = codes.shape[1] // scale.shape[1]
@@ -115,8 +120,9 @@ class Int4WeightOnlyLinear(nn.Module):
 
     scheme = "int4"
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 bias: torch.Tensor | None = None):
+    def __init__(
+        self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None
+    ):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = self.in_features // scale.shape[1]
@@ -130,7 +136,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self._kernel: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: int = 64) -> "Int4WeightOnlyLinear":
+    def from_linear(cls, linear: nn.Linear, group: int = 64) -> Int4WeightOnlyLinear:
         return cls(**quantize_int4_weight(linear.weight, group), bias=linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -154,5 +160,7 @@ class Int4WeightOnlyLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int4 group {self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"int4 group {self.group_size}"
+        )

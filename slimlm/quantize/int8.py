@@ -54,13 +54,13 @@ class _Int8Base(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "_Int8Base":
+    def from_linear(cls, linear: nn.Linear) -> _Int8Base:
         q, s = quantize_int8_weight(linear.weight)
         return cls(q, s, linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight [out, in] this layer stands for."""
-        return (self.qweight.to(dtype) * self.scale.to(dtype)[:, None])
+        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
     def _out(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -116,14 +116,20 @@ class StaticInt8Linear(_Int8Base):
 
     scheme = "int8-static"
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 input_scale: torch.Tensor | float = 1.0):
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | float = 1.0,
+    ):
         super().__init__(qweight, scale, bias)
-        self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32,
-                                                            device=qweight.device).reshape(()))
+        self.register_buffer(
+            "input_scale", torch.as_tensor(input_scale, dtype=torch.float32, device=qweight.device).reshape(())
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, input_scale: float = 1.0) -> "StaticInt8Linear":
+    def from_linear(cls, linear: nn.Linear, input_scale: float = 1.0) -> StaticInt8Linear:
         q, s = quantize_int8_weight(linear.weight)
         return cls(q, s, linear.bias, input_scale)
 
@@ -145,7 +151,7 @@ class Int8Embedding(nn.Module):
         self.dtype = dtype
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
+    def from_embedding(cls, emb: nn.Embedding) -> Int8Embedding:
         q, s = quantize_int8_weight(emb.weight)
         return cls(q, s, emb.weight.dtype)
 

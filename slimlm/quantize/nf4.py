@@ -19,12 +19,26 @@ import torch.nn.functional as F
 from slimlm.errors import InputError
 
 # The 16 NF4 levels, as in bitsandbytes / the QLoRA paper.
-NF4_LEVELS = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-])
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
 BLOCK_SIZE = 64
 SCALE_GROUP = 256  # absmax values per double-quantization group
 
@@ -60,8 +74,12 @@ def dequantize_absmax(state: dict[str, torch.Tensor], group: int = SCALE_GROUP) 
     return q * scale + state["absmax_offset"]
 
 
-def dequantize_nf4(state: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                   block_size: int = BLOCK_SIZE) -> torch.Tensor:
+def dequantize_nf4(
+    state: dict[str, torch.Tensor],
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    block_size: int = BLOCK_SIZE,
+) -> torch.Tensor:
     """The dense tensor of a quantize_nf4 state."""
     packed = state["codes"]
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=1).reshape(-1)  # [numel], original order
@@ -74,7 +92,7 @@ class _NF4MatMul(torch.autograd.Function):
     """y = x @ W^T with W dequantized in forward and again in backward, so no dense W is saved for backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "NF4Linear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
         return x @ layer.dequantize(x.dtype).T
 
@@ -97,8 +115,12 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out, in] this layer computes with."""
-        state = {"codes": self.codes, "absmax_codes": self.absmax_codes, "absmax_scale": self.absmax_scale,
-                 "absmax_offset": self.absmax_offset}
+        state = {
+            "codes": self.codes,
+            "absmax_codes": self.absmax_codes,
+            "absmax_scale": self.absmax_scale,
+            "absmax_offset": self.absmax_offset,
+        }
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         return dequantize_nf4(state, (self.out_features, self.in_features), dtype, self.block_size)
 
@@ -110,11 +132,16 @@ class NF4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4 block {self.block_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nf4 block {self.block_size}"
+        )
 
 
-def quantize_model_nf4_(model: nn.Module, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
-                        "gate_proj", "up_proj", "down_proj")) -> int:
+def quantize_model_nf4_(
+    model: nn.Module,
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+) -> int:
     """Swap the decoder blocks' linear layers for NF4Linear, in place (embeddings and LM head stay dense, as in
     QLoRA). Returns the number of layers quantized."""
     n = 0

@@ -51,8 +51,12 @@ def describe_quantization(quantization: dict | None) -> str | None:
 
 def linears_of_block(block: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent module, attribute name, layer) for every projection of one decoder block."""
-    return [(parent, attr, getattr(parent, attr)) for parent in (block.self_attn, block.mlp)
-            for attr in BLOCK_LINEARS if getattr(parent, attr, None) is not None]
+    return [
+        (parent, attr, getattr(parent, attr))
+        for parent in (block.self_attn, block.mlp)
+        for attr in BLOCK_LINEARS
+        if getattr(parent, attr, None) is not None
+    ]
 
 
 def named_quantizable_linears(model: Transformer) -> dict[str, nn.Linear]:
@@ -78,25 +82,32 @@ def quantize_linear(linear: nn.Linear, scheme: str, group_size: int = 64, input_
 
 
 @torch.no_grad()
-def quantize_model_(model: Transformer, scheme: str, group_size: int = 64,
-                    input_scales: dict[str, float] | None = None) -> Transformer:
+def quantize_model_(
+    model: Transformer, scheme: str, group_size: int = 64, input_scales: dict[str, float] | None = None
+) -> Transformer:
     """Quantize `model` in place under `scheme` (see the module docstring); returns it.
 
     int8-static needs `input_scales` {linear name: scale} from compress.static_int8.calibrate_input_scales.
     """
     check_scheme(scheme, group_size)
-    if any(getattr(b.self_attn, "qkv_proj", None) is not None or getattr(b.mlp, "gate_up_proj", None) is not None
-           for b in model.layers):
-        raise InputError("the model has fused q/k/v or gate/up projections: quantize first, then fuse "
-                         "(slimlm.fuse fuses quantized layers exactly)")
+    if any(
+        getattr(b.self_attn, "qkv_proj", None) is not None or getattr(b.mlp, "gate_up_proj", None) is not None
+        for b in model.layers
+    ):
+        raise InputError(
+            "the model has fused q/k/v or gate/up projections: quantize first, then fuse "
+            "(slimlm.fuse fuses quantized layers exactly)"
+        )
     if model.quantization:
         raise InputError(f"the model is already quantized ({model.quantization['scheme']})")
     names = {id(layer): name for name, layer in named_quantizable_linears(model).items()}
     if scheme == "int8-static":
         missing = [n for n in names.values() if n not in (input_scales or {})]
         if missing:
-            raise InputError(f"int8-static needs a calibrated input scale for every linear layer ({missing[0]} has "
-                             "none): run compress.static_int8.calibrate_input_scales on calibration text first")
+            raise InputError(
+                f"int8-static needs a calibrated input scale for every linear layer ({missing[0]} has "
+                "none): run compress.static_int8.calibrate_input_scales on calibration text first"
+            )
     scales = input_scales or {}
     dynamic = sorted(n for n, s in scales.items() if s is None) if scheme == "int8-static" else []
 

@@ -17,7 +17,7 @@ import hmac
 import json
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -48,6 +48,7 @@ def create_app(state: ServerState) -> FastAPI:
     def openapi() -> dict:  # the schema (which clients and the fuzz suite read) with this server's limits in it
         vocab = state.vocab_size if state.engine is not None else None
         return P.document_limits(fastapi_openapi(), state.config.max_tokens_limit, vocab)
+
     app.openapi = openapi
 
     @app.exception_handler(APIError)
@@ -100,8 +101,9 @@ def create_app(state: ServerState) -> FastAPI:
         _require_ready(state)
         async with _leased(state, body.model) as (m, _):  # 404 for a model this server lacks
             if (body.prompt is None) == (body.messages is None):
-                raise APIError(400, "send either prompt (text) or messages (a chat), not both or neither",
-                               param="prompt")
+                raise APIError(
+                    400, "send either prompt (text) or messages (a chat), not both or neither", param="prompt"
+                )
             if body.messages is not None:
                 messages = [{"role": x.role, "content": x.text()} for x in body.messages]
                 template = lambda: m.tokenizer.apply_chat_template(messages, body.add_generation_prompt)  # noqa: E731
@@ -155,8 +157,9 @@ def create_app(state: ServerState) -> FastAPI:
         async with _leased(state, body.model) as (m, adapter):
             structured = await _structured(m, body)
             prompts = [await _completion_prompt(m, p) for p in body.prompts()]
-            sampling = _sampling(body, logprobs=body.logprobs is not None, top=body.logprobs or 0,
-                                 structured=structured)
+            sampling = _sampling(
+                body, logprobs=body.logprobs is not None, top=body.logprobs or 0, structured=structured
+            )
             max_tokens = body.max_tokens  # OpenAI's default of 16, unless this server allows fewer
             if "max_tokens" not in body.model_fields_set:
                 max_tokens = min(max_tokens, state.config.max_tokens_limit)
@@ -199,8 +202,9 @@ def _template_or_400(apply) -> list[int]:
     try:
         return apply()
     except Exception as e:
-        raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages",
-                       code="chat_template_error") from None
+        raise APIError(
+            400, f"the model's chat template refused these messages: {e}", param="messages", code="chat_template_error"
+        ) from None
 
 
 async def _structured(m: ServedModel, body: P.SamplingFields):
@@ -217,15 +221,35 @@ async def _structured(m: ServedModel, body: P.SamplingFields):
 
 def _sampling(body: P.SamplingFields, logprobs: bool, top: int, structured=None) -> dict:
     """The request's SamplingParams fields other than max_new_tokens (known only once the prompt is)."""
-    return dict(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
-                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty, seed=body.seed, logprobs=logprobs, top_logprobs=top,
-                stop=body.stop_list(), ignore_eos=body.ignore_eos, min_new_tokens=body.min_tokens,
-                structured=structured)
+    return dict(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0),
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        logprobs=logprobs,
+        top_logprobs=top,
+        stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
+        min_new_tokens=body.min_tokens,
+        structured=structured,
+    )
 
 
-async def _serve(state: ServerState, m: ServedModel, adapter, http: HTTPRequest, kind: str, body: P.SamplingFields,
-                 prompt: list[int], max_tokens: int | None, sampling: dict):
+async def _serve(
+    state: ServerState,
+    m: ServedModel,
+    adapter,
+    http: HTTPRequest,
+    kind: str,
+    body: P.SamplingFields,
+    prompt: list[int],
+    max_tokens: int | None,
+    sampling: dict,
+):
     http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
     rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
     # A streamed echo: the prompt (and its logprobs) first, computed before the 200 so that its errors are statuses.
@@ -236,8 +260,10 @@ async def _serve(state: ServerState, m: ServedModel, adapter, http: HTTPRequest,
     req, queue, first = await _start(state, m, http, kind, prompt, adapter, max_tokens, sampling)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(m, http, kind, rid, body.model, req, queue, first, include_usage, prefix),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _sse(m, http, kind, rid, body.model, req, queue, first, include_usage, prefix),
+            media_type="text/event-stream",
+        )
     text, lps, out = await _collect(m, http, req, queue, first)
     choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": _logprobs(m, kind, req, lps)}
     if kind == "chat":
@@ -245,8 +271,14 @@ async def _serve(state: ServerState, m: ServedModel, adapter, http: HTTPRequest,
     else:
         choice["text"] = text
     obj = "chat.completion" if kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj, "created": P.now(), "model": body.model, "choices": [choice],
-            "usage": P.usage(out.prompt_tokens, out.completion_tokens)}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": P.now(),
+        "model": body.model,
+        "choices": [choice],
+        "usage": P.usage(out.prompt_tokens, out.completion_tokens),
+    }
 
 
 def _check_fit(state: ServerState, m: ServedModel, kind: str, prompt: list[int], max_tokens: int | None) -> int:
@@ -254,16 +286,28 @@ def _check_fit(state: ServerState, m: ServedModel, kind: str, prompt: list[int],
     limit = state.config.max_tokens_limit
     room = m.engine.max_seq_len - len(prompt)
     if room < (1 if max_tokens != 0 else 0):
-        raise APIError(400, f"the prompt has {len(prompt)} tokens; the server's context is {m.engine.max_seq_len}",
-                       param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt)} tokens; the server's context is {m.engine.max_seq_len}",
+            param="messages" if kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", param="max_tokens")
     return max_tokens if max_tokens is not None else min(limit, room)
 
 
-async def _start(state: ServerState, m: ServedModel, http: HTTPRequest, kind: str, prompt: list[int], adapter,
-                 max_tokens: int | None, sampling: dict, started: list[Request] | None = None,
-                 ) -> tuple[Request, asyncio.Queue, Output]:
+async def _start(
+    state: ServerState,
+    m: ServedModel,
+    http: HTTPRequest,
+    kind: str,
+    prompt: list[int],
+    adapter,
+    max_tokens: int | None,
+    sampling: dict,
+    started: list[Request] | None = None,
+) -> tuple[Request, asyncio.Queue, Output]:
     """Submit one prompt to the engine of `m`; (request, its output queue, its first output) or an APIError. The
     request is appended to `started` once submitted, so that a batch can cancel it if another prompt fails."""
     max_tokens = _check_fit(state, m, kind, prompt, max_tokens)
@@ -273,8 +317,13 @@ async def _start(state: ServerState, m: ServedModel, http: HTTPRequest, kind: st
         params = SamplingParams(max_new_tokens=max_tokens, **sampling)
     except ValueError as e:
         raise APIError(400, str(e)) from None
-    req = Request(prompt, params, adapter,
-                  emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), request_id=http.state.rid)
+    req = Request(
+        prompt,
+        params,
+        adapter,
+        emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+        request_id=http.state.rid,
+    )
     try:
         m.engine.submit(req)
     except StructuredOutputError as e:  # checked before (_structured): only if the compile cache dropped it
@@ -282,8 +331,13 @@ async def _start(state: ServerState, m: ServedModel, http: HTTPRequest, kind: st
     except ValueError as e:
         raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
     except QueueFull as e:
-        raise APIError(429, f"server busy: {e}; retry later", type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": "1"}) from None
+        raise APIError(
+            429,
+            f"server busy: {e}; retry later",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
     except NotAccepting as e:
         raise APIError(503, str(e), type="service_unavailable", code="draining") from None
     if started is not None:
@@ -298,11 +352,18 @@ async def _start(state: ServerState, m: ServedModel, http: HTTPRequest, kind: st
 def _check_completion_options(body: P.CompletionRequest) -> None:
     """The combinations of echo, max_tokens 0, stream and a batch of prompts that slimlm serves."""
     if body.max_tokens == 0 and not (body.echo and body.logprobs is not None):
-        raise APIError(400, "max_tokens must be at least 1; 0 is only for scoring a prompt (echo: true with "
-                            "logprobs set)", param="max_tokens")
+        raise APIError(
+            400,
+            "max_tokens must be at least 1; 0 is only for scoring a prompt (echo: true with logprobs set)",
+            param="max_tokens",
+        )
     if body.stream and len(body.prompts()) > 1:
-        raise APIError(400, "stream with a list of prompts is not supported by slimlm: send one streaming request "
-                            "per prompt, or drop stream", param="stream")
+        raise APIError(
+            400,
+            "stream with a list of prompts is not supported by slimlm: send one streaming request "
+            "per prompt, or drop stream",
+            param="stream",
+        )
     if body.stream and body.max_tokens == 0:
         raise APIError(400, "max_tokens 0 (scoring the prompt) is not streamed: drop stream", param="stream")
 
@@ -316,8 +377,16 @@ async def _completion_prompt(m: ServedModel, prompt: str | list[int]) -> list[in
     return list(prompt)
 
 
-async def _complete_batch(state: ServerState, m: ServedModel, adapter, http: HTTPRequest, body: P.CompletionRequest,
-                          prompts: list[list[int]], max_tokens: int | None, sampling: dict) -> dict:
+async def _complete_batch(
+    state: ServerState,
+    m: ServedModel,
+    adapter,
+    http: HTTPRequest,
+    body: P.CompletionRequest,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    sampling: dict,
+) -> dict:
     """Completions for a list of prompts (one choice each, `index` in order) and for echo: all prompts are
     submitted before any is awaited, so that they decode together; any refusal cancels the others."""
     http.state.log.update(model=body.model, adapter=adapter.name if adapter else None)
@@ -327,15 +396,18 @@ async def _complete_batch(state: ServerState, m: ServedModel, adapter, http: HTT
         if max_tokens == 0:  # scoring only: the prompt, its logprobs, nothing generated
             _check_fit(state, m, "completion", prompt, 0)
             return await _echo_choice(m, body, i, prompt, adapter, "", [], "length"), 0
-        req, queue, first = await _start(state, m, http, "completion", prompt, adapter, max_tokens, sampling,
-                                         started)
+        req, queue, first = await _start(state, m, http, "completion", prompt, adapter, max_tokens, sampling, started)
         text, lps, out = await _collect(m, http, req, queue, first)
         if body.echo:
-            return await _echo_choice(m, body, i, prompt, adapter, text, lps, out.finish_reason), \
-                out.completion_tokens
-        choice = {"index": i, "text": text, "finish_reason": out.finish_reason,
-                  "logprobs": _logprobs(m, "completion", req, lps)}
+            return await _echo_choice(m, body, i, prompt, adapter, text, lps, out.finish_reason), out.completion_tokens
+        choice = {
+            "index": i,
+            "text": text,
+            "finish_reason": out.finish_reason,
+            "logprobs": _logprobs(m, "completion", req, lps),
+        }
         return choice, out.completion_tokens
+
     tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
     try:
         results = await asyncio.gather(*tasks)
@@ -348,12 +420,26 @@ async def _complete_batch(state: ServerState, m: ServedModel, adapter, http: HTT
         raise
     n_prompt, n_out = sum(len(p) for p in prompts), sum(n for _, n in results)
     http.state.log.update(prompt_tokens=n_prompt, completion_tokens=n_out, prompts=len(prompts))
-    return {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": body.model,
-            "choices": [c for c, _ in results], "usage": P.usage(n_prompt, n_out)}
+    return {
+        "id": P.new_id("cmpl"),
+        "object": "text_completion",
+        "created": P.now(),
+        "model": body.model,
+        "choices": [c for c, _ in results],
+        "usage": P.usage(n_prompt, n_out),
+    }
 
 
-async def _echo_choice(m: ServedModel, body: P.CompletionRequest, index: int, prompt: list[int], adapter,
-                       text: str, lps: list[dict], finish_reason: str | None) -> dict:
+async def _echo_choice(
+    m: ServedModel,
+    body: P.CompletionRequest,
+    index: int,
+    prompt: list[int],
+    adapter,
+    text: str,
+    lps: list[dict],
+    finish_reason: str | None,
+) -> dict:
     """A choice with the prompt before the completion, as OpenAI's legacy echo."""
     prompt_text, entries = await _echo_prefix(m, body, index, prompt, adapter)
     logprobs = None
@@ -364,8 +450,9 @@ async def _echo_choice(m: ServedModel, body: P.CompletionRequest, index: int, pr
     return {"index": index, "text": prompt_text + text, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
-async def _echo_prefix(m: ServedModel, body: P.CompletionRequest, index: int, prompt: list[int],
-                       adapter) -> tuple[str, list[dict] | None]:
+async def _echo_prefix(
+    m: ServedModel, body: P.CompletionRequest, index: int, prompt: list[int], adapter
+) -> tuple[str, list[dict] | None]:
     """What echo puts first: the prompt's text, and with logprobs its tokens' logprob entries (computed by a forward
     over the prompt on the engine thread; the first token's is None), else None."""
     prompt_text = body.prompts()[index]
@@ -375,17 +462,24 @@ async def _echo_prefix(m: ServedModel, body: P.CompletionRequest, index: int, pr
         try:
             entries = await asyncio.wrap_future(m.engine.prompt_logprobs(prompt, adapter, body.logprobs))
         except SlotsBusy as e:
-            raise APIError(429, f"server busy: {e}; retry later", type="rate_limit_error", code="lora_slots_busy",
-                           headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429,
+                f"server busy: {e}; retry later",
+                type="rate_limit_error",
+                code="lora_slots_busy",
+                headers={"Retry-After": "1"},
+            ) from None
         except (ValueError, OSError) as e:
-            raise APIError(400, f"adapter {adapter.name if adapter else body.model}: {e}", param="model",
-                           code="adapter_error") from None
+            raise APIError(
+                400, f"adapter {adapter.name if adapter else body.model}: {e}", param="model", code="adapter_error"
+            ) from None
         return prompt_text, entries
     return prompt_text, None
 
 
-async def _next_output(m: ServedModel, http: HTTPRequest, req: Request, queue: asyncio.Queue,
-                       watch: bool = True) -> Output:
+async def _next_output(
+    m: ServedModel, http: HTTPRequest, req: Request, queue: asyncio.Queue, watch: bool = True
+) -> Output:
     """The next Output; cancels the request (and raises) if the client disconnects while we wait.
 
     watch=False (a stream under way) waits without polling for a disconnect: the next write to a gone client
@@ -398,7 +492,7 @@ async def _next_output(m: ServedModel, http: HTTPRequest, req: Request, queue: a
         except TimeoutError:
             if await http.is_disconnected():
                 m.engine.cancel(req)
-                raise asyncio.CancelledError("client disconnected")
+                raise asyncio.CancelledError("client disconnected") from None
 
 
 async def _collect(m: ServedModel, http, req: Request, queue, out: Output) -> tuple[str, list[dict], Output]:
@@ -414,18 +508,43 @@ async def _collect(m: ServedModel, http, req: Request, queue, out: Output) -> tu
     return text, lps, out
 
 
-async def _sse(m: ServedModel, http, kind, rid, model, req, queue, out: Output, include_usage: bool,
-               prefix: tuple[str, list[dict] | None] | None = None) -> AsyncIterator[str]:
+async def _sse(
+    m: ServedModel,
+    http,
+    kind,
+    rid,
+    model,
+    req,
+    queue,
+    out: Output,
+    include_usage: bool,
+    prefix: tuple[str, list[dict] | None] | None = None,
+) -> AsyncIterator[str]:
     created, sent, lps = P.now(), 0, []
     try:
         if prefix is not None:  # echo: the prompt's text (and logprobs) as the first chunk
             lp = None if prefix[1] is None else P.completion_logprobs(prefix[1], m.token_text)
-            yield _event(P.chunk(kind, rid, model, created, {"index": 0, "text": prefix[0], "logprobs": lp,
-                                                              "finish_reason": None}))
+            yield _event(
+                P.chunk(
+                    kind, rid, model, created, {"index": 0, "text": prefix[0], "logprobs": lp, "finish_reason": None}
+                )
+            )
             sent = len(prefix[0])
         if kind == "chat":
-            yield _event(P.chunk(kind, rid, model, created, {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                              "logprobs": None, "finish_reason": None}))
+            yield _event(
+                P.chunk(
+                    kind,
+                    rid,
+                    model,
+                    created,
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    },
+                )
+            )
         while True:
             if out.error:  # as vLLM: the status is already sent, so an error event (OpenAI's body), then [DONE]
                 http.state.log["error"] = out.error
@@ -453,7 +572,6 @@ async def _sse(m: ServedModel, http, kind, rid, model, req, queue, out: Output, 
             http.state.log["finish_reason"] = "client_disconnected"
 
 
-
 def _engine_error(out: Output) -> APIError:
     """The HTTP error for a request the engine ended with an error: its adapter (400), the request timeout (504),
     or a fault in the engine or the model's numbers (500)."""
@@ -477,8 +595,13 @@ def _logprobs(m: ServedModel, kind, req, entries, offset: int = 0):
 
 def _log_done(http: HTTPRequest, req: Request, out: Output) -> None:
     ttft = None if req.t_first is None else round(req.t_first - req.t_arrival, 4)
-    http.state.log.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                          finish_reason=out.finish_reason, ttft_s=ttft, engine_request_id=req.request_id)
+    http.state.log.update(
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        finish_reason=out.finish_reason,
+        ttft_s=ttft,
+        engine_request_id=req.request_id,
+    )
 
 
 def _require_ready(state: ServerState) -> None:
@@ -500,8 +623,12 @@ def _keyed(path: str) -> bool:
 def _require_runtime_lora(state: ServerState) -> None:
     # 404, as vLLM answers when VLLM_ALLOW_RUNTIME_LORA_UPDATING is off: the route does not exist on this server.
     if not state.config.allow_runtime_lora:
-        raise APIError(404, "runtime LoRA loading is off on this server (the operator starts it with "
-                            "--allow-runtime-lora --lora-root DIR)", code="not_found")
+        raise APIError(
+            404,
+            "runtime LoRA loading is off on this server (the operator starts it with "
+            "--allow-runtime-lora --lora-root DIR)",
+            code="not_found",
+        )
 
 
 def _check_auth(state: ServerState, path: str, headers: dict) -> None:
@@ -519,10 +646,18 @@ def _check_auth(state: ServerState, path: str, headers: dict) -> None:
     if any(hmac.compare_digest(key.encode(), k.encode()) for k in allowed):
         return
     if admin and any(hmac.compare_digest(key.encode(), k.encode()) for k in state.api_keys):
-        raise APIError(403, "this API key may not call the admin routes: send an admin key (--admin-key-file)",
-                       type="permission_error", code="admin_key_required")
-    raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
-                   type="authentication_error", code="invalid_api_key")
+        raise APIError(
+            403,
+            "this API key may not call the admin routes: send an admin key (--admin-key-file)",
+            type="permission_error",
+            code="admin_key_required",
+        )
+    raise APIError(
+        401,
+        "missing or invalid API key: send 'Authorization: Bearer KEY'",
+        type="authentication_error",
+        code="invalid_api_key",
+    )
 
 
 class RequestContext:
@@ -568,7 +703,7 @@ def _route_path(scope) -> str:
     """The path the app routes on: behind a proxy that mounts the app under a prefix (ASGI root_path, e.g. Ray
     Serve's route_prefix) the full path starts with the prefix, and the key check must see "/v1/..." all the same."""
     path, root = scope["path"], scope.get("root_path", "").rstrip("/")
-    return path[len(root):] if root and path.startswith(root + "/") else path
+    return path[len(root) :] if root and path.startswith(root + "/") else path
 
 
 def _limit_body(state: ServerState, headers: dict, receive):
@@ -587,6 +722,7 @@ def _limit_body(state: ServerState, headers: dict, receive):
         if seen[0] > limit:
             raise _ReceiveError(too_big)
         return message
+
     return counting_receive
 
 

@@ -31,8 +31,10 @@ class BatchSummary:
     output: Path
 
     def __str__(self) -> str:
-        return (f"{self.succeeded}/{self.total} requests succeeded ({self.failed} failed) in {self.seconds:.1f} s "
-                f"-> {self.output}")
+        return (
+            f"{self.succeeded}/{self.total} requests succeeded ({self.failed} failed) in {self.seconds:.1f} s "
+            f"-> {self.output}"
+        )
 
 
 def read_batch_file(path: str | Path) -> list[dict]:
@@ -108,9 +110,12 @@ async def _run_all(state, items: list[dict], progress: bool) -> list[dict]:
             body = {**item["body"], "stream": False}
             r = await client.post(item["url"], json=body, headers=headers)
         bar.update(1)
-        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": item["custom_id"],
-                "response": {"status_code": r.status_code, "request_id": r.headers.get("x-request-id"),
-                             "body": r.json()}, "error": None}
+        return {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": item["custom_id"],
+            "response": {"status_code": r.status_code, "request_id": r.headers.get("x-request-id"), "body": r.json()},
+            "error": None,
+        }
 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=None) as client:

@@ -39,14 +39,16 @@ import httpx
 from slimlm.errors import InputError
 
 # Common English words, each about one token in Llama-family vocabularies (with its leading space).
-WORDS = ("the of and to in is was for that with as on by at from his her they this which an be are had have not but "
-         "one all were when we there can more if no out so said what up its about into than them time only new some "
-         "could these two may first then do any like my now over such our man me even most made after also did many "
-         "before must through back years where much your way well down should because each just those people how too "
-         "little state good very make world still own see men work long get here between both life being under never "
-         "day same another know while last might us great old year off come since against go came right used take "
-         "three house water light river city road small large early home school story night place hand eyes "
-         "family").split()
+WORDS = (
+    "the of and to in is was for that with as on by at from his her they this which an be are had have not but "
+    "one all were when we there can more if no out so said what up its about into than them time only new some "
+    "could these two may first then do any like my now over such our man me even most made after also did many "
+    "before must through back years where much your way well down should because each just those people how too "
+    "little state good very make world still own see men work long get here between both life being under never "
+    "day same another know while last might us great old year off come since against go came right used take "
+    "three house water light river city road small large early home school story night place hand eyes "
+    "family"
+).split()
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
@@ -73,8 +75,11 @@ class BenchConfig:
     extra_body: dict = field(default_factory=dict)  # merged into every request body (server-specific fields)
 
     def validate(self) -> None:
-        bad = [f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}"
-               for k in ("concurrency", "requests", "prompt_tokens", "max_tokens") if getattr(self, k) < 1]
+        bad = [
+            f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}"
+            for k in ("concurrency", "requests", "prompt_tokens", "max_tokens")
+            if getattr(self, k) < 1
+        ]
         if self.endpoint not in ENDPOINTS:
             bad.append(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
         if not self.request_rate > 0:
@@ -97,6 +102,7 @@ class BenchConfig:
 @dataclass
 class RequestResult:
     """One request as the client saw it; times in seconds from sending it."""
+
     model: str
     ok: bool = False
     status: int | None = None  # HTTP status; None when no response came (connection error, timeout)
@@ -115,6 +121,7 @@ class RequestResult:
 
 
 # ---- prompts and request bodies ----
+
 
 def synthetic_prompts(n: int, words: int, seed: int) -> list[str]:
     """`n` prompts of `words` words drawn from WORDS, the same for the same seed."""
@@ -158,15 +165,23 @@ def request_bodies(cfg: BenchConfig, base: str, n: int, seed: int) -> list[dict]
     """`n` streaming request bodies: prompts from the dataset (cycled) or synthetic, models cycled; with
     `system_prompt_tokens`, each starts with the same system prompt (chat: a system message before the request's own
     messages unless they hold one; completions: the text and a blank line before the prompt)."""
-    items = load_dataset(cfg.dataset) if cfg.dataset else \
-        [{"prompt": p} for p in synthetic_prompts(n, cfg.prompt_tokens, seed)]
+    items = (
+        load_dataset(cfg.dataset)
+        if cfg.dataset
+        else [{"prompt": p} for p in synthetic_prompts(n, cfg.prompt_tokens, seed)]
+    )
     models = request_models(base, cfg.adapters)
     system = system_prompt(cfg.system_prompt_tokens)
     bodies = []
     for i in range(n):
         item = items[i % len(items)]
-        body = {"model": models[i % len(models)], "max_tokens": item.get("max_tokens", cfg.max_tokens),
-                "temperature": cfg.temperature, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": models[i % len(models)],
+            "max_tokens": item.get("max_tokens", cfg.max_tokens),
+            "temperature": cfg.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if cfg.endpoint == "chat":
             messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
             if system and not any(m.get("role") == "system" for m in messages):
@@ -183,6 +198,7 @@ def request_bodies(cfg: BenchConfig, base: str, n: int, seed: int) -> list[dict]
 
 
 # ---- one request ----
+
 
 async def send_one(client: httpx.AsyncClient, path: str, body: dict) -> RequestResult:
     """POST one streaming request and time its chunks; never raises for HTTP or stream errors."""
@@ -255,6 +271,7 @@ def _error_message(raw: bytes) -> str:
 
 # ---- the run ----
 
+
 def arrival_times(n: int, rate: float, seed: int) -> list[float]:
     """Send times in seconds: all 0 for rate inf, else a Poisson process (exponential gaps) at `rate` per second."""
     if math.isinf(rate):
@@ -275,8 +292,9 @@ async def _send_all(client: httpx.AsyncClient, cfg: BenchConfig, bodies: list[di
             return await send_one(client, path, body)
 
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(one(b, t) for b, t in zip(bodies, arrival_times(len(bodies), cfg.request_rate,
-                                                                                        cfg.seed))))
+    results = await asyncio.gather(
+        *(one(b, t) for b, t in zip(bodies, arrival_times(len(bodies), cfg.request_rate, cfg.seed)))
+    )
     return list(results), time.perf_counter() - t0
 
 
@@ -293,8 +311,13 @@ async def run_bench_async(cfg: BenchConfig, transport: httpx.AsyncBaseTransport 
     cfg.validate()
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-    async with httpx.AsyncClient(base_url=cfg.base_url(), headers=headers, limits=limits, transport=transport,
-                                 timeout=httpx.Timeout(cfg.timeout_s, connect=10.0)) as client:
+    async with httpx.AsyncClient(
+        base_url=cfg.base_url(),
+        headers=headers,
+        limits=limits,
+        transport=transport,
+        timeout=httpx.Timeout(cfg.timeout_s, connect=10.0),
+    ) as client:
         base = cfg.model or await first_model(client)
         if cfg.warmup:
             await _send_all(client, cfg, request_bodies(cfg, base, cfg.warmup, cfg.seed + 1))
@@ -332,6 +355,7 @@ def wait_until_ready(url: str, timeout_s: float = 300.0, api_key: str | None = N
 
 # ---- metrics ----
 
+
 def percentile(xs: list[float], q: float) -> float:
     """The q-th percentile with linear interpolation (numpy's default, as vLLM reports)."""
     s = sorted(xs)
@@ -346,8 +370,15 @@ def stats_ms(xs: list[float]) -> dict | None:
     if not xs:
         return None
     ms = [x * 1000 for x in xs]
-    return {"mean": statistics.fmean(ms), "median": percentile(ms, 50), "p99": percentile(ms, 99),
-            "std": statistics.pstdev(ms), "min": min(ms), "max": max(ms), "n": len(ms)}
+    return {
+        "mean": statistics.fmean(ms),
+        "median": percentile(ms, 50),
+        "p99": percentile(ms, 99),
+        "std": statistics.pstdev(ms),
+        "min": min(ms),
+        "max": max(ms),
+        "n": len(ms),
+    }
 
 
 def summarize(results: list[RequestResult], duration: float, cfg: BenchConfig, base: str) -> dict:
@@ -359,10 +390,15 @@ def summarize(results: list[RequestResult], duration: float, cfg: BenchConfig, b
     timed = [r for r in ok if r.ttft is not None]
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in timed if r.output_tokens > 1]
     return {
-        "config": {k: (v if not isinstance(v, float) or math.isfinite(v) else "inf") for k, v in asdict(cfg).items()
-                   if k != "api_key"},
+        "config": {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else "inf")
+            for k, v in asdict(cfg).items()
+            if k != "api_key"
+        },
         "model": base,
-        "completed": len(ok), "failed": sum(failed.values()), "failed_429": failed.get("429", 0),
+        "completed": len(ok),
+        "failed": sum(failed.values()),
+        "failed_429": failed.get("429", 0),
         "failed_by_status": dict(failed),
         "errors": sorted({r.error for r in results if not r.ok})[:10],
         "duration_s": duration,
@@ -377,35 +413,60 @@ def summarize(results: list[RequestResult], duration: float, cfg: BenchConfig, b
         "itl_ms": stats_ms([g for r in ok for g in r.itl]),
         "e2e_ms": stats_ms([r.e2e for r in ok]),
         "requests_per_model": dict(Counter(r.model for r in results)),
-        "requests": [{"model": r.model, "ok": r.ok, "status": r.status, "error": r.error or None, "ttft_s": r.ttft,
-                      "e2e_s": r.e2e, "output_tokens": r.output_tokens, "prompt_tokens": r.prompt_tokens,
-                      "tokens_from": r.tokens_from, "chunks": r.chunks, "finish_reason": r.finish_reason,
-                      "itl_s": r.itl} for r in results],
+        "requests": [
+            {
+                "model": r.model,
+                "ok": r.ok,
+                "status": r.status,
+                "error": r.error or None,
+                "ttft_s": r.ttft,
+                "e2e_s": r.e2e,
+                "output_tokens": r.output_tokens,
+                "prompt_tokens": r.prompt_tokens,
+                "tokens_from": r.tokens_from,
+                "chunks": r.chunks,
+                "finish_reason": r.finish_reason,
+                "itl_s": r.itl,
+            }
+            for r in results
+        ],
     }
 
 
 def format_table(s: dict) -> str:
     """The summary as vLLM prints it: one line per figure, TTFT / TPOT / ITL / E2E sections in ms."""
+
     def line(label: str, value) -> str:
         v = "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
         return f"{label:<40}{v:>12}"
 
     c = s["config"]
-    out = [f"{' Serving Benchmark Result ':=^52}",
-           line("Model:", s["model"]), line("Endpoint / concurrency:", f"{c['endpoint']} / {c['concurrency']}"),
-           line("Successful requests:", s["completed"]), line("Failed requests:", s["failed"]),
-           line("  of which 429 (server busy):", s["failed_429"]), line("Benchmark duration (s):", s["duration_s"]),
-           line("Total input tokens:", s["total_input_tokens"]),
-           line("Total generated tokens:", s["total_output_tokens"]),
-           line("Request throughput (req/s):", s["request_throughput"]),
-           line("Output token throughput (tok/s):", s["output_throughput"]),
-           line("Total token throughput (tok/s):", s["total_token_throughput"])]
-    sections = (("ttft_ms", "Time to First Token", "TTFT"), ("tpot_ms", "Time per Output Token (excl. 1st token)",
-                "TPOT"), ("itl_ms", "Inter-token Latency", "ITL"), ("e2e_ms", "End-to-end Latency", "E2E"))
+    out = [
+        f"{' Serving Benchmark Result ':=^52}",
+        line("Model:", s["model"]),
+        line("Endpoint / concurrency:", f"{c['endpoint']} / {c['concurrency']}"),
+        line("Successful requests:", s["completed"]),
+        line("Failed requests:", s["failed"]),
+        line("  of which 429 (server busy):", s["failed_429"]),
+        line("Benchmark duration (s):", s["duration_s"]),
+        line("Total input tokens:", s["total_input_tokens"]),
+        line("Total generated tokens:", s["total_output_tokens"]),
+        line("Request throughput (req/s):", s["request_throughput"]),
+        line("Output token throughput (tok/s):", s["output_throughput"]),
+        line("Total token throughput (tok/s):", s["total_token_throughput"]),
+    ]
+    sections = (
+        ("ttft_ms", "Time to First Token", "TTFT"),
+        ("tpot_ms", "Time per Output Token (excl. 1st token)", "TPOT"),
+        ("itl_ms", "Inter-token Latency", "ITL"),
+        ("e2e_ms", "End-to-end Latency", "E2E"),
+    )
     for key, title, name in sections:
         st = s[key] or {}
-        out += [f"{title:-^52}"] + [line(f"{lbl} {name} (ms):", st.get(k)) for k, lbl in
-                                             (("mean", "Mean"), ("median", "Median"), ("p99", "P99"))]
+        out += [f"{title:-^52}"] + [
+            line(f"{lbl} {name} (ms):", st.get(k))
+            for k, lbl in (("mean", "Mean"), ("median", "Median"), ("p99", "P99"))
+        ]
     if s["failed"]:
         out.append(f"{'Failures':-^52}")
         out += [line(f"HTTP {code}:", n) for code, n in sorted(s["failed_by_status"].items())]
@@ -416,6 +477,7 @@ def format_table(s: dict) -> str:
 
 # ---- command line ----
 
+
 def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     p.add_argument("--url", default=d.url, help="the server's base URL (default: %(default)s)")
@@ -423,27 +485,44 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=d.endpoint, choices=list(ENDPOINTS))
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at most")
     p.add_argument("--requests", type=int, default=d.requests, help="measured requests")
-    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
-                   help="synthetic prompt length in words (~tokens; the server's usage reports exact counts)")
-    p.add_argument("--system-prompt-tokens", type=int, default=d.system_prompt_tokens,
-                   help="every request starts with the same system prompt of this many words (~tokens; tests a "
-                        "server's prefix caching); 0 = none")
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=d.prompt_tokens,
+        help="synthetic prompt length in words (~tokens; the server's usage reports exact counts)",
+    )
+    p.add_argument(
+        "--system-prompt-tokens",
+        type=int,
+        default=d.system_prompt_tokens,
+        help="every request starts with the same system prompt of this many words (~tokens; tests a "
+        "server's prefix caching); 0 = none",
+    )
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--dataset", default=None,
-                   help="JSONL of prompts (a string, {prompt} or {messages} a line) instead of synthetic ones")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="JSONL of prompts (a string, {prompt} or {messages} a line) instead of synthetic ones",
+    )
     p.add_argument("--adapters", default="", help="comma list a,b,c: requests cycle through models BASE:a, BASE:b, ...")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM, slimlm): every request runs to "
-                                                             "--max-tokens")
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="send ignore_eos (vLLM, slimlm): every request runs to --max-tokens"
+    )
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--request-rate", type=float, default=d.request_rate,
-                   help="requests/s as a Poisson process (default inf: all at once, bounded by --concurrency)")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=d.request_rate,
+        help="requests/s as a Poisson process (default inf: all at once, bounded by --concurrency)",
+    )
     p.add_argument("--warmup", type=int, default=d.warmup, help="unmeasured requests sent first")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request")
     p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
-    p.add_argument("--wait", type=float, default=0.0, 
-                   help="first wait up to this many seconds for the server to be ready")
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="first wait up to this many seconds for the server to be ready"
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="write the summary (and every request's record) here")
 
 
@@ -452,12 +531,26 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         extra = json.loads(args.extra_body) if args.extra_body else {}
     except json.JSONDecodeError as e:
         raise InputError(f"--extra-body is not JSON: {e.msg}") from None
-    cfg = BenchConfig(url=args.url, model=args.model, endpoint=args.endpoint, concurrency=args.concurrency,
-                      requests=args.requests, prompt_tokens=args.prompt_tokens,
-                      system_prompt_tokens=args.system_prompt_tokens, max_tokens=args.max_tokens,
-                      dataset=args.dataset, adapters=[a.strip() for a in args.adapters.split(",") if a.strip()],
-                      api_key=args.api_key, ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.seed,
-                      request_rate=args.request_rate, warmup=args.warmup, timeout_s=args.timeout, extra_body=extra)
+    cfg = BenchConfig(
+        url=args.url,
+        model=args.model,
+        endpoint=args.endpoint,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        prompt_tokens=args.prompt_tokens,
+        system_prompt_tokens=args.system_prompt_tokens,
+        max_tokens=args.max_tokens,
+        dataset=args.dataset,
+        adapters=[a.strip() for a in args.adapters.split(",") if a.strip()],
+        api_key=args.api_key,
+        ignore_eos=args.ignore_eos,
+        temperature=args.temperature,
+        seed=args.seed,
+        request_rate=args.request_rate,
+        warmup=args.warmup,
+        timeout_s=args.timeout,
+        extra_body=extra,
+    )
     cfg.validate()
     return cfg
 
@@ -469,8 +562,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             wait_until_ready(cfg.url, args.wait, cfg.api_key)
         summary = run_bench(cfg)
     except (TimeoutError, httpx.TransportError) as e:  # only reaching /v1/models can raise; requests never do
-        raise InputError(f"{cfg.url}: {str(e) or type(e).__name__}; is the server running? (--wait S waits for "
-                         "it to load)") from None
+        raise InputError(
+            f"{cfg.url}: {str(e) or type(e).__name__}; is the server running? (--wait S waits for it to load)"
+        ) from None
     print(format_table(summary))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -60,8 +60,18 @@ ENGINE_FLAGLESS = ("prefix_block", "ngram_max", "ngram_min", "fused_decode")  # 
 # ServeConfig fields with flags on both `serve` and `batch`, and those of `serve` alone (the rest: load flags,
 # engine flags, and --memory-budget, a size parsed from text).
 SHARED_FIELDS = ("served_name", "adapters", "registry", "draft_model", "max_tokens_limit")
-SERVER_FIELDS = ("api_key_file", "api_keys", "admin_key_file", "allow_runtime_lora", "lora_roots", "models",
-                 "max_models", "load_timeout_s", "max_body_bytes", "drain_timeout_s")
+SERVER_FIELDS = (
+    "api_key_file",
+    "api_keys",
+    "admin_key_file",
+    "allow_runtime_lora",
+    "lora_roots",
+    "models",
+    "max_models",
+    "load_timeout_s",
+    "max_body_bytes",
+    "drain_timeout_s",
+)
 
 
 def _all_but(cls: type, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -93,16 +103,33 @@ def serve_config(args: argparse.Namespace, fields: tuple[str, ...] = SHARED_FIEL
 def cmd_serve(args: argparse.Namespace) -> int:
     from slimlm.serve.server import run_server
 
-    cfg = serve_config(args, (*SHARED_FIELDS, *SERVER_FIELDS), api_keys=api_keys(args),
-                       memory_budget=parse_size(args.memory_budget, "--memory-budget"))
+    cfg = serve_config(
+        args,
+        (*SHARED_FIELDS, *SERVER_FIELDS),
+        api_keys=api_keys(args),
+        memory_budget=parse_size(args.memory_budget, "--memory-budget"),
+    )
     if not 0 <= args.grpc_port <= 65535:
         raise InputError(f"--grpc-port {args.grpc_port}: send a port in 1..65535, or 0 for no gRPC")
     run_server(cfg, args.host, args.port, args.grpc_port)
     return 0
 
 
-SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TB": 1000**4, "TIB": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TB": 1000**4,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | None, flag: str) -> int:
@@ -114,8 +141,9 @@ def parse_size(text: str | None, flag: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else None
     if m is None or unit not in SIZE_UNITS:
-        raise InputError(f"{flag} {text!r}: send a size such as 3GiB, 800MB or 1.5G (units B, KB, MB, GB, TB, KiB, "
-                         "MiB, GiB, TiB)")
+        raise InputError(
+            f"{flag} {text!r}: send a size such as 3GiB, 800MB or 1.5G (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
     return int(float(m.group(1)) * SIZE_UNITS[unit])
 
 
@@ -142,9 +170,13 @@ def add_serve_commands(sub) -> None:
     add_server_args(s)
     add_command_flags(s, ListenConfig)
     add_command_flags(s, ServeConfig, skip=_all_but(ServeConfig, SERVER_FIELDS))
-    s.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="bytes of weights + KV caches the resident base models may take, e.g. 3GiB or 800MB: "
-                        "loading one more unloads least recently used idle ones until it fits (default: no limit)")
+    s.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="bytes of weights + KV caches the resident base models may take, e.g. 3GiB or 800MB: "
+        "loading one more unloads least recently used idle ones until it fits (default: no limit)",
+    )
     add_command_flags(s, ServerEngineConfig, skip=_all_but(ServerEngineConfig, ("request_timeout_s",)))
     s.set_defaults(engine_config=ServerEngineConfig)
     s.set_defaults(func=cmd_serve)
@@ -159,6 +191,7 @@ def add_serve_commands(sub) -> None:
 
 
 # ------------------------------------------------------------------ the Ray Serve app (slimlm deploy ray)
+
 
 def ray_app_builder(args: dict):
     """Ray Serve application builder, the `import_path` of `serve run` / `serve deploy` config files
@@ -183,6 +216,7 @@ def ray_app_builder(args: dict):
 
 def serve_config_from_flags(flags: str | list[str]) -> ServeConfig:
     """A ServeConfig from `slimlm serve`'s flags (the model, engine and API-key flags), parsed by its own parser."""
+
     class Raising(argparse.ArgumentParser):
         def error(self, message: str):  # argparse would print usage and exit the replica
             raise InputError(f"serve_args: {message}")
@@ -191,17 +225,23 @@ def serve_config_from_flags(flags: str | list[str]) -> ServeConfig:
     parser = Raising(prog="slimlm")
     add_serve_commands(parser.add_subparsers(dest="command", parser_class=Raising))
     args = parser.parse_args(["serve", *argv])
-    ignored = [f for f in ("--host", "--port", "--grpc-port", "--drain-timeout") if any(
-        a == f or a.startswith(f + "=") for a in argv)]
+    ignored = [
+        f
+        for f in ("--host", "--port", "--grpc-port", "--drain-timeout")
+        if any(a == f or a.startswith(f + "=") for a in argv)
+    ]
     if ignored:
-        raise InputError(f"{', '.join(ignored)}: not used under Ray (the HTTP proxy's host and port are the Ray "
-                         "settings; Ray drains replicas itself)")
+        raise InputError(
+            f"{', '.join(ignored)}: not used under Ray (the HTTP proxy's host and port are the Ray "
+            "settings; Ray drains replicas itself)"
+        )
     # serve's own settings that apply under Ray (not the model pool's, --load-timeout or --drain-timeout)
     under_ray = ("api_key_file", "max_body_bytes", "admin_key_file", "allow_runtime_lora", "lora_roots")
     return serve_config(args, (*SHARED_FIELDS, *under_ray), api_keys=api_keys(args))
 
 
 # ------------------------------------------------------------- slimlm registry push|list|show|alias|rollback
+
 
 def _registry(args: argparse.Namespace) -> Registry:
     return Registry(args.root)
@@ -233,15 +273,29 @@ def cmd_list(args: argparse.Namespace) -> int:
     heads = [reg.resolve(name) for name in reg.names()]
     counts = {name: len(reg.entries(name)) for name in reg.names()}
     if args.json:
-        print(json.dumps([{**e.to_dict(), "versions": counts[e.name], "aliases": reg.aliases(e.name)}
-                          for e in heads], indent=2))
+        print(
+            json.dumps(
+                [{**e.to_dict(), "versions": counts[e.name], "aliases": reg.aliases(e.name)} for e in heads], indent=2
+            )
+        )
         return 0
     if not heads:
         print(f"the registry at {reg.root} is empty: `slimlm registry push NAME PATH` adds an artifact")
         return 0
-    rows = [[e.name, f"v{e.version}", counts[e.name], e.kind, e.method, e.parent_base,
-             ",".join(f"{a}=v{v}" for a, v in reg.aliases(e.name).items()), e.sha256[:12], e.created_at]
-            for e in heads]
+    rows = [
+        [
+            e.name,
+            f"v{e.version}",
+            counts[e.name],
+            e.kind,
+            e.method,
+            e.parent_base,
+            ",".join(f"{a}=v{v}" for a, v in reg.aliases(e.name).items()),
+            e.sha256[:12],
+            e.created_at,
+        ]
+        for e in heads
+    ]
     print(_table(["NAME", "HEAD", "VERSIONS", "KIND", "METHOD", "PARENT", "ALIASES", "SHA256", "CREATED"], rows))
     return 0
 
@@ -250,14 +304,37 @@ def cmd_show(args: argparse.Namespace) -> int:
     reg = _registry(args)
     head, aliases, entries = reg.head(args.name), reg.aliases(args.name), reg.entries(args.name)
     if args.json:
-        print(json.dumps({"name": args.name, "head": head, "aliases": aliases,
-                          "versions": [e.to_dict() for e in entries], "history": reg.history(args.name)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "name": args.name,
+                    "head": head,
+                    "aliases": aliases,
+                    "versions": [e.to_dict() for e in entries],
+                    "history": reg.history(args.name),
+                },
+                indent=2,
+            )
+        )
         return 0
-    rows = [[f"v{e.version}", "*" if e.version == head else "", ",".join(a for a, v in aliases.items() if v == e.version),
-             e.kind, e.method, e.parent_base, e.sha256[:12], e.created_at, _metrics_brief(e.metrics), e.path]
-            for e in entries]
-    print(_table(["VERSION", "HEAD", "ALIASES", "KIND", "METHOD", "PARENT", "SHA256", "CREATED", "METRICS", "PATH"],
-                 rows))
+    rows = [
+        [
+            f"v{e.version}",
+            "*" if e.version == head else "",
+            ",".join(a for a, v in aliases.items() if v == e.version),
+            e.kind,
+            e.method,
+            e.parent_base,
+            e.sha256[:12],
+            e.created_at,
+            _metrics_brief(e.metrics),
+            e.path,
+        ]
+        for e in entries
+    ]
+    print(
+        _table(["VERSION", "HEAD", "ALIASES", "KIND", "METHOD", "PARENT", "SHA256", "CREATED", "METRICS", "PATH"], rows)
+    )
     return 0
 
 
@@ -276,8 +353,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def add_registry_commands(sub) -> None:
     """Add `registry` and its sub-commands to the `slimlm` sub-parsers; each sets `func` to its handler."""
     root_help = "registry folder (default: $SLIMLM_REGISTRY or ~/.cache/slimlm/registry)"
-    r = sub.add_parser("registry", help="versioned registry of models, quantized artifacts and adapters",
-                       description="Versioned, immutable artifacts: refer to them as NAME (head), NAME@N or NAME@ALIAS.")
+    r = sub.add_parser(
+        "registry",
+        help="versioned registry of models, quantized artifacts and adapters",
+        description="Versioned, immutable artifacts: refer to them as NAME (head), NAME@N or NAME@ALIAS.",
+    )
     r.add_argument("--root", default=None, help=root_help)
     rsub = r.add_subparsers(dest="registry_command", required=True)
 

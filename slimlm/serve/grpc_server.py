@@ -43,20 +43,46 @@ from slimlm.serve.state import ServedModel, ServerState
 
 log = logging.getLogger("slimlm.serve.requests")
 
-INPUTS = {"text_input": ("BYTES",), "max_tokens": ("INT32", "INT64", "UINT32", "UINT64"),
-          "temperature": ("FP32", "FP64"), "top_p": ("FP32", "FP64"), "stream": ("BOOL",), "stop": ("BYTES",),
-          "ignore_eos": ("BOOL",)}
+INPUTS = {
+    "text_input": ("BYTES",),
+    "max_tokens": ("INT32", "INT64", "UINT32", "UINT64"),
+    "temperature": ("FP32", "FP64"),
+    "top_p": ("FP32", "FP64"),
+    "stream": ("BOOL",),
+    "stop": ("BYTES",),
+    "ignore_eos": ("BOOL",),
+}
 OUTPUT = "text_output"
 DEFAULT_MAX_TOKENS = 16  # as /v1/completions (OpenAI's default) and Triton's vLLM backend
 # Element types of the typed `contents` fields and of raw_input_contents (little-endian, as Triton's wire format).
-CONTENTS = {"BOOL": "bool_contents", "INT32": "int_contents", "INT64": "int64_contents", "UINT32": "uint_contents",
-            "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
-RAW_DTYPES = {"BOOL": np.bool_, "INT32": "<i4", "INT64": "<i8", "UINT32": "<u4", "UINT64": "<u8", "FP32": "<f4",
-              "FP64": "<f8"}
-HTTP_TO_GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-                404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
-                504: grpc.StatusCode.DEADLINE_EXCEEDED}
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+RAW_DTYPES = {
+    "BOOL": np.bool_,
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
+HTTP_TO_GRPC = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 class InferError(Exception):
@@ -74,6 +100,7 @@ def _bad(message: str) -> InferError:
 @dataclasses.dataclass
 class InferSpec:
     """What one ModelInferRequest asks for, checked."""
+
     model: str
     prompt: str
     max_tokens: int | None = None
@@ -85,6 +112,7 @@ class InferSpec:
 
 
 # ---- request parsing: tensors to an InferSpec ----
+
 
 def _raw_values(datatype: str, raw: bytes, name: str) -> list:
     """The elements of a raw_input_contents buffer: BYTES are a 4-byte little-endian length then the bytes."""
@@ -100,7 +128,7 @@ def _raw_values(datatype: str, raw: bytes, name: str) -> list:
         (n,) = struct.unpack_from("<I", raw, i)
         if i + 4 + n > len(raw):
             raise _bad(f"input {name!r}: a BYTES element claims {n} bytes past the end of the raw contents")
-        out.append(raw[i + 4:i + 4 + n])
+        out.append(raw[i + 4 : i + 4 + n])
         i += 4 + n
     return out
 
@@ -177,12 +205,13 @@ def _check_values(spec: InferSpec) -> InferSpec:
 
 # ---- responses ----
 
+
 def bytes_tensor(texts: list[str]) -> bytes:
     """Triton's raw BYTES encoding: per element a 4-byte little-endian length, then the UTF-8 bytes."""
     return b"".join(struct.pack("<I", len(b)) + b for b in (t.encode("utf-8") for t in texts))
 
 
-def infer_response(request, text: str, final: bool | None = None) -> "pb.ModelInferResponse":
+def infer_response(request, text: str, final: bool | None = None) -> pb.ModelInferResponse:
     """A response with text_output = [text]; `final` (streams only) sets Triton's triton_final_response flag."""
     resp = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     resp.outputs.add(name=OUTPUT, datatype="BYTES", shape=[1])
@@ -192,13 +221,14 @@ def infer_response(request, text: str, final: bool | None = None) -> "pb.ModelIn
     return resp
 
 
-def empty_final_response(request) -> "pb.ModelInferResponse":
+def empty_final_response(request) -> pb.ModelInferResponse:
     resp = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     resp.parameters["triton_final_response"].bool_param = True
     return resp
 
 
 # ---- the service ----
+
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService's handlers over a ServerState (its engine runs on its own thread)."""
@@ -232,8 +262,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         await self._authorize(context)
         await self._guard(context, self._require_ready())
         await self._guard(context, self._resolve(request.name + (f"@{request.version}" if request.version else "")))
-        meta = pb.ModelMetadataResponse(name=request.name, versions=[request.version] if request.version else [],
-                                        platform="slimlm")
+        meta = pb.ModelMetadataResponse(
+            name=request.name, versions=[request.version] if request.version else [], platform="slimlm"
+        )
         for name, types in INPUTS.items():
             meta.inputs.add(name=name, datatype=types[0], shape=[-1] if name == "stop" else [1])
         meta.outputs.add(name=OUTPUT, datatype="BYTES", shape=[1])
@@ -245,8 +276,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             spec = parse_request(request)
             if spec.stream:
-                raise _bad("stream=true needs the streaming RPC ModelStreamInfer (tritonclient: start_stream and "
-                           "async_stream_infer); drop stream for ModelInfer")
+                raise _bad(
+                    "stream=true needs the streaming RPC ModelStreamInfer (tritonclient: start_stream and "
+                    "async_stream_infer); drop stream for ModelInfer"
+                )
             req, queue, engine = await self._submit(spec, request.id)
         except InferError as e:
             self._log("ModelInfer", request, t0, error=e.message)
@@ -306,8 +339,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     raise _engine_error(out)
                 last = out.finish_reason is not None
                 if out.text or (last and not empty_final):
-                    responses.put_nowait(pb.ModelStreamInferResponse(
-                        infer_response=infer_response(request, out.text, last and not empty_final)))
+                    responses.put_nowait(
+                        pb.ModelStreamInferResponse(
+                            infer_response=infer_response(request, out.text, last and not empty_final)
+                        )
+                    )
             if empty_final:
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=empty_final_response(request)))
             self._log("ModelStreamInfer", request, t0, req, out)
@@ -332,8 +368,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         auth = dict(context.invocation_metadata() or ()).get("authorization", "")
         key = auth[7:] if auth.lower().startswith("bearer ") else ""
         if not any(hmac.compare_digest(key.encode(), k.encode()) for k in allowed):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or invalid API key: send the metadata 'authorization: Bearer KEY'")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid API key: send the metadata 'authorization: Bearer KEY'",
+            )
 
     async def _guard(self, context, step):
         try:
@@ -376,14 +414,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         prompt = await asyncio.to_thread(served.tokenizer.encode, spec.prompt)
         max_tokens = self._max_tokens(served, spec, len(prompt))
         try:
-            params = SamplingParams(max_new_tokens=max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                                    stop=spec.stop, ignore_eos=spec.ignore_eos)
+            params = SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                stop=spec.stop,
+                ignore_eos=spec.ignore_eos,
+            )
         except ValueError as e:
             raise _bad(str(e)) from None
         queue: asyncio.Queue[Output] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        req = Request(prompt, params, adapter, emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                      request_id=request_id)
+        req = Request(
+            prompt,
+            params,
+            adapter,
+            emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+            request_id=request_id,
+        )
         try:
             served.engine.submit(req)
         except QueueFull as e:
@@ -408,14 +456,28 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if self.state.metrics is not None:
             self.state.metrics.on_rejected(status)
 
-    def _log(self, rpc: str, request, t0: float, req: Request | None = None, out: Output | None = None,
-             error: str | None = None) -> None:
+    def _log(
+        self,
+        rpc: str,
+        request,
+        t0: float,
+        req: Request | None = None,
+        out: Output | None = None,
+        error: str | None = None,
+    ) -> None:
         """One JSON line per inference request, as the HTTP requests' (path = grpc:RPC)."""
-        entry = {"request_id": request.id or None, "path": f"grpc:{rpc}",
-                 "model": request.model_name, "e2e_s": round(time.perf_counter() - t0, 4)}
+        entry = {
+            "request_id": request.id or None,
+            "path": f"grpc:{rpc}",
+            "model": request.model_name,
+            "e2e_s": round(time.perf_counter() - t0, 4),
+        }
         if out is not None:
-            entry.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                         finish_reason=out.finish_reason)
+            entry.update(
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+                finish_reason=out.finish_reason,
+            )
         if req is not None:
             entry["engine_request_id"] = req.request_id
         if error is not None:
@@ -441,8 +503,9 @@ async def start_grpc_server(state: ServerState, host: str, port: int) -> grpc.ai
 
     SO_REUSEPORT is off so that a port another process listens on fails to bind instead of being shared; messages
     are capped at --max-body-bytes, as HTTP bodies (gRPC answers RESOURCE_EXHAUSTED past it)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
-                                      ("grpc.max_receive_message_length", state.config.max_body_bytes)])
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", state.config.max_body_bytes)]
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -20,9 +20,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from slimlm.errors import InputError
 
@@ -40,6 +41,7 @@ class PoolError(Exception):
 @dataclass
 class Slot:
     """One base model's place in the pool: resident (`model`), loading (`loading`), or neither."""
+
     name: str
     model: Any = None
     loading: Future | None = None
@@ -49,8 +51,14 @@ class Slot:
 
 
 class ModelPool:
-    def __init__(self, load: Callable[[str], Any], estimate: Callable[[str], int], max_models: int = 0,
-                 memory_budget: int = 0, metrics=None):
+    def __init__(
+        self,
+        load: Callable[[str], Any],
+        estimate: Callable[[str], int],
+        max_models: int = 0,
+        memory_budget: int = 0,
+        metrics=None,
+    ):
         """load(name) -> a model (blocking, run on a loader thread); estimate(name) -> its resident bytes before it
         is loaded (used only to make room up front; the real size is measured after the load).
         max_models / memory_budget: 0 = no limit."""
@@ -89,8 +97,15 @@ class ModelPool:
         slot = self._slots.get(name)
         if slot is None:
             return "unloaded"
-        return "loaded" if slot.model is not None else "loading" if slot.loading is not None else \
-            "failed" if slot.error else "unloaded"
+        return (
+            "loaded"
+            if slot.model is not None
+            else "loading"
+            if slot.loading is not None
+            else "failed"
+            if slot.error
+            else "unloaded"
+        )
 
     # ---- leases ----
     async def acquire(self, name: str, timeout: float) -> Any:
@@ -122,8 +137,9 @@ class ModelPool:
             except TimeoutError:
                 raise self._timeout(name, timeout, True) from None
             except Exception as e:  # noqa: BLE001 — the load's own error, for every request that awaited it
-                raise PoolError(500, f"model {name!r} failed to load: {type(e).__name__}: {e}",
-                                "model_load_failed") from None
+                raise PoolError(
+                    500, f"model {name!r} failed to load: {type(e).__name__}: {e}", "model_load_failed"
+                ) from None
             # Loaded: loop to take the lease (or, if it was unloaded again meanwhile, to load it again).
 
     def release(self, name: str) -> None:
@@ -133,22 +149,28 @@ class ModelPool:
             slot.last_used = time.monotonic()
 
     def _timeout(self, name: str, timeout: float, loading: bool) -> PoolError:
-        why = f"model {name!r} is still loading" if loading else \
-            f"model {name!r} waits for room: all {len(self.resident())} resident models are serving requests"
+        why = (
+            f"model {name!r} is still loading"
+            if loading
+            else f"model {name!r} waits for room: all {len(self.resident())} resident models are serving requests"
+        )
         # The load goes on meanwhile: a retry a second later waits for it again (up to --load-timeout).
-        return PoolError(503, f"{why} after {timeout:g} s (--load-timeout); retry shortly", "model_loading",
-                         retry_after=1)
+        return PoolError(
+            503, f"{why} after {timeout:g} s (--load-timeout); retry shortly", "model_loading", retry_after=1
+        )
 
     # ---- loading and unloading ----
     def _make_room(self, name: str) -> list[tuple[Slot, Any]] | None:
         """The idle slots to unload (least recently used first) so that `name` fits, or None if it cannot fit
         now. Called under the lock; the victims are detached here, so no request can lease them any more."""
         held = [s for s in self._slots.values() if s.model is not None or s.loading is not None]
-        used = sum(s.model.resident_bytes for s in held if s.model is not None) + \
-            sum(self._estimate(s.name) for s in held if s.model is None)
+        used = sum(s.model.resident_bytes for s in held if s.model is not None) + sum(
+            self._estimate(s.name) for s in held if s.model is None
+        )
         need = self._estimate(name) if self.memory_budget else 0
-        idle = sorted((s for s in held if s.model is not None and s.leases == 0 and not s.model.busy()),
-                      key=lambda s: s.last_used)
+        idle = sorted(
+            (s for s in held if s.model is not None and s.leases == 0 and not s.model.busy()), key=lambda s: s.last_used
+        )
         victims: list[Slot] = []
 
         def too_many() -> bool:
@@ -172,8 +194,9 @@ class ModelPool:
     def _start_load(self, slot: Slot, victims: list[tuple[Slot, Any]]) -> Future:
         future: Future = Future()
         future.set_running_or_notify_cancel()
-        thread = threading.Thread(target=self._run_load, args=(slot, victims, future), name=f"slimlm-load-{slot.name}",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=self._run_load, args=(slot, victims, future), name=f"slimlm-load-{slot.name}", daemon=True
+        )
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
         return future
@@ -190,9 +213,11 @@ class ModelPool:
             model = self._load(slot.name)
             if self.memory_budget and model.resident_bytes > self.memory_budget:
                 model.stop()
-                raise InputError(f"it takes {model.resident_bytes / 2**20:.0f} MiB resident, over the "
-                                 f"--memory-budget of {self.memory_budget / 2**20:.0f} MiB: raise --memory-budget "
-                                 "(or lower --max-batch / --max-seq-len for a smaller KV cache)")
+                raise InputError(
+                    f"it takes {model.resident_bytes / 2**20:.0f} MiB resident, over the "
+                    f"--memory-budget of {self.memory_budget / 2**20:.0f} MiB: raise --memory-budget "
+                    "(or lower --max-batch / --max-seq-len for a smaller KV cache)"
+                )
         except Exception as e:  # noqa: BLE001 — handed to the requests that await this load
             with self._lock:
                 slot.loading, slot.error = None, f"{type(e).__name__}: {e}"
@@ -220,8 +245,9 @@ class ModelPool:
             return []
         resident = [s for s in self._slots.values() if s.model is not None]
         used = sum(s.model.resident_bytes for s in resident)
-        idle = sorted((s for s in resident if s.name != keep and s.leases == 0 and not s.model.busy()),
-                      key=lambda s: s.last_used)
+        idle = sorted(
+            (s for s in resident if s.name != keep and s.leases == 0 and not s.model.busy()), key=lambda s: s.last_used
+        )
         detached = []
         while used > self.memory_budget and idle:
             victim = idle.pop(0)
@@ -237,8 +263,9 @@ class ModelPool:
         with self._lock:
             unloaded, victim.loading = victim.loading, None
         unloaded.set_result(None)
-        self._event("model_unloaded", victim.name, seconds=time.perf_counter() - t0,
-                    resident_mib=model.resident_bytes / 2**20)
+        self._event(
+            "model_unloaded", victim.name, seconds=time.perf_counter() - t0, resident_mib=model.resident_bytes / 2**20
+        )
         if self.metrics is not None:
             self.metrics.on_unload(victim.name)
         self._report()

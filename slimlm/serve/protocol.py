@@ -45,8 +45,15 @@ PromptText = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
 class APIError(Exception):
     """An error the client caused (or must wait out); rendered as OpenAI's {"error": {...}} body."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -61,6 +68,7 @@ class StreamOptions(BaseModel):
 
 class JSONSchemaFormat(BaseModel):
     """OpenAI's response_format.json_schema; `strict` is accepted and always honoured (the schema is enforced)."""
+
     model_config = ConfigDict(populate_by_name=True)
     name: Text = "response"
     description: Text | None = None
@@ -75,6 +83,7 @@ class ResponseFormat(BaseModel):
 
 class StructuredOutputs(BaseModel):
     """vLLM >= 0.10's structured_outputs: one of json (a schema), regex, grammar (EBNF), choice, json_object."""
+
     model_config = ConfigDict(populate_by_name=True)
     json_: dict | bool | Text | None = Field(default=None, alias="json")
     regex: Text | None = None
@@ -117,15 +126,21 @@ class SamplingFields(BaseModel):
         malformed or given twice. Whether xgrammar can compile it is checked later (serve/api.py)."""
         S, so = StructuredOutput, self.structured_outputs
         rf = None if self.response_format is None else self.response_format.model_dump(by_alias=True)
-        given = [("response_format", rf, S.from_response_format), ("guided_json", self.guided_json, S.json_schema),
-                 ("guided_regex", self.guided_regex, S.regex), ("guided_grammar", self.guided_grammar, S.grammar),
-                 ("guided_choice", self.guided_choice, S.choice)]
+        given = [
+            ("response_format", rf, S.from_response_format),
+            ("guided_json", self.guided_json, S.json_schema),
+            ("guided_regex", self.guided_regex, S.regex),
+            ("guided_grammar", self.guided_grammar, S.grammar),
+            ("guided_choice", self.guided_choice, S.choice),
+        ]
         if so is not None:
-            given += [("structured_outputs.json", so.json_, S.json_schema),
-                      ("structured_outputs.regex", so.regex, S.regex),
-                      ("structured_outputs.grammar", so.grammar, S.grammar),
-                      ("structured_outputs.choice", so.choice, S.choice),
-                      ("structured_outputs.json_object", so.json_object or None, lambda _, param: S.json_object(param))]
+            given += [
+                ("structured_outputs.json", so.json_, S.json_schema),
+                ("structured_outputs.regex", so.regex, S.regex),
+                ("structured_outputs.grammar", so.grammar, S.grammar),
+                ("structured_outputs.choice", so.choice, S.choice),
+                ("structured_outputs.json_object", so.json_object or None, lambda _, param: S.json_object(param)),
+            ]
         try:
             return one_of([make(value, param=name) for name, value, make in given if value is not None])
         except StructuredOutputError as e:
@@ -145,6 +160,7 @@ class SamplingFields(BaseModel):
 
 class TextPart(BaseModel):
     """A content part; slimlm serves text models, so the only kind is {"type": "text", "text": ...}."""
+
     type: Literal["text"]
     text: Text
 
@@ -170,8 +186,12 @@ MAX_PROMPTS = 256  # prompts in one completions request (a batch): each is one e
 
 class CompletionRequest(SamplingFields):
     # One prompt (text or token ids) or a batch of them (one choice each, `index` in order), as OpenAI takes.
-    prompt: (PromptText | TokenIds | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
-             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
+    prompt: (
+        PromptText
+        | TokenIds
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     # OpenAI's default of 16; 0 only with echo and logprobs (scoring the prompt: lm-evaluation-harness loglikelihood)
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -187,6 +207,7 @@ class CompletionRequest(SamplingFields):
 
 class TokenizeRequest(BaseModel):
     """vLLM's POST /tokenize: `prompt` (text) or `messages` (through the chat template), one of the two."""
+
     model_config = ConfigDict(extra="allow")
     model: Text | None = None
     prompt: Text | None = None
@@ -197,6 +218,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     """vLLM's POST /detokenize: token ids -> {"prompt": text}."""
+
     model_config = ConfigDict(extra="allow")
     model: Text | None = None
     tokens: list[TokenId]
@@ -257,8 +279,11 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf: JSON has no infinities
@@ -271,11 +296,16 @@ def _finite(lp: float) -> float:
 
 def chat_logprobs(entries: list[dict], token_text) -> dict:
     """OpenAI chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
+
     def item(tok: int, lp: float) -> dict:
         s = token_text(tok)
         return {"token": s, "logprob": _finite(lp), "bytes": list(s.encode())}
-    return {"content": [{**item(e["token"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
-                        for e in entries]}
+
+    return {
+        "content": [
+            {**item(e["token"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]} for e in entries
+        ]
+    }
 
 
 def completion_logprobs(entries: list[dict], token_text, offset: int = 0) -> dict:
@@ -286,18 +316,20 @@ def completion_logprobs(entries: list[dict], token_text, offset: int = 0) -> dic
         offsets.append(pos)
         pos += len(t)
     # An echoed prompt's first token has no logprob (nothing comes before it): null, as OpenAI and vLLM write it.
-    return {"tokens": tokens,
-            "token_logprobs": [None if e["logprob"] is None else _finite(e["logprob"]) for e in entries],
-            "top_logprobs": [None if e["top"] is None else {token_text(t): _finite(lp) for t, lp in e["top"]}
-                             for e in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if e["logprob"] is None else _finite(e["logprob"]) for e in entries],
+        "top_logprobs": [
+            None if e["top"] is None else {token_text(t): _finite(lp) for t, lp in e["top"]} for e in entries
+        ],
+        "text_offset": offsets,
+    }
 
 
 def chunk(kind: str, rid: str, model: str, created: int, choice: dict | None, usage_: dict | None = None) -> dict:
     """One SSE chunk body; choice None gives the usage-only chunk (`choices: []`)."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    out = {"id": rid, "object": obj, "created": created, "model": model,
-           "choices": [] if choice is None else [choice]}
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": [] if choice is None else [choice]}
     if usage_ is not None:
         out["usage"] = usage_
     return out

@@ -54,20 +54,24 @@ class RayServeConfig:
         if self.min_replicas < 0:
             errors.append(f"--min-replicas {self.min_replicas}: send 0 (scale to zero) or more")
         if self.max_replicas < max(1, self.min_replicas):
-            errors.append(f"--max-replicas {self.max_replicas}: must be >= 1 and >= --min-replicas "
-                          f"({self.min_replicas})")
+            errors.append(
+                f"--max-replicas {self.max_replicas}: must be >= 1 and >= --min-replicas ({self.min_replicas})"
+            )
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             errors.append(f"initial_replicas {self.initial_replicas}: must lie in --min-replicas..--max-replicas")
         if self.target_ongoing_requests <= 0:
             errors.append(f"--target-ongoing-requests {self.target_ongoing_requests}: must be > 0")
         if self.max_ongoing_requests < 0:
-            errors.append(f"--max-ongoing-requests {self.max_ongoing_requests}: must be >= 1, or 0 for the "
-                          "engine's batch size")
+            errors.append(
+                f"--max-ongoing-requests {self.max_ongoing_requests}: must be >= 1, or 0 for the engine's batch size"
+            )
         if min(self.upscale_delay_s, self.downscale_delay_s, self.downscale_to_zero_delay_s or 0) < 0:
             errors.append("--upscale-delay and --downscale-delay must be >= 0 seconds")
         if self.metrics_interval_s <= 0 or self.look_back_period_s <= self.metrics_interval_s:
-            errors.append(f"look_back_period_s ({self.look_back_period_s}) must be > metrics_interval_s "
-                          f"({self.metrics_interval_s}) > 0")
+            errors.append(
+                f"look_back_period_s ({self.look_back_period_s}) must be > metrics_interval_s "
+                f"({self.metrics_interval_s}) > 0"
+            )
         if self.graceful_shutdown_timeout_s < 0:
             errors.append(f"--drain-timeout {self.graceful_shutdown_timeout_s}: must be >= 0 seconds")
         if self.num_cpus <= 0 or self.torch_threads < 0:
@@ -81,10 +85,14 @@ class RayServeConfig:
 
     def autoscaling_config(self) -> dict:
         """Ray Serve's `autoscaling_config` (its field names; Ray validates them again)."""
-        out = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-               "target_ongoing_requests": self.target_ongoing_requests,
-               "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-               "look_back_period_s": self.look_back_period_s}
+        out = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+        }
         if self.initial_replicas is not None:
             out["initial_replicas"] = self.initial_replicas
         if self.downscale_to_zero_delay_s is not None:
@@ -101,10 +109,14 @@ class RayServeConfig:
         # Default concurrency = the engine's decode slots: more would only wait in the replica's queue, where no
         # other replica can take them; fewer would leave slots idle. 0 (auto) slots: 16, the CPU default.
         max_ongoing = self.max_ongoing_requests or serve_config.engine.max_batch or 16
-        return {"name": self.name, "autoscaling_config": self.autoscaling_config(),
-                "max_ongoing_requests": max_ongoing, "health_check_period_s": self.health_check_period_s,
-                "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
-                "ray_actor_options": {"num_cpus": self.num_cpus}}
+        return {
+            "name": self.name,
+            "autoscaling_config": self.autoscaling_config(),
+            "max_ongoing_requests": max_ongoing,
+            "health_check_period_s": self.health_check_period_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
 
 
 def _import_serve():
@@ -172,7 +184,7 @@ class _ReplicaASGI:
         if scope["type"] == "http":
             root = scope.get("root_path", "").rstrip("/")
             if root and scope["path"].startswith(root + "/"):
-                scope = {**scope, "path": scope["path"][len(root):], "root_path": ""}
+                scope = {**scope, "path": scope["path"][len(root) :], "root_path": ""}
                 scope["raw_path"] = scope["path"].encode()
             model_id = _import_serve().get_multiplexed_model_id()
             if model_id:
@@ -201,14 +213,17 @@ def config_from_dict(d: dict) -> ServeConfig:
     fields = {f.name for f in dataclasses.fields(ServeConfig)} | {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted((set(d) | set(d.get("engine", {}))) - fields)
     if unknown:
-        raise InputError(f"serve config fields {unknown} are unknown to this slimlm: install the driver's version "
-                         "of slimlm on the Ray workers")
+        raise InputError(
+            f"serve config fields {unknown} are unknown to this slimlm: install the driver's version "
+            "of slimlm on the Ray workers"
+        )
     return ServeConfig(**{**d, "engine": EngineConfig(**d.get("engine", {}))})
 
 
 def absolute_paths(config: ServeConfig) -> ServeConfig:
     """`config` with its local paths made absolute: replicas run in other processes (other working directories,
     other machines), so a relative path would not name the same file there. Aliases and hub ids stay as they are."""
+
     def absolute(path: str | None) -> str | None:
         return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
@@ -217,10 +232,16 @@ def absolute_paths(config: ServeConfig) -> ServeConfig:
         return f"{name}{sep}{absolute(folder)}"
 
     return dataclasses.replace(
-        config, model=absolute(config.model), served_name=config.name(), draft_model=absolute(config.draft_model),
-        adapters=[adapter(a) for a in config.adapters], registry=absolute(config.registry),
-        api_key_file=absolute(config.api_key_file), admin_key_file=absolute(config.admin_key_file),
-        lora_roots=[absolute(r) for r in config.lora_roots])
+        config,
+        model=absolute(config.model),
+        served_name=config.name(),
+        draft_model=absolute(config.draft_model),
+        adapters=[adapter(a) for a in config.adapters],
+        registry=absolute(config.registry),
+        api_key_file=absolute(config.api_key_file),
+        admin_key_file=absolute(config.admin_key_file),
+        lora_roots=[absolute(r) for r in config.lora_roots],
+    )
 
 
 def start_ray(address: str | None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:

@@ -54,6 +54,7 @@ class RegistryError(InputError):
 @dataclass(frozen=True)
 class Entry:
     """One immutable version of a registered artifact. `path` is the folder (or .gguf file) to load."""
+
     name: str
     version: int
     kind: str
@@ -80,8 +81,10 @@ def default_root() -> Path:
 def check_name(name: str, what: str = "name") -> str:
     """Return `name` if it is a safe registry name (it becomes a folder name, so it must not escape the root)."""
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise RegistryError(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                            "letter or digit (no '/', '@' or '..')")
+        raise RegistryError(
+            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (no '/', '@' or '..')"
+        )
     if what == "alias" and name.isdigit():
         raise RegistryError(f"alias {name!r} is all digits and would read as a version number: pick a word like 'prod'")
     return name
@@ -160,11 +163,15 @@ def inspect_artifact(path: Path, kind: str | None = None) -> dict[str, Any]:
     elif (path / "config.json").is_file():
         cfg = _read_json(path / "config.json")
         quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-        info.update(kind=kind or ("quantized" if quant else "model"),
-                    method=quant.get("quant_method") if isinstance(quant, dict) else None)
+        info.update(
+            kind=kind or ("quantized" if quant else "model"),
+            method=quant.get("quant_method") if isinstance(quant, dict) else None,
+        )
     elif kind is None:
-        raise RegistryError(f"{path} has no adapter_config.json or config.json: is it a model or adapter folder? "
-                            f"(pass --kind to push it anyway)")
+        raise RegistryError(
+            f"{path} has no adapter_config.json or config.json: is it a model or adapter folder? "
+            f"(pass --kind to push it anyway)"
+        )
     return info
 
 
@@ -249,20 +256,33 @@ class Registry:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _entry(self, row: sqlite3.Row) -> Entry:
-        return Entry(row["name"], row["version"], row["kind"], self.root / row["path"], row["sha256"],
-                     row["parent_base"], row["method"], json.loads(row["metrics"]), row["created_at"])
+        return Entry(
+            row["name"],
+            row["version"],
+            row["kind"],
+            self.root / row["path"],
+            row["sha256"],
+            row["parent_base"],
+            row["method"],
+            json.loads(row["metrics"]),
+            row["created_at"],
+        )
 
     def _event(self, db: sqlite3.Connection, name: str, action: str, version: int, detail: str = "") -> None:
-        db.execute("INSERT INTO events (name, action, version, detail, at) VALUES (?, ?, ?, ?, ?)",
-                    (name, action, version, detail, _now()))
+        db.execute(
+            "INSERT INTO events (name, action, version, detail, at) VALUES (?, ?, ?, ?, ?)",
+            (name, action, version, detail, _now()),
+        )
 
     # -- reading ---------------------------------------------------------------------------------------------
     def head(self, name: str) -> int:
         """The version `NAME` resolves to."""
         row = self._db().execute("SELECT version FROM heads WHERE name = ?", (check_name(name),)).fetchone()
         if row is None:
-            raise RegistryError(f"no artifact named {name!r} in the registry at {self.root}: `slimlm registry list` "
-                                f"shows what is there, `slimlm registry push {name} PATH` adds it")
+            raise RegistryError(
+                f"no artifact named {name!r} in the registry at {self.root}: `slimlm registry list` "
+                f"shows what is there, `slimlm registry push {name} PATH` adds it"
+            )
         return row[0]
 
     def resolve(self, ref: str) -> Entry:
@@ -275,14 +295,25 @@ class Registry:
         elif tag.isdigit():
             version = int(tag)
         else:
-            row = self._db().execute("SELECT version FROM aliases WHERE name = ? AND alias = ?",
-                                     (check_name(name), check_name(tag, "alias"))).fetchone()
+            row = (
+                self._db()
+                .execute(
+                    "SELECT version FROM aliases WHERE name = ? AND alias = ?",
+                    (check_name(name), check_name(tag, "alias")),
+                )
+                .fetchone()
+            )
             if row is None:
-                raise RegistryError(f"{name} has no alias {tag!r} (aliases: {', '.join(self.aliases(name)) or 'none'})"
-                                    f": `slimlm registry alias {name}@N {tag}` sets it")
+                raise RegistryError(
+                    f"{name} has no alias {tag!r} (aliases: {', '.join(self.aliases(name)) or 'none'})"
+                    f": `slimlm registry alias {name}@N {tag}` sets it"
+                )
             version = row[0]
-        row = self._db().execute("SELECT * FROM versions WHERE name = ? AND version = ?",
-                                 (check_name(name), version)).fetchone()
+        row = (
+            self._db()
+            .execute("SELECT * FROM versions WHERE name = ? AND version = ?", (check_name(name), version))
+            .fetchone()
+        )
         if row is None:
             have = [str(e.version) for e in self.entries(name)]
             raise RegistryError(f"{name} has no version {version} (versions: {', '.join(have) or 'none'})")
@@ -311,8 +342,10 @@ class Registry:
         """Recompute the entry's hash; raise RegistryError if its files were changed or removed since the push."""
         actual = hash_artifact(entry.path) if entry.path.exists() else "missing"
         if actual != entry.sha256:
-            raise RegistryError(f"{entry.ref} is corrupt: hash mismatch (pushed {entry.sha256[:12]}, now "
-                                f"{actual[:12]}) at {entry.path}: its files changed or are missing; push it again")
+            raise RegistryError(
+                f"{entry.ref} is corrupt: hash mismatch (pushed {entry.sha256[:12]}, now "
+                f"{actual[:12]}) at {entry.path}: its files changed or are missing; push it again"
+            )
         return entry
 
     def resolve_good(self, ref: str, checked: dict[tuple[str, int], str | None] | None = None) -> Entry:
@@ -338,15 +371,22 @@ class Registry:
                     checked[key] = str(err)
             if checked[key] is None:
                 if e is not entry:
-                    log.warning("%s; serving %s, the newest version that is intact", checked[entry.name, entry.version],
-                                e.ref)
+                    log.warning(
+                        "%s; serving %s, the newest version that is intact", checked[entry.name, entry.version], e.ref
+                    )
                 return e
         more = "; no earlier version is intact either" if len(tries) > 1 else ""
         raise RegistryError(checked[entry.name, entry.version] + more)
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def push(self, name: str, path: str | Path, kind: str | None = None, parent_base: str | None = None,
-             method: str | None = None) -> Entry:
+    def push(
+        self,
+        name: str,
+        path: str | Path,
+        kind: str | None = None,
+        parent_base: str | None = None,
+        method: str | None = None,
+    ) -> Entry:
         """Copy a folder or .gguf file in as the next version of `name` and make it the head."""
         check_name(name)
         src = Path(path).expanduser().resolve()
@@ -354,8 +394,9 @@ class Registry:
             raise RegistryError(f"{path} contains the registry at {self.root}: push a folder outside it")
         info = inspect_artifact(src, kind)
         with self._locked():  # one push at a time: version numbers and the final folder are ours
-            version = 1 + (self._db().execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,))
-                           .fetchone()[0] or 0)
+            version = 1 + (
+                self._db().execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0] or 0
+            )
             dest = self.root / "artifacts" / name / f"v{version}"
             tmp = Path(tempfile.mkdtemp(prefix=f"{name}.v{version}-", dir=self.root / ".tmp"))
             try:
@@ -371,9 +412,20 @@ class Registry:
             rel = (dest / src.name if src.is_file() else dest).relative_to(self.root).as_posix()
             try:
                 with self._write() as db:
-                    db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               (name, version, info["kind"], rel, sha, parent_base or info["parent_base"],
-                                method or info["method"], json.dumps(info["metrics"]), _now()))
+                    db.execute(
+                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            name,
+                            version,
+                            info["kind"],
+                            rel,
+                            sha,
+                            parent_base or info["parent_base"],
+                            method or info["method"],
+                            json.dumps(info["metrics"]),
+                            _now(),
+                        ),
+                    )
                     db.execute("INSERT OR REPLACE INTO heads VALUES (?, ?)", (name, version))
                     self._event(db, name, "push", version, str(src))
             except BaseException:
@@ -393,8 +445,9 @@ class Registry:
         """Move the head of `name` to the version before the current head; a later push becomes head again."""
         with self._write() as db:  # read the head inside the transaction: a concurrent push may move it
             head = self.head(name)
-            prev = db.execute("SELECT MAX(version) FROM versions WHERE name = ? AND version < ?",
-                              (name, head)).fetchone()[0]
+            prev = db.execute(
+                "SELECT MAX(version) FROM versions WHERE name = ? AND version < ?", (name, head)
+            ).fetchone()[0]
             if prev is None:
                 raise RegistryError(f"{name}@{head} is its oldest version: there is nothing to roll back to")
             db.execute("UPDATE heads SET version = ? WHERE name = ?", (prev, name))
@@ -406,5 +459,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-__all__ = ["KINDS", "Entry", "Registry", "RegistryError", "check_name", "default_root", "hash_artifact",
-           "inspect_artifact"]
+__all__ = [
+    "KINDS",
+    "Entry",
+    "Registry",
+    "RegistryError",
+    "check_name",
+    "default_root",
+    "hash_artifact",
+    "inspect_artifact",
+]

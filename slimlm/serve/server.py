@@ -64,8 +64,11 @@ class DrainingServer(uvicorn.Server):
         state.pool.stop_leasing()  # and no base starts loading
         for engine in engines:
             engine.accepting = False
-        log.info('{"event": "draining", "running": %d, "waiting": %d}', sum(len(e.running) for e in engines),
-                 sum(len(e.waiting) for e in engines))
+        log.info(
+            '{"event": "draining", "running": %d, "waiting": %d}',
+            sum(len(e.running) for e in engines),
+            sum(len(e.waiting) for e in engines),
+        )
         threading.Thread(target=self._drain_then_exit, args=(sig, frame, engines), daemon=True).start()
 
     def _drain_then_exit(self, sig, frame, engines: list) -> None:
@@ -85,9 +88,12 @@ class JSONFormatter(logging.Formatter):
     JSON object (slimlm's event and request lines) or {"message": text} (uvicorn's lines, warnings)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-        entry = {"time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                 "level": record.levelname, "logger": record.name}
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        entry = {
+            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
         message = record.getMessage()
         fields = None
         if message.startswith("{"):
@@ -104,11 +110,14 @@ class JSONFormatter(logging.Formatter):
 
 # uvicorn's own loggers through the same formatter (uvicorn.Config(log_config=...)); its access log stays off.
 UVICORN_LOG_CONFIG = {
-    "version": 1, "disable_existing_loggers": False,
+    "version": 1,
+    "disable_existing_loggers": False,
     "formatters": {"json": {"()": JSONFormatter}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
-    "loggers": {name: {"handlers": ["stderr"], "level": "INFO", "propagate": False}
-                for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+    "loggers": {
+        name: {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+    },
 }
 
 
@@ -143,8 +152,7 @@ def bind_socket(host: str, port: int, flag: str = "--port") -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
-        raise CannotListen(f"cannot listen on {host!r}: {e.strerror}; pass --host an address of this machine") \
-            from None
+        raise CannotListen(f"cannot listen on {host!r}: {e.strerror}; pass --host an address of this machine") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
     try:
@@ -172,15 +180,25 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, g
     state = ServerState(config)
     warn_open_admin(state, host)
     app = create_app(state)
-    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_config=UVICORN_LOG_CONFIG,
-                                           log_level="info", access_log=False,
-                                           timeout_graceful_shutdown=int(config.drain_timeout_s) + 5), state,
-                            grpc_port)
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=UVICORN_LOG_CONFIG,
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=int(config.drain_timeout_s) + 5,
+        ),
+        state,
+        grpc_port,
+    )
     failure: list[BaseException] = []
     url = serving_url(host, sock.getsockname()[1])
     grpc_url = f"{host}:{grpc_port}" if grpc_port else None
-    loader = threading.Thread(target=_load_or_stop, args=(state, server, failure, url, grpc_url), name="slimlm-load",
-                              daemon=True)
+    loader = threading.Thread(
+        target=_load_or_stop, args=(state, server, failure, url, grpc_url), name="slimlm-load", daemon=True
+    )
     loader.start()
     try:
         server.run(sockets=[sock])
@@ -194,8 +212,9 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, g
         raise failure[0]
 
 
-def _load_or_stop(state: ServerState, server: uvicorn.Server, failure: list, url: str,
-                  grpc_url: str | None = None) -> None:
+def _load_or_stop(
+    state: ServerState, server: uvicorn.Server, failure: list, url: str, grpc_url: str | None = None
+) -> None:
     try:
         state.load()
     except Exception as e:  # noqa: BLE001 — handed to the main thread, which re-raises it after the server stops
@@ -214,18 +233,46 @@ def log_serving(state: ServerState, url: str, grpc_url: str | None = None) -> No
     from slimlm.version import __version__
 
     models = [m["id"] for m in state.list_models()]
-    routes = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/version",
-              "/health", "/ready", "/metrics"] + (list(ADMIN_ROUTES) if state.config.allow_runtime_lora else [])
-    log.info(json.dumps({"event": "serving", "url": url, "models": models, "version": __version__,
-                         "api_keys": len(state.api_keys), "admin_keys": len(state.admin_keys), "routes": routes,
-                         **({"grpc": grpc_url} if grpc_url else {})}))
+    routes = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/version",
+        "/health",
+        "/ready",
+        "/metrics",
+    ] + (list(ADMIN_ROUTES) if state.config.allow_runtime_lora else [])
+    log.info(
+        json.dumps(
+            {
+                "event": "serving",
+                "url": url,
+                "models": models,
+                "version": __version__,
+                "api_keys": len(state.api_keys),
+                "admin_keys": len(state.admin_keys),
+                "routes": routes,
+                **({"grpc": grpc_url} if grpc_url else {}),
+            }
+        )
+    )
 
 
 def warn_open_admin(state: ServerState, host: str) -> None:
     """A loud start-up warning when anyone who reaches the port may load adapters (no admin key)."""
     c = state.config
     if c.allow_runtime_lora and not state.admin_keys:
-        log.warning(json.dumps({"event": "warning", "message": (
-            f"--allow-runtime-lora without --admin-key-file: ANY client that reaches {host} may load and unload "
-            f"LoRA adapters from under {', '.join(c.lora_roots)}; set --admin-key-file (and --api-key) unless "
-            "this port is reachable by trusted clients only")}))
+        log.warning(
+            json.dumps(
+                {
+                    "event": "warning",
+                    "message": (
+                        f"--allow-runtime-lora without --admin-key-file: ANY client that reaches {host} may load "
+                        f"and unload LoRA adapters from under {', '.join(c.lora_roots)}; set --admin-key-file "
+                        "(and --api-key) unless this port is reachable by trusted clients only"
+                    ),
+                }
+            )
+        )

@@ -48,8 +48,9 @@ class ServeConfig:
     api_key_file: str | None = None  # file with one API key per line; /v1/* then needs one
     # an API key /v1/* (and /tokenize, /detokenize, /version) then need, as 'Authorization: Bearer KEY'; repeatable;
     # merged with --api-key-file and the SLIMLM_API_KEY environment variable (which keeps the key out of `ps`)
-    api_keys: list[str] = field(default_factory=list, metadata={"flag": "--api-key", "action": "append",
-                                                                "metavar": "KEY"})
+    api_keys: list[str] = field(
+        default_factory=list, metadata={"flag": "--api-key", "action": "append", "metavar": "KEY"}
+    )
     # file with one admin key per line: the runtime LoRA routes then need one (inference keys get 403 there); admin
     # keys also work on the inference routes
     admin_key_file: str | None = None
@@ -57,8 +58,9 @@ class ServeConfig:
     # --admin-key-file when API keys are set
     allow_runtime_lora: bool = False
     # with --allow-runtime-lora: runtime adapters load only from under this folder (symlinks resolved); repeatable
-    lora_roots: list[str] = field(default_factory=list, metadata={"flag": "--lora-root", "action": "append",
-                                                                  "metavar": "DIR"})
+    lora_roots: list[str] = field(
+        default_factory=list, metadata={"flag": "--lora-root", "action": "append", "metavar": "DIR"}
+    )
     max_body_bytes: int = 1 << 20  # the largest request body accepted
     max_tokens_limit: int = 2048  # largest max_tokens a request may ask
     # seconds running requests get after SIGTERM
@@ -86,8 +88,10 @@ class ServeConfig:
 
             check_scheme(self.quantize, self.group_size)
         if self.backend == "onnxruntime" and (self.adapters or self.registry or self.quantize not in (None, "auto")):
-            raise InputError("the onnxruntime backend serves the exported graph alone: no --adapters, --registry or "
-                             "--quantize (merge and quantize at export: slimlm export onnx --adapter/--quantize)")
+            raise InputError(
+                "the onnxruntime backend serves the exported graph alone: no --adapters, --registry or "
+                "--quantize (merge and quantize at export: slimlm export onnx --adapter/--quantize)"
+            )
         if self.engine.speculative == "draft" and not self.draft_model:
             raise InputError("--speculative draft needs --draft-model PATH (a smaller model with the same tokenizer)")
         if self.draft_model and self.engine.speculative != "draft":
@@ -107,16 +111,18 @@ class ServeConfig:
         if self.memory_budget < 0:
             bad.append(f"--memory-budget {self.memory_budget}: send a size such as 3GiB (0 = no limit)")
         if not self.load_timeout_s > 0:  # written so that NaN fails too
-            bad.append(f"--load-timeout {self.load_timeout_s}: send the seconds a request may wait for its model "
-                       "to load (> 0)")
+            bad.append(
+                f"--load-timeout {self.load_timeout_s}: send the seconds a request may wait for its model to load (> 0)"
+            )
         try:
             extra = parse_model_args(self.models)
         except ValueError as e:
             bad.append(str(e))
             extra = {}
         if self.name() in extra:
-            bad.append(f"--models {self.name()}=...: that is the name of --model already; pick another NAME "
-                       "(or --served-name)")
+            bad.append(
+                f"--models {self.name()}=...: that is the name of --model already; pick another NAME (or --served-name)"
+            )
         if extra and self.backend == "onnxruntime":
             bad.append("--models needs the torch backend: the onnxruntime backend serves one exported graph")
         if bad:
@@ -126,18 +132,24 @@ class ServeConfig:
         """The runtime-LoRA flags come together: roots that exist, and an admin key wherever inference needs keys."""
         if not self.allow_runtime_lora:
             if self.lora_roots or self.admin_key_file:
-                raise InputError("--lora-root and --admin-key-file apply to runtime LoRA loading: add "
-                                 "--allow-runtime-lora (or drop them)")
+                raise InputError(
+                    "--lora-root and --admin-key-file apply to runtime LoRA loading: add "
+                    "--allow-runtime-lora (or drop them)"
+                )
             return
         if not self.lora_roots:
-            raise InputError("--allow-runtime-lora needs at least one --lora-root DIR: runtime adapters are loaded "
-                             "only from under these folders")
+            raise InputError(
+                "--allow-runtime-lora needs at least one --lora-root DIR: runtime adapters are loaded "
+                "only from under these folders"
+            )
         missing = [r for r in self.lora_roots if not Path(r).is_dir()]
         if missing:
             raise InputError(f"--lora-root {missing[0]}: no such folder")
         if (self.api_key_file or self.api_keys) and not self.admin_key_file:
-            raise InputError("--allow-runtime-lora with API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
-                             "needs --admin-key-file: inference keys may not load adapters")
+            raise InputError(
+                "--allow-runtime-lora with API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
+                "needs --admin-key-file: inference keys may not load adapters"
+            )
 
     def name(self) -> str:
         return self.served_name or Path(self.model.rstrip("/")).name.removesuffix(".gguf")
@@ -223,8 +235,9 @@ def _module_tensors(model) -> list[torch.Tensor]:
     return list(model.parameters()) + list(model.buffers())
 
 
-def load_served_model(config: ServeConfig, source: str, name: str, metrics: ServeMetrics | None,
-                      draft: bool = True, tokenizer=None) -> ServedModel:
+def load_served_model(
+    config: ServeConfig, source: str, name: str, metrics: ServeMetrics | None, draft: bool = True, tokenizer=None
+) -> ServedModel:
     """Load the base at `source` with the server's dtype, quantization and engine settings, and start its engine.
     draft=False: no draft model (only the default base has one; draft speculation is off for the others).
     tokenizer: the base's tokenizer if the server already built it (kept across unloads)."""
@@ -232,8 +245,16 @@ def load_served_model(config: ServeConfig, source: str, name: str, metrics: Serv
 
     quantize, dtype = resolve_auto_quantize(config)
     kw = {} if config.backend == "onnxruntime" else {"tokenizer": tokenizer}
-    llm = load(source, dtype=dtype, device=config.device, quantize=quantize, group_size=config.group_size,
-               backend=config.backend, draft_model=config.draft_model if draft else None, **kw)
+    llm = load(
+        source,
+        dtype=dtype,
+        device=config.device,
+        quantize=quantize,
+        group_size=config.group_size,
+        backend=config.backend,
+        draft_model=config.draft_model if draft else None,
+        **kw,
+    )
     engine_config = config.engine
     if config.backend == "onnxruntime":  # no LoRA slots in an exported graph
         engine_config = dataclasses.replace(engine_config, max_loras=0)
@@ -252,8 +273,11 @@ def weights_on_disk(source: str) -> int:
         return path.stat().st_size
     if not path.is_dir():
         return 0
-    return sum(f.stat().st_size for f in path.iterdir()
-               if f.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth") and f.is_file())
+    return sum(
+        f.stat().st_size
+        for f in path.iterdir()
+        if f.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth") and f.is_file()
+    )
 
 
 class ServerState:
@@ -265,14 +289,17 @@ class ServerState:
         self.api_keys = list(dict.fromkeys(from_file + [k.strip() for k in config.api_keys if k.strip()]))
         self.admin_keys = _read_keys(config.admin_key_file, "--admin-key-file") if config.admin_key_file else []
         if set(self.admin_keys) & set(self.api_keys):
-            raise InputError("--admin-key-file and the API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
-                             "share a key: admin keys must differ")
+            raise InputError(
+                "--admin-key-file and the API keys (--api-key, SLIMLM_API_KEY or --api-key-file) "
+                "share a key: admin keys must differ"
+            )
         # Resolved once: a request's path is checked against the real folders (symlinks followed), see add_adapter.
         self.lora_roots = [Path(r).resolve() for r in config.lora_roots]
         self.operator_adapters = frozenset(self.static_adapters)  # from --adapters: never unloaded over HTTP
         self.registry = None
         if config.registry:
             from slimlm.serve.registry import Registry
+
             self.registry = Registry(Path(config.registry))
         # Every base this server may run: {pool key: source}. Registry bases join as requests name them (key
         # NAME@VERSION, so that a moved head is a different model).
@@ -294,9 +321,11 @@ class ServerState:
             model = self._load_base(self.served_name)
             if self.config.memory_budget and model.resident_bytes > self.config.memory_budget:
                 model.stop()
-                raise InputError(f"--memory-budget {self.config.memory_budget / 2**20:.0f} MiB is smaller than "
-                                 f"{self.served_name} alone ({model.resident_bytes / 2**20:.0f} MiB of weights and "
-                                 "KV cache): raise --memory-budget, or lower --max-batch / --max-seq-len")
+                raise InputError(
+                    f"--memory-budget {self.config.memory_budget / 2**20:.0f} MiB is smaller than "
+                    f"{self.served_name} alone ({model.resident_bytes / 2**20:.0f} MiB of weights and "
+                    "KV cache): raise --memory-budget, or lower --max-batch / --max-seq-len"
+                )
             self.pool.add(self.served_name, model, time.perf_counter() - t0)
             self._build_tokenizers()
             self.ready = True
@@ -308,8 +337,9 @@ class ServerState:
         """Load base `key` (the pool calls this on a loader thread)."""
         default = key == self.served_name
         metrics = None if self.metrics is None else self.metrics if default else self.metrics.for_model(key)
-        model = load_served_model(self.config, self.bases[key], key, metrics, draft=default,
-                                  tokenizer=self._tokenizers.get(key))
+        model = load_served_model(
+            self.config, self.bases[key], key, metrics, draft=default, tokenizer=self._tokenizers.get(key)
+        )
         self._sizes[key] = model.resident_bytes
         self._tokenizers[key] = model.tokenizer
         return model
@@ -396,6 +426,7 @@ class ServerState:
         if self.registry is None:
             return None
         from slimlm.serve.registry import RegistryError
+
         try:
             entry = self.registry.resolve(name)
             if entry.kind == "adapter":
@@ -419,6 +450,7 @@ class ServerState:
         if self.registry is None:
             raise self._unknown(model, "no such adapter")
         from slimlm.serve.registry import RegistryError
+
         try:
             self.registry.resolve(name)
         except RegistryError as e:
@@ -428,12 +460,13 @@ class ServerState:
             # head is corrupt keeps serving the newest intact version.
             entry = self.registry.resolve_good(name, self._checked)
             if entry.kind != "adapter":
-                raise RegistryError(f"{entry.ref} is a {entry.kind}, not an adapter; name a base model on its own "
-                                    f"(model: {entry.name!r})")
+                raise RegistryError(
+                    f"{entry.ref} is a {entry.kind}, not an adapter; name a base model on its own "
+                    f"(model: {entry.name!r})"
+                )
             ref_key = (entry.name, entry.version)
         except RegistryError as e:  # it exists but cannot be served (corrupt, not an adapter): the client's 400
-            raise APIError(400, f"model {model!r} cannot be served: {e}", param="model", code="adapter_error") \
-                from None
+            raise APIError(400, f"model {model!r} cannot be served: {e}", param="model", code="adapter_error") from None
         return AdapterRef(ref_key, entry.path, entry.ref)
 
     def add_adapter(self, name: str, folder: str) -> None:
@@ -446,8 +479,13 @@ class ServerState:
         from slimlm.serve.registry import RegistryError, check_name
 
         if name in self.operator_adapters or (self.registry is not None and name in self.registry.names()):
-            raise APIError(403, f"adapter {name!r} is configured by the operator and cannot be replaced over HTTP",
-                           type="permission_error", param="lora_name", code="operator_adapter")
+            raise APIError(
+                403,
+                f"adapter {name!r} is configured by the operator and cannot be replaced over HTTP",
+                type="permission_error",
+                param="lora_name",
+                code="operator_adapter",
+            )
         path = self.allowed_lora_path(folder)  # before anything reads the path
         try:
             check_name(name, "adapter name")
@@ -456,11 +494,15 @@ class ServerState:
             raise APIError(400, str(e), param="lora_path") from None
         if method != "lora" or cfg.use_dora or cfg.r > self.config.engine.max_lora_rank:
             why = f"a {method} adapter" if method != "lora" else "DoRA" if cfg.use_dora else f"rank {cfg.r}"
-            raise APIError(400, f"cannot serve {why}: this server serves LoRA adapters up to rank "
-                                f"{self.config.engine.max_lora_rank}", param="lora_path")
+            raise APIError(
+                400,
+                f"cannot serve {why}: this server serves LoRA adapters up to rank {self.config.engine.max_lora_rank}",
+                param="lora_path",
+            )
         if name in self.static_adapters or name in self.bases:
-            raise APIError(400, f"an adapter or base named {name!r} is already served; unload it first",
-                           param="lora_name")
+            raise APIError(
+                400, f"an adapter or base named {name!r} is already served; unload it first", param="lora_name"
+            )
         self.static_adapters[name] = path
 
     def allowed_lora_path(self, folder: str) -> Path:
@@ -472,15 +514,25 @@ class ServerState:
         except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
             path = None
         if path is None or not any(path.is_relative_to(root) for root in self.lora_roots):
-            raise APIError(403, "lora_path is outside the folders this server loads adapters from (--lora-root)",
-                           type="permission_error", param="lora_path", code="path_not_allowed")
+            raise APIError(
+                403,
+                "lora_path is outside the folders this server loads adapters from (--lora-root)",
+                type="permission_error",
+                param="lora_path",
+                code="path_not_allowed",
+            )
         return path
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving the runtime adapter `name`; APIError 403 for the operator's (--adapters, the registry)."""
         if name in self.operator_adapters or (self.registry is not None and name in self.registry.names()):
-            raise APIError(403, f"adapter {name!r} is configured by the operator and cannot be unloaded over HTTP",
-                           type="permission_error", param="lora_name", code="operator_adapter")
+            raise APIError(
+                403,
+                f"adapter {name!r} is configured by the operator and cannot be unloaded over HTTP",
+                type="permission_error",
+                param="lora_name",
+                code="operator_adapter",
+            )
         if name not in self.static_adapters:
             raise APIError(404, f"no adapter named {name!r} was loaded", param="lora_name", code="not_found")
         del self.static_adapters[name]
@@ -489,15 +541,28 @@ class ServerState:
 
     def _unknown(self, model: str, why: str) -> APIError:
         # OpenAI's answer for a model it does not have: 404, invalid_request_error, code model_not_found.
-        return APIError(404, f"The model `{model}` does not exist ({why}). GET /v1/models lists what this server "
-                             "serves", param="model", code="model_not_found")
+        return APIError(
+            404,
+            f"The model `{model}` does not exist ({why}). GET /v1/models lists what this server serves",
+            param="model",
+            code="model_not_found",
+        )
 
     def list_models(self) -> list[dict]:
         """OpenAI's model cards: every base (with `status` loaded | loading | unloaded | failed, and `loaded`), then
         the default base's adapters."""
         base = self.served_name
-        card = lambda id_, parent=None: {"id": id_, "object": "model", "created": 0, "owned_by": "slimlm",
-                                         "root": id_ if parent is None else parent, "parent": parent}
+
+        def card(id_, parent=None):
+            return {
+                "id": id_,
+                "object": "model",
+                "created": 0,
+                "owned_by": "slimlm",
+                "root": id_ if parent is None else parent,
+                "parent": parent,
+            }
+
         out = [self._base_card(card(name), name) for name in self.bases if "@" not in name]
         if self.registry is not None:
             for name in self.registry.names():
@@ -517,7 +582,6 @@ class ServerState:
             out += [{**card(f"{base}:{e.ref}", base), "version": e.version, "method": e.method} for e in entries]
             out += [{**card(f"{base}:{name}@{a}", base), "version": v} for a, v in self.registry.aliases(name).items()]
         return out
-
 
     def _base_card(self, card: dict, key: str) -> dict:
         status = self.pool.status(key)
@@ -548,15 +612,32 @@ def resolve_auto_quantize(config: ServeConfig) -> tuple[str | None, str]:
 def log_engine_choice(engine: Engine, quantize: str | None = None, model: str | None = None) -> None:
     """One line per engine started with what it picked (dtype, batch, context, cache sizes, speculation)."""
     c = engine.config
-    log.info(json.dumps({
-        "event": "engine", **({"model": model} if model else {}), "device": str(engine.model.device),
-        "dtype": str(engine.model.dtype).removeprefix("torch."),
-        "quantize": quantize, "fused_decode": engine.fused is not None,
-        "threads": torch.get_num_threads(), "max_batch": c.max_batch, "max_seq_len": engine.max_seq_len,
-        "kv_cache_mib": round(engine.cache.bytes() / 2**20, 1),
-        "kv_cache_dtype": str(engine.cache.k[0].dtype).removeprefix("torch."),
-        "prefix_cache_tokens": c.prefix_cache_tokens if c.prefix_cache else 0,
-        "speculative": c.speculative, "num_speculative_tokens": c.num_speculative_tokens if c.speculative else 0,
-        **({} if engine.draft is None else {"draft_fused_decode": engine.draft.fused is not None,
-                                            "draft_kv_cache_mib": round(engine.draft.cache.bytes() / 2**20, 1)}),
-        "max_loras": c.max_loras}))
+    log.info(
+        json.dumps(
+            {
+                "event": "engine",
+                **({"model": model} if model else {}),
+                "device": str(engine.model.device),
+                "dtype": str(engine.model.dtype).removeprefix("torch."),
+                "quantize": quantize,
+                "fused_decode": engine.fused is not None,
+                "threads": torch.get_num_threads(),
+                "max_batch": c.max_batch,
+                "max_seq_len": engine.max_seq_len,
+                "kv_cache_mib": round(engine.cache.bytes() / 2**20, 1),
+                "kv_cache_dtype": str(engine.cache.k[0].dtype).removeprefix("torch."),
+                "prefix_cache_tokens": c.prefix_cache_tokens if c.prefix_cache else 0,
+                "speculative": c.speculative,
+                "num_speculative_tokens": c.num_speculative_tokens if c.speculative else 0,
+                **(
+                    {}
+                    if engine.draft is None
+                    else {
+                        "draft_fused_decode": engine.draft.fused is not None,
+                        "draft_kv_cache_mib": round(engine.draft.cache.bytes() / 2**20, 1),
+                    }
+                ),
+                "max_loras": c.max_loras,
+            }
+        )
+    )

@@ -29,33 +29,111 @@ TEMPLATES = (
     "{name} turned {age} this spring and still works as {a_job} in {city}.",
     "Our new neighbor in {city} is {name}, {age}, who works as {a_job}.",
 )
-FIRST_NAMES = ("Maria Ahmed James Yuki Olga Kwame Sofia Liam Priya Mateo Chen Amara Lukas Fatima Noah Ingrid Diego "
-               "Hana Omar Elena Tariq Chloe Ravi Zara Felix Aisha Bruno Mei Jonas Leila Pablo Anya Samuel Nadia "
-               "Hugo Keiko Viktor Grace Tomas Imani").split()
-LAST_NAMES = ("Lopez Khan Smith Tanaka Petrova Mensah Rossi Murphy Sharma Garcia Wang Okafor Becker Haddad Cohen "
-              "Larsen Silva Kim Nasser Popescu Dubois Patel Novak Jensen Moreau Costa Nguyen Schmidt Ali Kowalski "
-              "Fischer Reyes Ivanova Brown Sato Mendes Andersen Kaya Dumont Walker").split()
-CITIES = ("Lisbon", "Nairobi", "Toronto", "Osaka", "Berlin", "Lima", "Oslo", "Cairo", "Dublin", "Seoul", "Madrid",
-          "Accra", "Vienna", "Mumbai", "Denver", "Prague", "Santiago", "Helsinki", "Hanoi", "Melbourne", "Bogota",
-          "Warsaw", "Istanbul", "Montreal", "Lyon", "Porto", "Kyoto", "Chicago", "Athens", "Manila", "Zurich",
-          "Dakar", "Auckland", "Glasgow", "Havana", "Budapest", "Tunis", "Seattle", "New York", "Buenos Aires")
-JOBS = ("nurse", "teacher", "engineer", "architect", "baker", "carpenter", "chef", "dentist", "electrician",
-        "farmer", "firefighter", "journalist", "lawyer", "librarian", "mechanic", "musician", "painter",
-        "pharmacist", "photographer", "pilot", "plumber", "police officer", "programmer", "accountant", "scientist",
-        "translator", "veterinarian", "waiter", "economist", "designer")
+FIRST_NAMES = (
+    "Maria Ahmed James Yuki Olga Kwame Sofia Liam Priya Mateo Chen Amara Lukas Fatima Noah Ingrid Diego "
+    "Hana Omar Elena Tariq Chloe Ravi Zara Felix Aisha Bruno Mei Jonas Leila Pablo Anya Samuel Nadia "
+    "Hugo Keiko Viktor Grace Tomas Imani"
+).split()
+LAST_NAMES = (
+    "Lopez Khan Smith Tanaka Petrova Mensah Rossi Murphy Sharma Garcia Wang Okafor Becker Haddad Cohen "
+    "Larsen Silva Kim Nasser Popescu Dubois Patel Novak Jensen Moreau Costa Nguyen Schmidt Ali Kowalski "
+    "Fischer Reyes Ivanova Brown Sato Mendes Andersen Kaya Dumont Walker"
+).split()
+CITIES = (
+    "Lisbon",
+    "Nairobi",
+    "Toronto",
+    "Osaka",
+    "Berlin",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Dublin",
+    "Seoul",
+    "Madrid",
+    "Accra",
+    "Vienna",
+    "Mumbai",
+    "Denver",
+    "Prague",
+    "Santiago",
+    "Helsinki",
+    "Hanoi",
+    "Melbourne",
+    "Bogota",
+    "Warsaw",
+    "Istanbul",
+    "Montreal",
+    "Lyon",
+    "Porto",
+    "Kyoto",
+    "Chicago",
+    "Athens",
+    "Manila",
+    "Zurich",
+    "Dakar",
+    "Auckland",
+    "Glasgow",
+    "Havana",
+    "Budapest",
+    "Tunis",
+    "Seattle",
+    "New York",
+    "Buenos Aires",
+)
+JOBS = (
+    "nurse",
+    "teacher",
+    "engineer",
+    "architect",
+    "baker",
+    "carpenter",
+    "chef",
+    "dentist",
+    "electrician",
+    "farmer",
+    "firefighter",
+    "journalist",
+    "lawyer",
+    "librarian",
+    "mechanic",
+    "musician",
+    "painter",
+    "pharmacist",
+    "photographer",
+    "pilot",
+    "plumber",
+    "police officer",
+    "programmer",
+    "accountant",
+    "scientist",
+    "translator",
+    "veterinarian",
+    "waiter",
+    "economist",
+    "designer",
+)
 AGES = (18, 80)
 
 
 def _example(rng: random.Random) -> dict:
     """One chat record with its fields as metadata; the draw order is fixed, so a seed fixes the dataset."""
-    fields = {"name": f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}", "age": rng.randint(*AGES),
-              "city": rng.choice(CITIES), "job": rng.choice(JOBS)}
+    fields = {
+        "name": f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}",
+        "age": rng.randint(*AGES),
+        "city": rng.choice(CITIES),
+        "job": rng.choice(JOBS),
+    }
     a_job = ("an " if fields["job"][0] in "aeiou" else "a ") + fields["job"]
     a_age = ("an " if fields["age"] in (18, 80) else "a ") + str(fields["age"])  # "an 18-year-old"
     sentence = rng.choice(TEMPLATES).format(**fields, a_job=a_job, a_age=a_age)
-    return {"messages": [{"role": "user", "content": f"{INSTRUCTION}\n\nSentence: {sentence}"},
-                         {"role": "assistant", "content": json.dumps(fields)}],
-            "fields": fields}
+    return {
+        "messages": [
+            {"role": "user", "content": f"{INSTRUCTION}\n\nSentence: {sentence}"},
+            {"role": "assistant", "content": json.dumps(fields)},
+        ],
+        "fields": fields,
+    }
 
 
 def make_examples(n: int, seed: int) -> list[dict]:
@@ -69,14 +147,18 @@ def make_examples(n: int, seed: int) -> list[dict]:
     return examples
 
 
-def write_splits(folder: str | Path, n_train: int = 2000, n_val: int = 100, n_test: int = 200,
-                 seed: int = 0) -> dict[str, Path]:
+def write_splits(
+    folder: str | Path, n_train: int = 2000, n_val: int = 100, n_test: int = 200, seed: int = 0
+) -> dict[str, Path]:
     """Write train/val/test.jsonl into folder; the splits are slices of one de-duplicated draw, so disjoint."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     examples = make_examples(n_train + n_val + n_test, seed)
-    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
-              "test": (n_train + n_val, n_train + n_val + n_test)}
+    bounds = {
+        "train": (0, n_train),
+        "val": (n_train, n_train + n_val),
+        "test": (n_train + n_val, n_train + n_val + n_test),
+    }
     paths = {}
     for split, (lo, hi) in bounds.items():
         paths[split] = folder / f"{split}.jsonl"

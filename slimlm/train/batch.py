@@ -39,12 +39,12 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
     for b, s in enumerate(samples):
-        ids[b, :len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
-        labels[b, :len(s.labels)] = torch.tensor(s.labels, dtype=torch.long)
+        ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
+        labels[b, : len(s.labels)] = torch.tensor(s.labels, dtype=torch.long)
     batch = {"input_ids": ids, "labels": labels}
     if any(s.segment_ids is not None for s in samples):
         seg = torch.full((len(samples), T), -1, dtype=torch.long)
         for b, s in enumerate(samples):
-            seg[b, :len(s.input_ids)] = torch.tensor(s.segment_ids or [0] * len(s.input_ids), dtype=torch.long)
+            seg[b, : len(s.input_ids)] = torch.tensor(s.segment_ids or [0] * len(s.input_ids), dtype=torch.long)
         batch["segment_ids"] = seg
     return batch

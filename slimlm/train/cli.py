@@ -9,9 +9,27 @@ import sys
 
 from slimlm.train.launch import add_launch_args, peer_failure_message, run_torchrun
 
-SHORT_FLAGS = ("teacher", "teacher_adapter", "student", "student_layers", "alpha", "temperature", "kl",
-               "teacher_cache", "top_k", "teacher_cache_path", "kd_chunk_size", "data", "eval_data", "out", "device",
-               "task", "eval_generate", "eval_max_new_tokens", "resume")
+SHORT_FLAGS = (
+    "teacher",
+    "teacher_adapter",
+    "student",
+    "student_layers",
+    "alpha",
+    "temperature",
+    "kl",
+    "teacher_cache",
+    "top_k",
+    "teacher_cache_path",
+    "kd_chunk_size",
+    "data",
+    "eval_data",
+    "out",
+    "device",
+    "task",
+    "eval_generate",
+    "eval_max_new_tokens",
+    "resume",
+)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -26,16 +44,23 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.nproc is not None and not launched_by_torchrun():
         return run_torchrun(args, cfg.train.batch_size)
     info = init_distributed(timeout_s=cfg.train.dist_timeout_s)  # a world of 1 unless launched by torchrun
-    on_rank0(check_run_folder, cfg.out, resume=cfg.resume, overwrite=args.overwrite,
-             inputs=[cfg.teacher, cfg.teacher_adapter, cfg.student, cfg.data, cfg.eval_data])
+    on_rank0(
+        check_run_folder,
+        cfg.out,
+        resume=cfg.resume,
+        overwrite=args.overwrite,
+        inputs=[cfg.teacher, cfg.teacher_adapter, cfg.student, cfg.data, cfg.eval_data],
+    )
     with peer_failure_message("distill", cfg.out, info):
         res = distill(cfg, progress=not args.quiet)
     if res is None:  # not rank 0: rank 0 prints
         return 0
     t = res.train
-    print(f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, {t.elapsed_s:.0f} s; "
-          f"student {res.student_params:,} params (teacher {res.teacher_params:,}); exact match teacher "
-          f"{res.teacher_eval or '-'} student {res.student_eval or '-'}")
+    print(
+        f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, {t.elapsed_s:.0f} s; "
+        f"student {res.student_params:,} params (teacher {res.teacher_params:,}); exact match teacher "
+        f"{res.teacher_eval or '-'} student {res.student_eval or '-'}"
+    )
     print(f"saved {res.output}")
     return 0
 
@@ -45,14 +70,20 @@ def add_distill_commands(sub) -> None:
     from slimlm.recipe import add_flags
     from slimlm.train.distill import DistillConfig
 
-    p = sub.add_parser("distill", help="knowledge distillation: train a smaller student on a teacher's outputs",
-                       description="Distil a teacher (plus --teacher-adapter) into a student: a model folder, "
-                                   "preset:NAME (random init) or --student-layers N of the teacher's layers. Flags "
-                                   "mirror the YAML recipe keys (--train.lr 1e-4) and override the recipe.")
+    p = sub.add_parser(
+        "distill",
+        help="knowledge distillation: train a smaller student on a teacher's outputs",
+        description="Distil a teacher (plus --teacher-adapter) into a student: a model folder, "
+        "preset:NAME (random init) or --student-layers N of the teacher's layers. Flags "
+        "mirror the YAML recipe keys (--train.lr 1e-4) and override the recipe.",
+    )
     p.add_argument("recipe", nargs="?", default=None, help="YAML recipe (optional)")
     add_flags(p, DistillConfig, short=SHORT_FLAGS)
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_launch_args(p)
     p.set_defaults(func=cmd_distill)
@@ -70,14 +101,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.nproc is not None and not launched_by_torchrun():
         return run_torchrun(args, cfg.train.batch_size)
     info = init_distributed(timeout_s=cfg.train.dist_timeout_s)  # a world of 1 unless launched by torchrun
-    on_rank0(check_run_folder, cfg.out, resume=cfg.resume, overwrite=args.overwrite,
-             inputs=[cfg.model, cfg.data, cfg.eval_data])
+    on_rank0(
+        check_run_folder,
+        cfg.out,
+        resume=cfg.resume,
+        overwrite=args.overwrite,
+        inputs=[cfg.model, cfg.data, cfg.eval_data],
+    )
     with peer_failure_message("finetune", cfg.out, info):
         res = finetune(cfg, progress=not args.quiet)
     t = res.train
     if info.is_main:
-        print(f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, "
-              f"{t.elapsed_s:.0f} s; eval {t.eval_metrics or '-'}")
+        print(
+            f"done: {t.steps} steps, final loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tokens/s, "
+            f"{t.elapsed_s:.0f} s; eval {t.eval_metrics or '-'}"
+        )
         print(f"saved {res.output}")
     return 0
 
@@ -100,16 +138,27 @@ def finetune_epilog(config_cls: type) -> str:
             summary = "QLoRA: lora on a frozen NF4 4-bit base"
         section = sections.get(method.config_cls)
         options = f"; options --{section}.*" if section else ""
-        lines += textwrap.wrap(f"{name:<8} {summary}{options}", 100, initial_indent="  ", subsequent_indent=" " * 11,
-                               break_on_hyphens=False)
-    lines += ["", *textwrap.wrap(
-        '--data / --eval-data: a JSONL file (one record per line), a .parquet, .csv or .json file, a folder of '
-        'them, or a Hugging Face dataset name (--dataset.split, --dataset.eval_split, --dataset.subset); records in '
-        'one of four formats (auto-detected from the keys or columns; --dataset.format): chat {"messages": '
-        '[{"role": "user", "content": ...}, ...]}, alpaca {"instruction", "input", "output"}, {"prompt", '
-        '"completion"} or {"text"}. Other column names: --dataset.columns prompt=question,completion=answer. See '
-        'README.md, "Fine-tuning" > "Data"; check a file with `slimlm data check FILE`.', 100,
-        break_on_hyphens=False)]
+        lines += textwrap.wrap(
+            f"{name:<8} {summary}{options}",
+            100,
+            initial_indent="  ",
+            subsequent_indent=" " * 11,
+            break_on_hyphens=False,
+        )
+    lines += [
+        "",
+        *textwrap.wrap(
+            "--data / --eval-data: a JSONL file (one record per line), a .parquet, .csv or .json file, a folder of "
+            "them, or a Hugging Face dataset name (--dataset.split, --dataset.eval_split, --dataset.subset); "
+            "records in "
+            'one of four formats (auto-detected from the keys or columns; --dataset.format): chat {"messages": '
+            '[{"role": "user", "content": ...}, ...]}, alpaca {"instruction", "input", "output"}, {"prompt", '
+            '"completion"} or {"text"}. Other column names: --dataset.columns prompt=question,completion=answer. See '
+            'README.md, "Fine-tuning" > "Data"; check a file with `slimlm data check FILE`.',
+            100,
+            break_on_hyphens=False,
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -118,16 +167,39 @@ def add_finetune_commands(sub) -> None:
     from slimlm.recipe import add_flags
     from slimlm.train.finetune import FinetuneConfig
 
-    f = sub.add_parser("finetune", help="fine-tune with full, lora, qlora, adapter, bitfit, prefix or prompt",
-                       description="Fine-tune a model. Flags mirror the YAML recipe keys (nested keys with dots:\n"
-                                   "--train.lr 1e-4, --lora.r 8) and override the recipe.",
-                       epilog=finetune_epilog(FinetuneConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune with full, lora, qlora, adapter, bitfit, prefix or prompt",
+        description="Fine-tune a model. Flags mirror the YAML recipe keys (nested keys with dots:\n"
+        "--train.lr 1e-4, --lora.r 8) and override the recipe.",
+        epilog=finetune_epilog(FinetuneConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     f.add_argument("recipe", nargs="?", default=None, help="YAML recipe (optional)")
-    add_flags(f, FinetuneConfig, short=("model", "method", "data", "eval_data", "out", "nf4_base", "dtype",
-                                        "device", "task", "eval_generate", "eval_max_new_tokens", "resume",
-                                        "base_name"))
-    f.add_argument("--overwrite", action="store_true",
-                   help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it")
+    add_flags(
+        f,
+        FinetuneConfig,
+        short=(
+            "model",
+            "method",
+            "data",
+            "eval_data",
+            "out",
+            "nf4_base",
+            "dtype",
+            "device",
+            "task",
+            "eval_generate",
+            "eval_max_new_tokens",
+            "resume",
+            "base_name",
+        ),
+    )
+    f.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty --out (its old checkpoints are removed); --resume continues it",
+    )
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_launch_args(f)
     f.set_defaults(func=cmd_finetune)

@@ -41,17 +41,32 @@ FORMATS = ("chat", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 MAX_LISTED = 50  # a DataError lists at most this many bad lines, then says how many more there are
 # The key whose presence identifies each format (a record with two of them is ambiguous).
-FORMAT_KEYS = {"messages": "chat", "instruction": "alpaca", "prompt": "prompt_completion",
-               "completion": "prompt_completion", "text": "text"}
-REQUIRED_COLUMNS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
-                    "prompt_completion": ("prompt", "completion"), "text": ("text",)}
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                       "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-NO_TEMPLATE = ("this tokenizer has no chat template, so chat data cannot be rendered; use the prompt/completion "
-               "or text format, or a tokenizer that has one")
+FORMAT_KEYS = {
+    "messages": "chat",
+    "instruction": "alpaca",
+    "prompt": "prompt_completion",
+    "completion": "prompt_completion",
+    "text": "text",
+}
+REQUIRED_COLUMNS = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+NO_TEMPLATE = (
+    "this tokenizer has no chat template, so chat data cannot be rendered; use the prompt/completion "
+    "or text format, or a tokenizer that has one"
+)
 
 
 class DataError(InputError):
@@ -121,14 +136,22 @@ class DataStats:
 
 def run_data_errors(data: str | None, eval_data: str | None, eval_generate: bool, task: str | None) -> list[str]:
     """Problems with a training run's data settings (files exist, generation eval has data, task is bundled)."""
-    errors = [] if data else ["no training data: pass --data FILE.jsonl (or .parquet, .csv, .json, a folder of "
-                              "them, or a Hugging Face dataset name)"]
-    errors += [e for e in (sources.source_error(data, "training data"), sources.source_error(eval_data, "eval data"))
-               if e]
+    errors = (
+        []
+        if data
+        else [
+            "no training data: pass --data FILE.jsonl (or .parquet, .csv, .json, a folder of "
+            "them, or a Hugging Face dataset name)"
+        ]
+    )
+    errors += [
+        e for e in (sources.source_error(data, "training data"), sources.source_error(eval_data, "eval data")) if e
+    ]
     if eval_generate and not eval_data:
         errors.append("eval_generate needs --eval-data")
     if task is not None:
         from slimlm.tasks import TASKS
+
         if task not in TASKS:
             errors.append(f"task {task!r} is unknown; bundled tasks: {', '.join(TASKS)}")
     return errors
@@ -158,7 +181,7 @@ def _string_errors(record: dict, keys: tuple[str, ...], empty_ok: tuple[str, ...
 def _chat_errors(record: dict) -> list[str]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
-        return ["'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects"]
+        return ['\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects']
     errors = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -186,14 +209,20 @@ def _record_errors(record: Any, fmt: str) -> list[str]:
 def _shape_error(record: dict) -> str:
     found = sorted({FORMAT_KEYS[k] for k in record if k in FORMAT_KEYS})
     if found:
-        return f"ambiguous record: has keys of formats {', '.join(found)}; keep one format's keys, or set the format explicitly"
-    return (f"unknown record shape (keys: {', '.join(sorted(record)) or 'none'}); expected 'messages' (chat), "
-            "'instruction'/'output' (alpaca), 'prompt'/'completion', or 'text' (other names: rename them with "
-            "dataset.columns, e.g. prompt=question,completion=answer)")
+        return (
+            f"ambiguous record: has keys of formats {', '.join(found)}; "
+            "keep one format's keys, or set the format explicitly"
+        )
+    return (
+        f"unknown record shape (keys: {', '.join(sorted(record)) or 'none'}); expected 'messages' (chat), "
+        "'instruction'/'output' (alpaca), 'prompt'/'completion', or 'text' (other names: rename them with "
+        "dataset.columns, e.g. prompt=question,completion=answer)"
+    )
 
 
-def read_jsonl(path: str | Path, format: str = "auto", columns: dict[str, str] | None = None
-               ) -> list[tuple[int, dict, str]]:
+def read_jsonl(
+    path: str | Path, format: str = "auto", columns: dict[str, str] | None = None
+) -> list[tuple[int, dict, str]]:
     """Read and check a JSONL file: [(line number, record, format)]. Blank lines are skipped.
 
     `columns` ({slimlm key: your key}) renames each record's keys first. Raises DataError listing every bad line
@@ -218,8 +247,11 @@ def read_jsonl(path: str | Path, format: str = "auto", columns: dict[str, str] |
             records.append((n, record, fmt))
     if records:
         first_line, _, first_fmt = records[0]
-        errors += [f"{path}:{n}: a {fmt} record, but line {first_line} is {first_fmt}; put one format per file"
-                   for n, _, fmt in records if fmt != first_fmt]
+        errors += [
+            f"{path}:{n}: a {fmt} record, but line {first_line} is {first_fmt}; put one format per file"
+            for n, _, fmt in records
+            if fmt != first_fmt
+        ]
     _raise(f"{path}: {len(errors)} problem(s):", errors, located=True)
     if not records:
         raise DataError(f"{path}: no records; the file is empty (one JSON object per line expected)")
@@ -233,13 +265,17 @@ def table_format(table: sources.Table, format: str = "auto") -> str:
     found = sorted({FORMAT_KEYS[c] for c in table.columns if c in FORMAT_KEYS}) if format == "auto" else [format]
     if len(found) != 1:
         what = f"columns of formats {', '.join(found)}" if found else "no column of a known format"
-        raise DataError(f"{table.name}: {what} ({columns}); expected 'messages' (chat), 'instruction'/'output' "
-                        "(alpaca), 'prompt'/'completion', or 'text': rename with dataset.columns (e.g. "
-                        "prompt=question,completion=answer) or set dataset.format")
+        raise DataError(
+            f"{table.name}: {what} ({columns}); expected 'messages' (chat), 'instruction'/'output' "
+            "(alpaca), 'prompt'/'completion', or 'text': rename with dataset.columns (e.g. "
+            "prompt=question,completion=answer) or set dataset.format"
+        )
     missing = [c for c in REQUIRED_COLUMNS[found[0]] if c not in table.columns]
     if missing:
-        raise DataError(f"{table.name}: {found[0]} records need column(s) {', '.join(map(repr, missing))} "
-                        f"({columns}); rename one with dataset.columns, e.g. {missing[0]}=YOUR_COLUMN")
+        raise DataError(
+            f"{table.name}: {found[0]} records need column(s) {', '.join(map(repr, missing))} "
+            f"({columns}); rename one with dataset.columns, e.g. {missing[0]}=YOUR_COLUMN"
+        )
     return found[0]
 
 
@@ -274,8 +310,10 @@ def read_records(source: str | Path, cfg: DataConfig, split: str | None = None) 
             else:
                 records += [(f"{path}:{n}", r, fmt) for n, r, fmt in read_jsonl(path, cfg.format, cfg.columns)]
             if records[0][2] != records[-1][2]:
-                raise DataError(f"{path}: {records[-1][2]} records, but {records[0][0]} is {records[0][2]}; keep "
-                                "one format across a folder's files")
+                raise DataError(
+                    f"{path}: {records[-1][2]} records, but {records[0][0]} is {records[0][2]}; keep "
+                    "one format across a folder's files"
+                )
     except sources.SourceError as e:
         raise DataError(str(e)) from e
     return records
@@ -288,8 +326,9 @@ def _chat_ids(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt:
         raise DataError(f"the chat template failed on this conversation: {e}") from e
 
 
-def render_chat(messages: list[dict], tokenizer: Tokenizer,
-                train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
+def render_chat(
+    messages: list[dict], tokenizer: Tokenizer, train_on_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
     """Chat template ids and per-token trained flags: each assistant turn's content + end-of-turn token."""
     if not tokenizer.has_chat_template:
         raise DataError(NO_TEMPLATE)
@@ -301,11 +340,13 @@ def render_chat(messages: list[dict], tokenizer: Tokenizer,
         if m["role"] != "assistant":
             continue
         start = _chat_ids(tokenizer, messages[:i], True)  # ends with the generation prompt
-        end = _chat_ids(tokenizer, messages[:i + 1], False)  # ends after this turn
-        if end[:len(start)] != start or ids[:len(end)] != end:
-            raise DataError(f"the chat template renders messages[{i}] differently once later turns follow (its "
-                            "prefix renders are not token-prefixes of the full render), so assistant turns cannot "
-                            "be located; use train_on_prompt, or the prompt/completion format")
+        end = _chat_ids(tokenizer, messages[: i + 1], False)  # ends after this turn
+        if end[: len(start)] != start or ids[: len(end)] != end:
+            raise DataError(
+                f"the chat template renders messages[{i}] differently once later turns follow (its "
+                "prefix renders are not token-prefixes of the full render), so assistant turns cannot "
+                "be located; use train_on_prompt, or the prompt/completion format"
+            )
         # Train up to and including the turn's last stop token; a template without one gets the whole span.
         stops = [j for j in range(len(start), len(end)) if ids[j] in tokenizer.stop_token_ids]
         for j in range(len(start), stops[-1] + 1 if stops else len(end)):
@@ -313,8 +354,9 @@ def render_chat(messages: list[dict], tokenizer: Tokenizer,
     return ids, trained
 
 
-def render_prompt_completion(prompt: str, completion: str, tokenizer: Tokenizer,
-                             train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
+def render_prompt_completion(
+    prompt: str, completion: str, tokenizer: Tokenizer, train_on_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
     """BOS (if the tokenizer adds one) + prompt + completion + EOS; flags mark completion + EOS."""
     eos = tokenizer.hf.eos_token_id
     if eos is None:
@@ -366,8 +408,10 @@ def pack(samples: list[Sample], max_seq_len: int) -> list[Sample]:
     segs: list[int] = []
     for s in samples:
         if len(s.input_ids) > max_seq_len:
-            raise ValueError(f"a sample of {len(s.input_ids)} tokens exceeds max_seq_len={max_seq_len}; "
-                             "truncate with to_sample first")
+            raise ValueError(
+                f"a sample of {len(s.input_ids)} tokens exceeds max_seq_len={max_seq_len}; "
+                "truncate with to_sample first"
+            )
         if ids and len(ids) + len(s.input_ids) > max_seq_len:
             rows.append(Sample(ids, labels, segs))
             ids, labels, segs = [], [], []
@@ -379,8 +423,9 @@ def pack(samples: list[Sample], max_seq_len: int) -> list[Sample]:
     return rows
 
 
-def _render_file(path: str | Path, tokenizer: Tokenizer, cfg: DataConfig,
-                 split: str | None = None) -> tuple[str, list[tuple[list[int], list[bool]]]]:
+def _render_file(
+    path: str | Path, tokenizer: Tokenizer, cfg: DataConfig, split: str | None = None
+) -> tuple[str, list[tuple[list[int], list[bool]]]]:
     """(format, [(ids, trained)] per record), untruncated; every rendering error is collected into one DataError."""
     cfg.validate()
     records = read_records(path, cfg, split)
@@ -399,25 +444,34 @@ def _render_file(path: str | Path, tokenizer: Tokenizer, cfg: DataConfig,
 
 def _samples(fmt: str, rendered: list, cfg: DataConfig) -> tuple[list[Sample], DataStats]:
     samples = [s for ids, trained in rendered if (s := to_sample(ids, trained, cfg.max_seq_len)) is not None]
-    stats = DataStats(records=len(rendered), samples=len(samples), dropped=len(rendered) - len(samples),
-                      truncated=sum(len(ids) > cfg.max_seq_len for ids, _ in rendered),
-                      tokens=sum(len(s.input_ids) for s in samples),
-                      trained_tokens=sum(s.num_trained for s in samples), format=fmt)
+    stats = DataStats(
+        records=len(rendered),
+        samples=len(samples),
+        dropped=len(rendered) - len(samples),
+        truncated=sum(len(ids) > cfg.max_seq_len for ids, _ in rendered),
+        tokens=sum(len(s.input_ids) for s in samples),
+        trained_tokens=sum(s.num_trained for s in samples),
+        format=fmt,
+    )
     rows = pack(samples, cfg.max_seq_len) if cfg.packing else samples
     stats.rows = len(rows)
     return rows, stats
 
 
-def load_dataset(path: str | Path, tokenizer: Tokenizer, cfg: DataConfig,
-                 split: str | None = None) -> tuple[list[Sample], DataStats]:
+def load_dataset(
+    path: str | Path, tokenizer: Tokenizer, cfg: DataConfig, split: str | None = None
+) -> tuple[list[Sample], DataStats]:
     """Read, render, truncate (and pack) a data source (see `read_records`); warns when records were dropped.
 
     `split`: the split of a Hugging Face dataset (default cfg.split; local files are read whole)."""
     fmt, rendered = _render_file(path, tokenizer, cfg, split)
     samples, stats = _samples(fmt, rendered, cfg)
     if stats.dropped:
-        warnings.warn(f"{path}: dropped {stats.dropped} of {stats.records} records with no trained token within "
-                      f"max_seq_len={cfg.max_seq_len}; raise max_seq_len or shorten the prompts", stacklevel=2)
+        warnings.warn(
+            f"{path}: dropped {stats.dropped} of {stats.records} records with no trained token within "
+            f"max_seq_len={cfg.max_seq_len}; raise max_seq_len or shorten the prompts",
+            stacklevel=2,
+        )
     if not samples:
         raise DataError(f"{path}: no sample has a trained token within max_seq_len={cfg.max_seq_len}; raise it")
     return samples, stats
@@ -452,14 +506,16 @@ def check_file(path: str | Path, tokenizer: Tokenizer, cfg: DataConfig, color: b
     _, stats = _samples(fmt, rendered, cfg)
     lengths = [len(ids) for ids, _ in rendered]
     trained_pct = 100 * stats.trained_tokens / max(stats.tokens, 1)
-    lines = [f"{path}: {stats.records} records, format {fmt}",
-             f"tokens per record: min {min(lengths)}, median {statistics.median(lengths):g}, max {max(lengths)}",
-             f"max_seq_len {cfg.max_seq_len}: {stats.truncated} truncated, {stats.dropped} dropped (no trained token)",
-             f"{stats.samples} samples, {stats.tokens} tokens, {stats.trained_tokens} trained ({trained_pct:.1f}%)"]
+    lines = [
+        f"{path}: {stats.records} records, format {fmt}",
+        f"tokens per record: min {min(lengths)}, median {statistics.median(lengths):g}, max {max(lengths)}",
+        f"max_seq_len {cfg.max_seq_len}: {stats.truncated} truncated, {stats.dropped} dropped (no trained token)",
+        f"{stats.samples} samples, {stats.tokens} tokens, {stats.trained_tokens} trained ({trained_pct:.1f}%)",
+    ]
     if cfg.packing:
         lines.append(f"packed into {stats.rows} rows of at most {cfg.max_seq_len} tokens")
     for ids, trained in rendered:  # the first record that survives truncation, as the model sees it
-        ids, trained = ids[:cfg.max_seq_len], [False] + trained[1:cfg.max_seq_len]  # token 0 is never a target
+        ids, trained = ids[: cfg.max_seq_len], [False] + trained[1 : cfg.max_seq_len]  # token 0 is never a target
         if any(trained):
             how = "in green" if color else "in [[ ]]"
             lines += ["", f"first sample, trained tokens {how}:", mark_trained(tokenizer, ids, trained, color)]

@@ -27,8 +27,8 @@ import torch.nn as nn
 from slimlm.checkpoint.atomic import write_text_atomic
 from slimlm.errors import InputError
 from slimlm.train.data import DataConfig, load_dataset, run_data_errors
-from slimlm.train.kd_loss import KL_DIRECTIONS, DenseTeacher, KDSettings, chunked_kd_loss, labelled_rows
 from slimlm.train.distributed import barrier, device_for, dist_info, full_state_dict, init_distributed
+from slimlm.train.kd_loss import KL_DIRECTIONS, DenseTeacher, KDSettings, chunked_kd_loss, labelled_rows
 from slimlm.train.trainer import LossFn, SampleStream, TrainConfig, TrainResult, train
 
 TEACHER_CACHES = ("none", "topk")
@@ -94,6 +94,7 @@ class DistillConfig:
         if errors:
             raise InputError("invalid distillation config:\n  - " + "\n  - ".join(errors))
 
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -111,6 +112,7 @@ class DistillResult:
 
 
 # ---- models ------------------------------------------------------------------------------------------------------
+
 
 def load_teacher(source: str, adapter: str | None, device: torch.device) -> tuple[Path, nn.Module]:
     """The teacher in fp32 eval mode, frozen, with the adapter (if any) merged into its weights."""
@@ -143,31 +145,39 @@ def make_student(cfg: DistillConfig, teacher: nn.Module, device: torch.device) -
     else:
         student = drop_layers(teacher, every_other_layer(teacher.config.n_layers, cfg.student_layers))
     if student.config.vocab_size != teacher.config.vocab_size:
-        raise InputError(f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's "
-                         f"({teacher.config.vocab_size}); distillation needs the same tokenizer")
+        raise InputError(
+            f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's "
+            f"({teacher.config.vocab_size}); distillation needs the same tokenizer"
+        )
     return student.train().requires_grad_(True)
 
 
 # ---- the loss hook -----------------------------------------------------------------------------------------------
 
+
 def online_loss(teacher: nn.Module, settings: KDSettings, chunk_size: int) -> LossFn:
     """KD loss with the teacher's forward pass on the same batch (eval mode, no grad)."""
+
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         seg = batch.get("segment_ids")
         with torch.no_grad():
             th, _ = labelled_rows(teacher.hidden(batch["input_ids"], segment_ids=seg), batch["labels"])  # [N, Dt]
         h = model.hidden(batch["input_ids"], segment_ids=seg)  # [B, T, D]
-        return chunked_kd_loss(h, batch["labels"], model.lm_head, DenseTeacher(th, teacher.lm_head), settings,
-                               chunk_size)
+        return chunked_kd_loss(
+            h, batch["labels"], model.lm_head, DenseTeacher(th, teacher.lm_head), settings, chunk_size
+        )
+
     return loss_fn
 
 
 def cached_loss(cache: Any, settings: KDSettings, chunk_size: int) -> LossFn:
     """KD loss against the cached top-k teacher rows of the batch's samples (batch["sample_index"])."""
+
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         target = cache.lookup(batch["sample_index"].tolist())
         h = model.hidden(batch["input_ids"], segment_ids=batch.get("segment_ids"))
         return chunked_kd_loss(h, batch["labels"], model.lm_head, target, settings, chunk_size)
+
     return loss_fn
 
 
@@ -179,6 +189,7 @@ def visited_samples(n_samples: int, cfg: TrainConfig) -> list[int]:
 
 
 # ---- the job -----------------------------------------------------------------------------------------------------
+
 
 def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult | None:
     """Run a whole distillation job as configured; returns where the student is and what was measured.
@@ -211,8 +222,18 @@ def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult | None:
     if cfg.alpha == 0:
         del teacher  # hard labels only: the teacher's memory is not needed while training
     eval_fn = (lambda m: _exact_match(m, tokenizer, records, cfg)) if records and cfg.train.eval_every else None
-    result = train(student, train_samples, cfg.train, out, eval_samples=eval_samples, pad_id=tokenizer.pad_id,
-                   eval_fn=eval_fn, resume=cfg.resume, progress=progress, loss_fn=loss_fn)
+    result = train(
+        student,
+        train_samples,
+        cfg.train,
+        out,
+        eval_samples=eval_samples,
+        pad_id=tokenizer.pad_id,
+        eval_fn=eval_fn,
+        resume=cfg.resume,
+        progress=progress,
+        loss_fn=loss_fn,
+    )
     if sharded:  # gather the shards (every rank), then rank 0 carries on with its plain copy
         state = full_state_dict(student, keep=info.is_main)
         student = whole
@@ -222,15 +243,24 @@ def distill(cfg: DistillConfig, progress: bool = True) -> DistillResult | None:
     if info.is_main:
         student_eval = _exact_match(student, tokenizer, records, cfg)
         output = save_hf_folder(student, out / "model", tokenizer.hf, sorted(tokenizer.stop_token_ids))
-        res = DistillResult(out, output, _n_params(student), _n_params_of(cfg, teacher_path), result, teacher_eval,
-                            student_eval, cache_info)
+        res = DistillResult(
+            out,
+            output,
+            _n_params(student),
+            _n_params_of(cfg, teacher_path),
+            result,
+            teacher_eval,
+            student_eval,
+            cache_info,
+        )
         write_text_atomic(out / "summary.json", json.dumps(_summary_json(cfg, res, stats), indent=2))
     barrier()  # every rank returns once the outputs exist (the others return None)
     return res
 
 
-def _loss_fn(cfg: DistillConfig, settings: KDSettings, teacher: nn.Module, samples: list, pad_id: int,
-             out: Path) -> tuple[LossFn | None, dict[str, Any]]:
+def _loss_fn(
+    cfg: DistillConfig, settings: KDSettings, teacher: nn.Module, samples: list, pad_id: int, out: Path
+) -> tuple[LossFn | None, dict[str, Any]]:
     """The trainer's loss hook: None (plain CE) for α = 0, else on the fly or from the (built or reused) cache."""
     from slimlm.train.teacher_cache import build_or_load, teacher_id
 
@@ -242,8 +272,16 @@ def _loss_fn(cfg: DistillConfig, settings: KDSettings, teacher: nn.Module, sampl
     t0 = time.perf_counter()
 
     def build() -> tuple[Any, int]:
-        return build_or_load(path, teacher, samples, visited_samples(len(samples), cfg.train), cfg.top_k,
-                             teacher_id(cfg.teacher, cfg.teacher_adapter), cfg.train.batch_size, pad_id)
+        return build_or_load(
+            path,
+            teacher,
+            samples,
+            visited_samples(len(samples), cfg.train),
+            cfg.top_k,
+            teacher_id(cfg.teacher, cfg.teacher_adapter),
+            cfg.train.batch_size,
+            pad_id,
+        )
 
     # Several processes: rank 0 builds (or extends) the cache file once; the others wait, then read it (a shared
     # filesystem is assumed, as for resuming).
@@ -252,8 +290,13 @@ def _loss_fn(cfg: DistillConfig, settings: KDSettings, teacher: nn.Module, sampl
     barrier()
     if not main:
         cache, built = build()
-    info = {"path": str(path), "built_samples": built, "build_s": time.perf_counter() - t0, "top_k": cfg.top_k,
-            "rows": int(cache.values.shape[0])}
+    info = {
+        "path": str(path),
+        "built_samples": built,
+        "build_s": time.perf_counter() - t0,
+        "top_k": cfg.top_k,
+        "rows": int(cache.values.shape[0]),
+    }
     return cached_loss(cache, settings, cfg.kd_chunk_size), info
 
 
@@ -283,15 +326,36 @@ def _n_params_of(cfg: DistillConfig, path: Path) -> int:
 
 def _summary_json(cfg: DistillConfig, res: DistillResult, stats: Any) -> dict[str, Any]:
     t = res.train
-    return {"teacher": cfg.teacher, "teacher_adapter": cfg.teacher_adapter, "student": cfg.student or
-            f"{cfg.student_layers} layers of the teacher", "output": str(res.output), "alpha": cfg.alpha,
-            "temperature": cfg.temperature, "kl": cfg.kl, "teacher_cache": cfg.teacher_cache,
-            "student_params": res.student_params, "teacher_params": res.teacher_params, "steps": t.steps,
-            "final_loss": t.final_loss, "eval": t.eval_metrics, "teacher_exact_match": res.teacher_eval,
-            "student_exact_match": res.student_eval, "tokens_per_s": t.tokens_per_s, "elapsed_s": t.elapsed_s,
-            "cache": res.cache, "data": {"records": stats.records, "samples": stats.samples,
-                                         "trained_tokens": stats.trained_tokens}}
+    return {
+        "teacher": cfg.teacher,
+        "teacher_adapter": cfg.teacher_adapter,
+        "student": cfg.student or f"{cfg.student_layers} layers of the teacher",
+        "output": str(res.output),
+        "alpha": cfg.alpha,
+        "temperature": cfg.temperature,
+        "kl": cfg.kl,
+        "teacher_cache": cfg.teacher_cache,
+        "student_params": res.student_params,
+        "teacher_params": res.teacher_params,
+        "steps": t.steps,
+        "final_loss": t.final_loss,
+        "eval": t.eval_metrics,
+        "teacher_exact_match": res.teacher_eval,
+        "student_exact_match": res.student_eval,
+        "tokens_per_s": t.tokens_per_s,
+        "elapsed_s": t.elapsed_s,
+        "cache": res.cache,
+        "data": {"records": stats.records, "samples": stats.samples, "trained_tokens": stats.trained_tokens},
+    }
 
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "load_teacher", "make_student", "online_loss",
-           "cached_loss", "visited_samples"]
+__all__ = [
+    "DistillConfig",
+    "DistillResult",
+    "distill",
+    "load_teacher",
+    "make_student",
+    "online_loss",
+    "cached_loss",
+    "visited_samples",
+]

@@ -74,8 +74,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     if world <= 1:
         return DistInfo()
     if not dist.is_available():
-        raise RuntimeError("this PyTorch build has no torch.distributed; install a build with it to train on "
-                           f"{world} processes")
+        raise RuntimeError(
+            f"this PyTorch build has no torch.distributed; install a build with it to train on {world} processes"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
@@ -119,6 +120,7 @@ def shutdown() -> None:
 
 # ---- wrapping ----------------------------------------------------------------------------------------------------
 
+
 def wrap_model(model: nn.Module, strategy: str) -> nn.Module:
     """The module to call in training: `ddp` -> DistributedDataParallel(model); `fsdp` -> FSDP2 `fully_shard` on
     every transformer Block inside `model`, then on `model` itself (modified in place and returned).
@@ -138,9 +140,11 @@ def wrap_model(model: nn.Module, strategy: str) -> nn.Module:
         device = next(model.parameters()).device
         # Buffers (RoPE frequencies, NF4 weights) are identical on every rank by construction: no per-forward
         # broadcast (newer PyTorch names the switch forward_sync_buffers).
-        no_sync = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
+        no_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
     from torch.distributed.fsdp import fully_shard
 
@@ -184,14 +188,16 @@ def full_state_dict(model: nn.Module, names: set[str] | None = None, keep: bool 
 
 # ---- data --------------------------------------------------------------------------------------------------------
 
+
 def rank_share(items: list[T], rank: int, world_size: int) -> list[T]:
     """Rank `rank`'s contiguous part of `items`: N parts in order, sizes differing by at most one, whose
     concatenation is `items` (no overlap, nothing lost). A rank may get nothing when len(items) < world_size."""
     n = len(items)
-    return items[rank * n // world_size:(rank + 1) * n // world_size]
+    return items[rank * n // world_size : (rank + 1) * n // world_size]
 
 
 # ---- collectives -------------------------------------------------------------------------------------------------
+
 
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -262,6 +268,24 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full.to(like.device)
 
 
-__all__ = ["DistInfo", "STRATEGIES", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object",
-           "device_for", "dist_info", "full_state_dict", "full_tensor", "gradient_sync", "init_distributed", "is_main",
-           "launched_by_torchrun", "on_rank0", "rank_share", "shard_like", "shutdown", "wrap_model"]
+__all__ = [
+    "DistInfo",
+    "STRATEGIES",
+    "all_gather_object",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "device_for",
+    "dist_info",
+    "full_state_dict",
+    "full_tensor",
+    "gradient_sync",
+    "init_distributed",
+    "is_main",
+    "launched_by_torchrun",
+    "on_rank0",
+    "rank_share",
+    "shard_like",
+    "shutdown",
+    "wrap_model",
+]

@@ -19,6 +19,7 @@ import torch
 
 from slimlm.checkpoint.atomic import write_text_atomic
 from slimlm.errors import InputError
+from slimlm.eval.task_accuracy import generation_accuracy
 from slimlm.peft import PEFT_METHODS, apply_peft, save_adapter
 from slimlm.peft.adapter import AdapterConfig
 from slimlm.peft.bitfit import BitFitConfig
@@ -27,7 +28,6 @@ from slimlm.peft.prefix import PrefixConfig
 from slimlm.peft.prompt import PromptConfig, input_prefix_ids
 from slimlm.train.data import DataConfig, chat_prompts, load_dataset, run_data_errors
 from slimlm.train.distributed import barrier, device_for, full_state_dict, init_distributed
-from slimlm.eval.task_accuracy import generation_accuracy
 from slimlm.train.plot import plot_metrics
 from slimlm.train.trainer import TrainConfig, TrainResult, train
 
@@ -121,13 +121,25 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         print(f"{cfg.method}: {summary}", flush=True)
     eval_fn = None
     if eval_records:
+
         def eval_fn(m):
             return generation_accuracy(m, tokenizer, eval_records, cfg.task, cfg.eval_max_new_tokens)
+
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         write_text_atomic(out / "recipe.yaml", _yaml(to_dict(cfg)))
-    result = train(model, train_samples, cfg.train, out, eval_samples=eval_samples, pad_id=tokenizer.pad_id,
-                   input_prefix_ids=input_prefix_ids(model), eval_fn=eval_fn, resume=cfg.resume, progress=progress)
+    result = train(
+        model,
+        train_samples,
+        cfg.train,
+        out,
+        eval_samples=eval_samples,
+        pad_id=tokenizer.pad_id,
+        input_prefix_ids=input_prefix_ids(model),
+        eval_fn=eval_fn,
+        resume=cfg.resume,
+        progress=progress,
+    )
     if info.distributed and cfg.train.strategy == "fsdp":
         model = _whole_model(cfg, model, tokenizer, dtype, device, info.is_main)
     output = out / ("model" if cfg.method == "full" else "adapter")
@@ -135,8 +147,14 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         output = save_hf_folder(model, output, tokenizer.hf, sorted(tokenizer.stop_token_ids))
     elif info.is_main:
         output = save_adapter(model, output, base_model=str(cfg.model), tokenizer=tokenizer, base_name=cfg.base_name)
-    data = {"records": train_stats.records, "samples": train_stats.samples, "truncated": train_stats.truncated,
-            "dropped": train_stats.dropped, "tokens": train_stats.tokens, "trained_tokens": train_stats.trained_tokens}
+    data = {
+        "records": train_stats.records,
+        "samples": train_stats.samples,
+        "truncated": train_stats.truncated,
+        "dropped": train_stats.dropped,
+        "tokens": train_stats.tokens,
+        "trained_tokens": train_stats.trained_tokens,
+    }
     res = FinetuneResult(out, output, summary.trainable, summary.total, result, data)
     if info.is_main:
         plot_metrics(result.metrics_path, out / "training.png", f"{cfg.method} on {Path(cfg.data).name}")
@@ -145,8 +163,14 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     return res
 
 
-def _whole_model(cfg: FinetuneConfig, sharded: torch.nn.Module, tokenizer: Any, dtype: torch.dtype,
-                 device: torch.device, is_main: bool) -> torch.nn.Module | None:
+def _whole_model(
+    cfg: FinetuneConfig,
+    sharded: torch.nn.Module,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    is_main: bool,
+) -> torch.nn.Module | None:
     """The FSDP2-trained model as a plain one on rank 0, to save like a single process's (None elsewhere).
 
     Every rank gathers the trained tensors (collective; only rank 0 keeps them); rank 0 loads them into a fresh copy
@@ -171,8 +195,10 @@ def _check_eval_lengths(records: list, tokenizer: Any, max_new_tokens: int, max_
     """Fail before training, not after it, if an eval prompt plus its answer cannot fit the model's context."""
     longest = max((len(tokenizer.prompt_ids(p, chat=True)) for p, _ in records), default=0)
     if longest + max_new_tokens > max_seq_len:
-        raise InputError(f"an eval prompt has {longest} tokens; with eval_max_new_tokens={max_new_tokens} it exceeds "
-                         f"the model's context of {max_seq_len}: lower --eval-max-new-tokens or --eval-generate")
+        raise InputError(
+            f"an eval prompt has {longest} tokens; with eval_max_new_tokens={max_new_tokens} it exceeds "
+            f"the model's context of {max_seq_len}: lower --eval-max-new-tokens or --eval-generate"
+        )
 
 
 def _eval_data_config(cfg: DataConfig) -> DataConfig:
@@ -184,10 +210,20 @@ def _eval_data_config(cfg: DataConfig) -> DataConfig:
 
 def _summary_json(cfg: FinetuneConfig, res: FinetuneResult) -> dict[str, Any]:
     t = res.train
-    return {"method": cfg.method, "model": cfg.model, "output": str(res.output), "trainable_params": res.trainable,
-            "total_params": res.total, "trainable_percent": 100.0 * res.trainable / max(res.total, 1),
-            "steps": t.steps, "final_loss": t.final_loss, "eval": t.eval_metrics, "tokens_per_s": t.tokens_per_s,
-            "elapsed_s": t.elapsed_s, "data": res.data}
+    return {
+        "method": cfg.method,
+        "model": cfg.model,
+        "output": str(res.output),
+        "trainable_params": res.trainable,
+        "total_params": res.total,
+        "trainable_percent": 100.0 * res.trainable / max(res.total, 1),
+        "steps": t.steps,
+        "final_loss": t.final_loss,
+        "eval": t.eval_metrics,
+        "tokens_per_s": t.tokens_per_s,
+        "elapsed_s": t.elapsed_s,
+        "data": res.data,
+    }
 
 
 def _yaml(values: dict[str, Any]) -> str:

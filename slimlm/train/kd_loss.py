@@ -78,8 +78,9 @@ class TopKTeacher:
 Teacher = DenseTeacher | TopKTeacher
 
 
-def _kd_rows(z: torch.Tensor, teacher: Teacher, start: int, end: int, s: KDSettings
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _kd_rows(
+    z: torch.Tensor, teacher: Teacher, start: int, end: int, s: KDSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row KL of one chunk and its gradient w.r.t. the student logits z [n, V] (fp32).
 
     Returns (kl [n], grad [n, V] or [n, k], ids [n, k] for a top-k teacher else None); the grad is of T²·KL.
@@ -110,8 +111,9 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, teacher: Teacher, start: int, s: KDSettings
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_grad(
+    z: torch.Tensor, y: torch.Tensor, teacher: Teacher, start: int, s: KDSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss of one chunk of student logits z [n, V] (fp32) and d(loss)/dz [n, V]."""
     n = z.shape[0]
     g = torch.zeros_like(z)
@@ -124,7 +126,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, teacher: Teacher, sta
         g *= 1 - s.alpha
     if s.alpha > 0:
         kl, gk, ids = _kd_rows(z, teacher, start, start + n, s)
-        total = total + s.alpha * s.temperature ** 2 * kl.sum()
+        total = total + s.alpha * s.temperature**2 * kl.sum()
         if ids is None:
             g += s.alpha * gk
         else:
@@ -136,20 +138,21 @@ class _FusedLinearKD(torch.autograd.Function):
     """The KD loss of h @ W^T, with d/dh (and d/dW) computed chunk by chunk in forward (as train/loss.py)."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, teacher: Teacher, s: KDSettings,
-                chunk_size: int) -> torch.Tensor:
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, teacher: Teacher, s: KDSettings, chunk_size: int
+    ) -> torch.Tensor:
         # h [N, D], weight [V, D], y [N]
         grad_h = torch.empty_like(h) if h.requires_grad else None
         wdt = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
         grad_w = torch.zeros(weight.shape, dtype=wdt, device=weight.device) if weight.requires_grad else None
         total = torch.zeros((), dtype=_upcast(h).dtype, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
-            hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [n, D], [n]
+            hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]  # [n, D], [n]
             part, g = _chunk_loss_and_grad(_upcast(hc @ weight.T), yc, teacher, start, s)  # g [n, V]
             total += part
             g = g.to(weight.dtype)
             if grad_h is not None:
-                grad_h[start:start + chunk_size] = g @ weight
+                grad_h[start : start + chunk_size] = g @ weight
             if grad_w is not None:
                 grad_w += (g.T @ hc.to(weight.dtype)).to(wdt)
         ctx.save_for_backward(grad_h, grad_w)
@@ -169,8 +172,14 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return h.index_select(0, keep), y.index_select(0, keep)
 
 
-def chunked_kd_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, teacher: Teacher,
-                    settings: KDSettings, chunk_size: int = 512) -> tuple[torch.Tensor, int]:
+def chunked_kd_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    teacher: Teacher,
+    settings: KDSettings,
+    chunk_size: int = 512,
+) -> tuple[torch.Tensor, int]:
     """Summed KD loss of the student `lm_head(hidden)` at the labelled positions, and their number.
 
     hidden [B, T, D] (final-normed student states), labels [B, T] with IGNORE where no loss is taken; `teacher`
@@ -181,35 +190,46 @@ def chunked_kd_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modu
     h, y = labelled_rows(hidden, labels)  # [N, D], [N]
     n = h.shape[0]
     if len(teacher) != n:
-        raise ValueError(f"the teacher has {len(teacher)} rows but the batch has {n} labelled positions; the teacher "
-                         "targets must come from the same batch (or cache) as the labels")
+        raise ValueError(
+            f"the teacher has {len(teacher)} rows but the batch has {n} labelled positions; the teacher "
+            "targets must come from the same batch (or cache) as the labels"
+        )
     if n == 0:
         return h.sum().float(), 0
     if torch.is_grad_enabled() and isinstance(lm_head, nn.Linear) and lm_head.bias is None:
         return _FusedLinearKD.apply(h, lm_head.weight, y, teacher, settings, chunk_size), n
     total = None
     for start in range(0, n, chunk_size):  # other heads: recompute each chunk in backward
-        hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]
+        hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]
         args = (hc, yc, lm_head, teacher, start, settings)
-        part = checkpoint(_reference_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else \
-            _reference_chunk(*args)
+        part = (
+            checkpoint(_reference_chunk, *args, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else _reference_chunk(*args)
+        )
         total = part if total is None else total + part
     return total, n
 
 
-def _reference_chunk(h: torch.Tensor, y: torch.Tensor, lm_head: nn.Module, teacher: Teacher, start: int,
-                     s: KDSettings) -> torch.Tensor:
+def _reference_chunk(
+    h: torch.Tensor, y: torch.Tensor, lm_head: nn.Module, teacher: Teacher, start: int, s: KDSettings
+) -> torch.Tensor:
     z = _upcast(lm_head(h))
     if isinstance(teacher, TopKTeacher):
-        t = teacher.logp[start:start + len(y)].to(z.device, z.dtype)
-        ids = teacher.ids[start:start + len(y)].to(z.device)
+        t = teacher.logp[start : start + len(y)].to(z.device, z.dtype)
+        ids = teacher.ids[start : start + len(y)].to(z.device)
     else:
         t, ids = teacher.logits(start, start + len(y)), None
     return kd_loss_reference(z, y, t, s, ids)
 
 
-def kd_loss_reference(z: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor, s: KDSettings,
-                      teacher_ids: torch.Tensor | None = None) -> torch.Tensor:
+def kd_loss_reference(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    s: KDSettings,
+    teacher_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The loss written directly (autograd differentiates it): z [N, V] student logits, y [N] labels.
 
     teacher_logits [N, V] (or [N, k] log-probs at teacher_ids [N, k] for a top-k teacher). Unchunked; for tests and
@@ -219,10 +239,20 @@ def kd_loss_reference(z: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Te
     ce = F.cross_entropy(z, y, reduction="sum")
     zs = z if teacher_ids is None else z.gather(1, teacher_ids)
     ls, lt = torch.log_softmax(zs / T, dim=-1), torch.log_softmax(teacher_logits / T, dim=-1)
-    kl = F.kl_div(ls, lt, log_target=True, reduction="sum") if s.kl == "forward" else \
-        F.kl_div(lt, ls, log_target=True, reduction="sum")
-    return (1 - s.alpha) * ce + s.alpha * T ** 2 * kl
+    kl = (
+        F.kl_div(ls, lt, log_target=True, reduction="sum")
+        if s.kl == "forward"
+        else F.kl_div(lt, ls, log_target=True, reduction="sum")
+    )
+    return (1 - s.alpha) * ce + s.alpha * T**2 * kl
 
 
-__all__ = ["KDSettings", "DenseTeacher", "TopKTeacher", "KL_DIRECTIONS", "chunked_kd_loss", "kd_loss_reference",
-           "labelled_rows"]
+__all__ = [
+    "KDSettings",
+    "DenseTeacher",
+    "TopKTeacher",
+    "KL_DIRECTIONS",
+    "chunked_kd_loss",
+    "kd_loss_reference",
+    "labelled_rows",
+]

@@ -15,15 +15,27 @@ from contextlib import contextmanager
 from slimlm.errors import InputError
 
 # torchrun's flags that `slimlm finetune --nproc N` passes through (multi-node: --nnodes, --node-rank, --rdzv-*).
-LAUNCH_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--rdzv-id", "--master-addr",
-                 "--master-port")
+LAUNCH_FLAGS = (
+    "--nnodes",
+    "--node-rank",
+    "--rdzv-endpoint",
+    "--rdzv-backend",
+    "--rdzv-id",
+    "--master-addr",
+    "--master-port",
+)
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("several processes (runs torchrun; or launch `torchrun --nproc-per-node N -m slimlm ...`)")
-    g.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="train on N processes on this machine (torchrun --nproc-per-node N); --train.strategy "
-                        "ddp|fsdp picks how; the global batch stays train.batch_size x train.grad_accum")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N processes on this machine (torchrun --nproc-per-node N); --train.strategy "
+        "ddp|fsdp picks how; the global batch stays train.batch_size x train.grad_accum",
+    )
     for flag in LAUNCH_FLAGS:
         g.add_argument(flag, default=None, help="passed to torchrun")
 
@@ -38,13 +50,27 @@ def run_torchrun(args: argparse.Namespace, batch_size: int) -> int:
         raise InputError(f"--nproc must be a positive number of processes, got {args.nproc}")
     nodes = int(args.nnodes or 1) if str(args.nnodes or 1).isdigit() else 1  # "1:4" (elastic): checked by each rank
     if batch_size % (args.nproc * nodes):
-        raise InputError(f"--train.batch_size {batch_size} is the global micro-batch, split over {args.nproc * nodes} "
-                         f"processes: make it a multiple of {args.nproc * nodes}")
-    launch = [f"{flag}={getattr(args, flag[2:].replace('-', '_'))}" for flag in LAUNCH_FLAGS
-              if getattr(args, flag[2:].replace("-", "_")) is not None]
+        raise InputError(
+            f"--train.batch_size {batch_size} is the global micro-batch, split over {args.nproc * nodes} "
+            f"processes: make it a multiple of {args.nproc * nodes}"
+        )
+    launch = [
+        f"{flag}={getattr(args, flag[2:].replace('-', '_'))}"
+        for flag in LAUNCH_FLAGS
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    ]
     single_node = args.nnodes in (None, "1") and args.rdzv_endpoint is None and args.master_port is None
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-           *(["--standalone"] if single_node else []), *launch, "-m", "slimlm", *strip_launch_flags(args.argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={args.nproc}",
+        *(["--standalone"] if single_node else []),
+        *launch,
+        "-m",
+        "slimlm",
+        *strip_launch_flags(args.argv),
+    ]
     env = dict(os.environ)
     # torchrun would give each rank 1 thread; share this machine's cores instead (OMP_NUM_THREADS set wins).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
@@ -62,9 +88,12 @@ def peer_failure_message(command: str, out: str, info) -> Iterator[None]:
         if not info.distributed:
             raise
         cause = " ".join(str(e).split())[:300]
-        print(f"slimlm {command}: error: rank {info.rank} of {info.world_size} stopped: a collective failed, so "
-              f"another rank probably died or hung (see its log). Complete checkpoints in {out}/checkpoints stay "
-              f"valid: rerun with --resume and the same number of processes. Cause: {cause}", file=sys.stderr)
+        print(
+            f"slimlm {command}: error: rank {info.rank} of {info.world_size} stopped: a collective failed, so "
+            f"another rank probably died or hung (see its log). Complete checkpoints in {out}/checkpoints stay "
+            f"valid: rerun with --resume and the same number of processes. Cause: {cause}",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
 
 

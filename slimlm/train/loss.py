@@ -21,8 +21,9 @@ from slimlm.errors import InputError
 from slimlm.train.batch import IGNORE
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
-                          chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_size: int = 1024
+) -> tuple[torch.Tensor, int]:
     """Summed token cross-entropy of `lm_head(hidden)` against `labels`, and the number of labelled tokens.
 
     hidden [B, T, D] (final-normed), labels [B, T] with IGNORE where no loss is taken. Returns (loss_sum, n): a
@@ -44,7 +45,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: n
     use_checkpoint = torch.is_grad_enabled()
     total = None
     for start in range(0, n, chunk_size):
-        hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [n, D], [n]
+        hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]  # [n, D], [n]
         if use_checkpoint:
             part = checkpoint(_chunk_loss, hc, yc, lm_head, use_reentrant=False)
         else:
@@ -70,14 +71,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
-            hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [n, D], [n]
+            hc, yc = h[start : start + chunk_size], y[start : start + chunk_size]  # [n, D], [n]
             logp = torch.log_softmax((hc @ weight.T).float(), dim=-1)  # [n, V]; one fused pass over the logits
             total -= logp.gather(1, yc[:, None]).sum()
             g = logp.exp_()  # softmax, in place
             g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0  # d(sum CE)/d(logits) = softmax - onehot
             g = g.to(weight.dtype)  # (under autocast the two matmuls below run in its dtype, as the forward did)
             if grad_h is not None:
-                grad_h[start:start + chunk_size] = g @ weight
+                grad_h[start : start + chunk_size] = g @ weight
             if grad_w is not None:
                 grad_w += (g.T @ hc.to(weight.dtype)).float()
         ctx.save_for_backward(grad_h, grad_w)

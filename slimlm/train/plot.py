@@ -27,8 +27,13 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = ""
     metric = [r for r in evals if "exact_match" in r]
     if metric:
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in metric], [100 * r["exact_match"] for r in metric], "s--", color="tab:green",
-                 label="eval exact match %")
+        ax2.plot(
+            [r["step"] for r in metric],
+            [100 * r["exact_match"] for r in metric],
+            "s--",
+            color="tab:green",
+            label="eval exact match %",
+        )
         ax2.set_ylabel("exact match %")
         ax2.set_ylim(0, 100)
         ax2.legend(loc="center right")

@@ -87,10 +87,10 @@ def check_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool, inpu
             shutil.rmtree(doomed, ignore_errors=True)
         return
     found = list_checkpoints(out)
-    what = (f"holds checkpoints of an earlier run (newest: {found[-1][1].name})" if found
-            else "exists and is not empty")
-    raise InputError(f"--out {out} {what}; pass --resume to continue the run, --overwrite to start over, or choose "
-                     "another --out")
+    what = f"holds checkpoints of an earlier run (newest: {found[-1][1].name})" if found else "exists and is not empty"
+    raise InputError(
+        f"--out {out} {what}; pass --resume to continue the run, --overwrite to start over, or choose another --out"
+    )
 
 
 def rotate_checkpoints(out_dir: str | Path, keep: int) -> None:
@@ -118,17 +118,26 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-                    state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    state: dict[str, Any],
+) -> Path:
     """Write one checkpoint folder atomically: a kill at any moment leaves no folder or a complete one.
 
     Several processes: every rank must call it (gathering FSDP2 shards and RNG states is collective); rank 0 writes.
     """
     info = dist_info()
     tensors = {n: full_tensor(p.detach()).contiguous().cpu() for n, p in trainable_parameters(model).items()}
-    extra = {"optimizer": _whole_optimizer_state(optimizer), "scheduler": scheduler.state_dict(), "rng": rng_states(),
-             "scaler": scaler.state_dict() if scaler is not None else None}
+    extra = {
+        "optimizer": _whole_optimizer_state(optimizer),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_states(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
     if info.distributed:
         extra["rng_ranks"] = all_gather_object(extra["rng"])
     if not info.is_main:
@@ -140,15 +149,21 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     return folder
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+def load_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any]:
     """Restore trainable weights, optimizer, scheduler, scaler and RNG states from `folder`; returns state.json."""
     # weights_only: never run arbitrary pickled code from a checkpoint folder.
     extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     if (scaler is None) != (extra["scaler"] is None):
-        raise ResumeError(f"{folder} was written {'without' if extra['scaler'] is None else 'with'} an fp16 "
-                          "GradScaler; resume with the precision the run started with")
+        raise ResumeError(
+            f"{folder} was written {'without' if extra['scaler'] is None else 'with'} an fp16 "
+            "GradScaler; resume with the precision the run started with"
+        )
     load_trainable(folder / "trainable.safetensors", model)  # checks every name and shape before copying
     optimizer.load_state_dict(_sharded_optimizer_state(extra["optimizer"], optimizer))  # to each param's device
     scheduler.load_state_dict(extra["scheduler"])
@@ -165,15 +180,23 @@ def load_trainable(path: Path, model: nn.Module) -> None:
     params = trainable_parameters(model)
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
-    wrong = [f"{n}: saved {tuple(saved[n].shape)} {saved[n].dtype}, model {tuple(p.shape)} {p.dtype}"
-             for n, p in params.items() if n in saved and (saved[n].shape != p.shape or saved[n].dtype != p.dtype)]
+    wrong = [
+        f"{n}: saved {tuple(saved[n].shape)} {saved[n].dtype}, model {tuple(p.shape)} {p.dtype}"
+        for n, p in params.items()
+        if n in saved and (saved[n].shape != p.shape or saved[n].dtype != p.dtype)
+    ]
     if missing or unexpected or wrong:
-        problems = [f"missing from checkpoint: {_names(missing)}" if missing else "",
-                    f"not trainable in the model: {_names(unexpected)}" if unexpected else "",
-                    f"mismatched: {_names(wrong)}" if wrong else ""]
-        raise ResumeError(f"{path} does not match the model's trainable parameters ("
-                          + "; ".join(p for p in problems if p) + "). Resume with the same model, PEFT method and "
-                          "settings as the run that wrote it, or train into a new out_dir")
+        problems = [
+            f"missing from checkpoint: {_names(missing)}" if missing else "",
+            f"not trainable in the model: {_names(unexpected)}" if unexpected else "",
+            f"mismatched: {_names(wrong)}" if wrong else "",
+        ]
+        raise ResumeError(
+            f"{path} does not match the model's trainable parameters ("
+            + "; ".join(p for p in problems if p)
+            + "). Resume with the same model, PEFT method and "
+            "settings as the run that wrote it, or train into a new out_dir"
+        )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(shard_like(saved[n], p))  # this rank's shard of an FSDP2 parameter
@@ -188,8 +211,10 @@ def _whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """optimizer.state_dict() with FSDP2-sharded state tensors gathered whole (collective; plain tensors as is):
     the same layout one process saves."""
     sd = optimizer.state_dict()
-    sd["state"] = {i: {k: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-                   for i, st in sd["state"].items()}
+    sd["state"] = {
+        i: {k: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        for i, st in sd["state"].items()
+    }
     return sd
 
 
@@ -197,8 +222,13 @@ def _sharded_optimizer_state(sd: dict[str, Any], optimizer: torch.optim.Optimize
     """A saved (whole) optimizer state laid out like the optimizer's parameters: this rank's shard of each
     per-parameter tensor of an FSDP2 parameter; scalars (AdamW's step) stay as they are."""
     params = _optimizer_params(optimizer)
-    state = {i: {k: shard_like(v, params[i]) if isinstance(v, torch.Tensor) and v.shape == params[i].shape else v
-                 for k, v in st.items()} for i, st in sd["state"].items()}
+    state = {
+        i: {
+            k: shard_like(v, params[i]) if isinstance(v, torch.Tensor) and v.shape == params[i].shape else v
+            for k, v in st.items()
+        }
+        for i, st in sd["state"].items()
+    }
     return {**sd, "state": state}
 
 

@@ -71,7 +71,7 @@ class RunLog:
             self.writer.flush()
             self.writer.close()
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -84,8 +84,9 @@ def _summary_writer(log_dir: Path, purge_step: int) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard, or set "
-                          "train.tensorboard false") from e
+        raise ImportError(
+            "TensorBoard logging needs the tensorboard package: pip install tensorboard, or set train.tensorboard false"
+        ) from e
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 

@@ -47,8 +47,11 @@ class Table:
 def is_hub_name(source: str | Path) -> bool:
     """True for a Hugging Face dataset name: not an existing path, no data-file suffix, shaped like owner/name."""
     text = str(source)
-    return (not Path(text).exists() and Path(text).suffix.lower() not in (*DATA_SUFFIXES, ".txt")
-            and bool(_HUB_NAME.match(text)))
+    return (
+        not Path(text).exists()
+        and Path(text).suffix.lower() not in (*DATA_SUFFIXES, ".txt")
+        and bool(_HUB_NAME.match(text))
+    )
 
 
 def source_error(source: str | None, what: str) -> str | None:
@@ -67,11 +70,13 @@ def data_files(source: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise SourceError(f"{source} does not exist ({_KINDS})")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
-                   and not p.name.startswith("."))
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
-        raise SourceError(f"{path}: the folder holds no {', '.join(DATA_SUFFIXES)} file; put the data files "
-                          "directly in it")
+        raise SourceError(
+            f"{path}: the folder holds no {', '.join(DATA_SUFFIXES)} file; put the data files directly in it"
+        )
     return files
 
 
@@ -83,10 +88,16 @@ def check_columns(columns: dict[str, str]) -> list[str]:
     """Problems with a rename mapping {slimlm key: the user's column}."""
     if not isinstance(columns, dict):
         return [f"columns must be a mapping {{slimlm key: your column}}, got {columns!r}"]
-    errors = [f"columns: {key!r} is not a record key; rename to one of {', '.join(RECORD_KEYS)}"
-              for key in columns if key not in RECORD_KEYS]
-    errors += [f"columns: {key} must name a column (a string), got {value!r}"
-               for key, value in columns.items() if not isinstance(value, str) or not value]
+    errors = [
+        f"columns: {key!r} is not a record key; rename to one of {', '.join(RECORD_KEYS)}"
+        for key in columns
+        if key not in RECORD_KEYS
+    ]
+    errors += [
+        f"columns: {key} must name a column (a string), got {value!r}"
+        for key, value in columns.items()
+        if not isinstance(value, str) or not value
+    ]
     values = [v for v in columns.values() if isinstance(v, str)]
     errors += [f"columns: column {v!r} is mapped twice" for v in sorted(set(values)) if values.count(v) > 1]
     return errors
@@ -124,11 +135,15 @@ def read_hub(name: str, split: str, subset: str | None, columns: dict[str, str])
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except ConnectionError as e:
-        raise SourceError(f"{name}: not a local file or folder, and the Hugging Face Hub cannot be reached "
-                          f"({_one_line(e)}); connect to the network or download the data and pass its files") from e
+        raise SourceError(
+            f"{name}: not a local file or folder, and the Hugging Face Hub cannot be reached "
+            f"({_one_line(e)}); connect to the network or download the data and pass its files"
+        ) from e
     except Exception as e:  # DatasetNotFoundError, unknown split or subset, ...: the library's message names it
-        raise SourceError(f"{name}: not a local file or folder, and loading it as a Hugging Face dataset "
-                          f"(subset {subset!r}, split {split!r}) failed: {_one_line(e)}") from e
+        raise SourceError(
+            f"{name}: not a local file or folder, and loading it as a Hugging Face dataset "
+            f"(subset {subset!r}, split {split!r}) failed: {_one_line(e)}"
+        ) from e
     if isinstance(ds, datasets.IterableDataset) or not hasattr(ds, "column_names"):
         raise SourceError(f"{name}: load_dataset returned {type(ds).__name__}, not one split; set --dataset.split")
     return _renamed(Table(f"{name}[{split}]", list(ds.column_names), ds), columns)
@@ -138,13 +153,17 @@ def _renamed(table: Table, columns: dict[str, str]) -> Table:
     """Apply {slimlm key: column}; a mapped column that is missing is an error listing the columns found."""
     missing = [col for col in columns.values() if col not in table.columns]
     if missing:
-        raise SourceError(f"{table.name}: no column {', '.join(map(repr, missing))} to rename (columns: "
-                          f"{', '.join(table.columns) or 'none'}); fix dataset.columns")
+        raise SourceError(
+            f"{table.name}: no column {', '.join(map(repr, missing))} to rename (columns: "
+            f"{', '.join(table.columns) or 'none'}); fix dataset.columns"
+        )
     mapping = {col: key for key, col in columns.items() if col != key}
     clashes = [key for col, key in mapping.items() if key in table.columns and key not in mapping]
     if clashes:
-        raise SourceError(f"{table.name}: renaming onto {', '.join(map(repr, clashes))}, which the table already "
-                          "has; map that column too, or drop it from the data")
+        raise SourceError(
+            f"{table.name}: renaming onto {', '.join(map(repr, clashes))}, which the table already "
+            "has; map that column too, or drop it from the data"
+        )
     if mapping:
         table.rows = table.rows.rename_columns(mapping)
         table.columns = list(table.rows.column_names)
@@ -164,5 +183,16 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
 
 
-__all__ = ["SourceError", "Table", "is_hub_name", "source_error", "data_files", "read_table", "read_hub",
-           "rename_record", "check_columns", "RECORD_KEYS", "DATA_SUFFIXES"]
+__all__ = [
+    "SourceError",
+    "Table",
+    "is_hub_name",
+    "source_error",
+    "data_files",
+    "read_table",
+    "read_hub",
+    "rename_record",
+    "check_columns",
+    "RECORD_KEYS",
+    "DATA_SUFFIXES",
+]

@@ -81,13 +81,16 @@ class TopKCache:
 
 
 def read_cache(path: str | Path) -> TopKCache:
-    """The cache in `path`; a truncated or foreign file raises one error naming it (CheckpointError/TeacherCacheError)."""
+    """The cache in `path`; a truncated or foreign file raises one error naming it
+    (CheckpointError/TeacherCacheError)."""
     from slimlm.checkpoint.hf import load_safetensors, safetensors_metadata
 
     meta = safetensors_metadata(path)  # checks the header against the file first
     if meta.get("format") != FORMAT:
-        raise TeacherCacheError(f"{path} is not a slimlm teacher cache (format {meta.get('format')!r}); delete it "
-                                "or choose another --teacher-cache-path")
+        raise TeacherCacheError(
+            f"{path} is not a slimlm teacher cache (format {meta.get('format')!r}); delete it "
+            "or choose another --teacher-cache-path"
+        )
     t = load_safetensors(path)
     missing = [k for k in ("values", "ids", "offsets", "sample_index") if k not in t]
     if missing:
@@ -102,25 +105,39 @@ def write_cache(path: str | Path, cache: TopKCache) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"values": cache.values.contiguous(), "ids": cache.ids.contiguous(), "offsets": cache.offsets,
-               "sample_index": cache.sample_index}, str(tmp), metadata=cache.meta)
+    save_file(
+        {
+            "values": cache.values.contiguous(),
+            "ids": cache.ids.contiguous(),
+            "offsets": cache.offsets,
+            "sample_index": cache.sample_index,
+        },
+        str(tmp),
+        metadata=cache.meta,
+    )
     os.replace(tmp, path)
 
 
 @torch.no_grad()
-def teacher_topk(teacher: nn.Module, samples: Sequence[Sample], top_k: int, batch_size: int = 8, pad_id: int = 0,
-                 chunk_size: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def teacher_topk(
+    teacher: nn.Module,
+    samples: Sequence[Sample],
+    top_k: int,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    chunk_size: int = 512,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sample: (top-k log-probs [n_i, k] float32, ids [n_i, k] int32) at its labelled positions."""
     device = next(teacher.parameters()).device
     out = []
     for i in range(0, len(samples), batch_size):
-        part = list(samples[i:i + batch_size])
+        part = list(samples[i : i + batch_size])
         b = collate(part, pad_id)
         seg = b["segment_ids"].to(device) if "segment_ids" in b else None
         h, _ = labelled_rows(teacher.hidden(b["input_ids"].to(device), segment_ids=seg), b["labels"])  # [N, D]
         vals, ids = [], []
         for start in range(0, h.shape[0], chunk_size):
-            logp = torch.log_softmax(teacher.lm_head(h[start:start + chunk_size]).float(), dim=-1)  # [n, V]
+            logp = torch.log_softmax(teacher.lm_head(h[start : start + chunk_size]).float(), dim=-1)  # [n, V]
             v, j = logp.topk(top_k, dim=-1)
             vals.append(v.cpu())
             ids.append(j.to(torch.int32).cpu())
@@ -130,8 +147,16 @@ def teacher_topk(teacher: nn.Module, samples: Sequence[Sample], top_k: int, batc
     return out
 
 
-def build_or_load(path: str | Path, teacher: nn.Module, samples: Sequence[Sample], needed: Sequence[int],
-                  top_k: int, teacher_name: str, batch_size: int = 8, pad_id: int = 0) -> tuple[TopKCache, int]:
+def build_or_load(
+    path: str | Path,
+    teacher: nn.Module,
+    samples: Sequence[Sample],
+    needed: Sequence[int],
+    top_k: int,
+    teacher_name: str,
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> tuple[TopKCache, int]:
     """The cache at `path` covering samples[i] for i in `needed`, building or extending it; returns (cache, built).
 
     `built` counts the samples whose teacher outputs were computed now (0: everything came from the file).
@@ -146,7 +171,8 @@ def build_or_load(path: str | Path, teacher: nn.Module, samples: Sequence[Sample
             raise TeacherCacheError(
                 f"teacher cache {path} was built for a different {' and '.join(diff)} ("
                 + "; ".join(f"{k}: {old.meta.get(k)!r} != {meta[k]!r}" for k in diff)
-                + "); delete it or pass another teacher_cache_path")
+                + "); delete it or pass another teacher_cache_path"
+            )
     have = old.rows_of() if old is not None else {}
     todo = sorted({int(i) for i in needed} - set(have))
     if not todo:
@@ -157,8 +183,13 @@ def build_or_load(path: str | Path, teacher: nn.Module, samples: Sequence[Sample
     return cache, len(todo)
 
 
-def _merge(old: TopKCache | None, todo: list[int], fresh: list[tuple[torch.Tensor, torch.Tensor]],
-           meta: dict[str, str], top_k: int) -> TopKCache:
+def _merge(
+    old: TopKCache | None,
+    todo: list[int],
+    fresh: list[tuple[torch.Tensor, torch.Tensor]],
+    meta: dict[str, str],
+    top_k: int,
+) -> TopKCache:
     vals = [old.values] if old is not None else [torch.zeros(0, top_k)]
     ids = [old.ids] if old is not None else [torch.zeros(0, top_k, dtype=torch.int32)]
     counts = (old.offsets.diff().tolist() if old is not None else []) + [v.shape[0] for v, _ in fresh]
@@ -169,5 +200,13 @@ def _merge(old: TopKCache | None, todo: list[int], fresh: list[tuple[torch.Tenso
     return TopKCache(torch.cat(vals), torch.cat(ids), offsets, torch.tensor(index, dtype=torch.long), meta)
 
 
-__all__ = ["TeacherCacheError", "TopKCache", "build_or_load", "data_hash", "read_cache", "teacher_id",
-           "teacher_topk", "write_cache"]
+__all__ = [
+    "TeacherCacheError",
+    "TopKCache",
+    "build_or_load",
+    "data_hash",
+    "read_cache",
+    "teacher_id",
+    "teacher_topk",
+    "write_cache",
+]

@@ -45,18 +45,35 @@ from tqdm.auto import tqdm
 
 from slimlm.errors import InputError
 from slimlm.train.batch import IGNORE, Sample, collate
-from slimlm.train.resume import (ResumeError, checkpoint_folder, list_checkpoints, load_checkpoint,
-                                     remove_partial_checkpoints, rotate_checkpoints, save_checkpoint,
-                                     trainable_parameters)
-from slimlm.train.distributed import (STRATEGIES, DistInfo, all_reduce_sum, broadcast_object, dist_info,
-                                      full_tensor, gradient_sync, rank_share, wrap_model)
+from slimlm.train.distributed import (
+    STRATEGIES,
+    DistInfo,
+    all_reduce_sum,
+    broadcast_object,
+    dist_info,
+    full_tensor,
+    gradient_sync,
+    rank_share,
+    wrap_model,
+)
 from slimlm.train.loss import chunked_cross_entropy
+from slimlm.train.resume import (
+    ResumeError,
+    checkpoint_folder,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    rotate_checkpoints,
+    save_checkpoint,
+    trainable_parameters,
+)
 from slimlm.train.run_log import RunLog
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Config fields that only say when to log, evaluate or save: changing them on resume leaves the training unchanged.
 _BOOKKEEPING = ("eval_every", "save_every", "keep_checkpoints", "log_every", "tensorboard", "dist_timeout_s")
 DEFAULT_MAX_STEPS = 100  # the run length when neither max_steps nor num_epochs is set
+SINGLE_PROCESS = DistInfo()  # the default `info`: rank 0 of a world of 1 (DistInfo is frozen, so one can be shared)
 
 
 class TrainConfigError(InputError):
@@ -92,15 +109,24 @@ class TrainConfig:
     def validate(self, device_type: str | None = None) -> None:
         """Raise one TrainConfigError naming every problem; `device_type` ("cpu", "cuda") adds device checks."""
         errors = []
-        for name in ("max_steps", "num_epochs", "batch_size", "grad_accum", "loss_chunk_size", "keep_checkpoints",
-                     "log_every"):
+        for name in (
+            "max_steps",
+            "num_epochs",
+            "batch_size",
+            "grad_accum",
+            "loss_chunk_size",
+            "keep_checkpoints",
+            "log_every",
+        ):
             value = getattr(self, name)
             if not (value is None and name in ("max_steps", "num_epochs")) and (not _is_int(value) or value <= 0):
                 errors.append(f"{name} must be a positive integer, got {value!r}")
         if self.max_steps is not None and self.num_epochs is not None:
-            errors.append(f"max_steps ({self.max_steps}) and num_epochs ({self.num_epochs}) are both set; set one: "
-                          "the run is either a number of optimizer steps or a number of passes over the data (on the command "
-                          "line, --train.max_steps none un-sets a recipe's max_steps)")
+            errors.append(
+                f"max_steps ({self.max_steps}) and num_epochs ({self.num_epochs}) are both set; set one: "
+                "the run is either a number of optimizer steps or a number of passes over the data (on the command "
+                "line, --train.max_steps none un-sets a recipe's max_steps)"
+            )
         if not isinstance(self.tensorboard, bool):
             errors.append(f"tensorboard must be true or false, got {self.tensorboard!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
@@ -147,8 +173,10 @@ def _is_int(x: Any) -> bool:
 
 def _device_errors(precision: str, device_type: str) -> list[str]:
     if precision == "fp16" and device_type != "cuda":
-        return [f"precision 'fp16' needs a CUDA device (the model is on {device_type}): it relies on a GradScaler "
-                "that only CUDA supports; use precision 'bf16' or 'fp32'"]
+        return [
+            f"precision 'fp16' needs a CUDA device (the model is on {device_type}): it relies on a GradScaler "
+            "that only CUDA supports; use precision 'bf16' or 'fp32'"
+        ]
     if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         return ["precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'"]
     return []
@@ -177,7 +205,7 @@ class RunState:
     train_time_s: float = 0.0  # time in training steps only (throughput excludes eval and saving)
     elapsed_s: float = 0.0
 
-    def advance(self, trained_tokens: int, input_tokens: int, step_time_s: float, stream: "SampleStream") -> None:
+    def advance(self, trained_tokens: int, input_tokens: int, step_time_s: float, stream: SampleStream) -> None:
         """Count one finished optimizer step, which read the stream up to its current position."""
         self.step += 1
         self.epoch, self.position = stream.epoch, stream.position
@@ -187,6 +215,7 @@ class RunState:
 
 
 # ---- schedule and optimizer --------------------------------------------------------------------------------------
+
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
     """LR multiplier for optimizer step `step` (0-based): warmup (step+1)/warmup, then cosine to min_lr_ratio.
@@ -202,8 +231,9 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int | None = None) -> fl
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
 
-def make_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig, total_steps: int | None = None
-                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    params: dict[str, nn.Parameter], cfg: TrainConfig, total_steps: int | None = None
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable params (no decay on 1-D ones: biases, norm gains, DoRA magnitudes) + the schedule
     of a run of total_steps (default: cfg.max_steps)."""
     decay = [p for p in params.values() if p.ndim >= 2]
@@ -216,6 +246,7 @@ def make_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig, total_step
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
+
 
 class SampleStream:
     """Micro-batches of `batch_size` consecutive samples of a seeded permutation, epoch after epoch.
@@ -242,7 +273,7 @@ class SampleStream:
         if self.position >= len(self.samples):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
-        idx = self._order[self.position:self.position + self.batch_size]
+        idx = self._order[self.position : self.position + self.batch_size]
         self.position += len(idx)
         return idx, [self.samples[i] for i in idx]
 
@@ -267,33 +298,45 @@ def add_prefix(samples: list[Sample], prefix_ids: Sequence[int]) -> list[Sample]
     if not prefix_ids:
         return samples
     if any(s.segment_ids is not None for s in samples):
-        raise TrainConfigError("packing with prompt tuning is unsupported: input_prefix_ids cannot be added to "
-                               "packed samples (segment_ids); build the data without packing")
+        raise TrainConfigError(
+            "packing with prompt tuning is unsupported: input_prefix_ids cannot be added to "
+            "packed samples (segment_ids); build the data without packing"
+        )
     prefix = list(prefix_ids)
     return [Sample(prefix + s.input_ids, [IGNORE] * len(prefix) + s.labels) for s in samples]
 
 
-def _check_inputs(params: dict[str, nn.Parameter], train_samples: list[Sample], eval_samples: list[Sample] | None,
-                  prefix_ids: Sequence[int]) -> None:
+def _check_inputs(
+    params: dict[str, nn.Parameter],
+    train_samples: list[Sample],
+    eval_samples: list[Sample] | None,
+    prefix_ids: Sequence[int],
+) -> None:
     errors = []
     if not params:
-        errors.append("the model has no parameter with requires_grad=True; apply a PEFT method or unfreeze "
-                      "the parameters to train")
+        errors.append(
+            "the model has no parameter with requires_grad=True; apply a PEFT method or unfreeze "
+            "the parameters to train"
+        )
     if not train_samples:
         errors.append("train_samples is empty")
     elif not any(s.num_trained for s in train_samples):
-        errors.append("no train sample has a labelled token (every label is IGNORE); check the prompt masking "
-                      "and the max length")
+        errors.append(
+            "no train sample has a labelled token (every label is IGNORE); check the prompt masking and the max length"
+        )
     if eval_samples is not None and not any(s.num_trained for s in eval_samples):
         errors.append("eval_samples has no labelled token; pass eval_samples=None to skip the eval loss")
     if prefix_ids and any(s.segment_ids is not None for s in train_samples + list(eval_samples or [])):
-        errors.append("packed samples (segment_ids) cannot take input_prefix_ids: packing with prompt tuning is "
-                      "unsupported; build the data without packing")
+        errors.append(
+            "packed samples (segment_ids) cannot take input_prefix_ids: packing with prompt tuning is "
+            "unsupported; build the data without packing"
+        )
     if errors:
         raise TrainConfigError("cannot train: " + "; ".join(errors))
 
 
 # ---- one step ----------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class StepStats:
@@ -332,8 +375,13 @@ class StepLoss(nn.Module):
         return self.loss_fn(self.model, batch)[0]
 
 
-def accumulate_gradients(model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig,
-                         scaler: torch.amp.GradScaler | None = None, loss_fn: LossFn | None = None) -> StepStats:
+def accumulate_gradients(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
+    loss_fn: LossFn | None = None,
+) -> StepStats:
     """Forward and backward every micro-batch of one optimizer step, adding into .grad.
 
     Each micro-batch backprops loss_sum / (labelled tokens of the WHOLE step), so the accumulated gradient equals
@@ -344,9 +392,16 @@ def accumulate_gradients(model: nn.Module, batches: list[dict[str, torch.Tensor]
     return accumulate_step(StepLoss(model, loss_fn, cfg.loss_chunk_size), batches, cfg, scaler)
 
 
-def accumulate_step(step_loss: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig,
-                    scaler: torch.amp.GradScaler | None = None, *, step_tokens: int | None = None,
-                    stand_ins: Sequence[bool] = (), world_size: int = 1) -> StepStats:
+def accumulate_step(
+    step_loss: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
+    *,
+    step_tokens: int | None = None,
+    stand_ins: Sequence[bool] = (),
+    world_size: int = 1,
+) -> StepStats:
     """accumulate_gradients for a StepLoss, possibly wrapped in DDP / FSDP2 (train/distributed.py).
 
     On several ranks `batches` are this rank's share of the step, `step_tokens` the labelled tokens of the whole
@@ -373,8 +428,13 @@ def accumulate_step(step_loss: nn.Module, batches: list[dict[str, torch.Tensor]]
     return StepStats(loss=loss_sum.item() / denom, trained_tokens=local, loss_sum=loss_sum.item())
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                   scaler: torch.amp.GradScaler | None, params: list[nn.Parameter], max_grad_norm: float) -> float:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    params: list[nn.Parameter],
+    max_grad_norm: float,
+) -> float:
     """Unscale (fp16), clip to max_grad_norm (0: measure only), step, advance the schedule; returns the grad norm."""
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -397,13 +457,14 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def evaluate(model: nn.Module, samples: list[Sample], cfg: TrainConfig, pad_id: int = 0) -> float:
     """Token-weighted mean loss over `samples`, in micro-batches of cfg.batch_size, without gradients."""
     device = next(model.parameters()).device
     loss_sum, n = 0.0, 0
     for i in range(0, len(samples), cfg.batch_size):
-        b = collate(samples[i:i + cfg.batch_size], pad_id)
+        b = collate(samples[i : i + cfg.batch_size], pad_id)
         seg = b["segment_ids"].to(device) if "segment_ids" in b else None
         with autocast(cfg.precision, device.type):
             h = model.hidden(b["input_ids"].to(device), segment_ids=seg)
@@ -419,15 +480,21 @@ def _evaluate_wrapped(step_loss: nn.Module, samples: list[Sample], cfg: TrainCon
     device = next(step_loss.parameters()).device
     loss_sum, n = 0.0, 0
     for i in range(0, len(samples), cfg.batch_size):
-        b = collate(samples[i:i + cfg.batch_size], pad_id)
+        b = collate(samples[i : i + cfg.batch_size], pad_id)
         with autocast(cfg.precision, device.type):
             loss = step_loss({k: v.to(device) for k, v in b.items()}, eval_loss=True)
         loss_sum, n = loss_sum + loss.item(), n + int((b["labels"] != IGNORE).sum())
     return loss_sum / n if n else float("nan")
 
 
-def _run_eval(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, pad_id: int,
-              eval_fn: Callable[[nn.Module], dict] | None, wrapped: nn.Module | None = None) -> dict[str, float]:
+def _run_eval(
+    model: nn.Module,
+    samples: list[Sample] | None,
+    cfg: TrainConfig,
+    pad_id: int,
+    eval_fn: Callable[[nn.Module], dict] | None,
+    wrapped: nn.Module | None = None,
+) -> dict[str, float]:
     """Eval mode, and a forked RNG: evaluating (even sampling in eval_fn) never changes the training run.
 
     `wrapped` (several processes): the eval loss goes through it on every rank; eval_fn runs on rank 0 only (DDP:
@@ -441,8 +508,11 @@ def _run_eval(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, 
             py_state = random.getstate()
             metrics = {}
             if samples:
-                loss = (evaluate(model, samples, cfg, pad_id) if wrapped is None
-                        else _evaluate_wrapped(wrapped, samples, cfg, pad_id))
+                loss = (
+                    evaluate(model, samples, cfg, pad_id)
+                    if wrapped is None
+                    else _evaluate_wrapped(wrapped, samples, cfg, pad_id)
+                )
                 metrics["eval_loss"] = loss
             if eval_fn is not None and wrapped is None:
                 metrics.update(eval_fn(model))
@@ -456,16 +526,29 @@ def _run_eval(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, 
 
 # ---- logging -----------------------------------------------------------------------------------------------------
 
+
 def _note(message: str) -> None:
     print(f"slimlm train: {message}", file=sys.stderr)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
 
-def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_dir: str | Path, *,
-          eval_samples: list[Sample] | None = None, pad_id: int = 0, input_prefix_ids: Sequence[int] = (),
-          eval_fn: Callable[[nn.Module], dict] | None = None, resume: bool = False, progress: bool = True,
-          on_step_end: Callable[[int], None] | None = None, loss_fn: LossFn | None = None) -> TrainResult:
+
+def train(
+    model: nn.Module,
+    train_samples: list[Sample],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    eval_samples: list[Sample] | None = None,
+    pad_id: int = 0,
+    input_prefix_ids: Sequence[int] = (),
+    eval_fn: Callable[[nn.Module], dict] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step_end: Callable[[int], None] | None = None,
+    loss_fn: LossFn | None = None,
+) -> TrainResult:
     """Train the model's requires_grad parameters for cfg.total_steps optimizer steps; see the module docstring.
 
     Writes `out_dir/metrics.jsonl` (and `out_dir/tensorboard/` unless cfg.tensorboard is off) and, every
@@ -501,10 +584,13 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
     t_start, elapsed_before = time.perf_counter(), run.elapsed_s
     logged = (run.input_tokens, run.train_time_s)  # at the last log line: throughput is measured since then
     final_loss, eval_metrics, evaluated_at = None, {}, -1
-    bar = tqdm(total=total, initial=run.step, disable=not progress or not info.is_main, desc="train",
-               dynamic_ncols=True)
-    with (_run_log(out_dir, run.step, cfg.tensorboard, info) as log,  # closed on error too
-          _training_mode(model, cfg.gradient_checkpointing)):
+    bar = tqdm(
+        total=total, initial=run.step, disable=not progress or not info.is_main, desc="train", dynamic_ncols=True
+    )
+    with (
+        _run_log(out_dir, run.step, cfg.tensorboard, info) as log,  # closed on error too
+        _training_mode(model, cfg.gradient_checkpointing),
+    ):
         while run.step < total:
             t0 = time.perf_counter()
             picked = stream.next_step(cfg.grad_accum)
@@ -512,20 +598,31 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
             stats = _step(wrapped or step_loss, picked, cfg, scaler, pad_id, loss_fn is not None, info)
             lr = scheduler.get_last_lr()[0]  # the LR this step used
             grad_norm = optimizer_step(optimizer, scheduler, scaler, list(params.values()), cfg.max_grad_norm)
-            run.advance(stats.trained_tokens, sum(len(s.input_ids) for m in micro for s in m),
-                        time.perf_counter() - t0, stream)
+            run.advance(
+                stats.trained_tokens, sum(len(s.input_ids) for m in micro for s in m), time.perf_counter() - t0, stream
+            )
             run.elapsed_s = elapsed_before + time.perf_counter() - t_start
             final_loss = stats.loss
             if (run.step % cfg.log_every == 0 or run.step == total) and log is not None:
                 tok_s = (run.input_tokens - logged[0]) / max(run.train_time_s - logged[1], 1e-9)
-                log.write({"step": run.step, "epoch": stream.epochs_done, "loss": stats.loss, "lr": lr,
-                           "grad_norm": grad_norm, "tokens": stats.trained_tokens, "tokens_per_s": tok_s,
-                           "elapsed_s": run.elapsed_s})
+                log.write(
+                    {
+                        "step": run.step,
+                        "epoch": stream.epochs_done,
+                        "loss": stats.loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": stats.trained_tokens,
+                        "tokens_per_s": tok_s,
+                        "elapsed_s": run.elapsed_s,
+                    }
+                )
                 bar.set_postfix(epoch=f"{stream.epochs_done:.2f}", loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}")
                 logged = (run.input_tokens, run.train_time_s)
             if has_eval and cfg.eval_every and run.step % cfg.eval_every == 0:
-                eval_metrics, evaluated_at = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step,
-                                                           wrapped)
+                eval_metrics, evaluated_at = _eval_and_log(
+                    model, eval_samples, cfg, pad_id, eval_fn, log, run.step, wrapped
+                )
             if cfg.save_every and run.step % cfg.save_every == 0 and run.step < total:
                 _save(out_dir, cfg, run, len(train_samples), model, optimizer, scheduler, scaler, info)
             bar.update(1)
@@ -534,10 +631,15 @@ def train(model: nn.Module, train_samples: list[Sample], cfg: TrainConfig, out_d
         if has_eval and evaluated_at != run.step:
             eval_metrics = _eval_and_log(model, eval_samples, cfg, pad_id, eval_fn, log, run.step, wrapped)[0]
     bar.close()
-    return TrainResult(steps=run.step, final_loss=final_loss, eval_metrics=eval_metrics,
-                       tokens_per_s=run.input_tokens / max(run.train_time_s, 1e-9), trained_tokens=run.trained_tokens,
-                       elapsed_s=elapsed_before + time.perf_counter() - t_start,
-                       metrics_path=out_dir / "metrics.jsonl")
+    return TrainResult(
+        steps=run.step,
+        final_loss=final_loss,
+        eval_metrics=eval_metrics,
+        tokens_per_s=run.input_tokens / max(run.train_time_s, 1e-9),
+        trained_tokens=run.trained_tokens,
+        elapsed_s=elapsed_before + time.perf_counter() - t_start,
+        metrics_path=out_dir / "metrics.jsonl",
+    )
 
 
 def _check_distributed(cfg: TrainConfig, info: DistInfo, eval_fn: Callable | None) -> None:
@@ -546,18 +648,29 @@ def _check_distributed(cfg: TrainConfig, info: DistInfo, eval_fn: Callable | Non
         return
     errors = []
     if cfg.batch_size % info.world_size:
-        errors.append(f"batch_size ({cfg.batch_size}) is the global micro-batch, split over {info.world_size} "
-                      f"processes: make it a multiple of {info.world_size} (the global batch is batch_size x "
-                      "grad_accum whatever the number of processes)")
+        errors.append(
+            f"batch_size ({cfg.batch_size}) is the global micro-batch, split over {info.world_size} "
+            f"processes: make it a multiple of {info.world_size} (the global batch is batch_size x "
+            "grad_accum whatever the number of processes)"
+        )
     if eval_fn is not None and cfg.strategy == "fsdp":
-        errors.append("generation during eval (eval_generate, eval_fn) needs the whole model on one rank: use "
-                      "strategy ddp, or eval_generate 0 (the eval loss works with fsdp)")
+        errors.append(
+            "generation during eval (eval_generate, eval_fn) needs the whole model on one rank: use "
+            "strategy ddp, or eval_generate 0 (the eval loss works with fsdp)"
+        )
     if errors:
         raise TrainConfigError("invalid training config for several processes: " + "; ".join(errors))
 
 
-def _step(step_loss: nn.Module, picked: list[tuple[list[int], list[Sample]]], cfg: TrainConfig,
-          scaler: torch.amp.GradScaler | None, pad_id: int, with_index: bool, info: DistInfo) -> StepStats:
+def _step(
+    step_loss: nn.Module,
+    picked: list[tuple[list[int], list[Sample]]],
+    cfg: TrainConfig,
+    scaler: torch.amp.GradScaler | None,
+    pad_id: int,
+    with_index: bool,
+    info: DistInfo,
+) -> StepStats:
     """One optimizer step's forward and backward. Several ranks: each takes its share of every micro-batch (a
     stand-in where it has none), the loss is normalised by the whole step's labelled tokens and summed over ranks."""
     if not info.distributed:
@@ -568,9 +681,16 @@ def _step(step_loss: nn.Module, picked: list[tuple[list[int], list[Sample]]], cf
         share = (rank_share(idx, info.rank, info.world_size), rank_share(samples, info.rank, info.world_size))
         stand_ins.append(not share[1])
         mine.append(share if share[1] else (idx[:1], samples[:1]))  # any real sample; its loss is multiplied by 0
-    stats = accumulate_step(step_loss, _batches(mine, pad_id, with_index), cfg, scaler, step_tokens=step_tokens,
-                            stand_ins=stand_ins, world_size=info.world_size)
-    loss_sum, = all_reduce_sum([stats.loss_sum])
+    stats = accumulate_step(
+        step_loss,
+        _batches(mine, pad_id, with_index),
+        cfg,
+        scaler,
+        step_tokens=step_tokens,
+        stand_ins=stand_ins,
+        world_size=info.world_size,
+    )
+    (loss_sum,) = all_reduce_sum([stats.loss_sum])
     return StepStats(loss=loss_sum / max(step_tokens, 1), trained_tokens=step_tokens, loss_sum=loss_sum)
 
 
@@ -588,14 +708,17 @@ def _total_steps(cfg: TrainConfig, n_samples: int) -> int:
     """cfg.total_steps, checked against warmup_steps (which validate() can only check for a fixed max_steps)."""
     total = cfg.total_steps(n_samples)
     if cfg.warmup_steps > total:
-        raise TrainConfigError(f"invalid training config: warmup_steps ({cfg.warmup_steps}) exceeds the run's "
-                               f"{total} steps ({cfg.num_epochs} epochs of {cfg.steps_per_epoch(n_samples)}); "
-                               "lower warmup_steps or raise num_epochs")
+        raise TrainConfigError(
+            f"invalid training config: warmup_steps ({cfg.warmup_steps}) exceeds the run's "
+            f"{total} steps ({cfg.num_epochs} epochs of {cfg.steps_per_epoch(n_samples)}); "
+            "lower warmup_steps or raise num_epochs"
+        )
     return total
 
 
-def _batches(picked: list[tuple[list[int], list[Sample]]], pad_id: int, with_index: bool
-             ) -> list[dict[str, torch.Tensor]]:
+def _batches(
+    picked: list[tuple[list[int], list[Sample]]], pad_id: int, with_index: bool
+) -> list[dict[str, torch.Tensor]]:
     """Collate each micro-batch; with_index adds sample_index [B] (the default loss needs none, so it gets none)."""
     batches = [collate(m, pad_id) for _, m in picked]
     if with_index:
@@ -617,9 +740,16 @@ def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[N
         model.gradient_checkpointing = was_checkpointing
 
 
-def _eval_and_log(model: nn.Module, samples: list[Sample] | None, cfg: TrainConfig, pad_id: int,
-                  eval_fn: Callable[[nn.Module], dict] | None, log: RunLog | None, step: int,
-                  wrapped: nn.Module | None = None) -> tuple[dict, int]:
+def _eval_and_log(
+    model: nn.Module,
+    samples: list[Sample] | None,
+    cfg: TrainConfig,
+    pad_id: int,
+    eval_fn: Callable[[nn.Module], dict] | None,
+    log: RunLog | None,
+    step: int,
+    wrapped: nn.Module | None = None,
+) -> tuple[dict, int]:
     metrics = _run_eval(model, samples, cfg, pad_id, eval_fn, wrapped)
     if log is not None:
         log.write({"step": step, **metrics}, section="eval")
@@ -630,9 +760,17 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))  # as state.json holds it (tuples become lists)
 
 
-def _save(out_dir: Path, cfg: TrainConfig, run: RunState, n_samples: int, model: nn.Module,
-          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-          scaler: torch.amp.GradScaler | None, info: DistInfo = DistInfo()) -> None:
+def _save(
+    out_dir: Path,
+    cfg: TrainConfig,
+    run: RunState,
+    n_samples: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    info: DistInfo = SINGLE_PROCESS,
+) -> None:
     """Every rank gathers (FSDP2 shards, RNG states); rank 0 writes the folder atomically and rotates."""
     state = {"run": dataclasses.asdict(run), "n_samples": n_samples, "config": _config_dict(cfg)}
     if info.distributed:
@@ -642,15 +780,25 @@ def _save(out_dir: Path, cfg: TrainConfig, run: RunState, n_samples: int, model:
         rotate_checkpoints(out_dir, cfg.keep_checkpoints)  # only now: the new checkpoint is complete
 
 
-def _start(out_dir: Path, cfg: TrainConfig, resume: bool, n_samples: int, model: nn.Module,
-           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-           scaler: torch.amp.GradScaler | None, info: DistInfo = DistInfo()) -> RunState:
+def _start(
+    out_dir: Path,
+    cfg: TrainConfig,
+    resume: bool,
+    n_samples: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    info: DistInfo = SINGLE_PROCESS,
+) -> RunState:
     """A fresh RunState (global RNGs seeded; rank r with seed + r, so ranks draw different dropout masks), or the
     one of the newest checkpoint with all state restored (each rank its own RNG states)."""
     found = list_checkpoints(out_dir)
     if found and not resume:
-        raise ResumeError(f"{out_dir} holds checkpoints of an earlier run (newest: {found[-1][1].name}); pass "
-                          f"resume=True to continue it, or train into a new out_dir (or delete {out_dir}/checkpoints)")
+        raise ResumeError(
+            f"{out_dir} holds checkpoints of an earlier run (newest: {found[-1][1].name}); pass "
+            f"resume=True to continue it, or train into a new out_dir (or delete {out_dir}/checkpoints)"
+        )
     if resume and info.is_main:
         for folder in remove_partial_checkpoints(out_dir):
             _note(f"removed {folder.name}, a checkpoint whose writing was interrupted")
@@ -673,19 +821,30 @@ def _check_world_size(folder: Path, world_size: int) -> None:
     """A checkpoint resumes exactly only with the number of processes that wrote it (each had its RNG states)."""
     saved = json.loads((folder / "state.json").read_text()).get("world_size", 1)
     if saved != world_size:
-        launch = ("one process (no torchrun, no --nproc)" if saved == 1
-                  else f"--nproc {saved} (torchrun --nproc-per-node/--nnodes giving {saved} processes in all)")
-        raise ResumeError(f"{folder} was written by a run of {saved} process(es); this run has {world_size}. "
-                          f"Resume it with {launch}, or train into a new --out")
+        launch = (
+            "one process (no torchrun, no --nproc)"
+            if saved == 1
+            else f"--nproc {saved} (torchrun --nproc-per-node/--nnodes giving {saved} processes in all)"
+        )
+        raise ResumeError(
+            f"{folder} was written by a run of {saved} process(es); this run has {world_size}. "
+            f"Resume it with {launch}, or train into a new --out"
+        )
 
 
 def _warn_if_changed(state: dict[str, Any], cfg: TrainConfig, n_samples: int, folder: Path) -> None:
     old, new = state["config"], _config_dict(cfg)
     defaults = _config_dict(TrainConfig())  # a field the checkpoint predates had its default value
-    changed = [f"{k}: {old.get(k, defaults[k])!r} -> {v!r}" for k, v in new.items()
-               if k not in _BOOKKEEPING and old.get(k, defaults[k]) != v]
+    changed = [
+        f"{k}: {old.get(k, defaults[k])!r} -> {v!r}"
+        for k, v in new.items()
+        if k not in _BOOKKEEPING and old.get(k, defaults[k]) != v
+    ]
     if state["n_samples"] != n_samples:
         changed.append(f"number of train samples: {state['n_samples']} -> {n_samples}")
     if changed:
-        warnings.warn(f"resuming {folder} with changed settings ({'; '.join(changed)}); the run will not match an "
-                      "uninterrupted one", stacklevel=3)
+        warnings.warn(
+            f"resuming {folder} with changed settings ({'; '.join(changed)}); the run will not match an "
+            "uninterrupted one",
+            stacklevel=3,
+        )

@@ -44,8 +44,14 @@ def record(request):
         if not SOAK:
             return
         LOG.parent.mkdir(parents=True, exist_ok=True)
-        row = {"test": request.node.nodeid, "kind": kind, "tried": tried, "failures": failures, **more,
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        row = {
+            "test": request.node.nodeid,
+            "kind": kind,
+            "tried": tried,
+            "failures": failures,
+            **more,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         with open(LOG, "a") as f:
             f.write(json.dumps(row) + "\n")
 

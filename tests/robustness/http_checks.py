@@ -13,8 +13,9 @@ SERVED = "tiny"
 
 def serve_config(folder, **engine) -> ServeConfig:
     """A tiny model with small limits (8 new tokens, 128-token context) so that every generated request is fast."""
-    engine_config = EngineConfig(**{"max_batch": 4, "max_seq_len": 128, "max_loras": 1, "max_lora_rank": 8,
-                                    "max_queue": 64, **engine})
+    engine_config = EngineConfig(
+        **{"max_batch": 4, "max_seq_len": 128, "max_loras": 1, "max_lora_rank": 8, "max_queue": 64, **engine}
+    )
     return ServeConfig(model=str(folder), served_name=SERVED, dtype="fp32", max_tokens_limit=8, engine=engine_config)
 
 

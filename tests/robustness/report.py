@@ -41,8 +41,14 @@ def merge(rows: list[dict]) -> list[dict]:
             merged[key]["runs"] += 1
             merged[key]["extra"] = _extra(row)
         else:
-            merged[key] = {"kind": key[0], "test": key[1], "tried": row.get("tried", 0),
-                           "failures": row.get("failures", 0), "runs": 1, "extra": _extra(row)}
+            merged[key] = {
+                "kind": key[0],
+                "test": key[1],
+                "tried": row.get("tried", 0),
+                "failures": row.get("failures", 0),
+                "runs": 1,
+                "extra": _extra(row),
+            }
     return list(merged.values())
 
 
@@ -54,8 +60,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| Fault class | Inputs / trials | Failures | Test | Measured |", "|---|---:|---:|---|---|"]
     for r in merge(rows):
         test = r["test"].removeprefix("tests/robustness/")
-        lines.append(f"| {_cell(r['kind'])} | {r['tried']} | {r['failures']} | `{_cell(test)}` | "
-                     f"{_cell(r['extra'])} |")
+        lines.append(f"| {_cell(r['kind'])} | {r['tried']} | {r['failures']} | `{_cell(test)}` | {_cell(r['extra'])} |")
     total = sum(r.get("tried", 0) for r in rows), sum(r.get("failures", 0) for r in rows)
     lines.append(f"| **all** | **{total[0]}** | **{total[1]}** | | |")
     return "\n".join(lines)
@@ -79,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", type=Path, metavar="FILE", help="replace the table section in FILE")
     args = parser.parse_args(argv)
     if not args.log.is_file():
-        print(f"{args.log} does not exist: run `make soak` first (it writes one row per robustness test)",
-              file=sys.stderr)
+        print(
+            f"{args.log} does not exist: run `make soak` first (it writes one row per robustness test)", file=sys.stderr
+        )
         return 2
     rows = read_rows(args.log)
     if not rows:

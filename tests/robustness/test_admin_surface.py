@@ -17,8 +17,9 @@ LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
 def config(model, **kw) -> ServeConfig:
     engine = EngineConfig(max_batch=2, max_seq_len=64, max_loras=2, max_lora_rank=8, prefix_cache=False)
-    return ServeConfig(model=str(model), served_name="tiny", dtype="fp32", quantize=None, max_tokens_limit=8,
-                       engine=engine, **kw)
+    return ServeConfig(
+        model=str(model), served_name="tiny", dtype="fp32", quantize=None, max_tokens_limit=8, engine=engine, **kw
+    )
 
 
 def post(url, path, body, key=None):
@@ -64,24 +65,34 @@ def test_flags_are_checked_at_start(tiny_llama, adapters, tmp_path):
     with pytest.raises(ValueError, match="needs --admin-key-file"):
         config(tiny_llama[0], allow_runtime_lora=True, lora_roots=[str(root)], api_key_file=str(keys)).validate()
     with pytest.raises(ValueError, match="share a key"):
-        ServerState(config(tiny_llama[0], allow_runtime_lora=True, lora_roots=[str(root)], api_key_file=str(keys),
-                           admin_key_file=str(keys)))
+        ServerState(
+            config(
+                tiny_llama[0],
+                allow_runtime_lora=True,
+                lora_roots=[str(root)],
+                api_key_file=str(keys),
+                admin_key_file=str(keys),
+            )
+        )
 
 
 def test_paths_outside_the_roots_are_refused_unread(tiny_llama, adapters, monkeypatch, record):
     root, inside, secret = adapters
     read = []
     import slimlm.peft
+
     real = slimlm.peft.read_adapter_config
     monkeypatch.setattr(slimlm.peft, "read_adapter_config", lambda p: (read.append(str(p)), real(p))[1])
     cfg = config(tiny_llama[0], allow_runtime_lora=True, lora_roots=[str(root)])
     with running_server(cfg) as (url, state):
-        escapes = [str(secret),  # absolute, outside
-                   str(root / ".." / "outside" / "secret"),  # `..` out of the root
-                   str(root / "link"),  # a symlink in the root that points outside
-                   os.path.relpath(secret),  # relative to the server's working directory
-                   str(root) + "x/inside",  # a sibling whose name starts with the root's
-                   "/etc"]
+        escapes = [
+            str(secret),  # absolute, outside
+            str(root / ".." / "outside" / "secret"),  # `..` out of the root
+            str(root / "link"),  # a symlink in the root that points outside
+            os.path.relpath(secret),  # relative to the server's working directory
+            str(root) + "x/inside",  # a sibling whose name starts with the root's
+            "/etc",
+        ]
         wrong = []
         for path in escapes:
             r = post(url, LOAD, {"lora_name": "evil", "lora_path": path})
@@ -126,8 +137,13 @@ def test_admin_key_is_separate_from_inference_keys(tiny_llama, adapters, tmp_pat
     root, inside, _ = adapters
     (tmp_path / "keys").write_text("user-key\n")
     (tmp_path / "admin").write_text("admin-key\n")
-    cfg = config(tiny_llama[0], allow_runtime_lora=True, lora_roots=[str(root)], api_key_file=str(tmp_path / "keys"),
-                 admin_key_file=str(tmp_path / "admin"))
+    cfg = config(
+        tiny_llama[0],
+        allow_runtime_lora=True,
+        lora_roots=[str(root)],
+        api_key_file=str(tmp_path / "keys"),
+        admin_key_file=str(tmp_path / "admin"),
+    )
     with running_server(cfg) as (url, _):
         body = {"lora_name": "a", "lora_path": str(inside)}
         assert is_openai_error(post(url, LOAD, body), 401)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimlm.cli import main
+
 from .conftest import trials
 
 GEN = ["--prompt", "hi", "--max-new-tokens", "1", "--dtype", "fp32"]
@@ -42,8 +43,14 @@ def cli(capsys, *argv: str) -> tuple[int, str]:
 def is_clear(rc: int, err: str, names: str | Path) -> bool:
     """Status 2 and exactly one stderr line "slimlm CMD: error: ..." that names `names` (a file or folder)."""
     lines = err.strip().splitlines()
-    return (rc == 2 and len(lines) == 1 and lines[0].startswith("slimlm ") and ": error: " in lines[0]
-            and str(names) in lines[0] and "Traceback" not in err)
+    return (
+        rc == 2
+        and len(lines) == 1
+        and lines[0].startswith("slimlm ")
+        and ": error: " in lines[0]
+        and str(names) in lines[0]
+        and "Traceback" not in err
+    )
 
 
 def assert_clear(rc: int, err: str, names: str | Path, *needles: str) -> None:
@@ -58,7 +65,7 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 
 def flip(data: bytes, pos: int, bit: int) -> bytes:
-    return data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1:]
+    return data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1 :]
 
 
 # ---------------------------------------------------------------- safetensors
@@ -94,10 +101,10 @@ def test_truncated_safetensors(weights, tmp_path, capsys, record):
 
 def test_truncated_safetensors_says_so(weights, tmp_path, capsys):
     folder, data, n = weights
-    m = _with_weights(tmp_path, folder, data[:len(data) // 2], "half")
+    m = _with_weights(tmp_path, folder, data[: len(data) // 2], "half")
     rc, err = cli(capsys, "generate", "--model", m, *GEN)
     assert_clear(rc, err, m / "model.safetensors", "truncated", "download it again")
-    m = _with_weights(tmp_path, folder, data[:8 + n // 2], "mid_header")
+    m = _with_weights(tmp_path, folder, data[: 8 + n // 2], "mid_header")
     assert_clear(*cli(capsys, "generate", "--model", m, *GEN), m / "model.safetensors", "no valid safetensors header")
 
 
@@ -156,8 +163,12 @@ def test_safetensors_that_do_not_fit_the_config(tiny_llama, tmp_path, capsys):
 
     m = copy_model(tiny_llama[0], tmp_path / "shape")
     _rewrite_weights(m, lambda s: s.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(96, 64)}))
-    assert_clear(*cli(capsys, "generate", "--model", m, *GEN), m, "'layers.0.mlp.up_proj.weight' has shape (96, 64)",
-                 "config expects (128, 64)")
+    assert_clear(
+        *cli(capsys, "generate", "--model", m, *GEN),
+        m,
+        "'layers.0.mlp.up_proj.weight' has shape (96, 64)",
+        "config expects (128, 64)",
+    )
 
     m = copy_model(tiny_llama[0], tmp_path / "config_shape")  # the config, not the weights, is off
     cfg = json.loads((m / "config.json").read_text())
@@ -167,13 +178,17 @@ def test_safetensors_that_do_not_fit_the_config(tiny_llama, tmp_path, capsys):
     m = copy_model(tiny_llama[0], tmp_path / "layers")  # checked before building: 10**6 layers must not hang
     cfg = json.loads((m / "config.json").read_text())
     (m / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**6}))
-    assert_clear(*cli(capsys, "generate", "--model", m, *GEN), m, "config says 1000000 layers but the weights hold "
-                 "tensors for 2")
+    assert_clear(
+        *cli(capsys, "generate", "--model", m, *GEN), m, "config says 1000000 layers but the weights hold tensors for 2"
+    )
 
     m = copy_model(tiny_llama[0], tmp_path / "foreign")
     _rewrite_weights(m, lambda s: s.update({"model.vision_tower.weight": torch.zeros(2)}))
-    assert_clear(*cli(capsys, "generate", "--model", m, *GEN), m / "model.safetensors",
-                 "unknown tensor 'model.vision_tower.weight'")
+    assert_clear(
+        *cli(capsys, "generate", "--model", m, *GEN),
+        m / "model.safetensors",
+        "unknown tensor 'model.vision_tower.weight'",
+    )
 
 
 def test_api_load_raises_checkpoint_error(weights, tmp_path):
@@ -200,15 +215,21 @@ CONFIG_CASES = {  # name: (change to config.json, what the error line must say)
     "negative layers": ({"num_hidden_layers": -2}, '"num_hidden_layers" must be a positive integer, got -2'),
     "float vocab": ({"vocab_size": 384.5}, '"vocab_size" must be a positive integer, got 384.5'),
     "bool as size": ({"intermediate_size": True}, '"intermediate_size" must be a positive integer, got true'),
-    "heads do not divide hidden": ({"num_attention_heads": 6, "num_key_value_heads": 6, "head_dim": None},
-                                   '"hidden_size" (64) must be a multiple of "num_attention_heads" (6)'),
-    "kv heads do not divide heads": ({"num_key_value_heads": 3},
-                                     '"num_attention_heads" (4) must be a multiple of "num_key_value_heads" (3)'),
+    "heads do not divide hidden": (
+        {"num_attention_heads": 6, "num_key_value_heads": 6, "head_dim": None},
+        '"hidden_size" (64) must be a multiple of "num_attention_heads" (6)',
+    ),
+    "kv heads do not divide heads": (
+        {"num_key_value_heads": 3},
+        '"num_attention_heads" (4) must be a multiple of "num_key_value_heads" (3)',
+    ),
     "string eps": ({"rms_norm_eps": "1e-5"}, '"rms_norm_eps" must be a positive number, got "1e-5"'),
     "string bool": ({"tie_word_embeddings": "false"}, '"tie_word_embeddings" must be true or false'),
     "rope list": ({"rope_scaling": [8.0], "rope_parameters": None}, '"rope_scaling" must be an object'),
-    "rope string factor": ({"rope_parameters": {"rope_type": "linear", "factor": "2", "rope_theta": 10000.0}},
-                           '"rope_parameters.factor" must be a positive number, got "2"'),
+    "rope string factor": (
+        {"rope_parameters": {"rope_type": "linear", "factor": "2", "rope_theta": 10000.0}},
+        '"rope_parameters.factor" must be a positive number, got "2"',
+    ),
     "eos string": ({"eos_token_id": "2"}, '"eos_token_id" must be a token id'),
     "missing key": ({"vocab_size": None}, "config is missing vocab_size"),
     "unknown architecture": ({"model_type": "gpt2"}, "model_type 'gpt2'"),
@@ -230,11 +251,16 @@ def test_config_json_with_wrong_values(tiny_llama, tmp_path, capsys, case):
         assert_clear(*cli(capsys, *command), m / "config.json", needle)
 
 
-@pytest.mark.parametrize("text,needle", [
-    (b"{not json", "is not valid JSON"), (b"[1, 2]", "holds a JSON list, not an object"),
-    (b'"llama"', "holds a JSON str"), (b"", "is not valid JSON"),
-    (b'{"model_type": "llama", "x": "caf\xe9"}', "is not UTF-8 text (byte 0xe9 at offset 33)"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        (b"{not json", "is not valid JSON"),
+        (b"[1, 2]", "holds a JSON list, not an object"),
+        (b'"llama"', "holds a JSON str"),
+        (b"", "is not valid JSON"),
+        (b'{"model_type": "llama", "x": "caf\xe9"}', "is not UTF-8 text (byte 0xe9 at offset 33)"),
+    ],
+)
 def test_config_json_that_is_not_a_json_object(tiny_llama, tmp_path, capsys, text, needle):
     m = copy_model(tiny_llama[0], tmp_path / "m")
     (m / "config.json").write_bytes(text)
@@ -242,8 +268,15 @@ def test_config_json_that_is_not_a_json_object(tiny_llama, tmp_path, capsys, tex
         assert_clear(*cli(capsys, *command), m / "config.json", needle)
 
 
-@pytest.mark.parametrize("name,text", [("tokenizer.json", b"{bad"), ("tokenizer.json", b"\xff\xfe"),
-                                       ("tokenizer_config.json", b"[1]"), ("generation_config.json", b"{bad")])
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("tokenizer.json", b"{bad"),
+        ("tokenizer.json", b"\xff\xfe"),
+        ("tokenizer_config.json", b"[1]"),
+        ("generation_config.json", b"{bad"),
+    ],
+)
 def test_bad_tokenizer_files(tiny_llama, tmp_path, capsys, name, text):
     m = copy_model(tiny_llama[0], tmp_path / "m")
     (m / name).write_bytes(text)
@@ -286,8 +319,10 @@ def write_gguf(path: Path, hf_model, tokenizer_dir: Path, tokenizer: bool = True
     for name, t in hf_model.state_dict().items():
         ours = hf_to_slimlm_name(name)
         m = re.match(r"layers\.(\d+)\.(.*)", ours)
-        w.add_tensor(to_gguf["layers.{}." + m.group(2)].format(m.group(1)) if m else to_gguf[ours],
-                     t.detach().float().numpy().copy())
+        w.add_tensor(
+            to_gguf["layers.{}." + m.group(2)].format(m.group(1)) if m else to_gguf[ours],
+            t.detach().float().numpy().copy(),
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -299,7 +334,6 @@ def write_gguf(path: Path, hf_model, tokenizer_dir: Path, tokenizer: bool = True
 def gguf_file(tmp_path_factory, tokenizer_dir) -> tuple[Path, bytes, int]:
     """(path, bytes, offset where tensor data begins) of a good tiny GGUF file."""
     import gguf
-
     from conftest import make_hf_model
 
     path = write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", make_hf_model("llama", seed=3), tokenizer_dir)
@@ -366,15 +400,22 @@ def _set_gguf_uint32(data: bytes, path: Path, key: str, value: int) -> bytes:
     import gguf
 
     field = gguf.GGUFReader(str(path)).fields[key]
-    at = field.offset + sum(part.nbytes for part in field.parts[:field.data[0]])  # where the value starts
-    return data[:at] + value.to_bytes(4, "little") + data[at + 4:]
+    at = field.offset + sum(part.nbytes for part in field.parts[: field.data[0]])  # where the value starts
+    return data[:at] + value.to_bytes(4, "little") + data[at + 4 :]
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("llama.block_count", 2 + 2**20, "its config says 1048578 layers but the weights hold tensors for 2"),  # not a hang
-    ("llama.attention.head_count", 0, "n_heads must be a positive integer, got 0"),  # not a ZeroDivisionError
-    ("llama.embedding_length", 2**31, "its config describes a model that cannot be built"),  # not a huge alloc
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        (
+            "llama.block_count",
+            2 + 2**20,
+            "its config says 1048578 layers but the weights hold tensors for 2",
+        ),  # not a hang
+        ("llama.attention.head_count", 0, "n_heads must be a positive integer, got 0"),  # not a ZeroDivisionError
+        ("llama.embedding_length", 2**31, "its config describes a model that cannot be built"),  # not a huge alloc
+    ],
+)
 def test_gguf_metadata_values_out_of_range(gguf_file, tmp_path, capsys, gguf_cache, key, value, needle):
     path, data, _ = gguf_file
     p = tmp_path / "bad.gguf"
@@ -407,19 +448,27 @@ def adapters(make_model_folder, tiny_llama, tmp_path_factory) -> dict[str, Path]
     root = tmp_path_factory.mktemp("adapters")
     narrow, _ = make_model_folder("llama", seed=2, tokenizer=False, hidden_size=32, head_dim=8)
     deeper, _ = make_model_folder("llama", seed=2, tokenizer=False, num_hidden_layers=3)
-    return {"good": _lora_for(tiny_llama[0], root / "good"), "hidden": _lora_for(narrow, root / "hidden"),
-            "layers": _lora_for(deeper, root / "layers")}
+    return {
+        "good": _lora_for(tiny_llama[0], root / "good"),
+        "hidden": _lora_for(narrow, root / "hidden"),
+        "layers": _lora_for(deeper, root / "layers"),
+    }
 
 
 def _both_commands(base: Path, adapter: Path, out: Path) -> list[list]:
-    return [["generate", "--model", base, "--adapter", adapter, *GEN],
-            ["merge", "--model", base, "--adapter", adapter, "--out", out]]
+    return [
+        ["generate", "--model", base, "--adapter", adapter, *GEN],
+        ["merge", "--model", base, "--adapter", adapter, "--out", out],
+    ]
 
 
-@pytest.mark.parametrize("which,needle", [
-    ("hidden", "its tensor sizes differ, so its base model has another hidden or intermediate size"),
-    ("layers", "the adapter has weights for 3 layers, this model has 2"),
-])
+@pytest.mark.parametrize(
+    "which,needle",
+    [
+        ("hidden", "its tensor sizes differ, so its base model has another hidden or intermediate size"),
+        ("layers", "the adapter has weights for 3 layers, this model has 2"),
+    ],
+)
 def test_adapter_for_another_base(adapters, tiny_llama, tmp_path, capsys, which, needle):
     for command in _both_commands(tiny_llama[0], adapters[which], tmp_path / "merged"):
         assert_clear(*cli(capsys, *command), adapters[which], needle)
@@ -457,8 +506,9 @@ def test_adapter_with_targets_that_disagree_with_its_weights(adapters, tiny_llam
         assert_clear(*cli(capsys, *command), a, "LoRA weights do not fit this model", "unexpected")
 
 
-@pytest.mark.parametrize("text,needle", [(b"[1]", "holds a JSON list"), (b"{", "is not valid JSON"),
-                                         (b"\xff{}", "is not UTF-8 text")])
+@pytest.mark.parametrize(
+    "text,needle", [(b"[1]", "holds a JSON list"), (b"{", "is not valid JSON"), (b"\xff{}", "is not UTF-8 text")]
+)
 def test_adapter_config_that_is_not_a_json_object(adapters, tiny_llama, tmp_path, capsys, text, needle):
     a = _adapter_copy(adapters, tmp_path, "a")
     (a / "adapter_config.json").write_bytes(text)
@@ -497,8 +547,10 @@ def _write(path: Path, *lines: str | bytes | dict) -> Path:
 
 
 def _data_commands(model: Path, data: Path, out: Path) -> list[list]:
-    return [["data", "check", data, "--model", model],
-            ["finetune", "--model", model, "--data", data, "--out", out, "--train.max_steps", "1", "-q"]]
+    return [
+        ["data", "check", data, "--model", model],
+        ["finetune", "--model", model, "--data", data, "--out", out, "--train.max_steps", "1", "-q"],
+    ]
 
 
 JSONL_CASES = {  # name: (lines, what the error line must say)
@@ -581,9 +633,14 @@ def test_bad_batch_input(tiny_llama, tmp_path, capsys, case):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-@pytest.mark.parametrize("lines,needle", [(["{bad"], ":1: invalid JSON (Expecting property name"),
-                                          ([b"\xff"], ":1: not UTF-8 text (byte 0xff at column 1, file offset 0)"),
-                                          ([{"prompt": "x"}], ":1: each JSONL record needs a string 'text' field")])
+@pytest.mark.parametrize(
+    "lines,needle",
+    [
+        (["{bad"], ":1: invalid JSON (Expecting property name"),
+        ([b"\xff"], ":1: not UTF-8 text (byte 0xff at column 1, file offset 0)"),
+        ([{"prompt": "x"}], ":1: each JSONL record needs a string 'text' field"),
+    ],
+)
 def test_bad_perplexity_jsonl(tiny_llama, tmp_path, capsys, lines, needle):
     src = _write(tmp_path / "ppl.jsonl", *lines)
     assert_clear(*cli(capsys, "eval", "--model", tiny_llama[0], "--ppl", src), src, f"{src}{needle}")
@@ -592,8 +649,10 @@ def test_bad_perplexity_jsonl(tiny_llama, tmp_path, capsys, lines, needle):
 # ---------------------------------------------------------------- YAML recipes
 
 
-@pytest.mark.parametrize("text,needle", [(b"model: [unclosed", "not valid YAML"),
-                                         (b"model: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 10)")])
+@pytest.mark.parametrize(
+    "text,needle",
+    [(b"model: [unclosed", "not valid YAML"), (b"model: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 10)")],
+)
 def test_bad_recipe_yaml(tmp_path, capsys, text, needle):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(text)

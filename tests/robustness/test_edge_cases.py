@@ -66,17 +66,39 @@ CASES = {
         ("top_p Infinity", CHAT, chat()[:-1] + b', "top_p": Infinity}', 400),
         ("repetition_penalty Infinity", CHAT, chat()[:-1] + b', "repetition_penalty": Infinity}', 400),
         ("presence_penalty -Infinity", CHAT, chat()[:-1] + b', "presence_penalty": -Infinity}', 400),
-        ("max_tokens NaN", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
-                                 b'"max_tokens": NaN}', 400),
+        (
+            "max_tokens NaN",
+            CHAT,
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": NaN}',
+            400,
+        ),
         ("min_p NaN (completions)", COMPLETIONS, b'{"model": "tiny", "prompt": "the cat", "min_p": NaN}', 400),
     ],
     "denormal sampling values": [  # found by the soak fuzzer: NaN/-inf logprobs once made the JSON response a 500
-        ("repetition_penalty 5e-324 + logprobs (completions)", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": [49, 66, 212], "max_tokens": 4, "logprobs": 1, "top_p": 5e-324,
-                     "repetition_penalty": 5e-324, "temperature": 0.0, "stop": "0", "min_tokens": 1}).encode(), 200),
-        ("repetition_penalty 5e-324 + top_logprobs (chat)", CHAT,
-         chat(logprobs=True, top_logprobs=5, repetition_penalty=5e-324, top_p=5e-324, temperature=0.0,
-              min_tokens=1), 200),
+        (
+            "repetition_penalty 5e-324 + logprobs (completions)",
+            COMPLETIONS,
+            json.dumps(
+                {
+                    "model": SERVED,
+                    "prompt": [49, 66, 212],
+                    "max_tokens": 4,
+                    "logprobs": 1,
+                    "top_p": 5e-324,
+                    "repetition_penalty": 5e-324,
+                    "temperature": 0.0,
+                    "stop": "0",
+                    "min_tokens": 1,
+                }
+            ).encode(),
+            200,
+        ),
+        (
+            "repetition_penalty 5e-324 + top_logprobs (chat)",
+            CHAT,
+            chat(logprobs=True, top_logprobs=5, repetition_penalty=5e-324, top_p=5e-324, temperature=0.0, min_tokens=1),
+            200,
+        ),
     ],
     "10k stop strings": [
         ("10k stop strings", CHAT, chat(stop=[f"s{i}" for i in range(10_000)]), 400),
@@ -89,24 +111,48 @@ CASES = {
     "deeply nested JSON": [
         ("100k-deep array body", CHAT, nested(100_000).encode(), 400),
         ("100k-deep unknown field", CHAT, chat()[:-1] + b', "x": ' + nested(100_000).encode() + b"}", 400),
-        ("100k-deep content", CHAT, json.dumps({"model": SERVED, "messages": "M"}).replace(
-            '"M"', nested(100_000)).encode(), 400),
+        (
+            "100k-deep content",
+            CHAT,
+            json.dumps({"model": SERVED, "messages": "M"}).replace('"M"', nested(100_000)).encode(),
+            400,
+        ),
         ("50-deep unknown field (ignored)", CHAT, chat()[:-1] + b', "x": ' + nested(50).encode() + b"}", 200),
     ],
     "invalid UTF-8 and lone surrogates": [
-        ("invalid UTF-8 in content", CHAT, chat(messages=[{"role": "user", "content": "@@"}]).replace(
-            b"@@", b"\xff\xfe\xc3("), 400),
-        ("raw UTF-8-encoded surrogate", CHAT, chat(messages=[{"role": "user", "content": "@@"}]).replace(
-            b"@@", b"\xed\xa0\x80"), 400),
+        (
+            "invalid UTF-8 in content",
+            CHAT,
+            chat(messages=[{"role": "user", "content": "@@"}]).replace(b"@@", b"\xff\xfe\xc3("),
+            400,
+        ),
+        (
+            "raw UTF-8-encoded surrogate",
+            CHAT,
+            chat(messages=[{"role": "user", "content": "@@"}]).replace(b"@@", b"\xed\xa0\x80"),
+            400,
+        ),
         ("lone surrogate escape in content", CHAT, chat(messages=[{"role": "user", "content": "\ud800"}]), 400),
-        ("lone surrogate escape in prompt", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": "a \udfff b", "max_tokens": 2}).encode(), 400),
+        (
+            "lone surrogate escape in prompt",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": "a \udfff b", "max_tokens": 2}).encode(),
+            400,
+        ),
         ("lone surrogate in a stop string", CHAT, chat(stop=["\ud83d"]), 400),
         ("lone surrogate in model", CHAT, chat(model="tiny\ud800"), 400),
-        ("a valid surrogate pair (emoji) as escapes", CHAT,
-         chat(messages=[{"role": "user", "content": "\U0001f600"}]), 200),
-        ("Latin-1 body", CHAT, chat(messages=[{"role": "user", "content": "@@"}]).replace(b"@@", "café".encode(
-            "latin-1")), 400),
+        (
+            "a valid surrogate pair (emoji) as escapes",
+            CHAT,
+            chat(messages=[{"role": "user", "content": "\U0001f600"}]),
+            200,
+        ),
+        (
+            "Latin-1 body",
+            CHAT,
+            chat(messages=[{"role": "user", "content": "@@"}]).replace(b"@@", "café".encode("latin-1")),
+            400,
+        ),
     ],
     "max_tokens extremes": [
         ("max_tokens 0", CHAT, chat(max_tokens=0), 400),
@@ -116,12 +162,24 @@ CASES = {
         ("max_completion_tokens 2^63", CHAT, chat(max_completion_tokens=2**63), 400),
         ("max_tokens 1e400 (a float that overflows)", CHAT, chat()[:-1] + b', "max_tokens": 1e400}', 400),
         ("max_tokens 1", CHAT, chat(max_tokens=1), 200),
-        ("max_tokens 0 (completions)", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 0}).encode(), 400),
-        ("max_tokens 0 with echo and logprobs (scoring)", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 0}).encode(), 200),
-        ("max_tokens 2^63 (completions)", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2**63}).encode(), 400),
+        (
+            "max_tokens 0 (completions)",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 0}).encode(),
+            400,
+        ),
+        (
+            "max_tokens 0 with echo and logprobs (scoring)",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 0}).encode(),
+            200,
+        ),
+        (
+            "max_tokens 2^63 (completions)",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2**63}).encode(),
+            400,
+        ),
         ("min_tokens 2^63", CHAT, chat(min_tokens=2**63), 400),
         ("seed 2^64", CHAT, chat(seed=2**64), 400),
         ("seed 2^64 - 1", CHAT, chat(seed=2**64 - 1, temperature=1.0), 200),
@@ -136,14 +194,30 @@ CASES = {
         ("top_logprobs 2^63", CHAT, chat(logprobs=True, top_logprobs=2**63), 400),
         ("top_logprobs without logprobs", CHAT, chat(top_logprobs=5), 400),
         ("logprobs not a bool", CHAT, chat(logprobs="maybe"), 400),  # "yes"/"true" pass, as in vLLM (pydantic)
-        ("completions logprobs 0", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2, "logprobs": 0}).encode(), 200),
-        ("completions logprobs 20", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2, "logprobs": 20}).encode(), 200),
-        ("completions logprobs 21", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2, "logprobs": 21}).encode(), 400),
-        ("completions logprobs -1", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2, "logprobs": -1}).encode(), 400),
+        (
+            "completions logprobs 0",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2, "logprobs": 0}).encode(),
+            200,
+        ),
+        (
+            "completions logprobs 20",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2, "logprobs": 20}).encode(),
+            200,
+        ),
+        (
+            "completions logprobs 21",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2, "logprobs": 21}).encode(),
+            400,
+        ),
+        (
+            "completions logprobs -1",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": "hi", "max_tokens": 2, "logprobs": -1}).encode(),
+            400,
+        ),
     ],
     "empty, role-less and unknown-role messages": [
         ("messages []", CHAT, chat(messages=[]), 400),
@@ -156,14 +230,32 @@ CASES = {
         ("a message that is a string", CHAT, chat(messages=["hi"]), 400),
         ("unknown role", CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), 400),
         ("role not a string", CHAT, chat(messages=[{"role": 7, "content": "hi"}]), 400),
-        ("an image content part", CHAT, chat(messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), 400),
-        ("a text part whose text is a number", CHAT, chat(messages=[{"role": "user", "content": [
-            {"type": "text", "text": 5}]}]), 400),
+        (
+            "an image content part",
+            CHAT,
+            chat(
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+            ),
+            400,
+        ),
+        (
+            "a text part whose text is a number",
+            CHAT,
+            chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+            400,
+        ),
         ("empty content", CHAT, chat(messages=[{"role": "user", "content": ""}]), 200),
         ("empty content-part list", CHAT, chat(messages=[{"role": "user", "content": []}]), 200),
-        ("text content parts", CHAT, chat(messages=[{"role": "user", "content": [
-            {"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]), 200),
+        (
+            "text content parts",
+            CHAT,
+            chat(
+                messages=[
+                    {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}
+                ]
+            ),
+            200,
+        ),
     ],
     "malformed bodies": [
         ("empty body", CHAT, b"", 400),
@@ -177,8 +269,12 @@ CASES = {
         ("prompt token -1", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [-1]}).encode(), 400),
         ("prompt token 2^63", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [2**63]}).encode(), 400),
         ("prompt of lists (batch)", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [[1, 2]]}).encode(), 200),
-        ("prompt batch, text and ids mixed", COMPLETIONS,
-         json.dumps({"model": SERVED, "prompt": [[1, 2], "hi"]}).encode(), 400),
+        (
+            "prompt batch, text and ids mixed",
+            COMPLETIONS,
+            json.dumps({"model": SERVED, "prompt": [[1, 2], "hi"]}).encode(),
+            400,
+        ),
         ("prompt batch with an empty list", COMPLETIONS, json.dumps({"model": SERVED, "prompt": [[]]}).encode(), 400),
         ("n 2^63", CHAT, chat(n=2**63), 400),
         ("stream_options a string", CHAT, chat(stream=True, stream_options="yes"), 400),
@@ -211,7 +307,7 @@ def test_ten_megabyte_bodies(server, record):
 
     def chunks():
         for i in range(0, len(big), 1 << 16):
-            yield big[i:i + 1 << 16]
+            yield big[i : i + 1 << 16]
 
     failures = []
     with httpx.Client(timeout=60) as client:
@@ -253,8 +349,11 @@ def test_chat_template_that_raises(tiny_llama, tmp_path, record):
         r = httpx.post(url + CHAT, json=bad, timeout=30)
         ok = httpx.post(url + CHAT, json={"model": SERVED, "max_tokens": 2, "messages": USER}, timeout=30)
         alive = httpx.get(url + "/health", timeout=10).status_code == 200
-    refused = (r.status_code == 400 and openai_error_problem(r) is None
-               and "System role not supported" in r.json()["error"]["message"])
+    refused = (
+        r.status_code == 400
+        and openai_error_problem(r) is None
+        and "System role not supported" in r.json()["error"]["message"]
+    )
     failures = (not refused) + (ok.status_code != 200) + (not alive)
     record(kind="edge: chat template that raises", tried=2, failures=int(failures))
     assert r.status_code == 400, r.text

@@ -29,15 +29,22 @@ def llm(tiny_llama):
 
 
 def engine_for(llm, **kw) -> Engine:
-    return Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=4, max_seq_len=64, max_loras=0,
-                                                         prefix_cache=False, **kw))
+    return Engine(
+        llm.model, llm.tokenizer, EngineConfig(max_batch=4, max_seq_len=64, max_loras=0, prefix_cache=False, **kw)
+    )
 
 
 def batch(llm, victim: int = 1) -> list[Request]:
     """Three greedy requests decoded together; the one at index `victim` is the victim."""
     prompts = ["the cat sat on the mat", "tell me a story about the red fox", "what is the capital of France"]
-    return [Request(llm.tokenizer.encode(p), SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True),
-                    request_id=VICTIM if i == victim else f"r{i}") for i, p in enumerate(prompts)]
+    return [
+        Request(
+            llm.tokenizer.encode(p),
+            SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True),
+            request_id=VICTIM if i == victim else f"r{i}",
+        )
+        for i, p in enumerate(prompts)
+    ]
 
 
 def finals(engine: Engine, reqs: list[Request]) -> dict:
@@ -61,6 +68,7 @@ def reference(llm):
             finals(engine_for(llm, fused_decode=fused), reqs)
             done[fused] = [r.output_ids for r in reqs]
         return done[fused]
+
     return get
 
 
@@ -68,10 +76,14 @@ def only_victim_failed(engine: Engine, reqs: list[Request], reference, error: st
     """Run the batch: the victim ends with `error`, every other request as without the fault, every slot free."""
     got = finals(engine, reqs)
     want = reference(engine.config.fused_decode)
-    victim = got[VICTIM].finish_reason == "error" and got[VICTIM].error_type == "internal" and \
-        error in got[VICTIM].error
-    others = all(got[r.request_id].finish_reason == "length" and r.output_ids == want[i]
-                 for i, r in enumerate(reqs) if r.request_id != VICTIM)
+    victim = (
+        got[VICTIM].finish_reason == "error" and got[VICTIM].error_type == "internal" and error in got[VICTIM].error
+    )
+    others = all(
+        got[r.request_id].finish_reason == "length" and r.output_ids == want[i]
+        for i, r in enumerate(reqs)
+        if r.request_id != VICTIM
+    )
     return victim and others and not engine.running and not engine.waiting and len(engine.cache.free) == 4
 
 
@@ -93,7 +105,9 @@ def poison_decoder(monkeypatch, after: int = 3) -> None:
                 if len(seen) >= after:
                     raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected fault")
                 return push(tok)
+
             req.decoder.push = bad_push
+
     monkeypatch.setattr(Engine, "_check", patched)
 
 
@@ -116,6 +130,7 @@ def poison_sampling(monkeypatch, after: int = 0) -> None:
         check(self, req)
         if req.request_id == VICTIM:
             victim[:] = [req]
+
     monkeypatch.setattr(core, "sample_batch", patched)
     monkeypatch.setattr(Engine, "_check", remember)
 
@@ -127,10 +142,12 @@ def test_sampling_fault_fails_only_its_request(llm, reference, monkeypatch):
 
 def poison_logits(engine: Engine, monkeypatch, after: int = 0) -> None:
     """Every logits row the victim gets once it has `after` tokens is NaN (a model that overflows on its input)."""
+
     def victim_slot():
         return next((s for s, r in engine.running.items() if r.request_id == VICTIM and r.n_generated >= after), -1)
 
     if engine.fused is not None:
+
         class PoisonedFused:  # the fused step, with the victim's logits rows NaN
             def __getattr__(self, name):
                 return getattr(fused, name)
@@ -140,6 +157,7 @@ def poison_logits(engine: Engine, monkeypatch, after: int = 0) -> None:
                 row_slots = slots if logits_rows is None else slots[logits_rows]
                 out[row_slots == victim_slot()] = float("nan")
                 return out
+
         fused = engine.fused
         monkeypatch.setattr(engine, "fused", PoisonedFused())
     forward = engine._forward
@@ -150,6 +168,7 @@ def poison_logits(engine: Engine, monkeypatch, after: int = 0) -> None:
         if 0 <= i < out.shape[0]:
             out[i] = float("nan")
         return out
+
     monkeypatch.setattr(engine, "_forward", patched_forward)
 
 
@@ -197,14 +216,19 @@ def test_nan_check_catches_inf_but_not_masked_stop_tokens(llm, reference, monkey
 
 
 def test_cache_oom_names_the_size_and_the_knobs(llm, monkeypatch):
-    with pytest.raises(CacheAllocationError, match=r"cannot allocate the KV cache on cpu: \d+ bytes .*--max-batch "
-                                                   r"or --max-seq-len.*--kv-cache-dtype fp16"):
-        Engine(llm.model, llm.tokenizer, EngineConfig(max_batch=10**8, max_seq_len=64, max_loras=0,
-                                                      kv_cache_dtype="fp32"))
+    with pytest.raises(
+        CacheAllocationError,
+        match=r"cannot allocate the KV cache on cpu: \d+ bytes .*--max-batch "
+        r"or --max-seq-len.*--kv-cache-dtype fp16",
+    ):
+        Engine(
+            llm.model, llm.tokenizer, EngineConfig(max_batch=10**8, max_seq_len=64, max_loras=0, kv_cache_dtype="fp32")
+        )
     import slimlm.engine.cache as cache
 
     def oom(*a, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
     monkeypatch.setattr(cache.torch, "zeros", oom)
     with pytest.raises(CacheAllocationError, match=r"4 slots x 64 tokens.*OutOfMemoryError: CUDA out of memory"):
         engine_for(llm)
@@ -212,10 +236,12 @@ def test_cache_oom_names_the_size_and_the_knobs(llm, monkeypatch):
 
 # ---- over HTTP: the error reaches the client as an OpenAI error ----
 
+
 def serve_config(model, **engine) -> ServeConfig:
     cfg = EngineConfig(max_batch=4, max_seq_len=120, max_loras=0, prefix_cache=False, **engine)
-    return ServeConfig(model=str(model), served_name="tiny", dtype="fp32", quantize=None, max_tokens_limit=100,
-                       engine=cfg)
+    return ServeConfig(
+        model=str(model), served_name="tiny", dtype="fp32", quantize=None, max_tokens_limit=100, engine=cfg
+    )
 
 
 def post(url, body, rid=None):
@@ -236,8 +262,9 @@ def test_request_fault_is_a_500_for_that_request_only(tiny_llama, monkeypatch):
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
         assert [o.status_code for o in others] == [200, 200]
         assert all(o.json()["usage"]["completion_tokens"] == 40 for o in others)
-        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30,
-                          headers={"X-Request-Id": VICTIM}) as s:
+        with httpx.stream(
+            "POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30, headers={"X-Request-Id": VICTIM}
+        ) as s:
             events = sse_events(s)
         assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
         assert not state.engine.running

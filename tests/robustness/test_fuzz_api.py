@@ -21,10 +21,19 @@ from .conftest import SOAK, trials
 from .http_checks import SERVED, response_problem, serve_config, wait_idle
 
 # Every route the server has: a new route must be added here, so that it is fuzzed too.
-ROUTES = [("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/v1/models"),
-          ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
-          ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"),
-          ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version")]
+ROUTES = [
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/version"),
+]
 # Examples per operation; the engine routes get more (they hold nearly all the validation).
 EXAMPLES = {"/v1/chat/completions": trials(100, 1000), "/v1/completions": trials(100, 1000)}
 DEFAULT_EXAMPLES = trials(10, 200)
@@ -66,13 +75,18 @@ def test_fuzz_route(server, schema, record, method, path):
     url, state, adapter_folder = server
     operation = schema[path][method]
     tried, failures, statuses = [0], [], {}
-    strategy = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
-                         operation.as_strategy(GenerationMode.NEGATIVE))
+    strategy = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
 
     # `make test` replays the same inputs every run (a red CI is a regression, not a new find); `make soak`
     # draws new ones each time.
-    @settings(max_examples=EXAMPLES.get(path, DEFAULT_EXAMPLES), deadline=None, database=None,
-              derandomize=not SOAK, suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+    @settings(
+        max_examples=EXAMPLES.get(path, DEFAULT_EXAMPLES),
+        deadline=None,
+        database=None,
+        derandomize=not SOAK,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )
     @given(case=strategy)
     def fuzz(case):
         # 3 inputs in 4 name the served model (the real adapter): they reach the engine (the loader), not only
@@ -97,8 +111,12 @@ def test_fuzz_route(server, schema, record, method, path):
     wait_idle(state)
     alive = httpx.get(url + "/health", timeout=10).status_code == 200
     leftover = len(state.engine.running) + len(state.engine.waiting)
-    record(kind=f"fuzz: {method} {path}", tried=tried[0], failures=len(failures) + (not alive) + (leftover > 0),
-           statuses={str(k): v for k, v in sorted(statuses.items())})
+    record(
+        kind=f"fuzz: {method} {path}",
+        tried=tried[0],
+        failures=len(failures) + (not alive) + (leftover > 0),
+        statuses={str(k): v for k, v in sorted(statuses.items())},
+    )
     print(f"{method} {path}: {tried[0]} inputs, statuses {statuses}")
     assert not failures, f"{len(failures)} of {tried[0]} inputs broke the server:\n" + "\n".join(failures[:10])
     assert alive, "/health is not 200 after fuzzing"

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_
 
 from slimlm.config import ModelConfig
 from slimlm.model import Transformer
-from conftest import randomize_
+
 from .conftest import trials
 
 TRIALS = trials(ci=12, soak=300)
@@ -36,6 +37,7 @@ RNG = random.Random()
 
 
 # --- the harness ---------------------------------------------------------------------------------------------
+
 
 def kill_during(write: Callable[[int], None], max_delay_s: float) -> tuple[int, bool]:
     """Fork a child running write(0), write(1), ... and SIGKILL it: after 0-2 completed writes (at random), plus a
@@ -110,6 +112,7 @@ def tiny(seed: int) -> Transformer:
 
 # --- folders written by atomic_folder: model, adapter, quantized model ------------------------------------------
 
+
 def _hf_writer():
     from slimlm.checkpoint import load_model
     from slimlm.checkpoint.hf import save_hf_folder
@@ -126,18 +129,19 @@ def _adapter_writer():
         net = tiny(0)
         torch.manual_seed(seed)
         apply_peft(net, "lora", make_config("lora", {"r": 2, "alpha": 4}))
-        for n, p in net.named_parameters():
+        for _n, p in net.named_parameters():
             if p.requires_grad:  # LoRA B starts at zero: make both versions differ everywhere
                 p.data.normal_(0, 0.1)
         nets.append(net)
-    return (lambda i, dest: save_adapter(nets[i % 2], dest, base_model="tiny")), \
-        (lambda dest: load_adapter(tiny(0), dest))
+    return (lambda i, dest: save_adapter(nets[i % 2], dest, base_model="tiny")), (
+        lambda dest: load_adapter(tiny(0), dest)
+    )
 
 
 def _quantized_writer():
     from slimlm.checkpoint import load_model
-    from slimlm.quantize.schemes import quantize_model_
     from slimlm.checkpoint.quantized import save_quantized
+    from slimlm.quantize.schemes import quantize_model_
 
     models = []
     for seed in (1, 2):
@@ -177,9 +181,16 @@ def test_kill9_during_folder_save(point, tmp_path, record):
 
 # --- training checkpoints, with rotation ----------------------------------------------------------------------
 
+
 def test_kill9_during_checkpoint_save_and_rotation(tmp_path, record):
-    from slimlm.train.resume import (checkpoint_folder, list_checkpoints, load_checkpoint,
-                                         remove_partial_checkpoints, rotate_checkpoints, save_checkpoint)
+    from slimlm.train.resume import (
+        checkpoint_folder,
+        list_checkpoints,
+        load_checkpoint,
+        remove_partial_checkpoints,
+        rotate_checkpoints,
+        save_checkpoint,
+    )
 
     def parts(seed: int):
         model = tiny(seed)
@@ -199,13 +210,17 @@ def test_kill9_during_checkpoint_save_and_rotation(tmp_path, record):
     broken = writes = 0
     for _ in range(TRIALS):
         newest = list_checkpoints(tmp_path)[-1][0]
-        done, killed = kill_during(lambda i: save(newest + 1 + i), max_delay)
+        done, killed = kill_during(lambda i, newest=newest: save(newest + 1 + i), max_delay)
         writes += done
         found = list_checkpoints(tmp_path)
         ok = killed and bool(found) and found[-1][0] >= newest
         for step, folder in found:  # every checkpoint a resume could pick is complete
             m2, o2, s2 = parts(0)
-            ok = ok and holds(lambda: load_checkpoint(folder, m2, o2, s2, None)["step"] == step)
+            ok = ok and holds(
+                lambda folder=folder, m2=m2, o2=o2, s2=s2, step=step: (
+                    load_checkpoint(folder, m2, o2, s2, None)["step"] == step
+                )
+            )
         remove_partial_checkpoints(tmp_path)  # what a resume does first
         save(found[-1][0] + 1 if found else 1)  # the next run
         root = tmp_path / "checkpoints"
@@ -216,6 +231,7 @@ def test_kill9_during_checkpoint_save_and_rotation(tmp_path, record):
 
 
 # --- the registry: push, alias, rollback ------------------------------------------------------------------------
+
 
 def _model_folder(path: Path, seed: int) -> Path:
     from safetensors.torch import save_file
@@ -281,6 +297,7 @@ def test_kill9_during_registry_push_alias_rollback(tmp_path, record):
 
 # --- a whole command, killed from outside -----------------------------------------------------------------------
 
+
 @pytest.mark.soak  # each run starts an interpreter (seconds): `make soak` only
 def test_kill9_during_cli_quantize(tiny_llama, tmp_path, record):
     """`slimlm quantize --overwrite` in a subprocess, SIGKILLed late in its run (loading done, saving near): the
@@ -289,8 +306,19 @@ def test_kill9_during_cli_quantize(tiny_llama, tmp_path, record):
     import sys
 
     out = tmp_path / "q"
-    cmd = [sys.executable, "-m", "slimlm.cli", "quantize", "--model", str(tiny_llama[0]), "--scheme", "int8",
-           "--out", str(out), "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimlm.cli",
+        "quantize",
+        "--model",
+        str(tiny_llama[0]),
+        "--scheme",
+        "int8",
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
     run_s = timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
     ref = snapshot(out)
     n, broken = trials(ci=2, soak=12), 0

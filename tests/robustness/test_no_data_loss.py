@@ -26,6 +26,7 @@ WORDS = "the cat sat on the mat and ran to the big house".split()
 
 # --- shared inputs: one tiny model, one adapter, one data file --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def inputs(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     """A private copy of the tiny model (the tests aim --out at it), a LoRA adapter on it, chat data, a compress
@@ -40,16 +41,34 @@ def inputs(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     apply_peft(net, "lora", make_config("lora", {"r": 2, "alpha": 4}))
     adapter = save_adapter(net, root / "adapter", base_model=str(model), tokenizer=Tokenizer.from_pretrained(model))
     data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": " ".join(WORDS[i:i + 3])},
-                                                     {"role": "assistant", "content": " ".join(WORDS[i + 3:i + 6])}]})
-                            + "\n" for i in range(6)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": " ".join(WORDS[i : i + 3])},
+                        {"role": "assistant", "content": " ".join(WORDS[i + 3 : i + 6])},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(6)
+        )
+    )
     recipe = root / "compress.yaml"
     recipe.write_text(f"model: {model}\nout: {root / 'compress'}\nstages:\n  - quantize: {{scheme: int8}}\n")
     batch = root / "batch.jsonl"
-    batch.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-                                 "body": {"model": "model", "messages": [{"role": "user", "content": "the cat"}],
-                                          "max_tokens": 2}})
-                     + "\n")
+    batch.write_text(
+        json.dumps(
+            {
+                "custom_id": "a",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "model", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 2},
+            }
+        )
+        + "\n"
+    )
     return {"model": model, "adapter": adapter, "data": data, "recipe": recipe, "batch": batch}
 
 
@@ -69,14 +88,26 @@ def argv(command: str, i: dict[str, Path], out: Path) -> list[str]:
         "export tensorrt": ["export", "tensorrt", "--onnx", m, "--out", o],
         "compress": ["compress", str(i["recipe"]), "--out", o],
         "finetune": ["finetune", "--model", m, "--method", "lora", "--data", str(i["data"]), "--out", o, *train],
-        "distill": ["distill", "--teacher", m, "--student-layers", "1", "--data", str(i["data"]), "--out", o,
-                    *train],
+        "distill": ["distill", "--teacher", m, "--student-layers", "1", "--data", str(i["data"]), "--out", o, *train],
         "batch": ["batch", "--model", m, "--quantize", "none", "--dtype", "fp32", "-q", str(i["batch"]), o],
     }[command]
 
 
-COMMANDS = ("merge", "data task", "quantize", "prune", "fuse", "export torchscript", "export onnx", "export tflite",
-            "export tensorrt", "compress", "finetune", "distill", "batch")
+COMMANDS = (
+    "merge",
+    "data task",
+    "quantize",
+    "prune",
+    "fuse",
+    "export torchscript",
+    "export onnx",
+    "export tflite",
+    "export tensorrt",
+    "compress",
+    "finetune",
+    "distill",
+    "batch",
+)
 # What each command reads: the --out aimed at it (or inside it) must be refused even with --overwrite.
 INPUT_OF = {"merge": "adapter", "finetune": "data", "distill": "model", "batch": "batch", "data task": None}
 
@@ -84,8 +115,9 @@ INPUT_OF = {"merge": "adapter", "finetune": "data", "distill": "model", "batch":
 def snapshot(path: Path) -> dict[str, str]:
     """sha256 of every file under `path`, by relative path: equal snapshots mean byte-identical trees."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(f.relative_to(path)) if f != path else f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in files}
+    return {
+        str(f.relative_to(path)) if f != path else f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files
+    }
 
 
 def refused(capsys, args: list[str], *words: str) -> str:
@@ -100,6 +132,7 @@ def refused(capsys, args: list[str], *words: str) -> str:
 
 
 # --- (1) an existing non-empty --out is refused and its files survive -------------------------------------------
+
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_non_empty_out_is_refused_and_kept(command, inputs, tmp_path, capsys):
@@ -123,6 +156,7 @@ def test_run_folder_with_checkpoints_names_resume(inputs, tmp_path, capsys):
 
 
 # --- (2) an --out that is, is inside or contains an input is refused even with --overwrite ----------------------
+
 
 def _aimed_at_input(command: str, inputs: dict[str, Path]) -> Path:
     return inputs[INPUT_OF.get(command, "model")]
@@ -168,6 +202,7 @@ def test_a_file_at_out_is_refused(command, inputs, tmp_path, capsys):
 
 # --- (3) with --overwrite it succeeds and the result loads -----------------------------------------------------
 
+
 def _loads_model(out: Path) -> None:
     import slimlm
 
@@ -176,7 +211,10 @@ def _loads_model(out: Path) -> None:
 
 
 CHECKS = {
-    "merge": _loads_model, "quantize": _loads_model, "prune": _loads_model, "fuse": _loads_model,
+    "merge": _loads_model,
+    "quantize": _loads_model,
+    "prune": _loads_model,
+    "fuse": _loads_model,
     "data task": lambda out: sorted(p.name for p in out.iterdir()) == ["test.jsonl", "train.jsonl", "val.jsonl"],
     "export torchscript": lambda out: any(out.glob("*.pt")),
     "finetune": lambda out: (out / "adapter" / "adapter_config.json").is_file(),
@@ -222,6 +260,7 @@ def test_batch_overwrite_replaces_the_output_file(inputs, tmp_path, capsys):
 
 # --- the helpers themselves -------------------------------------------------------------------------------------
 
+
 def test_check_output_rules(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -246,6 +285,10 @@ def test_saved_folders_get_the_usual_mode_not_0700(tmp_path):
 
 def test_eval_report_never_lands_in_what_it_measures(inputs, capsys):
     before = snapshot(inputs["model"])
-    refused(capsys, ["eval", "--model", str(inputs["model"]), "--json", str(inputs["model"] / "config.json")],
-            "--json", "would write into the input")
+    refused(
+        capsys,
+        ["eval", "--model", str(inputs["model"]), "--json", str(inputs["model"] / "config.json")],
+        "--json",
+        "would write into the input",
+    )
     assert snapshot(inputs["model"]) == before

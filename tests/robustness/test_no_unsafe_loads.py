@@ -53,8 +53,11 @@ def _call_problem(call: ast.Call, aliases: dict[str, str], shadowed: set[str]) -
         loader = _kwarg(call, "Loader") or (call.args[1] if len(call.args) > 1 else None)
         if loader is None or _dotted(loader).rpartition(".")[2] not in SAFE_YAML_LOADERS:
             return f"{full} without a safe Loader; use yaml.safe_load"
-    if full == "numpy.load" and _kwarg(call, "allow_pickle") is not None and not (
-            isinstance(_kwarg(call, "allow_pickle"), ast.Constant) and _kwarg(call, "allow_pickle").value is False):
+    if (
+        full == "numpy.load"
+        and _kwarg(call, "allow_pickle") is not None
+        and not (isinstance(_kwarg(call, "allow_pickle"), ast.Constant) and _kwarg(call, "allow_pickle").value is False)
+    ):
         return "numpy.load with allow_pickle unpickles arbitrary objects"
     return None
 
@@ -97,12 +100,13 @@ def test_no_unsafe_loads_in_the_code():
     problems = []
     for f in files:
         rel = f.relative_to(ROOT)
-        problems += [p for p in audit_source(f.read_text(encoding="utf-8"), str(rel))
-                     if ":".join(p.split(":")[:2]) not in EXEMPT]  # "path:line"
+        problems += [
+            p for p in audit_source(f.read_text(encoding="utf-8"), str(rel)) if ":".join(p.split(":")[:2]) not in EXEMPT
+        ]  # "path:line"
     assert not problems, "unsafe loads:\n" + "\n".join(problems)
 
 
-PLANTED = '''
+PLANTED = """
 import pickle
 import dill as d
 from shelve import open as shelf_open
@@ -121,9 +125,9 @@ np.load(path, allow_pickle=True)
 eval("1 + 1")
 exec("x = 1")
 tload(path)
-'''
+"""
 
-SAFE = '''
+SAFE = """
 import torch, yaml
 import numpy as np
 
@@ -137,7 +141,7 @@ yaml.load(text, yaml.CSafeLoader)
 np.load(path)
 np.load(path, allow_pickle=False)
 x = "eval(torch.load(pickle))"  # in a string: not code
-'''
+"""
 
 
 def test_audit_catches_planted_violations():

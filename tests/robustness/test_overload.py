@@ -32,8 +32,12 @@ from .http_checks import SERVED, openai_error_problem, serve_config, wait_idle
 MAX_BATCH, MAX_QUEUE = 2, 2
 CAPACITY = MAX_BATCH + MAX_QUEUE
 CHAT = "/v1/chat/completions"
-PROMPTS = ["tell me a story about the red fox", "what is the capital of France", "the quick brown fox",
-           "hello world how are you"]
+PROMPTS = [
+    "tell me a story about the red fox",
+    "what is the capital of France",
+    "the quick brown fox",
+    "hello world how are you",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +50,14 @@ def server(tiny_llama):
 
 def request_body(i: int, stream: bool = False, max_tokens: int | None = None) -> dict:
     """The i-th of 8 distinct greedy requests (4 prompts x 2 lengths), ignoring EOS so the length is fixed."""
-    return {"model": SERVED, "messages": [{"role": "user", "content": PROMPTS[i % 4]}], "temperature": 0,
-            "max_tokens": max_tokens or (6 if i % 8 < 4 else 10), "ignore_eos": True, "stream": stream}
+    return {
+        "model": SERVED,
+        "messages": [{"role": "user", "content": PROMPTS[i % 4]}],
+        "temperature": 0,
+        "max_tokens": max_tokens or (6 if i % 8 < 4 else 10),
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 def answer_text(response: httpx.Response, stream: bool) -> tuple[str, str | None]:
@@ -66,8 +76,9 @@ def answer_text(response: httpx.Response, stream: bool) -> tuple[str, str | None
 def test_four_times_capacity_gets_only_200_or_429(server, record):
     url, state = server
     with httpx.Client(timeout=60) as client:  # each distinct request alone, first
-        alone = [client.post(url + CHAT, json=request_body(i)).json()["choices"][0]["message"]["content"]
-                 for i in range(8)]
+        alone = [
+            client.post(url + CHAT, json=request_body(i)).json()["choices"][0]["message"]["content"] for i in range(8)
+        ]
     seconds, clients = trials(4, 60), 4 * CAPACITY
     counts, failures, lock = {200: 0, 429: 0}, [], threading.Lock()
     stop_at = time.monotonic() + seconds
@@ -109,8 +120,13 @@ def test_four_times_capacity_gets_only_200_or_429(server, record):
     hung = sum(t.is_alive() for t in threads)
     wait_idle(state)
     tried = sum(counts.values())
-    record(kind=f"overload: {clients} clients on capacity {CAPACITY}", tried=tried,
-           failures=len(failures) + hung, statuses={str(k): v for k, v in counts.items()}, seconds=seconds)
+    record(
+        kind=f"overload: {clients} clients on capacity {CAPACITY}",
+        tried=tried,
+        failures=len(failures) + hung,
+        statuses={str(k): v for k, v in counts.items()},
+        seconds=seconds,
+    )
     assert not hung, f"{hung} clients never got an answer"
     assert not failures, f"{len(failures)} of {tried} requests went wrong:\n" + "\n".join(failures[:10])
     assert counts[200] > 0 and counts[429] > 0, counts  # it was overloaded, and it served through it
@@ -125,8 +141,11 @@ def raw_stream(url: str, body: dict, rcvbuf: int | None = None) -> socket.socket
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.connect((host, int(port)))
     data = json.dumps(body).encode()
-    s.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-              % (CHAT.encode(), host.encode(), len(data)) + data)
+    s.sendall(
+        b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % (CHAT.encode(), host.encode(), len(data))
+        + data
+    )
     return s
 
 
@@ -178,9 +197,14 @@ def test_slow_readers_and_huge_prompts_do_not_stall_other_streams(server, record
     slow = [t for t in times if t > 10 * alone + 1.0]
     wait_idle(state)
     wrong = [c for c in huge_statuses if c != 400]
-    record(kind="slow readers (1 B/s, 0 B/s) and 900 KB prompts vs other streams", tried=n,
-           failures=len(slow) + (health != 200) + len(wrong), alone_s=round(alone, 3), worst_s=round(max(times), 3),
-           huge_prompts=len(huge_statuses))
+    record(
+        kind="slow readers (1 B/s, 0 B/s) and 900 KB prompts vs other streams",
+        tried=n,
+        failures=len(slow) + (health != 200) + len(wrong),
+        alone_s=round(alone, 3),
+        worst_s=round(max(times), 3),
+        huge_prompts=len(huge_statuses),
+    )
     assert not slow, f"streams took {[round(t, 2) for t in times]} s beside slow readers; {alone:.2f} s alone"
     assert health == 200 and health_s < 2.0, (health, health_s)
     assert huge_statuses and not wrong, huge_statuses
@@ -217,8 +241,13 @@ def disconnect_mid_stream(url: str, k: int) -> bool:
 def aborted(url: str) -> int:
     """Requests the server has ended because their client went away (from /metrics)."""
     lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in lines
-                   if line.startswith("vllm:request_success_total") and 'finished_reason="abort"' in line))
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith("vllm:request_success_total") and 'finished_reason="abort"' in line
+        )
+    )
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads RSS and open fds from /proc (Linux)")
@@ -239,8 +268,15 @@ def test_disconnect_storm_leaks_nothing(server, record):
     cut = aborted(url) - aborted0  # the rest had generated all their tokens before the drop was noticed
     grew_mb, grew_fds = (rss1 - rss0) / 2**20, fds1 - fds0
     leaks = (held > 0) + (grew_mb > 32) + (grew_fds > 4)
-    record(kind="mid-stream disconnects", tried=storm, failures=leaks + started.count(False), held=held,
-           aborted_mid_generation=cut, rss_growth_mib=round(grew_mb, 1), fd_growth=grew_fds)
+    record(
+        kind="mid-stream disconnects",
+        tried=storm,
+        failures=leaks + started.count(False),
+        held=held,
+        aborted_mid_generation=cut,
+        rss_growth_mib=round(grew_mb, 1),
+        fd_growth=grew_fds,
+    )
     assert all(started), f"{started.count(False)} of {storm} streams never started"
     assert cut > 0, "no stream was still generating when its client went away: the storm tested nothing"
     assert held == 0, f"{held} requests still held after the storm"

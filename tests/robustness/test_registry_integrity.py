@@ -21,11 +21,23 @@ from slimlm.serve.registry import Registry, RegistryError
 def _adapter(path: Path, seed: int) -> Path:
     """A small HF PEFT LoRA folder (the layout slimlm.peft.save_adapter writes)."""
     path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "lora_dropout": 0.0,
-         "base_model_name_or_path": "tiny"}))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.full((2, 64), float(seed))},
-              str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["q_proj"],
+                "lora_dropout": 0.0,
+                "base_model_name_or_path": "tiny",
+            }
+        )
+    )
+    save_file(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.full((2, 64), float(seed))},
+        str(path / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return path
 
 

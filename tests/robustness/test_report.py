@@ -9,11 +9,24 @@ from .report import BEGIN, END, main
 
 def test_report_table_sums_rows_skips_a_cut_line_and_updates_the_section(tmp_path, capsys):
     log = tmp_path / "reliability.jsonl"
-    rows = [{"test": "tests/robustness/test_a.py::test_x", "kind": "fuzz: POST /v1/x", "tried": 10, "failures": 0,
-             "statuses": {"200": 4, "400": 6}, "time": "t"},
-            {"test": "tests/robustness/test_a.py::test_x", "kind": "fuzz: POST /v1/x", "tried": 5, "failures": 1,
-             "time": "t"},
-            {"test": "tests/robustness/test_b.py::test_y", "kind": "kill -9: save | load", "tried": 3, "failures": 0}]
+    rows = [
+        {
+            "test": "tests/robustness/test_a.py::test_x",
+            "kind": "fuzz: POST /v1/x",
+            "tried": 10,
+            "failures": 0,
+            "statuses": {"200": 4, "400": 6},
+            "time": "t",
+        },
+        {
+            "test": "tests/robustness/test_a.py::test_x",
+            "kind": "fuzz: POST /v1/x",
+            "tried": 5,
+            "failures": 1,
+            "time": "t",
+        },
+        {"test": "tests/robustness/test_b.py::test_y", "kind": "kill -9: save | load", "tried": 3, "failures": 0},
+    ]
     log.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"test": "cut')
     doc = tmp_path / "RELIABILITY.md"
     doc.write_text(f"# R\n\n{BEGIN}\nold\n{END}\ntail\n")

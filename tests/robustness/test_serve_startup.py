@@ -17,8 +17,9 @@ from serve_helpers import free_port
 
 def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "slimlm.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", "serve", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def one_error_line(p: subprocess.CompletedProcess, status: int = 2) -> str:
@@ -41,8 +42,20 @@ def test_busy_port_is_one_line_and_exit_1(tiny_llama):
 
 
 def test_cache_that_does_not_fit_is_one_line_and_exit_2(tiny_llama, tmp_path):
-    p = serve("--model", str(tiny_llama[0]), "--port", str(free_port()), "--max-batch", "100000000",
-              "--max-seq-len", "64", "--no-prefix-cache", "--allow-runtime-lora", "--lora-root", str(tmp_path))
+    p = serve(
+        "--model",
+        str(tiny_llama[0]),
+        "--port",
+        str(free_port()),
+        "--max-batch",
+        "100000000",
+        "--max-seq-len",
+        "64",
+        "--no-prefix-cache",
+        "--allow-runtime-lora",
+        "--lora-root",
+        str(tmp_path),
+    )
     line = one_error_line(p)
     assert "cannot allocate the KV cache on cpu: 1638400000000 bytes" in line and "--max-batch" in line, line
     assert "ANY client" in p.stderr  # runtime LoRA without an admin key: the start-up warning
@@ -51,8 +64,12 @@ def test_cache_that_does_not_fit_is_one_line_and_exit_2(tiny_llama, tmp_path):
 def test_sigterm_right_after_start_exits_cleanly(tiny_llama):
     """A signal while the model may still be loading: the load finishes, the engine stops, no C++ terminate."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slimlm.cli", "serve", "--model", str(tiny_llama[0]), "--port",
-                             str(port)], stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slimlm.cli", "serve", "--model", str(tiny_llama[0]), "--port", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
