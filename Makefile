@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SLOW   ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install llama-lib demo test test-fast bench soak clean
+.PHONY: install llama-lib demo demo-full test test-fast bench soak clean lint
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "slimlm needs Python 3.11+, found " + sys.version'
@@ -30,8 +30,15 @@ install: $(STAMP)
 llama-lib: install
 	PYTHON=$(PY) scripts/build_llama_server.sh --lib || echo "llama.cpp was not built: the llama.cpp checks of GGUF exports will be skipped"
 
-demo: install llama-lib
+# The quick main job (every stage, fewer steps and smaller evals: ~10 min on 2 cores from a fresh clone) and its HTML
+# report, runs/demo/report.html. It does not build llama.cpp's library (minutes of C++ on a fresh clone, for one
+# cross-check): its GGUF stage scores in llama.cpp only where `make llama-lib` (or `make test`) already built it.
+# demo-full: the longer run (60 LoRA steps, larger evals, more requests) with the library built first.
+demo: install
 	$(PY) scripts/demo.py
+
+demo-full: install llama-lib
+	$(PY) scripts/demo.py --full
 
 test: install llama-lib
 ifeq ($(SLOW),1)
@@ -39,6 +46,11 @@ ifeq ($(SLOW),1)
 else
 	$(PY) -m pytest -q -m "not slow and not soak" $(PYTEST_ARGS)
 endif
+
+# Formatter and linter (ruff, configured in pyproject.toml); .ci/run calls this before the tests.
+lint: install
+	$(VENV)/bin/ruff format --check slimlm tests bench scripts
+	$(VENV)/bin/ruff check slimlm tests bench scripts
 
 # The long robustness runs (issue 15): the fault-injection suite with many more examples and kill -9 trials, the
 # overload/disconnect soak; results go to RELIABILITY.md's table.
