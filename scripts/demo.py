@@ -206,8 +206,8 @@ def finish(args: argparse.Namespace, results: list[StageResult], wall: float) ->
         f"{args.quant_test} per later model, {args.serve_requests} served requests; {torch.get_num_threads()} "
         f"threads; wall time {wall:.0f} s.",
         "The full run (`make demo-full`) trains 60 LoRA steps (quick: 12) with a validation eval every 20, "
-        "distils the draft 60 steps and the compressed model 40 (quick: 6 and 6), scores 100 and 40 test records "
-        "(quick: 16) and 4,096 perplexity tokens (quick: 1,024), calibrates pruning on 32 sequences (quick: 8), "
+        "distils the draft 60 steps and the compressed model 40 (quick: 6 and 4), scores 100 and 40 test records "
+        "(quick: 16 and 8) and 4,096 perplexity tokens (quick: 1,024), calibrates pruning on 32 sequences (quick: 4), "
         "sends 32 requests (quick: 8) and scores the GGUF files in llama.cpp (built by `make llama-lib`): same "
         "stages, steadier numbers.",
     ]
