@@ -17,14 +17,13 @@ from collections.abc import Sequence
 
 from slimlm.checkpoint.atomic import OVERWRITE_HELP, atomic_folder, check_output
 from slimlm.errors import USER_ERRORS, InputError, report_error
+from slimlm.load_config import MODEL_ONLY_SKIP, SAVE_SKIP, LoadConfig, SaveLoadConfig
+from slimlm.recipe import add_command_flags, config_from_flags
 from slimlm.version import installed_version
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The load flags (--model, --dtype, --device, --compile, --adapter, --quantize, --group-size, --backend)."""
-    from slimlm.load_config import LoadConfig
-    from slimlm.recipe import add_command_flags
-
     add_command_flags(p, LoadConfig)
 
 
@@ -59,8 +58,6 @@ def _load(args: argparse.Namespace):
     import dataclasses
 
     from slimlm.llm import load
-    from slimlm.load_config import LoadConfig
-    from slimlm.recipe import config_from_flags
 
     return load(**dataclasses.asdict(config_from_flags(LoadConfig, args)))
 
@@ -239,8 +236,6 @@ def cmd_data_task(args: argparse.Namespace) -> int:
 
 
 def _add_merge_and_data_parsers(sub) -> None:
-    from slimlm.load_config import SAVE_SKIP, SaveLoadConfig
-    from slimlm.recipe import add_command_flags
 
     m = sub.add_parser("merge", help="fold a LoRA/DoRA/QLoRA or BitFit adapter into the base; save an HF folder")
     # --model (the base the adapter was trained on), --adapter, --dtype (of the saved weights)
@@ -253,7 +248,7 @@ def _add_merge_and_data_parsers(sub) -> None:
     dsub = d.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="validate a JSONL file and show a rendered sample with the trained tokens marked")
     c.add_argument("file")
-    c.add_argument("--model", default="smollm2-135m", help="whose tokenizer and chat template to use")
+    add_command_flags(c, LoadConfig, skip=MODEL_ONLY_SKIP)  # --model: whose tokenizer and chat template to use
     c.add_argument("--max-seq-len", type=int, default=1024)
     c.add_argument("--train-on-prompt", action="store_true")
     c.add_argument("--format", default="auto", help="auto, chat, alpaca, prompt_completion or text")
@@ -301,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "info",
         help="config, parameter count and memory per dtype (weights are not loaded); or what an adapter folder holds",
     )
-    i.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file, HF hub id or adapter folder")
+    add_command_flags(i, LoadConfig, skip=MODEL_ONLY_SKIP)  # --model: also an adapter folder (what it holds)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     from slimlm.compress.cli import add_compress_commands

@@ -57,3 +57,6 @@ class SaveLoadConfig(LoadConfig):
 SERVE_SKIP = ("compile", "adapter")
 EVAL_SKIP = ("backend",)
 SAVE_SKIP = ("device", "compile", "adapter", "quantize", "group_size", "backend")
+EXPORT_SKIP = ("dtype", "device", "compile", "backend")  # export onnx|torchscript|tflite: model, adapter, quantize
+GGUF_SKIP = ("dtype", "device", "compile", "quantize", "group_size", "backend")  # export gguf|gguf-lora
+MODEL_ONLY_SKIP = ("dtype", "device", "compile", "adapter", "quantize", "group_size", "backend")  # data check, info

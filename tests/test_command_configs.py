@@ -19,10 +19,12 @@ from slimlm.serve.state import ServeConfig
 
 
 def subparser(command: str) -> argparse.ArgumentParser:
-    """The parser of `slimlm COMMAND`."""
+    """The parser of `slimlm COMMAND` (or `slimlm COMMAND SUBCOMMAND`: "export onnx")."""
     parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[command]
+    for word in command.split():
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    return parser
 
 
 def flag_actions(command: str) -> dict[str, argparse.Action]:
@@ -39,6 +41,13 @@ def recipe(tmp_path, text: str):
 # (command, config class, fields of the class that command has flags for; None = all but skipped)
 COMMAND_CONFIGS = [
     ("generate", LoadConfig, None),
+    ("info", LoadConfig, ("model",)),
+    ("data check", LoadConfig, ("model",)),
+    ("export onnx", LoadConfig, ("model", "adapter", "quantize", "group_size")),
+    ("export torchscript", LoadConfig, ("model", "adapter", "quantize", "group_size")),
+    ("export tflite", LoadConfig, ("model", "adapter", "quantize", "group_size")),
+    ("export gguf", LoadConfig, ("model", "adapter")),
+    ("export gguf-lora", LoadConfig, ("model", "adapter")),
     ("chat", LoadConfig, None),
     ("eval", LoadConfig, ("model", "dtype", "device", "compile", "adapter", "quantize", "group_size")),
     ("serve", ServeLoadConfig, ("model", "dtype", "device", "quantize", "group_size", "backend")),

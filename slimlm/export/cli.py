@@ -7,6 +7,8 @@ import json
 
 from slimlm.checkpoint.atomic import OVERWRITE_HELP, check_output
 from slimlm.errors import InputError
+from slimlm.load_config import EXPORT_SKIP, GGUF_SKIP, LoadConfig
+from slimlm.recipe import add_command_flags
 
 
 def add_export_commands(sub) -> None:
@@ -19,17 +21,8 @@ def add_export_commands(sub) -> None:
         ("tflite", "LiteRT/TFLite model with prefill and decode signatures (needs litert-torch)"),
     ):
         p = fmt.add_parser(name, help=help_)
-        p.add_argument(
-            "--model", default="smollm2-135m", help="alias, HF folder (plain or slimlm-quantized), .gguf or hub id"
-        )
-        p.add_argument("--adapter", default=None, help="LoRA/DoRA/QLoRA/BitFit adapter to merge before export")
-        p.add_argument(
-            "--quantize",
-            default=None,
-            choices=["int8", "int8-dynamic", "int4"],
-            help="quantize after loading (onnx, torchscript); or pass a folder from slimlm quantize",
-        )
-        p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+        # --model, --adapter (merged before export), --quantize (or a folder from slimlm quantize), --group-size
+        add_command_flags(p, LoadConfig, skip=EXPORT_SKIP)
         p.add_argument("--out", required=True, help="output folder (written atomically)")
         p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         p.add_argument("--no-check", action="store_true", help="skip the parity check after export")
@@ -61,12 +54,8 @@ def add_gguf_commands(fmt) -> None:
     from slimlm.export.gguf import GGUF_TYPES
 
     g = fmt.add_parser("gguf", help="GGUF file for llama.cpp / Ollama (f32, f16, bf16, q8_0, q4_0, ...)")
-    g.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="alias, HF folder (plain or slimlm-quantized: dequantized and requantized), .gguf or hub id",
-    )
-    g.add_argument("--adapter", default=None, help="adapter to merge into the weights before export")
+    # --model (a slimlm-quantized folder is dequantized and requantized), --adapter (merged into the weights)
+    add_command_flags(g, LoadConfig, skip=GGUF_SKIP)
     g.add_argument(
         "--type",
         default="f16",
@@ -85,8 +74,8 @@ def add_gguf_commands(fmt) -> None:
     g.add_argument("--json", action="store_true", help="print the export metadata as JSON")
     g.set_defaults(func=cmd_gguf)
     lo = fmt.add_parser("gguf-lora", help="LoRA adapter as a llama.cpp LoRA GGUF (use with the base model's GGUF)")
-    lo.add_argument("--adapter", required=True, help="LoRA adapter folder (slimlm's or HF PEFT's)")
-    lo.add_argument("--model", default="smollm2-135m", help="the adapter's base model (checks that it fits)")
+    # --model: the adapter's base model (checks that it fits); --adapter: slimlm's or HF PEFT's LoRA folder
+    add_command_flags(lo, LoadConfig, skip=GGUF_SKIP, required=("adapter",))
     lo.add_argument("--type", default="f32", choices=["f32", "f16"], help="tensor type of lora_a / lora_b")
     lo.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     lo.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
